@@ -1,0 +1,177 @@
+"""Model registry: reads `conf/model/<name>.yaml` (public architecture shapes) for both CLIs.
+
+The profiler builds random-weight networks from these shapes; the simulator sizes memory
+(weights, KV cache) and image tokens from them. Pure Python + PyYAML, no torch.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf" / "model"
+FAMILIES = ("llm", "vlm", "ar_dit", "dit")
+TASKS = ("text", "understand", "generate", "edit", "inpaint", "outpaint")
+DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "fp8": 1}
+
+
+class UnknownModelError(KeyError):
+    def __str__(self) -> str:  # KeyError quotes its message; keep it readable
+        return str(self.args[0])
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    family: str
+    tasks: tuple[str, ...]
+    dtype: str
+    components: dict[str, dict[str, Any]]
+    hf_id: str = ""
+    edit_hf_id: str = ""
+    image_tokenizer: dict[str, Any] = field(default_factory=dict)
+    latent: dict[str, Any] = field(default_factory=dict)
+    defaults: dict[str, Any] = field(default_factory=dict)
+    condition_encoder: str | None = None
+    condition_image_pixels: int | None = None
+    text_encoders: tuple[str, ...] = ()
+
+    @property
+    def dtype_bytes(self) -> int:
+        return DTYPE_BYTES[self.dtype]
+
+    @property
+    def llm(self) -> dict[str, Any] | None:
+        return self.components.get("llm")
+
+    def kv_bytes_per_token(self) -> int:
+        """2 (K and V) * layers * kv_heads * head_dim * bytes."""
+        c = self.llm
+        if c is None:
+            return 0
+        head_dim = c.get("head_dim", c["hidden_size"] // c["num_attention_heads"])
+        return 2 * c["num_hidden_layers"] * c["num_key_value_heads"] * head_dim * self.dtype_bytes
+
+    def component_params(self, comp: str) -> int:
+        return param_count(self.components[comp])
+
+    def weights_bytes(self, components: tuple[str, ...] | None = None) -> int:
+        names = components if components is not None else tuple(self.components)
+        return sum(self.component_params(n) for n in names) * self.dtype_bytes
+
+    # --- image tokenization (each model's own rule) -------------------------------------------
+    def image_input_tokens(self, height: int, width: int) -> int:
+        """Tokens an input image costs in this model's LLM (Qwen2-VL smart_resize rule)."""
+        tok = self.image_tokenizer
+        if not tok:
+            raise ValueError(f"model {self.name} has no image_tokenizer (it takes no image input)")
+        h, w = qwen2vl_smart_resize(height, width, tok["patch_size"] * tok["merge_size"],
+                                    tok["min_pixels"], tok["max_pixels"])
+        return (h // tok["patch_size"]) * (w // tok["patch_size"]) // tok["merge_size"] ** 2
+
+    def resized_input(self, height: int, width: int) -> tuple[int, int]:
+        tok = self.image_tokenizer
+        return qwen2vl_smart_resize(height, width, tok["patch_size"] * tok["merge_size"],
+                                    tok["min_pixels"], tok["max_pixels"])
+
+    def latent_tokens(self, height: int, width: int) -> int:
+        """DiT image tokens for an (H, W) image: latent patches (H/(8*2)) * (W/(8*2))."""
+        f = self.latent["downsample"] * self.latent["patch_size"]
+        return max(1, height // f) * max(1, width // f)
+
+    def latent_bytes(self, height: int, width: int) -> int:
+        d = self.latent["downsample"]
+        return (height // d) * (width // d) * self.latent["channels"] * self.dtype_bytes
+
+
+def qwen2vl_smart_resize(height: int, width: int, factor: int, min_pixels: int,
+                         max_pixels: int) -> tuple[int, int]:
+    """Qwen2-VL's smart_resize: round to multiples of `factor`, keep pixels within bounds."""
+    h_bar = max(factor, round(height / factor) * factor)
+    w_bar = max(factor, round(width / factor) * factor)
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+def param_count(c: dict[str, Any]) -> int:
+    """Parameter count of a component from its shapes (closed forms per architecture kind)."""
+    kind = c["kind"]
+    if kind in ("qwen2", "llama"):
+        h, L, i, v = c["hidden_size"], c["num_hidden_layers"], c["intermediate_size"], c["vocab_size"]
+        hd = c.get("head_dim", h // c["num_attention_heads"])
+        kv = c["num_key_value_heads"] * hd
+        attn = h * h + 2 * h * kv + h * h + (h + 2 * kv if kind == "qwen2" else 0)  # q,k,v,o (+bias)
+        mlp = 3 * h * i
+        emb = v * h * (1 if c.get("tie_word_embeddings") else 2)
+        return L * (attn + mlp + 2 * h) + emb + h
+    if kind == "qwen2_5_vl_vision":
+        h, d, i = c["hidden_size"], c["depth"], c["intermediate_size"]
+        patch = c["in_chans"] * c["temporal_patch_size"] * c["patch_size"] ** 2 * h
+        block = 4 * h * h + 4 * h + 3 * h * i + 2 * i + h + 2 * h
+        merge_in = h * c["spatial_merge_size"] ** 2
+        merger = merge_in * merge_in + merge_in + merge_in * c["out_hidden_size"] + c["out_hidden_size"] + h
+        return patch + d * block + merger
+    if kind == "t5_encoder":
+        d, f, L, v = c["d_model"], c["d_ff"], c["num_layers"], c["vocab_size"]
+        inner = c["num_heads"] * c["d_kv"]
+        return v * d + L * (4 * d * inner + 3 * d * f + 2 * d) + d
+    if kind == "clip_text":
+        h, L, i = c["hidden_size"], c["num_hidden_layers"], c["intermediate_size"]
+        emb = c["vocab_size"] * h + c["max_position_embeddings"] * h
+        block = 4 * h * h + 4 * h + 2 * h * i + i + h + 4 * h
+        return emb + L * block + 2 * h + h * c.get("projection_dim", h)
+    if kind in ("qwen_image_mmdit", "flux_dit", "sd3_dit"):
+        inner = c["num_attention_heads"] * c["attention_head_dim"]
+        joint = c["joint_attention_dim"]
+        # dual-stream block: per stream qkv+o (4 inner^2), MLP 4x (8 inner^2), adaLN (6 inner^2 each)
+        dual = 2 * (4 + 8 + 6) * inner * inner
+        single = (3 + 4 + 1 + 4 + 3) * inner * inner  # flux single block: qkv, mlp_in 4x, proj_out, adaLN
+        layers = c.get("num_layers", 0)
+        singles = c.get("num_single_layers", 0)
+        io = c["in_channels"] * inner + joint * inner + inner * c.get("out_channels", c["in_channels"]) * 4
+        return layers * dual + singles * single + io + 2 * inner * inner
+    if kind in ("autoencoder_kl", "qwen_image_vae"):
+        ch = c.get("block_out_channels") or [c["base_dim"] * m for m in c["dim_mult"]]
+        per = sum(2 * c.get("layers_per_block", c.get("num_res_blocks", 2)) * 9 * x * x for x in ch)
+        return 2 * per  # encoder + decoder, 3x3 convs dominate
+    raise ValueError(f"component kind {kind!r} has no parameter formula")
+
+
+@lru_cache(maxsize=None)
+def available_models(conf_dir: str | None = None) -> tuple[str, ...]:
+    d = Path(conf_dir) if conf_dir else CONF_DIR
+    return tuple(sorted(p.stem for p in d.glob("*.yaml")))
+
+
+@lru_cache(maxsize=None)
+def load_model(name: str, conf_dir: str | None = None) -> ModelSpec:
+    d = Path(conf_dir) if conf_dir else CONF_DIR
+    path = d / f"{name}.yaml"
+    if not path.exists():
+        raise UnknownModelError(
+            f"model={name!r} is unknown; allowed values: {list(available_models(conf_dir))}")
+    raw = yaml.safe_load(path.read_text())
+    if raw.get("family") not in FAMILIES:
+        raise ValueError(f"{path}: family={raw.get('family')!r}; allowed values: {list(FAMILIES)}")
+    bad = [t for t in raw.get("tasks", []) if t not in TASKS]
+    if bad:
+        raise ValueError(f"{path}: tasks {bad} unknown; allowed values: {list(TASKS)}")
+    return ModelSpec(
+        name=raw["name"], family=raw["family"], tasks=tuple(raw["tasks"]), dtype=raw["dtype"],
+        components=raw["components"], hf_id=raw.get("hf_id", ""), edit_hf_id=raw.get("edit_hf_id", ""),
+        image_tokenizer=raw.get("image_tokenizer", {}), latent=raw.get("latent", {}),
+        defaults=raw.get("defaults", {}), condition_encoder=raw.get("condition_encoder"),
+        condition_image_pixels=raw.get("condition_image_pixels"),
+        text_encoders=tuple(raw.get("text_encoders", ())),
+    )
