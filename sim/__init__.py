@@ -1,0 +1,1 @@
+"""Discrete-event simulator of multimodal generation serving (SimPy), driven by profile tables."""

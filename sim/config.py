@@ -1,0 +1,328 @@
+"""Structured (Hydra) config schema. Range checks live in __post_init__, which runs when the
+composed config is turned into these dataclasses (`OmegaConf.to_object`), so bad input fails
+before any simulation with a message that names the field and the allowed values."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Optional
+
+from profiler.models import TASKS
+
+
+class ConfigError(ValueError):
+    """Invalid user input; the message names the field and what is allowed."""
+
+
+def _check(cond: bool, fieldname: str, value: Any, allowed: str) -> None:
+    if not cond:
+        raise ConfigError(f"{fieldname}={value!r} is invalid; allowed: {allowed}")
+
+
+def _choice(value: Any, fieldname: str, allowed: tuple[str, ...]) -> None:
+    _check(value in allowed, fieldname, value, f"one of {list(allowed)}")
+
+
+class OutOfRange(str, Enum):
+    error = "error"
+    clamp = "clamp"
+    extrapolate = "extrapolate"
+
+
+ARRIVAL_PROCESSES = ("gamma", "mmpp", "trace")
+LENGTH_DISTS = ("constant", "uniform", "lognormal", "pareto", "normal")
+POLICIES = ("baseline", "disaggregated", "modality_aware")
+SERVICE_LAWS = ("profile", "constant", "deterministic", "exponential", "lognormal")
+SHAPE_COMPAT = ("exact", "bucket", "any")
+ROUTERS = ("round_robin", "least_loaded")
+TRACE_FORMATS = ("auto", "csv", "jsonl", "parquet", "vllm_json")
+EXPERIMENTS = ("serve", "queueing", "replay", "capacity")
+
+
+@dataclass
+class LengthDist:
+    """A token-length law: constant | uniform(min,max) | lognormal(mean, cv) | pareto | normal."""
+    dist: str = "lognormal"
+    mean: float = 256.0
+    cv: float = 1.0            # coefficient of variation (lognormal/normal); pareto uses alpha
+    alpha: float = 2.5
+    min: int = 1
+    max: int = 8192
+
+    def check(self, name: str) -> None:
+        _choice(self.dist, f"{name}.dist", LENGTH_DISTS)
+        _check(self.mean > 0, f"{name}.mean", self.mean, "> 0")
+        _check(self.cv >= 0, f"{name}.cv", self.cv, ">= 0")
+        _check(1 <= self.min <= self.max, f"{name}.min/max", (self.min, self.max), "1 <= min <= max")
+        _check(self.alpha > 1, f"{name}.alpha", self.alpha, "> 1")
+
+
+@dataclass
+class ArrivalConfig:
+    process: str = "gamma"          # gamma (k=1 Poisson, k<1 bursty) | mmpp | trace
+    rate: float = 4.0               # mean requests/s (gamma); ignored for trace
+    shape: float = 0.5              # Gamma shape k; vLLM's --burstiness
+    vllm_scaling: bool = False      # rescale so the last request lands at N/rate, as vllm bench serve
+    # Markov-modulated Poisson: a base state and a burst state with exponential sojourns.
+    base_rate: float = 2.0
+    burst_rate: float = 12.0
+    mean_base_s: float = 60.0
+    mean_burst_s: float = 10.0
+
+    def check(self) -> None:
+        _choice(self.process, "workload.arrival.process", ARRIVAL_PROCESSES)
+        _check(self.rate > 0, "workload.arrival.rate", self.rate, "> 0 requests/s")
+        _check(self.shape > 0, "workload.arrival.shape", self.shape, "> 0 (1 = Poisson, < 1 bursty)")
+        for n in ("base_rate", "burst_rate", "mean_base_s", "mean_burst_s"):
+            _check(getattr(self, n) > 0, f"workload.arrival.{n}", getattr(self, n), "> 0")
+
+
+@dataclass
+class ImageSizeConfig:
+    """Pareto image sides (heavy tail), clipped, with an aspect ratio drawn from a set."""
+    alpha: float = 2.5
+    x_min: int = 256
+    max: int = 2048
+    round_to: int = 16
+    aspect_ratios: list[float] = field(default_factory=lambda: [1.0, 1.0, 0.75, 1.333, 0.5625, 1.778])
+
+    def check(self) -> None:
+        _check(self.alpha > 0, "workload.image.alpha", self.alpha, "> 0")
+        _check(16 <= self.x_min <= self.max, "workload.image.x_min/max", (self.x_min, self.max),
+               "16 <= x_min <= max")
+        _check(self.round_to >= 1, "workload.image.round_to", self.round_to, ">= 1")
+        _check(all(a > 0 for a in self.aspect_ratios), "workload.image.aspect_ratios",
+               self.aspect_ratios, "positive ratios")
+
+
+@dataclass
+class TraceConfig:
+    path: Optional[str] = None
+    format: str = "auto"
+    time_scale: float = 1.0         # multiply trace times (speed up / slow down a replay)
+    default_task: str = "text"
+
+    def check(self) -> None:
+        _choice(self.format, "workload.trace.format", TRACE_FORMATS)
+        _check(self.time_scale > 0, "workload.trace.time_scale", self.time_scale, "> 0")
+        _choice(self.default_task, "workload.trace.default_task", TASKS)
+
+
+@dataclass
+class WorkloadConfig:
+    name: str = "mixed_bursty"
+    num_requests: int = 20000
+    arrival: ArrivalConfig = field(default_factory=ArrivalConfig)
+    mix: dict[str, float] = field(default_factory=lambda: {
+        "text": 0.40, "understand": 0.25, "generate": 0.20, "edit": 0.10, "inpaint": 0.03,
+        "outpaint": 0.02})
+    task_models: dict[str, str] = field(default_factory=lambda: {
+        "text": "qwen2_5_vl_7b", "understand": "qwen2_5_vl_7b", "generate": "qwen_image",
+        "edit": "qwen_image", "inpaint": "qwen_image", "outpaint": "qwen_image"})
+    image: ImageSizeConfig = field(default_factory=ImageSizeConfig)
+    images_per_request: int = 1
+    prompt_tokens: LengthDist = field(default_factory=lambda: LengthDist(dist="lognormal", mean=600, cv=1.2, min=4, max=8192))
+    output_tokens: LengthDist = field(default_factory=lambda: LengthDist(dist="lognormal", mean=250, cv=1.0, min=1, max=2048))
+    image_prompt_tokens: LengthDist = field(default_factory=lambda: LengthDist(dist="lognormal", mean=60, cv=0.6, min=4, max=512))
+    steps: Optional[int] = None     # None = each model's default
+    cfg: Optional[bool] = None      # None = each model's default
+    slo_classes: dict[str, str] = field(default_factory=lambda: {
+        "text": "interactive", "understand": "interactive", "generate": "standard",
+        "edit": "standard", "inpaint": "standard", "outpaint": "standard"})
+    trace: TraceConfig = field(default_factory=TraceConfig)
+
+    def check(self) -> None:
+        _check(self.num_requests >= 1, "workload.num_requests", self.num_requests, ">= 1")
+        self.arrival.check()
+        self.image.check()
+        self.trace.check()
+        bad = [t for t in self.mix if t not in TASKS]
+        _check(not bad, "workload.mix", bad, f"task names in {list(TASKS)}")
+        _check(all(v >= 0 for v in self.mix.values()) and sum(self.mix.values()) > 0,
+               "workload.mix", dict(self.mix), "non-negative weights with a positive sum")
+        for t, w in self.mix.items():
+            _check(w == 0 or t in self.task_models, f"workload.task_models.{t}", None,
+                   "a model name for every task with a positive mix weight")
+        _check(self.images_per_request >= 1, "workload.images_per_request", self.images_per_request, ">= 1")
+        self.prompt_tokens.check("workload.prompt_tokens")
+        self.output_tokens.check("workload.output_tokens")
+        self.image_prompt_tokens.check("workload.image_prompt_tokens")
+        _check(self.steps is None or self.steps >= 1, "workload.steps", self.steps, ">= 1 or null")
+
+
+@dataclass
+class ClusterConfig:
+    name: str = "h100x8"
+    gpu: str = "h100"
+    num_gpus: int = 8
+    gpus_per_node: int = 8
+    gpu_mem_gib: float = 80.0
+    nvlink_gb_s: float = 450.0       # intra-node, per direction
+    network_gb_s: float = 50.0       # inter-node (400 Gb/s NIC)
+    transfer_latency_us: float = 20.0
+    # baseline: replicas per model (empty = split GPUs by offered work); disaggregated: GPUs per pool
+    replicas: dict[str, int] = field(default_factory=dict)
+    pools: dict[str, int] = field(default_factory=dict)
+
+    def check(self) -> None:
+        _check(self.num_gpus >= 1, "cluster.num_gpus", self.num_gpus, ">= 1")
+        _check(self.gpus_per_node >= 1, "cluster.gpus_per_node", self.gpus_per_node, ">= 1")
+        _check(self.gpu_mem_gib > 0, "cluster.gpu_mem_gib", self.gpu_mem_gib, "> 0")
+        for n in ("nvlink_gb_s", "network_gb_s"):
+            _check(getattr(self, n) > 0, f"cluster.{n}", getattr(self, n), "> 0")
+        for k, v in {**self.replicas, **self.pools}.items():
+            _check(v >= 0, f"cluster.replicas/pools.{k}", v, ">= 0")
+        used = sum(self.replicas.values())
+        _check(used <= self.num_gpus, "cluster.replicas", dict(self.replicas),
+               f"at most cluster.num_gpus={self.num_gpus} GPUs in all")
+        used = sum(self.pools.values())
+        _check(used <= self.num_gpus, "cluster.pools", dict(self.pools),
+               f"at most cluster.num_gpus={self.num_gpus} GPUs in all")
+
+
+@dataclass
+class PolicyConfig:
+    name: str = "baseline"
+    router: str = "least_loaded"
+    # modality_aware knobs (ignored by the others)
+    priority: bool = True            # interactive (text-out) work first in shared queues
+    image_token_aware_lb: bool = True
+    shape_buckets: list[int] = field(default_factory=lambda: [1024, 4096, 9216, 16384, 36864])
+    autoscale_interval_s: float = 30.0
+    autoscale: bool = True
+
+    def check(self) -> None:
+        _choice(self.name, "policy.name", POLICIES)
+        _choice(self.router, "policy.router", ROUTERS)
+        _check(self.autoscale_interval_s > 0, "policy.autoscale_interval_s",
+               self.autoscale_interval_s, "> 0")
+        _check(list(self.shape_buckets) == sorted(self.shape_buckets) and len(self.shape_buckets) > 0,
+               "policy.shape_buckets", self.shape_buckets, "a non-empty increasing list")
+
+
+@dataclass
+class EngineConfig:
+    """vLLM V1 scheduler settings of each AR engine (defaults = `vllm serve` on an H100)."""
+    max_num_batched_tokens: int = 8192
+    max_num_seqs: int = 256
+    block_size: int = 16
+    gpu_memory_utilization: float = 0.9
+    enable_prefix_caching: bool = False
+    kv_capacity_tokens: Optional[int] = None   # None: from the profile's engine_settings or memory model
+    max_model_len: Optional[int] = None
+    step_overhead_ms: float = 0.0              # extra CPU-side time per engine step, if calibrated
+
+    def check(self) -> None:
+        _check(self.max_num_batched_tokens >= 1, "engine.max_num_batched_tokens",
+               self.max_num_batched_tokens, ">= 1")
+        _check(self.max_num_seqs >= 1, "engine.max_num_seqs", self.max_num_seqs, ">= 1")
+        _check(self.block_size >= 1, "engine.block_size", self.block_size, ">= 1")
+        _check(0 < self.gpu_memory_utilization <= 1, "engine.gpu_memory_utilization",
+               self.gpu_memory_utilization, "in (0, 1]")
+        _check(self.kv_capacity_tokens is None or self.kv_capacity_tokens > 0,
+               "engine.kv_capacity_tokens", self.kv_capacity_tokens, "> 0 or null")
+
+
+@dataclass
+class DiffusionConfig:
+    max_batch: int = 8               # transformer batch incl. CFG doubling
+    shape_compat: str = "exact"      # exact: same sequence; bucket: pad to policy.shape_buckets; any
+    step_jump: bool = True           # advance a stable batch's steps in one event (exact)
+
+    def check(self) -> None:
+        _check(self.max_batch >= 1, "diffusion.max_batch", self.max_batch, ">= 1")
+        _choice(self.shape_compat, "diffusion.shape_compat", SHAPE_COMPAT)
+
+
+@dataclass
+class LatencyConfig:
+    out_of_range: OutOfRange = OutOfRange.error
+    service_law: str = "profile"
+
+    def check(self) -> None:
+        _choice(self.service_law, "latency.service_law", SERVICE_LAWS)
+
+
+@dataclass
+class SLOConfig:
+    """Per-task latency targets in ms (null = no target on that metric)."""
+    targets: dict[str, dict[str, float]] = field(default_factory=lambda: {
+        "text": {"ttft_ms": 2000.0, "tpot_ms": 100.0},
+        "understand": {"ttft_ms": 4000.0, "tpot_ms": 100.0},
+        "generate": {"e2el_ms": 60000.0},
+        "edit": {"e2el_ms": 90000.0},
+        "inpaint": {"e2el_ms": 90000.0},
+        "outpaint": {"e2el_ms": 90000.0},
+    })
+
+    def check(self) -> None:
+        for task, t in self.targets.items():
+            _choice(task, "slo.targets", TASKS)
+            for k, v in t.items():
+                _choice(k, f"slo.targets.{task}", ("ttft_ms", "tpot_ms", "e2el_ms"))
+                _check(v is None or v > 0, f"slo.targets.{task}.{k}", v, "> 0 or null")
+
+
+@dataclass
+class CostConfig:
+    usd_per_gpu_hour: dict[str, float] = field(default_factory=lambda: {"h100": 2.99, "h200": 3.79})
+
+    def check(self) -> None:
+        _check(all(v >= 0 for v in self.usd_per_gpu_hour.values()), "cost.usd_per_gpu_hour",
+               dict(self.usd_per_gpu_hour), ">= 0 per GPU kind")
+
+
+@dataclass
+class QueueingConfig:
+    """Single-stage G/G/c validation scenario with synthetic service laws."""
+    servers: int = 1
+    arrival_rate: float = 0.8
+    arrival_shape: float = 1.0
+    service_law: str = "exponential"
+    service_mean_s: float = 1.0
+    service_cv: float = 1.0
+    num_requests: int = 20000
+
+    def check(self) -> None:
+        _check(self.servers >= 1, "queueing.servers", self.servers, ">= 1")
+        _check(self.arrival_rate > 0, "queueing.arrival_rate", self.arrival_rate, "> 0")
+        _check(self.arrival_shape > 0, "queueing.arrival_shape", self.arrival_shape, "> 0")
+        _choice(self.service_law, "queueing.service_law", SERVICE_LAWS[1:])
+        _check(self.service_mean_s > 0, "queueing.service_mean_s", self.service_mean_s, "> 0")
+        _check(self.service_cv >= 0, "queueing.service_cv", self.service_cv, ">= 0")
+        _check(self.num_requests >= 1, "queueing.num_requests", self.num_requests, ">= 1")
+
+
+@dataclass
+class OutputConfig:
+    progress: str = "auto"          # auto: a bar on long single runs, off in multirun
+    write_requests: bool = True
+    chunk_rows: int = 100_000
+
+    def check(self) -> None:
+        _choice(self.progress, "output.progress", ("auto", "on", "off"))
+
+
+@dataclass
+class SimConfig:
+    seed: int = 0
+    experiment: str = "serve"
+    profiles_dir: str = "traces/profiles"
+    model: Optional[str] = None            # single-model runs (replay): overrides task_models
+    workload: WorkloadConfig = field(default_factory=WorkloadConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    latency: LatencyConfig = field(default_factory=LatencyConfig)
+    slo: SLOConfig = field(default_factory=SLOConfig)
+    cost: CostConfig = field(default_factory=CostConfig)
+    queueing: QueueingConfig = field(default_factory=QueueingConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def check(self) -> "SimConfig":
+        _choice(self.experiment, "experiment", EXPERIMENTS)
+        for part in (self.workload, self.cluster, self.policy, self.engine, self.diffusion,
+                     self.latency, self.slo, self.cost, self.queueing, self.output):
+            part.check()
+        return self
