@@ -1,0 +1,262 @@
+"""MetricsCollector summary against hand-computed figures, NaN-free JSON, parquet writer."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sim.config import SLOConfig
+from sim.metrics import MetricsCollector
+from sim.output import (REQUEST_COLUMNS, WIDE_STAGES, RequestsParquetWriter, meets_slo,
+                        print_summary, request_row, write_json_atomic)
+from sim.request import Request, StageRecord
+
+UTIL = {"per_stage": {"prefill": 0.5}, "per_gpu": {"0": 0.5}, "mean_gpu": 0.5}
+SLO = SLOConfig(targets={"text": {"ttft_ms": 250.0, "tpot_ms": 150.0},
+                         "generate": {"e2el_ms": 5000.0}})
+
+
+def text_req(i: int, arrival: float, start: float, first: float, finish: float, out: int,
+             preempt: int = 0) -> Request:
+    r = Request(id=i, arrival=arrival, task="text", model="m", prompt_tokens=100,
+                output_tokens=out, preemptions=preempt)
+    r.stages = [StageRecord("prefill", "g0", arrival, start, first),
+                StageRecord("decode", "g0", first, first, finish)]
+    r.first_token, r.finish = first, finish
+    return r
+
+
+def gen_req(i: int, arrival: float, finish: float, size: tuple[int, int] = (1024, 768),
+            edit: bool = False) -> Request:
+    r = Request(id=i, arrival=arrival, task="edit" if edit else "generate", model="qi",
+                prompt_tokens=50, output_image=size, steps=20, cfg=True,
+                input_images=((512, 512), (256, 256)) if edit else (),
+                image_tokens_in=330 if edit else 0, image_tokens_out=3072)
+    mid = arrival + 0.5 * (finish - arrival)
+    r.stages = [StageRecord("text_encode", "e0", arrival, arrival + 0.1, arrival + 0.2),
+                StageRecord("dit_step", "d0", arrival + 0.2, arrival + 0.3, mid),
+                StageRecord("dit_step", "d1", mid, mid + 0.1, finish - 0.2),
+                StageRecord("vae_decode", "v0", finish - 0.2, finish - 0.2, finish)]
+    r.finish = finish
+    return r
+
+
+def four_requests() -> list[Request]:
+    # ttft 100/300/200/500 ms; tpot 100/200/undefined/250 ms; e2el 1000/2300/200/1500 ms
+    return [text_req(0, 0.0, 0.05, 0.1, 1.0, 10),
+            text_req(1, 1.0, 1.1, 1.3, 3.3, 11, preempt=2),
+            text_req(2, 2.0, 2.0, 2.2, 2.2, 1),
+            text_req(3, 3.0, 3.25, 3.5, 4.5, 5)]
+
+
+def test_hand_computed_summary() -> None:
+    c = MetricsCollector(SLO)
+    for r in four_requests():
+        c.record(r)
+    for _ in range(3):
+        c.add_itl(0.010, 2)
+    c.add_itl(0.030, 2)
+    s = c.summary(10.0, num_gpus=4, gpu_kind="h100", usd_per_gpu_hour=3.6, slo=SLO,
+                  utilization=UTIL, extra={"extrapolated_points": 0})
+    assert s["completed"] == 4 and s["duration"] == 10.0
+    assert s["total_input_tokens"] == 400 and s["total_output_tokens"] == 27
+    assert s["request_throughput"] == pytest.approx(0.4)
+    assert s["output_throughput"] == pytest.approx(2.7)
+    assert s["total_token_throughput"] == pytest.approx(42.7)
+    # e2el sorted 200, 1000, 1500, 2300
+    assert s["mean_e2el_ms"] == pytest.approx(1250.0)
+    assert s["median_e2el_ms"] == pytest.approx(1250.0)
+    assert s["p99_e2el_ms"] == pytest.approx(1500 + 0.97 * 800)
+    assert s["std_e2el_ms"] == pytest.approx(np.std([1000, 2300, 200, 1500]))
+    # ttft sorted 100, 200, 300, 500
+    assert s["mean_ttft_ms"] == pytest.approx(275.0)
+    assert s["median_ttft_ms"] == pytest.approx(250.0)
+    assert s["p99_ttft_ms"] == pytest.approx(300 + 0.97 * 200)
+    # tpot excludes the 1-token request (vLLM)
+    assert s["mean_tpot_ms"] == pytest.approx((100 + 200 + 250) / 3)
+    assert s["median_tpot_ms"] == pytest.approx(200.0)
+    # itl: weights 2,2,2 at 10 ms and 2 at 30 ms -> mean 15 ms
+    assert s["mean_itl_ms"] == pytest.approx(15.0)
+    assert s["median_itl_ms"] == pytest.approx(10.0, rel=0.005)
+    assert s["p99_itl_ms"] == pytest.approx(30.0, rel=0.005)
+    # queue = arrival -> first stage start: 50, 100, 0, 250
+    assert s["mean_queue_ms"] == pytest.approx(100.0)
+    assert s["median_queue_ms"] == pytest.approx(75.0)
+    # SLO: r0 (100, 100) ok; r1 ttft 300 fails; r2 (200, undefined tpot) ok; r3 fails
+    assert s["goodput"] == pytest.approx(0.2) and s["request_goodput"] == pytest.approx(0.2)
+    assert s["slo_attainment"] == pytest.approx(0.5)
+    assert s["per_task"]["text"]["slo_attainment"] == pytest.approx(0.5)
+    assert s["per_task"]["text"]["completed"] == 4
+    assert s["per_task"]["text"]["p99_e2el_ms"] == pytest.approx(s["p99_e2el_ms"])
+    assert s["per_task"]["text"]["median_ttft_ms"] == pytest.approx(250.0)
+    # cost: 4 GPUs x 10 s = 1/90 GPU-h at $3.6 -> $0.04 for 4 requests -> $10 per 1k
+    assert s["gpu_hours"] == pytest.approx(4 * 10 / 3600)
+    assert s["cost_usd"] == pytest.approx(0.04)
+    assert s["usd_per_1k_requests"] == pytest.approx(10.0)
+    assert s["preemptions"] == 2
+    assert s["utilization"] == UTIL and s["extrapolated_points"] == 0
+    ps = s["per_stage"]
+    assert set(ps) == {"prefill", "decode"} and ps["prefill"]["visits"] == 4
+    assert ps["prefill"]["mean_queue_ms"] == pytest.approx(100.0)
+    assert ps["prefill"]["mean_service_ms"] == pytest.approx((50 + 200 + 200 + 250) / 4)
+    assert s["unified_token_throughput"] == pytest.approx(42.7)
+    json.dumps(s, allow_nan=False)
+    print_summary(s, "hand-built")
+
+
+def test_image_output_requests_are_nan_free() -> None:
+    c = MetricsCollector(SLO)
+    c.record(gen_req(0, 0.0, 3.0))
+    c.record(gen_req(1, 1.0, 7.5, edit=True))
+    s = c.summary(20.0, 8, "h100", 2.99, SLO, UTIL)
+    text = json.dumps(s, allow_nan=False)
+    assert "NaN" not in text
+    for m in ("ttft", "tpot", "itl"):
+        for w in ("mean", "median", "std", "p90", "p99"):
+            assert s[f"{w}_{m}_ms"] is None
+    assert s["mean_e2el_ms"] == pytest.approx(4750.0)
+    assert s["total_output_tokens"] == 0
+    assert s["image_output_tokens"] == 6144 and s["image_input_tokens"] == 330
+    assert s["image_output_throughput"] == pytest.approx(6144 / 20)
+    assert s["unified_token_throughput"] == pytest.approx((100 + 330 + 6144) / 20)
+    # generate (e2el 3000 <= 5000) met; edit has no target -> met
+    assert s["slo_attainment"] == 1.0
+    assert "mean_ttft_ms" not in s["per_task"]["generate"]
+    assert s["per_stage"]["dit_step"]["visits"] == 4
+
+
+def test_empty_collector_summary() -> None:
+    s = MetricsCollector().summary(5.0, 1, "h100", 2.99, SLO, UTIL)
+    json.dumps(s, allow_nan=False)
+    assert s["completed"] == 0 and s["slo_attainment"] is None
+    assert s["usd_per_1k_requests"] is None and s["mean_e2el_ms"] is None
+    with pytest.raises(ValueError):
+        MetricsCollector().summary(0.0, 1, "h100", 2.99, SLO, UTIL)
+    with pytest.raises(TypeError):
+        MetricsCollector().summary(1.0, 1, "h100", 2.99, SLO, [])  # type: ignore[arg-type]
+
+
+def test_request_row_wide_stages() -> None:
+    r = gen_req(7, 1.0, 5.0, edit=True)
+    row = request_row(r, SLO)
+    assert list(row) == list(REQUEST_COLUMNS)
+    assert (row["input_h"], row["input_w"], row["num_input_images"]) == (512, 512, 2)
+    assert (row["output_h"], row["output_w"]) == (1024, 768)
+    assert row["dit_step_enqueue"] == pytest.approx(1.2)   # first enqueue
+    assert row["dit_step_start"] == pytest.approx(1.3)     # first start
+    assert row["dit_step_end"] == pytest.approx(4.8)       # last end
+    assert row["prefill_start"] is None and row["ttft_ms"] is None
+    assert row["queue_ms"] == pytest.approx(100.0) and row["slo_met"] is True
+    assert request_row(r, None)["slo_met"] is None
+    for s in WIDE_STAGES:
+        assert f"{s}_end" in row
+
+
+def test_meets_slo_scalar_and_vector_agree() -> None:
+    ttft = np.array([100.0, 300.0, 200.0, np.nan])
+    tpot = np.array([100.0, 100.0, np.nan, 100.0])
+    e2el = np.array([1.0, 1.0, 1.0, 1.0])
+    vec = meets_slo("text", ttft, tpot, e2el, SLO)
+    assert list(vec) == [bool(meets_slo("text", a, b, c, SLO)) for a, b, c in zip(ttft, tpot, e2el)]
+    assert list(vec) == [True, False, True, True]
+    assert bool(meets_slo("inpaint", np.nan, np.nan, 1e9, SLO))   # no targets -> met
+    assert not bool(meets_slo("generate", 1e9, 1e9, 6000.0, SLO))
+
+
+def test_parquet_round_trip_chunks(tmp_path: Path) -> None:
+    reqs = [text_req(i, float(i), i + 0.1, i + 0.2, i + 1.0, 5) if i % 3 else
+            gen_req(i, float(i), i + 2.0) for i in range(25)]
+    c = MetricsCollector(SLO)
+    path = tmp_path / "out" / "requests.parquet"
+    with RequestsParquetWriter(path, chunk_rows=10, slo=SLO) as w:
+        for r in reqs:
+            w.add_row(c.record(r))
+    assert w.rows_written == 25
+    f = pq.ParquetFile(path)
+    assert f.metadata.num_row_groups == 3 and f.metadata.num_rows == 25
+    df = pd.read_parquet(path)
+    assert list(df.columns) == list(REQUEST_COLUMNS)
+    pd.testing.assert_frame_equal(df, c.requests_frame())
+    assert df["ttft_ms"].isna().sum() == 9            # image-out rows are null
+    assert df.loc[1, "ttft_ms"] == pytest.approx(200.0)
+    assert [p.name for p in path.parent.iterdir()] == ["requests.parquet"]
+    # add() builds the same rows
+    p2 = tmp_path / "r2.parquet"
+    with RequestsParquetWriter(p2, chunk_rows=7, slo=SLO) as w2:
+        for r in reqs:
+            w2.add(r)
+    pd.testing.assert_frame_equal(pd.read_parquet(p2), df)
+
+
+def test_parquet_no_file_after_exception(tmp_path: Path) -> None:
+    path = tmp_path / "requests.parquet"
+    with pytest.raises(RuntimeError, match="boom"):
+        with RequestsParquetWriter(path, chunk_rows=2, slo=SLO) as w:
+            for r in four_requests():
+                w.add(r)
+            raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_requests_frame_refuses_truncation() -> None:
+    c = MetricsCollector(SLO, keep_rows=2)
+    for r in four_requests():
+        c.record(r)
+    with pytest.raises(RuntimeError):
+        c.requests_frame()
+    assert c.summary(10.0, 1, "h100", 1.0, SLO, UTIL)["completed"] == 4
+
+
+def test_write_json_atomic(tmp_path: Path) -> None:
+    p = tmp_path / "summary.json"
+    write_json_atomic(p, {"a": 1, "b": None})
+    assert json.loads(p.read_text()) == {"a": 1, "b": None}
+    with pytest.raises(ValueError):
+        write_json_atomic(p, {"a": math.nan})
+    assert json.loads(p.read_text()) == {"a": 1, "b": None}   # old file untouched
+    assert [x.name for x in tmp_path.iterdir()] == ["summary.json"]
+
+
+req_strategy = st.tuples(
+    st.sampled_from(["text", "understand", "generate", "edit"]),
+    st.floats(0.0, 100.0), st.floats(0.0, 5.0), st.floats(0.001, 5.0), st.floats(0.0, 30.0),
+    st.integers(1, 500))
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(req_strategy, min_size=1, max_size=40),
+       st.lists(st.tuples(st.floats(1e-4, 1.0), st.integers(1, 64)), max_size=20))
+def test_summary_properties(specs: list[tuple[str, float, float, float, float, int]],
+                            itls: list[tuple[float, int]]) -> None:
+    slo = SLOConfig()
+    c = MetricsCollector(slo)
+    for i, (task, arr, q, ttft, rest, out) in enumerate(specs):
+        r = Request(id=i, arrival=arr, task=task, model="m", prompt_tokens=10,
+                    output_tokens=out if task in ("text", "understand") else 0,
+                    output_image=None if task in ("text", "understand") else (512, 512))
+        r.stages = [StageRecord("prefill", "g", arr, arr + q, arr + q + ttft)]
+        if task in ("text", "understand"):
+            r.first_token = arr + q + ttft
+        r.finish = arr + q + ttft + rest
+        c.record(r)
+    for d, w in itls:
+        c.add_itl(d, w)
+    s = c.summary(200.0, 2, "h100", 2.99, slo, UTIL)
+    json.dumps(s, allow_nan=False)
+    for m in ("ttft", "tpot", "itl", "e2el"):
+        if s[f"median_{m}_ms"] is not None:
+            assert s[f"median_{m}_ms"] <= s[f"p90_{m}_ms"] * (1 + 1e-12) + 1e-9
+            assert s[f"p90_{m}_ms"] <= s[f"p99_{m}_ms"] * (1 + 1e-12) + 1e-9
+    assert 0.0 <= s["slo_attainment"] <= 1.0
+    assert s["goodput"] <= s["request_throughput"] + 1e-12
+    for pt in s["per_task"].values():
+        assert 0.0 <= pt["slo_attainment"] <= 1.0
+        assert pt["median_e2el_ms"] <= pt["p90_e2el_ms"] + 1e-9 <= pt["p99_e2el_ms"] + 2e-9
+    assert sum(pt["completed"] for pt in s["per_task"].values()) == s["completed"]
