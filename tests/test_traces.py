@@ -1,0 +1,184 @@
+"""Trace replay: table formats round-trip, aliases, vLLM bench JSON, errors that name the field."""
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from sim.config import ArrivalConfig, ConfigError, TraceConfig, WorkloadConfig
+from sim.traces import load_trace, load_vllm_bench
+from sim.workload import Workload
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "traces" / "workloads"
+
+
+def trace_cfg(path, **kw) -> WorkloadConfig:
+    return WorkloadConfig(arrival=ArrivalConfig(process="trace"), trace=TraceConfig(path=str(path), **kw))
+
+
+def key(r):
+    return (r.task, r.model, r.prompt_tokens, r.output_tokens, r.input_images, r.output_image,
+            r.steps, r.cfg, r.slo_class, r.image_tokens_in, r.image_tokens_out)
+
+
+def table_of(reqs) -> pd.DataFrame:
+    rows = []
+    for r in reqs:
+        rows.append({
+            "arrival_time": r.arrival, "task": r.task, "model": r.model,
+            "prompt_tokens": r.prompt_tokens, "output_tokens": r.output_tokens,
+            "image_height": r.input_images[0][0] if r.input_images else None,
+            "image_width": r.input_images[0][1] if r.input_images else None,
+            "output_height": r.output_image[0] if r.output_image else None,
+            "output_width": r.output_image[1] if r.output_image else None,
+            "steps": r.steps, "cfg": r.cfg, "slo_class": r.slo_class})
+    return pd.DataFrame(rows)
+
+
+@pytest.fixture(scope="module")
+def synthetic():
+    return list(Workload(WorkloadConfig(num_requests=300), 21))
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl", "parquet"])
+def test_roundtrip(tmp_path, synthetic, fmt):
+    df = table_of(synthetic)
+    p = tmp_path / f"t.{fmt}"
+    {"csv": lambda: df.to_csv(p, index=False),
+     "jsonl": lambda: df.to_json(p, orient="records", lines=True),
+     "parquet": lambda: df.to_parquet(p)}[fmt]()
+    w = Workload(trace_cfg(p), 0)
+    got = list(w)
+    assert len(w) == len(synthetic) == len(got)
+    assert [key(r) for r in got] == [key(r) for r in synthetic]
+    assert np.allclose([r.arrival for r in got], [r.arrival for r in synthetic], atol=1e-9)
+    assert [r.id for r in got] == list(range(len(got)))
+
+
+def test_chunked_trace_equals_single(tmp_path, synthetic):
+    p = tmp_path / "t.csv"
+    table_of(synthetic).to_csv(p, index=False)
+    a = [key(r) for r in Workload(trace_cfg(p), 0, chunk_size=7)]
+    b = [key(r) for r in Workload(trace_cfg(p), 0)]
+    assert a == b
+
+
+def test_aliases_epoch_shift_sort_and_scale(tmp_path):
+    df = pd.DataFrame({"timestamp": [1.7e9 + 5, 1.7e9 + 1, 1.7e9 + 2],
+                       "input_len": [10, 20, 30], "output_len": [3, 4, 5]})
+    p = tmp_path / "a.csv"
+    df.to_csv(p, index=False)
+    reqs = list(Workload(trace_cfg(p, time_scale=0.5), 0))
+    assert [r.arrival for r in reqs] == [0.0, 0.5, 2.0]
+    assert [r.prompt_tokens for r in reqs] == [20, 30, 10]
+    assert [r.output_tokens for r in reqs] == [4, 5, 3]
+    assert {r.task for r in reqs} == {"text"} and {r.model for r in reqs} == {"qwen2_5_vl_7b"}
+
+
+def test_iso_timestamps_and_defaults(tmp_path):
+    p = tmp_path / "b.jsonl"
+    p.write_text('{"start_time": "2026-01-01T00:00:01Z", "task": "generate", "prompt_tokens": 40}\n'
+                 '{"start_time": "2026-01-01T00:00:00Z", "task": "edit", "prompt_tokens": 50,'
+                 ' "image_height": 512, "image_width": 768}\n'
+                 '{"start_time": "2026-01-01T00:00:03Z", "task": "outpaint", "prompt_tokens": 50,'
+                 ' "image_height": 512, "image_width": 768, "steps": 9, "cfg": false}\n')
+    e, g, o = list(Workload(trace_cfg(p), 0))
+    assert (e.arrival, g.arrival, o.arrival) == (0.0, 1.0, 3.0)
+    assert g.output_image == (1328, 1328) and g.steps == 50 and g.cfg is True  # model defaults
+    assert e.output_image == (512, 768) and e.image_tokens_out == 32 * 48
+    assert o.output_image == (768, 768) and o.steps == 9 and o.cfg is False
+
+
+def test_model_override_and_column(tmp_path):
+    p = tmp_path / "c.csv"
+    pd.DataFrame({"arrival_time": [0, 1], "prompt_tokens": [5, 6], "output_tokens": [1, 2],
+                  "task": ["text", "text"], "model": ["qwen2_5_7b", None]}).to_csv(p, index=False)
+    reqs = list(Workload(trace_cfg(p), 0, model_override="llama2_7b"))
+    assert [r.model for r in reqs] == ["qwen2_5_7b", "llama2_7b"]
+
+
+@pytest.mark.parametrize("drop, name", [("arrival_time", "arrival"), ("prompt_tokens", "prompt_tokens"),
+                                         ("output_tokens", "output_tokens")])
+def test_missing_column_names_it(tmp_path, drop, name):
+    df = pd.DataFrame({"arrival_time": [0.0, 1.0], "prompt_tokens": [5, 6], "output_tokens": [1, 2]})
+    p = tmp_path / "m.csv"
+    df.drop(columns=[drop]).to_csv(p, index=False)
+    with pytest.raises(ConfigError) as e:
+        Workload(trace_cfg(p), 0)
+    msg = str(e.value)
+    assert "m.csv" in msg and repr(name) in msg and "accepted column names" in msg
+
+
+def test_bad_rows_raise_up_front(tmp_path):
+    p = tmp_path / "bad.csv"
+    pd.DataFrame({"arrival_time": [0], "prompt_tokens": [5], "task": ["edit"]}).to_csv(p, index=False)
+    with pytest.raises(ConfigError, match="image_height"):
+        Workload(trace_cfg(p), 0)
+    pd.DataFrame({"arrival_time": [0], "prompt_tokens": [5], "task": ["video"]}).to_csv(p, index=False)
+    with pytest.raises(ConfigError, match="'task'.*video"):
+        Workload(trace_cfg(p), 0)
+    pd.DataFrame({"arrival_time": [0], "prompt_tokens": [5], "output_tokens": [1],
+                  "model": ["gpt5"]}).to_csv(p, index=False)
+    with pytest.raises(ConfigError, match="gpt5.*allowed"):
+        Workload(trace_cfg(p), 0)
+    with pytest.raises(ConfigError, match="workload.trace.path"):
+        Workload(trace_cfg(tmp_path / "nope.csv"), 0)
+    with pytest.raises(ConfigError, match="workload.trace.format"):
+        Workload(trace_cfg(p, format="xml"), 0)
+
+
+def test_example_csv_replays():
+    w = Workload(trace_cfg(EXAMPLES / "example_mixed.csv"), 0)
+    reqs = list(w)
+    assert len(reqs) == 200 and len({r.task for r in reqs}) >= 5
+    assert all(b.arrival >= a.arrival for a, b in zip(reqs, reqs[1:]))
+    # it was written from the synthetic workload with seed 7: the replay is the same stream
+    syn = list(Workload(WorkloadConfig(num_requests=200), 7))
+    assert [key(r) for r in reqs] == [key(r) for r in syn]
+
+
+def test_vllm_bench_example():
+    obj = json.loads((EXAMPLES / "example_vllm_bench.json").read_text())
+    assert "synthetic" in obj["note"].lower()
+    ok = [i for i, e in enumerate(obj["errors"]) if not e]
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        reqs = list(Workload(trace_cfg(EXAMPLES / "example_vllm_bench.json"), 0))
+    assert any("failed" in str(x.message) for x in rec)
+    assert len(reqs) == len(ok) == obj["completed"]
+    st = np.array(obj["start_times"])
+    assert np.allclose([r.arrival for r in reqs], st[ok] - st.min())
+    assert [r.prompt_tokens for r in reqs] == [obj["input_lens"][i] for i in ok]
+    assert [r.output_tokens for r in reqs] == [obj["output_lens"][i] for i in ok]
+    assert {r.task for r in reqs} == {"text"}
+    df = load_vllm_bench(EXAMPLES / "example_vllm_bench.json")
+    assert np.allclose(df["measured_ttft_s"], np.array(obj["ttfts"])[ok])
+    scaled = list(Workload(trace_cfg(EXAMPLES / "example_vllm_bench.json", time_scale=2.0), 0))
+    assert np.allclose([r.arrival for r in scaled], [2 * r.arrival for r in reqs])
+
+
+def test_vllm_json_without_start_times(tmp_path):
+    p = tmp_path / "old.json"
+    p.write_text(json.dumps({"request_rate": 4.0, "burstiness": 0.5, "input_lens": [10] * 40,
+                             "output_lens": [5] * 40, "errors": [""] * 40}))
+    with pytest.warns(UserWarning, match="start_times"):
+        df = load_trace(p)
+    assert df["arrival"].iloc[-1] == pytest.approx(40 / 4.0)
+    p.write_text(json.dumps({"input_lens": [10], "output_lens": [5]}))
+    with pytest.raises(ConfigError, match="start_times"):
+        load_trace(p)
+    p.write_text(json.dumps({"start_times": [1.0], "output_lens": [5]}))
+    with pytest.raises(ConfigError, match="input_lens"):
+        load_trace(p)
+
+
+def test_auto_format_unknown_extension(tmp_path):
+    p = tmp_path / "t.txt"
+    p.write_text("x")
+    with pytest.raises(ConfigError, match="workload.trace.format"):
+        load_trace(p)

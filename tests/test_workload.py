@@ -1,0 +1,287 @@
+"""Synthetic workload: arrival laws, length / size laws, task mix, determinism, laziness."""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from profiler.models import load_model
+from sim.config import (ArrivalConfig, ConfigError, ImageSizeConfig, LengthDist, WorkloadConfig)
+from sim.rng import stream
+from sim.workload import (Workload, gamma_arrivals, image_tokens, mmpp_arrivals, sample_image_sizes,
+                          sample_lengths)
+
+
+def fields(r):
+    return (r.id, r.arrival, r.task, r.model, r.prompt_tokens, r.output_tokens, r.input_images,
+            r.output_image, r.steps, r.cfg, r.slo_class, r.image_tokens_in, r.image_tokens_out)
+
+
+def wl(n=2000, **kw) -> WorkloadConfig:
+    return WorkloadConfig(num_requests=n, **kw)
+
+
+# --- arrivals --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("k", [0.25, 0.5, 1.0, 4.0])
+def test_gamma_mean_and_cv(k):
+    n, rate = 200_000, 5.0
+    t = gamma_arrivals(n, rate, k, stream(1, f"g{k}"))
+    gaps = np.diff(np.concatenate(([0.0], t)))
+    assert t[0] > 0 and np.all(gaps >= 0)
+    cv = 1 / math.sqrt(k)
+    # CLT: mean has relative s.e. cv/sqrt(n); the variance estimate has relative s.e.
+    # sqrt((kurtosis-1)/n) with Gamma kurtosis 3 + 6/k, so the CV has about half that.
+    tol_mean = 4 * cv / math.sqrt(n)
+    tol_cv = 4 * 0.5 * math.sqrt((2 + 6 / k) / n)
+    assert gaps.mean() * rate == pytest.approx(1.0, rel=tol_mean)
+    assert gaps.std() / gaps.mean() == pytest.approx(cv, rel=tol_cv)
+
+
+def test_vllm_scaling_last_arrival_is_n_over_rate():
+    for n, rate, k in [(1, 3.0, 0.5), (1000, 4.0, 0.5), (5000, 0.7, 2.0)]:
+        t = gamma_arrivals(n, rate, k, stream(0, "arrivals"), vllm_scaling=True)
+        assert t[-1] == pytest.approx(n / rate, rel=1e-12)
+        assert np.all(np.diff(t) >= 0) and t[0] > 0
+
+
+def test_vllm_scaling_matches_vllm_loop_with_legacy_rng():
+    """Mirror of vllm/benchmarks/serve.py::get_request (0.26.0), global legacy np.random."""
+    n, rate, k, seed = 300, 2.5, 0.5, 42
+    np.random.seed(seed)
+    delay = [np.random.gamma(shape=k, scale=1.0 / (rate * k)) for _ in range(n)]
+    for i in range(1, n):
+        delay[i] += delay[i - 1]
+    f = (n / rate) / delay[-1]
+    delay = [d * f for d in delay]
+    ours = gamma_arrivals(n, rate, k, np.random.RandomState(seed), vllm_scaling=True)
+    assert np.array_equal(ours, np.array(delay))
+
+
+def test_workload_vllm_scaling_equals_pure_function_and_is_chunk_invariant():
+    cfg = wl(5000, arrival=ArrivalConfig(rate=3.0, shape=0.5, vllm_scaling=True))
+    ref = gamma_arrivals(5000, 3.0, 0.5, stream(9, "arrivals"), vllm_scaling=True)
+    for chunk in (777, 65536):
+        got = np.array([r.arrival for r in Workload(cfg, 9, chunk_size=chunk)])
+        assert np.array_equal(got, ref)
+
+
+def test_mmpp_long_run_rate():
+    b, u, mb, mu = 2.0, 12.0, 6.0, 1.0
+    t = mmpp_arrivals(200_000, b, u, mb, mu, stream(3, "arrivals"))
+    assert np.all(np.diff(t) >= 0) and t[0] >= 0
+    expect = (b * mb + u * mu) / (mb + mu)
+    # ~3300 sojourn cycles: relative s.e. of the rate ~0.6%; allow ~5 sigma
+    assert len(t) / t[-1] == pytest.approx(expect, rel=0.03)
+    # bursty: index of dispersion of counts in 1 s windows well above Poisson's 1
+    counts = np.bincount(t.astype(int))
+    assert counts.var() / counts.mean() > 2.0
+
+
+def test_mmpp_prefix_stable_and_matches_workload():
+    a = mmpp_arrivals(1000, 2, 12, 6, 1, stream(3, "arrivals"))
+    b = mmpp_arrivals(150_000, 2, 12, 6, 1, stream(3, "arrivals"))
+    assert np.array_equal(a, b[:1000])
+    cfg = wl(150_000, arrival=ArrivalConfig(process="mmpp", base_rate=2, burst_rate=12,
+                                            mean_base_s=6, mean_burst_s=1))
+    w = Workload(cfg, 3, chunk_size=40_000)
+    got = np.concatenate([[r.arrival for r in c] for c in w.chunks()])
+    assert np.array_equal(got, b)
+
+
+# --- lengths and sizes ----------------------------------------------------------------------
+
+def test_pareto_image_sizes_tail_and_mean():
+    alpha, xm = 2.5, 256
+    cfg = ImageSizeConfig(alpha=alpha, x_min=xm, max=10_000_000, round_to=1, aspect_ratios=[1.0])
+    h, w = sample_image_sizes(cfg, 200_000, stream(5, "images"))
+    assert np.array_equal(h, w)
+    hill = len(h) / np.log(h / xm + 1e-12).clip(min=0).sum()
+    assert hill == pytest.approx(alpha, rel=4 / math.sqrt(len(h)) + 0.01)
+    assert h.mean() == pytest.approx(alpha * xm / (alpha - 1), rel=0.02)
+
+
+def test_image_sizes_clipped_and_rounded():
+    cfg = ImageSizeConfig(alpha=1.2, x_min=256, max=2010, round_to=16)
+    h, w = sample_image_sizes(cfg, 50_000, stream(5, "images"))
+    for s in (h, w):
+        assert s.min() >= 16 and s.max() <= 2010
+        assert np.all(s % 16 == 0)
+    assert h.max() == 2000 and h.min() == 256          # heavy tail reaches the clip
+    small = h < 1000     # no clipping: w is h * a configured ratio, up to rounding
+    err = np.min([np.abs(w[small] - h[small] * a) for a in cfg.aspect_ratios], axis=0)
+    assert err.max() <= 8 * (1 + max(cfg.aspect_ratios)) + 1e-9   # both sides rounded to 16
+
+
+@pytest.mark.parametrize("dist", ["constant", "uniform", "lognormal", "pareto", "normal"])
+def test_length_means(dist):
+    d = LengthDist(dist=dist, mean=300, cv=0.5, alpha=3.0, min=1, max=100_000)
+    x = sample_lengths(d, 100_000, stream(2, "lengths"))
+    assert x.dtype == np.int64 and x.min() >= 1 and x.max() <= 100_000
+    if dist == "uniform":
+        assert x.mean() == pytest.approx(50_000.5, rel=0.02)
+    else:
+        assert x.mean() == pytest.approx(300, rel=0.02)
+    if dist == "constant":
+        assert np.all(x == 300)
+
+
+def test_pareto_length_xmin_falls_back_to_min():
+    d = LengthDist(dist="pareto", mean=10, alpha=2.5, min=50, max=10_000)
+    x = sample_lengths(d, 10_000, stream(2, "lengths"))
+    assert x.min() >= 50 and np.quantile(x, 0.01) < 52
+
+
+@settings(max_examples=40, deadline=None)
+@given(dist=st.sampled_from(["constant", "uniform", "lognormal", "pareto", "normal"]),
+       mean=st.floats(1, 5000), cv=st.floats(0, 3), lo=st.integers(1, 100),
+       span=st.integers(0, 5000), seed=st.integers(0, 2**31))
+def test_lengths_within_bounds(dist, mean, cv, lo, span, seed):
+    d = LengthDist(dist=dist, mean=mean, cv=cv, alpha=2.5, min=lo, max=lo + span)
+    x = sample_lengths(d, 500, stream(seed, "lengths"))
+    assert len(x) == 500 and x.min() >= lo and x.max() <= lo + span
+
+
+@settings(max_examples=30, deadline=None)
+@given(process=st.sampled_from(["gamma", "mmpp"]), rate=st.floats(0.01, 1000),
+       shape=st.floats(0.05, 20), scale=st.booleans(), n=st.integers(1, 3000),
+       seed=st.integers(0, 2**31))
+def test_arrivals_sorted_nonnegative(process, rate, shape, scale, n, seed):
+    a = ArrivalConfig(process=process, rate=rate, shape=shape, vllm_scaling=scale,
+                      base_rate=rate, burst_rate=rate * 5, mean_base_s=10, mean_burst_s=2)
+    t = np.array([r.arrival for r in Workload(wl(n, arrival=a), seed, chunk_size=997)])
+    assert len(t) == n and t.min() >= 0 and np.all(np.diff(t) >= 0)
+
+
+# --- requests --------------------------------------------------------------------------------
+
+def test_mix_proportions_and_fields():
+    cfg = wl(60_000)
+    reqs = list(Workload(cfg, 4))
+    tasks = np.array([r.task for r in reqs])
+    tot = sum(cfg.mix.values())
+    for t, wt in cfg.mix.items():
+        p = wt / tot
+        assert (tasks == t).mean() == pytest.approx(p, abs=4 * math.sqrt(p * (1 - p) / len(reqs)) + 1e-9)
+    qi = load_model("qwen_image")
+    for r in reqs[:3000]:
+        if r.text_out:
+            assert r.steps == 0 and not r.cfg and r.output_tokens >= 1 and r.output_image is None
+            assert r.slo_class == "interactive" and r.model == "qwen2_5_vl_7b"
+        else:
+            assert r.steps == qi.defaults["steps"] and r.cfg is True and r.output_tokens == 0
+            assert r.image_tokens_out == qi.latent_tokens(*r.output_image)
+        assert bool(r.input_images) == (r.task in ("understand", "edit", "inpaint", "outpaint"))
+        if r.task in ("edit", "inpaint"):
+            assert r.output_image == r.input_images[0]
+        if r.task == "outpaint":
+            (h, w), (oh, ow) = r.input_images[0], r.output_image
+            assert (oh >= h and ow >= w) and (oh, ow) != (h, w) or max(h, w) >= 2048
+        assert 4 <= r.prompt_tokens <= 8192
+    assert [r.id for r in reqs] == list(range(len(reqs)))
+
+
+def test_zero_weight_tasks_never_drawn():
+    mix = {"text": 1.0, "understand": 0.0, "generate": 1.0, "edit": 0, "inpaint": 0, "outpaint": 0}
+    tasks = {r.task for r in Workload(wl(5000, mix=mix), 0)}
+    assert tasks == {"text", "generate"}
+
+
+def test_images_per_request_and_overrides():
+    cfg = wl(500, images_per_request=3, steps=7, cfg=False,
+             mix={"understand": 1.0, "edit": 1.0})
+    for r in Workload(cfg, 1):
+        assert len(r.input_images) == 3
+        if r.task == "edit":
+            assert r.steps == 7 and r.cfg is False
+
+
+def test_image_tokens_rules():
+    vl, qi, fx = load_model("qwen2_5_vl_7b"), load_model("qwen_image"), load_model("flux1_dev")
+    assert image_tokens(vl, "understand", ((448, 448),), None) == (256, 0)
+    assert image_tokens(vl, "understand", ((448, 448), (448, 448)), None) == (512, 0)
+    # Qwen-Image-Edit: the VL encoder sees a 384x384-area copy -> smart_resize 392x392 -> 196
+    assert image_tokens(qi, "edit", ((1024, 1024),), (1024, 1024)) == (196, 4096)
+    assert image_tokens(qi, "generate", (), (1328, 1328)) == (0, 83 * 83)
+    assert image_tokens(fx, "edit", ((1024, 768),), (1024, 768)) == (64 * 48, 64 * 48)
+    assert image_tokens(vl, "text", (), None) == (0, 0)
+
+
+def test_determinism_and_seed_sensitivity():
+    a = [fields(r) for r in Workload(wl(3000), 11)]
+    b = [fields(r) for r in Workload(wl(3000), 11)]
+    c = [fields(r) for r in Workload(wl(3000), 12)]
+    assert a == b and a != c
+    w = Workload(wl(100), 3)
+    assert [fields(r) for r in w] == [fields(r) for r in w]     # re-iterable
+
+
+def test_streams_independent_of_mix_and_lengths():
+    base = Workload(wl(3000), 5)
+    other = Workload(wl(3000, mix={"text": 1.0, "generate": 3.0},
+                        prompt_tokens=LengthDist(dist="uniform", min=1, max=10)), 5)
+    ra, rb = list(base), list(other)
+    assert [r.arrival for r in ra] == [r.arrival for r in rb]
+    # common random numbers: a generate request keeps its size when the mix changes
+    for x, y in zip(ra, rb):
+        if x.task == y.task == "generate":
+            assert x.output_image == y.output_image
+
+
+@pytest.mark.parametrize("process", ["gamma", "mmpp"])
+def test_chunking_invariant(process):
+    cfg = wl(5000, arrival=ArrivalConfig(process=process, mean_base_s=5, mean_burst_s=1))
+    one = [fields(r) for r in Workload(cfg, 8, chunk_size=10**6)]
+    many = [fields(r) for r in Workload(cfg, 8, chunk_size=333)]
+    assert one == many
+    w = Workload(cfg, 8, chunk_size=1000)
+    assert [len(c) for c in w.chunks()] == [1000] * 5 and len(w) == 5000
+
+
+def test_model_override():
+    cfg = wl(200, mix={"text": 1.0, "understand": 1.0})
+    assert {r.model for r in Workload(cfg, 0, model_override="qwen2_5_vl_7b")} == {"qwen2_5_vl_7b"}
+    with pytest.raises(ConfigError, match="model='qwen_image' cannot serve task 'text'"):
+        Workload(cfg, 0, model_override="qwen_image")
+    with pytest.raises(ConfigError, match=r"model='nope'.*qwen2_5_vl_7b"):
+        Workload(cfg, 0, model_override="nope")
+
+
+@pytest.mark.parametrize("mut, field", [
+    (lambda c: c.task_models.update(text="gpt5"), "workload.task_models.text"),
+    (lambda c: c.task_models.update(generate="qwen2_5_vl_7b"), "workload.task_models.generate"),
+    (lambda c: c.task_models.update(understand="llama2_7b"), "workload.task_models.understand"),
+    (lambda c: setattr(c.arrival, "rate", 0.0), "workload.arrival.rate"),
+    (lambda c: (c.mix.update(edit=0.0), c.task_models.update(edit="qwen_imgae")),
+     "workload.task_models.edit"),
+    (lambda c: setattr(c.arrival, "process", "weibull"), "workload.arrival.process"),
+    (lambda c: c.mix.update(video=1.0), "workload.mix"),
+    (lambda c: setattr(c.prompt_tokens, "dist", "zipf"), "workload.prompt_tokens.dist"),
+    (lambda c: setattr(c.image, "x_min", 8), "workload.image.x_min"),
+    (lambda c: setattr(c, "num_requests", 0), "workload.num_requests"),
+])
+def test_bad_config_names_field(mut, field):
+    cfg = wl(10)
+    mut(cfg)
+    with pytest.raises(ConfigError) as e:
+        Workload(cfg, 0)
+    assert field in str(e.value)
+
+
+def test_unknown_model_lists_available():
+    cfg = wl(10)
+    cfg.task_models["text"] = "gpt5"
+    with pytest.raises(ConfigError, match=r"allowed: one of \[.*'qwen_image'.*\]"):
+        Workload(cfg, 0)
+
+
+def test_config_dataclass_roundtrip_unchanged():
+    """The workload never mutates the config it was given."""
+    cfg = wl(100)
+    before = dataclasses.asdict(cfg)
+    list(Workload(cfg, 0))
+    assert dataclasses.asdict(cfg) == before
