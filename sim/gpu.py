@@ -1,0 +1,119 @@
+"""A simulated GPU: runs one unit of work at a time from the engines placed on it.
+
+A unit is a run of engine iterations whose batch does not change (`ends` = cumulative end
+offsets of its steps). It is committed in one event, unless new work reaches the GPU while it
+runs: then it is cut at the next step boundary and the engines re-plan, exactly as if every
+step had been simulated (jump-ahead; see tests/test_jump_exact.py).
+Engines on one GPU time-share it round-robin at unit granularity (baseline replicas)."""
+from __future__ import annotations
+
+from bisect import bisect_left
+from collections import defaultdict
+from typing import TYPE_CHECKING, Callable, Sequence
+
+if TYPE_CHECKING:
+    import simpy
+
+
+class Unit:
+    __slots__ = ("ends", "commit", "stage", "engine")
+
+    def __init__(self, ends: Sequence[float], commit: Callable[[int, float], None], stage: str, engine=None):
+        self.ends = ends
+        self.commit = commit
+        self.stage = stage
+        self.engine = engine
+
+
+class GPU:
+    def __init__(self, env: "simpy.Environment", gid: int, node: int, step_jump: bool = True):
+        self.env = env
+        self.gid = gid
+        self.node = node
+        self.name = f"gpu{gid}"
+        self.engines: list = []
+        self.role = ""
+        self.step_jump = step_jump
+        self.cur: Unit | None = None
+        self.start = 0.0
+        self.planned = 0          # steps of cur that the pending event will commit
+        self.token = 0
+        self.rr = 0
+        self.busy_time = 0.0
+        self.busy_by_stage: dict[str, float] = defaultdict(float)
+        self.events = 0
+        self.available = True     # False while being re-provisioned by an autoscaler
+        self.committing = False   # engines' state is mid-update: plan nothing until it is done
+
+    @property
+    def busy(self) -> bool:
+        return self.cur is not None
+
+    def add(self, engine) -> None:
+        self.engines.append(engine)
+        engine.gpu = self
+
+    def has_work(self) -> bool:
+        return self.cur is not None or any(e.has_work() for e in self.engines)
+
+    def kick(self) -> None:
+        """New work may be runnable here: start it if idle, else cut the running unit at its
+        next step boundary so the batch can change."""
+        if self.committing:
+            return
+        if self.cur is None:
+            if self.available:
+                self._start_next()
+        elif len(self.cur.ends) > 1:
+            self._cut()
+
+    def _start_next(self) -> None:
+        n = len(self.engines)
+        now = self.env.now
+        for i in range(n):
+            e = self.engines[(self.rr + i) % n]
+            u = e.plan(now)
+            if u is not None:
+                self.rr = (self.rr + i + 1) % n
+                if not self.step_jump and len(u.ends) > 1:
+                    u.ends = u.ends[:1]
+                self._run(u, len(u.ends))
+                return
+        self.cur = None
+
+    def _run(self, u: Unit, k: int) -> None:
+        self.cur = u
+        self.start = self.env.now
+        self._schedule(k)
+
+    def _schedule(self, k: int) -> None:
+        self.token += 1
+        self.planned = k
+        tok = self.token
+        ev = self.env.timeout(self.start + self.cur.ends[k - 1] - self.env.now)
+        ev.callbacks.append(lambda _e: self._done(tok))
+
+    def _cut(self) -> None:
+        u = self.cur
+        el = self.env.now - self.start
+        k = bisect_left(u.ends, el - 1e-12) + 1   # first step that ends at or after now
+        k = max(1, min(k, len(u.ends)))
+        if k < self.planned:
+            self._schedule(k)
+
+    def _done(self, tok: int) -> None:
+        if tok != self.token:
+            return
+        u, k = self.cur, self.planned
+        dur = u.ends[k - 1]
+        self.busy_time += dur
+        self.busy_by_stage[u.stage] += dur
+        self.events += 1
+        self.cur = None
+        self.committing = True
+        try:
+            u.commit(k, self.env.now)
+        finally:
+            self.committing = False
+        if self.available:
+            self._start_next()

@@ -1,0 +1,320 @@
+"""Stage latencies from profile tables: interpolation over the measured grid, with an explicit
+policy outside it (error by default; clamp or extrapolate only when configured, and counted).
+
+Hot path: lookups use bisect on Python lists (a few microseconds), not scipy objects.
+"""
+from __future__ import annotations
+
+import json
+from bisect import bisect_right
+from collections import Counter
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from profiler.models import ModelSpec, load_model
+from profiler.schema import read_table
+from sim.config import OutOfRange
+
+
+class OutOfGridError(ValueError):
+    """A lookup outside the measured grid while latency.out_of_range=error."""
+
+
+class MissingProfileError(FileNotFoundError):
+    pass
+
+
+def _axis_pos(axis: list[float], x: float) -> tuple[int, float]:
+    """Index i and weight w so that x = (1-w)*axis[i] + w*axis[i+1]; w may be <0 or >1 (outside)."""
+    n = len(axis)
+    if n == 1:
+        return 0, 0.0
+    i = bisect_right(axis, x) - 1
+    i = min(max(i, 0), n - 2)
+    return i, (x - axis[i]) / (axis[i + 1] - axis[i])
+
+
+@dataclass
+class Grid:
+    """Latency (seconds) on a product grid of 1-2 axes; NaN cells (OOM holes) are filled along
+    the first axis by proportional scaling from the nearest measured cell, and such hits are
+    reported as extrapolated."""
+    name: str
+    axes: list[list[float]]
+    values: np.ndarray          # shape = tuple(len(a) for a in axes)
+    filled: np.ndarray          # bool mask of cells that were holes
+
+    @classmethod
+    def from_frame(cls, name: str, df: pd.DataFrame, cols: list[str]) -> "Grid":
+        if df.empty:
+            raise MissingProfileError(f"profile has no measured rows for {name}")
+        g = df.groupby(cols)["latency_ms_median"].median() / 1e3
+        axes = [sorted(float(v) for v in df[c].unique()) for c in cols]
+        vals = np.full([len(a) for a in axes], np.nan)
+        idx = [{v: i for i, v in enumerate(a)} for a in axes]
+        for key, v in g.items():
+            key = key if isinstance(key, tuple) else (key,)
+            vals[tuple(idx[d][float(k)] for d, k in enumerate(key))] = v
+        holes = np.isnan(vals)
+        if holes.any():
+            vals = _fill_holes(vals, axes)
+        return cls(name, axes, vals, holes)
+
+    def lo_hi(self) -> list[tuple[float, float]]:
+        return [(a[0], a[-1]) for a in self.axes]
+
+
+def _fill_holes(vals: np.ndarray, axes: list[list[float]]) -> np.ndarray:
+    """Fill NaN cells: scale the nearest measured cell along axis 0 by the axis-0 ratio
+    (latency proportional to batch/tokens), else along axis 1, else the global max."""
+    vals = vals.copy()
+    a0 = np.asarray(axes[0])
+    for idx in zip(*np.nonzero(np.isnan(vals))):
+        rest = idx[1:]
+        col = vals[(slice(None),) + rest]
+        ok = np.nonzero(~np.isnan(col))[0]
+        if len(ok):
+            j = ok[np.argmin(np.abs(ok - idx[0]))]
+            vals[idx] = col[j] * a0[idx[0]] / a0[j]
+            continue
+        if vals.ndim > 1:
+            row = vals[idx[0]]
+            ok = np.nonzero(~np.isnan(row))[0]
+            if len(ok):
+                j = ok[np.argmin(np.abs(ok - idx[1]))]
+                a1 = np.asarray(axes[1])
+                vals[idx] = row[j] * a1[idx[1]] / a1[j]
+                continue
+        vals[idx] = np.nanmax(vals)
+    return vals
+
+
+class LatencyModel:
+    """Lookups in seconds for every stage kind; counts points served outside the grid."""
+
+    def __init__(self, profiles_dir: str | Path, gpu: str, out_of_range: OutOfRange | str = "error"):
+        self.root = Path(profiles_dir)
+        self.gpu = gpu
+        self.mode = OutOfRange(out_of_range)
+        self.outside: Counter[str] = Counter()   # name -> lookups outside the grid
+        self.hole_hits: Counter[str] = Counter()
+        self._frames: dict[str, pd.DataFrame] = {}
+        self._grids: dict[tuple, Grid] = {}
+        self._mixed_factor: dict[str, float] = {}
+
+    # --- tables ---------------------------------------------------------------------------
+    def frame(self, model: str) -> pd.DataFrame:
+        if model not in self._frames:
+            path = self.root / self.gpu / f"{model}.parquet"
+            if not path.exists():
+                have = sorted(p.stem for p in (self.root / self.gpu).glob("*.parquet"))
+                sets = sorted(p.name for p in self.root.glob("*") if p.is_dir())
+                raise MissingProfileError(
+                    f"no profile table for model={model!r} on gpu={self.gpu!r}: {path} is missing; "
+                    f"tables there: {have}; table sets under {self.root}: {sets} "
+                    f"(measure one with `python -m profiler sweep model={model}`)")
+            df = read_table(path)
+            self._frames[model] = df[df["status"] == "ok"]
+        return self._frames[model]
+
+    def engine_settings(self, model: str) -> dict:
+        df = self.frame(model)
+        s = df["engine_settings"].dropna()
+        return json.loads(s.iloc[0]) if len(s) else {}
+
+    def engines(self, model: str) -> list[str]:
+        return sorted(self.frame(model)["engine"].dropna().unique())
+
+    def _grid(self, model: str, stage: str, cols: list[str], where=None, tag: str = "") -> Grid:
+        key = (model, stage, tuple(cols), tag)
+        g = self._grids.get(key)
+        if g is None:
+            df = self.frame(model)
+            df = df[df["stage"] == stage]
+            if where is not None:
+                df = df[where(df)]
+            if df.empty:
+                raise MissingProfileError(
+                    f"profile table of model={model!r} (gpu={self.gpu!r}) has no status=ok rows "
+                    f"for stage={stage!r}{' ' + tag if tag else ''}; stages present: "
+                    f"{sorted(self.frame(model)['stage'].unique())}")
+            g = Grid.from_frame(f"{model}/{stage}{'/' + tag if tag else ''}", df, cols)
+            self._grids[key] = g
+        return g
+
+    def _lookup(self, g: Grid, xs: tuple[float, ...]) -> float:
+        pos = []
+        outside = False
+        for a, x in zip(g.axes, xs):
+            i, w = _axis_pos(a, x)
+            if w < -1e-9 or w > 1 + 1e-9:
+                outside = True
+            pos.append((i, w))
+        if outside:
+            self.outside[g.name] += 1
+            if self.mode is OutOfRange.error:
+                raise OutOfGridError(
+                    f"{g.name}: point {dict(zip(['axis0', 'axis1'], xs))} is outside the measured "
+                    f"grid {g.lo_hi()}; set latency.out_of_range=clamp or =extrapolate to allow it "
+                    f"(counted in the summary), or measure a wider grid")
+            if self.mode is OutOfRange.clamp:
+                pos = [(i, min(max(w, 0.0), 1.0)) for i, w in pos]
+        v = g.values
+        if len(pos) == 1:
+            (i, w), = pos
+            if v.shape[0] == 1:
+                return float(v[0])
+            out = (1 - w) * v[i] + w * v[i + 1]
+            if g.filled[i] or g.filled[min(i + 1, len(v) - 1)]:
+                self.hole_hits[g.name] += 1
+        else:
+            (i, wi), (j, wj) = pos
+            n0, n1 = v.shape
+            i1, j1 = min(i + 1, n0 - 1), min(j + 1, n1 - 1)
+            if n0 == 1:
+                wi = 0.0
+            if n1 == 1:
+                wj = 0.0
+            out = ((1 - wi) * ((1 - wj) * v[i, j] + wj * v[i, j1])
+                   + wi * ((1 - wj) * v[i1, j] + wj * v[i1, j1]))
+            if g.filled[i, j] or g.filled[i1, j] or g.filled[i, j1] or g.filled[i1, j1]:
+                self.hole_hits[g.name] += 1
+        return max(float(out), 1e-6)
+
+    # --- AR stages --------------------------------------------------------------------------
+    def prefill(self, model: str, tokens: int) -> float:
+        g = self._grid(model, "prefill", ["num_tokens"], lambda d: (d["num_decode_seqs"].fillna(0) == 0)
+                       & (d["context_len"].fillna(0) == 0), "pure")
+        return self._lookup(g, (tokens,))
+
+    def decode(self, model: str, batch: int, context: float) -> float:
+        g = self._grid(model, "decode", ["batch_size", "context_len"])
+        return self._lookup(g, (batch, context))
+
+    def decode_series(self, model: str, batch: int, ctx0: float, k: int) -> np.ndarray:
+        """decode(batch, ctx0 + i) for i in 0..k-1, vectorised (same bilinear rule as decode)."""
+        g = self._grid(model, "decode", ["batch_size", "context_len"])
+        self._lookup(g, (batch, ctx0))                    # range policy + counting at both ends
+        self._lookup(g, (batch, ctx0 + k - 1))
+        b_axis, c_axis = g.axes
+        v = g.values
+        if len(b_axis) > 1:
+            i, w = _axis_pos(b_axis, batch)
+            if self.mode is OutOfRange.clamp:
+                w = min(max(w, 0.0), 1.0)
+            col = (1 - w) * v[i] + w * v[i + 1]
+        else:
+            col = v[0]
+        ctx = ctx0 + np.arange(k, dtype=float)
+        if len(c_axis) == 1:
+            return np.maximum(np.full(k, col[0]), 1e-6)
+        c = np.asarray(c_axis)
+        if self.mode is OutOfRange.clamp:
+            ctx = np.clip(ctx, c[0], c[-1])
+        j = np.clip(np.searchsorted(c, ctx, side="right") - 1, 0, len(c) - 2)
+        wj = (ctx - c[j]) / (c[j + 1] - c[j])
+        return np.maximum((1 - wj) * col[j] + wj * col[j + 1], 1e-6)
+
+    def ar_step(self, model: str, prefill_tokens: int, decode_seqs: int, decode_ctx: float,
+                prefill_ctx: float = 0.0) -> float:
+        """One engine step: linear (token) cost of every scheduled token, plus the attention
+        cost of decode contexts and of prefill chunks that attend to earlier chunks."""
+        if prefill_tokens == 0:
+            return self.decode(model, decode_seqs, decode_ctx)
+        t = self.prefill(model, prefill_tokens + decode_seqs)
+        if decode_seqs:
+            t += max(0.0, self.decode(model, decode_seqs, decode_ctx) - self.decode(model, decode_seqs, self._min_ctx(model)))
+            t *= self.mixed_factor(model)
+        if prefill_ctx > 0:
+            t += self.prefill_context_cost(model, prefill_tokens, prefill_ctx)
+        return t
+
+    def _min_ctx(self, model: str) -> float:
+        return self._grid(model, "decode", ["batch_size", "context_len"]).axes[1][0]
+
+    def prefill_context_cost(self, model: str, tokens: int, ctx: float) -> float:
+        """Extra time of a chunk whose sequence already holds ctx cached tokens (from rows with
+        context_len > 0; zero if the table has none)."""
+        df = self.frame(model)
+        sel = (df["stage"] == "prefill") & (df["context_len"].fillna(0) > 0) & (df["num_decode_seqs"].fillna(0) == 0)
+        if not sel.any():
+            return 0.0
+        g = self._grid(model, "prefill", ["num_tokens", "context_len"],
+                       lambda d: (d["num_decode_seqs"].fillna(0) == 0), "ctx")
+        saved, self.mode = self.mode, OutOfRange.clamp if self.mode is OutOfRange.error else self.mode
+        try:
+            with_ctx = self._lookup(g, (tokens, ctx))
+        finally:
+            self.mode = saved
+        return max(0.0, with_ctx - self.prefill(model, tokens))
+
+    def mixed_factor(self, model: str) -> float:
+        """Calibration of the mixed-step composition rule against measured mixed steps
+        (median measured / composed; 1.0 when the table has none)."""
+        if model not in self._mixed_factor:
+            df = self.frame(model)
+            mixed = df[(df["stage"] == "prefill") & (df["num_decode_seqs"].fillna(0) > 0)]
+            ratios = []
+            self._mixed_factor[model] = 1.0
+            for r in mixed.itertuples():
+                try:
+                    d = int(r.num_decode_seqs)
+                    ctx = float(r.context_len) if r.context_len == r.context_len and r.context_len else self._min_ctx(model)
+                    pred = self.prefill(model, int(r.num_tokens) + d) + max(
+                        0.0, self.decode(model, d, ctx) - self.decode(model, d, self._min_ctx(model)))
+                    ratios.append(r.latency_ms_median / 1e3 / pred)
+                except (OutOfGridError, MissingProfileError):
+                    continue
+            if ratios:
+                self._mixed_factor[model] = float(np.median(ratios))
+        return self._mixed_factor[model]
+
+    # --- encoders, DiT, VAE -----------------------------------------------------------------
+    def vision_encode(self, model: str, image_tokens: int) -> float:
+        """Vision encoder time for a set of images holding image_tokens LLM tokens in all."""
+        df = self.frame(model)
+        key = (model, "vision_encode", ("total",), "")
+        g = self._grids.get(key)
+        if g is None:
+            d = df[df["stage"] == "vision_encode"].copy()
+            d["total"] = d["num_tokens"] * d["batch_size"]
+            d = d.groupby("total", as_index=False)["latency_ms_median"].median()
+            g = Grid.from_frame(f"{model}/vision_encode", d, ["total"])
+            self._grids[key] = g
+        return self._lookup(g, (image_tokens,))
+
+    def text_encode(self, model: str, component: str, batch: int, tokens: int) -> float:
+        g = self._grid(model, "text_encode", ["batch_size", "num_tokens"],
+                       lambda d: d["component"] == component, component)
+        return self._lookup(g, (batch, tokens))
+
+    def dit_step(self, model: str, batch: int, seq_len: int) -> float:
+        g = self._grid(model, "dit_step", ["batch_size", "seq_len"])
+        return self._lookup(g, (batch, seq_len))
+
+    def vae(self, model: str, stage: str, batch: int, height: int, width: int) -> float:
+        key = (model, stage, ("batch_size", "pixels"), "")
+        g = self._grids.get(key)
+        if g is None:
+            d = self.frame(model)
+            d = d[d["stage"] == stage].copy()
+            if d.empty:
+                raise MissingProfileError(f"profile table of model={model!r} has no rows for stage={stage!r}")
+            d["pixels"] = d["height"] * d["width"]
+            g = Grid.from_frame(f"{model}/{stage}", d, ["batch_size", "pixels"])
+            self._grids[key] = g
+        return self._lookup(g, (batch, height * width))
+
+    def report(self) -> dict:
+        return {"out_of_grid_lookups": dict(self.outside), "oom_hole_lookups": dict(self.hole_hits),
+                "out_of_range_policy": self.mode.value,
+                "engines": {m: self.engines(m) for m in self._frames}}
+
+
+@lru_cache(maxsize=None)
+def spec(name: str) -> ModelSpec:
+    return load_model(name)

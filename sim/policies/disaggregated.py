@@ -1,0 +1,119 @@
+"""disaggregated: ModServe-style stage pools (vision encoders, LLM, text encoders, DiT, VAE),
+each sized on its own (cluster.pools, or in proportion to offered work). Requests flow only
+through the stages they need; each hand-off between pools pays bytes / bandwidth + latency.
+Encoder, DiT and VAE pools pull from one central queue per pool (work-conserving); LLM GPUs
+are vLLM engines with their own queues behind a least-outstanding-requests router."""
+from __future__ import annotations
+
+from profiler.models import load_model
+from sim.memory import Placement
+from sim.policies import register
+from sim.policies.base import Flow, match_fixed, size_pools
+from sim.policies.baseline import Baseline
+from sim.servers.ar import AREngine
+from sim.servers.batch import BatchEngine
+from sim.servers.dit import DiTEngine
+from sim.servers.jobs import Job, StageQueue
+
+ROLE_OF_STAGE = {"ar": "llm", "vision_encode": "encoder", "text_encode": "text_encoder",
+                 "vae_encode": "vae", "vae_decode": "vae", "dit_step": "dit"}
+
+
+LIGHT_SHARE = 0.5       # a pool needing less than half a GPU shares one with the other light ones
+SHARED = "shared:light"
+
+
+def pool_key(job: Job) -> str:
+    return f"{ROLE_OF_STAGE[job.stage]}:{job.model}"
+
+
+@register("disaggregated")
+class Disaggregated(Baseline):
+    fused = False
+    priority = False
+    shape_compat: str | None = None      # None: diffusion.shape_compat
+    colocate_light = False               # put pools needing < LIGHT_SHARE of a GPU on shared GPUs
+
+    def build(self) -> None:
+        c = self.cfg.cluster
+        work = self.pilot_work(pool_key)
+        fixed = match_fixed(dict(c.pools), list(work), "cluster.pools")
+        self.colocated: list[str] = []
+        if self.colocate_light and not fixed:
+            total = sum(work.values()) or 1.0
+            self.colocated = sorted(k for k, w in work.items() if k.split(":")[0] not in ("llm", "dit")
+                                    and c.num_gpus * w / total < LIGHT_SHARE)
+            if len(self.colocated) > 0:
+                work = {k: w for k, w in work.items() if k not in self.colocated}
+                work[SHARED] = sum(pilot for k, pilot in self.pilot_work(pool_key).items() if k in self.colocated)
+        counts = size_pools(work, c.num_gpus, fixed, "cluster.pools")
+        self.pools: dict[str, list] = {}
+        self.queues: dict[tuple[str, str], StageQueue] = {}
+        self.llm: dict[str, list[AREngine]] = {}
+        for key, n in sorted(counts.items()):
+            self.pools[key] = []
+            for _ in range(n):
+                if key == SHARED:
+                    g = self.new_gpu(SHARED)
+                    for k in self.colocated:
+                        self.add_gpu(k, g, reset=False)
+                    g.role = SHARED
+                    self.pools[SHARED].append(g)
+                else:
+                    self.add_gpu(key)
+        self.notes["pools"] = {k: len(v) for k, v in self.pools.items()}
+        if self.colocated:
+            self.notes["colocated_on_shared"] = self.colocated
+
+    def queue(self, stage: str, model: str) -> StageQueue:
+        k = (stage, model)
+        if k not in self.queues:
+            self.queues[k] = StageQueue(f"{stage}:{model}", self.priority)
+        return self.queues[k]
+
+    def add_gpu(self, key: str, gpu=None, reset: bool = True):
+        role, model = key.split(":")
+        g = gpu or self.new_gpu(key)
+        g.role = key
+        if reset:
+            g.engines = []
+        lat, d = self.lat, self.cfg.diffusion
+        compat = self.shape_compat or d.shape_compat
+        spec = load_model(model)
+        if role == "llm":
+            e = self.make_ar(model, Placement(tuple((model, comp) for comp in spec.components)),
+                             priority=self.priority)
+            g.add(e)
+            self.llm.setdefault(model, []).append(e)
+        elif role == "encoder":
+            g.add(BatchEngine("vision_encode", model, self.queue("vision_encode", model), lat, d.max_batch))
+        elif role == "text_encoder":
+            g.add(BatchEngine("text_encode", model, self.queue("text_encode", model), lat, d.max_batch))
+        elif role == "vae":
+            for st in ("vae_encode", "vae_decode"):
+                g.add(BatchEngine(st, model, self.queue(st, model), lat, d.max_batch))
+        elif role == "dit":
+            g.add(DiTEngine(model, self.queue("dit_step", model), lat, d.max_batch, compat,
+                            list(self.cfg.policy.shape_buckets)))
+        self.pools.setdefault(key, []).append(g)
+        return g
+
+    def pick_llm(self, model: str, job: Job) -> AREngine:
+        engines = self.llm.get(model)
+        if not engines:
+            raise KeyError(f"no LLM pool serves model {model}")
+        return min(engines, key=lambda e: e.num_requests())
+
+    def dispatch(self, flow: Flow, job: Job, now: float) -> None:
+        if job.stage == "ar":
+            self.pick_llm(job.model, job).submit(job, now)
+        else:
+            self.queue(job.stage, job.model).put(job, now)
+
+    def transfer_delay(self, done: Job, nxt: Job) -> float:
+        if pool_key(done) == pool_key(nxt):
+            return 0.0                   # e.g. vae_encode -> ... stays on the VAE GPU
+        return self.hop_delay(done, nxt)
+
+    def complete(self, flow: Flow, now: float) -> None:
+        self.ctx.on_complete(flow.req)

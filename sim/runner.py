@@ -1,0 +1,120 @@
+"""One simulation run: config -> workload -> policy -> stage servers -> records -> metrics."""
+from __future__ import annotations
+
+import itertools
+import time
+from pathlib import Path
+
+import simpy
+
+from sim.config import SimConfig
+from sim.latency import LatencyModel
+from sim.metrics import MetricsCollector
+from sim.output import RequestsParquetWriter, write_json_atomic
+from sim.policies import get_policy
+from sim.policies.base import PILOT_REQUESTS, SimContext
+from sim.workload import Workload
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def resolve(path: str) -> Path:
+    p = Path(path)
+    return p if p.is_absolute() else REPO_ROOT / p
+
+
+class Run:
+    """Holds everything of one run so tests can inspect the policy and requests afterwards."""
+
+    def __init__(self, cfg: SimConfig, outdir: Path | None = None, keep_rows: int = 20_000):
+        cfg.check()
+        self.cfg = cfg
+        self.outdir = outdir
+        self.env = simpy.Environment()
+        self.lat = LatencyModel(resolve(cfg.profiles_dir), cfg.cluster.gpu, cfg.latency.out_of_range)
+        self.metrics = MetricsCollector(cfg.slo, keep_rows=keep_rows)
+        self.workload = Workload(cfg.workload, cfg.seed, model_override=cfg.model)
+        self.n_total = len(self.workload)
+        self.completed = 0
+        self.arrived = 0
+        self.writer = None
+        self.requests = [] if keep_rows and self.n_total <= keep_rows else None
+        pilot = list(itertools.islice(iter(Workload(cfg.workload, cfg.seed, model_override=cfg.model)),
+                                      PILOT_REQUESTS))
+        self.ctx = SimContext(self.env, cfg, self.lat, self._on_complete, self.metrics.add_itl,
+                              done=lambda: self.completed >= self.n_total, pilot=pilot)
+        self.policy = get_policy(cfg.policy.name)(self.ctx)
+        self.policy.build()
+
+    def _on_complete(self, req) -> None:
+        self.completed += 1
+        row = self.metrics.record(req)
+        if self.writer is not None:
+            self.writer.add_row(row)
+        if self.requests is not None:
+            self.requests.append(req)
+
+    def _arrivals(self):
+        env, policy = self.env, self.policy
+        for req in self.workload:
+            if req.arrival > env.now:
+                yield env.timeout(req.arrival - env.now)
+            self.arrived += 1
+            policy.admit(req, env.now)
+
+    def run(self, progress: bool = False) -> dict:
+        t0 = time.perf_counter()
+        if self.outdir is not None and self.cfg.output.write_requests:
+            self.outdir.mkdir(parents=True, exist_ok=True)
+            self.writer = RequestsParquetWriter(self.outdir / "requests.parquet",
+                                                self.cfg.output.chunk_rows, self.cfg.slo)
+        try:
+            self.env.process(self._arrivals())
+            if progress:
+                self._run_with_bar()
+            else:
+                self.env.run()
+            if self.writer is not None:
+                self.writer.close()
+        except BaseException:
+            if self.writer is not None:
+                self.writer.abort()
+            raise
+        wall = time.perf_counter() - t0
+        return self.summarize(wall)
+
+    def _run_with_bar(self) -> None:
+        from tqdm import tqdm
+        with tqdm(total=self.n_total, unit="req", desc="simulating", mininterval=0.5) as bar:
+            while self.env.peek() != float("inf"):
+                self.env.run(until=self.env.peek() + 5.0)
+                bar.set_postfix_str(f"t={self.env.now:,.0f}s sim")
+                bar.update(self.completed - bar.n)
+
+    def summarize(self, wall_s: float) -> dict:
+        cfg = self.cfg
+        if self.completed != self.n_total:
+            raise RuntimeError(f"simulation ended with {self.n_total - self.completed} of "
+                               f"{self.n_total} requests unfinished (arrived {self.arrived})")
+        duration = self.env.now
+        util = self.policy.utilization(duration)
+        price = cfg.cost.usd_per_gpu_hour.get(cfg.cluster.gpu, 0.0)
+        extra = {
+            "policy": cfg.policy.name, "seed": cfg.seed, "num_requests": self.n_total,
+            "workload": cfg.workload.name, "cluster": cfg.cluster.name,
+            "layout": self.policy.notes,
+            "latency_model": self.lat.report(),
+            "sim_wall_s": round(wall_s, 3),
+            "sim_events": sum(g.events for g in self.policy.gpus),
+        }
+        if hasattr(self.policy, "moves"):
+            extra["autoscale_moves"] = self.policy.moves
+        summary = self.metrics.summary(duration, len(self.policy.gpus), cfg.cluster.gpu, price,
+                                       cfg.slo, util, extra)
+        if self.outdir is not None:
+            write_json_atomic(self.outdir / "summary.json", summary)
+        return summary
+
+
+def run(cfg: SimConfig, outdir: Path | None = None, progress: bool = False) -> dict:
+    return Run(cfg, outdir).run(progress)

@@ -1,0 +1,296 @@
+"""AR engine modelled on vLLM V1's scheduler (vllm/v1/core/sched/scheduler.py):
+continuous batching; each step first serves running requests (decode tokens, then the rest of
+chunked prefills) under the token budget `max_num_batched_tokens`, then admits waiting ones
+(up to `max_num_seqs`), allocating KV blocks of `block_size` tokens; when a running request
+cannot get a block, the most recently admitted running request is preempted (recompute: its
+blocks are freed and it goes back to the front of the waiting queue). Vision encoding of a
+request's images runs inside the step that starts its prefill (baseline) unless an encoder
+pool already did it. Step time comes from the latency model. A stable all-decode batch is
+advanced to its next completion or block shortage in one unit (jump-ahead)."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from sim.gpu import Unit
+from sim.latency import LatencyModel
+from sim.request import StageRecord
+from sim.servers.jobs import Job, StageQueue, start_record
+
+
+class Seq:
+    __slots__ = ("job", "prompt", "out", "generated", "computed", "blocks", "encoded", "dec_rec",
+                 "enqueued")
+
+    def __init__(self, job: Job):
+        self.job = job
+        self.prompt = job.tokens
+        self.out = job.out_tokens
+        self.generated = 0
+        self.computed = 0
+        self.blocks = 0
+        self.encoded = job.vision_tokens == 0
+        self.dec_rec: StageRecord | None = None
+
+    @property
+    def priority(self) -> int:
+        return self.job.priority
+
+    @property
+    def work(self) -> float:
+        return float(self.prompt + self.out)
+
+    @property
+    def need(self) -> int:
+        return self.prompt + self.generated - self.computed
+
+
+class AREngine:
+    def __init__(self, model: str, lat: LatencyModel, kv_capacity_tokens: int, *,
+                 max_num_batched_tokens: int = 8192, max_num_seqs: int = 256, block_size: int = 16,
+                 step_overhead_s: float = 0.0, priority: bool = False, itl_sink=None,
+                 max_model_len: int | None = None):
+        self.model = model
+        self.lat = lat
+        self.budget = max_num_batched_tokens
+        self.max_seqs = max_num_seqs
+        self.bs = block_size
+        self.total_blocks = max(1, kv_capacity_tokens // block_size)
+        self.free_blocks = self.total_blocks
+        self.overhead = step_overhead_s
+        self.waiting = StageQueue(f"{model}/waiting", priority)
+        self.running: list[Seq] = []
+        self.itl_sink = itl_sink
+        self.max_model_len = max_model_len
+        self.gpu = None
+        self.sched: list[tuple[Seq, int]] = []
+        self.vision_in_step = 0
+        self.peak_blocks_used = 0
+        self.steps = 0
+
+    # --- interface used by routers and the GPU ----------------------------------------------
+    def submit(self, job: Job, now: float) -> None:
+        need = -(-(job.tokens + max(job.out_tokens, 1)) // self.bs)
+        if need > self.total_blocks:
+            raise ValueError(
+                f"request {job.req.id}: prompt {job.tokens} + output {job.out_tokens} tokens needs "
+                f"{need} KV blocks but model {self.model} has {self.total_blocks} on this GPU "
+                f"(engine.kv_capacity_tokens / max_model_len too small for this workload)")
+        job.enqueued = now
+        self.waiting.put(Seq(job), now)   # queue items are Seqs (duck-typed: priority, work, enqueued)
+        if self.gpu is not None:
+            self.gpu.kick()
+
+    def has_work(self) -> bool:
+        return bool(self.running) or len(self.waiting) > 0
+
+    def can_join(self, job: Job) -> bool:
+        return len(self.running) < self.max_seqs
+
+    def load(self) -> float:
+        """Outstanding tokens (prompt + output) of queued and running requests."""
+        w = sum(s.prompt + s.out for s in self.waiting)
+        r = sum(s.need + s.out - s.generated for s in self.running)
+        return float(w + r)
+
+    def num_requests(self) -> int:
+        return len(self.running) + len(self.waiting)
+
+    # --- KV blocks ---------------------------------------------------------------------------
+    def _blocks_for(self, tokens: int) -> int:
+        return -(-tokens // self.bs)
+
+    def _alloc(self, s: Seq, tokens: int) -> bool:
+        need = self._blocks_for(tokens) - s.blocks
+        if need <= 0:
+            return True
+        if need > self.free_blocks:
+            return False
+        self.free_blocks -= need
+        s.blocks += need
+        used = self.total_blocks - self.free_blocks
+        if used > self.peak_blocks_used:
+            self.peak_blocks_used = used
+        return True
+
+    def _free(self, s: Seq) -> None:
+        self.free_blocks += s.blocks
+        s.blocks = 0
+
+    def _preempt(self, s: Seq, now: float) -> None:
+        self._free(s)
+        s.computed = 0
+        s.encoded = s.job.vision_tokens == 0
+        s.job.req.preemptions += 1
+        lvl = min(s.job.priority, len(self.waiting.levels) - 1) if self.waiting.priority else 0
+        self.waiting.levels[lvl].appendleft(s)
+        self.waiting.n += 1
+
+    # --- scheduling ---------------------------------------------------------------------------
+    def plan(self, now: float) -> Unit | None:
+        if not self.running and not len(self.waiting):
+            return None
+        budget = self.budget
+        sched: list[tuple[Seq, int]] = []
+        preempted = False
+        i = 0
+        while i < len(self.running) and budget > 0:
+            s = self.running[i]
+            n = min(s.need, budget)
+            while not self._alloc(s, s.computed + n):
+                victim = self.running.pop()
+                for k, (q, m) in enumerate(sched):
+                    if q is victim:
+                        del sched[k]
+                        budget += m
+                        break
+                self._preempt(victim, now)
+                preempted = True
+                if victim is s:
+                    break
+            else:
+                sched.append((s, n))
+                budget -= n
+                i += 1
+                continue
+            break
+        if not preempted:
+            while len(self.waiting) and len(self.running) < self.max_seqs and budget > 0:
+                s = self.waiting.head()
+                n = min(s.need, budget)
+                if not self._alloc(s, s.computed + n):
+                    break
+                self.waiting.popleft()
+                if s.job.record is None:
+                    start_record(s.job, self.gpu.name, now)
+                self.running.append(s)
+                sched.append((s, n))
+                budget -= n
+        if not sched:
+            return None
+        self.sched = sched
+        # step composition
+        p_tok = d_seqs = 0
+        d_ctx = p_ctx = 0.0
+        vision = 0
+        for s, n in sched:
+            if n == 1 and s.generated > 0 and s.need == 1:
+                d_seqs += 1
+                d_ctx += s.computed
+            else:
+                p_tok += n
+                p_ctx += s.computed * n
+                if not s.encoded:
+                    vision += s.job.vision_tokens
+        self.vision_in_step = vision
+        if d_seqs:
+            d_ctx /= d_seqs
+        if p_tok:
+            p_ctx /= p_tok
+        t = self.lat.ar_step(self.model, p_tok, d_seqs, d_ctx, p_ctx) + self.overhead
+        if vision:
+            t += self.lat.vision_encode(self.model, vision)
+        if p_tok == 0 and not preempted and not self._admissible():
+            k = self._jump_len()
+            if k > 1:
+                series = self.lat.decode_series(self.model, d_seqs, d_ctx, k) + self.overhead
+                self.jump_ends = ends = np.cumsum(series)
+                return Unit(ends, self._commit_jump, "decode", self)
+        return Unit((t,), self._commit_step, "prefill" if p_tok else "decode", self)
+
+    def _admissible(self) -> bool:
+        """Could a waiting request join at the next step (so the batch would change)?"""
+        if not len(self.waiting) or len(self.running) >= self.max_seqs:
+            return False
+        s = self.waiting.head()
+        return self._blocks_for(s.computed + min(s.need, self.budget)) - s.blocks <= self.free_blocks
+
+    def _jump_len(self) -> int:
+        """Steps until the first completion, bounded by the KV blocks left (exact)."""
+        k = min(s.out - s.generated for s in self.running)
+        if k <= 1:
+            return 1
+        comp = np.fromiter((s.computed for s in self.running), dtype=np.int64, count=len(self.running))
+        held = np.fromiter((s.blocks for s in self.running), dtype=np.int64, count=len(self.running))
+
+        def extra(j: int) -> int:  # blocks beyond those held, to compute j steps
+            return int(np.maximum(-(-(comp + j) // self.bs) - held, 0).sum())
+
+        lo, hi = 1, k
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if extra(mid) <= self.free_blocks:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
+
+    # --- commits ------------------------------------------------------------------------------
+    def _commit_step(self, k: int, now: float) -> None:
+        self.steps += 1
+        dur = now - self.gpu.start
+        decoded = 0
+        finished = []
+        for s, n in self.sched:
+            was_decode = n == 1 and s.generated > 0 and s.need == 1
+            if not s.encoded:
+                s.encoded = True
+                req = s.job.req
+                req.stages.append(StageRecord("vision_encode", self.gpu.name, self.gpu.start,
+                                              self.gpu.start, now))
+            s.computed += n
+            if s.need > 0:
+                continue                        # chunked prefill not finished
+            if s.out == 0:
+                finished.append(s)              # prefill-only (condition encoder)
+                continue
+            s.generated += 1
+            if was_decode:
+                decoded += 1
+            if s.generated == 1:
+                self._first_token(s, now)
+            if s.generated >= s.out:
+                finished.append(s)
+        if decoded and self.itl_sink:
+            self.itl_sink(dur, decoded)
+        self._finish(finished, now)
+
+    def _commit_jump(self, k: int, now: float) -> None:
+        self.steps += k
+        ends = self.jump_ends
+        finished = []
+        for s, _ in self.sched:
+            if k > 1:
+                self._alloc(s, s.computed + k)   # blocks of steps 2..k (step 1 allocated in plan)
+            s.computed += k
+            s.generated += k
+            if s.generated >= s.out:
+                finished.append(s)
+        if self.itl_sink:
+            prev = 0.0
+            d = len(self.sched)
+            for e in ends[:k]:
+                self.itl_sink(float(e) - prev, d)
+                prev = float(e)
+        self._finish(finished, now)
+
+    def _first_token(self, s: Seq, now: float) -> None:
+        req = s.job.req
+        if math.isnan(req.first_token):
+            req.first_token = now
+        if s.job.record is not None and math.isnan(s.job.record.end):
+            s.job.record.end = now
+        if s.out > 1 and s.dec_rec is None:
+            s.dec_rec = StageRecord("decode", self.gpu.name, now, now)
+            req.stages.append(s.dec_rec)
+
+    def _finish(self, finished: list[Seq], now: float) -> None:
+        for s in finished:
+            self.running.remove(s)
+            self._free(s)
+            if s.job.record is not None and math.isnan(s.job.record.end):
+                s.job.record.end = now
+            if s.dec_rec is not None:
+                s.dec_rec.end = now
+            s.job.on_done(s.job, now)

@@ -1,0 +1,73 @@
+"""Batching server for one-shot stages (vision/text encoders, VAE encode/decode): takes up to
+max_batch compatible jobs from its queue and runs them as one forward pass."""
+from __future__ import annotations
+
+from sim.gpu import Unit
+from sim.latency import LatencyModel
+from sim.servers.jobs import Job, StageQueue, start_record
+
+
+class BatchEngine:
+    def __init__(self, stage: str, model: str, queue: StageQueue, lat: LatencyModel, max_batch: int = 8,
+                 service=None, max_batch_tokens: int = 16384):
+        self.stage = stage
+        self.model = model
+        self.queue = queue
+        queue.engines.append(self)
+        self.lat = lat
+        self.max_batch = max_batch
+        self.service = service          # optional callable(jobs) -> seconds (synthetic laws)
+        self.max_batch_tokens = max_batch_tokens   # vision encoder: image tokens per pass
+        self.gpu = None
+        self.running: list[Job] = []
+
+    def has_work(self) -> bool:
+        return len(self.queue) > 0
+
+    def can_join(self, job: Job) -> bool:
+        return False                    # one-shot passes: no joining mid-flight
+
+    def busy_work(self) -> float:
+        return sum(j.work for j in self.running)
+
+    def load(self) -> float:
+        return self.queue.work + self.busy_work()
+
+    def plan(self, now: float) -> Unit | None:
+        head = self.queue.head()
+        if head is None:
+            return None
+        shape = head.shape()
+        batch = [head]
+        toks = head.vision_tokens
+        for job in self.queue:
+            if len(batch) >= self.max_batch:
+                break
+            if job is head or job.shape() != shape:
+                continue
+            if toks + job.vision_tokens > self.max_batch_tokens:
+                break
+            batch.append(job)
+            toks += job.vision_tokens
+        for job in batch:
+            self.queue.remove(job)
+            start_record(job, self.gpu.name, now)
+        self.running = batch
+        dur = self.service(batch) if self.service else self.duration(batch)
+        return Unit((dur,), self._commit, self.stage, self)
+
+    def duration(self, batch: list[Job]) -> float:
+        j = batch[0]
+        n = len(batch)
+        if self.stage == "vision_encode":
+            return self.lat.vision_encode(self.model, sum(x.vision_tokens for x in batch))
+        if self.stage == "text_encode":
+            toks = max(x.tokens for x in batch)
+            return sum(self.lat.text_encode(self.model, c, n, toks) for c in j.components)
+        return self.lat.vae(self.model, self.stage, n, j.height, j.width)
+
+    def _commit(self, k: int, now: float) -> None:
+        batch, self.running = self.running, []
+        for job in batch:
+            job.record.end = now
+            job.on_done(job, now)

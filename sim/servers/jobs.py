@@ -1,0 +1,118 @@
+"""A job is one hop of a request's pipeline, waiting for or running on an engine."""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Optional
+
+from sim.request import Request, StageRecord
+
+PRIORITY = {"interactive": 0, "standard": 1, "batch": 2}
+
+
+@dataclass(slots=True, eq=False)
+class Job:
+    req: Request
+    stage: str                 # ar | vision_encode | text_encode | vae_encode | dit_step | vae_decode
+    model: str
+    on_done: Callable[["Job", float], None] = None
+    # payload (meaning depends on stage)
+    tokens: int = 0            # AR prompt tokens (text + image); encoder tokens; DiT text tokens
+    vision_tokens: int = 0     # image tokens encoded inside the AR step (baseline) / by an encoder
+    out_tokens: int = 0        # AR tokens to generate (0 = prefill only, e.g. a condition encoder)
+    height: int = 0
+    width: int = 0
+    seq_len: int = 0           # DiT image-sequence tokens
+    steps: int = 0
+    weight: int = 1            # DiT transformer batch share (2 with CFG)
+    components: tuple = ()
+    priority: int = 1
+    record: Optional[StageRecord] = None
+    server: str = ""
+    work: float = 0.0          # estimated service seconds (load balancing)
+    enqueued: float = 0.0
+
+    def shape(self, buckets: list[int] | None = None) -> tuple:
+        if self.stage == "dit_step":
+            return (_bucket(self.seq_len, buckets) if buckets else self.seq_len,)
+        if self.stage in ("vae_encode", "vae_decode"):
+            return (self.height, self.width)
+        return ()
+
+
+def _bucket(x: int, buckets: list[int]) -> int:
+    for b in buckets:
+        if x <= b:
+            return b
+    return x
+
+
+class StageQueue:
+    """Waiting jobs of one stage, shared by the engines that subscribe to it (a pool's central
+    queue) or private to one engine. FCFS, or by priority class then arrival when `priority`."""
+
+    def __init__(self, name: str, priority: bool = False):
+        self.name = name
+        self.levels: list[deque[Job]] = [deque(), deque(), deque()] if priority else [deque()]
+        self.priority = priority
+        self.engines: list = []         # engines that take from this queue
+        self.work = 0.0                 # sum of queued job work (seconds)
+        self.n = 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    def put(self, job: Job, now: float) -> None:
+        job.enqueued = now
+        lvl = min(job.priority, len(self.levels) - 1) if self.priority else 0
+        self.levels[lvl].append(job)
+        self.n += 1
+        self.work += job.work
+        self._wake(job)
+
+    def _wake(self, job: Job) -> None:
+        for e in self.engines:          # an idle GPU first
+            g = e.gpu
+            if g is not None and g.cur is None and g.available:
+                g.kick()
+                return
+        for e in self.engines:          # else a busy engine whose batch could take it now
+            if e.gpu is not None and e.gpu.available and e.can_join(job):
+                e.gpu.kick()
+                return
+
+    def __iter__(self) -> Iterator[Job]:
+        for lvl in self.levels:
+            yield from lvl
+
+    def head(self) -> Job | None:
+        for lvl in self.levels:
+            if lvl:
+                return lvl[0]
+        return None
+
+    def remove(self, job: Job) -> None:
+        for lvl in self.levels:
+            try:
+                lvl.remove(job)
+            except ValueError:
+                continue
+            self.n -= 1
+            self.work -= job.work
+            return
+
+    def popleft(self) -> Job:
+        for lvl in self.levels:
+            if lvl:
+                job = lvl.popleft()
+                self.n -= 1
+                self.work -= job.work
+                return job
+        raise IndexError("empty queue")
+
+
+def start_record(job: Job, server: str, now: float) -> None:
+    rec = StageRecord(job.stage if job.stage != "ar" else "prefill", server, job.enqueued, now)
+    job.record = rec
+    job.server = server
+    job.req.stages.append(rec)
