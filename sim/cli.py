@@ -38,7 +38,15 @@ def execute(cfg: SimConfig, outdir: Path, multirun: bool) -> dict:
         progress = cfg.output.progress == "on" or (
             cfg.output.progress == "auto" and not multirun and cfg.workload.num_requests >= 50_000)
         summary = Run(cfg, outdir).run(progress=progress)
-    if not multirun:
+    if multirun:
+        return summary
+    if cfg.experiment == "queueing":
+        keys = ("offered_load", "utilization", "request_throughput", "mean_queue_ms", "mean_e2el_ms",
+                "p99_e2el_ms", "time_avg_in_system", "littles_law_rhs")
+        print(f"queueing -> {outdir}")
+        for k in keys:
+            print(f"  {k:22s} {summary[k]:.4f}")
+    else:
         print_summary(summary, f"{cfg.experiment}: policy={cfg.policy.name} -> {outdir}")
     return summary
 
