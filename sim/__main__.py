@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 import sys
 
-OPTIONAL_GROUPS = ("policy", "experiment")
+OPTIONAL_GROUPS = ("policy", "experiment", "model")
 
 
 def normalize_argv(argv: list[str]) -> list[str]:

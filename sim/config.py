@@ -130,8 +130,14 @@ class WorkloadConfig:
         "text": "interactive", "understand": "interactive", "generate": "standard",
         "edit": "standard", "inpaint": "standard", "outpaint": "standard"})
     trace: TraceConfig = field(default_factory=TraceConfig)
+    path: Optional[str] = None      # shorthand: a trace file to replay (sets process=trace)
 
     def check(self) -> None:
+        if self.path:
+            self.trace.path = self.path
+            self.arrival.process = "trace"
+        _check(self.arrival.process != "trace" or bool(self.trace.path), "workload.trace.path",
+               self.trace.path, "a CSV/JSONL/parquet trace or a vllm bench serve JSON when process=trace")
         _check(self.num_requests >= 1, "workload.num_requests", self.num_requests, ">= 1")
         self.arrival.check()
         self.image.check()
@@ -308,7 +314,9 @@ class SimConfig:
     seed: int = 0
     experiment: str = "serve"
     profiles_dir: str = "traces/profiles"
-    model: Optional[str] = None            # single-model runs (replay): overrides task_models
+    # single-model runs (replay): overrides task_models. `model=NAME` selects conf/model/NAME.yaml
+    # (a Hydra group), so this holds that file's content; check() reduces it to the name.
+    model: Any = None
     workload: WorkloadConfig = field(default_factory=WorkloadConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
@@ -321,6 +329,10 @@ class SimConfig:
     output: OutputConfig = field(default_factory=OutputConfig)
 
     def check(self) -> "SimConfig":
+        if isinstance(self.model, dict):
+            self.model = self.model.get("name")
+        _check(self.model is None or isinstance(self.model, str), "model", self.model,
+               "a model name from conf/model/")
         _choice(self.experiment, "experiment", EXPERIMENTS)
         for part in (self.workload, self.cluster, self.policy, self.engine, self.diffusion,
                      self.latency, self.slo, self.cost, self.queueing, self.output):
