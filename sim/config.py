@@ -121,7 +121,7 @@ class WorkloadConfig:
         "edit": "qwen_image", "inpaint": "qwen_image", "outpaint": "qwen_image"})
     image: ImageSizeConfig = field(default_factory=ImageSizeConfig)
     images_per_request: int = 1
-    prompt_tokens: LengthDist = field(default_factory=lambda: LengthDist(dist="lognormal", mean=600, cv=1.2, min=4, max=8192))
+    prompt_tokens: LengthDist = field(default_factory=lambda: LengthDist(dist="lognormal", mean=600, cv=1.2, min=16, max=8192))
     output_tokens: LengthDist = field(default_factory=lambda: LengthDist(dist="lognormal", mean=250, cv=1.0, min=1, max=2048))
     image_prompt_tokens: LengthDist = field(default_factory=lambda: LengthDist(dist="lognormal", mean=60, cv=0.6, min=4, max=512))
     steps: Optional[int] = None     # None = each model's default

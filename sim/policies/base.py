@@ -85,8 +85,11 @@ class Policy:
     def transfer_delay(self, done: Job, nxt: Job) -> float:
         return 0.0
 
+    def is_fused(self, req: Request) -> bool:
+        return self.fused
+
     def admit(self, req: Request, now: float) -> None:
-        hops = plan_hops(req, self.fused)
+        hops = plan_hops(req, self.is_fused(req))
         for j in hops:
             j.work = self.work(j)
         Flow(req, hops, self).start(now)

@@ -32,43 +32,74 @@ class Disaggregated(Baseline):
     fused = False
     priority = False
     shape_compat: str | None = None      # None: diffusion.shape_compat
+    order = "fifo"                       # shared-queue order for DiT / encoders
+    efficient_batching = False
     colocate_light = False               # put pools needing < LIGHT_SHARE of a GPU on shared GPUs
 
     def build(self) -> None:
         c = self.cfg.cluster
         work = self.pilot_work(pool_key)
         fixed = match_fixed(dict(c.pools), list(work), "cluster.pools")
+        self.hosted: dict[str, list[str]] = {}     # host pool -> light pools riding on its GPUs
         self.colocated: list[str] = []
         if self.colocate_light and not fixed:
-            total = sum(work.values()) or 1.0
-            self.colocated = sorted(k for k, w in work.items() if k.split(":")[0] not in ("llm", "dit")
-                                    and c.num_gpus * w / total < LIGHT_SHARE)
-            if len(self.colocated) > 0:
-                work = {k: w for k, w in work.items() if k not in self.colocated}
-                work[SHARED] = sum(pilot for k, pilot in self.pilot_work(pool_key).items() if k in self.colocated)
+            work = self._colocate(work, c.num_gpus)
         counts = size_pools(work, c.num_gpus, fixed, "cluster.pools")
         self.pools: dict[str, list] = {}
         self.queues: dict[tuple[str, str], StageQueue] = {}
         self.llm: dict[str, list[AREngine]] = {}
         for key, n in sorted(counts.items()):
-            self.pools[key] = []
+            self.pools.setdefault(key, [])
             for _ in range(n):
-                if key == SHARED:
-                    g = self.new_gpu(SHARED)
-                    for k in self.colocated:
-                        self.add_gpu(k, g, reset=False)
-                    g.role = SHARED
-                    self.pools[SHARED].append(g)
-                else:
-                    self.add_gpu(key)
+                self.provision(key)
         self.notes["pools"] = {k: len(v) for k, v in self.pools.items()}
-        if self.colocated:
-            self.notes["colocated_on_shared"] = self.colocated
+        if self.hosted:
+            self.notes["colocated"] = dict(self.hosted)
+
+    def _colocate(self, work: dict[str, float], n: int) -> dict[str, float]:
+        """Pools that would need less than LIGHT_SHARE of a GPU ride on the GPUs of a related
+        heavy pool (vision encoder with its LLM, VAE / text encoders with their DiT), else on
+        a shared GPU; their work is added to the host's for sizing."""
+        total = sum(work.values()) or 1.0
+        light = sorted(k for k, w in work.items() if k.split(":")[0] not in ("llm", "dit")
+                       and n * w / total < LIGHT_SHARE)
+        out = {k: w for k, w in work.items() if k not in light}
+        for k in light:
+            role, model = k.split(":")
+            host = f"llm:{model}" if role == "encoder" else f"dit:{model}"
+            if host not in out:
+                host = SHARED
+                out.setdefault(SHARED, 0.0)
+            out[host] += work[k]
+            self.hosted.setdefault(host, []).append(k)
+            self.colocated.append(k)
+        return out
+
+    def provision(self, key: str, gpu=None):
+        """A GPU for pool `key`, with the engines of the light pools it hosts."""
+        if key == SHARED:
+            g = gpu or self.new_gpu(SHARED)
+            g.engines = []
+        else:
+            g = self.add_gpu(key, gpu)
+        for lk in self.hosted.get(key, []):
+            self.add_gpu(lk, g, reset=False)
+        g.role = key
+        if key == SHARED:
+            self.pools.setdefault(SHARED, []).append(g)
+        return g
+
+    def is_fused(self, req) -> bool:
+        """A vision encoder hosted on its LLM's GPUs runs inside the AR step, as vLLM does."""
+        spec = load_model(req.model)
+        vl = spec.condition_encoder or req.model
+        return f"encoder:{vl}" in self.hosted.get(f"llm:{vl}", ())
 
     def queue(self, stage: str, model: str) -> StageQueue:
         k = (stage, model)
         if k not in self.queues:
-            self.queues[k] = StageQueue(f"{stage}:{model}", self.priority)
+            order = self.order if stage in ("dit_step", "vision_encode") else "fifo"
+            self.queues[k] = StageQueue(f"{stage}:{model}", self.priority, order, lambda: self.env.now)
         return self.queues[k]
 
     def add_gpu(self, key: str, gpu=None, reset: bool = True):
@@ -94,7 +125,7 @@ class Disaggregated(Baseline):
                 g.add(BatchEngine(st, model, self.queue(st, model), lat, d.max_batch))
         elif role == "dit":
             g.add(DiTEngine(model, self.queue("dit_step", model), lat, d.max_batch, compat,
-                            list(self.cfg.policy.shape_buckets)))
+                            list(self.cfg.policy.shape_buckets), efficient_only=self.efficient_batching))
         self.pools.setdefault(key, []).append(g)
         return g
 

@@ -21,6 +21,8 @@ RELOAD_GB_S = 5.0          # host -> GPU weight load rate when a GPU changes poo
 class ModalityAware(Disaggregated):
     fused = False
     colocate_light = True
+    order = "sjf"
+    efficient_batching = True
 
     def build(self) -> None:
         p = self.cfg.policy
@@ -60,7 +62,8 @@ class ModalityAware(Disaggregated):
             yield self.env.timeout(interval)
             if self.ctx.done():
                 return
-            pr = {k: self.pressure(k) for k in self.pools if k not in self.colocated and k != SHARED}
+            pr = {k: self.pressure(k) for k in self.pools if k not in self.colocated and k != SHARED
+                  and self.pools[k]}
             hi = max(pr, key=pr.get)
             donors = [k for k in sorted(pr, key=pr.get) if k != hi
                       and sum(g.available for g in self.pools[k]) > 1]
@@ -75,7 +78,9 @@ class ModalityAware(Disaggregated):
 
     def _move(self, g, src: str, dst: str) -> None:
         g.available = False
-        self.pools[src].remove(g)
+        for members in self.pools.values():
+            if g in members:
+                members.remove(g)
         for e in g.engines:
             if isinstance(e, AREngine):
                 self.llm[e.model].remove(e)
@@ -91,7 +96,7 @@ class ModalityAware(Disaggregated):
                            "reload_s": round(delay, 2)})
 
         def ready(_e):
-            self.add_gpu(dst, g)
+            self.provision(dst, g)
             g.available = True
             g.kick()
         self.env.timeout(delay).callbacks.append(ready)

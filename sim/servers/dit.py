@@ -11,7 +11,8 @@ from sim.servers.jobs import Job, StageQueue, start_record
 
 class DiTEngine:
     def __init__(self, model: str, queue: StageQueue, lat: LatencyModel, max_batch: int = 8,
-                 shape_compat: str = "exact", buckets: list[int] | None = None, lookahead: int = 64):
+                 shape_compat: str = "exact", buckets: list[int] | None = None, lookahead: int = 64,
+                 efficient_only: bool = False):
         self.model = model
         self.queue = queue
         queue.engines.append(self)
@@ -20,6 +21,7 @@ class DiTEngine:
         self.compat = shape_compat
         self.buckets = buckets if shape_compat == "bucket" else None
         self.lookahead = lookahead
+        self.efficient_only = efficient_only   # join a batch only if that beats running alone
         self.gpu = None
         self.batch: list[Job] = []
         self.steps_done: dict[int, int] = {}
@@ -62,6 +64,12 @@ class DiTEngine:
                 continue
             if used + job.weight > self.max_batch and (self.batch or taken):
                 break
+            if self.efficient_only and (self.batch or taken):
+                seq = max([j.seq_len for j in self.batch] + [j.seq_len for j in taken])
+                joint = self.lat.dit_step(self.model, used + job.weight, max(seq, job.seq_len))
+                apart = self.lat.dit_step(self.model, used, seq) + self.lat.dit_step(self.model, job.weight, job.seq_len)
+                if joint > apart:
+                    continue
             taken.append(job)
             used += job.weight
         for job in taken:

@@ -51,8 +51,12 @@ class StageQueue:
     """Waiting jobs of one stage, shared by the engines that subscribe to it (a pool's central
     queue) or private to one engine. FCFS, or by priority class then arrival when `priority`."""
 
-    def __init__(self, name: str, priority: bool = False):
+    AGING = 0.5     # sjf: a job's effective size shrinks by this many seconds per second waited
+
+    def __init__(self, name: str, priority: bool = False, order: str = "fifo", clock=None):
         self.name = name
+        self.order = order              # fifo | sjf (shortest estimated work first, with aging)
+        self.clock = clock
         self.levels: list[deque[Job]] = [deque(), deque(), deque()] if priority else [deque()]
         self.priority = priority
         self.engines: list = []         # engines that take from this queue
@@ -82,10 +86,17 @@ class StageQueue:
                 return
 
     def __iter__(self) -> Iterator[Job]:
+        if self.order == "sjf":
+            now = self.clock()
+            for lvl in self.levels:
+                yield from sorted(lvl, key=lambda j: j.work - self.AGING * (now - j.enqueued))
+            return
         for lvl in self.levels:
             yield from lvl
 
     def head(self) -> Job | None:
+        if self.order == "sjf":
+            return next(iter(self), None)
         for lvl in self.levels:
             if lvl:
                 return lvl[0]
@@ -102,6 +113,12 @@ class StageQueue:
             return
 
     def popleft(self) -> Job:
+        if self.order == "sjf":
+            job = self.head()
+            if job is None:
+                raise IndexError("empty queue")
+            self.remove(job)
+            return job
         for lvl in self.levels:
             if lvl:
                 job = lvl.popleft()
