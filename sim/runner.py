@@ -37,6 +37,7 @@ class Run:
         self.n_total = len(self.workload)
         self.completed = 0
         self.arrived = 0
+        self.last_finish = 0.0
         self.writer = None
         self.requests = [] if keep_rows and self.n_total <= keep_rows else None
         pilot = list(itertools.islice(iter(Workload(cfg.workload, cfg.seed, model_override=cfg.model)),
@@ -48,6 +49,7 @@ class Run:
 
     def _on_complete(self, req) -> None:
         self.completed += 1
+        self.last_finish = self.env.now
         row = self.metrics.record(req)
         if self.writer is not None:
             self.writer.add_row(row)
@@ -96,7 +98,8 @@ class Run:
         if self.completed != self.n_total:
             raise RuntimeError(f"simulation ended with {self.n_total - self.completed} of "
                                f"{self.n_total} requests unfinished (arrived {self.arrived})")
-        duration = self.env.now
+        # the last completion, not env.now: a periodic process (the autoscaler) may tick past it
+        duration = self.last_finish
         util = self.policy.utilization(duration)
         price = cfg.cost.usd_per_gpu_hour.get(cfg.cluster.gpu, 0.0)
         extra = {
