@@ -64,6 +64,10 @@ COLUMNS: dict[str, pa.DataType] = {
     "mem_requested_bytes": pa.int64(),
     "engine_settings": pa.string(),
     "command": pa.string(),
+    # added by the profiler (issue 3): roofline terms and per-point details (JSON)
+    "flops": pa.float64(),
+    "hbm_bytes": pa.float64(),
+    "extra": pa.string(),
 }
 REQUIRED = tuple(list(COLUMNS)[:20])
 SCHEMA = pa.schema([pa.field(k, v) for k, v in COLUMNS.items()])

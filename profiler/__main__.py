@@ -1,0 +1,81 @@
+"""CLI: `python -m profiler {sweep,plan,show,check,e2e} ...`.
+
+sweep/plan/e2e take Hydra overrides on conf/profiler/config.yaml (compose API), e.g.
+    python -m profiler sweep models=[flux1_dev,sd3_5_medium] backend=diffusers max_minutes=8
+    python -m profiler sweep model=qwen2_5_7b backend=vllm grid.decode_batch=[1,8,64]
+`model=X` is shorthand for `models=[X]`.
+show/check take table paths: python -m profiler check traces/profiles/h100/*.parquet
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+CONF = Path(__file__).resolve().parents[1] / "conf" / "profiler"
+
+
+def compose(overrides: list[str]):
+    from hydra import compose as _compose
+    from hydra import initialize_config_dir
+    fixed = []
+    for o in overrides:
+        if o.startswith("model="):
+            o = f"models=[{o.split('=', 1)[1]}]"
+        fixed.append(o)
+    with initialize_config_dir(config_dir=str(CONF), version_base=None):
+        return _compose(config_name="config", overrides=fixed)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0
+    cmd, rest = argv[0], argv[1:]
+    if cmd in ("sweep", "plan"):
+        cfg = compose(rest + (["dry_run=true"] if cmd == "plan" else []))
+        from profiler.sweep import run_sweep
+        summary = run_sweep(cfg)
+        for m, s in summary.items():
+            print(f"[profiler] {m}: {s}")
+        return 0
+    if cmd == "e2e":
+        cfg = compose(rest)
+        from profiler.e2e import run_flux_e2e
+        run_flux_e2e(cfg)
+        return 0
+    if cmd == "show":
+        ap = argparse.ArgumentParser(prog="python -m profiler show")
+        ap.add_argument("tables", nargs="+")
+        ap.add_argument("--stage")
+        ap.add_argument("--rows", type=int, default=0)
+        a = ap.parse_args(rest)
+        from profiler.check import show
+        for t in a.tables:
+            show(t, a.stage, a.rows)
+        return 0
+    if cmd == "check":
+        ap = argparse.ArgumentParser(prog="python -m profiler check")
+        ap.add_argument("tables", nargs="+")
+        ap.add_argument("--tol", type=float, default=0.15,
+                        help="relative latency drop tolerated before 'not monotone' (noise)")
+        a = ap.parse_args(rest)
+        from profiler.check import check_table
+        bad = 0
+        for t in a.tables:
+            problems = check_table(t, a.tol)
+            if problems:
+                bad += 1
+                print(f"FAIL {t}")
+                for p in problems:
+                    print(f"  - {p}")
+            else:
+                print(f"ok   {t}")
+        return 1 if bad else 0
+    print(f"unknown command {cmd!r}; allowed: sweep, plan, show, check, e2e", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,542 @@
+"""Ground truth for the replay validation: real `vllm serve` + `vllm bench serve --save-detailed`.
+
+Runs ON THE GPU HOST (vLLM importable, e.g. PYTHONPATH=/tmp/site:$PWD), one engine start per model:
+
+    python -m profiler.serve_bench --model qwen2_5_7b --out $OUT/h100 [--max-minutes 9] [--dry-run]
+
+1. Writes a model directory from conf/model/<model>.yaml (transformers config.json, bf16; weights
+   are dummy, `--load-format dummy`) plus a WordLevel tokenizer whose vocabulary is exactly the
+   model's vocab_size (`t0 ..`, with [UNK] <s> </s> as the last three ids), a whitespace
+   pre-tokenizer and no post-processor, so decode(encode(x)) round-trips and vLLM's random dataset
+   produces the requested prompt lengths (no special tokens are added).
+2. Starts `vllm serve` in the background (prefix caching OFF, chunked prefill with the H100
+   defaults made explicit), waits for /health, reads the KV-cache capacity from the server log
+   and from /metrics (cache_config_info).
+3. Runs `vllm bench serve` for a list of runs. The first is `--request-rate inf`; its measured
+   request throughput C calibrates the other rates (near-saturation 0.9 C, bursty 0.6 C with
+   burstiness 0.5 and 0.25, low Poisson 0.35 C, ShareGPT at C), each sized to about --target-s
+   seconds of arrivals. Preemptions / prefix-cache hits per run come from /metrics deltas.
+4. After each run: drops `generated_texts`, adds a `provenance` block, writes <out>/<model>__<run>.json
+   atomically. A run that does not fit in --max-minutes is shrunk or skipped, a run in flight past
+   the deadline is killed, and the server is always stopped; finished runs are already on disk.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Optional
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF_MODEL = ROOT / "conf" / "model"
+SHAREGPT_GZ = ROOT / "traces" / "validation" / "sharegpt_subset.json.gz"
+SPECIAL_TOKENS = ("[UNK]", "<s>", "</s>")   # the last three ids of the vocabulary
+
+# Per-model bench settings. assumed_capacity (req/s at the random I/O below) is only used by
+# --dry-run and when the inf run fails; the real run calibrates from the inf run.
+MODEL_SETTINGS: dict[str, dict[str, Any]] = {
+    "qwen2_5_7b": dict(input_len=1024, output_len=256, max_model_len=None, n_inf=400,
+                       assumed_capacity=14.0),
+    # MHA: ~0.5 MiB of KV per token -> ~100k tokens on an 80 GB H100, i.e. ~80 sequences of
+    # 1024+384; the inf and near-saturation runs overrun the KV cache and preempt.
+    "llama2_7b": dict(input_len=1024, output_len=384, max_model_len=4096, n_inf=400,
+                      assumed_capacity=7.0),
+}
+DEFAULT_RUNS = ("inf", "sat", "poisson_low", "bursty_k0.5", "bursty_k0.25", "sharegpt")
+
+
+@dataclass
+class RunSpec:
+    name: str
+    dataset: str = "random"            # random | sharegpt
+    rate_frac: Optional[float] = None  # fraction of the calibrated capacity; None = inf
+    burstiness: float = 1.0
+    seed: int = 0
+    num_prompts: int = 0               # filled in by size_run
+    request_rate: Optional[float] = None  # filled in by size_run; None = inf
+
+
+RUN_CATALOG: dict[str, RunSpec] = {
+    "inf": RunSpec("inf", rate_frac=None, seed=11),
+    "sat": RunSpec("sat", rate_frac=0.9, seed=12),
+    "poisson_low": RunSpec("poisson_low", rate_frac=0.35, seed=13),
+    "bursty_k0.5": RunSpec("bursty_k0.5", rate_frac=0.6, burstiness=0.5, seed=14),
+    "bursty_k0.25": RunSpec("bursty_k0.25", rate_frac=0.6, burstiness=0.25, seed=15),
+    # ShareGPT requests are shorter on average than 1024/256; at C it stays below saturation.
+    "sharegpt": RunSpec("sharegpt", dataset="sharegpt", rate_frac=1.0, seed=16),
+}
+
+
+# ----------------------------------------------------------------------------- model dir
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        import yaml
+        return yaml.safe_load(path.read_text())
+    except ImportError:  # minimal fallback: the llm keys we need are unique "key: value" lines
+        out: dict[str, Any] = {}
+        for line in path.read_text().splitlines():
+            m = re.match(r"^\s*([A-Za-z_0-9]+):\s*([^#\[{]+?)\s*(#.*)?$", line)
+            if m:
+                v = m.group(2)
+                try:
+                    v = json.loads(v.lower() if v.lower() in ("true", "false") else v)
+                except ValueError:
+                    pass
+                out[m.group(1)] = v
+        return {"name": out.get("name"), "dtype": out.get("dtype"), "components": {"llm": out}}
+
+
+def llm_shape(model: str) -> dict[str, Any]:
+    raw = _read_yaml(CONF_MODEL / f"{model}.yaml")
+    llm = dict(raw["components"]["llm"])
+    llm["dtype"] = raw.get("dtype", "bfloat16")
+    return llm
+
+
+def make_tokenizer(vocab_size: int):
+    """WordLevel tokenizer t0..t{V-4} + [UNK] <s> </s> at ids V-3..V-1, whitespace pre-tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    n = vocab_size - len(SPECIAL_TOKENS)
+    vocab = {f"t{i}": i for i in range(n)}
+    for j, s in enumerate(SPECIAL_TOKENS):
+        vocab[s] = n + j
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.add_special_tokens(list(SPECIAL_TOKENS))   # already in the vocab: ids are reused
+    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", bos_token="<s>",
+                                   eos_token="</s>", pad_token="</s>",
+                                   clean_up_tokenization_spaces=False,
+                                   model_max_length=1 << 20)
+
+
+def write_model_dir(model: str, path: Path) -> dict[str, Any]:
+    """config.json (+ tokenizer) for `vllm serve --load-format dummy`. Returns the config dict."""
+    s = llm_shape(model)
+    V = int(s["vocab_size"])
+    common = dict(vocab_size=V, hidden_size=s["hidden_size"], intermediate_size=s["intermediate_size"],
+                  num_hidden_layers=s["num_hidden_layers"],
+                  num_attention_heads=s["num_attention_heads"],
+                  num_key_value_heads=s["num_key_value_heads"],
+                  max_position_embeddings=int(s["max_position_embeddings"]),
+                  rope_theta=float(s.get("rope_theta", 10000.0)),
+                  rms_norm_eps=float(s.get("rms_norm_eps", 1e-6)),
+                  tie_word_embeddings=bool(s.get("tie_word_embeddings", False)),
+                  bos_token_id=V - 2, eos_token_id=V - 1, pad_token_id=V - 1)
+    kind = s.get("kind", "llama")
+    if kind == "qwen2":
+        from transformers import Qwen2Config as C
+        arch = "Qwen2ForCausalLM"
+    elif kind == "llama":
+        from transformers import LlamaConfig as C
+        arch = "LlamaForCausalLM"
+    else:
+        raise ValueError(f"model={model!r}: llm kind {kind!r} not supported by serve_bench")
+    cfg = C(**common, architectures=[arch])
+    cfg.dtype = s["dtype"]            # transformers 5 name
+    cfg.torch_dtype = s["dtype"]      # older readers
+    path.mkdir(parents=True, exist_ok=True)
+    cfg.save_pretrained(str(path))
+    # belt and braces: both dtype spellings in the file, whatever this transformers writes
+    cj = json.loads((path / "config.json").read_text())
+    cj["torch_dtype"] = cj["dtype"] = s["dtype"]
+    cj.setdefault("rope_theta", common["rope_theta"])
+    (path / "config.json").write_text(json.dumps(cj, indent=2, sort_keys=True))
+    make_tokenizer(V).save_pretrained(str(path))
+    return cj
+
+
+# ----------------------------------------------------------------------------- commands
+
+def vllm_cli(choice: str = "auto") -> list[str]:
+    """The `vllm` CLI: the console script if asked for / only option, else `python -m`."""
+    if choice == "module":
+        return [sys.executable, "-m", "vllm.entrypoints.cli.main"]
+    if choice not in ("auto", ""):
+        return shlex.split(choice)
+    if importlib.util.find_spec("vllm") is not None:
+        return [sys.executable, "-m", "vllm.entrypoints.cli.main"]
+    for p in (shutil.which("vllm"), "/tmp/site/bin/vllm"):
+        if p and Path(p).exists():
+            return [p]
+    return [sys.executable, "-m", "vllm.entrypoints.cli.main"]
+
+
+def serve_command(cli: list[str], model_dir: Path, port: int, max_model_len: Optional[int],
+                  max_num_seqs: int = 256, max_num_batched_tokens: int = 8192,
+                  gpu_mem: float = 0.9) -> list[str]:
+    cmd = cli + ["serve", str(model_dir), "--load-format", "dummy", "--dtype", "bfloat16",
+                 "--no-enable-prefix-caching", "--enable-chunked-prefill",
+                 "--max-num-batched-tokens", str(max_num_batched_tokens),
+                 "--max-num-seqs", str(max_num_seqs), "--gpu-memory-utilization", str(gpu_mem),
+                 "--host", "127.0.0.1", "--port", str(port), "--seed", "0"]
+    if max_model_len:
+        cmd += ["--max-model-len", str(max_model_len)]
+    return cmd
+
+
+def bench_command(cli: list[str], model_dir: Path, port: int, run: RunSpec, input_len: int,
+                  output_len: int, result_dir: Path, result_filename: str,
+                  sharegpt_path: Path) -> list[str]:
+    cmd = cli + ["bench", "serve", "--backend", "vllm", "--base-url", f"http://127.0.0.1:{port}",
+                 "--model", str(model_dir)]
+    if run.dataset == "sharegpt":
+        cmd += ["--dataset-name", "sharegpt", "--dataset-path", str(sharegpt_path)]
+    else:
+        cmd += ["--dataset-name", "random", "--random-input-len", str(input_len),
+                "--random-output-len", str(output_len), "--random-range-ratio", "0.5"]
+    rate = "inf" if run.request_rate is None else f"{run.request_rate:.3f}"
+    cmd += ["--ignore-eos", "--num-prompts", str(run.num_prompts), "--request-rate", rate]
+    if run.request_rate is not None and run.burstiness != 1.0:
+        cmd += ["--burstiness", str(run.burstiness)]
+    cmd += ["--seed", str(run.seed), "--disable-tqdm", "--percentile-metrics", "ttft,tpot,itl,e2el",
+            "--metric-percentiles", "50,90,99", "--save-result", "--save-detailed",
+            "--result-dir", str(result_dir), "--result-filename", result_filename]
+    return cmd
+
+
+def size_run(run: RunSpec, capacity: float, n_inf: int, target_s: float,
+             sharegpt_speedup: float = 1.0) -> RunSpec:
+    """Rate and prompt count of a run for a calibrated capacity C (req/s at the random I/O)."""
+    r = RunSpec(**{k: getattr(run, k) for k in run.__dataclass_fields__})
+    if run.rate_frac is None:
+        r.request_rate, r.num_prompts = None, n_inf
+    else:
+        r.request_rate = max(0.2, run.rate_frac * capacity * (sharegpt_speedup if run.dataset == "sharegpt" else 1.0))
+        r.num_prompts = max(30, int(round(r.request_rate * target_s)))
+    return r
+
+
+def est_seconds(run: RunSpec, capacity: float) -> float:
+    """Rough wall time of a run: arrivals span N/R, drained at <= capacity, + client start."""
+    if run.request_rate is None:
+        return run.num_prompts / max(capacity, 0.1) + 25.0
+    span = run.num_prompts / min(run.request_rate, max(capacity, 0.1))
+    return span * 1.1 + 25.0
+
+
+# ----------------------------------------------------------------------------- server side
+
+def http_get(url: str, timeout: float = 5.0) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.status, r.read().decode("utf-8", "replace")
+    except Exception as e:  # noqa: BLE001 - any failure means "not ready"
+        return -1, str(e)
+
+
+def parse_kv_log(text: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    m = re.search(r"GPU KV cache size: ([\d,]+) tokens", text)
+    if m:
+        out["kv_cache_tokens"] = int(m.group(1).replace(",", ""))
+    m = re.search(r"Maximum concurrency for ([\d,]+) tokens per request: ([\d.]+)x", text)
+    if m:
+        out["max_concurrency_at_max_model_len"] = float(m.group(2))
+        out["max_model_len"] = int(m.group(1).replace(",", ""))
+    m = re.search(r"num_gpu_blocks(?:=|: |\s+is\s+)(\d+)", text)
+    if m:
+        out["num_gpu_blocks"] = int(m.group(1))
+    return out
+
+
+def parse_metrics(text: str) -> dict[str, Any]:
+    """Counters we diff per run, and cache_config_info labels."""
+    out: dict[str, Any] = {}
+    for line in text.splitlines():
+        if line.startswith("#"):
+            continue
+        m = re.match(r"^(vllm:[A-Za-z_:0-9]+?)(?:_total)?(\{[^}]*\})?\s+([-+0-9.eEinfNa]+)$", line)
+        if not m:
+            continue
+        name, labels, val = m.group(1), m.group(2) or "", m.group(3)
+        if name == "vllm:cache_config_info":
+            for k, v in re.findall(r'(\w+)="([^"]*)"', labels):
+                out[f"cache_config.{k}"] = v
+            continue
+        if name in ("vllm:num_preemptions", "vllm:prefix_cache_hits", "vllm:prefix_cache_queries",
+                    "vllm:prompt_tokens", "vllm:generation_tokens", "vllm:request_success"):
+            try:
+                out[name] = out.get(name, 0.0) + float(val)
+            except ValueError:
+                pass
+    return out
+
+
+def gpu_info() -> dict[str, Any]:
+    info: dict[str, Any] = {}
+    try:
+        q = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version",
+                            "--format=csv,noheader"], capture_output=True, text=True, timeout=20)
+        if q.returncode == 0 and q.stdout.strip():
+            name, mem, drv = [x.strip() for x in q.stdout.strip().splitlines()[0].split(",")]
+            info.update(nvidia_smi_name=name, gpu_memory_total=mem, driver_version=drv)
+    except Exception:  # noqa: BLE001
+        pass
+    return info
+
+
+def torch_gpu_name_proc() -> Optional[subprocess.Popen]:
+    """torch.cuda.get_device_name in a child that exits (no CUDA context kept in this process)."""
+    try:
+        return subprocess.Popen([sys.executable, "-c",
+                                 "import torch,json;print(json.dumps({'gpu': torch.cuda.get_device_name(0),"
+                                 "'torch_version': torch.__version__, 'cuda': torch.version.cuda}))"],
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def pkg_version(name: str) -> Optional[str]:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
+def git_sha() -> Optional[str]:
+    try:
+        r = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=5)
+        return r.stdout.strip() or None
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def stop_group(p: subprocess.Popen, grace: float = 20.0) -> None:
+    if p.poll() is not None:
+        return
+    try:
+        os.killpg(p.pid, signal.SIGINT)
+    except ProcessLookupError:
+        return
+    try:
+        p.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        p.wait(timeout=10)
+
+
+def finalize_result(src: Path, dst: Path, provenance: dict[str, Any]) -> dict[str, Any]:
+    obj = json.loads(src.read_text())
+    obj.pop("generated_texts", None)
+    obj["provenance"] = provenance
+    tmp = dst.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(obj))
+    os.replace(tmp, dst)
+    src.unlink(missing_ok=True)
+    return obj
+
+
+def prepare_sharegpt(dst_dir: Path) -> Path:
+    """vLLM 0.26.0's ShareGPTDataset uses plain open(): hand it the decompressed JSON."""
+    import gzip
+    out = dst_dir / "sharegpt_subset.json"
+    if not out.exists():
+        with gzip.open(SHAREGPT_GZ, "rb") as f:
+            out.write_bytes(f.read())
+    return out
+
+
+# ----------------------------------------------------------------------------- main
+
+def main(argv: Optional[list[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m profiler.serve_bench", description=__doc__.split("\n")[0])
+    ap.add_argument("--model", required=True, choices=sorted(MODEL_SETTINGS))
+    ap.add_argument("--out", required=True, help="folder for <model>__<run>.json, logs")
+    ap.add_argument("--runs", default=",".join(DEFAULT_RUNS),
+                    help=f"comma list, in order; known: {','.join(RUN_CATALOG)}")
+    ap.add_argument("--max-minutes", type=float, default=9.0,
+                    help="hard budget for everything incl. server start and stop")
+    ap.add_argument("--target-s", type=float, default=32.0, help="seconds of arrivals per finite-rate run")
+    ap.add_argument("--capacity", type=float, default=None,
+                    help="req/s used to size runs instead of calibrating from the inf run")
+    ap.add_argument("--num-prompts-inf", type=int, default=None)
+    ap.add_argument("--input-len", type=int, default=None)
+    ap.add_argument("--output-len", type=int, default=None)
+    ap.add_argument("--port", type=int, default=8000)
+    ap.add_argument("--model-dir", default=None, help="default /tmp/serve_bench/<model>")
+    ap.add_argument("--vllm-cli", default="auto", help="auto | module | path to a vllm script")
+    ap.add_argument("--health-timeout", type=float, default=360.0)
+    ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    ap.add_argument("--dry-run", action="store_true", help="print every command, run nothing")
+    a = ap.parse_args(argv)
+
+    t0 = time.monotonic()
+    deadline = t0 + a.max_minutes * 60.0
+    st = dict(MODEL_SETTINGS[a.model])
+    I = a.input_len or st["input_len"]
+    O = a.output_len or st["output_len"]
+    n_inf = a.num_prompts_inf or st["n_inf"]
+    max_model_len = st["max_model_len"]
+    out = Path(a.out)
+    model_dir = Path(a.model_dir or f"/tmp/serve_bench/{a.model}")
+    staging = Path(f"/tmp/serve_bench/{a.model}_staging")
+    runs = []
+    for r in [x.strip() for x in a.runs.split(",") if x.strip()]:
+        if r not in RUN_CATALOG:
+            ap.error(f"unknown run {r!r}; known: {list(RUN_CATALOG)}")
+        runs.append(RUN_CATALOG[r])
+    cli = vllm_cli(a.vllm_cli)
+    sharegpt_path = staging / "sharegpt_subset.json"
+    srv_cmd = serve_command(cli, model_dir, a.port, max_model_len, gpu_mem=a.gpu_memory_utilization)
+    capacity = a.capacity or st["assumed_capacity"]
+
+    if a.dry_run:
+        print(f"# model dir: {model_dir} (config.json from conf/model/{a.model}.yaml + WordLevel tokenizer)")
+        print(f"# sharegpt: gunzip {SHAREGPT_GZ} > {sharegpt_path}")
+        print(shlex.join(srv_cmd) + f" > {out}/server_{a.model}.log 2>&1 &")
+        print(f"# wait for http://127.0.0.1:{a.port}/health (<= {a.health_timeout:.0f} s)")
+        print(f"# rates below assume capacity {capacity} req/s; a real run calibrates them from 'inf'")
+        for r in runs:
+            rr = size_run(r, capacity, n_inf, a.target_s)
+            print(shlex.join(bench_command(cli, model_dir, a.port, rr, I, O, staging,
+                                           f"{a.model}__{r.name}.json", sharegpt_path)))
+        return 0
+
+    out.mkdir(parents=True, exist_ok=True)
+    staging.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+
+    def log(msg: str) -> None:
+        print(f"[serve_bench {time.monotonic() - t0:6.1f}s] {msg}", flush=True)
+
+    tq = torch_gpu_name_proc()
+    cfg = write_model_dir(a.model, model_dir)
+    log(f"model dir {model_dir}: {cfg.get('architectures')} vocab {cfg['vocab_size']}")
+    if any(r.dataset == "sharegpt" for r in runs):
+        prepare_sharegpt(staging)
+    server_log = out / f"server_{a.model}.log"
+    base = dict(model=a.model, model_dir=str(model_dir), server_command=shlex.join(srv_cmd),
+                engine="vllm", engine_version=pkg_version("vllm"), torch_version=pkg_version("torch"),
+                transformers_version=pkg_version("transformers"), git_sha=git_sha(),
+                hostname=os.uname().nodename, random_input_len=I, random_output_len=O,
+                random_range_ratio=0.5, max_num_seqs=256, max_num_batched_tokens=8192,
+                enable_prefix_caching=False, load_format="dummy", dtype="bfloat16",
+                max_model_len=max_model_len or int(cfg["max_position_embeddings"]))
+    base.update(gpu_info())
+    summary: dict[str, Any] = {"model": a.model, "runs": [], "skipped": []}
+    srv = None
+    logf = open(server_log, "w")
+    try:
+        log("starting: " + shlex.join(srv_cmd))
+        srv = subprocess.Popen(srv_cmd, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
+        ready_by = min(time.monotonic() + a.health_timeout, deadline - 30)
+        while True:
+            if srv.poll() is not None:
+                raise RuntimeError(f"vllm serve exited with {srv.returncode}; see {server_log}")
+            if http_get(f"http://127.0.0.1:{a.port}/health", 2.0)[0] == 200:
+                break
+            if time.monotonic() > ready_by:
+                raise RuntimeError(f"vllm serve not healthy after {time.monotonic() - t0:.0f} s; see {server_log}")
+            time.sleep(2.0)
+        base["server_start_s"] = round(time.monotonic() - t0, 1)
+        log(f"server healthy after {base['server_start_s']} s")
+        logf.flush()
+        base.update(parse_kv_log(server_log.read_text(errors="replace")))
+        code, mtext = http_get(f"http://127.0.0.1:{a.port}/metrics")
+        if code == 200:
+            base.update({k: v for k, v in parse_metrics(mtext).items() if k.startswith("cache_config.")})
+        if "kv_cache_tokens" not in base and "cache_config.num_gpu_blocks" in base:
+            base["kv_cache_tokens"] = int(base["cache_config.num_gpu_blocks"]) * int(base.get("cache_config.block_size", 16))
+        if tq is not None:
+            try:
+                so, _ = tq.communicate(timeout=60)
+                base.update(json.loads(so.strip().splitlines()[-1]))
+            except Exception:  # noqa: BLE001
+                tq.kill()
+        log(f"KV cache: {base.get('kv_cache_tokens')} tokens; gpu {base.get('gpu') or base.get('nvidia_smi_name')}")
+
+        calibrated = a.capacity is not None
+        for r in runs:
+            rr = size_run(r, capacity, n_inf, a.target_s)
+            left = deadline - time.monotonic() - 25.0          # 25 s to stop the server
+            est = est_seconds(rr, capacity)
+            if est > left:                                     # shrink to fit, else skip
+                scale = (left - 25.0) / max(est - 25.0, 1e-6)
+                rr.num_prompts = int(rr.num_prompts * scale)
+                if rr.num_prompts < 30:
+                    log(f"skip {r.name}: {est:.0f} s estimated, {left:.0f} s left")
+                    summary["skipped"].append(r.name)
+                    continue
+                log(f"shrinking {r.name} to {rr.num_prompts} prompts to fit {left:.0f} s")
+            fname = f"{a.model}__{r.name}.json"
+            cmd = bench_command(cli, model_dir, a.port, rr, I, O, staging, fname, sharegpt_path)
+            log(f"run {r.name}: " + shlex.join(cmd))
+            _, m0 = http_get(f"http://127.0.0.1:{a.port}/metrics")
+            before = parse_metrics(m0)
+            started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+            blog = open(out / f"bench_{a.model}__{r.name}.log", "w")
+            bp = subprocess.Popen(cmd, stdout=blog, stderr=subprocess.STDOUT, start_new_session=True)
+            try:
+                bp.wait(timeout=max(5.0, deadline - time.monotonic() - 20.0))
+            except subprocess.TimeoutExpired:
+                log(f"run {r.name} past the deadline: killed, result lost")
+                stop_group(bp, grace=3.0)
+                summary["skipped"].append(r.name)
+                blog.close()
+                break
+            blog.close()
+            src = staging / fname
+            if bp.returncode != 0 or not src.exists():
+                log(f"run {r.name} failed (rc {bp.returncode}); see bench_{a.model}__{r.name}.log")
+                summary["skipped"].append(r.name)
+                continue
+            _, m1 = http_get(f"http://127.0.0.1:{a.port}/metrics")
+            after = parse_metrics(m1)
+            delta = {k.split(":", 1)[1] + "_delta": after[k] - before.get(k, 0.0)
+                     for k in after if k.startswith("vllm:") and k in before}
+            prov = dict(base, run=r.name, dataset_name=rr.dataset,
+                        request_rate=rr.request_rate if rr.request_rate is not None else "inf",
+                        burstiness=rr.burstiness, num_prompts=rr.num_prompts, seed=rr.seed,
+                        calibrated_capacity_rps=round(capacity, 4), bench_command=shlex.join(cmd),
+                        measured_at=started, server_metrics=delta)
+            if rr.dataset == "sharegpt":
+                prov["dataset_path"] = str(SHAREGPT_GZ.relative_to(ROOT))
+            obj = finalize_result(src, out / fname, prov)
+            log(f"run {r.name}: {obj.get('completed')} done, {obj.get('request_throughput', 0):.2f} req/s, "
+                f"median TTFT {obj.get('median_ttft_ms', 0):.0f} ms, preemptions {delta.get('num_preemptions_delta')}")
+            summary["runs"].append({"run": r.name, "file": fname,
+                                    "request_throughput": obj.get("request_throughput"),
+                                    "request_rate": prov["request_rate"], "num_prompts": rr.num_prompts,
+                                    "preemptions": delta.get("num_preemptions_delta")})
+            if r.rate_frac is None and not calibrated and obj.get("request_throughput"):
+                capacity = float(obj["request_throughput"])
+                calibrated = True
+                log(f"calibrated capacity {capacity:.2f} req/s")
+    except Exception as e:  # noqa: BLE001 - report, stop the server, keep finished runs
+        log(f"error: {e}")
+        summary["error"] = str(e)
+    finally:
+        if srv is not None:
+            stop_group(srv)
+        logf.close()
+        summary["provenance"] = base
+        summary["elapsed_s"] = round(time.monotonic() - t0, 1)
+        (out / f"serve_bench_{a.model}.json").write_text(json.dumps(summary, indent=2))
+        log(f"done: {len(summary['runs'])} runs, skipped {summary['skipped']}")
+    return 0 if summary["runs"] and "error" not in summary else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,172 @@
+"""The sweep runner: plan -> skip done points -> measure -> append each row as it completes.
+
+Owns resume (point keys already in the table are skipped), the time budget (`max_minutes`, checked
+between points), provenance columns, and progress display. Backends only measure.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import pandas as pd
+
+from profiler import schema
+from profiler.backends import get_backend
+from profiler.backends.base import RunContext
+from profiler.models import load_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def git_sha(override: str = "") -> str:
+    if override:
+        return str(override)
+    env = os.environ.get("PROFILER_GIT_SHA")
+    if env:
+        return env
+    try:
+        return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=ROOT,
+                                       stderr=subprocess.DEVNULL, text=True).strip()
+    except Exception:
+        return "unknown"
+
+
+def command_line() -> str:
+    return "python -m profiler " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+def now_iso() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def finalize_row(row: dict, prov: dict) -> dict:
+    """Fills provenance, serialises dict columns, moves non-schema keys into `extra`."""
+    out = {k: row.get(k) for k in schema.COLUMNS}
+    extra = {k: v for k, v in row.items() if k not in schema.COLUMNS}
+    if row.get("extra"):
+        extra.update(json.loads(row["extra"]) if isinstance(row["extra"], str) else row["extra"])
+    out["extra"] = json.dumps(extra, sort_keys=True, default=str) if extra else None
+    if isinstance(out.get("engine_settings"), dict):
+        out["engine_settings"] = schema.settings_json(out["engine_settings"])
+    for k, v in prov.items():
+        if out.get(k) is None:
+            out[k] = v
+    out["status"] = out.get("status") or "ok"
+    out["measured_at"] = out.get("measured_at") or now_iso()
+    return out
+
+
+def done_keys(path: Path) -> set:
+    if not path.exists():
+        return set()
+    df = schema.read_table(path)
+    return {schema.point_key(r) for _, r in df.iterrows()}
+
+
+def table_for(cfg, model: str) -> Path:
+    gpu = str(cfg.gpu) if cfg.backend != "analytic" else f"{cfg.gpu_spec}-analytic"
+    return schema.table_path(cfg.out_dir, gpu, model)
+
+
+def run_sweep(cfg, log: Callable[[str], None] = print,
+              fault_injector: Callable[[dict], None] | None = None,
+              spec_loader: Callable[[str], Any] = load_model) -> dict[str, Any]:
+    """Runs the configured sweep; returns {model: {"path", "planned", "measured", ...}}."""
+    t_start = time.monotonic()
+    budget = float(cfg.max_minutes or 0) * 60.0
+    stop = (lambda: time.monotonic() - t_start > budget) if budget > 0 else (lambda: False)
+    backend = get_backend(str(cfg.backend))
+    device = str(cfg.device)
+    models = list(cfg.models) if not isinstance(cfg.models, str) else [cfg.models]
+    stages = set(cfg.stages or [])
+    summary: dict[str, Any] = {}
+    for name in models:
+        spec = spec_loader(name)
+        pts = backend.plan(spec, cfg.grid)
+        if stages:
+            pts = [p for p in pts if p["stage"] in stages]
+        path = table_for(cfg, name)
+        have = done_keys(path) if cfg.resume else set()
+        todo = [p for p in pts if schema.point_key(p) not in have]
+        info = {"path": str(path), "planned": len(pts), "already": len(pts) - len(todo),
+                "measured": 0, "oom": 0, "error": 0, "stopped": False}
+        summary[name] = info
+        log(f"[profiler] {name}: backend={cfg.backend} planned={len(pts)} "
+            f"done={info['already']} todo={len(todo)} -> {path}")
+        if cfg.dry_run:
+            for p in todo:
+                log("  " + " ".join(f"{k}={v}" for k, v in p.items() if v is not None))
+            continue
+        if not todo:
+            continue
+        if stop():
+            info["stopped"] = True
+            break
+        if not cfg.resume and path.exists():
+            path.unlink()
+        import importlib
+        try:
+            torch_version = importlib.import_module("torch").__version__
+        except Exception:
+            torch_version = "none"
+        prov = {"engine": backend.name, "engine_version": backend.engine_version(),
+                "torch_version": torch_version, "gpu": backend.gpu_name(device),
+                "dtype": str(cfg.dtype), "tp": int(cfg.tp), "git_sha": git_sha(cfg.git_sha),
+                "command": command_line()}
+        ctx = RunContext(cfg=cfg, device=device, should_stop=stop, done_keys=have, log=log,
+                         fault_injector=fault_injector)
+        bar = None
+        if cfg.progress:
+            try:
+                from tqdm import tqdm
+                bar = tqdm(total=len(todo), desc=name, unit="pt", file=sys.stderr,
+                           mininterval=2.0, disable=not sys.stderr.isatty())
+            except Exception:
+                bar = None
+        pending: list[dict] = []
+        flush_every = int(getattr(backend, "flush_every", 1))
+        try:
+            for row in backend.iter_rows(spec, todo, ctx):
+                row = finalize_row(row, prov)
+                pending.append(row)
+                if len(pending) >= flush_every:
+                    schema.append_rows(path, pending)
+                    pending = []
+                _report(row, info, log, t_start, bar)
+        finally:
+            if pending:  # a crash or Ctrl-C still keeps every finished point
+                schema.append_rows(path, pending)
+        if bar is not None:
+            bar.close()
+        if hasattr(backend, "release"):
+            backend.release()
+        if stop():
+            info["stopped"] = True
+            log(f"[profiler] time budget of {cfg.max_minutes} min reached; stopping cleanly")
+            break
+    return summary
+
+
+def _report(row: dict, info: dict, log, t_start: float, bar) -> None:
+    st = row.get("status", "ok")
+    key = "measured" if st == "ok" else st
+    info[key] = info.get(key, 0) + 1
+    lat = row.get("latency_ms_median")
+    axes = " ".join(f"{k}={row[k]}" for k in ("stage", "component", "batch_size", "num_tokens",
+                    "context_len", "num_decode_seqs", "height", "width", "seq_len")
+                    if row.get(k) is not None)
+    log(f"  [{time.monotonic() - t_start:6.0f}s] {axes} -> {st}"
+        + (f" {lat:.3f} ms" if lat is not None and st == "ok" else f" ({row.get('error')})"))
+    if bar is not None:
+        bar.update(1)
+
+
+def load_frame(path) -> pd.DataFrame:
+    return schema.read_table(path)
