@@ -10,6 +10,7 @@ advanced to its next completion or block shortage in one unit (jump-ahead)."""
 from __future__ import annotations
 
 import math
+from bisect import bisect_right
 
 import numpy as np
 
@@ -92,6 +93,9 @@ class AREngine:
         """Outstanding tokens (prompt + output) of queued and running requests."""
         w = sum(s.prompt + s.out for s in self.waiting)
         r = sum(s.need + s.out - s.generated for s in self.running)
+        g = self.gpu   # a jumped decode unit commits at its end: count the steps already run
+        if g is not None and g.cur is not None and g.cur.engine is self and g.cur.commit == self._commit_jump:
+            r -= len(self.sched) * bisect_right(g.cur.ends, g.env.now - g.start + 1e-12)
         return float(w + r)
 
     def num_requests(self) -> int:
