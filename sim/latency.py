@@ -181,7 +181,9 @@ class LatencyModel:
                 wj = 0.0
             out = ((1 - wi) * ((1 - wj) * v[i, j] + wj * v[i, j1])
                    + wi * ((1 - wj) * v[i1, j] + wj * v[i1, j1]))
-            if g.filled[i, j] or g.filled[i1, j] or g.filled[i, j1] or g.filled[i1, j1]:
+            f = g.filled   # count a hole only when it carries weight in this lookup
+            if ((f[i, j] and (1 - wi) * (1 - wj)) or (f[i, j1] and (1 - wi) * wj)
+                    or (f[i1, j] and wi * (1 - wj)) or (f[i1, j1] and wi * wj)):
                 self.hole_hits[g.name] += 1
         return max(float(out), 1e-6)
 
