@@ -1,0 +1,207 @@
+"""sim.latency.LatencyModel: interpolation over profile grids (exact on grid points, linear /
+bilinear between), the out-of-range policy (error / clamp / extrapolate, counted in report()),
+OOM holes (filled and counted), decode_series == repeated decode(), and clear errors for
+missing tables and stages."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import conftest as C
+from profiler.schema import write_table
+from sim.latency import LatencyModel, MissingProfileError, OutOfGridError
+
+VL = "qwen2_5_vl_7b"
+
+
+def ms(x: float) -> float:
+    return x / 1e3
+
+
+def tiny_table(root, rows, model="tiny_model"):
+    write_table(pd.DataFrame(rows), root / C.GPU / f"{model}.parquet")
+    return root
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    """A hand-made table with NON-linear values, so interpolation is visible:
+    prefill tokens [16, 32, 64] -> [1, 3, 10] ms; decode batch [1, 2, 4] x ctx [100, 200]
+    with (4, 200) an OOM row (a hole)."""
+    rows = [C._row("tiny_model", "prefill", v, batch_size=1, num_tokens=t, context_len=0,
+                   num_decode_seqs=0) for t, v in [(16, 1.0), (32, 3.0), (64, 10.0)]]
+    dec = {(1, 100): 10.0, (1, 200): 12.0, (2, 100): 11.0, (2, 200): 14.0, (4, 100): 13.0}
+    rows += [C._row("tiny_model", "decode", v, batch_size=b, num_tokens=b, context_len=c)
+             for (b, c), v in dec.items()]
+    oom = C._row("tiny_model", "decode", float("nan"), batch_size=4, num_tokens=4, context_len=200)
+    oom.update(status="oom", error="CUDA out of memory", latency_ms_p10=None, latency_ms_p90=None)
+    rows.append(oom)
+    return tiny_table(tmp_path, rows)
+
+
+# --- interpolation --------------------------------------------------------------------------------
+
+def test_exact_on_grid_points_and_linear_between(tiny):
+    lat = LatencyModel(tiny, C.GPU)
+    assert lat.prefill("tiny_model", 16) == ms(1.0)
+    assert lat.prefill("tiny_model", 32) == ms(3.0)
+    assert lat.prefill("tiny_model", 64) == ms(10.0)
+    assert lat.prefill("tiny_model", 24) == pytest.approx(ms(2.0), rel=1e-12)
+    assert lat.prefill("tiny_model", 40) == pytest.approx(ms(3.0 + 7.0 / 4), rel=1e-12)
+    # bilinear in (batch, ctx)
+    assert lat.decode("tiny_model", 2, 200) == ms(14.0)
+    assert lat.decode("tiny_model", 1, 150) == pytest.approx(ms(11.0), rel=1e-12)
+    assert lat.decode("tiny_model", 1.5, 150) == pytest.approx(ms((10 + 12 + 11 + 14) / 4), rel=1e-12)
+    # linear between grid points: on a segment the function is affine
+    xs = np.linspace(16, 32, 9)
+    ys = [lat.prefill("tiny_model", x) for x in xs]
+    assert np.allclose(np.diff(ys, 2), 0.0, atol=1e-15)
+    assert lat.report()["out_of_grid_lookups"] == {}
+
+
+@pytest.mark.parametrize("tokens", [1, 16, 17, 100, 1000, 4097, 16384])
+def test_synthetic_prefill_and_vision_match_closed_form(synthetic_profiles, tokens):
+    lat = LatencyModel(synthetic_profiles, C.GPU)
+    assert lat.prefill(VL, tokens) == pytest.approx(ms(C.prefill_ms(tokens)), rel=1e-12)
+    assert lat.vision_encode(VL, tokens) == pytest.approx(ms(C.vision_ms(tokens)), rel=1e-12)
+
+
+@pytest.mark.parametrize("b,c", [(1, 1), (3, 77), (37, 1500), (256, 32768), (511, 20000)])
+def test_synthetic_decode_bilinear_exact(synthetic_profiles, b, c):
+    lat = LatencyModel(synthetic_profiles, C.GPU)
+    assert lat.decode(VL, b, c) == pytest.approx(ms(C.decode_ms(b, c)), rel=1e-12)
+
+
+def test_synthetic_dit_vae_text_encode(synthetic_profiles):
+    lat = LatencyModel(synthetic_profiles, C.GPU)
+    for b, s in [(1, 16), (2, 4096), (3, 5000), (16, 65536)]:
+        assert lat.dit_step("qwen_image", b, s) == pytest.approx(ms(C.dit_ms(b, s)), rel=1e-12)
+    for b, h, w in [(1, 1024, 1024), (3, 512, 768), (16, 4096, 4096)]:
+        for stage in ("vae_encode", "vae_decode"):
+            assert lat.vae("qwen_image", stage, b, h, w) == pytest.approx(ms(C.vae_ms(b, h * w)), rel=1e-12)
+    for comp in ("t5_xxl", "clip_l"):
+        for b, t in [(1, 512), (5, 77), (32, 300)]:
+            assert lat.text_encode("flux1_dev", comp, b, t) == pytest.approx(
+                ms(C.text_encode_ms(comp, b, t)), rel=1e-12)
+    assert lat.engines(VL) == ["synthetic"] and lat.engines("flux1_dev") == ["synthetic"]
+
+
+def test_ar_step_composition(synthetic_profiles):
+    lat = LatencyModel(synthetic_profiles, C.GPU)
+    assert lat.ar_step(VL, 0, 8, 500) == lat.decode(VL, 8, 500)
+    assert lat.ar_step(VL, 1000, 0, 0) == lat.prefill(VL, 1000)
+    assert lat.mixed_factor(VL) == 1.0                     # no mixed rows in the table
+    mixed = lat.ar_step(VL, 1000, 8, 500)
+    expect = lat.prefill(VL, 1008) + lat.decode(VL, 8, 500) - lat.decode(VL, 8, 1)
+    assert mixed == pytest.approx(expect, rel=1e-12)
+    assert lat.prefill_context_cost(VL, 100, 1000) == 0.0   # no context_len>0 prefill rows
+
+
+# --- out of range -----------------------------------------------------------------------------
+
+def test_out_of_range_error_names_stage_and_grid(tiny):
+    lat = LatencyModel(tiny, C.GPU, "error")
+    with pytest.raises(OutOfGridError) as ei:
+        lat.prefill("tiny_model", 128)
+    msg = str(ei.value)
+    assert "tiny_model/prefill" in msg
+    assert "[(16.0, 64.0)]" in msg                    # the measured grid's bounds
+    assert "clamp" in msg and "extrapolate" in msg    # how to allow it
+    with pytest.raises(OutOfGridError, match=r"tiny_model/decode.*\(1\.0, 4\.0\), \(100\.0, 200\.0\)"):
+        lat.decode("tiny_model", 8, 150)
+    with pytest.raises(OutOfGridError):
+        lat.prefill("tiny_model", 8)                  # below the grid too
+    assert lat.report()["out_of_grid_lookups"] == {"tiny_model/prefill/pure": 2, "tiny_model/decode": 1}
+    assert lat.report()["out_of_range_policy"] == "error"
+
+
+def test_clamp_counts_and_clamps(tiny):
+    lat = LatencyModel(tiny, C.GPU, "clamp")
+    assert lat.prefill("tiny_model", 1000) == ms(10.0)
+    assert lat.prefill("tiny_model", 1) == ms(1.0)
+    assert lat.decode("tiny_model", 2, 1000) == ms(14.0)
+    assert lat.prefill("tiny_model", 20) == pytest.approx(ms(1.5))   # inside: not counted
+    rep = lat.report()
+    assert rep["out_of_grid_lookups"] == {"tiny_model/prefill/pure": 2, "tiny_model/decode": 1}
+    assert rep["out_of_range_policy"] == "clamp"
+
+
+def test_extrapolate_counts_and_extends_the_end_segment(tiny, synthetic_profiles):
+    lat = LatencyModel(tiny, C.GPU, "extrapolate")
+    # last segment 32->64: slope 7/32 ms per token
+    assert lat.prefill("tiny_model", 96) == pytest.approx(ms(10.0 + 7.0), rel=1e-12)
+    assert lat.report()["out_of_grid_lookups"] == {"tiny_model/prefill/pure": 1}
+    syn = LatencyModel(synthetic_profiles, C.GPU, "extrapolate")
+    # a linear law extrapolates exactly
+    assert syn.prefill(VL, 100_000) == pytest.approx(ms(C.prefill_ms(100_000)), rel=1e-12)
+    assert syn.report()["out_of_grid_lookups"] == {f"{VL}/prefill/pure": 1}
+
+
+# --- OOM holes ------------------------------------------------------------------------------------
+
+def test_oom_holes_filled_and_counted(tiny):
+    lat = LatencyModel(tiny, C.GPU, "error")
+    # (4, 200) was OOM: filled from the nearest measured batch in its column, scaled by batch
+    assert lat.decode("tiny_model", 4, 200) == pytest.approx(ms(14.0 * 4 / 2), rel=1e-12)
+    assert lat.report()["oom_hole_lookups"] == {"tiny_model/decode": 1}
+    lat.decode("tiny_model", 3, 150)                  # its cell touches the hole
+    assert lat.report()["oom_hole_lookups"] == {"tiny_model/decode": 2}
+    lat.decode("tiny_model", 1, 150)                  # far from it
+    lat.decode("tiny_model", 4, 100)                  # measured
+    assert lat.report()["oom_hole_lookups"] == {"tiny_model/decode": 2}
+    # the OOM row itself is not a measurement
+    assert (lat.frame("tiny_model")["status"] == "ok").all()
+    g = lat._grid("tiny_model", "decode", ["batch_size", "context_len"])
+    assert g.filled.sum() == 1 and g.filled[2, 1]
+
+
+# --- decode_series ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("batch,ctx0,k", [(7, 1000, 50), (1, 1, 200), (33, 1020, 10),
+                                           (256, 32000, 700), (512, 60000, 3)])
+def test_decode_series_equals_repeated_decode(synthetic_profiles, batch, ctx0, k):
+    lat = LatencyModel(synthetic_profiles, C.GPU)
+    series = lat.decode_series(VL, batch, ctx0, k)
+    one = np.array([lat.decode(VL, batch, ctx0 + i) for i in range(k)])
+    assert series.shape == (k,)
+    np.testing.assert_allclose(series, one, rtol=1e-12, atol=0)
+
+
+def test_decode_series_nonlinear_table_and_clamp(tiny):
+    lat = LatencyModel(tiny, C.GPU, "clamp")
+    series = lat.decode_series("tiny_model", 3, 150, 120)   # runs past ctx=200: clamped
+    one = np.array([lat.decode("tiny_model", 3, 150 + i) for i in range(120)])
+    np.testing.assert_allclose(series, one, rtol=1e-12, atol=0)
+    err = LatencyModel(tiny, C.GPU, "error")
+    with pytest.raises(OutOfGridError):
+        err.decode_series("tiny_model", 2, 150, 100)         # the last step leaves the grid
+
+
+# --- missing tables and stages -------------------------------------------------------------------------
+
+def test_missing_table_lists_available(synthetic_profiles):
+    lat = LatencyModel(synthetic_profiles, C.GPU)
+    with pytest.raises(MissingProfileError) as ei:
+        lat.prefill("qwen2_5_7b", 10)
+    msg = str(ei.value)
+    assert "qwen2_5_7b" in msg and "h100" in msg
+    for have in ("flux1_dev", VL, "qwen_image"):
+        assert have in msg, f"available table {have} not listed: {msg}"
+    assert isinstance(ei.value, FileNotFoundError)
+
+
+def test_missing_gpu_lists_table_sets(synthetic_profiles):
+    lat = LatencyModel(synthetic_profiles, "b200")
+    with pytest.raises(MissingProfileError, match=r"h100"):
+        lat.decode(VL, 1, 10)
+
+
+def test_missing_stage_lists_present_stages(synthetic_profiles):
+    lat = LatencyModel(synthetic_profiles, C.GPU)
+    with pytest.raises(MissingProfileError) as ei:
+        lat.dit_step(VL, 1, 1024)
+    msg = str(ei.value)
+    assert "dit_step" in msg and "prefill" in msg and "decode" in msg
+    with pytest.raises(MissingProfileError, match="t5_xxl"):
+        lat.text_encode("qwen_image", "t5_xxl", 1, 10)

@@ -1,0 +1,131 @@
+"""Golden fixed-seed runs: a 300-request default-mix run per policy on the synthetic profile
+tables (tests/conftest.py), seed 0, compared with tests/golden/golden_summary.json to a relative
+tolerance of 1e-9; plus determinism, seed sensitivity, and common random numbers across policies.
+
+A golden mismatch means the simulator's numbers changed. If the change is intended (a policy,
+engine or workload change, or a change to the synthetic tables in conftest.py), regenerate the
+file from the repo root and commit it with the change that caused it:
+
+    REGEN_GOLDEN=1 python -m pytest -q tests/test_sim_golden.py
+
+(the regenerating run rewrites the file and skips the comparison). Review the diff of
+tests/golden/golden_summary.json: it shows which numbers moved and by how much.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from conftest import make_cfg, rel_close
+from sim.runner import Run
+
+GOLDEN = Path(__file__).resolve().parent / "golden" / "golden_summary.json"
+POLICIES = ("baseline", "disaggregated", "modality_aware")
+KEYS = ("completed", "duration", "request_throughput", "mean_e2el_ms", "p99_e2el_ms",
+        "median_ttft_ms")
+N = 300
+REGEN = os.environ.get("REGEN_GOLDEN") == "1"
+
+
+def golden_cfg(profiles, policy: str, seed: int = 0):
+    return make_cfg(profiles, {"policy.name": policy, "seed": seed, "workload.num_requests": N})
+
+
+@pytest.fixture(scope="module")
+def golden_runs(synthetic_profiles, tmp_path_factory):
+    out = {}
+    for pol in POLICIES:
+        d = tmp_path_factory.mktemp(f"golden_{pol}")
+        s = Run(golden_cfg(synthetic_profiles, pol), d).run()
+        out[pol] = (s, d)
+    return out
+
+
+def test_golden_summary(golden_runs):
+    got = {pol: {k: s[k] for k in KEYS} for pol, (s, _) in golden_runs.items()}
+    if REGEN:
+        GOLDEN.parent.mkdir(parents=True, exist_ok=True)
+        doc = {"_about": f"{N}-request default-mix run per policy, seed 0, synthetic profile tables "
+                         "of tests/conftest.py; regenerate: REGEN_GOLDEN=1 python -m pytest -q "
+                         "tests/test_sim_golden.py",
+               **got}
+        GOLDEN.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+        pytest.skip(f"regenerated {GOLDEN}")
+    assert GOLDEN.exists(), f"{GOLDEN} missing: run REGEN_GOLDEN=1 python -m pytest -q {__file__}"
+    want = json.loads(GOLDEN.read_text())
+    bad = []
+    for pol in POLICIES:
+        assert pol in want, f"golden file lacks policy {pol}"
+        for k in KEYS:
+            a, b = got[pol][k], want[pol][k]
+            if a is None or b is None:
+                if a is not b:
+                    bad.append(f"{pol}.{k}: {a!r} vs golden {b!r}")
+            elif not rel_close(float(a), float(b), 1e-9):
+                bad.append(f"{pol}.{k}: {a!r} vs golden {b!r} (rel {abs(a - b) / abs(b):.2e})")
+    assert not bad, ("simulated numbers changed (if intended, regenerate with REGEN_GOLDEN=1, "
+                     "see the module docstring):\n  " + "\n  ".join(bad))
+
+
+def test_golden_runs_are_complete_and_sane(golden_runs):
+    for pol, (s, d) in golden_runs.items():
+        assert s["completed"] == N and s["policy"] == pol
+        assert s["duration"] > 0 and s["request_throughput"] == pytest.approx(N / s["duration"])
+        assert s["p99_e2el_ms"] >= s["mean_e2el_ms"] > 0
+        assert s["latency_model"]["out_of_grid_lookups"] == {}
+        assert s["latency_model"]["engines"] and all(
+            v == ["synthetic"] for v in s["latency_model"]["engines"].values())
+        df = pd.read_parquet(d / "requests.parquet")
+        assert len(df) == N and sorted(df["id"]) == list(range(N))
+        assert json.loads((d / "summary.json").read_text())["completed"] == N
+
+
+def _strip(s: dict) -> dict:
+    return {k: v for k, v in s.items() if k not in ("sim_wall_s",)}
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_deterministic(synthetic_profiles, golden_runs, policy):
+    """The same config twice (fresh Run objects) gives an identical summary and identical
+    per-request times."""
+    s2 = Run(golden_cfg(synthetic_profiles, policy)).run()
+    assert _strip(golden_runs[policy][0]) == _strip(s2)
+
+
+def test_deterministic_per_request(synthetic_profiles):
+    runs = []
+    for _ in range(2):
+        r = Run(golden_cfg(synthetic_profiles, "modality_aware"))
+        r.run()
+        runs.append({q.id: (q.arrival, q.first_token, q.finish, len(q.stages)) for q in r.requests})
+    a, b = runs
+    assert a.keys() == b.keys()
+    for i in a:
+        assert repr(a[i]) == repr(b[i]), i
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_seeds_differ(synthetic_profiles, golden_runs, policy):
+    s0 = golden_runs[policy][0]
+    s1 = Run(golden_cfg(synthetic_profiles, policy, seed=1)).run()
+    assert s1["completed"] == N
+    assert s0["mean_e2el_ms"] != s1["mean_e2el_ms"]
+    assert s0["duration"] != s1["duration"]
+
+
+def test_policies_see_identical_arrivals(golden_runs):
+    """Common random numbers: every policy is fed the same requests (arrival, task, sizes)."""
+    cols = ["id", "arrival", "task", "model", "prompt_tokens", "output_tokens", "input_h",
+            "input_w", "output_h", "output_w", "steps", "cfg", "image_tokens_in"]
+    frames = {pol: pd.read_parquet(d / "requests.parquet").sort_values("id").reset_index(drop=True)
+              for pol, (_, d) in golden_runs.items()}
+    ref = frames["baseline"][cols]
+    for pol, df in frames.items():
+        pd.testing.assert_frame_equal(df[cols], ref, check_exact=True, obj=f"{pol} vs baseline")
+    # ...but they serve them differently
+    e2e = {pol: df["e2el_ms"].to_numpy() for pol, df in frames.items()}
+    assert not (e2e["baseline"] == e2e["disaggregated"]).all()
