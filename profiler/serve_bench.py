@@ -48,14 +48,16 @@ SPECIAL_TOKENS = ("[UNK]", "<s>", "</s>")   # the last three ids of the vocabula
 # Per-model bench settings. assumed_capacity (req/s at the random I/O below) is only used by
 # --dry-run and when the inf run fails; the real run calibrates from the inf run.
 MODEL_SETTINGS: dict[str, dict[str, Any]] = {
-    "qwen2_5_7b": dict(input_len=1024, output_len=256, max_model_len=None, n_inf=400,
+    "qwen2_5_7b": dict(input_len=1024, output_len=256, max_model_len=None, n_inf=320,
                        assumed_capacity=14.0),
     # MHA: ~0.5 MiB of KV per token -> ~100k tokens on an 80 GB H100, i.e. ~80 sequences of
     # 1024+384; the inf and near-saturation runs overrun the KV cache and preempt.
-    "llama2_7b": dict(input_len=1024, output_len=384, max_model_len=4096, n_inf=400,
+    "llama2_7b": dict(input_len=1024, output_len=384, max_model_len=4096, n_inf=240,
                       assumed_capacity=7.0),
 }
-DEFAULT_RUNS = ("inf", "sat", "poisson_low", "bursty_k0.5", "bursty_k0.25", "sharegpt")
+# In priority order: when time runs short the last ones are shrunk, then skipped.
+DEFAULT_RUNS = ("inf", "sat", "bursty_k0.5", "bursty_k0.25", "poisson_low", "sharegpt")
+CLIENT_OVERHEAD_S = 18.0   # `vllm bench serve` start (import vllm, tokenizer, sampling) + save
 
 
 @dataclass
@@ -65,12 +67,14 @@ class RunSpec:
     rate_frac: Optional[float] = None  # fraction of the calibrated capacity; None = inf
     burstiness: float = 1.0
     seed: int = 0
+    num_warmups: int = 0               # vllm bench's own warm-up requests (not recorded)
     num_prompts: int = 0               # filled in by size_run
     request_rate: Optional[float] = None  # filled in by size_run; None = inf
 
 
 RUN_CATALOG: dict[str, RunSpec] = {
-    "inf": RunSpec("inf", rate_frac=None, seed=11),
+    # first run after the engine start: warm up (first-use kernel paths) before measuring
+    "inf": RunSpec("inf", rate_frac=None, seed=11, num_warmups=32),
     "sat": RunSpec("sat", rate_frac=0.9, seed=12),
     "poisson_low": RunSpec("poisson_low", rate_frac=0.35, seed=13),
     "bursty_k0.5": RunSpec("bursty_k0.5", rate_frac=0.6, burstiness=0.5, seed=14),
@@ -156,8 +160,31 @@ def write_model_dir(model: str, path: Path) -> dict[str, Any]:
     cj["torch_dtype"] = cj["dtype"] = s["dtype"]
     cj.setdefault("rope_theta", common["rope_theta"])
     (path / "config.json").write_text(json.dumps(cj, indent=2, sort_keys=True))
-    make_tokenizer(V).save_pretrained(str(path))
+    make_tokenizer(V).save_pretrained(str(tokenizer_dir(path)))
     return cj
+
+
+def tokenizer_dir(model_dir: Path) -> Path:
+    """The tokenizer lives in its own folder, passed as --tokenizer: with config.json beside it,
+    transformers 5's AutoTokenizer would pick the model type's class (Qwen2Tokenizer,
+    LlamaTokenizer), which rebuilds its own pre-tokenizer and breaks the WordLevel round trip."""
+    return Path(model_dir) / "tokenizer"
+
+
+def check_tokenizer(tok_dir: Path, vocab_size: int, lengths=(1, 7, 512, 1536), seed: int = 0) -> None:
+    """What vLLM's RandomDataset does: consecutive allowed ids -> decode -> encode == same ids."""
+    import numpy as np
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(str(tok_dir))
+    assert tok.vocab_size == vocab_size, (tok.vocab_size, vocab_size)
+    assert tok.num_special_tokens_to_add() == 0
+    allowed = np.array(sorted(set(range(vocab_size)) - set(tok.all_special_ids)))
+    rng = np.random.default_rng(seed)
+    for n in lengths:
+        ids = allowed[(int(rng.integers(0, vocab_size)) + np.arange(n)) % len(allowed)].tolist()
+        text = tok.decode(ids)
+        back = tok.encode(text, add_special_tokens=False)
+        assert back == ids and tok(text).input_ids == ids, f"round trip failed at length {n}"
 
 
 # ----------------------------------------------------------------------------- commands
@@ -179,7 +206,8 @@ def vllm_cli(choice: str = "auto") -> list[str]:
 def serve_command(cli: list[str], model_dir: Path, port: int, max_model_len: Optional[int],
                   max_num_seqs: int = 256, max_num_batched_tokens: int = 8192,
                   gpu_mem: float = 0.9) -> list[str]:
-    cmd = cli + ["serve", str(model_dir), "--load-format", "dummy", "--dtype", "bfloat16",
+    cmd = cli + ["serve", str(model_dir), "--tokenizer", str(tokenizer_dir(model_dir)),
+                 "--load-format", "dummy", "--dtype", "bfloat16",
                  "--no-enable-prefix-caching", "--enable-chunked-prefill",
                  "--max-num-batched-tokens", str(max_num_batched_tokens),
                  "--max-num-seqs", str(max_num_seqs), "--gpu-memory-utilization", str(gpu_mem),
@@ -193,7 +221,7 @@ def bench_command(cli: list[str], model_dir: Path, port: int, run: RunSpec, inpu
                   output_len: int, result_dir: Path, result_filename: str,
                   sharegpt_path: Path) -> list[str]:
     cmd = cli + ["bench", "serve", "--backend", "vllm", "--base-url", f"http://127.0.0.1:{port}",
-                 "--model", str(model_dir)]
+                 "--model", str(model_dir), "--tokenizer", str(tokenizer_dir(model_dir))]
     if run.dataset == "sharegpt":
         cmd += ["--dataset-name", "sharegpt", "--dataset-path", str(sharegpt_path)]
     else:
@@ -203,6 +231,8 @@ def bench_command(cli: list[str], model_dir: Path, port: int, run: RunSpec, inpu
     cmd += ["--ignore-eos", "--num-prompts", str(run.num_prompts), "--request-rate", rate]
     if run.request_rate is not None and run.burstiness != 1.0:
         cmd += ["--burstiness", str(run.burstiness)]
+    if run.num_warmups:
+        cmd += ["--num-warmups", str(run.num_warmups)]
     cmd += ["--seed", str(run.seed), "--disable-tqdm", "--percentile-metrics", "ttft,tpot,itl,e2el",
             "--metric-percentiles", "50,90,99", "--save-result", "--save-detailed",
             "--result-dir", str(result_dir), "--result-filename", result_filename]
@@ -224,9 +254,21 @@ def size_run(run: RunSpec, capacity: float, n_inf: int, target_s: float,
 def est_seconds(run: RunSpec, capacity: float) -> float:
     """Rough wall time of a run: arrivals span N/R, drained at <= capacity, + client start."""
     if run.request_rate is None:
-        return run.num_prompts / max(capacity, 0.1) + 25.0
+        return run.num_prompts / max(capacity, 0.1) + CLIENT_OVERHEAD_S
     span = run.num_prompts / min(run.request_rate, max(capacity, 0.1))
-    return span * 1.1 + 25.0
+    return span * 1.1 + CLIENT_OVERHEAD_S
+
+
+def parent_age_s() -> Optional[float]:
+    """Seconds since the parent process (the shell running this command line) started."""
+    try:
+        tick = os.sysconf("SC_CLK_TCK")
+        stat = Path(f"/proc/{os.getppid()}/stat").read_text()
+        start = int(stat.rsplit(")", 1)[1].split()[19]) / tick
+        up = float(Path("/proc/uptime").read_text().split()[0])
+        return max(0.0, up - start)
+    except Exception:  # noqa: BLE001
+        return None
 
 
 # ----------------------------------------------------------------------------- server side
@@ -337,6 +379,11 @@ def stop_group(p: subprocess.Popen, grace: float = 20.0) -> None:
 def finalize_result(src: Path, dst: Path, provenance: dict[str, Any]) -> dict[str, Any]:
     obj = json.loads(src.read_text())
     obj.pop("generated_texts", None)
+    # ~2.5x smaller files: per-token gaps and TTFTs to 0.1 us (they are perf_counter differences)
+    if isinstance(obj.get("itls"), list):
+        obj["itls"] = [[round(x, 7) for x in row] if isinstance(row, list) else row for row in obj["itls"]]
+    if isinstance(obj.get("ttfts"), list):
+        obj["ttfts"] = [round(x, 7) if isinstance(x, float) else x for x in obj["ttfts"]]
     obj["provenance"] = provenance
     tmp = dst.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(obj))
@@ -365,7 +412,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                     help=f"comma list, in order; known: {','.join(RUN_CATALOG)}")
     ap.add_argument("--max-minutes", type=float, default=9.0,
                     help="hard budget for everything incl. server start and stop")
-    ap.add_argument("--target-s", type=float, default=32.0, help="seconds of arrivals per finite-rate run")
+    ap.add_argument("--since-parent", action="store_true",
+                    help="count --max-minutes from the start of the parent shell (so time spent by "
+                         "earlier commands of the same line, e.g. install.sh, counts; ignored if > 5 min)")
+    ap.add_argument("--target-s", type=float, default=28.0, help="seconds of arrivals per finite-rate run")
     ap.add_argument("--capacity", type=float, default=None,
                     help="req/s used to size runs instead of calibrating from the inf run")
     ap.add_argument("--num-prompts-inf", type=int, default=None)
@@ -381,6 +431,10 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     t0 = time.monotonic()
     deadline = t0 + a.max_minutes * 60.0
+    if a.since_parent:
+        age = parent_age_s()
+        if age is not None and age < 300:
+            deadline -= age
     st = dict(MODEL_SETTINGS[a.model])
     I = a.input_len or st["input_len"]
     O = a.output_len or st["output_len"]
@@ -423,7 +477,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     tq = torch_gpu_name_proc()
     cfg = write_model_dir(a.model, model_dir)
-    log(f"model dir {model_dir}: {cfg.get('architectures')} vocab {cfg['vocab_size']}")
+    check_tokenizer(tokenizer_dir(model_dir), int(cfg["vocab_size"]))
+    log(f"model dir {model_dir}: {cfg.get('architectures')} vocab {cfg['vocab_size']}, tokenizer round trip ok")
     if any(r.dataset == "sharegpt" for r in runs):
         prepare_sharegpt(staging)
     server_log = out / f"server_{a.model}.log"
@@ -473,7 +528,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             left = deadline - time.monotonic() - 25.0          # 25 s to stop the server
             est = est_seconds(rr, capacity)
             if est > left:                                     # shrink to fit, else skip
-                scale = (left - 25.0) / max(est - 25.0, 1e-6)
+                scale = (left - CLIENT_OVERHEAD_S) / max(est - CLIENT_OVERHEAD_S, 1e-6)
                 rr.num_prompts = int(rr.num_prompts * scale)
                 if rr.num_prompts < 30:
                     log(f"skip {r.name}: {est:.0f} s estimated, {left:.0f} s left")

@@ -1,0 +1,281 @@
+"""Real-engine validation: replay measured `vllm bench serve --save-detailed` runs in the simulator
+and compare throughput and TTFT / TPOT / E2EL percentiles with what vLLM measured.
+
+    python -m sim.validate traces/validation/h100/ [--profiles-dir traces/profiles] [--gpu h100]
+                           [--out traces/validation/h100/report] [--strict]
+
+For every bench result JSON under the folder (recursively; other JSON is skipped) the model comes
+from the `provenance` block that profiler/serve_bench.py writes (else from the file or model_id
+name), the replay is composed exactly like `python -m sim +experiment=replay_vllm_bench` (with the
+server's measured KV capacity and max_model_len when the provenance has them) and run in-process.
+Targets on finite-rate runs: request throughput within 3 %, medians within 10 %, p99 within 15 %.
+`--request-rate inf` runs are reported but not held to the targets. Writes validation.csv,
+validation.json and validation_cdfs.png into --out. Exit code 0 unless --strict and a target fails.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import warnings
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF_DIR = ROOT / "conf"
+
+# metric -> tolerance (relative)
+TARGETS: dict[str, float] = {
+    "request_throughput": 0.03,
+    "median_ttft_ms": 0.10, "median_tpot_ms": 0.10, "median_e2el_ms": 0.10,
+    "p99_ttft_ms": 0.15, "p99_tpot_ms": 0.15, "p99_e2el_ms": 0.15,
+}
+BENCH_KEYS = ("ttfts", "output_lens", "input_lens")
+
+
+def known_models() -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
+
+
+def is_bench_json(obj: Any) -> bool:
+    return isinstance(obj, dict) and all(k in obj for k in BENCH_KEYS)
+
+
+def find_bench_files(folder: Path, exclude: Optional[Path] = None) -> list[Path]:
+    out = []
+    for p in sorted(folder.rglob("*.json")):
+        if exclude is not None and exclude.resolve() in p.resolve().parents:
+            continue
+        try:
+            obj = json.loads(p.read_text())
+        except (OSError, ValueError):
+            continue
+        if is_bench_json(obj):
+            out.append(p)
+    return out
+
+
+def infer_model(path: Path, obj: dict[str, Any], default: Optional[str] = None) -> Optional[str]:
+    prov = obj.get("provenance") or {}
+    if prov.get("model"):
+        return str(prov["model"])
+    names = known_models()
+    # longest first: qwen2_5_vl_7b before qwen2_5_7b
+    for cand in (path.name, str(obj.get("model_id", "")), str(obj.get("tokenizer_id", ""))):
+        for m in sorted(names, key=len, reverse=True):
+            if m in cand:
+                return m
+    hf = {}
+    for m in names:  # the yaml's hf_id (e.g. Qwen/Qwen2.5-7B-Instruct) as model_id
+        try:
+            import yaml
+            hf_id = (yaml.safe_load((CONF_DIR / "model" / f"{m}.yaml").read_text()) or {}).get("hf_id")
+        except Exception:  # noqa: BLE001
+            hf_id = None
+        if hf_id:
+            hf[str(hf_id).lower()] = m
+    mid = str(obj.get("model_id", "")).lower()
+    return hf.get(mid, default)
+
+
+def is_inf_rate(obj: dict[str, Any]) -> bool:
+    r = (obj.get("provenance") or {}).get("request_rate", obj.get("request_rate"))
+    try:
+        return math.isinf(float(r))
+    except (TypeError, ValueError):
+        return False
+
+
+def measured_metrics(obj: dict[str, Any], df: pd.DataFrame) -> dict[str, float]:
+    """vLLM's own summary numbers; per-request percentiles recomputed where the JSON lacks them."""
+    ttft = df["measured_ttft_s"].to_numpy(float) * 1e3
+    e2el = df["measured_e2el_s"].to_numpy(float) * 1e3
+    out_tok = df["output_tokens"].to_numpy(float)
+    ok = out_tok > 1
+    tpot = (e2el[ok] - ttft[ok]) / (out_tok[ok] - 1)
+    per = {"ttft": ttft, "e2el": e2el, "tpot": tpot}
+    m: dict[str, float] = {}
+    thr = obj.get("request_throughput")
+    if thr is None and obj.get("duration"):
+        thr = obj.get("completed", len(df)) / float(obj["duration"])
+    m["request_throughput"] = float(thr) if thr is not None else np.nan
+    for name, arr in per.items():
+        for stat, q in (("median", 50), ("p99", 99)):
+            k = f"{stat}_{name}_ms"
+            v = obj.get(k)
+            m[k] = float(v) if v is not None else (float(np.percentile(arr, q)) if len(arr) else np.nan)
+    return m
+
+
+def compose_replay(path: Path, model: str, profiles_dir: str, gpu: str,
+                   extra: Optional[list[str]] = None, prov: Optional[dict[str, Any]] = None):
+    """The SimConfig `python -m sim +experiment=replay_vllm_bench workload.path=... model=...` builds."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from sim.cli import to_config  # registers the schema in hydra's ConfigStore
+    ov = ["+experiment=replay_vllm_bench", f"workload.path={path}", f"+model={model}",
+          f"profiles_dir={profiles_dir}", f"cluster.gpu={gpu}"]
+    prov = prov or {}
+    if prov.get("kv_cache_tokens"):
+        ov.append(f"engine.kv_capacity_tokens={int(prov['kv_cache_tokens'])}")
+    if prov.get("max_model_len"):
+        ov.append(f"engine.max_model_len={int(prov['max_model_len'])}")
+    for k in ("max_num_seqs", "max_num_batched_tokens"):
+        if prov.get(k):
+            ov.append(f"engine.{k}={int(prov[k])}")
+    ov += list(extra or [])
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(version_base=None, config_dir=str(CONF_DIR)):
+        cfg = compose(config_name="config", overrides=ov)
+    return to_config(cfg), ov
+
+
+def validate_one(path: Path, model: str, profiles_dir: str, gpu: str, outdir: Path,
+                 extra: Optional[list[str]] = None) -> tuple[dict[str, Any], pd.DataFrame, pd.DataFrame]:
+    from sim.runner import Run
+    from sim.traces import load_vllm_bench
+    obj = json.loads(path.read_text())
+    prov = obj.get("provenance") or {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        meas_df = load_vllm_bench(path)
+        cfg, ov = compose_replay(path, model, profiles_dir, gpu, extra, prov)
+        outdir.mkdir(parents=True, exist_ok=True)
+        summary = Run(cfg, outdir).run()
+    sim_df = pd.read_parquet(outdir / "requests.parquet") if (outdir / "requests.parquet").exists() else pd.DataFrame()
+    meas = measured_metrics(obj, meas_df)
+    inf = is_inf_rate(obj)
+    row: dict[str, Any] = {"run": path.stem, "file": str(path), "model": model,
+                           "request_rate": "inf" if inf else obj.get("request_rate"),
+                           "burstiness": obj.get("burstiness"), "completed": obj.get("completed"),
+                           "held_to_targets": not inf,
+                           "kv_cache_tokens": prov.get("kv_cache_tokens"),
+                           "measured_preemptions": (prov.get("server_metrics") or {}).get("num_preemptions_delta"),
+                           "sim_preemptions": summary.get("preemptions"), "overrides": " ".join(ov)}
+    passed = True
+    for k, tol in TARGETS.items():
+        mv, sv = meas.get(k, np.nan), float(summary.get(k, np.nan))
+        err = (sv - mv) / mv if mv and np.isfinite(mv) and np.isfinite(sv) else np.nan
+        ok = bool(np.isfinite(err) and abs(err) <= tol)
+        row[f"meas_{k}"], row[f"sim_{k}"], row[f"err_{k}"], row[f"ok_{k}"] = mv, sv, err, ok
+        passed &= ok
+    row["pass"] = passed
+    row["status"] = ("PASS" if passed else "FAIL") if not inf else ("info (PASS)" if passed else "info")
+    return row, meas_df, sim_df
+
+
+def _short(k: str) -> str:
+    return (k.replace("request_throughput", "thr").replace("median_", "p50 ").replace("p99_", "p99 ")
+            .replace("_ms", ""))
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    for r in rows:
+        if "error" in r:
+            print(f"\n== {r['run']} ({r.get('model')}): {r['error']}")
+            continue
+        print(f"\n== {r['run']}  model={r['model']}  rate={r['request_rate']}  burstiness={r['burstiness']}"
+              f"  completed={r['completed']}  preemptions meas/sim={r['measured_preemptions']}/{r['sim_preemptions']}"
+              f"  -> {r['status']}")
+        print(f"   {'metric':10s} {'measured':>12s} {'simulated':>12s} {'rel.err':>9s} {'target':>7s}")
+        for k, tol in TARGETS.items():
+            mark = "ok" if r[f"ok_{k}"] else ("--" if not r["held_to_targets"] else "FAIL")
+            print(f"   {_short(k):10s} {r[f'meas_{k}']:12.2f} {r[f'sim_{k}']:12.2f} "
+                  f"{r[f'err_{k}'] * 100:+8.1f}% {tol * 100:6.0f}% {mark}")
+
+
+def plot_cdfs(curves: list[tuple[str, pd.DataFrame, pd.DataFrame]], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    try:
+        import seaborn as sns
+        sns.set_theme(style="whitegrid", context="paper")
+    except ImportError:
+        pass
+    n = max(1, len(curves))
+    fig, axes = plt.subplots(n, 2, figsize=(10, 2.8 * n), squeeze=False)
+    for i, (name, m, s) in enumerate(curves):
+        for j, (metric, mcol, scol) in enumerate((("TTFT", "measured_ttft_s", "ttft_ms"),
+                                                  ("E2EL", "measured_e2el_s", "e2el_ms"))):
+            ax = axes[i][j]
+            for label, vals in (("measured (vLLM)", m[mcol].to_numpy(float) * 1e3 if mcol in m else np.array([])),
+                                ("simulated", s[scol].to_numpy(float) if scol in s else np.array([]))):
+                v = np.sort(vals[np.isfinite(vals) & (vals > 0)])
+                if len(v):
+                    ax.step(v, np.arange(1, len(v) + 1) / len(v), where="post", label=label)
+            ax.set_xscale("log")
+            ax.set_xlabel(f"{metric} (ms)")
+            ax.set_ylabel("CDF")
+            ax.set_title(f"{name}: {metric}", fontsize=9)
+            ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run_validation(folder: str | Path, profiles_dir: str = "traces/profiles", gpu: str = "h100",
+                   out: Optional[str | Path] = None, model: Optional[str] = None,
+                   extra: Optional[list[str]] = None, files: Optional[list[Path]] = None) -> list[dict[str, Any]]:
+    folder = Path(folder)
+    out = Path(out) if out else (folder / "report" if folder.is_dir() else folder.parent / "report")
+    out.mkdir(parents=True, exist_ok=True)
+    if files is None:
+        files = [folder] if folder.is_file() else find_bench_files(folder, exclude=out)
+    rows: list[dict[str, Any]] = []
+    curves = []
+    for p in files:
+        obj = json.loads(Path(p).read_text())
+        mdl = model or infer_model(Path(p), obj)
+        if mdl is None:
+            rows.append({"run": Path(p).stem, "file": str(p), "model": None,
+                         "error": "cannot infer the model (no provenance.model, no model name in the file name)"})
+            continue
+        table = Path(profiles_dir) / gpu / f"{mdl}.parquet"
+        if not table.exists():
+            rows.append({"run": Path(p).stem, "file": str(p), "model": mdl, "error": f"no profile table {table}"})
+            continue
+        try:
+            row, mdf, sdf = validate_one(Path(p), mdl, profiles_dir, gpu, out / "sim" / Path(p).stem, extra)
+        except Exception as e:  # noqa: BLE001 - one bad run must not hide the others
+            rows.append({"run": Path(p).stem, "file": str(p), "model": mdl, "error": f"{type(e).__name__}: {e}"})
+            continue
+        rows.append(row)
+        curves.append((Path(p).stem, mdf, sdf))
+    print_table(rows)
+    pd.DataFrame(rows).to_csv(out / "validation.csv", index=False)
+    (out / "validation.json").write_text(json.dumps(
+        {"targets": TARGETS, "profiles_dir": str(profiles_dir), "gpu": gpu, "runs": rows},
+        indent=2, default=lambda x: None if isinstance(x, float) and not np.isfinite(x) else str(x)))
+    plot_cdfs(curves, out / "validation_cdfs.png")
+    held = [r for r in rows if r.get("held_to_targets")]
+    print(f"\n{sum(r['pass'] for r in held)}/{len(held)} finite-rate runs within targets; "
+          f"{sum('error' in r for r in rows)} not run; report in {out}")
+    return rows
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m sim.validate", description=__doc__.split("\n")[0])
+    ap.add_argument("folder", help="folder with bench result JSON (searched recursively), or one file")
+    ap.add_argument("--profiles-dir", default="traces/profiles")
+    ap.add_argument("--gpu", default="h100", help="profile table set: <profiles-dir>/<gpu>/<model>.parquet")
+    ap.add_argument("--model", default=None, help="force the model (default: from provenance / file name)")
+    ap.add_argument("--out", default=None, help="default <folder>/report")
+    ap.add_argument("--strict", action="store_true",
+                    help="exit 1 if a finite-rate run misses a target or could not be run")
+    ap.add_argument("overrides", nargs="*", help="extra hydra overrides for every replay")
+    a = ap.parse_args(argv)
+    rows = run_validation(a.folder, a.profiles_dir, a.gpu, a.out, a.model, a.overrides)
+    if a.strict:
+        bad = [r for r in rows if "error" in r or (r.get("held_to_targets") and not r.get("pass"))]
+        return 1 if bad or not rows else 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

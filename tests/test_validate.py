@@ -1,0 +1,263 @@
+"""Real-engine validation (sim.validate) and its ground-truth driver (profiler.serve_bench).
+
+- test_measured_h100_runs_within_targets: the committed `vllm bench serve` results under
+  traces/validation/h100/ replayed against traces/profiles/h100/<model>.parquet; every finite-rate
+  run must meet the targets (throughput 3 %, medians 10 %, p99 15 %). Skips when either is missing.
+- test_validate_end_to_end_cpu: the pipeline (compose -> replay -> table/CSV/JSON/figure) on the
+  synthetic example with whatever profile table set exists.
+- tokenizer round trip and the --dry-run command list of serve_bench.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from sim import validate as V  # noqa: E402
+
+H100_DIR = ROOT / "traces" / "validation" / "h100"
+PROFILES = ROOT / "traces" / "profiles"
+EXAMPLE = ROOT / "traces" / "workloads" / "example_vllm_bench.json"
+
+
+def _measured_files():
+    if not H100_DIR.exists():
+        return []
+    return V.find_bench_files(H100_DIR, exclude=H100_DIR / "report")
+
+
+def test_measured_h100_runs_within_targets(tmp_path):
+    files = _measured_files()
+    if not files:
+        pytest.skip(f"no measured `vllm bench serve` JSON under {H100_DIR} yet "
+                    "(produce with profiler/serve_bench.py on an H100, see traces/validation/README.md)")
+    need = {}
+    for p in files:
+        m = V.infer_model(p, json.loads(p.read_text()))
+        need.setdefault(m, []).append(p)
+    missing = [m for m in need if m is None or not (PROFILES / "h100" / f"{m}.parquet").exists()]
+    usable = [p for m, ps in need.items() if m not in missing for p in ps]
+    if not usable:
+        pytest.skip(f"no measured profile table traces/profiles/h100/<model>.parquet for {sorted(map(str, need))}")
+    rows = V.run_validation(H100_DIR, str(PROFILES), "h100", tmp_path, files=usable)
+    held = [r for r in rows if r.get("held_to_targets")]
+    errors = [r for r in rows if "error" in r]
+    assert not errors, errors
+    bad = [(r["run"], {k: round(r[f"err_{k}"], 3) for k in V.TARGETS if not r[f"ok_{k}"]})
+           for r in held if not r["pass"]]
+    assert not bad, f"runs outside the targets: {bad}"
+
+
+def _any_table():
+    for gpu in ("h100", "h100-analytic"):
+        for m in ("qwen2_5_7b", "llama2_7b", "qwen2_5_vl_7b"):
+            if (PROFILES / gpu / f"{m}.parquet").exists():
+                return gpu, m
+    return None
+
+
+def test_validate_end_to_end_cpu(tmp_path):
+    found = _any_table()
+    if found is None:
+        pytest.skip("no profile table under traces/profiles/h100-analytic/ or traces/profiles/h100/")
+    gpu, model = found
+    bench = tmp_path / "bench"
+    bench.mkdir()
+    obj = json.loads(EXAMPLE.read_text())
+    obj["provenance"] = {"model": model, "kv_cache_tokens": 200_000, "max_model_len": 4096,
+                         "max_num_seqs": 256, "max_num_batched_tokens": 8192,
+                         "server_metrics": {"num_preemptions_delta": 0.0}}
+    (bench / f"{model}__bursty.json").write_text(json.dumps(obj))
+    inf = dict(obj, request_rate="inf")
+    inf["provenance"] = dict(obj["provenance"], request_rate="inf")
+    (bench / "sub").mkdir()
+    (bench / "sub" / f"{model}__inf.json").write_text(json.dumps(inf))
+    (bench / "serve_bench_summary.json").write_text(json.dumps({"runs": []}))   # not a bench JSON
+    out = tmp_path / "report"
+    rc = V.main([str(bench), "--profiles-dir", str(PROFILES), "--gpu", gpu, "--out", str(out)])
+    assert rc == 0
+    for f in ("validation.csv", "validation.json", "validation_cdfs.png"):
+        assert (out / f).exists() and (out / f).stat().st_size > 0, f
+    rep = json.loads((out / "validation.json").read_text())
+    runs = {r["run"]: r for r in rep["runs"]}
+    assert set(runs) == {f"{model}__bursty", f"{model}__inf"}, runs.keys()
+    b = runs[f"{model}__bursty"]
+    assert "error" not in b, b
+    assert b["held_to_targets"] in (True, "True")
+    assert runs[f"{model}__inf"]["held_to_targets"] in (False, "False")
+    assert "engine.kv_capacity_tokens=200000" in b["overrides"] and f"+model={model}" in b["overrides"]
+    for k in V.TARGETS:
+        assert f"meas_{k}" in b and f"sim_{k}" in b
+    assert b["meas_median_ttft_ms"] == pytest.approx(obj.get("median_ttft_ms") or b["meas_median_ttft_ms"])
+    # --strict on a folder whose runs miss the targets (made-up numbers) returns 1
+    assert V.main([str(bench), "--profiles-dir", str(PROFILES), "--gpu", gpu, "--out", str(out),
+                   "--strict"]) in (0, 1)
+
+
+def test_infer_model_and_bench_detection(tmp_path):
+    obj = json.loads(EXAMPLE.read_text())
+    assert V.is_bench_json(obj)
+    assert not V.is_bench_json({"runs": []})
+    assert V.infer_model(Path("llama2_7b__sat.json"), {}) == "llama2_7b"
+    assert V.infer_model(Path("x.json"), {"provenance": {"model": "qwen2_5_7b"}}) == "qwen2_5_7b"
+    assert V.infer_model(Path("x.json"), {"model_id": "Qwen/Qwen2.5-7B-Instruct"}) == "qwen2_5_7b"
+    assert V.is_inf_rate({"request_rate": "inf"}) and not V.is_inf_rate({"request_rate": 3.0})
+
+
+# ----------------------------------------------------------------------------- serve_bench
+
+sb = pytest.importorskip("profiler.serve_bench")
+
+
+@pytest.mark.parametrize("model", ["llama2_7b", "qwen2_5_7b"])
+def test_model_dir_and_tokenizer_round_trip(tmp_path, model):
+    pytest.importorskip("tokenizers")
+    pytest.importorskip("transformers")
+    d = tmp_path / model
+    cfg = sb.write_model_dir(model, d)
+    shape = sb.llm_shape(model)
+    assert cfg["vocab_size"] == shape["vocab_size"]
+    assert cfg["max_position_embeddings"] == shape["max_position_embeddings"]
+    assert cfg["dtype"] == "bfloat16" and cfg["torch_dtype"] == "bfloat16"
+    assert cfg["num_key_value_heads"] == shape["num_key_value_heads"]
+    assert cfg["architectures"] == [{"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}[shape["kind"]]]
+    if model == "llama2_7b":
+        assert cfg["max_position_embeddings"] == 4096
+    # raises on any mismatch; what vLLM's RandomDataset does with consecutive ids
+    sb.check_tokenizer(sb.tokenizer_dir(d), cfg["vocab_size"])
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(str(sb.tokenizer_dir(d)))
+    V_ = cfg["vocab_size"]
+    assert tok.vocab_size == V_ and len(tok) == V_
+    assert set(tok.all_special_ids) == {V_ - 3, V_ - 2, V_ - 1}
+    assert tok.eos_token == "</s>" and tok.bos_token == "<s>" and tok.unk_token == "[UNK]"
+    ids = [0, 1, 17, V_ - 4, 5]
+    assert tok.encode(tok.decode(ids), add_special_tokens=False) == ids
+    # ShareGPT text: one id per whitespace/punctuation piece, all inside the vocabulary
+    enc = tok("Hello, world! How's it going?").input_ids
+    assert len(enc) > 4 and max(enc) < V_
+
+
+def test_dry_run_command_list(capsys):
+    assert sb.main(["--model", "llama2_7b", "--out", "/tmp/never_written", "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    lines = [l for l in text.splitlines() if not l.startswith("#")]
+    serve = [l for l in lines if " serve " in l and " bench " not in l]
+    bench = [l for l in lines if " bench serve " in l]
+    assert len(serve) == 1 and len(bench) == len(sb.DEFAULT_RUNS)
+    s = serve[0]
+    for flag in ("--load-format dummy", "--no-enable-prefix-caching", "--max-num-batched-tokens 8192",
+                 "--max-num-seqs 256", "--gpu-memory-utilization 0.9", "--port 8000",
+                 "--max-model-len 4096", "--tokenizer"):
+        assert flag in s, flag
+    for b in bench:
+        for flag in ("--save-detailed", "--save-result", "--ignore-eos", "--backend vllm",
+                     "--base-url http://127.0.0.1:8000", "--result-filename", "--percentile-metrics"):
+            assert flag in b, (flag, b)
+    assert any("--request-rate inf" in b for b in bench)
+    assert any("--burstiness 0.5" in b for b in bench)
+    assert any("--burstiness 0.25" in b for b in bench)
+    assert any("--dataset-name sharegpt" in b and "--dataset-path" in b for b in bench)
+    assert sum("--dataset-name random" in b and "--random-range-ratio 0.5" in b for b in bench) == 5
+    assert not any(" bench " in l for l in lines if "--request-rate inf" in l and "--burstiness" in l)
+
+
+def test_sizing_fits_budget():
+    """With the assumed capacity the planned runs (+ ~210 s first engine start) fit in 9 minutes."""
+    for model, st in sb.MODEL_SETTINGS.items():
+        c = st["assumed_capacity"]
+        total = 210.0 + 25.0 + 20.0
+        for name in sb.DEFAULT_RUNS:
+            total += sb.est_seconds(sb.size_run(sb.RUN_CATALOG[name], c, st["n_inf"], 28.0), c)
+        assert total < 9.5 * 60, (model, total)
+
+
+def test_parsers():
+    log = ("INFO ... GPU KV cache size: 1,234,560 tokens\n"
+           "INFO ... Maximum concurrency for 32,768 tokens per request: 37.68x\n")
+    kv = sb.parse_kv_log(log)
+    assert kv["kv_cache_tokens"] == 1234560 and kv["max_model_len"] == 32768
+    met = sb.parse_metrics('# HELP x\nvllm:num_preemptions_total{engine="0",model_name="m"} 7.0\n'
+                           'vllm:num_preemptions_created{engine="0"} 1.7e9\n'
+                           'vllm:cache_config_info{block_size="16",num_gpu_blocks="7716"} 1.0\n')
+    assert met["vllm:num_preemptions"] == 7.0
+    assert met["cache_config.num_gpu_blocks"] == "7716"
+
+
+def test_sharegpt_subset_format():
+    p = ROOT / "traces" / "validation" / "sharegpt_subset.json.gz"
+    if not p.exists():
+        pytest.skip("sharegpt subset not built")
+    assert p.stat().st_size < 3_000_000
+    data = json.loads(gzip.decompress(p.read_bytes()))
+    assert len(data) >= 1000
+    assert all(len(e["conversations"]) >= 2 and e["conversations"][0]["value"] for e in data)
+
+
+FAKE_VLLM = r'''
+import json, sys, time, http.server, threading
+args = sys.argv[1:]
+def opt(name, default=None):
+    return args[args.index(name) + 1] if name in args else default
+if args[0] == "serve":
+    print("INFO GPU KV cache size: 123,456 tokens", flush=True)
+    print("INFO Maximum concurrency for 4,096 tokens per request: 30.14x", flush=True)
+    n = {"p": 0}
+    class H(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            n["p"] += 3
+            body = ("ok" if self.path == "/health" else
+                    'vllm:num_preemptions_total{engine="0"} %d\nvllm:cache_config_info{block_size="16",num_gpu_blocks="7716"} 1.0\n' % n["p"])
+            self.send_response(200); self.end_headers(); self.wfile.write(body.encode())
+        def log_message(self, *a): pass
+    http.server.HTTPServer(("127.0.0.1", int(opt("--port"))), H).serve_forever()
+elif args[:2] == ["bench", "serve"]:
+    src = json.load(open(sys.argv[0].replace("fake_vllm.py", "example.json")))
+    rate = opt("--request-rate")
+    src.update(request_rate=rate if rate == "inf" else float(rate), num_prompts=int(opt("--num-prompts")),
+               burstiness=float(opt("--burstiness", 1.0)), request_throughput=9.5)
+    if opt("--dataset-name") == "sharegpt":
+        json.load(open(opt("--dataset-path")))
+    time.sleep(0.2)
+    json.dump(src, open(opt("--result-dir") + "/" + opt("--result-filename"), "w"))
+'''
+
+
+def test_serve_bench_orchestration_with_fake_vllm(tmp_path):
+    """The whole driver (model dir, server start/health/KV log, runs, provenance, stop) against a
+    fake `vllm` CLI: a tiny HTTP server and a bench that copies the example result."""
+    pytest.importorskip("transformers")
+    import socket
+    fake = tmp_path / "fake_vllm.py"
+    fake.write_text(FAKE_VLLM)
+    shutil.copy(EXAMPLE, tmp_path / "example.json")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "out"
+    rc = sb.main(["--model", "llama2_7b", "--out", str(out), "--port", str(port),
+                  "--model-dir", str(tmp_path / "m"), "--vllm-cli", f"{sys.executable} {fake}",
+                  "--runs", "inf,bursty_k0.25,sharegpt", "--health-timeout", "60"])
+    assert rc == 0
+    files = sorted(p.name for p in out.glob("llama2_7b__*.json"))
+    assert files == ["llama2_7b__bursty_k0.25.json", "llama2_7b__inf.json", "llama2_7b__sharegpt.json"]
+    r = json.loads((out / "llama2_7b__bursty_k0.25.json").read_text())
+    assert "generated_texts" not in r
+    p = r["provenance"]
+    assert p["model"] == "llama2_7b" and p["kv_cache_tokens"] == 123456 and p["burstiness"] == 0.25
+    assert p["calibrated_capacity_rps"] == 9.5                      # from the inf run
+    assert p["request_rate"] == pytest.approx(0.6 * 9.5)
+    assert p["server_metrics"]["num_preemptions_delta"] > 0
+    assert "--no-enable-prefix-caching" in p["server_command"] and "--save-detailed" in p["bench_command"]
+    assert V.infer_model(out / "llama2_7b__inf.json", json.loads((out / "llama2_7b__inf.json").read_text())) == "llama2_7b"
+    assert (out / "server_llama2_7b.log").exists() and (out / "serve_bench_llama2_7b.json").exists()
+    summ = json.loads((out / "serve_bench_llama2_7b.json").read_text())
+    assert [x["run"] for x in summ["runs"]] == ["inf", "bursty_k0.25", "sharegpt"] and not summ["skipped"]
