@@ -273,6 +273,17 @@ def parent_age_s() -> Optional[float]:
 
 # ----------------------------------------------------------------------------- server side
 
+BENCH_MODULES = ("vllm", "aiohttp", "tqdm", "PIL", "pybase64", "numpy", "transformers", "tokenizers")
+
+
+def preflight(cli: list[str]) -> list[str]:
+    """Modules `vllm serve` / `vllm bench serve` import; a missing one fails fast, before the GPU
+    time of an engine start is spent."""
+    if cli[-1] != "vllm.entrypoints.cli.main":
+        return []                       # a console script or fake CLI: its own environment
+    return [m for m in BENCH_MODULES if importlib.util.find_spec(m) is None]
+
+
 def http_get(url: str, timeout: float = 5.0) -> tuple[int, str]:
     try:
         with urllib.request.urlopen(url, timeout=timeout) as r:
@@ -475,6 +486,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     def log(msg: str) -> None:
         print(f"[serve_bench {time.monotonic() - t0:6.1f}s] {msg}", flush=True)
 
+    missing = preflight(cli)
+    if missing:
+        print(f"[serve_bench] error: modules missing for vllm serve/bench: {missing} "
+              f"(PYTHONPATH={os.environ.get('PYTHONPATH')})", file=sys.stderr)
+        return 2
     tq = torch_gpu_name_proc()
     cfg = write_model_dir(a.model, model_dir)
     check_tokenizer(tokenizer_dir(model_dir), int(cfg["vocab_size"]))
@@ -490,6 +506,15 @@ def main(argv: Optional[list[str]] = None) -> int:
                 enable_prefix_caching=False, load_format="dummy", dtype="bfloat16",
                 max_model_len=max_model_len or int(cfg["max_position_embeddings"]))
     base.update(gpu_info())
+    # the torch child must be gone before vLLM profiles GPU memory (another process's CUDA context
+    # appearing or vanishing mid-profiling trips vLLM's memory accounting)
+    if tq is not None:
+        try:
+            so, _ = tq.communicate(timeout=90)
+            base.update(json.loads(so.strip().splitlines()[-1]))
+        except Exception:  # noqa: BLE001
+            tq.kill()
+            tq.wait()
     summary: dict[str, Any] = {"model": a.model, "runs": [], "skipped": []}
     srv = None
     logf = open(server_log, "w")
@@ -514,12 +539,6 @@ def main(argv: Optional[list[str]] = None) -> int:
             base.update({k: v for k, v in parse_metrics(mtext).items() if k.startswith("cache_config.")})
         if "kv_cache_tokens" not in base and "cache_config.num_gpu_blocks" in base:
             base["kv_cache_tokens"] = int(base["cache_config.num_gpu_blocks"]) * int(base.get("cache_config.block_size", 16))
-        if tq is not None:
-            try:
-                so, _ = tq.communicate(timeout=60)
-                base.update(json.loads(so.strip().splitlines()[-1]))
-            except Exception:  # noqa: BLE001
-                tq.kill()
         log(f"KV cache: {base.get('kv_cache_tokens')} tokens; gpu {base.get('gpu') or base.get('nvidia_smi_name')}")
 
         calibrated = a.capacity is not None
