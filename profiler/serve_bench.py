@@ -48,7 +48,7 @@ SPECIAL_TOKENS = ("[UNK]", "<s>", "</s>")   # the last three ids of the vocabula
 # Per-model bench settings. assumed_capacity (req/s at the random I/O below) is only used by
 # --dry-run and when the inf run fails; the real run calibrates from the inf run.
 MODEL_SETTINGS: dict[str, dict[str, Any]] = {
-    "qwen2_5_7b": dict(input_len=1024, output_len=256, max_model_len=None, n_inf=320,
+    "qwen2_5_7b": dict(input_len=1024, output_len=256, max_model_len=None, n_inf=400,
                        assumed_capacity=14.0),
     # MHA: ~0.5 MiB of KV per token -> ~100k tokens on an 80 GB H100, i.e. ~80 sequences of
     # 1024+384; the inf and near-saturation runs overrun the KV cache and preempt.
