@@ -300,6 +300,44 @@ class QueueingConfig:
 
 
 @dataclass
+class CapacityConfig:
+    """Capacity planning (`+experiment=capacity`, sim/capacity.py): per policy, the fewest GPUs
+    meeting the SLO at target_qps, and the max QPS a cluster of `num_gpus` sustains under it.
+    The SLO is p99 E2EL <= slo_p99_ms (all tasks), or, when slo_p99_ms is null, goodput-based:
+    slo_attainment (per-task targets of `slo`) >= min_attainment."""
+    target_qps: float = 4.0
+    slo_p99_ms: Optional[float] = 120000.0
+    min_attainment: float = 0.95
+    policies: list[str] = field(default_factory=lambda: list(POLICIES))
+    num_requests: int = 3000          # requests per probe simulation
+    num_gpus: Optional[int] = None    # cluster for the max-QPS search (null = cluster.num_gpus)
+    min_gpus: int = 1
+    max_gpus: int = 4096
+    qps_rel_tol: float = 0.05         # max-QPS bisection stops at hi/lo - 1 <= this
+    max_probes: int = 40              # per policy and search
+    n_jobs: int = 2                   # joblib workers (loky, as hydra's joblib launcher)
+    search: list[str] = field(default_factory=lambda: ["min_gpus", "max_qps"])
+
+    def check(self) -> None:
+        _check(self.target_qps > 0, "capacity.target_qps", self.target_qps, "> 0 requests/s")
+        _check(self.slo_p99_ms is None or self.slo_p99_ms > 0, "capacity.slo_p99_ms",
+               self.slo_p99_ms, "> 0 ms or null (goodput-based SLO)")
+        _check(0 < self.min_attainment <= 1, "capacity.min_attainment", self.min_attainment, "in (0, 1]")
+        _check(len(self.policies) > 0 and all(p in POLICIES for p in self.policies),
+               "capacity.policies", list(self.policies), f"a non-empty list from {list(POLICIES)}")
+        _check(self.num_requests >= 10, "capacity.num_requests", self.num_requests, ">= 10")
+        _check(self.num_gpus is None or self.num_gpus >= 1, "capacity.num_gpus", self.num_gpus,
+               ">= 1 or null")
+        _check(1 <= self.min_gpus <= self.max_gpus, "capacity.min_gpus/max_gpus",
+               (self.min_gpus, self.max_gpus), "1 <= min_gpus <= max_gpus")
+        _check(0 < self.qps_rel_tol < 1, "capacity.qps_rel_tol", self.qps_rel_tol, "in (0, 1)")
+        _check(self.max_probes >= 2, "capacity.max_probes", self.max_probes, ">= 2")
+        _check(self.n_jobs >= 1 or self.n_jobs == -1, "capacity.n_jobs", self.n_jobs, ">= 1 or -1 (all cores)")
+        _check(len(self.search) > 0 and all(s in ("min_gpus", "max_qps") for s in self.search),
+               "capacity.search", list(self.search), "a non-empty list from ['min_gpus', 'max_qps']")
+
+
+@dataclass
 class OutputConfig:
     progress: str = "auto"          # auto: a bar on long single runs, off in multirun
     write_requests: bool = True
@@ -326,6 +364,7 @@ class SimConfig:
     slo: SLOConfig = field(default_factory=SLOConfig)
     cost: CostConfig = field(default_factory=CostConfig)
     queueing: QueueingConfig = field(default_factory=QueueingConfig)
+    capacity: CapacityConfig = field(default_factory=CapacityConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
     def check(self) -> "SimConfig":
@@ -335,6 +374,6 @@ class SimConfig:
                "a model name from conf/model/")
         _choice(self.experiment, "experiment", EXPERIMENTS)
         for part in (self.workload, self.cluster, self.policy, self.engine, self.diffusion,
-                     self.latency, self.slo, self.cost, self.queueing, self.output):
+                     self.latency, self.slo, self.cost, self.queueing, self.capacity, self.output):
             part.check()
         return self
