@@ -244,6 +244,7 @@ class DiffusionConfig:
 class LatencyConfig:
     out_of_range: OutOfRange = OutOfRange.error
     service_law: str = "profile"
+    tables: Optional[str] = None    # table set under profiles_dir (default: cluster.gpu), e.g. h100-analytic
 
     def check(self) -> None:
         _choice(self.service_law, "latency.service_law", SERVICE_LAWS)
