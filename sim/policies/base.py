@@ -119,7 +119,9 @@ class Policy:
         """Serial GPU-seconds a hop costs at typical batching (load balancing and sizing)."""
         lat, m = self.lat, job.model
         if job.stage == "ar":
-            t = lat.prefill(m, max(job.tokens, 1))
+            budget = self.cfg.engine.max_num_batched_tokens
+            full, rest = divmod(max(job.tokens, 1), budget)   # chunked prefill
+            t = full * lat.prefill(m, budget) + (lat.prefill(m, rest) if rest else 0.0)
             if job.vision_tokens:
                 t += lat.vision_encode(m, job.vision_tokens)
             if job.out_tokens > 1:
