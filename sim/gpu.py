@@ -4,7 +4,8 @@ A unit is a run of engine iterations whose batch does not change (`ends` = cumul
 offsets of its steps). It is committed in one event, unless new work reaches the GPU while it
 runs: then it is cut at the next step boundary and the engines re-plan, exactly as if every
 step had been simulated (jump-ahead; see tests/test_jump_exact.py).
-Engines on one GPU time-share it round-robin at unit granularity (baseline replicas)."""
+Engines on one GPU time-share it round-robin at step boundaries (baseline replicas,
+co-located pools): a unit spans several steps only while no other engine there has work."""
 from __future__ import annotations
 
 from bisect import bisect_left
@@ -75,7 +76,10 @@ class GPU:
             u = e.plan(now)
             if u is not None:
                 self.rr = (self.rr + i + 1) % n
-                if not self.step_jump and len(u.ends) > 1:
+                # one step when jumping is off, or when another engine here has work: engines
+                # share the GPU round-robin at step boundaries, as if every step were simulated
+                if len(u.ends) > 1 and (not self.step_jump or any(
+                        o is not e and o.has_work() for o in self.engines)):
                     u.ends = u.ends[:1]
                 self._run(u, len(u.ends))
                 return

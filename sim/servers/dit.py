@@ -77,6 +77,12 @@ class DiTEngine:
             start_record(job, self.gpu.name, now)
             self.steps_done[id(job)] = 0
             self.batch.append(job)
+        nxt = self.queue.head() if taken else None
+        if nxt is not None:     # a new head: other busy engines that could take it re-plan now
+            for e in self.queue.engines:
+                g = e.gpu
+                if e is not self and g is not None and g.cur is not None and g.available and e.can_join(nxt):
+                    g.kick()
 
     def plan(self, now: float) -> Unit | None:
         self._admit(now)

@@ -80,10 +80,10 @@ class StageQueue:
             if g is not None and g.cur is None and g.available:
                 g.kick()
                 return
-        for e in self.engines:          # else a busy engine whose batch could take it now
-            if e.gpu is not None and e.gpu.available and e.can_join(job):
-                e.gpu.kick()
-                return
+        for e in self.engines:          # else cut (at the next step) every busy GPU where it
+            g = e.gpu                   # could join the batch or another engine's unit runs
+            if g is not None and g.available and (e.can_join(job) or g.cur.engine is not e):
+                g.kick()
 
     def __iter__(self) -> Iterator[Job]:
         if self.order == "sjf":
