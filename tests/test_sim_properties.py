@@ -9,7 +9,7 @@ import contextlib
 import math
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from conftest import make_cfg, rel_close
@@ -296,7 +296,8 @@ def test_jump_ahead_exact_shared_gpus_under_load(synthetic_profiles, policy):
 
 
 @pytest.mark.parametrize("policy", POLICIES)
-@settings(**dict(SETTINGS, max_examples=10))
+@settings(**dict(SETTINGS, max_examples=10,   # no shrinking: a failing pair of runs is slow
+                 phases=[Phase.explicit, Phase.reuse, Phase.generate]))
 @given(seed=st.integers(0, 10_000), rate=st.sampled_from([1.0, 4.0, 16.0]),
        shape=st.sampled_from([0.3, 1.0]), max_num_seqs=st.sampled_from([4, 256]),
        max_batch=st.sampled_from([1, 2, 8]), compat=st.sampled_from(["exact", "bucket", "any"]),
