@@ -25,7 +25,63 @@ def to_config(cfg: DictConfig) -> SimConfig:
     return obj.check()
 
 
+CACHE_ENV = "MMSERVE_SIM_NO_CACHE"     # set to 1 to always re-simulate
+
+
+def config_sha(cfg: SimConfig) -> str:
+    """sha256 of the resolved config plus a fingerprint (name, size, mtime) of the profile tables
+    it reads and the simulator's version: equal hashes = the same run."""
+    import dataclasses
+    import hashlib
+    import json
+
+    from sim.runner import resolve
+    d = dataclasses.asdict(cfg)
+    d.get("output", {}).pop("progress", None)          # display only
+    prof = resolve(cfg.profiles_dir) / cfg.cluster.gpu
+    tables = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns)
+                    for p in prof.glob("*.parquet")) if prof.is_dir() else []
+    try:
+        from importlib.metadata import version
+        ver = version("mmserve-sim")
+    except Exception:                                  # not installed (source tree)
+        ver = "src"
+    blob = json.dumps({"config": d, "tables": tables, "version": ver}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def cached_summary(outdir: Path, sha: str) -> dict | None:
+    """The summary.json in outdir when it was written by a finished run of the same config."""
+    import json
+    import os
+    if os.environ.get(CACHE_ENV, "") not in ("", "0"):
+        return None
+    p = outdir / "summary.json"
+    try:
+        s = json.loads(p.read_text())
+    except (OSError, ValueError):
+        return None
+    return s if isinstance(s, dict) and s.get("config_sha") == sha else None
+
+
 def execute(cfg: SimConfig, outdir: Path, multirun: bool) -> dict:
+    """Run one experiment into outdir. Per-run cache: when outdir already holds a summary.json
+    with the same `config_sha` (a finished run of the same resolved config, e.g. an interrupted
+    sweep re-launched with the same hydra.sweep.dir), it is reused and nothing is simulated."""
+    from sim.output import write_json_atomic
+    sha = config_sha(cfg)
+    hit = cached_summary(outdir, sha)
+    if hit is not None:
+        print(f"cached: {outdir} (config_sha={sha[:12]}): reusing summary.json, not re-simulated")
+        return hit
+    summary = _execute(cfg, outdir, multirun)
+    summary["config_sha"] = sha
+    if (outdir / "summary.json").exists():
+        write_json_atomic(outdir / "summary.json", summary)
+    return summary
+
+
+def _execute(cfg: SimConfig, outdir: Path, multirun: bool) -> dict:
     from sim.output import print_summary
     if cfg.experiment == "queueing":
         from sim.queueing import run_queueing

@@ -12,6 +12,15 @@ Where vLLM reports 0 for an empty metric (e.g. TTFT of image-output requests), w
 image tokens are reported separately (``image_*_tokens``) and together in the unified rate.
 ``per_stage`` statistics are per stage *visit* (a request may visit dit_step many times); their
 p99s come from QuantileSketches (relative error 0.5%), their means are exact.
+
+Which quantiles are exact: every per-request statistic (TTFT, TPOT, E2EL, queue; overall and
+per task; mean/median/std/p90/p99) is computed by numpy from the full per-request columns, so it
+is exact. ITL (``*_itl_ms``) and ``per_stage`` ``p99_*`` come from ``sim.sketch.QuantileSketch``:
+the returned quantile is within relative error ``alpha`` (0.5%: ``|x~ - x| <= 0.005 x``) of the
+exact weighted lower quantile; their mean/std/count stay exact (up to float summation order).
+Memory: about 100 bytes per completed request (the columns) plus a few thousand sketch buckets,
+whatever the run length; ITL and stage values are buffered and folded into the sketches in
+vectorised batches of ``_FLUSH`` values (same buckets as adding them one by one).
 """
 from __future__ import annotations
 
@@ -26,6 +35,8 @@ from sim.config import SLOConfig
 from sim.output import REQUEST_COLUMNS, meets_slo, request_row, rows_to_table
 from sim.request import TEXT_OUT_TASKS, Request
 from sim.sketch import QuantileSketch
+
+_FLUSH = 1 << 16          # buffered sketch values folded in per vectorised add_many
 
 _FLOAT_COLS = ("arrival", "finish", "ttft_ms", "tpot_ms", "e2el_ms", "queue_ms")
 _INT_COLS = ("prompt_tokens", "output_tokens", "image_tokens_in", "image_tokens_out",
@@ -72,14 +83,26 @@ def _stats(values: np.ndarray, name: str, which: tuple[str, ...] = (
 
 
 class _StageStats:
-    """Queue (enqueue->start) and service (start->end) times of one stage, per visit."""
-    __slots__ = ("queue", "service")
+    """Queue (enqueue->start) and service (start->end) times of one stage, per visit (ms).
+    Values are buffered in ``qbuf``/``sbuf`` and folded into the sketches in batches."""
+    __slots__ = ("queue", "service", "qbuf", "sbuf")
 
     def __init__(self) -> None:
         self.queue = QuantileSketch()
         self.service = QuantileSketch()
+        self.qbuf: list[float] = []
+        self.sbuf: list[float] = []
+
+    def flush(self) -> None:
+        if self.qbuf:
+            self.queue.add_many(self.qbuf)
+            self.qbuf = []
+        if self.sbuf:
+            self.service.add_many(self.sbuf)
+            self.sbuf = []
 
     def summary(self) -> dict[str, Any]:
+        self.flush()
         return {"visits": int(self.service.count or self.queue.count),
                 "mean_queue_ms": self.queue.mean, "p99_queue_ms": self.queue.quantile(0.99),
                 "mean_service_ms": self.service.mean,
@@ -104,35 +127,108 @@ class MetricsCollector:
         self._i = {c: array("q") for c in _INT_COLS}
         self._rows: list[tuple[Any, ...]] = []
         self._stages: dict[str, _StageStats] = {}
-        self.itl = QuantileSketch(alpha=itl_alpha)   # milliseconds
+        self._itl = QuantileSketch(alpha=itl_alpha)   # milliseconds
+        self._itl_v: list[float] = []                 # buffered single steps (seconds)
+        self._itl_w: list[float] = []
+        self._itl_arrs: list[tuple[np.ndarray, float]] = []   # buffered step series (seconds)
+        self._itl_n = 0
 
     def __len__(self) -> int:
         return len(self._task)
 
-    def record(self, req: Request) -> dict[str, Any]:
-        """Add a completed request; returns its requests.parquet row (see output.request_row)."""
-        row = request_row(req, self.slo)
-        code = self._task_codes.setdefault(req.task, len(self._task_codes))
+    @property
+    def itl(self) -> QuantileSketch:
+        """The ITL sketch (ms), with every buffered value folded in."""
+        self._flush_itl()
+        return self._itl
+
+    def record(self, req: Request, row: bool = True) -> dict[str, Any] | None:
+        """Add a completed request; returns its requests.parquet row (see output.request_row).
+
+        ``row=False``: the caller does not need the row; it is then built only while the first
+        ``keep_rows`` rows are being kept (same numbers either way), and None is returned."""
+        if row or len(self._rows) < self.keep_rows:
+            r = request_row(req, self.slo)
+            code = self._task_codes.setdefault(req.task, len(self._task_codes))
+            self._task.append(code)
+            for c, a in self._f.items():
+                a.append(_f(r[c]))
+            for c, a in self._i.items():
+                a.append(int(r[c]))
+            self._add_stages(req.stages)
+            if len(self._rows) < self.keep_rows:
+                self._rows.append(tuple(r[c] for c in REQUEST_COLUMNS))
+            return r if row else None
+        self._record_fast(req)
+        return None
+
+    def _record_fast(self, req: Request) -> None:
+        """record() without building the row dict: the same arithmetic as output.request_row."""
+        code = self._task_codes.get(req.task)
+        if code is None:
+            code = self._task_codes[req.task] = len(self._task_codes)
         self._task.append(code)
-        for c, a in self._f.items():
-            a.append(_f(row[c]))
-        for c, a in self._i.items():
-            a.append(int(row[c]))
-        for s in req.stages:
-            st = self._stages.get(s.stage)
+        f = self._f
+        arrival, finish = req.arrival, req.finish
+        e2el = (finish - arrival) * 1000.0
+        ttft = req.ttft * 1000.0
+        tpot = req.tpot * 1000.0
+        first_start = min((s.start for s in req.stages if s.start == s.start), default=math.nan)
+        queue = (first_start - arrival) * 1000.0
+        inf = math.inf
+        f["arrival"].append(arrival)
+        f["finish"].append(finish if -inf < finish < inf else math.nan)
+        f["ttft_ms"].append(ttft if -inf < ttft < inf else math.nan)
+        f["tpot_ms"].append(tpot if -inf < tpot < inf else math.nan)
+        f["e2el_ms"].append(e2el if -inf < e2el < inf else math.nan)
+        f["queue_ms"].append(queue if -inf < queue < inf else math.nan)
+        i = self._i
+        i["prompt_tokens"].append(req.prompt_tokens)
+        i["output_tokens"].append(req.output_tokens)
+        i["image_tokens_in"].append(req.image_tokens_in)
+        i["image_tokens_out"].append(req.image_tokens_out)
+        i["preemptions"].append(req.preemptions)
+        self._add_stages(req.stages)
+
+    def _add_stages(self, stages) -> None:
+        st_map = self._stages
+        for s in stages:
+            st = st_map.get(s.stage)
             if st is None:
-                st = self._stages[s.stage] = _StageStats()
-            if s.start == s.start:
-                st.queue.add((s.start - s.enqueue) * 1000.0)
-                if s.end == s.end:
-                    st.service.add((s.end - s.start) * 1000.0)
-        if len(self._rows) < self.keep_rows:
-            self._rows.append(tuple(row[c] for c in REQUEST_COLUMNS))
-        return row
+                st = st_map[s.stage] = _StageStats()
+            start = s.start
+            if start == start:
+                st.qbuf.append((start - s.enqueue) * 1000.0)
+                end = s.end
+                if end == end:
+                    st.sbuf.append((end - start) * 1000.0)
+                if len(st.qbuf) >= _FLUSH:
+                    st.flush()
 
     def add_itl(self, duration_s: float, weight: int) -> None:
         """One AR engine step of ``duration_s`` gave a decode token to ``weight`` sequences."""
-        self.itl.add(duration_s * 1000.0, weight)
+        self._itl_v.append(duration_s)
+        self._itl_w.append(weight)
+        if len(self._itl_v) >= _FLUSH:
+            self._flush_itl()
+
+    def add_itl_many(self, durations_s: np.ndarray, weight: int) -> None:
+        """Consecutive AR engine steps (durations in seconds), each giving a decode token to
+        ``weight`` sequences: the same as add_itl per step."""
+        self._itl_arrs.append((durations_s, weight))
+        self._itl_n += len(durations_s)
+        if self._itl_n >= _FLUSH:
+            self._flush_itl()
+
+    def _flush_itl(self) -> None:
+        if self._itl_v:
+            self._itl.add_many(np.asarray(self._itl_v) * 1000.0, self._itl_w)
+            self._itl_v, self._itl_w = [], []
+        if self._itl_arrs:
+            v = np.concatenate([a for a, _ in self._itl_arrs]) * 1000.0
+            w = np.concatenate([np.full(len(a), float(wt)) for a, wt in self._itl_arrs])
+            self._itl.add_many(v, w)
+            self._itl_arrs, self._itl_n = [], 0
 
     def requests_frame(self) -> pd.DataFrame:
         """The recorded rows as a DataFrame (same columns and types as requests.parquet)."""

@@ -31,7 +31,8 @@ class Run:
         self.cfg = cfg
         self.outdir = outdir
         self.env = simpy.Environment()
-        self.lat = LatencyModel(resolve(cfg.profiles_dir), cfg.cluster.gpu, cfg.latency.out_of_range)
+        self.lat = LatencyModel(resolve(cfg.profiles_dir), cfg.latency.tables or cfg.cluster.gpu,
+                                cfg.latency.out_of_range)
         self.metrics = MetricsCollector(cfg.slo, keep_rows=keep_rows)
         self.workload = Workload(cfg.workload, cfg.seed, model_override=cfg.model)
         self.n_total = len(self.workload)
@@ -50,9 +51,10 @@ class Run:
     def _on_complete(self, req) -> None:
         self.completed += 1
         self.last_finish = self.env.now
-        row = self.metrics.record(req)
         if self.writer is not None:
-            self.writer.add_row(row)
+            self.writer.add_row(self.metrics.record(req))
+        else:
+            self.metrics.record(req, row=False)   # no row dict unless it is kept
         if self.requests is not None:
             self.requests.append(req)
 

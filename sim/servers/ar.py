@@ -63,6 +63,8 @@ class AREngine:
         self.waiting = StageQueue(f"{model}/waiting", priority)
         self.running: list[Seq] = []
         self.itl_sink = itl_sink
+        # a sink that takes a whole series of step durations at once (MetricsCollector)
+        self.itl_many = getattr(getattr(itl_sink, "__self__", None), "add_itl_many", None)
         self.max_model_len = max_model_len
         self.gpu = None
         self.sched: list[tuple[Seq, int]] = []
@@ -139,9 +141,16 @@ class AREngine:
         sched: list[tuple[Seq, int]] = []
         preempted = False
         i = 0
-        while i < len(self.running) and budget > 0:
-            s = self.running[i]
-            n = min(s.need, budget)
+        running, bs = self.running, self.bs
+        while i < len(running) and budget > 0:
+            s = running[i]
+            need = s.prompt + s.generated - s.computed
+            n = need if need < budget else budget
+            if -(-(s.computed + n) // bs) <= s.blocks:     # _alloc needs no new block: True
+                sched.append((s, n))
+                budget -= n
+                i += 1
+                continue
             while not self._alloc(s, s.computed + n):
                 victim = self.running.pop()
                 for k, (q, m) in enumerate(sched):
@@ -179,7 +188,7 @@ class AREngine:
         d_ctx = p_ctx = 0.0
         vision = 0
         for s, n in sched:
-            if n == 1 and s.generated > 0 and s.need == 1:
+            if n == 1 and s.generated > 0 and s.prompt + s.generated - s.computed == 1:
                 d_seqs += 1
                 d_ctx += s.computed
             else:
@@ -221,7 +230,9 @@ class AREngine:
         def extra(j: int) -> int:  # blocks beyond those held, to compute j steps
             return int(np.maximum(-(-(comp + j) // self.bs) - held, 0).sum())
 
-        lo, hi = 1, k
+        if extra(k) <= self.free_blocks:       # common case: enough free blocks for all k
+            return k
+        lo, hi = 1, k - 1
         while lo < hi:
             mid = (lo + hi + 1) // 2
             if extra(mid) <= self.free_blocks:
@@ -237,14 +248,15 @@ class AREngine:
         decoded = 0
         finished = []
         for s, n in self.sched:
-            was_decode = n == 1 and s.generated > 0 and s.need == 1
+            gen = s.generated
+            was_decode = n == 1 and gen > 0 and s.prompt + gen - s.computed == 1
             if not s.encoded:
                 s.encoded = True
                 req = s.job.req
                 req.stages.append(StageRecord("vision_encode", self.gpu.name, self.gpu.start,
                                               self.gpu.start, now))
             s.computed += n
-            if s.need > 0:
+            if s.prompt + gen - s.computed > 0:
                 continue                        # chunked prefill not finished
             if s.out == 0:
                 finished.append(s)              # prefill-only (condition encoder)
@@ -264,14 +276,20 @@ class AREngine:
         self.steps += k
         ends = self.jump_ends
         finished = []
+        bs = self.bs
         for s, _ in self.sched:
-            if k > 1:
+            if k > 1 and -(-(s.computed + k) // bs) > s.blocks:
                 self._alloc(s, s.computed + k)   # blocks of steps 2..k (step 1 allocated in plan)
             s.computed += k
             s.generated += k
             if s.generated >= s.out:
                 finished.append(s)
-        if self.itl_sink:
+        if self.itl_many is not None:
+            # per-step durations e[i] - e[i-1] (e[-1] = 0), the same floats as the loop below
+            d = ends[:k].copy()
+            d[1:] -= ends[:k - 1]
+            self.itl_many(d, len(self.sched))
+        elif self.itl_sink:
             prev = 0.0
             d = len(self.sched)
             for e in ends[:k]:
