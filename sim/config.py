@@ -60,7 +60,7 @@ class LengthDist:
 @dataclass
 class ArrivalConfig:
     process: str = "gamma"          # gamma (k=1 Poisson, k<1 bursty) | mmpp | trace
-    rate: float = 4.0               # mean requests/s (gamma); ignored for trace
+    rate: float = 2.0               # mean requests/s (gamma); ignored for trace
     shape: float = 0.5              # Gamma shape k; vLLM's --burstiness
     vllm_scaling: bool = False      # rescale so the last request lands at N/rate, as vllm bench serve
     # Markov-modulated Poisson: a base state and a burst state with exponential sojourns.
@@ -82,7 +82,7 @@ class ImageSizeConfig:
     """Pareto image sides (heavy tail), clipped, with an aspect ratio drawn from a set."""
     alpha: float = 2.5
     x_min: int = 256
-    max: int = 2048
+    max: int = 1328
     round_to: int = 16
     aspect_ratios: list[float] = field(default_factory=lambda: [1.0, 1.0, 0.75, 1.333, 0.5625, 1.778])
 
