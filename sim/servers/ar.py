@@ -71,6 +71,10 @@ class AREngine:
         self.vision_in_step = 0
         self.peak_blocks_used = 0
         self.steps = 0
+        # load() bookkeeping (exact integers): sum of prompt + out over queued and running
+        # sequences, and sum of computed tokens over running ones (queued ones hold 0)
+        self._po = 0
+        self._comp = 0
 
     # --- interface used by routers and the GPU ----------------------------------------------
     def submit(self, job: Job, now: float) -> None:
@@ -81,6 +85,7 @@ class AREngine:
                 f"{need} KV blocks but model {self.model} has {self.total_blocks} on this GPU "
                 f"(engine.kv_capacity_tokens / max_model_len too small for this workload)")
         job.enqueued = now
+        self._po += job.tokens + job.out_tokens
         self.waiting.put(Seq(job), now)   # queue items are Seqs (duck-typed: priority, work, enqueued)
         if self.gpu is not None:
             self.gpu.kick()
@@ -93,8 +98,9 @@ class AREngine:
 
     def load(self) -> float:
         """Outstanding tokens (prompt + output) of queued and running requests."""
-        w = sum(s.prompt + s.out for s in self.waiting)
-        r = sum(s.need + s.out - s.generated for s in self.running)
+        # = sum(prompt + out) of queued + sum(need + out - generated) of running, kept
+        # incrementally (need + out - generated = prompt + out - computed; queued: computed = 0)
+        w, r = 0, self._po - self._comp
         g = self.gpu   # a jumped decode unit commits at its end: count the steps already run
         if g is not None and g.cur is not None and g.cur.engine is self and g.cur.commit == self._commit_jump:
             r -= len(self.sched) * bisect_right(g.cur.ends, g.env.now - g.start + 1e-12)
@@ -126,6 +132,7 @@ class AREngine:
 
     def _preempt(self, s: Seq, now: float) -> None:
         self._free(s)
+        self._comp -= s.computed
         s.computed = 0
         s.encoded = s.job.vision_tokens == 0
         s.job.req.preemptions += 1
@@ -256,6 +263,7 @@ class AREngine:
                 req.stages.append(StageRecord("vision_encode", self.gpu.name, self.gpu.start,
                                               self.gpu.start, now))
             s.computed += n
+            self._comp += n
             if s.prompt + gen - s.computed > 0:
                 continue                        # chunked prefill not finished
             if s.out == 0:
@@ -281,6 +289,7 @@ class AREngine:
             if k > 1 and -(-(s.computed + k) // bs) > s.blocks:
                 self._alloc(s, s.computed + k)   # blocks of steps 2..k (step 1 allocated in plan)
             s.computed += k
+            self._comp += k
             s.generated += k
             if s.generated >= s.out:
                 finished.append(s)
@@ -311,6 +320,8 @@ class AREngine:
         for s in finished:
             self.running.remove(s)
             self._free(s)
+            self._po -= s.prompt + s.out
+            self._comp -= s.computed
             if s.job.record is not None and math.isnan(s.job.record.end):
                 s.job.record.end = now
             if s.dec_rec is not None:
