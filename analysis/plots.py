@@ -165,7 +165,7 @@ def load_multirun(root: str | Path, with_requests: bool = False
         if with_requests and rq.exists():
             reqs.append(pd.read_parquet(rq).assign(policy=s.get("policy"), rate=rate,
                                                    seed=s.get("seed"), cluster=s.get("cluster"),
-                                                   num_gpus=s.get("num_gpus")))
+                                                   num_gpus=s.get("num_gpus"), run_dir=str(sp.parent)))
     df = pd.DataFrame(rows)
     return df, (pd.concat(reqs, ignore_index=True) if reqs else None)
 
@@ -251,10 +251,11 @@ def utilization_by_pool(summaries: dict[str, dict] | pd.DataFrame, key: str = "p
 
 
 def stage_occupancy(requests: pd.DataFrame, bin_s: float | None = None, hue: str = "policy",
-                    stages: Iterable[str] = STAGES, path: str | Path | None = None,
+                    stages: Iterable[str] = tuple(s for s in STAGES if s != "transfer"), path: str | Path | None = None,
                     title: str | None = None) -> plt.Figure:
     """Per-stage occupancy over time from <stage>_start/<stage>_end: mean number of requests in
-    service at each stage per time bin (a request's first start to last end at that stage)."""
+    service at each stage per time bin (a request's first start to last end at that stage; so
+    `transfer`, whose first and last hops bracket the whole DiT phase, is left out by default)."""
     stages = [s for s in stages if f"{s}_start" in requests and requests[f"{s}_start"].notna().any()]
     labels = _order(requests[hue].unique(), POLICY_ORDER) if hue in requests else [None]
     fig, axes = plt.subplots(len(labels), 1, figsize=(9, 2.6 * len(labels)), squeeze=False,
@@ -281,15 +282,35 @@ def stage_occupancy(requests: pd.DataFrame, bin_s: float | None = None, hue: str
 
 
 def _occupancy(start: np.ndarray, end: np.ndarray, edges: np.ndarray) -> np.ndarray:
-    """Time-average count of [start, end) intervals overlapping each bin."""
-    width = np.diff(edges)
-    out = np.zeros(len(width))
-    for s, e in zip(start, end):
-        i0 = max(np.searchsorted(edges, s, "right") - 1, 0)
-        i1 = min(np.searchsorted(edges, e, "left"), len(width))
-        for i in range(i0, i1):
-            out[i] += max(0.0, min(e, edges[i + 1]) - max(s, edges[i]))
-    return out / width
+    """Time-average count of [start, end) intervals overlapping each bin (vectorised:
+    G(t) = sum over intervals of |[s, e) & [0, t)| = sum_{e<t} e + t (#{s<t} - #{e<t}) - sum_{s<t} s)."""
+    s = np.sort(np.asarray(start, float))
+    e = np.sort(np.asarray(end, float))
+    cs = np.concatenate([[0.0], np.cumsum(s)])
+    ce = np.concatenate([[0.0], np.cumsum(e)])
+    ns = np.searchsorted(s, edges, "left")
+    ne = np.searchsorted(e, edges, "left")
+    g = ce[ne] + edges * (ns - ne) - cs[ns]
+    return np.diff(g) / np.diff(edges)
+
+
+def scale_comparison(summaries: pd.DataFrame, metrics: tuple[str, ...] = (
+        "p99_e2el_ms", "slo_attainment", "mean_gpu_util", "usd_per_1k_requests"),
+        x: str = "num_gpus", path: str | Path | None = None, title: str | None = None) -> plt.Figure:
+    """Bars per cluster size and policy (mean over seeds, 95% CI) for a few headline metrics."""
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.4 * len(metrics), 3.8), squeeze=False)
+    hue_order = _order(summaries["policy"].unique(), POLICY_ORDER)
+    for ax, m in zip(axes.flat, metrics):
+        sns.barplot(data=summaries, x=x, y=m, hue="policy", hue_order=hue_order,
+                    errorbar=("ci", 95), ax=ax)
+        if m.endswith("_ms"):
+            ax.set_yscale("log")
+        ax.set_xlabel("GPUs" if x == "num_gpus" else x)
+        if ax is not axes.flat[0] and ax.get_legend():
+            ax.get_legend().remove()
+    fig.suptitle(title or "policies across cluster sizes")
+    fig.tight_layout()
+    return _save(fig, path)
 
 
 def stage_breakdown(summaries: dict[str, dict] | pd.DataFrame, path: str | Path | None = None,

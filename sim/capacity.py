@@ -14,6 +14,10 @@ Per policy in ``capacity.policies``:
 
 SLO: ``p99_e2el_ms <= capacity.slo_p99_ms`` over all requests, or, with ``slo_p99_ms: null``,
 goodput-based: ``slo_attainment >= capacity.min_attainment`` under the per-task ``slo`` targets.
+Stability guard (``capacity.max_drain_factor``, default 3): a probe also fails when the last
+completion comes more than that many SLO time scales after the last arrival. A p99 leaves 1% of
+requests unconstrained, so a policy that starves large jobs (SJF) can meet it while a backlog
+grows; in a finite run that backlog shows up as a long drain after arrivals stop.
 
 Both searches assume the SLO is monotone (more GPUs / less load never hurts); the probes are
 kept in capacity.json so a reader can check that. Every round gathers the pending probes of
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any, Callable, Generator
@@ -179,8 +184,20 @@ def set_rate(cfg: SimConfig, rate: float) -> None:
     a.rate = float(rate)
 
 
-def meets(s: dict, cap) -> bool:
+def slo_scale_s(cfg: SimConfig) -> float:
+    """The SLO's time scale in seconds (p99 target, else the largest per-task e2el target)."""
+    cap = cfg.capacity
+    if cap.slo_p99_ms is not None:
+        return cap.slo_p99_ms / 1e3
+    e2el = [t.get("e2el_ms") for t in cfg.slo.targets.values() if t.get("e2el_ms")]
+    return max(e2el) / 1e3 if e2el else math.inf
+
+
+def meets(s: dict, cap, slo_s: float = math.inf) -> bool:
     if s.get("error"):
+        return False
+    if cap.max_drain_factor is not None and s.get("drain_s") is not None \
+            and s["drain_s"] > cap.max_drain_factor * slo_s:
         return False
     if cap.slo_p99_ms is not None:
         p99 = s.get("p99_e2el_ms")
@@ -195,7 +212,10 @@ def run_probe(cfg: SimConfig, policy: str, num_gpus: int, rate: float) -> dict[s
     rec: dict[str, Any] = {"policy": policy, "num_gpus": int(num_gpus), "rate": float(rate)}
     t0 = time.perf_counter()
     try:
-        s = Run(probe_config(cfg, policy, num_gpus, rate), None, keep_rows=0).run()
+        pc = probe_config(cfg, policy, num_gpus, rate)
+        run = Run(pc, None, keep_rows=0)
+        s = run.run()
+        last_arrival = max((r.arrival for r in run.workload), default=0.0)
     except ConfigError as e:
         rec.update(error=str(e), wall_s=round(time.perf_counter() - t0, 3))
         return rec
@@ -203,6 +223,8 @@ def run_probe(cfg: SimConfig, policy: str, num_gpus: int, rate: float) -> dict[s
         "request_throughput", "goodput", "slo_attainment", "median_e2el_ms", "p99_e2el_ms",
         "p99_ttft_ms", "usd_per_1k_requests", "duration")})
     rec["mean_gpu_util"] = s["utilization"]["mean_gpu"]
+    rec["last_arrival_s"] = last_arrival
+    rec["drain_s"] = s["duration"] - last_arrival      # completion of the last request - last arrival
     rec["layout"] = s.get("layout")
     rec["gpus_per_pool"] = s["utilization"].get("gpus_per_pool")
     rec["per_task_p99_e2el_ms"] = {t: d.get("p99_e2el_ms") for t, d in s["per_task"].items()}
@@ -230,7 +252,7 @@ class ProbeRunner:
                 recs = Parallel(n_jobs=self.n_jobs, backend="loky")(
                     delayed(run_probe)(self.cfg, *k) for k in todo)
             for k, r in zip(todo, recs):
-                r["meets_slo"] = meets(r, self.cfg.capacity)
+                r["meets_slo"] = meets(r, self.cfg.capacity, slo_scale_s(self.cfg))
                 self.cache[k] = r
         return [self.cache[k] for k in keys]
 

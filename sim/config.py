@@ -309,6 +309,9 @@ class CapacityConfig:
     target_qps: float = 4.0
     slo_p99_ms: Optional[float] = 120000.0
     min_attainment: float = 0.95
+    # stability guard: a probe also fails when the run drains for longer than this many SLOs after
+    # the last arrival (a backlog the p99 hides, e.g. starved large jobs); null = off
+    max_drain_factor: Optional[float] = 3.0
     policies: list[str] = field(default_factory=lambda: list(POLICIES))
     num_requests: int = 3000          # requests per probe simulation
     num_gpus: Optional[int] = None    # cluster for the max-QPS search (null = cluster.num_gpus)
@@ -324,6 +327,8 @@ class CapacityConfig:
         _check(self.slo_p99_ms is None or self.slo_p99_ms > 0, "capacity.slo_p99_ms",
                self.slo_p99_ms, "> 0 ms or null (goodput-based SLO)")
         _check(0 < self.min_attainment <= 1, "capacity.min_attainment", self.min_attainment, "in (0, 1]")
+        _check(self.max_drain_factor is None or self.max_drain_factor > 0, "capacity.max_drain_factor",
+               self.max_drain_factor, "> 0 or null (no stability guard)")
         _check(len(self.policies) > 0 and all(p in POLICIES for p in self.policies),
                "capacity.policies", list(self.policies), f"a non-empty list from {list(POLICIES)}")
         _check(self.num_requests >= 10, "capacity.num_requests", self.num_requests, ">= 10")

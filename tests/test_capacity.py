@@ -120,3 +120,14 @@ def test_trace_workload_refused(cfg_factory):
     cfg.workload.arrival.process = "trace"
     with pytest.raises(ConfigError, match="gamma or mmpp"):
         C.set_rate(cfg, 2.0)
+
+
+def test_drain_guard():
+    cap = SimConfig().capacity
+    cap.slo_p99_ms, cap.max_drain_factor = 1000.0, 3.0
+    ok = {"p99_e2el_ms": 900.0, "drain_s": 2.0}
+    assert C.meets(ok, cap, 1.0)
+    assert not C.meets(dict(ok, drain_s=3.5), cap, 1.0)      # backlog hidden by the p99
+    cap.max_drain_factor = None
+    assert C.meets(dict(ok, drain_s=3.5), cap, 1.0)
+    assert not C.meets({"error": "too few GPUs"}, cap, 1.0)

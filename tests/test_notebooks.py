@@ -15,7 +15,7 @@ EXPECTED = {
     "compare_policies.ipynb": ["latency_cdf_8gpu.png", "qps_latency_8gpu.png",
                                "slo_attainment_8gpu.png", "utilization_8gpu.png",
                                "stage_breakdown_8gpu.png", "stage_occupancy_8gpu.png",
-                               "cost_by_policy.png"],
+                               "cost_by_policy.png", "scale_comparison.png"],
     "capacity_planning.ipynb": ["capacity_probes.png"],
     "theory_vs_sim.ipynb": ["theory_vs_sim.png", "analytic_stages.png"],
 }
