@@ -103,14 +103,16 @@ class StageQueue:
         return None
 
     def remove(self, job: Job) -> None:
-        for lvl in self.levels:
-            try:
+        # a job sits in the level put() chose; look there first, and test membership before
+        # deque.remove (whose "not in deque" ValueError formats the job's repr: slow)
+        levels = self.levels
+        first = levels[min(job.priority, len(levels) - 1)] if len(levels) > 1 else levels[0]
+        for lvl in (first, *levels):
+            if job in lvl:
                 lvl.remove(job)
-            except ValueError:
-                continue
-            self.n -= 1
-            self.work -= job.work
-            return
+                self.n -= 1
+                self.work -= job.work
+                return
 
     def popleft(self) -> Job:
         if self.order == "sjf":
