@@ -17,6 +17,8 @@ One line per scenario:
 `requests_per_s` = simulated requests / wall seconds of `Run.run()` (workload generation,
 simulation and metrics; not interpreter start-up or profile loading). `events_per_s` counts
 SimPy events processed (env.step calls, counted by wrapping step in the bench only).
+--json also prints each result as JSON, with `cpu_s` (the child's CPU seconds over the same span:
+wall_s much above cpu_s means the machine was shared), simulated duration, utilization, p99 E2EL.
 requests.parquet is written only with --write (into a temp dir).
 
 Profile tables: --profiles-dir (default traces/profiles when it holds h100 tables for the
@@ -110,14 +112,17 @@ def run_one(scenario: str, policy: str, n: int, profiles_dir: str, write: bool) 
         return orig(self)
     simpy.Environment.step = counted          # the bench only: counts every SimPy event
     r = Run(cfg, outdir, keep_rows=0)
+    ru0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
     s = r.run()
     wall = time.perf_counter() - t0
+    ru1 = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0   # KiB on Linux
     return {"scenario": scenario, "policy": policy, "requests": s["completed"],
             "gpus": cfg.cluster.num_gpus, "requests_per_s": s["completed"] / wall,
             "events_per_s": steps[0] / wall, "wall_s": wall, "peak_rss_mb": rss,
-            "events": steps[0], "sim_duration_s": s["duration"],
+            "events": steps[0], "cpu_s": cpu, "sim_duration_s": s["duration"],
             "mean_gpu_util": s["utilization"]["mean_gpu"], "p99_e2el_ms": s["p99_e2el_ms"]}
 
 
