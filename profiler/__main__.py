@@ -60,11 +60,16 @@ def main(argv: list[str] | None = None) -> int:
         ap.add_argument("tables", nargs="+")
         ap.add_argument("--tol", type=float, default=0.15,
                         help="relative latency drop tolerated before 'not monotone' (noise)")
+        ap.add_argument("--strict", action="store_true",
+                        help="also fail on non-monotone steps between overhead-bound points")
         a = ap.parse_args(rest)
         from profiler.check import check_table
         bad = 0
         for t in a.tables:
-            problems = check_table(t, a.tol)
+            warns: list[str] = [] if not a.strict else None
+            problems = check_table(t, a.tol, warns)
+            for w in warns or []:
+                print(f"WARN {t}: {w} (a point is overhead-bound: > 3x roofline)")
             if problems:
                 bad += 1
                 print(f"FAIL {t}")

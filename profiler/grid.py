@@ -133,7 +133,7 @@ def plan_vllm(spec: ModelSpec, grid: Any, max_num_batched_tokens: int = 8192,
         C = min(C, L - 256)
         for B in _g(grid, "mixed_decode_batch"):
             for N in _g(grid, "mixed_chunk"):
-                if B + N <= max_num_batched_tokens and B < max_num_seqs:
+                if B + N <= max_num_batched_tokens and B < max_num_seqs and N < L:
                     pts.append(point(m, "prefill", batch_size=1, num_tokens=N, context_len=0,
                                      num_decode_seqs=B))
                     pts[-1]["decode_context"] = C

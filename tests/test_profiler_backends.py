@@ -22,8 +22,9 @@ pytest.importorskip("torch")
 
 def cpu_cfg(tmp_path, *extra):
     return compose(["backend=diffusers", "grid=tiny", "device=cpu", "dtype=float32",
-                    "warmup=0", "repeats=2", f"out_dir={tmp_path}", "gpu=cpu-test",
-                    "progress=false", *extra])
+                    "warmup=0", "repeats=1", f"out_dir={tmp_path}", "gpu=cpu-test",
+                    "progress=false", "grid.vae_resolutions=[[32,32]]", "grid.vae_batch=[1]",
+                    "grid.text_batch=[1]", "grid.text_t5_tokens=[8]", *extra])
 
 
 @pytest.mark.parametrize("model", ["flux1_dev", "qwen_image", "sd3_5_medium"])

@@ -69,13 +69,27 @@ def text_encoder_cost(spec: ModelSpec, comp: str, B: int, T: int) -> tuple[float
     return float(flops), float(bytes_)
 
 
+def dit_token_params(c: dict) -> float:
+    """Weights each token is multiplied by per DiT pass (the FLOP-relevant parameters).
+
+    A dual-stream (MMDiT) block sends image tokens through the image stream and text tokens
+    through the text stream, so a token meets one stream: qkv+o (4 inner^2) + 4x MLP
+    (8 inner^2). A Flux single block: qkv (3) + MLP in (4) + proj_out (5). AdaLN modulation
+    weights act on the timestep vector once per sample, not per token, so they are excluded."""
+    inner = c["num_attention_heads"] * c["attention_head_dim"]
+    per = 12 * inner * inner * (c.get("num_layers", 0) + c.get("num_single_layers", 0))
+    per += 4 * inner * inner * len(c.get("dual_attention_layers", []) or [])  # SD3.5 extra attn
+    return float(per)
+
+
 def dit_cost(spec: ModelSpec, B: int, S_img: int, T: int) -> tuple[float, float]:
     c = spec.components["transformer"]
     P = param_count(c)
     inner = c["num_attention_heads"] * c["attention_head_dim"]
-    layers = c.get("num_layers", 0) + c.get("num_single_layers", 0)
+    layers = c.get("num_layers", 0) + c.get("num_single_layers", 0) + len(
+        c.get("dual_attention_layers", []) or [])
     S = S_img + T
-    flops = 2 * P * B * S + 4 * layers * inner * B * S * S
+    flops = 2 * dit_token_params(c) * B * S + 4 * layers * inner * B * S * S
     bytes_ = P * spec.dtype_bytes + B * S * inner * spec.dtype_bytes * layers * 12
     return float(flops), float(bytes_)
 
