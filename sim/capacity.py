@@ -17,7 +17,10 @@ goodput-based: ``slo_attainment >= capacity.min_attainment`` under the per-task 
 Stability guard (``capacity.max_drain_factor``, default 3): a probe also fails when the last
 completion comes more than that many SLO time scales after the last arrival. A p99 leaves 1% of
 requests unconstrained, so a policy that starves large jobs (SJF) can meet it while a backlog
-grows; in a finite run that backlog shows up as a long drain after arrivals stop.
+grows; in a finite run that backlog shows up as a long drain after arrivals stop. And
+``capacity.min_throughput_ratio`` (default 0.9): over the second half of the arrival window,
+completions must keep up with arrivals -- a run of a few thousand requests at a rate above
+capacity only builds a backlog for a few minutes, which a p99 of minutes can hide.
 
 Both searches assume the SLO is monotone (more GPUs / less load never hurts); the probes are
 kept in capacity.json so a reader can check that. Every round gathers the pending probes of
@@ -199,6 +202,9 @@ def meets(s: dict, cap, slo_s: float = math.inf) -> bool:
     if cap.max_drain_factor is not None and s.get("drain_s") is not None \
             and s["drain_s"] > cap.max_drain_factor * slo_s:
         return False
+    if cap.min_throughput_ratio is not None and s.get("window_throughput_ratio") is not None \
+            and s["window_throughput_ratio"] < cap.min_throughput_ratio:
+        return False
     if cap.slo_p99_ms is not None:
         p99 = s.get("p99_e2el_ms")
         return p99 is not None and p99 <= cap.slo_p99_ms
@@ -213,9 +219,14 @@ def run_probe(cfg: SimConfig, policy: str, num_gpus: int, rate: float) -> dict[s
     t0 = time.perf_counter()
     try:
         pc = probe_config(cfg, policy, num_gpus, rate)
-        run = Run(pc, None, keep_rows=0)
+        run = Run(pc, None, keep_rows=pc.workload.num_requests)
         s = run.run()
-        last_arrival = max((r.arrival for r in run.workload), default=0.0)
+        req = run.metrics.requests_frame()
+        arr, fin = req["arrival"].to_numpy(float), req["finish"].to_numpy(float)
+        last_arrival = float(arr.max()) if len(arr) else 0.0
+        half = last_arrival / 2
+        n_arr = int(((arr > half) & (arr <= last_arrival)).sum())
+        n_fin = int(((fin > half) & (fin <= last_arrival)).sum())
     except ConfigError as e:
         rec.update(error=str(e), wall_s=round(time.perf_counter() - t0, 3))
         return rec
@@ -225,6 +236,8 @@ def run_probe(cfg: SimConfig, policy: str, num_gpus: int, rate: float) -> dict[s
     rec["mean_gpu_util"] = s["utilization"]["mean_gpu"]
     rec["last_arrival_s"] = last_arrival
     rec["drain_s"] = s["duration"] - last_arrival      # completion of the last request - last arrival
+    # completions / arrivals over the second half of the arrival window (~1 when stable)
+    rec["window_throughput_ratio"] = n_fin / n_arr if n_arr else None
     rec["layout"] = s.get("layout")
     rec["gpus_per_pool"] = s["utilization"].get("gpus_per_pool")
     rec["per_task_p99_e2el_ms"] = {t: d.get("p99_e2el_ms") for t, d in s["per_task"].items()}

@@ -312,6 +312,9 @@ class CapacityConfig:
     # stability guard: a probe also fails when the run drains for longer than this many SLOs after
     # the last arrival (a backlog the p99 hides, e.g. starved large jobs); null = off
     max_drain_factor: Optional[float] = 3.0
+    # and when, over the second half of the arrival window, completions fall below this fraction
+    # of arrivals (sustained overload that a short finite run would hide); null = off
+    min_throughput_ratio: Optional[float] = 0.9
     policies: list[str] = field(default_factory=lambda: list(POLICIES))
     num_requests: int = 3000          # requests per probe simulation
     num_gpus: Optional[int] = None    # cluster for the max-QPS search (null = cluster.num_gpus)
@@ -329,6 +332,8 @@ class CapacityConfig:
         _check(0 < self.min_attainment <= 1, "capacity.min_attainment", self.min_attainment, "in (0, 1]")
         _check(self.max_drain_factor is None or self.max_drain_factor > 0, "capacity.max_drain_factor",
                self.max_drain_factor, "> 0 or null (no stability guard)")
+        _check(self.min_throughput_ratio is None or 0 < self.min_throughput_ratio <= 1,
+               "capacity.min_throughput_ratio", self.min_throughput_ratio, "in (0, 1] or null")
         _check(len(self.policies) > 0 and all(p in POLICIES for p in self.policies),
                "capacity.policies", list(self.policies), f"a non-empty list from {list(POLICIES)}")
         _check(self.num_requests >= 10, "capacity.num_requests", self.num_requests, ">= 10")

@@ -131,3 +131,13 @@ def test_drain_guard():
     cap.max_drain_factor = None
     assert C.meets(dict(ok, drain_s=3.5), cap, 1.0)
     assert not C.meets({"error": "too few GPUs"}, cap, 1.0)
+
+
+def test_throughput_guard():
+    cap = SimConfig().capacity
+    cap.slo_p99_ms = 1000.0
+    ok = {"p99_e2el_ms": 900.0, "drain_s": 0.5, "window_throughput_ratio": 0.97}
+    assert C.meets(ok, cap, 1.0)
+    assert not C.meets(dict(ok, window_throughput_ratio=0.7), cap, 1.0)   # sustained overload
+    cap.min_throughput_ratio = None
+    assert C.meets(dict(ok, window_throughput_ratio=0.7), cap, 1.0)
