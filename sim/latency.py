@@ -38,6 +38,18 @@ def _axis_pos(axis: list[float], x: float) -> tuple[int, float]:
     return i, (x - axis[i]) / (axis[i + 1] - axis[i])
 
 
+def _mixed_decode_context(row) -> float | None:
+    """Decode context of a measured mixed step: the profiler stores it in `extra` (context_len
+    there is the prefill chunk's own context)."""
+    extra = getattr(row, "extra", None)
+    if isinstance(extra, str) and extra:
+        e = json.loads(extra)
+        v = e.get("measured_mean_context", e.get("decode_context"))
+        if v:
+            return float(v)
+    return None
+
+
 @dataclass
 class Grid:
     """Latency (seconds) on a product grid of 1-2 axes; NaN cells (OOM holes) are filled along
@@ -328,7 +340,7 @@ class LatencyModel:
             for r in mixed.itertuples():
                 try:
                     d = int(r.num_decode_seqs)
-                    ctx = float(r.context_len) if r.context_len == r.context_len and r.context_len else self._min_ctx(model)
+                    ctx = _mixed_decode_context(r) or self._min_ctx(model)
                     pred = self.prefill(model, int(r.num_tokens) + d) + max(
                         0.0, self.decode(model, d, ctx) - self.decode(model, d, self._min_ctx(model)))
                     ratios.append(r.latency_ms_median / 1e3 / pred)
@@ -373,6 +385,22 @@ class LatencyModel:
             g = Grid.from_frame(f"{model}/{stage}", d, ["batch_size", "pixels"])
             self._grids[key] = g
         return self._lookup(g, (batch, height * width))
+
+    def host_per_seq(self, model: str) -> float:
+        """Host seconds per scheduled sequence in a synchronously timed step: the least-squares
+        slope of decode(B, shortest context) over B <= 64, where the GPU time is flat (weight
+        bound), so the growth is host work (sampling, output processing, input prep).
+        0 for tables not timed synchronously or not measured with vLLM."""
+        st = self.engine_settings(model)
+        if st.get("async_scheduling", True) or self.engines(model) != ["vllm"]:
+            return 0.0
+        g = self._grid(model, "decode", ["batch_size", "context_len"])
+        b = np.asarray(g.axes[0])
+        sel = (b <= 64) & ~g.filled[:, 0]
+        if sel.sum() < 2:
+            return 0.0
+        slope = np.polyfit(b[sel], g.values[sel, 0], 1)[0]
+        return max(0.0, float(slope))
 
     def report(self) -> dict:
         return {"out_of_grid_lookups": dict(self.outside), "oom_hole_lookups": dict(self.hole_hits),

@@ -31,7 +31,8 @@ class Run:
         self.cfg = cfg
         self.outdir = outdir
         self.env = simpy.Environment()
-        self.lat = LatencyModel(resolve(cfg.profiles_dir), cfg.cluster.gpu, cfg.latency.out_of_range)
+        self.lat = LatencyModel(resolve(cfg.profiles_dir), cfg.latency.tables or cfg.cluster.gpu,
+                                cfg.latency.out_of_range)
         self.metrics = MetricsCollector(cfg.slo, keep_rows=keep_rows)
         self.workload = Workload(cfg.workload, cfg.seed, model_override=cfg.model)
         self.n_total = len(self.workload)

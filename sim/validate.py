@@ -118,8 +118,10 @@ def compose_replay(path: Path, model: str, profiles_dir: str, gpu: str,
     from hydra.core.global_hydra import GlobalHydra
 
     from sim.cli import to_config  # registers the schema in hydra's ConfigStore
+    # clamp: ShareGPT prompts shorter than the shortest measured decode context (16) use that
+    # point's latency (attention over fewer tokens is no slower); such lookups are counted.
     ov = ["+experiment=replay_vllm_bench", f"workload.path={path}", f"+model={model}",
-          f"profiles_dir={profiles_dir}", f"cluster.gpu={gpu}"]
+          f"profiles_dir={profiles_dir}", f"cluster.gpu={gpu}", "latency.out_of_range=clamp"]
     prov = prov or {}
     if prov.get("kv_cache_tokens"):
         ov.append(f"engine.kv_capacity_tokens={int(prov['kv_cache_tokens'])}")

@@ -70,7 +70,16 @@ class Baseline(Policy):
         if cap is None:
             measured = self.lat.engine_settings(llm_model)
             cap = kv_capacity_tokens(llm_model, placement, c.gpu_mem_gib, e.gpu_memory_utilization, measured)
+        host = per_seq = 0.0
+        if e.async_scheduling and self.lat.host_per_seq(llm_model) > 0:   # tables timed synchronously
+            host = e.host_overhead_base_ms / 1e3
+            per_seq = (e.host_overhead_per_seq_ms / 1e3 if e.host_overhead_per_seq_ms is not None
+                       else self.lat.host_per_seq(llm_model))
+        self.notes.setdefault("ar_host_overhead_ms", {})[llm_model] = {
+            "base": round(host * 1e3, 3), "per_seq": round(per_seq * 1e3, 4)}
         return AREngine(llm_model, self.lat, cap, max_num_batched_tokens=e.max_num_batched_tokens,
+                        host_s=host, host_per_seq_s=per_seq,
+                        frontend=(e.frontend_ms / 1e3, e.frontend_ms_per_prompt_token / 1e3),
                         max_num_seqs=e.max_num_seqs, block_size=e.block_size,
                         step_overhead_s=e.step_overhead_ms / 1e3, priority=priority,
                         itl_sink=self.ctx.itl_sink, max_model_len=e.max_model_len)

@@ -51,6 +51,7 @@ class AREngine:
     def __init__(self, model: str, lat: LatencyModel, kv_capacity_tokens: int, *,
                  max_num_batched_tokens: int = 8192, max_num_seqs: int = 256, block_size: int = 16,
                  step_overhead_s: float = 0.0, priority: bool = False, itl_sink=None,
+                 host_s: float = 0.0, host_per_seq_s: float = 0.0, frontend=(0.0, 0.0),
                  max_model_len: int | None = None):
         self.model = model
         self.lat = lat
@@ -60,6 +61,9 @@ class AREngine:
         self.total_blocks = max(1, kv_capacity_tokens // block_size)
         self.free_blocks = self.total_blocks
         self.overhead = step_overhead_s
+        self.host = host_s      # async scheduling: a step costs max(sync - host(B), host(B))
+        self.host_seq = host_per_seq_s
+        self.frontend = frontend  # (seconds, seconds per prompt token) before the engine sees it
         self.waiting = StageQueue(f"{model}/waiting", priority)
         self.running: list[Seq] = []
         self.itl_sink = itl_sink
@@ -84,6 +88,14 @@ class AREngine:
                 f"request {job.req.id}: prompt {job.tokens} + output {job.out_tokens} tokens needs "
                 f"{need} KV blocks but model {self.model} has {self.total_blocks} on this GPU "
                 f"(engine.kv_capacity_tokens / max_model_len too small for this workload)")
+        delay = self.frontend[0] + self.frontend[1] * job.tokens if self.gpu is not None else 0.0
+        if delay > 0:
+            env = self.gpu.env
+            env.timeout(delay).callbacks.append(lambda _e: self._enter(job, env.now))
+        else:
+            self._enter(job, now)
+
+    def _enter(self, job: Job, now: float) -> None:
         job.enqueued = now
         self._po += job.tokens + job.out_tokens
         self.waiting.put(Seq(job), now)   # queue items are Seqs (duck-typed: priority, work, enqueued)
@@ -211,10 +223,16 @@ class AREngine:
         t = self.lat.ar_step(self.model, p_tok, d_seqs, d_ctx, p_ctx) + self.overhead
         if vision:
             t += self.lat.vision_encode(self.model, vision)
+        if self.host or self.host_seq:
+            h = self.host + self.host_seq * len(sched)
+            t = max(t - h, h)
         if p_tok == 0 and not preempted and not self._admissible():
             k = self._jump_len()
             if k > 1:
                 series = self.lat.decode_series(self.model, d_seqs, d_ctx, k) + self.overhead
+                if self.host or self.host_seq:
+                    h = self.host + self.host_seq * d_seqs
+                    series = np.maximum(series - h, h)
                 self.jump_ends = ends = np.cumsum(series)
                 return Unit(ends, self._commit_jump, "decode", self)
         return Unit((t,), self._commit_step, "prefill" if p_tok else "decode", self)
