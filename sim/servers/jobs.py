@@ -51,11 +51,13 @@ class StageQueue:
     """Waiting jobs of one stage, shared by the engines that subscribe to it (a pool's central
     queue) or private to one engine. FCFS, or by priority class then arrival when `priority`."""
 
-    AGING = 0.5     # sjf: a job's effective size shrinks by this many seconds per second waited
+    # sjf order = highest response ratio next, (wait + work) / work: short jobs go first, and a
+    # long job's ratio grows while it waits, so nothing starves (a job that has waited as long as
+    # its own work outranks every fresh job)
 
     def __init__(self, name: str, priority: bool = False, order: str = "fifo", clock=None):
         self.name = name
-        self.order = order              # fifo | sjf (shortest estimated work first, with aging)
+        self.order = order              # fifo | sjf (shortest estimated work first, HRRN aging)
         self.clock = clock
         self.levels: list[deque[Job]] = [deque(), deque(), deque()] if priority else [deque()]
         self.priority = priority
@@ -89,7 +91,7 @@ class StageQueue:
         if self.order == "sjf":
             now = self.clock()
             for lvl in self.levels:
-                yield from sorted(lvl, key=lambda j: j.work - self.AGING * (now - j.enqueued))
+                yield from sorted(lvl, key=lambda j: -(now - j.enqueued + j.work) / max(j.work, 1e-9))
             return
         for lvl in self.levels:
             yield from lvl
