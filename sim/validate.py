@@ -221,6 +221,49 @@ def plot_cdfs(curves: list[tuple[str, pd.DataFrame, pd.DataFrame]], path: Path) 
     plt.close(fig)
 
 
+DIFFUSION_TARGET = 0.05      # request latency of a real diffusers pipeline vs the sum of stages
+
+
+def is_diffusers_e2e(obj: Any) -> bool:
+    return isinstance(obj, dict) and str(obj.get("pipeline", "")).startswith("diffusers") and "results" in obj
+
+
+def validate_diffusion(path: Path, profiles_dir: str, gpu: str) -> list[dict[str, Any]]:
+    """A measured end-to-end diffusers pipeline (profiler e2e) vs the simulator's sum of profiled
+    stages for the same request batch: steps x dit_step(batch, latent tokens) + vae_decode."""
+    from profiler.models import load_model
+    from sim.latency import LatencyModel
+    obj = json.loads(Path(path).read_text())
+    model = obj["model"]
+    spec = load_model(model)
+    lat = LatencyModel(Path(profiles_dir), gpu, "error")
+    rows = []
+    for r in obj["results"]:
+        if r.get("status", "ok") != "ok":
+            continue
+        b, h, w, steps = int(r["batch_size"]), int(r["height"]), int(r["width"]), int(r["steps"])
+        weight = b * (2 if r.get("cfg") else 1)
+        dit = steps * lat.dit_step(model, weight, spec.latent_tokens(h, w))
+        vae = lat.vae(model, "vae_decode", b, h, w)
+        sim_ms, meas = (dit + vae) * 1e3, float(r["latency_ms_median"])
+        err = sim_ms / meas - 1.0
+        rows.append({"run": f"{Path(path).stem}:{h}x{w}:b{b}", "model": model, "height": h, "width": w,
+                     "batch_size": b, "steps": steps, "measured_ms": meas, "sim_ms": sim_ms,
+                     "sim_dit_ms": dit * 1e3, "sim_vae_ms": vae * 1e3, "err": err,
+                     "ok": abs(err) <= DIFFUSION_TARGET})
+    return rows
+
+
+def print_diffusion(rows: list[dict[str, Any]]) -> None:
+    if not rows:
+        return
+    print(f"\n== diffusion pipelines: measured request latency vs sum of profiled stages (target {DIFFUSION_TARGET:.0%})")
+    print(f"   {'point':32s} {'measured':>10s} {'simulated':>10s} {'rel.err':>8s}")
+    for r in rows:
+        print(f"   {r['run']:32s} {r['measured_ms']:10.1f} {r['sim_ms']:10.1f} {r['err']:+8.1%} "
+              f"{'ok' if r['ok'] else 'FAIL'}")
+
+
 def run_validation(folder: str | Path, profiles_dir: str = "traces/profiles", gpu: str = "h100",
                    out: Optional[str | Path] = None, model: Optional[str] = None,
                    extra: Optional[list[str]] = None, files: Optional[list[Path]] = None) -> list[dict[str, Any]]:
@@ -250,9 +293,20 @@ def run_validation(folder: str | Path, profiles_dir: str = "traces/profiles", gp
         rows.append(row)
         curves.append((Path(p).stem, mdf, sdf))
     print_table(rows)
+    diffusion: list[dict[str, Any]] = []
+    if Path(folder).is_dir():
+        for p in sorted(Path(folder).rglob("*.json")):
+            try:
+                obj = json.loads(p.read_text())
+            except (OSError, ValueError):
+                continue
+            if is_diffusers_e2e(obj):
+                diffusion += validate_diffusion(p, profiles_dir, gpu)
+    print_diffusion(diffusion)
     pd.DataFrame(rows).to_csv(out / "validation.csv", index=False)
     (out / "validation.json").write_text(json.dumps(
-        {"targets": TARGETS, "profiles_dir": str(profiles_dir), "gpu": gpu, "runs": rows},
+        {"targets": TARGETS, "profiles_dir": str(profiles_dir), "gpu": gpu, "runs": rows,
+         "diffusion_target": DIFFUSION_TARGET, "diffusion": diffusion},
         indent=2, default=lambda x: None if isinstance(x, float) and not np.isfinite(x) else str(x)))
     plot_cdfs(curves, out / "validation_cdfs.png")
     held = [r for r in rows if r.get("held_to_targets")]
