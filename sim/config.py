@@ -32,7 +32,7 @@ class OutOfRange(str, Enum):
 ARRIVAL_PROCESSES = ("gamma", "mmpp", "trace")
 LENGTH_DISTS = ("constant", "uniform", "lognormal", "pareto", "normal")
 POLICIES = ("baseline", "disaggregated", "modality_aware")
-SERVICE_LAWS = ("profile", "constant", "deterministic", "exponential", "lognormal")
+SERVICE_LAWS = ("constant", "deterministic", "exponential", "lognormal")   # queueing scenario
 SHAPE_COMPAT = ("exact", "bucket", "any")
 ROUTERS = ("round_robin", "least_loaded")
 TRACE_FORMATS = ("auto", "csv", "jsonl", "parquet", "vllm_json")
@@ -265,11 +265,11 @@ class DiffusionConfig:
 @dataclass
 class LatencyConfig:
     out_of_range: OutOfRange = OutOfRange.error
-    service_law: str = "profile"
     tables: Optional[str] = None    # table set under profiles_dir (default: cluster.gpu), e.g. h100-analytic
 
     def check(self) -> None:
-        _choice(self.service_law, "latency.service_law", SERVICE_LAWS)
+        _check(self.tables is None or bool(self.tables.strip()), "latency.tables", self.tables,
+               "a table-set folder under profiles_dir, or null")
 
 
 @dataclass
@@ -316,7 +316,7 @@ class QueueingConfig:
         _check(self.servers >= 1, "queueing.servers", self.servers, ">= 1")
         _check(self.arrival_rate > 0, "queueing.arrival_rate", self.arrival_rate, "> 0")
         _check(self.arrival_shape > 0, "queueing.arrival_shape", self.arrival_shape, "> 0")
-        _choice(self.service_law, "queueing.service_law", SERVICE_LAWS[1:])
+        _choice(self.service_law, "queueing.service_law", SERVICE_LAWS)
         _check(self.service_mean_s > 0, "queueing.service_mean_s", self.service_mean_s, "> 0")
         _check(self.service_cv >= 0, "queueing.service_cv", self.service_cv, ">= 0")
         _check(self.num_requests >= 1, "queueing.num_requests", self.num_requests, ">= 1")

@@ -144,6 +144,6 @@ def test_trace_missing_columns(synthetic_profiles, tmp_path):
 
 
 def test_unknown_field_value_choice(synthetic_profiles, tmp_path):
-    lines = _bad(sim("latency.service_law=nope", *base_args(synthetic_profiles, tmp_path / "r")))
+    lines = _bad(sim("diffusion.shape_compat=nope", *base_args(synthetic_profiles, tmp_path / "r")))
     assert len(lines) == 1, lines
-    assert "latency.service_law" in lines[0] and "profile" in lines[0]
+    assert "diffusion.shape_compat" in lines[0] and "bucket" in lines[0]
