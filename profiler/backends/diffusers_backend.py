@@ -157,22 +157,10 @@ class DiffusersBackend(Backend):
 
     def release(self) -> None:
         self._cache = None
-        gc.collect()
-        try:
-            import torch
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-        except Exception:
-            pass
+        _free_gpu_memory()
 
     def cleanup_after_error(self, ctx: RunContext) -> None:
-        gc.collect()
-        try:
-            import torch
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-        except Exception:
-            pass
+        _free_gpu_memory()
 
     def make_call(self, spec, p: dict, ctx: RunContext):
         """Builds inputs for point p; returns a no-arg callable running one forward pass."""
@@ -224,3 +212,15 @@ class DiffusersBackend(Backend):
                                   "warmup": int(cfg.warmup), "repeats": int(cfg.repeats),
                                   "max_point_seconds": float(cfg.max_point_seconds)}
         return row
+
+
+def _free_gpu_memory() -> None:
+    """Drop unreachable tensors and return cached blocks, so the next point (or the next model
+    after an OOM) starts from a clean allocator."""
+    gc.collect()
+    try:
+        import torch
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except Exception:
+        pass
