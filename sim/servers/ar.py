@@ -10,7 +10,7 @@ advanced to its next completion or block shortage in one unit (jump-ahead)."""
 from __future__ import annotations
 
 import math
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 
 import numpy as np
 
@@ -22,7 +22,7 @@ from sim.servers.jobs import Job, StageQueue, start_record
 
 class Seq:
     __slots__ = ("job", "prompt", "out", "generated", "computed", "blocks", "encoded", "dec_rec",
-                 "enqueued")
+                 "enqueued", "ready_at")
 
     def __init__(self, job: Job):
         self.job = job
@@ -33,6 +33,7 @@ class Seq:
         self.blocks = 0
         self.encoded = job.vision_tokens == 0
         self.dec_rec: StageRecord | None = None
+        self.ready_at = 0       # first engine step index that may schedule it (async scheduling)
 
     @property
     def priority(self) -> int:
@@ -52,6 +53,7 @@ class AREngine:
                  max_num_batched_tokens: int = 8192, max_num_seqs: int = 256, block_size: int = 16,
                  step_overhead_s: float = 0.0, priority: bool = False, itl_sink=None,
                  host_s: float = 0.0, host_per_seq_s: float = 0.0, frontend=(0.0, 0.0),
+                 async_admit: bool = False,
                  max_model_len: int | None = None):
         self.model = model
         self.lat = lat
@@ -64,6 +66,7 @@ class AREngine:
         self.host = host_s      # async scheduling: a step costs max(sync - host(B), host(B))
         self.host_seq = host_per_seq_s
         self.frontend = frontend  # (seconds, seconds per prompt token) before the engine sees it
+        self.async_admit = async_admit
         self.waiting = StageQueue(f"{model}/waiting", priority)
         self.running: list[Seq] = []
         self.itl_sink = itl_sink
@@ -98,9 +101,21 @@ class AREngine:
     def _enter(self, job: Job, now: float) -> None:
         job.enqueued = now
         self._po += job.tokens + job.out_tokens
-        self.waiting.put(Seq(job), now)   # queue items are Seqs (duck-typed: priority, work, enqueued)
+        seq = Seq(job)
+        seq.ready_at = self._async_ready_at(now)
+        self.waiting.put(seq, now)   # queue items are Seqs (duck-typed: priority, work, enqueued)
         if self.gpu is not None:
             self.gpu.kick()
+
+    def _async_ready_at(self, now: float) -> int:
+        """With async scheduling the step after the one in flight is already scheduled when a
+        request arrives, so it can join only the step after that (vLLM's AsyncScheduler keeps
+        two batches in flight); an idle engine schedules it at once."""
+        g = self.gpu
+        if not self.async_admit or g is None or g.cur is None or g.cur.engine is not self:
+            return 0
+        k = bisect_left(g.cur.ends, now - g.start - 1e-12) + 1   # steps of the unit up to now
+        return self.steps + min(k, len(g.cur.ends)) + 1
 
     def has_work(self) -> bool:
         return bool(self.running) or len(self.waiting) > 0
@@ -190,6 +205,8 @@ class AREngine:
         if not preempted:
             while len(self.waiting) and len(self.running) < self.max_seqs and budget > 0:
                 s = self.waiting.head()
+                if s.ready_at > self.steps and sched:
+                    break                       # async: the step it arrived in was already planned
                 n = min(s.need, budget)
                 if not self._alloc(s, s.computed + n):
                     break
@@ -242,6 +259,8 @@ class AREngine:
         if not len(self.waiting) or len(self.running) >= self.max_seqs:
             return False
         s = self.waiting.head()
+        if s.ready_at > self.steps + 1:
+            return False
         return self._blocks_for(s.computed + min(s.need, self.budget)) - s.blocks <= self.free_blocks
 
     def _jump_len(self) -> int:
