@@ -4,6 +4,8 @@ prefill, vision encoding inside the step) and diffusion work (DiT steps, VAE), r
 step granularity. Requests go to a replica of their model (least loaded or round-robin)."""
 from __future__ import annotations
 
+import heapq
+
 from profiler.models import load_model
 from sim.memory import Placement, kv_capacity_tokens
 from sim.policies import register
@@ -17,13 +19,40 @@ from sim.servers.jobs import Job, StageQueue
 class Replica:
     """One GPU serving one model end to end."""
 
-    def __init__(self, gpu, model: str):
+    def __init__(self, gpu, model: str, index: int = 0):
         self.gpu = gpu
         self.model = model
+        self.index = index
         self.ar: AREngine | None = None
         self.queues: dict[str, StageQueue] = {}
         self.outstanding = 0.0
         self.requests = 0
+
+
+class LeastLoaded:
+    """The replica with the least outstanding work, ties to the lowest index (what
+    min(replicas, key=outstanding) picks) in O(log n): a heap of (outstanding, index) entries,
+    pushed on every change; entries that no longer match their replica are dropped lazily."""
+
+    def __init__(self, replicas: list[Replica]):
+        self.reps = replicas
+        self.heap = [(r.outstanding, r.index) for r in replicas]
+        heapq.heapify(self.heap)
+
+    def pick(self) -> Replica:
+        heap = self.heap
+        while True:
+            load, i = heap[0]
+            r = self.reps[i]
+            if r.outstanding == load:
+                return r
+            heapq.heappop(heap)
+
+    def changed(self, r: Replica) -> None:
+        heapq.heappush(self.heap, (r.outstanding, r.index))
+        if len(self.heap) > 4 * len(self.reps) + 64:       # drop stale entries now and then
+            self.heap = [(x.outstanding, x.index) for x in self.reps]
+            heapq.heapify(self.heap)
 
 
 @register("baseline")
@@ -37,14 +66,15 @@ class Baseline(Policy):
         counts = size_pools(work, c.num_gpus, fixed, "cluster.replicas")
         self.replicas: dict[str, list[Replica]] = {}
         for model, n in sorted(counts.items()):
-            self.replicas[model] = [self._replica(model) for _ in range(n)]
+            self.replicas[model] = [self._replica(model, i) for i in range(n)]
         self.notes["replicas"] = {m: len(r) for m, r in self.replicas.items()}
         self._rr = {m: 0 for m in self.replicas}
+        self._least = {m: LeastLoaded(r) for m, r in self.replicas.items()}
 
-    def _replica(self, model: str) -> Replica:
+    def _replica(self, model: str, index: int) -> Replica:
         spec = load_model(model)
         g = self.new_gpu(f"replica:{model}")
-        r = Replica(g, model)
+        r = Replica(g, model, index)
         parts = [(model, comp) for comp in spec.components]
         llm_model = model if spec.family in ("llm", "vlm") else spec.condition_encoder
         if llm_model:
@@ -92,12 +122,13 @@ class Baseline(Policy):
             i = self._rr[model]
             self._rr[model] = (i + 1) % len(reps)
             return reps[i]
-        return min(reps, key=lambda r: r.outstanding)
+        return self._least[model].pick()
 
     def dispatch(self, flow: Flow, job: Job, now: float) -> None:
         if flow.home is None:
             flow.home = self.pick(flow.req.model)
             flow.home.outstanding += sum(h.work for h in flow.hops)
+            self._least[flow.home.model].changed(flow.home)
             flow.home.requests += 1
         r = flow.home
         if job.stage == "ar":
@@ -107,5 +138,6 @@ class Baseline(Policy):
 
     def complete(self, flow: Flow, now: float) -> None:
         flow.home.outstanding -= sum(h.work for h in flow.hops)
+        self._least[flow.home.model].changed(flow.home)
         flow.home.requests -= 1
         super().complete(flow, now)
