@@ -102,7 +102,7 @@ def _execute(cfg: SimConfig, outdir: Path, multirun: bool) -> dict:
         print(f"queueing -> {outdir}")
         for k in keys:
             print(f"  {k:22s} {summary[k]:.4f}")
-    else:
+    elif cfg.experiment != "capacity":          # capacity prints its own table
         print_summary(summary, f"{cfg.experiment}: policy={cfg.policy.name} -> {outdir}")
     return summary
 
