@@ -172,18 +172,8 @@ class LatencyModel:
             a0, a1 = axes
             x0, x1 = xs
             n0, n1 = len(a0), len(a1)
-            if n0 == 1:
-                i, wi = 0, 0.0
-            else:
-                i = bisect_right(a0, x0) - 1
-                i = 0 if i < 0 else (n0 - 2 if i > n0 - 2 else i)
-                wi = (x0 - a0[i]) / (a0[i + 1] - a0[i])
-            if n1 == 1:
-                j, wj = 0, 0.0
-            else:
-                j = bisect_right(a1, x1) - 1
-                j = 0 if j < 0 else (n1 - 2 if j > n1 - 2 else j)
-                wj = (x1 - a1[j]) / (a1[j + 1] - a1[j])
+            i, wi = _axis_pos(a0, x0)
+            j, wj = _axis_pos(a1, x1)
             if wi < -1e-9 or wi > 1 + 1e-9 or wj < -1e-9 or wj > 1 + 1e-9:
                 return self._lookup_ref(g, xs)
             v, f = g.vl, g.fl
@@ -204,9 +194,7 @@ class LatencyModel:
             if n == 1:
                 return float(v[0])
             x = xs[0]
-            i = bisect_right(a, x) - 1
-            i = 0 if i < 0 else (n - 2 if i > n - 2 else i)
-            w = (x - a[i]) / (a[i + 1] - a[i])
+            i, w = _axis_pos(a, x)
             if w < -1e-9 or w > 1 + 1e-9:
                 return self._lookup_ref(g, xs)
             out = (1 - w) * v[i] + w * v[i + 1]
