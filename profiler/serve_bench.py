@@ -70,6 +70,12 @@ class RunSpec:
     num_warmups: int = 0               # vllm bench's own warm-up requests (not recorded)
     num_prompts: int = 0               # filled in by size_run
     request_rate: Optional[float] = None  # filled in by size_run; None = inf
+    # isolated-request probes (frontend + engine latency at zero load): fixed lengths, one at a time
+    input_len: Optional[int] = None    # None = the model's random input length
+    output_len: Optional[int] = None
+    range_ratio: float = 0.5
+    max_concurrency: Optional[int] = None
+    fixed_prompts: Optional[int] = None  # prompt count independent of the rate
 
 
 RUN_CATALOG: dict[str, RunSpec] = {
@@ -82,6 +88,20 @@ RUN_CATALOG: dict[str, RunSpec] = {
     # ShareGPT requests are shorter on average than 1024/256; at C it stays below saturation.
     "sharegpt": RunSpec("sharegpt", dataset="sharegpt", rate_frac=1.0, seed=16),
 }
+# Zero-load probes: one request at a time (`--max-concurrency 1`), fixed prompt length, 16 output
+# tokens. Client TTFT minus the engine's own prefill time is the API-server (frontend) latency
+# that an engine-level profile cannot see; the server's /metrics histograms split it further.
+for _n in (32, 512, 2048):
+    RUN_CATALOG[f"probe_in{_n}"] = RunSpec(f"probe_in{_n}", rate_frac=None, seed=20, input_len=_n,
+                                           output_len=16, range_ratio=0.0, max_concurrency=1,
+                                           fixed_prompts=24, num_warmups=4)
+# Server-side latency histograms diffed per run (sum, count, cumulative buckets): the engine
+# core's queue / prefill / decode times next to the API server's TTFT and E2E latency.
+HISTOGRAMS = ("vllm:time_to_first_token_seconds", "vllm:e2e_request_latency_seconds",
+              "vllm:request_queue_time_seconds", "vllm:request_prefill_time_seconds",
+              "vllm:request_decode_time_seconds", "vllm:request_inference_time_seconds",
+              "vllm:inter_token_latency_seconds", "vllm:time_per_output_token_seconds",
+              "vllm:request_time_per_output_token_seconds")
 
 
 # ----------------------------------------------------------------------------- model dir
@@ -225,12 +245,15 @@ def bench_command(cli: list[str], model_dir: Path, port: int, run: RunSpec, inpu
     if run.dataset == "sharegpt":
         cmd += ["--dataset-name", "sharegpt", "--dataset-path", str(sharegpt_path)]
     else:
-        cmd += ["--dataset-name", "random", "--random-input-len", str(input_len),
-                "--random-output-len", str(output_len), "--random-range-ratio", "0.5"]
+        cmd += ["--dataset-name", "random", "--random-input-len", str(run.input_len or input_len),
+                "--random-output-len", str(run.output_len or output_len),
+                "--random-range-ratio", str(run.range_ratio)]
     rate = "inf" if run.request_rate is None else f"{run.request_rate:.3f}"
     cmd += ["--ignore-eos", "--num-prompts", str(run.num_prompts), "--request-rate", rate]
     if run.request_rate is not None and run.burstiness != 1.0:
         cmd += ["--burstiness", str(run.burstiness)]
+    if run.max_concurrency:
+        cmd += ["--max-concurrency", str(run.max_concurrency)]
     if run.num_warmups:
         cmd += ["--num-warmups", str(run.num_warmups)]
     cmd += ["--seed", str(run.seed), "--disable-tqdm", "--percentile-metrics", "ttft,tpot,itl,e2el",
@@ -243,7 +266,9 @@ def size_run(run: RunSpec, capacity: float, n_inf: int, target_s: float,
              sharegpt_speedup: float = 1.0) -> RunSpec:
     """Rate and prompt count of a run for a calibrated capacity C (req/s at the random I/O)."""
     r = RunSpec(**{k: getattr(run, k) for k in run.__dataclass_fields__})
-    if run.rate_frac is None:
+    if run.fixed_prompts:
+        r.request_rate, r.num_prompts = None, run.fixed_prompts
+    elif run.rate_frac is None:
         r.request_rate, r.num_prompts = None, n_inf
     else:
         r.request_rate = max(0.2, run.rate_frac * capacity * (sharegpt_speedup if run.dataset == "sharegpt" else 1.0))
@@ -253,6 +278,8 @@ def size_run(run: RunSpec, capacity: float, n_inf: int, target_s: float,
 
 def est_seconds(run: RunSpec, capacity: float) -> float:
     """Rough wall time of a run: arrivals span N/R, drained at <= capacity, + client start."""
+    if run.max_concurrency == 1:
+        return run.num_prompts * 0.25 + CLIENT_OVERHEAD_S
     if run.request_rate is None:
         return run.num_prompts / max(capacity, 0.1) + CLIENT_OVERHEAD_S
     span = run.num_prompts / min(run.request_rate, max(capacity, 0.1))
@@ -317,6 +344,15 @@ def parse_metrics(text: str) -> dict[str, Any]:
         if not m:
             continue
         name, labels, val = m.group(1), m.group(2) or "", m.group(3)
+        hist = next((h for h in HISTOGRAMS if name in (h + "_sum", h + "_count", h + "_bucket")), None)
+        if hist is not None:
+            le = re.search(r'le="([^"]+)"', labels)
+            key = name if le is None else f"{name}|{le.group(1)}"
+            try:
+                out[key] = out.get(key, 0.0) + float(val)
+            except ValueError:
+                pass
+            continue
         if name == "vllm:cache_config_info":
             for k, v in re.findall(r'(\w+)="([^"]*)"', labels):
                 out[f"cache_config.{k}"] = v
@@ -327,6 +363,20 @@ def parse_metrics(text: str) -> dict[str, Any]:
                 out[name] = out.get(name, 0.0) + float(val)
             except ValueError:
                 pass
+    return out
+
+
+def histogram_deltas(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """Per-run server histograms: count, sum, mean and cumulative bucket counts (le -> n)."""
+    out: dict[str, Any] = {}
+    for h in HISTOGRAMS:
+        n = after.get(h + "_count", 0.0) - before.get(h + "_count", 0.0)
+        if n <= 0:
+            continue
+        tot = after.get(h + "_sum", 0.0) - before.get(h + "_sum", 0.0)
+        buckets = {k.split("|", 1)[1]: after[k] - before.get(k, 0.0)
+                   for k in after if k.startswith(h + "_bucket|")}
+        out[h.split(":", 1)[1]] = dict(count=n, sum=tot, mean=tot / n, buckets=buckets)
     return out
 
 
@@ -437,6 +487,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--vllm-cli", default="auto", help="auto | module | path to a vllm script")
     ap.add_argument("--health-timeout", type=float, default=360.0)
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    ap.add_argument("--tag", default="", help="suffix of the result names (<model>__<run>__<tag>.json), "
+                    "e.g. r2 for a replicate of the same seeds and rates (pass --capacity to keep the rates)")
     ap.add_argument("--dry-run", action="store_true", help="print every command, run nothing")
     a = ap.parse_args(argv)
 
@@ -463,17 +515,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     sharegpt_path = staging / "sharegpt_subset.json"
     srv_cmd = serve_command(cli, model_dir, a.port, max_model_len, gpu_mem=a.gpu_memory_utilization)
     capacity = a.capacity or st["assumed_capacity"]
+    suffix = f"__{a.tag}" if a.tag else ""
 
     if a.dry_run:
         print(f"# model dir: {model_dir} (config.json from conf/model/{a.model}.yaml + WordLevel tokenizer)")
         print(f"# sharegpt: gunzip {SHAREGPT_GZ} > {sharegpt_path}")
-        print(shlex.join(srv_cmd) + f" > {out}/server_{a.model}.log 2>&1 &")
+        print(shlex.join(srv_cmd) + f" > {out}/server_{a.model}{suffix}.log 2>&1 &")
         print(f"# wait for http://127.0.0.1:{a.port}/health (<= {a.health_timeout:.0f} s)")
         print(f"# rates below assume capacity {capacity} req/s; a real run calibrates them from 'inf'")
         for r in runs:
             rr = size_run(r, capacity, n_inf, a.target_s)
             print(shlex.join(bench_command(cli, model_dir, a.port, rr, I, O, staging,
-                                           f"{a.model}__{r.name}.json", sharegpt_path)))
+                                           f"{a.model}__{r.name}{suffix}.json", sharegpt_path)))
         return 0
 
     out.mkdir(parents=True, exist_ok=True)
@@ -497,7 +550,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     log(f"model dir {model_dir}: {cfg.get('architectures')} vocab {cfg['vocab_size']}, tokenizer round trip ok")
     if any(r.dataset == "sharegpt" for r in runs):
         prepare_sharegpt(staging)
-    server_log = out / f"server_{a.model}.log"
+    server_log = out / f"server_{a.model}{suffix}.log"
     base = dict(model=a.model, model_dir=str(model_dir), server_command=shlex.join(srv_cmd),
                 engine="vllm", engine_version=pkg_version("vllm"), torch_version=pkg_version("torch"),
                 transformers_version=pkg_version("transformers"), git_sha=git_sha(),
@@ -554,13 +607,14 @@ def main(argv: Optional[list[str]] = None) -> int:
                     summary["skipped"].append(r.name)
                     continue
                 log(f"shrinking {r.name} to {rr.num_prompts} prompts to fit {left:.0f} s")
-            fname = f"{a.model}__{r.name}.json"
+            stem = f"{a.model}__{r.name}{suffix}"
+            fname = f"{stem}.json"
             cmd = bench_command(cli, model_dir, a.port, rr, I, O, staging, fname, sharegpt_path)
             log(f"run {r.name}: " + shlex.join(cmd))
             _, m0 = http_get(f"http://127.0.0.1:{a.port}/metrics")
             before = parse_metrics(m0)
             started = datetime.now(timezone.utc).isoformat(timespec="seconds")
-            blog = open(out / f"bench_{a.model}__{r.name}.log", "w")
+            blog = open(out / f"bench_{stem}.log", "w")
             bp = subprocess.Popen(cmd, stdout=blog, stderr=subprocess.STDOUT, start_new_session=True)
             try:
                 bp.wait(timeout=max(5.0, deadline - time.monotonic() - 20.0))
@@ -573,17 +627,21 @@ def main(argv: Optional[list[str]] = None) -> int:
             blog.close()
             src = staging / fname
             if bp.returncode != 0 or not src.exists():
-                log(f"run {r.name} failed (rc {bp.returncode}); see bench_{a.model}__{r.name}.log")
+                log(f"run {r.name} failed (rc {bp.returncode}); see bench_{stem}.log")
                 summary["skipped"].append(r.name)
                 continue
             _, m1 = http_get(f"http://127.0.0.1:{a.port}/metrics")
             after = parse_metrics(m1)
             delta = {k.split(":", 1)[1] + "_delta": after[k] - before.get(k, 0.0)
-                     for k in after if k.startswith("vllm:") and k in before}
+                     for k in after if k.startswith("vllm:") and k in before
+                     and not any(k.startswith(h) for h in HISTOGRAMS)}
+            delta["histograms"] = histogram_deltas(before, after)
             prov = dict(base, run=r.name, dataset_name=rr.dataset,
                         request_rate=rr.request_rate if rr.request_rate is not None else "inf",
                         burstiness=rr.burstiness, num_prompts=rr.num_prompts, seed=rr.seed,
                         calibrated_capacity_rps=round(capacity, 4), bench_command=shlex.join(cmd),
+                        random_input_len=rr.input_len or I, random_output_len=rr.output_len or O,
+                        random_range_ratio=rr.range_ratio, max_concurrency=rr.max_concurrency,
                         measured_at=started, server_metrics=delta)
             if rr.dataset == "sharegpt":
                 prov["dataset_path"] = str(SHAREGPT_GZ.relative_to(ROOT))
@@ -594,7 +652,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                                     "request_throughput": obj.get("request_throughput"),
                                     "request_rate": prov["request_rate"], "num_prompts": rr.num_prompts,
                                     "preemptions": delta.get("num_preemptions_delta")})
-            if r.rate_frac is None and not calibrated and obj.get("request_throughput"):
+            if r.rate_frac is None and not r.fixed_prompts and not calibrated and obj.get("request_throughput"):
                 capacity = float(obj["request_throughput"])
                 calibrated = True
                 log(f"calibrated capacity {capacity:.2f} req/s")
@@ -607,7 +665,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         logf.close()
         summary["provenance"] = base
         summary["elapsed_s"] = round(time.monotonic() - t0, 1)
-        (out / f"serve_bench_{a.model}.json").write_text(json.dumps(summary, indent=2))
+        (out / f"serve_bench_{a.model}{suffix}.json").write_text(json.dumps(summary, indent=2))
         log(f"done: {len(summary['runs'])} runs, skipped {summary['skipped']}")
     return 0 if summary["runs"] and "error" not in summary else 1
 
