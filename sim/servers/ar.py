@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from bisect import bisect_left, bisect_right
+from heapq import heappop, heappush
 
 import numpy as np
 
@@ -21,19 +22,25 @@ from sim.servers.jobs import Job, StageQueue, start_record
 
 
 class Seq:
-    __slots__ = ("job", "prompt", "out", "generated", "computed", "blocks", "encoded", "dec_rec",
-                 "enqueued", "ready_at")
+    """One request in an AR engine. While it decodes in its engine's decode aggregate (`g0` is
+    not None) `computed` and `generated` hold their values as of the engine's aggregate step
+    `g0` (both grow by one per aggregate step since); `blocks` is always the true figure."""
+    __slots__ = ("job", "eng", "prompt", "out", "generated", "computed", "held", "encoded",
+                 "dec_rec", "enqueued", "ready_at", "order", "g0")
 
-    def __init__(self, job: Job):
+    def __init__(self, job: Job, eng: "AREngine"):
         self.job = job
+        self.eng = eng
         self.prompt = job.tokens
         self.out = job.out_tokens
         self.generated = 0
         self.computed = 0
-        self.blocks = 0
+        self.held = 0           # KV blocks held (while not in the decode aggregate)
         self.encoded = job.vision_tokens == 0
         self.dec_rec: StageRecord | None = None
         self.ready_at = 0       # first engine step index that may schedule it (async scheduling)
+        self.order = 0          # admission rank: the engine's running order
+        self.g0: int | None = None
 
     @property
     def priority(self) -> int:
@@ -47,8 +54,29 @@ class Seq:
     def need(self) -> int:
         return self.prompt + self.generated - self.computed
 
+    @property
+    def blocks(self) -> int:
+        """KV blocks held (derived from the aggregate step counter while in the aggregate)."""
+        if self.g0 is None:
+            return self.held
+        e = self.eng
+        return -(-(self.computed + e.G - self.g0 + e.ahead) // e.bs)
+
 
 class AREngine:
+    """Running sequences are kept in two parts. Decoding ones (one token per step, every step)
+    form the decode aggregate: a step counter `G`, the count `nd`, the sum of their contexts,
+    a histogram of their context phases modulo the block size (new KV blocks per step) and a
+    heap of their finishing steps, so a step costs O(1) in them instead of O(n). The others
+    (prefilling, or decoders while the aggregate is dissolved) are in `pre`, in running order,
+    and are scheduled one by one exactly as vLLM does. The aggregate is used only when it
+    gives the same schedule as the plain loop: its members come first in running order, all
+    fit in the token budget and get their KV blocks without preemption; else it is dissolved
+    for that step (every member materialised into `pre`). `aggregate = False` dissolves it at
+    every step: the plain per-sequence loop, kept as the reference for tests."""
+
+    aggregate = True
+
     def __init__(self, model: str, lat: LatencyModel, kv_capacity_tokens: int, *,
                  max_num_batched_tokens: int = 8192, max_num_seqs: int = 256, block_size: int = 16,
                  step_overhead_s: float = 0.0, priority: bool = False, itl_sink=None,
@@ -68,16 +96,26 @@ class AREngine:
         self.frontend = frontend  # (seconds, seconds per prompt token) before the engine sees it
         self.async_admit = async_admit
         self.waiting = StageQueue(f"{model}/waiting", priority)
-        self.running: list[Seq] = []
+        self.running: dict[Seq, None] = {}     # every running seq, in running (admission) order
+        self.pre: list[Seq] = []               # running seqs outside the aggregate, in order
         self.itl_sink = itl_sink
         # a sink that takes a whole series of step durations at once (MetricsCollector)
         self.itl_many = getattr(getattr(itl_sink, "__self__", None), "add_itl_many", None)
         self.max_model_len = max_model_len
         self.gpu = None
-        self.sched: list[tuple[Seq, int]] = []
+        self.sched: list[tuple[Seq, int]] = []  # seqs of `pre` (and admitted) in the planned step
         self.vision_in_step = 0
         self.peak_blocks_used = 0
         self.steps = 0
+        self.n_admitted = 0
+        # decode aggregate
+        self.G = 0              # aggregate steps committed
+        self.ahead = 0          # 1 while a planned step's blocks are allocated but not committed
+        self.nd = 0             # members
+        self.dsum0 = 0          # sum of (computed - g0): their contexts sum to dsum0 + nd * G
+        self.phase = [0] * block_size   # members by (computed - g0) mod block_size
+        self.fin: list[tuple[int, int, Seq]] = []   # heap of (G at which it ends, order, seq)
+        self.dmax = -1          # >= the largest running order of a member
         # load() bookkeeping (exact integers): sum of prompt + out over queued and running
         # sequences, and sum of computed tokens over running ones (queued ones hold 0)
         self._po = 0
@@ -101,7 +139,7 @@ class AREngine:
     def _enter(self, job: Job, now: float) -> None:
         job.enqueued = now
         self._po += job.tokens + job.out_tokens
-        seq = Seq(job)
+        seq = Seq(job, self)
         seq.ready_at = self._async_ready_at(now)
         self.waiting.put(seq, now)   # queue items are Seqs (duck-typed: priority, work, enqueued)
         if self.gpu is not None:
@@ -127,11 +165,11 @@ class AREngine:
         """Outstanding tokens (prompt + output) of queued and running requests."""
         # = sum(prompt + out) of queued + sum(need + out - generated) of running, kept
         # incrementally (need + out - generated = prompt + out - computed; queued: computed = 0)
-        w, r = 0, self._po - self._comp
+        r = self._po - self._comp
         g = self.gpu   # a jumped decode unit commits at its end: count the steps already run
         if g is not None and g.cur is not None and g.cur.engine is self and g.cur.commit == self._commit_jump:
-            r -= len(self.sched) * bisect_right(g.cur.ends, g.env.now - g.start + 1e-12)
-        return float(w + r)
+            r -= self.nd * bisect_right(g.cur.ends, g.env.now - g.start + 1e-12)
+        return float(r)
 
     def num_requests(self) -> int:
         return len(self.running) + len(self.waiting)
@@ -141,21 +179,24 @@ class AREngine:
         return -(-tokens // self.bs)
 
     def _alloc(self, s: Seq, tokens: int) -> bool:
-        need = self._blocks_for(tokens) - s.blocks
+        need = self._blocks_for(tokens) - s.held
         if need <= 0:
             return True
         if need > self.free_blocks:
             return False
-        self.free_blocks -= need
-        s.blocks += need
+        self._take_blocks(need)
+        s.held += need
+        return True
+
+    def _take_blocks(self, n: int) -> None:
+        self.free_blocks -= n
         used = self.total_blocks - self.free_blocks
         if used > self.peak_blocks_used:
             self.peak_blocks_used = used
-        return True
 
     def _free(self, s: Seq) -> None:
-        self.free_blocks += s.blocks
-        s.blocks = 0
+        self.free_blocks += s.held
+        s.held = 0
 
     def _preempt(self, s: Seq, now: float) -> None:
         self._free(s)
@@ -167,61 +208,93 @@ class AREngine:
         self.waiting.levels[lvl].appendleft(s)
         self.waiting.n += 1
 
+    # --- decode aggregate ----------------------------------------------------------------------
+    def _join(self, s: Seq) -> None:
+        """s decodes from now on (one token per step): move it into the aggregate."""
+        g = self.G
+        c = s.computed - g
+        s.g0 = g
+        self.nd += 1
+        self.dsum0 += c
+        self.phase[c % self.bs] += 1
+        heappush(self.fin, (g + s.out - s.generated, s.order, s))
+        if s.order > self.dmax:
+            self.dmax = s.order
+
+    def _leave(self, s: Seq) -> None:
+        """Materialise s's counters and blocks and take it out of the aggregate."""
+        d = self.G - s.g0
+        c = s.computed - s.g0
+        self.nd -= 1
+        self.dsum0 -= c
+        self.phase[c % self.bs] -= 1
+        s.computed += d
+        s.generated += d
+        s.held = self._blocks_for(s.computed + self.ahead)
+        s.g0 = None
+
+    def _dissolve(self) -> None:
+        """Every member back into `pre`: the next step is scheduled one seq at a time."""
+        for _, _, s in self.fin:
+            self._leave(s)
+        self.fin = []
+        self.dmax = -1
+        self.pre = list(self.running)
+
+    def _aggregate_fits(self) -> bool:
+        """Would the plain loop schedule every member for one token without preempting?
+        (members first in running order, within the token budget -- leaving some for `pre`,
+        as the loop would -- and enough free blocks for those that start a new block)"""
+        nd, pre = self.nd, self.pre
+        return (self.aggregate and (nd < self.budget or (nd == self.budget and not pre))
+                and self.phase[-self.G % self.bs] <= self.free_blocks
+                and (not pre or self.dmax < pre[0].order))
+
+    def _advance(self, k: int) -> None:
+        """Commit k aggregate steps: every member computed and generated k more tokens."""
+        self.G += k
+        self._comp += self.nd * k
+        self.ahead = 0
+
+    def _extra_blocks(self, j: int) -> int:
+        """Blocks the members need beyond those held after planning one step, to run j steps:
+        a member with context c holds ceil((c + 1) / bs) and needs ceil((c + j) / bs)."""
+        bs, g = self.bs, self.G
+        tot = 0
+        for ph, cnt in enumerate(self.phase):
+            if cnt:
+                tot += cnt * (((ph + g) % bs + j - 1) // bs)
+        return tot
+
+    def _pop_finished(self) -> list[Seq]:
+        """Members whose last token was committed, in running order."""
+        fin, g, out = self.fin, self.G, []
+        while fin and fin[0][0] <= g:
+            out.append(heappop(fin)[2])
+        if len(out) > 1:
+            out.sort(key=lambda s: s.order)
+        return out
+
     # --- scheduling ---------------------------------------------------------------------------
     def plan(self, now: float) -> Unit | None:
         if not self.running and not len(self.waiting):
             return None
+        if self.nd and not self._aggregate_fits():
+            self._dissolve()
         budget = self.budget
-        sched: list[tuple[Seq, int]] = []
-        preempted = False
-        i = 0
-        running, bs = self.running, self.bs
-        while i < len(running) and budget > 0:
-            s = running[i]
-            need = s.prompt + s.generated - s.computed
-            n = need if need < budget else budget
-            if -(-(s.computed + n) // bs) <= s.blocks:     # _alloc needs no new block: True
-                sched.append((s, n))
-                budget -= n
-                i += 1
-                continue
-            while not self._alloc(s, s.computed + n):
-                victim = self.running.pop()
-                for k, (q, m) in enumerate(sched):
-                    if q is victim:
-                        del sched[k]
-                        budget += m
-                        break
-                self._preempt(victim, now)
-                preempted = True
-                if victim is s:
-                    break
-            else:
-                sched.append((s, n))
-                budget -= n
-                i += 1
-                continue
-            break
+        if self.nd:                       # every member: one decode token, maybe a new block
+            self._take_blocks(self.phase[-self.G % self.bs])
+            self.ahead = 1
+            budget -= self.nd
+        sched, budget, preempted = self._schedule_pre(budget, now)
         if not preempted:
-            while len(self.waiting) and len(self.running) < self.max_seqs and budget > 0:
-                s = self.waiting.head()
-                if s.ready_at > self.steps and sched:
-                    break                       # async: the step it arrived in was already planned
-                n = min(s.need, budget)
-                if not self._alloc(s, s.computed + n):
-                    break
-                self.waiting.popleft()
-                if s.job.record is None:
-                    start_record(s.job, self.gpu.name, now)
-                self.running.append(s)
-                sched.append((s, n))
-                budget -= n
-        if not sched:
+            self._admit(sched, budget, now)
+        if not sched and not self.nd:
             return None
         self.sched = sched
         # step composition
-        p_tok = d_seqs = 0
-        d_ctx = p_ctx = 0.0
+        p_tok = p_ctx = 0
+        d_seqs, d_ctx = self.nd, self.dsum0 + self.nd * self.G
         vision = 0
         for s, n in sched:
             if n == 1 and s.generated > 0 and s.prompt + s.generated - s.computed == 1:
@@ -233,17 +306,15 @@ class AREngine:
                 if not s.encoded:
                     vision += s.job.vision_tokens
         self.vision_in_step = vision
-        if d_seqs:
-            d_ctx /= d_seqs
-        if p_tok:
-            p_ctx /= p_tok
+        d_ctx = d_ctx / d_seqs if d_seqs else 0.0          # exact integer sums, one rounding
+        p_ctx = p_ctx / p_tok if p_tok else 0.0
         t = self.lat.ar_step(self.model, p_tok, d_seqs, d_ctx, p_ctx) + self.overhead
         if vision:
             t += self.lat.vision_encode(self.model, vision)
         if self.host or self.host_seq:
-            h = self.host + self.host_seq * len(sched)
+            h = self.host + self.host_seq * (self.nd + len(sched))
             t = max(t - h, h)
-        if p_tok == 0 and not preempted and not self._admissible():
+        if not sched and not preempted and not self._admissible():
             k = self._jump_len()
             if k > 1:
                 series = self.lat.decode_series(self.model, d_seqs, d_ctx, k) + self.overhead
@@ -254,6 +325,51 @@ class AREngine:
                 return Unit(ends, self._commit_jump, "decode", self)
         return Unit((t,), self._commit_step, "prefill" if p_tok else "decode", self)
 
+    def _schedule_pre(self, budget: int, now: float) -> tuple[list[tuple[Seq, int]], int, bool]:
+        """vLLM's loop over running requests (those of `pre`): each gets min(need, budget)
+        tokens; one that cannot get its KV blocks preempts the latest admitted ones (which
+        are at the end of `pre`: the aggregate's members come first) until it can, or is
+        preempted itself."""
+        sched: list[tuple[Seq, int]] = []
+        pre, bs = self.pre, self.bs
+        preempted = False
+        i = 0
+        while i < len(pre) and budget > 0:
+            s = pre[i]
+            need = s.prompt + s.generated - s.computed
+            n = need if need < budget else budget
+            if -(-(s.computed + n) // bs) > s.held:          # needs a new block
+                while not self._alloc(s, s.computed + n):
+                    victim = pre.pop()
+                    del self.running[victim]
+                    self._preempt(victim, now)
+                    if victim is s:
+                        return sched, budget, True
+                    preempted = True
+            sched.append((s, n))
+            budget -= n
+            i += 1
+        return sched, budget, preempted
+
+    def _admit(self, sched: list[tuple[Seq, int]], budget: int, now: float) -> None:
+        """Admit waiting requests in queue order while seats, budget and blocks allow."""
+        while len(self.waiting) and len(self.running) < self.max_seqs and budget > 0:
+            s = self.waiting.head()
+            if s.ready_at > self.steps and (sched or self.nd):
+                break                       # async: the step it arrived in was already planned
+            n = min(s.need, budget)
+            if not self._alloc(s, s.computed + n):
+                break
+            self.waiting.popleft()
+            if s.job.record is None:
+                start_record(s.job, self.gpu.name, now)
+            self.n_admitted += 1
+            s.order = self.n_admitted
+            self.running[s] = None
+            self.pre.append(s)
+            sched.append((s, n))
+            budget -= n
+
     def _admissible(self) -> bool:
         """Could a waiting request join at the next step (so the batch would change)?"""
         if not len(self.waiting) or len(self.running) >= self.max_seqs:
@@ -261,25 +377,19 @@ class AREngine:
         s = self.waiting.head()
         if s.ready_at > self.steps + 1:
             return False
-        return self._blocks_for(s.computed + min(s.need, self.budget)) - s.blocks <= self.free_blocks
+        return self._blocks_for(s.computed + min(s.need, self.budget)) - s.held <= self.free_blocks
 
     def _jump_len(self) -> int:
-        """Steps until the first completion, bounded by the KV blocks left (exact)."""
-        k = min(s.out - s.generated for s in self.running)
+        """Aggregate steps until the first completion, bounded by the KV blocks left (exact)."""
+        k = self.fin[0][0] - self.G
         if k <= 1:
             return 1
-        comp = np.fromiter((s.computed for s in self.running), dtype=np.int64, count=len(self.running))
-        held = np.fromiter((s.blocks for s in self.running), dtype=np.int64, count=len(self.running))
-
-        def extra(j: int) -> int:  # blocks beyond those held, to compute j steps
-            return int(np.maximum(-(-(comp + j) // self.bs) - held, 0).sum())
-
-        if extra(k) <= self.free_blocks:       # common case: enough free blocks for all k
+        if self._extra_blocks(k) <= self.free_blocks:   # common case: enough for all k
             return k
         lo, hi = 1, k - 1
         while lo < hi:
             mid = (lo + hi + 1) // 2
-            if extra(mid) <= self.free_blocks:
+            if self._extra_blocks(mid) <= self.free_blocks:
                 lo = mid
             else:
                 hi = mid - 1
@@ -289,8 +399,11 @@ class AREngine:
     def _commit_step(self, k: int, now: float) -> None:
         self.steps += 1
         dur = now - self.gpu.start
-        decoded = 0
+        decoded = self.nd
         finished = []
+        if self.nd:
+            self._advance(1)
+            finished = self._pop_finished()
         for s, n in self.sched:
             gen = s.generated
             was_decode = n == 1 and gen > 0 and s.prompt + gen - s.computed == 1
@@ -313,35 +426,30 @@ class AREngine:
                 self._first_token(s, now)
             if s.generated >= s.out:
                 finished.append(s)
+            else:
+                self._join(s)
         if decoded and self.itl_sink:
             self.itl_sink(dur, decoded)
         self._finish(finished, now)
+        self.pre = [s for s in self.pre if s.g0 is None and s in self.running]
 
     def _commit_jump(self, k: int, now: float) -> None:
         self.steps += k
+        if k > 1:
+            self._take_blocks(self._extra_blocks(k))    # steps 2..k (step 1 allocated in plan)
+        self._advance(k)
         ends = self.jump_ends
-        finished = []
-        bs = self.bs
-        for s, _ in self.sched:
-            if k > 1 and -(-(s.computed + k) // bs) > s.blocks:
-                self._alloc(s, s.computed + k)   # blocks of steps 2..k (step 1 allocated in plan)
-            s.computed += k
-            self._comp += k
-            s.generated += k
-            if s.generated >= s.out:
-                finished.append(s)
         if self.itl_many is not None:
             # per-step durations e[i] - e[i-1] (e[-1] = 0), the same floats as the loop below
             d = ends[:k].copy()
             d[1:] -= ends[:k - 1]
-            self.itl_many(d, len(self.sched))
+            self.itl_many(d, self.nd)
         elif self.itl_sink:
             prev = 0.0
-            d = len(self.sched)
             for e in ends[:k]:
-                self.itl_sink(float(e) - prev, d)
+                self.itl_sink(float(e) - prev, self.nd)
                 prev = float(e)
-        self._finish(finished, now)
+        self._finish(self._pop_finished(), now)
 
     def _first_token(self, s: Seq, now: float) -> None:
         req = s.job.req
@@ -355,7 +463,9 @@ class AREngine:
 
     def _finish(self, finished: list[Seq], now: float) -> None:
         for s in finished:
-            self.running.remove(s)
+            if s.g0 is not None:
+                self._leave(s)
+            del self.running[s]
             self._free(s)
             self._po -= s.prompt + s.out
             self._comp -= s.computed
