@@ -20,6 +20,9 @@ from profiler.schema import read_table
 from sim.config import OutOfRange
 
 
+_MEMO_MAX = 1 << 16      # memoised points per grid (cleared when full: bounded memory)
+
+
 class OutOfGridError(ValueError):
     """A lookup outside the measured grid while latency.out_of_range=error."""
 
@@ -81,6 +84,9 @@ class Grid:
         self.vl = self.values.tolist()
         self.fl = self.filled.tolist()
         self.carr = [np.asarray(a, dtype=float) for a in self.axes]
+        # in-grid lookups already made: point -> (value, whether a hole carried weight);
+        # engines ask for the same points over and over (batch sizes, prompt lengths)
+        self.memo: dict[tuple, tuple[float, bool]] = {}
 
     def lo_hi(self) -> list[tuple[float, float]]:
         return [(a[0], a[-1]) for a in self.axes]
@@ -166,7 +172,23 @@ class LatencyModel:
         return g
 
     def _lookup(self, g: Grid, xs: tuple[float, ...]) -> float:
-        """Interpolated value at xs (the same arithmetic as _lookup_ref, on Python floats)."""
+        """Interpolated value at xs (the same arithmetic as _lookup_ref, on Python floats;
+        in-grid points are memoised, their hole hits counted again on every use)."""
+        hit = g.memo.get(xs)
+        if hit is None:
+            hit = self._interp(g, xs)
+            if hit is None:
+                return self._lookup_ref(g, xs)
+            if len(g.memo) >= _MEMO_MAX:
+                g.memo.clear()
+            g.memo[xs] = hit
+        if hit[1]:
+            self.hole_hits[g.name] += 1
+        return hit[0]
+
+    @staticmethod
+    def _interp(g: Grid, xs: tuple[float, ...]) -> tuple[float, bool] | None:
+        """(value, hole carried weight) at an in-grid point; None outside the grid."""
         axes = g.axes
         if len(axes) == 2:
             a0, a1 = axes
@@ -175,7 +197,7 @@ class LatencyModel:
             i, wi = _axis_pos(a0, x0)
             j, wj = _axis_pos(a1, x1)
             if wi < -1e-9 or wi > 1 + 1e-9 or wj < -1e-9 or wj > 1 + 1e-9:
-                return self._lookup_ref(g, xs)
+                return None
             v, f = g.vl, g.fl
             i1 = i + 1 if i + 1 < n0 else n0 - 1
             j1 = j + 1 if j + 1 < n1 else n1 - 1
@@ -183,26 +205,23 @@ class LatencyModel:
             out = ((1 - wi) * ((1 - wj) * vi[j] + wj * vi[j1])
                    + wi * ((1 - wj) * vi1[j] + wj * vi1[j1]))
             fi, fi1 = f[i], f[i1]
-            if ((fi[j] and (1 - wi) * (1 - wj)) or (fi[j1] and (1 - wi) * wj)   # a hole counts
-                    or (fi1[j] and wi * (1 - wj)) or (fi1[j1] and wi * wj)):  # only with weight
-                self.hole_hits[g.name] += 1
-            return out if out > 1e-6 else 1e-6
+            hole = bool((fi[j] and (1 - wi) * (1 - wj)) or (fi[j1] and (1 - wi) * wj)  # a hole
+                        or (fi1[j] and wi * (1 - wj)) or (fi1[j1] and wi * wj))  # counts with weight
+            return (out if out > 1e-6 else 1e-6), hole
         if len(axes) == 1:
             a = axes[0]
             n = len(a)
             v = g.vl
             if n == 1:
-                return float(v[0])
-            x = xs[0]
-            i, w = _axis_pos(a, x)
+                return float(v[0]), False
+            i, w = _axis_pos(a, xs[0])
             if w < -1e-9 or w > 1 + 1e-9:
-                return self._lookup_ref(g, xs)
+                return None
             out = (1 - w) * v[i] + w * v[i + 1]
             f = g.fl
-            if f[i] or f[i + 1 if i + 1 < n else n - 1]:
-                self.hole_hits[g.name] += 1
-            return out if out > 1e-6 else 1e-6
-        return self._lookup_ref(g, xs)
+            hole = bool(f[i] or f[i + 1 if i + 1 < n else n - 1])
+            return (out if out > 1e-6 else 1e-6), hole
+        return None
 
     def _lookup_ref(self, g: Grid, xs: tuple[float, ...]) -> float:
         """Reference lookup (every case, incl. out-of-grid policy and counting)."""
@@ -277,12 +296,25 @@ class LatencyModel:
         ctx = ctx0 + np.arange(k, dtype=float)
         if len(c_axis) == 1:
             return np.maximum(np.full(k, col[0]), 1e-6)
+        j = self._one_cell(c_axis, ctx0, ctx0 + (k - 1))
+        if j is not None:       # the usual case: the same arithmetic with scalar cell bounds
+            wj = (ctx - c_axis[j]) / (c_axis[j + 1] - c_axis[j])
+            return np.maximum((1 - wj) * col[j] + wj * col[j + 1], 1e-6)
         c = g.carr[1]
         if self.mode is OutOfRange.clamp:
             ctx = np.minimum(np.maximum(ctx, c[0]), c[-1])          # = np.clip, less overhead
         j = np.minimum(np.maximum(np.searchsorted(c, ctx, side="right") - 1, 0), len(c) - 2)
         wj = (ctx - c[j]) / (c[j + 1] - c[j])
         return np.maximum((1 - wj) * col[j] + wj * col[j + 1], 1e-6)
+
+    @staticmethod
+    def _one_cell(axis: list[float], lo: float, hi: float) -> int | None:
+        """Index of the grid cell holding all of [lo, hi] inside the axis, else None."""
+        if lo < axis[0] or hi > axis[-1]:
+            return None
+        j = bisect_right(axis, lo) - 1
+        j = min(j, len(axis) - 2)
+        return j if hi <= axis[j + 1] and (hi < axis[j + 1] or j == len(axis) - 2) else None
 
     def ar_step(self, model: str, prefill_tokens: int, decode_seqs: int, decode_ctx: float,
                 prefill_ctx: float = 0.0) -> float:
