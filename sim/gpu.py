@@ -45,6 +45,7 @@ class GPU:
         self.events = 0
         self.available = True     # False while being re-provisioned by an autoscaler
         self.committing = False   # engines' state is mid-update: plan nothing until it is done
+        self._on_timer = self._timer   # one bound method for every unit-end event
 
     @property
     def busy(self) -> bool:
@@ -69,17 +70,18 @@ class GPU:
             self._cut()
 
     def _start_next(self) -> None:
-        n = len(self.engines)
+        engines = self.engines
+        n = len(engines)
         now = self.env.now
         for i in range(n):
-            e = self.engines[(self.rr + i) % n]
+            e = engines[(self.rr + i) % n]
             u = e.plan(now)
             if u is not None:
                 self.rr = (self.rr + i + 1) % n
                 # one step when jumping is off, or when another engine here has work: engines
                 # share the GPU round-robin at step boundaries, as if every step were simulated
-                if len(u.ends) > 1 and (not self.step_jump or any(
-                        o is not e and o.has_work() for o in self.engines)):
+                if len(u.ends) > 1 and (not self.step_jump or (n > 1 and any(
+                        o is not e and o.has_work() for o in engines))):
                     u.ends = u.ends[:1]
                 self._run(u, len(u.ends))
                 return
@@ -93,9 +95,13 @@ class GPU:
     def _schedule(self, k: int) -> None:
         self.token += 1
         self.planned = k
-        tok = self.token
-        ev = self.env.timeout(self.start + self.cur.ends[k - 1] - self.env.now)
-        ev.callbacks.append(lambda _e: self._done(tok))
+        env = self.env
+        # the event's value is its token: a cut reschedules, and the stale event is ignored
+        env.timeout(self.start + self.cur.ends[k - 1] - env.now, self.token).callbacks.append(
+            self._on_timer)
+
+    def _timer(self, ev: "simpy.Event") -> None:
+        self._done(ev._value)
 
     def _cut(self) -> None:
         u = self.cur
