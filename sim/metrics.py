@@ -130,7 +130,7 @@ class MetricsCollector:
         self._itl = QuantileSketch(alpha=itl_alpha)   # milliseconds
         self._itl_v: list[float] = []                 # buffered single steps (seconds)
         self._itl_w: list[float] = []
-        self._itl_arrs: list[tuple[np.ndarray, float]] = []   # buffered step series (seconds)
+        self._itl_arrs: list[tuple[np.ndarray, float]] = []   # buffered step series (cumulative ends)
         self._itl_n = 0
 
     def __len__(self) -> int:
@@ -212,11 +212,12 @@ class MetricsCollector:
         if len(self._itl_v) >= _FLUSH:
             self._flush_itl()
 
-    def add_itl_many(self, durations_s: np.ndarray, weight: int) -> None:
-        """Consecutive AR engine steps (durations in seconds), each giving a decode token to
-        ``weight`` sequences: the same as add_itl per step."""
-        self._itl_arrs.append((durations_s, weight))
-        self._itl_n += len(durations_s)
+    def add_itl_steps(self, ends_s: np.ndarray, weight: int) -> None:
+        """Consecutive AR engine steps given by their cumulative end offsets (seconds from the
+        start of the first), each giving a decode token to ``weight`` sequences: the same as
+        add_itl per step with duration ends[i] - ends[i-1] (differenced when folded in)."""
+        self._itl_arrs.append((ends_s, weight))
+        self._itl_n += len(ends_s)
         if self._itl_n >= _FLUSH:
             self._flush_itl()
 
@@ -225,9 +226,15 @@ class MetricsCollector:
             self._itl.add_many(np.asarray(self._itl_v) * 1000.0, self._itl_w)
             self._itl_v, self._itl_w = [], []
         if self._itl_arrs:
-            v = np.concatenate([a for a, _ in self._itl_arrs]) * 1000.0
-            w = np.concatenate([np.full(len(a), float(wt)) for a, wt in self._itl_arrs])
-            self._itl.add_many(v, w)
+            arrs = self._itl_arrs
+            ends = np.concatenate([a for a, _ in arrs])
+            lens = np.array([len(a) for a, _ in arrs])
+            first = np.cumsum(lens) - lens           # where each series starts
+            d = ends.copy()
+            d[1:] -= ends[:-1]
+            d[first] = ends[first]
+            w = np.repeat(np.array([float(wt) for _, wt in arrs]), lens)
+            self._itl.add_many(d * 1000.0, w)
             self._itl_arrs, self._itl_n = [], 0
 
     def requests_frame(self) -> pd.DataFrame:

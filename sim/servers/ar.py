@@ -99,8 +99,8 @@ class AREngine:
         self.running: dict[Seq, None] = {}     # every running seq, in running (admission) order
         self.pre: list[Seq] = []               # running seqs outside the aggregate, in order
         self.itl_sink = itl_sink
-        # a sink that takes a whole series of step durations at once (MetricsCollector)
-        self.itl_many = getattr(getattr(itl_sink, "__self__", None), "add_itl_many", None)
+        # a sink that takes a whole series of steps at once (MetricsCollector)
+        self.itl_steps = getattr(getattr(itl_sink, "__self__", None), "add_itl_steps", None)
         self.max_model_len = max_model_len
         self.gpu = None
         self.sched: list[tuple[Seq, int]] = []  # seqs of `pre` (and admitted) in the planned step
@@ -317,13 +317,20 @@ class AREngine:
         if not sched and not preempted and not self._admissible():
             k = self._jump_len()
             if k > 1:
-                series = self.lat.decode_series(self.model, d_seqs, d_ctx, k) + self.overhead
-                if self.host or self.host_seq:
-                    h = self.host + self.host_seq * d_seqs
-                    series = np.maximum(series - h, h)
-                self.jump_ends = ends = np.cumsum(series)
+                self.jump_ends = ends = self._decode_ends(d_seqs, d_ctx, k)
                 return Unit(ends, self._commit_jump, "decode", self)
         return Unit((t,), self._commit_step, "prefill" if p_tok else "decode", self)
+
+    def _decode_ends(self, d_seqs: int, d_ctx: float, k: int) -> np.ndarray:
+        """Cumulative end offsets of k decode steps of the aggregate (as k single steps)."""
+        series = self.lat.decode_series(self.model, d_seqs, d_ctx, k)
+        if self.overhead:
+            series += self.overhead
+        if self.host or self.host_seq:
+            h = self.host + self.host_seq * d_seqs
+            series -= h
+            np.maximum(series, h, out=series)
+        return series.cumsum()
 
     def _schedule_pre(self, budget: int, now: float) -> tuple[list[tuple[Seq, int]], int, bool]:
         """vLLM's loop over running requests (those of `pre`): each gets min(need, budget)
@@ -439,11 +446,8 @@ class AREngine:
             self._take_blocks(self._extra_blocks(k))    # steps 2..k (step 1 allocated in plan)
         self._advance(k)
         ends = self.jump_ends
-        if self.itl_many is not None:
-            # per-step durations e[i] - e[i-1] (e[-1] = 0), the same floats as the loop below
-            d = ends[:k].copy()
-            d[1:] -= ends[:k - 1]
-            self.itl_many(d, self.nd)
+        if self.itl_steps is not None:
+            self.itl_steps(ends[:k], self.nd)   # durations e[i] - e[i-1], as the loop below
         elif self.itl_sink:
             prev = 0.0
             for e in ends[:k]:
