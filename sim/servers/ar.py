@@ -318,7 +318,9 @@ class AREngine:
             k = self._jump_len()
             if k > 1:
                 self.jump_ends = ends = self._decode_ends(d_seqs, d_ctx, k)
-                return Unit(ends, self._commit_jump, "decode", self)
+                # plain floats for the GPU (bisect, event times): numpy scalars are slow and
+                # would leak into the clock and every time derived from it
+                return Unit(ends.tolist(), self._commit_jump, "decode", self)
         return Unit((t,), self._commit_step, "prefill" if p_tok else "decode", self)
 
     def _decode_ends(self, d_seqs: int, d_ctx: float, k: int) -> np.ndarray:
