@@ -130,6 +130,7 @@ class LatencyModel:
         self._grids: dict[tuple, Grid] = {}
         self._mixed_factor: dict[str, float] = {}
         self._cols: dict[tuple, np.ndarray] = {}    # decode_series: batch-interpolated columns
+        self._ar_grids: dict[tuple[str, str], Grid | None] = {}
 
     # --- tables ---------------------------------------------------------------------------
     def frame(self, model: str) -> pd.DataFrame:
@@ -266,18 +267,36 @@ class LatencyModel:
         return max(float(out), 1e-6)
 
     # --- AR stages --------------------------------------------------------------------------
+    def _ar_grid(self, model: str, which: str) -> Grid | None:
+        """The AR grids by a short key (engines ask for them at every step): "decode",
+        "prefill" (pure chunks) or "prefill_ctx" (chunks after cached context; None when
+        the table has no such rows)."""
+        g = self._ar_grids.get((model, which), False)
+        if g is False:
+            if which == "decode":
+                g = self._grid(model, "decode", ["batch_size", "context_len"])
+            elif which == "prefill":
+                g = self._grid(model, "prefill", ["num_tokens"],
+                               lambda d: (d["num_decode_seqs"].fillna(0) == 0)
+                               & (d["context_len"].fillna(0) == 0), "pure")
+            else:
+                df = self.frame(model)
+                no_dec = df["num_decode_seqs"].fillna(0) == 0
+                has = ((df["stage"] == "prefill") & (df["context_len"].fillna(0) > 0) & no_dec).any()
+                g = self._grid(model, "prefill", ["num_tokens", "context_len"],
+                               lambda d: (d["num_decode_seqs"].fillna(0) == 0), "ctx") if has else None
+            self._ar_grids[(model, which)] = g
+        return g
+
     def prefill(self, model: str, tokens: int) -> float:
-        g = self._grid(model, "prefill", ["num_tokens"], lambda d: (d["num_decode_seqs"].fillna(0) == 0)
-                       & (d["context_len"].fillna(0) == 0), "pure")
-        return self._lookup(g, (tokens,))
+        return self._lookup(self._ar_grid(model, "prefill"), (tokens,))
 
     def decode(self, model: str, batch: int, context: float) -> float:
-        g = self._grid(model, "decode", ["batch_size", "context_len"])
-        return self._lookup(g, (batch, context))
+        return self._lookup(self._ar_grid(model, "decode"), (batch, context))
 
     def decode_series(self, model: str, batch: int, ctx0: float, k: int) -> np.ndarray:
         """decode(batch, ctx0 + i) for i in 0..k-1, vectorised (same bilinear rule as decode)."""
-        g = self._grid(model, "decode", ["batch_size", "context_len"])
+        g = self._ar_grid(model, "decode")
         self._lookup(g, (batch, ctx0))                    # range policy + counting at both ends
         self._lookup(g, (batch, ctx0 + k - 1))
         b_axis, c_axis = g.axes
@@ -331,17 +350,14 @@ class LatencyModel:
         return t
 
     def _min_ctx(self, model: str) -> float:
-        return self._grid(model, "decode", ["batch_size", "context_len"]).axes[1][0]
+        return self._ar_grid(model, "decode").axes[1][0]
 
     def prefill_context_cost(self, model: str, tokens: int, ctx: float) -> float:
         """Extra time of a chunk whose sequence already holds ctx cached tokens (from rows with
         context_len > 0; zero if the table has none)."""
-        df = self.frame(model)
-        sel = (df["stage"] == "prefill") & (df["context_len"].fillna(0) > 0) & (df["num_decode_seqs"].fillna(0) == 0)
-        if not sel.any():
+        g = self._ar_grid(model, "prefill_ctx")
+        if g is None:
             return 0.0
-        g = self._grid(model, "prefill", ["num_tokens", "context_len"],
-                       lambda d: (d["num_decode_seqs"].fillna(0) == 0), "ctx")
         saved, self.mode = self.mode, OutOfRange.clamp if self.mode is OutOfRange.error else self.mode
         try:
             with_ctx = self._lookup(g, (tokens, ctx))
