@@ -316,9 +316,15 @@ class LatencyModel:
         if len(c_axis) == 1:
             return np.maximum(np.full(k, col[0]), 1e-6)
         j = self._one_cell(c_axis, ctx0, ctx0 + (k - 1))
-        if j is not None:       # the usual case: the same arithmetic with scalar cell bounds
-            wj = (ctx - c_axis[j]) / (c_axis[j + 1] - c_axis[j])
-            return np.maximum((1 - wj) * col[j] + wj * col[j + 1], 1e-6)
+        if j is not None:       # the usual case: the same arithmetic with scalar cell bounds,
+            w = ctx             # in place (small arrays: the calls, not the flops, cost)
+            w -= c_axis[j]
+            w /= c_axis[j + 1] - c_axis[j]
+            out = 1 - w
+            out *= col[j]
+            w *= col[j + 1]
+            out += w
+            return np.maximum(out, 1e-6, out=out)
         c = g.carr[1]
         if self.mode is OutOfRange.clamp:
             ctx = np.minimum(np.maximum(ctx, c[0]), c[-1])          # = np.clip, less overhead

@@ -104,6 +104,8 @@ class AREngine:
         self.max_model_len = max_model_len
         self.gpu = None
         self.sched: list[tuple[Seq, int]] = []  # seqs of `pre` (and admitted) in the planned step
+        self.jump_unit: Unit | None = None      # the planned multi-step decode unit, if any
+        self.jump_ends: np.ndarray | None = None
         self.vision_in_step = 0
         self.peak_blocks_used = 0
         self.steps = 0
@@ -166,9 +168,10 @@ class AREngine:
         # = sum(prompt + out) of queued + sum(need + out - generated) of running, kept
         # incrementally (need + out - generated = prompt + out - computed; queued: computed = 0)
         r = self._po - self._comp
-        g = self.gpu   # a jumped decode unit commits at its end: count the steps already run
-        if g is not None and g.cur is not None and g.cur.engine is self and g.cur.commit == self._commit_jump:
-            r -= self.nd * bisect_right(g.cur.ends, g.env.now - g.start + 1e-12)
+        u = self.jump_unit   # a jumped decode unit commits at its end: count the steps run
+        if u is not None and self.gpu.cur is u:
+            g = self.gpu
+            r -= self.nd * bisect_right(u.ends, g.env.now - g.start + 1e-12)
         return float(r)
 
     def num_requests(self) -> int:
@@ -320,7 +323,8 @@ class AREngine:
                 self.jump_ends = ends = self._decode_ends(d_seqs, d_ctx, k)
                 # plain floats for the GPU (bisect, event times): numpy scalars are slow and
                 # would leak into the clock and every time derived from it
-                return Unit(ends.tolist(), self._commit_jump, "decode", self)
+                self.jump_unit = Unit(ends.tolist(), self._commit_jump, "decode", self)
+                return self.jump_unit
         return Unit((t,), self._commit_step, "prefill" if p_tok else "decode", self)
 
     def _decode_ends(self, d_seqs: int, d_ctx: float, k: int) -> np.ndarray:
@@ -443,6 +447,7 @@ class AREngine:
         self.pre = [s for s in self.pre if s.g0 is None and s in self.running]
 
     def _commit_jump(self, k: int, now: float) -> None:
+        self.jump_unit = None
         self.steps += k
         if k > 1:
             self._take_blocks(self._extra_blocks(k))    # steps 2..k (step 1 allocated in plan)
