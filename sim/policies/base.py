@@ -62,6 +62,21 @@ class Flow:
             self.policy.dispatch(self, nxt, now)
 
 
+class PoolGPU(GPU):
+    """A GPU that, whenever one of its units ends (the only moment it can become free), tells the
+    queues its engines take from, so each finds its first free GPU without scanning the pool
+    (sim.servers.jobs.FreeEngines)."""
+    reports_unit_end = True
+
+    def _done(self, tok: int) -> None:
+        if tok == self.token:
+            for e in self.engines:
+                q = getattr(e, "queue", None)
+                if q is not None:
+                    q.free.hint(e)
+        super()._done(tok)
+
+
 class Policy:
     name = "base"
     fused = True                    # vision encoding inside the AR step
@@ -100,7 +115,7 @@ class Policy:
     # --- shared helpers ----------------------------------------------------------------------
     def new_gpu(self, role: str) -> GPU:
         gid = len(self.gpus)
-        g = GPU(self.env, gid, gid // self.cfg.cluster.gpus_per_node, self.cfg.diffusion.step_jump)
+        g = PoolGPU(self.env, gid, gid // self.cfg.cluster.gpus_per_node, self.cfg.diffusion.step_jump)
         g.role = role
         self.gpus.append(g)
         return g

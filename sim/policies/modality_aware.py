@@ -85,7 +85,7 @@ class ModalityAware(Disaggregated):
             if isinstance(e, AREngine):
                 self.llm[e.model].remove(e)
             else:
-                e.queue.engines.remove(e)
+                e.queue.unsubscribe(e)
         role, model = dst.split(":")
         spec = load_model(model)
         comps = {"llm": list(spec.components), "encoder": ["vision"], "text_encoder": list(spec.text_encoders),

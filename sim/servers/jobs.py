@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from heapq import heappop, heappush
 from typing import Callable, Iterator, Optional
 
 from sim.request import Request, StageRecord
@@ -61,7 +62,8 @@ class StageQueue:
         self.clock = clock
         self.levels: list[deque[Job]] = [deque(), deque(), deque()] if priority else [deque()]
         self.priority = priority
-        self.engines: list = []         # engines that take from this queue
+        self.engines: list = []         # engines that take from this queue (append to add)
+        self.free = FreeEngines(self.engines)
         self.work = 0.0                 # sum of queued job work (seconds)
         self.n = 0
 
@@ -77,15 +79,21 @@ class StageQueue:
         self._wake(job)
 
     def _wake(self, job: Job) -> None:
-        for e in self.engines:          # an idle GPU first
-            g = e.gpu
-            if g is not None and g.cur is None and g.available:
-                g.kick()
-                return
+        if not self.engines:
+            return
+        e = self.free.first()           # an idle GPU first
+        if e is not None:
+            e.gpu.kick()
+            return
         for e in self.engines:          # else cut (at the next step) every busy GPU where it
             g = e.gpu                   # could join the batch or another engine's unit runs
             if g is not None and g.available and (e.can_join(job) or g.cur.engine is not e):
                 g.kick()
+
+    def unsubscribe(self, engine) -> None:
+        """Take an engine off this queue (its GPU changes pool)."""
+        self.engines.remove(engine)
+        self.free.stale()
 
     def __iter__(self) -> Iterator[Job]:
         if self.order == "sjf":
@@ -130,6 +138,58 @@ class StageQueue:
                 self.work -= job.work
                 return job
         raise IndexError("empty queue")
+
+
+class FreeEngines:
+    """The first engine, in `engines` order, whose GPU is free (no unit running, available): what
+    a scan of the engines finds, from a heap of positions instead of a scan of a large pool.
+
+    A GPU becomes free only when one of its units ends; GPUs that report that (`reports_unit_end`,
+    see sim.policies.base.PoolGPU) hint their engines back into the heap then, and a lookup drops
+    the busy entries it meets on top. Queues whose GPUs do not report are scanned. Membership
+    changes (an append to `engines`, or StageQueue.unsubscribe) re-index."""
+
+    def __init__(self, engines: list):
+        self.engines = engines
+        self.known = -1                 # len(engines) when indexed; -1: index at next lookup
+
+    def stale(self) -> None:
+        self.known = -1
+
+    def _index(self) -> None:
+        n = len(self.engines)
+        self.pos = {id(e): i for i, e in enumerate(self.engines)}
+        self.heap = list(range(n))      # positions whose GPU may be free (a heap: sorted)
+        self.queued = [True] * n
+        self.hinted = all(getattr(e.gpu, "reports_unit_end", False) for e in self.engines)
+        self.known = n
+
+    def hint(self, engine) -> None:
+        """`engine`'s GPU may have become free."""
+        if self.known == len(self.engines):
+            i = self.pos.get(id(engine))
+            if i is not None and not self.queued[i]:
+                self.queued[i] = True
+                heappush(self.heap, i)
+
+    def first(self):
+        if len(self.engines) != self.known:
+            self._index()
+        engines = self.engines
+        if not self.hinted:
+            return next((e for e in engines if _free(e.gpu)), None)
+        heap, queued = self.heap, self.queued
+        while heap:
+            i = heap[0]
+            if _free(engines[i].gpu):
+                return engines[i]
+            heappop(heap)
+            queued[i] = False
+        return None
+
+
+def _free(g) -> bool:
+    return g is not None and g.cur is None and g.available
 
 
 def start_record(job: Job, server: str, now: float) -> None:

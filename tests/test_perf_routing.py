@@ -1,0 +1,111 @@
+"""The indexed structures behind routing and queueing pick exactly what the scans they replace
+pick: the free-GPU heap of a shared queue (sim.servers.jobs.FreeEngines), and, end to end,
+whole disaggregated / modality_aware runs against the same runs with the scans put back."""
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conftest import make_cfg
+from sim.policies.disaggregated import Disaggregated
+from sim.runner import Run
+from sim.servers import jobs
+from sim.servers.jobs import StageQueue
+
+
+class FakeGPU:
+    def __init__(self):
+        self.cur = None
+        self.available = True
+        self.reports_unit_end = True
+
+
+class FakeEngine:
+    def __init__(self, queue: StageQueue):
+        self.queue = queue
+        self.gpu = FakeGPU()
+        queue.engines.append(self)
+
+
+def scan(engines):
+    return next((e for e in engines if e.gpu.cur is None and e.gpu.available), None)
+
+
+@settings(max_examples=200, deadline=None)
+@given(n=st.integers(1, 12),
+       ops=st.lists(st.tuples(st.sampled_from(["busy", "free", "away", "back", "add", "drop"]),
+                              st.integers(0, 40)), max_size=150))
+def test_free_engines_match_the_scan(n, ops):
+    """GPUs turn busy silently and report when they can be free again (as PoolGPU does at the
+    end of every unit); engines join and leave the queue."""
+    q = StageQueue("q")
+    for _ in range(n):
+        FakeEngine(q)
+    for op, k in ops:
+        if op == "add":
+            FakeEngine(q)
+        elif op == "drop" and len(q.engines) > 1:
+            q.unsubscribe(q.engines[k % len(q.engines)])
+        else:
+            e = q.engines[k % len(q.engines)]
+            g = e.gpu
+            if op == "busy":
+                g.cur = object()
+            elif op == "away":
+                g.available = False
+            else:                               # a unit ends / the GPU comes back
+                if op == "free":
+                    g.cur = None
+                else:
+                    g.available = True
+                q.free.hint(e)
+        assert q.free.first() is scan(q.engines)
+
+
+# --- end to end: the same runs with the scans put back ------------------------------------------
+
+def _reference_scans(monkeypatch):
+    monkeypatch.setattr(jobs.FreeEngines, "first", lambda self: scan_placed(self.engines))
+    monkeypatch.setattr(Disaggregated, "pick_llm",
+                        lambda self, model, job: min(self.llm[model], key=lambda e: e.num_requests()))
+
+
+def scan_placed(engines):
+    return next((e for e in engines if e.gpu is not None and e.gpu.cur is None and e.gpu.available), None)
+
+
+def _run(cfg_kw):
+    r = Run(make_cfg(None, cfg_kw))
+    r.run()
+    return r
+
+
+MOVES = {"llm": 9, "dit": 4, "encoder": 2, "vae": 1}   # too few DiT GPUs: the autoscaler moves some
+
+
+@pytest.mark.parametrize("policy,lb,pools", [
+    ("disaggregated", True, {}), ("modality_aware", True, {}),
+    ("modality_aware", False, MOVES), ("modality_aware", True, MOVES)])
+def test_runs_equal_the_scanning_reference(synthetic_profiles, monkeypatch, policy, lb, pools):
+    """16 GPUs at 60 req/s: several LLM engines, DiT queueing, co-located engines (modality_aware),
+    and with MOVES, GPUs changing pool (queues and routers re-index)."""
+    cfg_kw = {"profiles_dir": str(synthetic_profiles), "policy.name": policy,
+              "policy.image_token_aware_lb": lb, "policy.autoscale_interval_s": 1.0,
+              "cluster.pools": pools, "workload.num_requests": 600,
+              "workload.arrival.rate": 40.0 if pools else 60.0, "seed": 7, "cluster.num_gpus": 16}
+    fast = _run(cfg_kw)
+    assert fast.policy.notes["pools"]["llm:qwen2_5_vl_7b"] > 1, "the test needs several LLM engines"
+    assert bool(pools) == bool(getattr(fast.policy, "moves", None)), "MOVES should move GPUs"
+    with monkeypatch.context() as m:
+        _reference_scans(m)
+        ref = _run(cfg_kw)
+    assert _outcomes(fast) == _outcomes(ref)
+
+
+def _outcomes(run) -> dict:
+    def f(x):
+        return None if x != x else x            # NaN (no first token for image output) -> None
+    return {q.id: (f(q.first_token), q.finish, q.preemptions,
+                   [(s.stage, s.server, f(s.start), f(s.end)) for s in q.stages])
+            for q in run.requests}
