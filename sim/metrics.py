@@ -173,8 +173,7 @@ class MetricsCollector:
         e2el = (finish - arrival) * 1000.0
         ttft = req.ttft * 1000.0
         tpot = req.tpot * 1000.0
-        first_start = min((s.start for s in req.stages if s.start == s.start), default=math.nan)
-        queue = (first_start - arrival) * 1000.0
+        queue = (self._add_stages(req.stages) - arrival) * 1000.0
         inf = math.inf
         f["arrival"].append(arrival)
         f["finish"].append(finish if -inf < finish < inf else math.nan)
@@ -188,22 +187,26 @@ class MetricsCollector:
         i["image_tokens_in"].append(req.image_tokens_in)
         i["image_tokens_out"].append(req.image_tokens_out)
         i["preemptions"].append(req.preemptions)
-        self._add_stages(req.stages)
 
-    def _add_stages(self, stages) -> None:
+    def _add_stages(self, stages) -> float:
+        """Feed the per-stage statistics; returns the earliest start (NaN if none started)."""
         st_map = self._stages
+        first = math.inf
         for s in stages:
             st = st_map.get(s.stage)
             if st is None:
                 st = st_map[s.stage] = _StageStats()
             start = s.start
             if start == start:
+                if start < first:
+                    first = start
                 st.qbuf.append((start - s.enqueue) * 1000.0)
                 end = s.end
                 if end == end:
                     st.sbuf.append((end - start) * 1000.0)
                 if len(st.qbuf) >= _FLUSH:
                     st.flush()
+        return first if first < math.inf else math.nan
 
     def add_itl(self, duration_s: float, weight: int) -> None:
         """One AR engine step of ``duration_s`` gave a decode token to ``weight`` sequences."""
