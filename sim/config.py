@@ -228,9 +228,9 @@ class EngineConfig:
     host_overhead_base_ms: float = 1.15
     host_overhead_per_seq_ms: Optional[float] = None
     # API-server (frontend) time before a request reaches the engine core (HTTP, tokenization,
-    # hand-off); it adds to TTFT and E2EL. 0 by default: the validation runs show a ~5-20 ms
-    # TTFT gap at low load that differs by model and is not yet explained (see
-    # traces/validation/README.md), so no value is baked in.
+    # hand-off); it adds to TTFT and E2EL. 0 here (cluster scenarios model the engines); the
+    # vLLM-serve replay (conf/experiment/replay_vllm_bench.yaml) sets the value measured with
+    # zero-load probes, `python -m sim.calibrate` (traces/validation/README.md).
     frontend_ms: float = 0.0
     frontend_ms_per_prompt_token: float = 0.0
 

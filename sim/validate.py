@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -166,9 +167,56 @@ def validate_one(path: Path, model: str, profiles_dir: str, gpu: str, outdir: Pa
         ok = bool(np.isfinite(err) and abs(err) <= tol)
         row[f"meas_{k}"], row[f"sim_{k}"], row[f"err_{k}"], row[f"ok_{k}"] = mv, sv, err, ok
         passed &= ok
+    row.update(ttft_split(obj, cfg, sim_df))
     row["pass"] = passed
     row["status"] = ("PASS" if passed else "FAIL") if not inf else ("info (PASS)" if passed else "info")
     return row, meas_df, sim_df
+
+
+def ttft_split(obj: dict[str, Any], cfg, sim_df: pd.DataFrame) -> dict[str, float]:
+    """Mean TTFT as the client saw it, as vLLM's API server logged it (/metrics histogram, where
+    the run recorded it), and as simulated with and without the frontend constant: says whether an
+    error sits in the engine model or in the API-server / client side."""
+    fe = float(cfg.engine.frontend_ms)
+    out = {"frontend_ms": fe, "meas_client_mean_ttft_ms": float(np.mean(obj["ttfts"])) * 1e3}
+    hist = ((obj.get("provenance") or {}).get("server_metrics") or {}).get("histograms") or {}
+    srv = (hist.get("time_to_first_token_seconds") or {}).get("mean")
+    out["meas_server_mean_ttft_ms"] = float(srv) * 1e3 if srv is not None else np.nan
+    sim = float(sim_df["ttft_ms"].mean()) if "ttft_ms" in sim_df else np.nan
+    out["sim_mean_ttft_ms"], out["sim_engine_mean_ttft_ms"] = sim, sim - fe
+    return out
+
+
+REPLICATE_SUFFIX = re.compile(r"__r\d+$")
+
+
+def replicate_spread(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Run-to-run spread of the MEASURED figures between replicates of one run (same seed, rate
+    and arrivals; a fresh server start; files `<run>` and `<run>__r2`): the noise floor any
+    simulator error should be read against. Spread = (max - min) / mean."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        if "error" not in r:
+            groups.setdefault(REPLICATE_SUFFIX.sub("", r["run"]), []).append(r)
+    out = []
+    for base, rs in sorted(groups.items()):
+        if len(rs) < 2:
+            continue
+        rec: dict[str, Any] = {"run": base, "replicates": len(rs)}
+        for k in TARGETS:
+            v = np.array([r[f"meas_{k}"] for r in rs], float)
+            rec[f"spread_{k}"] = float((v.max() - v.min()) / v.mean()) if np.all(np.isfinite(v)) else np.nan
+        out.append(rec)
+    return out
+
+
+def print_replicates(reps: list[dict[str, Any]]) -> None:
+    if not reps:
+        return
+    print("\n== measured run-to-run spread between replicates (same arrivals, fresh server): (max-min)/mean")
+    print(f"   {'run':28s} " + " ".join(f"{_short(k):>9s}" for k in TARGETS))
+    for r in reps:
+        print(f"   {r['run']:28s} " + " ".join(f"{r[f'spread_{k}'] * 100:8.1f}%" for k in TARGETS))
 
 
 def _short(k: str) -> str:
@@ -303,10 +351,12 @@ def run_validation(folder: str | Path, profiles_dir: str = "traces/profiles", gp
             if is_diffusers_e2e(obj):
                 diffusion += validate_diffusion(p, profiles_dir, gpu)
     print_diffusion(diffusion)
+    reps = replicate_spread(rows)
+    print_replicates(reps)
     pd.DataFrame(rows).to_csv(out / "validation.csv", index=False)
     (out / "validation.json").write_text(json.dumps(
         {"targets": TARGETS, "profiles_dir": str(profiles_dir), "gpu": gpu, "runs": rows,
-         "diffusion_target": DIFFUSION_TARGET, "diffusion": diffusion},
+         "diffusion_target": DIFFUSION_TARGET, "diffusion": diffusion, "replicates": reps},
         indent=2, default=lambda x: None if isinstance(x, float) and not np.isfinite(x) else str(x)))
     plot_cdfs(curves, out / "validation_cdfs.png")
     held = [r for r in rows if r.get("held_to_targets")]

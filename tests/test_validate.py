@@ -15,6 +15,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,7 +42,7 @@ REACHED = {
     "request_throughput": 0.03,
     "median_tpot_ms": 0.20, "median_e2el_ms": 0.20,
     "p99_tpot_ms": 0.30, "p99_e2el_ms": 0.20,
-    "median_ttft_ms": 0.75, "p99_ttft_ms": 0.80,
+    "median_ttft_ms": 0.40, "p99_ttft_ms": 0.70,
 }
 
 
@@ -72,9 +73,60 @@ def test_measured_h100_runs_within_reached_bands(measured_rows):
     assert not bad, f"fidelity regressed beyond the reached bands: {bad}"
 
 
-@pytest.mark.xfail(strict=True, reason="issue 4 targets not all met yet: TTFT is under-predicted by "
-                   "~5-20 ms at low load (API-server side?), qwen TPOT at saturation by 16%; see "
-                   "traces/validation/README.md")
+def test_engine_ttft_matches_vllm_server_side_ttft(measured_rows):
+    """Runs that recorded vLLM's /metrics histograms split the client's TTFT: for llama2_7b the
+    simulated engine-side TTFT (frontend constant removed) matches vLLM's own server-side mean TTFT
+    within 8 ms on every finite-rate run; the qwen2_5_7b gap (15-26 ms at 8-21 req/s) is
+    API-server congestion that the model does not have yet (traces/validation/README.md)."""
+    split = [r for r in measured_rows if np.isfinite(r.get("meas_server_mean_ttft_ms", np.nan))]
+    assert len(split) >= 8
+    for r in split:
+        assert r["frontend_ms"] > 0
+        assert r["sim_mean_ttft_ms"] - r["sim_engine_mean_ttft_ms"] == pytest.approx(r["frontend_ms"])
+        assert r["meas_client_mean_ttft_ms"] > r["meas_server_mean_ttft_ms"] > 0, r["run"]
+    llama = [r for r in split if r["model"] == "llama2_7b"]
+    assert len(llama) >= 4
+    bad = [(r["run"], round(r["meas_server_mean_ttft_ms"] - r["sim_engine_mean_ttft_ms"], 1)) for r in llama
+           if abs(r["meas_server_mean_ttft_ms"] - r["sim_engine_mean_ttft_ms"]) > 8.0]
+    assert not bad, bad
+
+
+def test_replicates_measured_and_spread():
+    rows = [{"run": "m__sat", **{f"meas_{k}": 10.0 for k in V.TARGETS}},
+            {"run": "m__sat__r2", **{f"meas_{k}": 12.0 for k in V.TARGETS}},
+            {"run": "m__low", **{f"meas_{k}": 1.0 for k in V.TARGETS}},
+            {"run": "m__bad", "error": "x"}]
+    reps = V.replicate_spread(rows)
+    assert [r["run"] for r in reps] == ["m__sat"] and reps[0]["replicates"] == 2
+    assert reps[0]["spread_median_ttft_ms"] == pytest.approx(2.0 / 11.0)
+
+
+def test_frontend_constant_is_the_probe_calibration():
+    """conf/experiment/replay_vllm_bench.yaml's engine.frontend_ms is what `python -m sim.calibrate`
+    computes from the committed zero-load probes (not a number fitted to the validation runs)."""
+    import yaml
+    from sim import calibrate as C
+    rows = C.probe_offsets(H100_DIR, str(PROFILES), "h100")
+    if len(rows) < 2:
+        pytest.skip("no zero-load probe runs with a measured profile table committed")
+    assert {r["model"] for r in rows} >= {"qwen2_5_7b", "llama2_7b"}
+    for r in rows:           # an idle engine every time: the simulated TTFT is one prefill step
+        assert 0 < r["sim_zero_load_ttft_ms"] < r["measured_ttft_ms"], r
+    conf = yaml.safe_load((ROOT / "conf" / "experiment" / "replay_vllm_bench.yaml").read_text())
+    assert conf["engine"]["frontend_ms"] == pytest.approx(C.frontend_ms(rows), abs=0.3)
+
+
+def test_spread_out_probe():
+    from sim import calibrate as C
+    obj = {"start_times": [5.0, 5.1, 5.3], "provenance": {"max_concurrency": 1}}
+    assert C.is_probe(obj) and not C.is_probe({"provenance": {"max_concurrency": None}})
+    assert C.spread_out(obj, 2.0)["start_times"] == [5.0, 7.0, 9.0]
+    assert obj["start_times"] == [5.0, 5.1, 5.3]
+
+
+@pytest.mark.xfail(strict=True, reason="issue 4 targets not all met yet: median TTFT off by 4-33% "
+                   "(qwen under, llama over; qwen's API server congests under load), qwen TPOT at "
+                   "saturation -7..-16%; see traces/validation/README.md")
 def test_measured_h100_runs_within_targets(measured_rows):
     bad = [(r["run"], {k: round(r[f"err_{k}"], 3) for k in V.TARGETS if not r[f"ok_{k}"]})
            for r in measured_rows if not r["pass"]]
@@ -215,6 +267,14 @@ def test_parsers():
                            'vllm:cache_config_info{block_size="16",num_gpu_blocks="7716"} 1.0\n')
     assert met["vllm:num_preemptions"] == 7.0
     assert met["cache_config.num_gpu_blocks"] == "7716"
+    h = 'vllm:time_to_first_token_seconds_{}{{engine="0"{}}} {}\n'
+    before = sb.parse_metrics(h.format("sum", "", 1.0) + h.format("count", "", 10) +
+                              h.format("bucket", ',le="0.05"', 8) + h.format("bucket", ',le="+Inf"', 10))
+    after = sb.parse_metrics(h.format("sum", "", 1.6) + h.format("count", "", 20) +
+                             h.format("bucket", ',le="0.05"', 15) + h.format("bucket", ',le="+Inf"', 20))
+    d = sb.histogram_deltas(before, after)["time_to_first_token_seconds"]
+    assert d["count"] == 10 and d["mean"] == pytest.approx(0.06)
+    assert d["buckets"] == {"0.05": 7.0, "+Inf": 10.0}
 
 
 def test_sharegpt_subset_format():
@@ -240,7 +300,9 @@ if args[0] == "serve":
         def do_GET(self):
             n["p"] += 3
             body = ("ok" if self.path == "/health" else
-                    'vllm:num_preemptions_total{engine="0"} %d\nvllm:cache_config_info{block_size="16",num_gpu_blocks="7716"} 1.0\n' % n["p"])
+                    'vllm:num_preemptions_total{engine="0"} %d\nvllm:cache_config_info{block_size="16",num_gpu_blocks="7716"} 1.0\n'
+                    'vllm:time_to_first_token_seconds_sum{engine="0"} %.3f\nvllm:time_to_first_token_seconds_count{engine="0"} %d\n'
+                    % (n["p"], 0.02 * n["p"], n["p"]))
             self.send_response(200); self.end_headers(); self.wfile.write(body.encode())
         def log_message(self, *a): pass
     http.server.HTTPServer(("127.0.0.1", int(opt("--port"))), H).serve_forever()
@@ -286,6 +348,37 @@ def test_serve_bench_orchestration_with_fake_vllm(tmp_path):
     assert (out / "server_llama2_7b.log").exists() and (out / "serve_bench_llama2_7b.json").exists()
     summ = json.loads((out / "serve_bench_llama2_7b.json").read_text())
     assert [x["run"] for x in summ["runs"]] == ["inf", "bursty_k0.25", "sharegpt"] and not summ["skipped"]
+
+
+def test_serve_bench_probes_and_replicate_tag_with_fake_vllm(tmp_path):
+    """Zero-load probes (one request at a time, fixed lengths) and a tagged replicate at a given
+    capacity: file names carry the tag, probe commands their flags, runs their server histograms."""
+    pytest.importorskip("transformers")
+    import socket
+    fake = tmp_path / "fake_vllm.py"
+    fake.write_text(FAKE_VLLM)
+    shutil.copy(EXAMPLE, tmp_path / "example.json")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "out"
+    rc = sb.main(["--model", "qwen2_5_7b", "--out", str(out), "--port", str(port),
+                  "--model-dir", str(tmp_path / "m"), "--vllm-cli", f"{sys.executable} {fake}",
+                  "--runs", "probe_in32,poisson_low", "--capacity", "20", "--tag", "r2",
+                  "--health-timeout", "60"])
+    assert rc == 0
+    assert sorted(p.name for p in out.glob("qwen2_5_7b__*.json")) == [
+        "qwen2_5_7b__poisson_low__r2.json", "qwen2_5_7b__probe_in32__r2.json"]
+    probe = json.loads((out / "qwen2_5_7b__probe_in32__r2.json").read_text())["provenance"]
+    for flag in ("--max-concurrency 1", "--random-input-len 32", "--random-output-len 16",
+                 "--random-range-ratio 0.0", "--num-prompts 24", "--request-rate inf"):
+        assert flag in probe["bench_command"], flag
+    assert probe["max_concurrency"] == 1 and probe["random_input_len"] == 32
+    low = json.loads((out / "qwen2_5_7b__poisson_low__r2.json").read_text())["provenance"]
+    assert low["request_rate"] == pytest.approx(0.35 * 20) and low["calibrated_capacity_rps"] == 20
+    hist = low["server_metrics"]["histograms"]["time_to_first_token_seconds"]
+    assert hist["count"] > 0 and hist["mean"] == pytest.approx(0.02)
+    assert (out / "server_qwen2_5_7b__r2.log").exists() and (out / "serve_bench_qwen2_5_7b__r2.json").exists()
 
 
 def test_diffusers_pipeline_vs_sum_of_stages():
