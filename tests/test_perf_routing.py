@@ -1,6 +1,7 @@
 """The indexed structures behind routing and queueing pick exactly what the scans they replace
-pick: the free-GPU heap of a shared queue (sim.servers.jobs.FreeEngines), and, end to end,
-whole disaggregated / modality_aware runs against the same runs with the scans put back."""
+pick: the free-GPU heap of a shared queue (sim.servers.jobs.FreeEngines), the sjf (highest
+response ratio next) order, and, end to end, whole disaggregated / modality_aware runs against
+the same runs with the scans put back."""
 from __future__ import annotations
 
 import pytest
@@ -9,9 +10,10 @@ from hypothesis import strategies as st
 
 from conftest import make_cfg
 from sim.policies.disaggregated import Disaggregated
+from sim.request import Request
 from sim.runner import Run
 from sim.servers import jobs
-from sim.servers.jobs import StageQueue
+from sim.servers.jobs import Job, StageQueue
 
 
 class FakeGPU:
@@ -61,6 +63,32 @@ def test_free_engines_match_the_scan(n, ops):
                     g.available = True
                 q.free.hint(e)
         assert q.free.first() is scan(q.engines)
+
+
+def _job(i: int, enqueued: float, work: float, prio: int) -> Job:
+    j = Job(Request(i, 0.0, "generate", "m", 1), "dit_step", "m", priority=prio, work=work)
+    j.enqueued = enqueued
+    return j
+
+
+@settings(max_examples=200, deadline=None)
+@given(jobs_=st.lists(st.tuples(st.sampled_from([0.0, 1.0, 2.5, 3.0]),
+                                st.sampled_from([0.0, 0.5, 1.0, 2.0, 4.0]), st.integers(0, 2)),
+                      max_size=12),
+       now=st.sampled_from([3.0, 4.0, 10.0]), priority=st.booleans())
+def test_sjf_order_matches_a_stable_sort(jobs_, now, priority):
+    """Ties (equal ratios) keep arrival order, as the stable sort did."""
+    q = StageQueue("q", priority, "sjf", lambda: now)
+    for i, (enq, work, prio) in enumerate(jobs_):
+        j = _job(i, enq, work, prio)
+        q.levels[min(prio, len(q.levels) - 1) if priority else 0].append(j)
+        q.n += 1
+
+    def key(j):
+        return -(now - j.enqueued + j.work) / max(j.work, 1e-9)
+    want = [j for lvl in q.levels for j in sorted(lvl, key=key)]
+    assert list(q) == want
+    assert q.head() is (want[0] if want else None)
 
 
 # --- end to end: the same runs with the scans put back ------------------------------------------

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from collections import deque
+from itertools import chain
 from dataclasses import dataclass
 from heapq import heappop, heappush
 from typing import Callable, Iterator, Optional
@@ -96,20 +97,21 @@ class StageQueue:
         self.free.stale()
 
     def __iter__(self) -> Iterator[Job]:
-        if self.order == "sjf":
-            now = self.clock()
-            for lvl in self.levels:
-                yield from sorted(lvl, key=lambda j: -(now - j.enqueued + j.work) / max(j.work, 1e-9))
-            return
+        if self.order != "sjf":
+            levels = self.levels
+            return iter(levels[0]) if len(levels) == 1 else chain.from_iterable(levels)
+        key = _neg_ratio(self.clock())
+        out: list[Job] = []
         for lvl in self.levels:
-            yield from lvl
+            out += sorted(lvl, key=key) if len(lvl) > 1 else lvl
+        return iter(out)
 
     def head(self) -> Job | None:
-        if self.order == "sjf":
-            return next(iter(self), None)
         for lvl in self.levels:
             if lvl:
-                return lvl[0]
+                if self.order != "sjf" or len(lvl) == 1:
+                    return lvl[0]
+                return min(lvl, key=_neg_ratio(self.clock()))   # first of the stable sort
         return None
 
     def remove(self, job: Job) -> None:
@@ -138,6 +140,11 @@ class StageQueue:
                 self.work -= job.work
                 return job
         raise IndexError("empty queue")
+
+
+def _neg_ratio(now: float) -> Callable[[Job], float]:
+    """Sort key of the sjf order: minus the response ratio (wait + work) / work."""
+    return lambda j: -(now - j.enqueued + j.work) / max(j.work, 1e-9)
 
 
 class FreeEngines:
