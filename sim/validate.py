@@ -219,6 +219,23 @@ def print_replicates(reps: list[dict[str, Any]]) -> None:
         print(f"   {r['run']:28s} " + " ".join(f"{r[f'spread_{k}'] * 100:8.1f}%" for k in TARGETS))
 
 
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """The README's results table: relative error per run, a cross where a target is missed."""
+    keys = list(TARGETS)
+    head = "| run | rate (req/s) | " + " | ".join(_short(k) for k in keys) + " |"
+    lines = [head, "|" + "---|" * (len(keys) + 2)]
+    for r in rows:
+        if "error" in r:
+            continue
+        rate = r["request_rate"] if r["request_rate"] == "inf" else f"{float(r['request_rate']):.2f}"
+        if r.get("burstiness") not in (None, 1.0, "1.0"):
+            rate += f", k={r['burstiness']}"
+        cells = [f"{r[f'err_{k}'] * 100:+.1f}%" + (" ✗" if r["held_to_targets"] and not r[f"ok_{k}"] else "")
+                 for k in keys]
+        lines.append(f"| {r['run']} | {rate} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def _short(k: str) -> str:
     return (k.replace("request_throughput", "thr").replace("median_", "p50 ").replace("p99_", "p99 ")
             .replace("_ms", ""))
@@ -374,9 +391,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--out", default=None, help="default <folder>/report")
     ap.add_argument("--strict", action="store_true",
                     help="exit 1 if a finite-rate run misses a target or could not be run")
+    ap.add_argument("--markdown", action="store_true", help="also print the results as a markdown table")
     ap.add_argument("overrides", nargs="*", help="extra hydra overrides for every replay")
     a = ap.parse_args(argv)
     rows = run_validation(a.folder, a.profiles_dir, a.gpu, a.out, a.model, a.overrides)
+    if a.markdown:
+        print("\n" + markdown_table(rows))
     if a.strict:
         bad = [r for r in rows if "error" in r or (r.get("held_to_targets") and not r.get("pass"))]
         return 1 if bad or not rows else 0
