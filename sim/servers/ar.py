@@ -261,12 +261,17 @@ class AREngine:
 
     def _extra_blocks(self, j: int) -> int:
         """Blocks the members need beyond those held after planning one step, to run j steps:
-        a member with context c holds ceil((c + 1) / bs) and needs ceil((c + j) / bs)."""
-        bs, g = self.bs, self.G
-        tot = 0
-        for ph, cnt in enumerate(self.phase):
-            if cnt:
-                tot += cnt * (((ph + g) % bs + j - 1) // bs)
+        a member with context c holds ceil((c + 1) / bs) and needs ceil((c + j) / bs), i.e.
+        (c % bs + j - 1) // bs more = q, plus one if c % bs >= bs - m (j - 1 = q * bs + m);
+        c % bs = (phase + G) % bs, so those are m consecutive (cyclic) phases."""
+        bs = self.bs
+        q, m = divmod(j - 1, bs)
+        tot = self.nd * q
+        if m:
+            ph = self.phase
+            a = (bs - m - self.G) % bs
+            b = a + m
+            tot += sum(ph[a:b]) if b <= bs else sum(ph[a:]) + sum(ph[:b - bs])
         return tot
 
     def _pop_finished(self) -> list[Seq]:
