@@ -71,3 +71,17 @@ def test_aggregate_matches_plain_loop_with_preemptions(synthetic_profiles):
                       "workload.output_tokens.max": 1024, "workload.output_tokens.mean": 400.0,
                       "engine.kv_capacity_tokens": 4096, "cluster.num_gpus": 1})
     assert n > 0, "the scenario should preempt"
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, database=None)
+@given(bs=st.sampled_from([1, 2, 3, 16, 64]), g=st.integers(0, 10_000),
+       contexts=st.lists(st.integers(1, 5000), max_size=30), j=st.integers(1, 600))
+def test_extra_blocks_closed_form(bs, g, contexts, j):
+    """Blocks the aggregate needs for j more steps (O(1) from the phase histogram) equal the
+    per-sequence sum the plain loop allocates."""
+    e = AREngine("m", None, 10**9, block_size=bs)
+    e.G, e.nd = g, len(contexts)
+    for c in contexts:
+        e.phase[(c - g) % bs] += 1
+    want = sum(-(-(c + j) // bs) - -(-(c + 1) // bs) for c in contexts)
+    assert e._extra_blocks(j) == want
