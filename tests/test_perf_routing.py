@@ -1,7 +1,7 @@
 """The indexed structures behind routing and queueing pick exactly what the scans they replace
-pick: the free-GPU heap of a shared queue (sim.servers.jobs.FreeEngines), the sjf (highest
-response ratio next) order, and, end to end, whole disaggregated / modality_aware runs against
-the same runs with the scans put back."""
+pick: the lazy least-loaded heap (sim.policies.routing), the free-GPU heap of a shared queue
+(sim.servers.jobs.FreeEngines), the sjf (highest response ratio next) order, and, end to end,
+whole disaggregated / modality_aware runs against the same runs with the scans put back."""
 from __future__ import annotations
 
 import pytest
@@ -10,10 +10,32 @@ from hypothesis import strategies as st
 
 from conftest import make_cfg
 from sim.policies.disaggregated import Disaggregated
+from sim.policies.routing import LeastLoaded
 from sim.request import Request
 from sim.runner import Run
 from sim.servers import jobs
 from sim.servers.jobs import Job, StageQueue
+
+
+class Item:
+    def __init__(self, load: int):
+        self.load = load
+
+
+@settings(max_examples=200, deadline=None)
+@given(n=st.integers(1, 10),
+       ops=st.lists(st.tuples(st.integers(0, 9), st.integers(-3, 3), st.booleans()), max_size=200))
+def test_least_loaded_with_unreported_increases(n, ops):
+    """Decreases are reported, increases only sometimes: picks still equal min() (first index
+    among ties)."""
+    items = [Item(0) for _ in range(n)]
+    ll = LeastLoaded(items, lambda x: x.load)
+    for i, delta, report in ops:
+        x = items[i % n]
+        x.load += delta
+        if delta < 0 or report:
+            ll.changed(x)
+        assert ll.pick() is min(items, key=lambda y: y.load)
 
 
 class FakeGPU:

@@ -38,7 +38,7 @@ class Flow:
         self.hops = hops
         self.i = 0
         self.policy = policy
-        self.home = None                # baseline: the replica that owns the request
+        self.home = None                # where it was routed: its replica (baseline) or LLM engine
 
     def start(self, now: float) -> None:
         job = self.hops[0]
@@ -46,6 +46,7 @@ class Flow:
         self.policy.dispatch(self, job, now)
 
     def _done(self, job: Job, now: float) -> None:
+        self.policy.hop_done(self, job)
         self.i += 1
         if self.i == len(self.hops):
             self.req.finish = now
@@ -99,6 +100,9 @@ class Policy:
 
     def transfer_delay(self, done: Job, nxt: Job) -> float:
         return 0.0
+
+    def hop_done(self, flow: Flow, job: Job) -> None:
+        """A hop has finished (before the next one starts): routers learn that load fell."""
 
     def is_fused(self, req: Request) -> bool:
         return self.fused

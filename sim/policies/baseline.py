@@ -4,11 +4,11 @@ prefill, vision encoding inside the step) and diffusion work (DiT steps, VAE), r
 step granularity. Requests go to a replica of their model (least loaded or round-robin)."""
 from __future__ import annotations
 
-import heapq
+from operator import attrgetter
 
 from profiler.models import load_model
 from sim.memory import Placement, kv_capacity_tokens
-from sim.policies import register
+from sim.policies import register, routing
 from sim.policies.base import Flow, Policy, match_fixed, size_pools
 from sim.servers.ar import AREngine
 from sim.servers.batch import BatchEngine
@@ -29,30 +29,11 @@ class Replica:
         self.requests = 0
 
 
-class LeastLoaded:
-    """The replica with the least outstanding work, ties to the lowest index (what
-    min(replicas, key=outstanding) picks) in O(log n): a heap of (outstanding, index) entries,
-    pushed on every change; entries that no longer match their replica are dropped lazily."""
+class LeastLoaded(routing.LeastLoaded[Replica]):
+    """Replicas by outstanding work (policy.router=least_loaded); every change is reported."""
 
     def __init__(self, replicas: list[Replica]):
-        self.reps = replicas
-        self.heap = [(r.outstanding, r.index) for r in replicas]
-        heapq.heapify(self.heap)
-
-    def pick(self) -> Replica:
-        heap = self.heap
-        while True:
-            load, i = heap[0]
-            r = self.reps[i]
-            if r.outstanding == load:
-                return r
-            heapq.heappop(heap)
-
-    def changed(self, r: Replica) -> None:
-        heapq.heappush(self.heap, (r.outstanding, r.index))
-        if len(self.heap) > 4 * len(self.reps) + 64:       # drop stale entries now and then
-            self.heap = [(x.outstanding, x.index) for x in self.reps]
-            heapq.heapify(self.heap)
+        super().__init__(replicas, attrgetter("outstanding"))
 
 
 @register("baseline")

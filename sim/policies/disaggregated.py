@@ -10,6 +10,7 @@ from sim.memory import Placement
 from sim.policies import register
 from sim.policies.base import Flow, match_fixed, size_pools
 from sim.policies.baseline import Baseline
+from sim.policies.routing import LeastLoaded
 from sim.servers.ar import AREngine
 from sim.servers.batch import BatchEngine
 from sim.servers.dit import DiTEngine
@@ -48,6 +49,7 @@ class Disaggregated(Baseline):
         self.pools: dict[str, list] = {}
         self.queues: dict[tuple[str, str], StageQueue] = {}
         self.llm: dict[str, list[AREngine]] = {}
+        self._routers: dict[str, LeastLoaded[AREngine]] = {}
         for key, n in sorted(counts.items()):
             self.pools.setdefault(key, [])
             for _ in range(n):
@@ -116,6 +118,7 @@ class Disaggregated(Baseline):
                              priority=self.priority)
             g.add(e)
             self.llm.setdefault(model, []).append(e)
+            self._routers.pop(model, None)
         elif role == "encoder":
             g.add(BatchEngine("vision_encode", model, self.queue("vision_encode", model), lat, d.max_batch))
         elif role == "text_encoder":
@@ -129,17 +132,35 @@ class Disaggregated(Baseline):
         self.pools.setdefault(key, []).append(g)
         return g
 
-    def pick_llm(self, model: str, job: Job) -> AREngine:
+    def llm_engines(self, model: str) -> list[AREngine]:
         engines = self.llm.get(model)
         if not engines:
             raise KeyError(f"no LLM pool serves model {model}")
-        return min(engines, key=lambda e: e.num_requests())
+        return engines
+
+    def llm_router(self, model: str) -> LeastLoaded[AREngine]:
+        """Least-outstanding-requests router over the model's LLM engines, built again whenever
+        the pool changes. An engine's count falls only when a request leaves it (hop_done)."""
+        r = self._routers.get(model)
+        if r is None:
+            r = self._routers[model] = LeastLoaded(self.llm_engines(model), AREngine.num_requests)
+        return r
+
+    def pick_llm(self, model: str, job: Job) -> AREngine:
+        return self.llm_router(model).pick()
 
     def dispatch(self, flow: Flow, job: Job, now: float) -> None:
         if job.stage == "ar":
-            self.pick_llm(job.model, job).submit(job, now)
+            flow.home = self.pick_llm(job.model, job)
+            flow.home.submit(job, now)
         else:
             self.queue(job.stage, job.model).put(job, now)
+
+    def hop_done(self, flow: Flow, job: Job) -> None:
+        if job.stage == "ar":
+            r = self._routers.get(job.model)
+            if r is not None and id(flow.home) in r.pos:
+                r.changed(flow.home)
 
     def transfer_delay(self, done: Job, nxt: Job) -> float:
         if pool_key(done) == pool_key(nxt):

@@ -34,12 +34,10 @@ class ModalityAware(Disaggregated):
             self.env.process(self._autoscaler())
 
     def pick_llm(self, model: str, job: Job) -> AREngine:
-        engines = self.llm.get(model)
-        if not engines:
-            raise KeyError(f"no LLM pool serves model {model}")
         if not self.cfg.policy.image_token_aware_lb:
             return super().pick_llm(model, job)
-        return min(engines, key=lambda e: e.load())
+        # a scan: an engine's load also falls while it decodes, unreported (no heap here)
+        return min(self.llm_engines(model), key=AREngine.load)
 
     # --- autoscaling -----------------------------------------------------------------------
     def pressure(self, key: str) -> float:
@@ -84,6 +82,7 @@ class ModalityAware(Disaggregated):
         for e in g.engines:
             if isinstance(e, AREngine):
                 self.llm[e.model].remove(e)
+                self._routers.pop(e.model, None)
             else:
                 e.queue.unsubscribe(e)
         role, model = dst.split(":")
