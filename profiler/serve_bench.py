@@ -489,6 +489,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     ap.add_argument("--tag", default="", help="suffix of the result names (<model>__<run>__<tag>.json), "
                     "e.g. r2 for a replicate of the same seeds and rates (pass --capacity to keep the rates)")
+    ap.add_argument("--steplog", action="store_true",
+                    help="log every engine step of the server (profiler/vllm_steplog.py) to "
+                         "<out>/steplog_<model>[__tag].jsonl; runs record their wall-time span")
     ap.add_argument("--dry-run", action="store_true", help="print every command, run nothing")
     a = ap.parse_args(argv)
 
@@ -569,11 +572,20 @@ def main(argv: Optional[list[str]] = None) -> int:
             tq.kill()
             tq.wait()
     summary: dict[str, Any] = {"model": a.model, "runs": [], "skipped": []}
+    srv_env = dict(os.environ)
+    if a.steplog:
+        from profiler.vllm_steplog import install_plugin
+        plug = install_plugin(staging / "steplog_plugin")
+        srv_env["PYTHONPATH"] = os.pathsep.join(
+            [str(plug), str(ROOT)] + [x for x in os.environ.get("PYTHONPATH", "").split(os.pathsep) if x])
+        srv_env["MMSIM_STEPLOG"] = str((out / f"steplog_{a.model}{suffix}.jsonl").resolve())
+        base["steplog"] = f"steplog_{a.model}{suffix}.jsonl"
     srv = None
     logf = open(server_log, "w")
     try:
         log("starting: " + shlex.join(srv_cmd))
-        srv = subprocess.Popen(srv_cmd, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
+        srv = subprocess.Popen(srv_cmd, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True,
+                               env=srv_env)
         ready_by = min(time.monotonic() + a.health_timeout, deadline - 30)
         while True:
             if srv.poll() is not None:
@@ -614,6 +626,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             _, m0 = http_get(f"http://127.0.0.1:{a.port}/metrics")
             before = parse_metrics(m0)
             started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+            wall_start = time.time()
             blog = open(out / f"bench_{stem}.log", "w")
             bp = subprocess.Popen(cmd, stdout=blog, stderr=subprocess.STDOUT, start_new_session=True)
             try:
@@ -642,7 +655,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                         calibrated_capacity_rps=round(capacity, 4), bench_command=shlex.join(cmd),
                         random_input_len=rr.input_len or I, random_output_len=rr.output_len or O,
                         random_range_ratio=rr.range_ratio, max_concurrency=rr.max_concurrency,
-                        measured_at=started, server_metrics=delta)
+                        measured_at=started, server_metrics=delta,
+                        wall_span=[round(wall_start, 3), round(time.time(), 3)])
             if rr.dataset == "sharegpt":
                 prov["dataset_path"] = str(SHAREGPT_GZ.relative_to(ROOT))
             obj = finalize_result(src, out / fname, prov)

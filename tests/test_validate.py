@@ -392,3 +392,33 @@ def test_diffusers_pipeline_vs_sum_of_stages():
     assert len(rows) == 6
     assert sum(r["ok"] for r in rows) >= 5, [(r["run"], round(r["err"], 3)) for r in rows]
     assert all(abs(r["err"]) <= 0.35 for r in rows)
+
+
+def test_steplog_plugin_discovery_and_lines(tmp_path, monkeypatch):
+    """The stat-logger plugin that `serve_bench --steplog` installs is found through the entry-point
+    group vLLM reads, and writes one parseable line per recorded step."""
+    import subprocess
+    from types import SimpleNamespace
+    from profiler import vllm_steplog as S
+    plug = S.install_plugin(tmp_path / "plug")
+    code = ("from importlib.metadata import entry_points; "
+            f"print([e.value for e in entry_points(group={S.ENTRY_GROUP!r})])")
+    env = dict(__import__("os").environ, PYTHONPATH=f"{plug}:{ROOT}")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert "profiler.vllm_steplog:StepLogger" in out.stdout
+    log = tmp_path / "steps.jsonl"
+    monkeypatch.setenv("MMSIM_STEPLOG", str(log))
+    lg = S.StepLogger(None, 0)
+    it = SimpleNamespace(num_generation_tokens=3, num_prompt_tokens=1024, num_preempted_reqs=0,
+                         time_to_first_tokens_iter=[0.031], finished_requests=[SimpleNamespace(
+                             num_prompt_tokens=10, num_generation_tokens=5, queued_time=0.0,
+                             prefill_time=0.02, decode_time=0.05, e2e_latency=0.08)])
+    sch = SimpleNamespace(num_running_reqs=3, num_waiting_reqs=1, kv_cache_usage=0.25)
+    lg.record(sch, it)
+    lg.record(sch, None)
+    lg.log()
+    recs = S.read_steplog(log)
+    assert len(recs) == 2 and recs[0]["gen"] == 3 and recs[0]["prompt"] == 1024 and recs[0]["run"] == 3
+    assert recs[0]["ttft"] == [0.031] and recs[0]["fin"] == [[10, 5, 0.0, 0.02, 0.05, 0.08]]
+    assert "gen" not in recs[1] and recs[1]["wait"] == 1
+    assert len(S.read_steplog(log, t0=recs[1]["t"])) == 1

@@ -1,0 +1,101 @@
+"""A vLLM stat-logger plugin that writes one JSON line per engine step of a running `vllm serve`.
+
+Why: the client (`vllm bench serve`) sees HTTP-level TTFT and token gaps, the /metrics histograms
+only means and coarse buckets. To check the simulator's step model against the real server we need
+the step timeline itself (when each step's outputs reached the API server, how many sequences
+produced a token, how many prompts finished prefill, running / waiting counts) and per-request
+engine times (queue, prefill, decode) of finished requests.
+
+vLLM loads stat loggers from the entry-point group `vllm.stat_logger_plugins`
+(vllm/v1/metrics/loggers.py, vllm/v1/engine/async_llm.py). `install_plugin(dir)` writes a minimal
+dist-info with that entry point into `dir`; put `dir` on the server's PYTHONPATH and set
+MMSIM_STEPLOG to the output path (profiler/serve_bench.py --steplog does both).
+
+Line format: {"t": time.time() at record, "m": time.monotonic() at record, "gen": tokens produced,
+"prompt": prompt tokens of requests whose prefill finished, "pre": preempted requests,
+"run"/"wait": scheduler's running / waiting counts, "kv": KV usage, "ttft": [engine TTFTs of
+requests whose first token is in this step, s], "fin": [[prompt, gen, queued, prefill, decode,
+e2e], ...] of requests finished in this step}.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+ENTRY_GROUP = "vllm.stat_logger_plugins"
+DIST = "mmsim_steplog-0.1.dist-info"
+
+try:   # only importable where vLLM is installed (the GPU host); the helpers below need no vLLM
+    from vllm.v1.metrics.loggers import StatLoggerBase
+except ImportError:  # pragma: no cover - CPU machines
+    StatLoggerBase = object  # type: ignore[assignment,misc]
+
+
+class StepLogger(StatLoggerBase):  # type: ignore[misc,valid-type]
+    def __init__(self, vllm_config=None, engine_index: int = 0):
+        path = os.environ.get("MMSIM_STEPLOG")
+        self.f = open(path, "a", buffering=1 << 16) if path else None
+
+    def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0):
+        if self.f is None:
+            return
+        try:                      # a logging bug must never take the server's output loop down
+            self._record(scheduler_stats, iteration_stats)
+        except Exception:  # noqa: BLE001
+            pass
+
+    def _record(self, scheduler_stats, iteration_stats) -> None:
+        rec: dict = {"t": time.time(), "m": time.monotonic()}
+        if iteration_stats is not None:
+            rec["gen"] = iteration_stats.num_generation_tokens
+            rec["prompt"] = iteration_stats.num_prompt_tokens
+            rec["pre"] = iteration_stats.num_preempted_reqs
+            if iteration_stats.time_to_first_tokens_iter:
+                rec["ttft"] = [round(x, 6) for x in iteration_stats.time_to_first_tokens_iter]
+            if iteration_stats.finished_requests:
+                rec["fin"] = [[r.num_prompt_tokens, r.num_generation_tokens, round(r.queued_time, 6),
+                               round(r.prefill_time, 6), round(r.decode_time, 6), round(r.e2e_latency, 6)]
+                              for r in iteration_stats.finished_requests]
+        if scheduler_stats is not None:
+            rec["run"] = scheduler_stats.num_running_reqs
+            rec["wait"] = scheduler_stats.num_waiting_reqs
+            rec["kv"] = round(scheduler_stats.kv_cache_usage, 4)
+        self.f.write(json.dumps(rec, separators=(",", ":")) + "\n")
+
+    def log(self):          # called every few seconds by the server: flush what we have
+        if self.f is not None:
+            self.f.flush()
+
+    def log_engine_initialized(self):
+        pass
+
+    def __del__(self):
+        try:
+            if self.f is not None:
+                self.f.close()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def install_plugin(directory: str | Path) -> Path:
+    """Write the dist-info that registers StepLogger; returns the directory to put on PYTHONPATH."""
+    d = Path(directory) / DIST
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "METADATA").write_text("Metadata-Version: 2.1\nName: mmsim-steplog\nVersion: 0.1\n")
+    (d / "entry_points.txt").write_text(f"[{ENTRY_GROUP}]\nmmsim_steplog = profiler.vllm_steplog:StepLogger\n")
+    return Path(directory)
+
+
+def read_steplog(path: str | Path, t0: float | None = None, t1: float | None = None) -> list[dict]:
+    """Lines of a step log, optionally those recorded between wall times t0 and t1."""
+    out = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue            # a line cut by a killed server
+        if (t0 is None or rec["t"] >= t0) and (t1 is None or rec["t"] <= t1):
+            out.append(rec)
+    return out
