@@ -58,16 +58,17 @@ class GPU:
     def has_work(self) -> bool:
         return self.cur is not None or any(e.has_work() for e in self.engines)
 
-    def kick(self) -> None:
+    def kick(self, lag: int = 0) -> None:
         """New work may be runnable here: start it if idle, else cut the running unit at its
-        next step boundary so the batch can change."""
+        next step boundary so the batch can change -- or `lag` steps later, when the work
+        cannot join before (an arrival under async scheduling, see AREngine._enter)."""
         if self.committing:
             return
         if self.cur is None:
             if self.available:
                 self._start_next()
         elif len(self.cur.ends) > 1:
-            self._cut()
+            self._cut(lag)
 
     def _start_next(self) -> None:
         engines = self.engines
@@ -103,10 +104,10 @@ class GPU:
     def _timer(self, ev: "simpy.Event") -> None:
         self._done(ev._value)
 
-    def _cut(self) -> None:
+    def _cut(self, lag: int = 0) -> None:
         u = self.cur
         el = self.env.now - self.start
-        k = bisect_left(u.ends, el - 1e-12) + 1   # first step that ends at or after now
+        k = bisect_left(u.ends, el - 1e-12) + 1 + lag   # first step that ends at or after now
         k = max(1, min(k, len(u.ends)))
         if k < self.planned:
             self._schedule(k)

@@ -145,7 +145,9 @@ class AREngine:
         seq.ready_at = self._async_ready_at(now)
         self.waiting.put(seq, now)   # queue items are Seqs (duck-typed: priority, work, enqueued)
         if self.gpu is not None:
-            self.gpu.kick()
+            # async: it joins the step after next, so our running decode unit may go on one
+            # more step (the plain schedule would run that step alone, with the same batch)
+            self.gpu.kick(1 if seq.ready_at else 0)
 
     def _async_ready_at(self, now: float) -> int:
         """With async scheduling the step after the one in flight is already scheduled when a
