@@ -19,7 +19,8 @@ simulation and metrics; not interpreter start-up or profile loading). `events_pe
 SimPy events processed (env.step calls, counted by wrapping step in the bench only).
 --json also prints each result as JSON, with `cpu_s` (the child's CPU seconds over the same span:
 wall_s much above cpu_s means the machine was shared), simulated duration, utilization, p99 E2EL.
-requests.parquet is written only with --write (into a temp dir).
+requests.parquet is written only with --write (into a temp dir). Children run with
+OPENBLAS_NUM_THREADS=1 unless it is set (idle BLAS threads spin on the other cores).
 
 Profile tables: --profiles-dir (default traces/profiles when it holds h100 tables for the
 models, else analytic roofline tables generated once into ~/.cache/mmserve-sim/bench_profiles).
@@ -160,6 +161,9 @@ def main(argv: list[str] | None = None) -> int:
                 cmd.append("--write")
             env = dict(os.environ, PYTHONPATH=os.pathsep.join(
                 [str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+            # the simulator is single-threaded; OpenBLAS threads (np.dot in the sketches) only
+            # spin and take the CPU from it on a small shared machine
+            env.setdefault("OPENBLAS_NUM_THREADS", "1")
             p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
             line = next((ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")), None)
             if p.returncode != 0 or line is None:
