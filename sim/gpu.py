@@ -108,7 +108,8 @@ class GPU:
         u = self.cur
         el = self.env.now - self.start
         k = bisect_left(u.ends, el - 1e-12) + 1 + lag   # first step that ends at or after now
-        k = max(1, min(k, len(u.ends)))
+        if k > len(u.ends):
+            k = len(u.ends)
         if k < self.planned:
             self._schedule(k)
 

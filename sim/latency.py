@@ -37,7 +37,10 @@ def _axis_pos(axis: list[float], x: float) -> tuple[int, float]:
     if n == 1:
         return 0, 0.0
     i = bisect_right(axis, x) - 1
-    i = min(max(i, 0), n - 2)
+    if i < 0:                   # (conditionals: min/max calls cost more on this hot path)
+        i = 0
+    elif i > n - 2:
+        i = n - 2
     return i, (x - axis[i]) / (axis[i + 1] - axis[i])
 
 
@@ -338,7 +341,8 @@ class LatencyModel:
         if lo < axis[0] or hi > axis[-1]:
             return None
         j = bisect_right(axis, lo) - 1
-        j = min(j, len(axis) - 2)
+        if j > len(axis) - 2:
+            j = len(axis) - 2
         return j if hi <= axis[j + 1] and (hi < axis[j + 1] or j == len(axis) - 2) else None
 
     def ar_step(self, model: str, prefill_tokens: int, decode_seqs: int, decode_ctx: float,

@@ -377,7 +377,9 @@ class AREngine:
             s = self.waiting.head()
             if s.ready_at > self.steps and (sched or self.nd):
                 break                       # async: the step it arrived in was already planned
-            n = min(s.need, budget)
+            n = s.prompt + s.generated - s.computed
+            if n > budget:
+                n = budget
             if not self._alloc(s, s.computed + n):
                 break
             self.waiting.popleft()
