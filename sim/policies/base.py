@@ -81,6 +81,7 @@ class PoolGPU(GPU):
 class Policy:
     name = "base"
     fused = True                    # vision encoding inside the AR step
+    gpu_class: type[GPU] = GPU      # PoolGPU where large pools share a queue
 
     def __init__(self, ctx: SimContext):
         self.ctx = ctx
@@ -119,7 +120,7 @@ class Policy:
     # --- shared helpers ----------------------------------------------------------------------
     def new_gpu(self, role: str) -> GPU:
         gid = len(self.gpus)
-        g = PoolGPU(self.env, gid, gid // self.cfg.cluster.gpus_per_node, self.cfg.diffusion.step_jump)
+        g = self.gpu_class(self.env, gid, gid // self.cfg.cluster.gpus_per_node, self.cfg.diffusion.step_jump)
         g.role = role
         self.gpus.append(g)
         return g

@@ -8,7 +8,7 @@ from __future__ import annotations
 from profiler.models import load_model
 from sim.memory import Placement
 from sim.policies import register
-from sim.policies.base import Flow, match_fixed, size_pools
+from sim.policies.base import Flow, PoolGPU, match_fixed, size_pools
 from sim.policies.baseline import Baseline
 from sim.policies.routing import LeastLoaded
 from sim.servers.ar import AREngine
@@ -36,6 +36,7 @@ class Disaggregated(Baseline):
     order = "fifo"                       # shared-queue order for DiT / encoders
     efficient_batching = False
     colocate_light = False               # put pools needing < LIGHT_SHARE of a GPU on shared GPUs
+    gpu_class = PoolGPU                  # a pool's GPUs share one queue: it indexes the free ones
 
     def build(self) -> None:
         c = self.cfg.cluster

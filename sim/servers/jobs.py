@@ -184,7 +184,10 @@ class FreeEngines:
             self._index()
         engines = self.engines
         if not self.hinted:
-            return next((e for e in engines if _free(e.gpu)), None)
+            for e in engines:
+                if _free(e.gpu):
+                    return e
+            return None
         heap, queued = self.heap, self.queued
         while heap:
             i = heap[0]
