@@ -19,6 +19,7 @@ e2e], ...] of requests finished in this step}.
 """
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import time
@@ -89,9 +90,11 @@ def install_plugin(directory: str | Path) -> Path:
 
 
 def read_steplog(path: str | Path, t0: float | None = None, t1: float | None = None) -> list[dict]:
-    """Lines of a step log, optionally those recorded between wall times t0 and t1."""
+    """Lines of a step log (plain or .gz), optionally those recorded between wall times t0 and t1."""
+    p = Path(path)
+    text = gzip.decompress(p.read_bytes()).decode() if p.suffix == ".gz" else p.read_text()
     out = []
-    for line in Path(path).read_text().splitlines():
+    for line in text.splitlines():
         try:
             rec = json.loads(line)
         except ValueError:
