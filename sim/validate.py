@@ -167,23 +167,41 @@ def validate_one(path: Path, model: str, profiles_dir: str, gpu: str, outdir: Pa
         ok = bool(np.isfinite(err) and abs(err) <= tol)
         row[f"meas_{k}"], row[f"sim_{k}"], row[f"err_{k}"], row[f"ok_{k}"] = mv, sv, err, ok
         passed &= ok
-    row.update(ttft_split(obj, cfg, sim_df))
+    row.update(ttft_split(path, obj, cfg, sim_df))
     row["pass"] = passed
     row["status"] = ("PASS" if passed else "FAIL") if not inf else ("info (PASS)" if passed else "info")
     return row, meas_df, sim_df
 
 
-def ttft_split(obj: dict[str, Any], cfg, sim_df: pd.DataFrame) -> dict[str, float]:
-    """Mean TTFT as the client saw it, as vLLM's API server logged it (/metrics histogram, where
-    the run recorded it), and as simulated with and without the frontend constant: says whether an
-    error sits in the engine model or in the API-server / client side."""
+def steplog_ttfts_ms(path: Path, obj: dict[str, Any]) -> np.ndarray:
+    """Per-request server-side TTFTs of a run from its step log (serve_bench --steplog), if any."""
+    prov = obj.get("provenance") or {}
+    log, span = prov.get("steplog"), prov.get("wall_span")
+    if not log or not span or not (Path(path).parent / log).exists():
+        return np.array([])
+    from profiler.vllm_steplog import read_steplog
+    recs = read_steplog(Path(path).parent / log, span[0], span[1])
+    return np.array([x for r in recs for x in r.get("ttft", ())], float) * 1e3
+
+
+def ttft_split(path: Path, obj: dict[str, Any], cfg, sim_df: pd.DataFrame) -> dict[str, float]:
+    """TTFT as the client saw it, as vLLM's API server logged it (/metrics histogram mean, and
+    per request from the step log where the run recorded one), and as simulated with and without
+    the frontend constant: says whether an error sits in the engine model or in the API-server /
+    client side."""
     fe = float(cfg.engine.frontend_ms)
     out = {"frontend_ms": fe, "meas_client_mean_ttft_ms": float(np.mean(obj["ttfts"])) * 1e3}
     hist = ((obj.get("provenance") or {}).get("server_metrics") or {}).get("histograms") or {}
     srv = (hist.get("time_to_first_token_seconds") or {}).get("mean")
     out["meas_server_mean_ttft_ms"] = float(srv) * 1e3 if srv is not None else np.nan
+    eng = steplog_ttfts_ms(path, obj)
+    out["meas_server_median_ttft_ms"] = float(np.median(eng)) if len(eng) else np.nan
+    out["meas_server_p99_ttft_ms"] = float(np.percentile(eng, 99)) if len(eng) else np.nan
     sim = float(sim_df["ttft_ms"].mean()) if "ttft_ms" in sim_df else np.nan
     out["sim_mean_ttft_ms"], out["sim_engine_mean_ttft_ms"] = sim, sim - fe
+    if "ttft_ms" in sim_df and len(sim_df):
+        out["sim_engine_median_ttft_ms"] = float(sim_df["ttft_ms"].median()) - fe
+        out["sim_engine_p99_ttft_ms"] = float(np.percentile(sim_df["ttft_ms"], 99)) - fe
     return out
 
 
