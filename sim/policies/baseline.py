@@ -33,7 +33,7 @@ class LeastLoaded(routing.LeastLoaded[Replica]):
     """Replicas by outstanding work (policy.router=least_loaded); every change is reported."""
 
     def __init__(self, replicas: list[Replica]):
-        super().__init__(replicas, attrgetter("outstanding"))
+        super().__init__(replicas, attrgetter("outstanding"), every_change=True)
 
 
 @register("baseline")
