@@ -160,11 +160,11 @@ class Disaggregated(Baseline):
     def hop_done(self, flow: Flow, job: Job) -> None:
         if job.stage == "ar":
             r = self._routers.get(job.model)
-            if r is not None and id(flow.home) in r.pos:
+            if r is not None:
                 r.changed(flow.home)
 
     def transfer_delay(self, done: Job, nxt: Job) -> float:
-        if pool_key(done) == pool_key(nxt):
+        if done.model == nxt.model and ROLE_OF_STAGE[done.stage] == ROLE_OF_STAGE[nxt.stage]:
             return 0.0                   # e.g. vae_encode -> ... stays on the VAE GPU
         return self.hop_delay(done, nxt)
 

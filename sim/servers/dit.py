@@ -27,6 +27,7 @@ class DiTEngine:
         self.efficient_only = efficient_only   # join a batch only if that beats running alone
         self.gpu = None
         self.batch: list[Job] = []
+        self.used = 0                   # transformer batch slots the batch takes (sum of weights)
         self.steps_done: dict[int, int] = {}
 
     def has_work(self) -> bool:
@@ -41,13 +42,10 @@ class DiTEngine:
     def _key(self, job: Job):
         return () if self.compat == "any" else job.shape(self.buckets)
 
-    def _used(self) -> int:
-        return sum(j.weight for j in self.batch)
-
     def can_join(self, job: Job) -> bool:
         if not self.batch:
             return False
-        return self._key(job) == self._key(self.batch[0]) and self._used() + job.weight <= self.max_batch
+        return self._key(job) == self._key(self.batch[0]) and self.used + job.weight <= self.max_batch
 
     def _admit(self, now: float) -> None:
         """Fill the batch with jobs of the batch's shape, in queue order, while the queue's
@@ -58,7 +56,7 @@ class DiTEngine:
         key = self._key(self.batch[0]) if self.batch else self._key(head)
         if self._key(head) != key:
             return
-        used = self._used()
+        used = self.used
         taken = []
         for i, job in enumerate(self.queue):
             if i >= self.lookahead:
@@ -80,6 +78,7 @@ class DiTEngine:
             start_record(job, self.gpu.name, now)
             self.steps_done[id(job)] = 0
             self.batch.append(job)
+        self.used = used
         nxt = self.queue.head() if taken else None
         if nxt is not None:     # a new head: other busy engines that could take it re-plan now
             for e in self.queue.engines:
@@ -92,7 +91,7 @@ class DiTEngine:
         if not self.batch:
             return None
         seq = max(self._seq(j) for j in self.batch)
-        t = self.lat.dit_step(self.model, self._used(), seq)
+        t = self.lat.dit_step(self.model, self.used, seq)
         k = min(j.steps - self.steps_done[id(j)] for j in self.batch)
         return Unit([t * (i + 1) for i in range(k)], self._commit, "dit_step", self)
 
@@ -108,6 +107,7 @@ class DiTEngine:
                 done.append(j)
         for j in done:
             self.batch.remove(j)
+            self.used -= j.weight
             del self.steps_done[id(j)]
             j.record.end = now
             j.on_done(j, now)
