@@ -402,7 +402,9 @@ class Workload:
             yield from self._trace
             return
         for chunk in self.chunks():
-            yield from chunk
+            chunk.reverse()             # hand requests out without the chunk keeping them
+            while chunk:                # alive: a finished request is freed at once
+                yield chunk.pop()
 
     def chunks(self) -> Iterator[list[Request]]:
         """Lists of at most chunk_size Requests, in arrival order."""

@@ -46,7 +46,8 @@ class Flow:
         self.policy.dispatch(self, job, now)
 
     def _done(self, job: Job, now: float) -> None:
-        self.policy.hop_done(self, job)
+        job.on_done = None              # no Job -> Flow reference left: refcounting frees a
+        self.policy.hop_done(self, job)  # finished request, no cyclic GC needed
         self.i += 1
         if self.i == len(self.hops):
             self.req.finish = now
