@@ -233,6 +233,9 @@ class EngineConfig:
     # zero-load probes, `python -m sim.calibrate` (traces/validation/README.md).
     frontend_ms: float = 0.0
     frontend_ms_per_prompt_token: float = 0.0
+    # extra time to the first step when the engine is idle at the arrival (the engine core sleeps
+    # on its input queue; the first step after idle has no step to overlap its host work with)
+    idle_wakeup_ms: float = 0.0
 
     def check(self) -> None:
         _check(self.max_num_batched_tokens >= 1, "engine.max_num_batched_tokens",
@@ -247,6 +250,7 @@ class EngineConfig:
                "engine.host_overhead_per_seq_ms", self.host_overhead_per_seq_ms, ">= 0 or null")
         _check(self.frontend_ms >= 0 and self.frontend_ms_per_prompt_token >= 0, "engine.frontend_ms",
                (self.frontend_ms, self.frontend_ms_per_prompt_token), ">= 0")
+        _check(self.idle_wakeup_ms >= 0, "engine.idle_wakeup_ms", self.idle_wakeup_ms, ">= 0")
         _check(self.kv_capacity_tokens is None or self.kv_capacity_tokens > 0,
                "engine.kv_capacity_tokens", self.kv_capacity_tokens, "> 0 or null")
 
