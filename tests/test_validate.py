@@ -75,14 +75,14 @@ def test_measured_h100_runs_within_reached_bands(measured_rows):
 
 def test_engine_ttft_matches_vllm_server_side_ttft(measured_rows):
     """Runs that recorded vLLM's /metrics histograms split the client's TTFT: for llama2_7b the
-    simulated engine-side TTFT (frontend constant removed) matches vLLM's own server-side mean TTFT
+    simulated server-side TTFT (client/HTTP part of the frontend removed) matches vLLM's own mean TTFT
     within 8 ms on every finite-rate run; the qwen2_5_7b gap (3.5-26 ms at 8-24 req/s, varying
     between server starts) is not modelled yet (traces/validation/README.md)."""
     split = [r for r in measured_rows if np.isfinite(r.get("meas_server_mean_ttft_ms", np.nan))]
     assert len(split) >= 8
     for r in split:
         assert r["frontend_ms"] > 0
-        assert r["sim_mean_ttft_ms"] - r["sim_engine_mean_ttft_ms"] == pytest.approx(r["frontend_ms"])
+        assert r["frontend_ms"] <= r["sim_mean_ttft_ms"] - r["sim_engine_mean_ttft_ms"] < r["frontend_ms"] + 10
         assert r["meas_client_mean_ttft_ms"] > r["meas_server_mean_ttft_ms"] > 0, r["run"]
     llama = [r for r in split if r["model"] == "llama2_7b"]
     assert len(llama) >= 4
@@ -167,8 +167,9 @@ def test_spread_out_probe():
 
 
 @pytest.mark.xfail(strict=True, reason="issue 4 targets not all met yet: median TTFT within 10% on "
-                   "10 of 25 runs (qwen under, llama over; the real engine's own run-to-run spread "
-                   "reaches 37%), qwen TPOT at saturation -7..-16%; see traces/validation/README.md")
+                   "14 of 25 runs (llama 11 of 12, qwen 3 of 13: qwen under by up to 48%; the real "
+                   "engine's own run-to-run spread reaches 37%), qwen TPOT at saturation -7..-16%; "
+                   "see traces/validation/README.md")
 def test_measured_h100_runs_within_targets(measured_rows):
     bad = [(r["run"], {k: round(r[f"err_{k}"], 3) for k in V.TARGETS if not r[f"ok_{k}"]})
            for r in measured_rows if not r["pass"]]
