@@ -1,9 +1,12 @@
 """One simulation run: config -> workload -> policy -> stage servers -> records -> metrics."""
 from __future__ import annotations
 
+import gc
 import itertools
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import simpy
 
@@ -16,6 +19,25 @@ from sim.policies.base import PILOT_REQUESTS, SimContext
 from sim.workload import Workload
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+GC_YOUNG_THRESHOLD = 10_000     # allocations between young collections while simulating (700)
+
+
+@contextmanager
+def gc_tuned_for_simulation() -> Iterator[None]:
+    """While a run simulates, the objects set up before it (tables, policy, engines) are frozen
+    out of the cyclic GC and young collections are rarer: finished requests die by refcount
+    (no cycles), so collections only re-scan live objects; ~6% of a 1,000-GPU run."""
+    threshold = gc.get_threshold()
+    ours = gc.get_freeze_count() == 0   # leave a caller's own frozen set alone
+    if ours:
+        gc.freeze()
+    gc.set_threshold(max(threshold[0], GC_YOUNG_THRESHOLD), *threshold[1:])
+    try:
+        yield
+    finally:
+        gc.set_threshold(*threshold)
+        if ours:
+            gc.unfreeze()
 
 
 def resolve(path: str) -> Path:
@@ -74,10 +96,11 @@ class Run:
                                                 self.cfg.output.chunk_rows, self.cfg.slo)
         try:
             self.env.process(self._arrivals())
-            if progress:
-                self._run_with_bar()
-            else:
-                self.env.run()
+            with gc_tuned_for_simulation():
+                if progress:
+                    self._run_with_bar()
+                else:
+                    self.env.run()
             if self.writer is not None:
                 self.writer.close()
         except BaseException:

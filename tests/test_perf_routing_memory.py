@@ -46,3 +46,9 @@ def test_workload_does_not_keep_handed_out_requests():
     it = iter(Workload(WorkloadConfig(num_requests=100), seed=0))
     req = next(it)
     assert sys.getrefcount(req) == 2            # `req` and getrefcount's argument
+
+
+def test_run_restores_the_gc_settings(synthetic_profiles):
+    before = (gc.get_threshold(), gc.get_freeze_count(), gc.isenabled())
+    Run(make_cfg(synthetic_profiles, {"workload.num_requests": 20})).run()
+    assert (gc.get_threshold(), gc.get_freeze_count(), gc.isenabled()) == before
