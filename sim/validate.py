@@ -279,33 +279,48 @@ def print_table(rows: list[dict[str, Any]]) -> None:
                   f"{r[f'err_{k}'] * 100:+8.1f}% {tol * 100:6.0f}% {mark}")
 
 
-def plot_cdfs(curves: list[tuple[str, pd.DataFrame, pd.DataFrame]], path: Path) -> None:
+def plot_cdfs(curves: list[tuple[str, pd.DataFrame, pd.DataFrame]], path: Path, cols: int = 3) -> None:
+    """Measured vs simulated TTFT and E2EL CDFs, one pair of panels per run; replicates of a run
+    share its panels (one measured line each, the spread between them is the engine's own noise)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
     try:
         import seaborn as sns
         sns.set_theme(style="whitegrid", context="paper")
     except ImportError:
         pass
-    n = max(1, len(curves))
-    fig, axes = plt.subplots(n, 2, figsize=(10, 2.8 * n), squeeze=False)
-    for i, (name, m, s) in enumerate(curves):
+    groups: dict[str, list[tuple[str, pd.DataFrame, pd.DataFrame]]] = {}
+    for name, m, s in curves:
+        groups.setdefault(REPLICATE_SUFFIX.sub("", name), []).append((name, m, s))
+    n = max(1, len(groups))
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, 2 * cols, figsize=(4.2 * cols, 2.5 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.set_visible(False)
+    for g, (base, members) in enumerate(groups.items()):
         for j, (metric, mcol, scol) in enumerate((("TTFT", "measured_ttft_s", "ttft_ms"),
                                                   ("E2EL", "measured_e2el_s", "e2el_ms"))):
-            ax = axes[i][j]
-            for label, vals in (("measured (vLLM)", m[mcol].to_numpy(float) * 1e3 if mcol in m else np.array([])),
-                                ("simulated", s[scol].to_numpy(float) if scol in s else np.array([]))):
+            ax = axes[g // cols][2 * (g % cols) + j]
+            ax.set_visible(True)
+            lines = [(f"measured {REPLICATE_SUFFIX.search(nm).group(0)[2:] if REPLICATE_SUFFIX.search(nm) else 'r1'}",
+                      m[mcol].to_numpy(float) * 1e3 if mcol in m else np.array([]), 1.0) for nm, m, _ in members]
+            s0 = members[0][2]
+            lines.append(("simulated", s0[scol].to_numpy(float) if scol in s0 else np.array([]), 2.0))
+            for label, vals, lw in lines:
                 v = np.sort(vals[np.isfinite(vals) & (vals > 0)])
                 if len(v):
-                    ax.step(v, np.arange(1, len(v) + 1) / len(v), where="post", label=label)
+                    ax.step(v, np.arange(1, len(v) + 1) / len(v), where="post", label=label, lw=lw,
+                            color="black" if label == "simulated" else None)
             ax.set_xscale("log")
-            ax.set_xlabel(f"{metric} (ms)")
-            ax.set_ylabel("CDF")
-            ax.set_title(f"{name}: {metric}", fontsize=9)
-            ax.legend(fontsize=7, loc="lower right")
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+            ax.set_xlabel(f"{metric} (ms)", fontsize=7)
+            ax.set_title(f"{base}: {metric}", fontsize=7)
+            ax.tick_params(labelsize=6)
+            ax.legend(fontsize=5, loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
