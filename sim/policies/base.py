@@ -76,7 +76,7 @@ class PoolGPU(GPU):
                 q = getattr(e, "queue", None)
                 if q is not None:
                     q.free.hint(e)
-        super()._done(tok)
+        GPU._done(self, tok)
 
 
 class Policy:

@@ -93,7 +93,7 @@ class DiTEngine:
         seq = max(self._seq(j) for j in self.batch)
         t = self.lat.dit_step(self.model, self.used, seq)
         k = min(j.steps - self.steps_done[id(j)] for j in self.batch)
-        return Unit([t * (i + 1) for i in range(k)], self._commit, "dit_step", self)
+        return Unit([t * i for i in range(1, k + 1)], self._commit, "dit_step", self)
 
     def _seq(self, job: Job) -> int:
         """Sequences in a batch are padded to the longest one present (not to the bucket bound)."""
