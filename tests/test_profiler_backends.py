@@ -106,3 +106,17 @@ def test_analytic_backend_and_first_principles(tmp_path):
     assert math.isclose(d1["latency_ms_median"].iloc[0], floor_ms, rel_tol=0.1)
     fl = schema.read_table(out["flux1_dev"]["path"])
     assert check_frame(fl) == []
+
+
+def test_time_callable_chain_times_back_to_back_calls():
+    """chain=k: k calls per sample, per-call time reported (CPU clock here)."""
+    import time as _t
+    from profiler.backends.base import time_callable
+    calls = []
+
+    def fn():
+        calls.append(1)
+        _t.sleep(0.002)
+    out = time_callable(fn, "cpu", warmup=1, repeats=3, chain=4)
+    assert len(calls) == 1 + 3 * 4 and len(out) == 3
+    assert all(1.5 <= x < 20 for x in out), out      # ~2 ms per call, not ~8 per sample

@@ -55,11 +55,14 @@ def summarize(samples_ms: list[float]) -> dict[str, float]:
 
 
 def time_callable(fn: Callable[[], Any], device: str, warmup: int, repeats: int,
-                  max_seconds: float | None = None) -> list[float]:
+                  max_seconds: float | None = None, chain: int = 1) -> list[float]:
     """Times fn() with CUDA events on a GPU (host clock on the CPU); returns per-call ms.
 
     `max_seconds` trims repeats for expensive points: after the first timed call, the number of
     repeats is cut so the point takes at most about that long (at least one sample).
+    `chain` > 1 times that many back-to-back calls per sample and divides: the steady state of a
+    loop (a denoising loop launches step i+1 while the GPU runs step i), where a lone call from
+    an idle GPU would expose its whole kernel-launch time.
     """
     import torch
     cuda = str(device).startswith("cuda")
@@ -73,14 +76,16 @@ def time_callable(fn: Callable[[], Any], device: str, warmup: int, repeats: int,
         if cuda:
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             a.record()
-            fn()
+            for _ in range(chain):
+                fn()
             b.record()
             b.synchronize()
-            out.append(a.elapsed_time(b))
+            out.append(a.elapsed_time(b) / chain)
         else:
             t0 = time.perf_counter()
-            fn()
-            out.append((time.perf_counter() - t0) * 1e3)
+            for _ in range(chain):
+                fn()
+            out.append((time.perf_counter() - t0) * 1e3 / chain)
         if max_seconds is not None:
             if budget_end is None:
                 budget_end = time.monotonic() + max_seconds - out[0] / 1e3
