@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 from collections import deque
-from itertools import chain
 from dataclasses import dataclass
 from heapq import heappop, heappush
+from itertools import chain
 from typing import Callable, Iterator, Optional
 
 from sim.request import Request, StageRecord
@@ -180,6 +180,7 @@ class FreeEngines:
                 heappush(self.heap, i)
 
     def first(self):
+        """The engine to kick, or None when every GPU of the queue is busy."""
         if len(self.engines) != self.known:
             self._index()
         engines = self.engines
