@@ -425,16 +425,15 @@ def test_serve_bench_probes_and_replicate_tag_with_fake_vllm(tmp_path):
 
 
 def test_diffusers_pipeline_vs_sum_of_stages():
-    """Issue 4 item 4: a real FluxPipeline run vs steps x dit_step + vae_decode from the table.
-    Target 5%; the 512x512 batch-1 point is bound by Python launch overhead that varies between
-    processes (profile 93 ms/step vs 70 ms in the pipeline run), so it is held to 35%."""
+    """Issue 4 item 4: a real FluxPipeline run vs steps x dit_step + vae_decode from the table,
+    target 5% on every point (short dit steps are profiled back to back, as a denoising loop runs
+    them: timed one by one from an idle GPU the 512x512 batch-1 step was 92 ms instead of 73)."""
     e2e = H100_DIR / "diffusers_flux_e2e.json"
     if not e2e.exists() or not (PROFILES / "h100" / "flux1_dev.parquet").exists():
         pytest.skip("no measured FluxPipeline run or flux1_dev table")
     rows = V.validate_diffusion(e2e, str(PROFILES), "h100")
     assert len(rows) == 6
-    assert sum(r["ok"] for r in rows) >= 5, [(r["run"], round(r["err"], 3)) for r in rows]
-    assert all(abs(r["err"]) <= 0.35 for r in rows)
+    assert all(r["ok"] for r in rows), [(r["run"], round(r["err"], 3)) for r in rows]
 
 
 def test_steplog_plugin_discovery_and_lines(tmp_path, monkeypatch):
