@@ -19,6 +19,7 @@ e2e], ...] of requests finished in this step}.
 """
 from __future__ import annotations
 
+import functools
 import gzip
 import json
 import os
@@ -89,16 +90,22 @@ def install_plugin(directory: str | Path) -> Path:
     return Path(directory)
 
 
-def read_steplog(path: str | Path, t0: float | None = None, t1: float | None = None) -> list[dict]:
-    """Lines of a step log (plain or .gz), optionally those recorded between wall times t0 and t1."""
+@functools.lru_cache(maxsize=4)
+def _parse(path: str, mtime: float) -> tuple[dict, ...]:
+    """All lines of one step log; cached, since every run of a server reads the same file."""
     p = Path(path)
     text = gzip.decompress(p.read_bytes()).decode() if p.suffix == ".gz" else p.read_text()
     out = []
     for line in text.splitlines():
         try:
-            rec = json.loads(line)
+            out.append(json.loads(line))
         except ValueError:
             continue            # a line cut by a killed server
-        if (t0 is None or rec["t"] >= t0) and (t1 is None or rec["t"] <= t1):
-            out.append(rec)
-    return out
+    return tuple(out)
+
+
+def read_steplog(path: str | Path, t0: float | None = None, t1: float | None = None) -> list[dict]:
+    """Lines of a step log (plain or .gz), optionally those recorded between wall times t0 and t1."""
+    p = Path(path)
+    return [r for r in _parse(str(p), p.stat().st_mtime)
+            if (t0 is None or r["t"] >= t0) and (t1 is None or r["t"] <= t1)]

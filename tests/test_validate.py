@@ -128,34 +128,29 @@ def test_frontend_constants_are_the_probe_calibration():
 
 
 def test_idle_wakeup_only_for_an_idle_engine(tmp_path):
-    """engine.idle_wakeup_ms delays a request that finds its engine idle, not one that arrives
-    while the engine is busy: same arrivals, TTFT rises by the constant only for the first."""
+    """engine.idle_wakeup_ms delays the engine's entry (prefill_enqueue - arrival) of a request
+    that finds its engine idle, not of one that arrives while the engine is decoding."""
     from sim.runner import Run
     found = _any_table()
     if found is None:
         pytest.skip("no profile table")
     gpu, model = found
-    n = 3
-    obj = dict(start_times=[0.0, 0.001, 5.0], input_lens=[256] * n, output_lens=[64] * n,
-               ttfts=[0.05] * n, itls=[[0.01] * 63] * n, errors=[""] * n, num_prompts=n,
-               completed=n, request_rate=1.0, burstiness=1.0)
+    arrivals = [0.0, 0.2, 5.0]          # idle, mid-decode of the first request, idle again
+    n = len(arrivals)
+    obj = dict(start_times=arrivals, input_lens=[256] * n, output_lens=[200] * n, ttfts=[0.05] * n,
+               itls=[[0.01] * 199] * n, errors=[""] * n, num_prompts=n, completed=n,
+               request_rate=1.0, burstiness=1.0)
     path = tmp_path / f"{model}__t.json"
     path.write_text(json.dumps(obj))
-
-    def ttfts(extra):
-        cfg, _ = V.compose_replay(path, model, str(PROFILES), gpu, extra + ["engine.frontend_ms=0",
-                                  "engine.frontend_ms_per_prompt_token=0"], {"kv_cache_tokens": 200_000})
-        out = tmp_path / ("w" if extra else "n")
-        Run(cfg, out).run()
-        import pandas as pd
-        return pd.read_parquet(out / "requests.parquet").sort_values("arrival")["ttft_ms"].to_numpy()
-
-    base, woken = ttfts(["engine.idle_wakeup_ms=0"]), ttfts(["engine.idle_wakeup_ms=7"])
-    assert woken[0] == pytest.approx(base[0] + 7.0, abs=1e-6)     # idle engine: pays it
-    assert woken[2] == pytest.approx(base[2] + 7.0, abs=1e-6)     # idle again 5 s later
-    # the second request arrives 1 ms after the first, while that one is still waking the engine:
-    # it waits for the same wake-up, not an extra one on top
-    assert woken[1] - base[1] <= 7.0 + 1e-6
+    cfg, _ = V.compose_replay(path, model, str(PROFILES), gpu,
+                              ["engine.frontend_ms=0", "engine.frontend_ms_per_prompt_token=0",
+                               "engine.idle_wakeup_ms=7"], {"kv_cache_tokens": 200_000})
+    Run(cfg, tmp_path / "run").run()
+    import pandas as pd
+    df = pd.read_parquet(tmp_path / "run" / "requests.parquet").sort_values("arrival")
+    assert df["finish"].iloc[0] > arrivals[1] + 0.05      # the second one really finds it busy
+    wait_ms = ((df["prefill_enqueue"] - df["arrival"]) * 1e3).to_numpy()
+    assert wait_ms == pytest.approx([7.0, 0.0, 7.0], abs=1e-6)
 
 
 def test_spread_out_probe():
@@ -361,9 +356,8 @@ elif args[:2] == ["bench", "serve"]:
 '''
 
 
-def test_serve_bench_orchestration_with_fake_vllm(tmp_path):
-    """The whole driver (model dir, server start/health/KV log, runs, provenance, stop) against a
-    fake `vllm` CLI: a tiny HTTP server and a bench that copies the example result."""
+def _fake_serve_bench(tmp_path, model: str, args: list[str]):
+    """serve_bench.main against the fake `vllm` CLI on a free port; returns (rc, out dir)."""
     pytest.importorskip("transformers")
     import socket
     fake = tmp_path / "fake_vllm.py"
@@ -373,9 +367,16 @@ def test_serve_bench_orchestration_with_fake_vllm(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out = tmp_path / "out"
-    rc = sb.main(["--model", "llama2_7b", "--out", str(out), "--port", str(port),
+    rc = sb.main(["--model", model, "--out", str(out), "--port", str(port),
                   "--model-dir", str(tmp_path / "m"), "--vllm-cli", f"{sys.executable} {fake}",
-                  "--runs", "inf,bursty_k0.25,sharegpt", "--health-timeout", "60"])
+                  "--health-timeout", "60"] + args)
+    return rc, out
+
+
+def test_serve_bench_orchestration_with_fake_vllm(tmp_path):
+    """The whole driver (model dir, server start/health/KV log, runs, provenance, stop) against a
+    fake `vllm` CLI: a tiny HTTP server and a bench that copies the example result."""
+    rc, out = _fake_serve_bench(tmp_path, "llama2_7b", ["--runs", "inf,bursty_k0.25,sharegpt"])
     assert rc == 0
     files = sorted(p.name for p in out.glob("llama2_7b__*.json"))
     assert files == ["llama2_7b__bursty_k0.25.json", "llama2_7b__inf.json", "llama2_7b__sharegpt.json"]
@@ -396,19 +397,8 @@ def test_serve_bench_orchestration_with_fake_vllm(tmp_path):
 def test_serve_bench_probes_and_replicate_tag_with_fake_vllm(tmp_path):
     """Zero-load probes (one request at a time, fixed lengths) and a tagged replicate at a given
     capacity: file names carry the tag, probe commands their flags, runs their server histograms."""
-    pytest.importorskip("transformers")
-    import socket
-    fake = tmp_path / "fake_vllm.py"
-    fake.write_text(FAKE_VLLM)
-    shutil.copy(EXAMPLE, tmp_path / "example.json")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    out = tmp_path / "out"
-    rc = sb.main(["--model", "qwen2_5_7b", "--out", str(out), "--port", str(port),
-                  "--model-dir", str(tmp_path / "m"), "--vllm-cli", f"{sys.executable} {fake}",
-                  "--runs", "probe_in32,poisson_low", "--capacity", "20", "--tag", "r2",
-                  "--health-timeout", "60"])
+    rc, out = _fake_serve_bench(tmp_path, "qwen2_5_7b", ["--runs", "probe_in32,poisson_low",
+                                                         "--capacity", "20", "--tag", "r2"])
     assert rc == 0
     assert sorted(p.name for p in out.glob("qwen2_5_7b__*.json")) == [
         "qwen2_5_7b__poisson_low__r2.json", "qwen2_5_7b__probe_in32__r2.json"]
