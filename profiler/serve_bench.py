@@ -33,6 +33,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -95,6 +96,15 @@ for _n in (32, 512, 2048):
     RUN_CATALOG[f"probe_in{_n}"] = RunSpec(f"probe_in{_n}", rate_frac=None, seed=20, input_len=_n,
                                            output_len=16, range_ratio=0.0, max_concurrency=1,
                                            fixed_prompts=24, num_warmups=4)
+# Concurrency ladder: N clients at once (`--max-concurrency N`), fixed 512 / 128 tokens, so waves
+# of N prompts prefill together and then decode at batch ~N. Calibration data for the serving
+# front end (API-server and client CPU seconds per request and per streamed token, sampled from
+# /proc during the run) and for the engine step at batch N under `vllm serve` (step log); kept
+# apart from the validation runs (`--out .../ladder`), which stay held out.
+for _c in (8, 32, 64, 128):
+    RUN_CATALOG[f"conc{_c}"] = RunSpec(f"conc{_c}", rate_frac=None, seed=30, input_len=512,
+                                       output_len=128, range_ratio=0.0, max_concurrency=_c,
+                                       fixed_prompts=max(24, 3 * _c), num_warmups=8)
 # Server-side latency histograms diffed per run (sum, count, cumulative buckets): the engine
 # core's queue / prefill / decode times next to the API server's TTFT and E2E latency.
 HISTOGRAMS = ("vllm:time_to_first_token_seconds", "vllm:e2e_request_latency_seconds",
@@ -280,10 +290,56 @@ def est_seconds(run: RunSpec, capacity: float) -> float:
     """Rough wall time of a run: arrivals span N/R, drained at <= capacity, + client start."""
     if run.max_concurrency == 1:
         return run.num_prompts * 0.25 + CLIENT_OVERHEAD_S
+    if run.max_concurrency and run.fixed_prompts:     # waves of N: prefill + output steps of ~15 ms
+        waves = -(-(run.num_prompts + run.num_warmups) // run.max_concurrency)
+        return waves * (0.5 + 0.015 * (run.output_len or 256)) + CLIENT_OVERHEAD_S
     if run.request_rate is None:
         return run.num_prompts / max(capacity, 0.1) + CLIENT_OVERHEAD_S
     span = run.num_prompts / min(run.request_rate, max(capacity, 0.1))
     return span * 1.1 + CLIENT_OVERHEAD_S
+
+
+def cpu_seconds(pid: int) -> Optional[float]:
+    """utime + stime of a process (all its threads) from /proc, or None once it is gone."""
+    try:
+        f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+class CpuSampler(threading.Thread):
+    """Samples the CPU seconds of named processes every `period` s while a run goes on: the API
+    server (`vllm serve`'s own process; the engine core is a child) and the benchmark client are
+    single-threaded asyncio loops whose per-token work delays first tokens under load. The series
+    (not just totals) lets an analysis cut out the client's start-up and result saving."""
+
+    def __init__(self, pids: dict[str, int], period: float = 0.25):
+        super().__init__(daemon=True)
+        self.pids, self.period = pids, period
+        self.t0 = time.time()
+        self.rows: list[list[float]] = []
+        self._stop_ev = threading.Event()
+
+    def sample(self) -> None:
+        row = [round(time.time() - self.t0, 3)]
+        for pid in self.pids.values():
+            c = cpu_seconds(pid)
+            row.append(round(c, 3) if c is not None else float("nan"))
+        self.rows.append(row)
+
+    def run(self) -> None:
+        while not self._stop_ev.is_set():
+            self.sample()
+            self._stop_ev.wait(self.period)
+
+    def stop(self) -> dict[str, Any]:
+        self._stop_ev.set()
+        self.join(timeout=2.0)
+        # NaN (a process already gone) is not JSON: keep the last good value's column as null
+        rows = [[None if isinstance(x, float) and math.isnan(x) else x for x in r] for r in self.rows]
+        return {"t0_wall": round(self.t0, 3), "period_s": self.period,
+                "columns": ["t_s"] + [f"{k}_cpu_s" for k in self.pids], "rows": rows}
 
 
 def parent_age_s() -> Optional[float]:
@@ -629,15 +685,19 @@ def main(argv: Optional[list[str]] = None) -> int:
             wall_start = time.time()
             blog = open(out / f"bench_{stem}.log", "w")
             bp = subprocess.Popen(cmd, stdout=blog, stderr=subprocess.STDOUT, start_new_session=True)
+            cpu = CpuSampler({"api_server": srv.pid, "client": bp.pid})
+            cpu.start()
             try:
                 bp.wait(timeout=max(5.0, deadline - time.monotonic() - 20.0))
             except subprocess.TimeoutExpired:
+                cpu.stop()
                 log(f"run {r.name} past the deadline: killed, result lost")
                 stop_group(bp, grace=3.0)
                 summary["skipped"].append(r.name)
                 blog.close()
                 break
             blog.close()
+            cpu_series = cpu.stop()
             src = staging / fname
             if bp.returncode != 0 or not src.exists():
                 log(f"run {r.name} failed (rc {bp.returncode}); see bench_{stem}.log")
@@ -655,7 +715,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                         calibrated_capacity_rps=round(capacity, 4), bench_command=shlex.join(cmd),
                         random_input_len=rr.input_len or I, random_output_len=rr.output_len or O,
                         random_range_ratio=rr.range_ratio, max_concurrency=rr.max_concurrency,
-                        measured_at=started, server_metrics=delta,
+                        measured_at=started, server_metrics=delta, cpu_samples=cpu_series,
                         wall_span=[round(wall_start, 3), round(time.time(), 3)])
             if rr.dataset == "sharegpt":
                 prov["dataset_path"] = str(SHAREGPT_GZ.relative_to(ROOT))

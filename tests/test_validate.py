@@ -13,6 +13,7 @@ import gzip
 import json
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -454,3 +455,19 @@ def test_steplog_plugin_discovery_and_lines(tmp_path, monkeypatch):
     assert recs[0]["ttft"] == [0.031] and recs[0]["fin"] == [[10, 5, 0.0, 0.02, 0.05, 0.08]]
     assert "gen" not in recs[1] and recs[1]["wait"] == 1
     assert len(S.read_steplog(log, t0=recs[1]["t"])) == 1
+
+
+def test_cpu_sampler_reads_this_process():
+    """The API-server / client CPU series: seconds of CPU grow with work done and a finished
+    process reads as null, not as an error."""
+    import os
+    s = sb.CpuSampler({"me": os.getpid(), "gone": 2 ** 22 + 12345}, period=0.01)
+    s.start()
+    t = time.process_time()
+    while time.process_time() - t < 0.2:
+        pass
+    out = s.stop()
+    assert out["columns"] == ["t_s", "me_cpu_s", "gone_cpu_s"]
+    me = [r[1] for r in out["rows"]]
+    assert len(me) >= 3 and me[-1] - me[0] >= 0.1 and all(b >= a for a, b in zip(me, me[1:]))
+    assert all(r[2] is None for r in out["rows"])
