@@ -737,6 +737,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         if srv is not None:
             stop_group(srv)
         logf.close()
+        if a.steplog:      # runs name the .jsonl; readers (vllm_steplog.resolve_steplog) take .gz too
+            from profiler.vllm_steplog import gzip_steplog
+            gzip_steplog(out / base["steplog"])
         summary["provenance"] = base
         summary["elapsed_s"] = round(time.monotonic() - t0, 1)
         (out / f"serve_bench_{a.model}{suffix}.json").write_text(json.dumps(summary, indent=2))

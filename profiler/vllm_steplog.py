@@ -25,6 +25,7 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import Optional
 
 ENTRY_GROUP = "vllm.stat_logger_plugins"
 DIST = "mmsim_steplog-0.1.dist-info"
@@ -102,6 +103,30 @@ def _parse(path: str, mtime: float) -> tuple[dict, ...]:
         except ValueError:
             continue            # a line cut by a killed server
     return tuple(out)
+
+
+def gzip_steplog(path: str | Path) -> Optional[Path]:
+    """Compress a finished step log next to itself (atomically) and remove the plain file."""
+    p = Path(path)
+    if not p.exists():
+        return None
+    dst = p.with_name(p.name + ".gz")
+    tmp = dst.with_name(dst.name + ".tmp")
+    with open(p, "rb") as src, gzip.open(tmp, "wb") as g:
+        g.write(src.read())
+    os.replace(tmp, dst)
+    p.unlink()
+    return dst
+
+
+def resolve_steplog(folder: str | Path, name: Optional[str]) -> Optional[Path]:
+    """The step log a result's provenance names, as written (.jsonl) or gzipped after the run."""
+    if not name:
+        return None
+    for cand in (Path(folder) / name, Path(folder) / (name + ".gz")):
+        if cand.exists():
+            return cand
+    return None
 
 
 def read_steplog(path: str | Path, t0: float | None = None, t1: float | None = None) -> list[dict]:

@@ -14,8 +14,25 @@ the same run (`provenance.server_metrics.histograms`) to split the client's TTFT
   after idle overlaps no host work). Loaded engines do not pay it (the step logs of loaded runs
   show the server's TTFT equal to the simulated one for llama2_7b).
 
-Without server histograms only the total is known (`total_ms`). The values committed in
-conf/experiment/replay_vllm_bench.yaml must match this command's output (tests/test_validate.py).
+Loaded engines: the concurrency ladder (`profiler.serve_bench --runs conc8,conc32,conc64,conc128
+--steplog`, in <folder>/ladder: N clients at once, 512 / 128 tokens) samples the CPU seconds of
+the API server's and the client's processes every 0.25 s. Least squares of each interval's CPU
+seconds on (its length, tokens streamed in it, first tokens in it), over intervals with engine
+steps, gives each process's CPU seconds per streamed token:
+
+- `engine.stream_ms_per_token`: API server + client per token: a step's B tokens are handled one
+  after another by both single-threaded event loops, so a first / last token reaches its client
+  about B times this after the step ends;
+- `engine.api_ingest_ms_per_running_seq`: the API server's share: a request arriving at a busy
+  engine waits behind that work (one token per running sequence per step) on its way in;
+- `engine.api_ingest_ms`: the API-side time of a request at zero load, the median over the probes'
+  step-log records of e2e - (queued + prefill + decode) (API arrival to the engine core and the
+  last output back). With these a request at a busy engine can miss the next scheduling point
+  and wait one more step, as the step logs of loaded runs show (first token 3 or 4 steps after
+  the API arrival).
+
+The values committed in conf/experiment/replay_vllm_bench.yaml must match this command's output
+(tests/test_validate.py).
 """
 from __future__ import annotations
 
@@ -31,7 +48,9 @@ import numpy as np
 from sim.validate import find_bench_files, infer_model, validate_one
 
 GAP_S = 1.0          # seconds between replayed probe requests: the engine is idle at each arrival
-FRONTEND_OFF = ["engine.frontend_ms=0", "engine.frontend_ms_per_prompt_token=0", "engine.idle_wakeup_ms=0"]
+FRONTEND_OFF = ["engine.frontend_ms=0", "engine.frontend_ms_per_prompt_token=0", "engine.idle_wakeup_ms=0",
+                "engine.api_ingest_ms=0", "engine.api_ingest_ms_per_running_seq=0",
+                "engine.stream_ms_per_token=0"]
 
 
 def is_probe(obj: dict[str, Any]) -> bool:
@@ -91,6 +110,78 @@ def split_constants(rows: list[dict[str, Any]]) -> Optional[dict[str, float]]:
             "idle_wakeup_ms": float(np.mean([r["idle_ms"] for r in rs])), "probes": len(rs)}
 
 
+def _steplog(path: Path, obj: dict[str, Any]) -> list[dict]:
+    """The step-log lines recorded during a run (serve_bench --steplog), [] if it has none."""
+    from profiler.vllm_steplog import read_steplog, resolve_steplog
+    prov = obj.get("provenance") or {}
+    log = resolve_steplog(path.parent, prov.get("steplog"))
+    if log is None or not prov.get("wall_span"):
+        return []
+    return read_steplog(log, *prov["wall_span"])
+
+
+def probe_api_ingest_ms(folder: str | Path) -> Optional[float]:
+    """Median API-side time of probe requests: e2e - (queued + prefill + decode) from the step log."""
+    vals = []
+    for p in find_bench_files(Path(folder), exclude=Path(folder) / "report"):
+        obj = json.loads(p.read_text())
+        if is_probe(obj):
+            vals += [(f[5] - f[2] - f[3] - f[4]) * 1e3 for r in _steplog(p, obj) for f in r.get("fin", ())]
+    return float(np.median(vals)) if vals else None
+
+
+def is_ladder(obj: dict[str, Any]) -> bool:
+    """A concurrency-ladder run with a CPU series (serve_bench conc<N>)."""
+    prov = obj.get("provenance") or {}
+    return bool(prov.get("cpu_samples")) and (prov.get("max_concurrency") or 0) > 1
+
+
+def ladder_intervals(path: Path, obj: dict[str, Any]) -> np.ndarray:
+    """Rows (seconds, tokens, first tokens, API CPU s, client CPU s) per CPU-sample interval that
+    holds engine steps (the client's start-up and result saving hold none)."""
+    cs = obj["provenance"]["cpu_samples"]
+    rows = np.array([[np.nan if x is None else x for x in r] for r in cs["rows"]], float)
+    t = rows[:, 0] + cs["t0_wall"]
+    cols = {c: i for i, c in enumerate(cs["columns"])}
+    api, cli = rows[:, cols["api_server_cpu_s"]], rows[:, cols["client_cpu_s"]]
+    recs = [r for r in _steplog(path, obj) if "gen" in r]
+    rt = np.array([r["t"] for r in recs])
+    gen = np.array([r["gen"] for r in recs], float)
+    first = np.array([len(r.get("ttft", ())) for r in recs], float)
+    out = []
+    for i in range(len(t) - 1):
+        m = (rt >= t[i]) & (rt < t[i + 1])
+        d = (api[i + 1] - api[i], cli[i + 1] - cli[i])
+        if m.any() and np.isfinite(d).all():
+            out.append((t[i + 1] - t[i], gen[m].sum(), first[m].sum()) + d)
+    return np.array(out, float).reshape(-1, 5)
+
+
+def ladder_cpu_costs(folder: str | Path) -> Optional[dict[str, float]]:
+    """CPU ms per streamed token of the API server and of the client (see the module docstring)."""
+    parts = [ladder_intervals(p, obj) for p in find_bench_files(Path(folder), exclude=Path(folder) / "report")
+             for obj in [json.loads(p.read_text())] if is_ladder(obj)]
+    if not parts:
+        return None
+    x = np.concatenate(parts)
+    out = {"intervals": len(x), "runs": len(parts)}
+    for j, who in ((3, "api_server"), (4, "client")):
+        coef = np.linalg.lstsq(x[:, :3], x[:, j], rcond=None)[0]
+        out[f"{who}_ms_per_token"] = float(coef[1]) * 1e3
+        out[f"{who}_idle_share"] = float(coef[0])
+    return out
+
+
+def loaded_constants(folder: str | Path) -> Optional[dict[str, float]]:
+    """api_ingest_ms, api_ingest_ms_per_running_seq and stream_ms_per_token."""
+    ingest, cpu = probe_api_ingest_ms(folder), ladder_cpu_costs(folder)
+    if ingest is None or cpu is None:
+        return None
+    return {"api_ingest_ms": ingest, "api_ingest_ms_per_running_seq": cpu["api_server_ms_per_token"],
+            "stream_ms_per_token": cpu["api_server_ms_per_token"] + cpu["client_ms_per_token"],
+            **{k: v for k, v in cpu.items() if k.startswith("client") or k in ("intervals", "runs")}}
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m sim.calibrate", description=__doc__.split("\n")[0])
     ap.add_argument("folder", help="folder with `serve_bench` results, probes among them")
@@ -117,6 +208,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"engine.frontend_ms = {c['frontend_ms']:.2f}  engine.frontend_ms_per_prompt_token = "
               f"{c['frontend_ms_per_prompt_token']:.5f}  engine.idle_wakeup_ms = {c['idle_wakeup_ms']:.2f}"
               f"  ({c['probes']} probes with server histograms)")
+    lc = loaded_constants(a.folder)
+    if lc is None:
+        print("no probe step logs / concurrency-ladder CPU series: busy-engine constants not calibrated")
+    else:
+        print(f"engine.api_ingest_ms = {lc['api_ingest_ms']:.2f}  engine.api_ingest_ms_per_running_seq = "
+              f"{lc['api_ingest_ms_per_running_seq']:.4f}  engine.stream_ms_per_token = "
+              f"{lc['stream_ms_per_token']:.4f}  (client {lc['client_ms_per_token']:.4f} ms/token; "
+              f"{lc['intervals']} CPU intervals of {lc['runs']} ladder runs)")
     return 0
 
 

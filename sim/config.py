@@ -236,6 +236,17 @@ class EngineConfig:
     # extra time to the first step when the engine is idle at the arrival (the engine core sleeps
     # on its input queue; the first step after idle has no step to overlap its host work with)
     idle_wakeup_ms: float = 0.0
+    # API-server ingest time of a request that finds the engine BUSY (API arrival -> engine-core
+    # input queue: request handling and hand-off on the API server's one event loop, which also
+    # processes every step's streamed outputs): base + per running sequence. It decides whether the
+    # request makes the next scheduling point or waits one more step. Calibrated on the concurrency
+    # ladder's CPU series (traces/validation/h100/ladder, `python -m sim.calibrate`).
+    api_ingest_ms: float = 0.0
+    api_ingest_ms_per_running_seq: float = 0.0
+    # a step's streamed tokens are handled one after another by the API server and the client, so
+    # a request sees its first and last token this much per token of that step after the step
+    # ends (CPU seconds per streamed token of both, from the same ladder calibration)
+    stream_ms_per_token: float = 0.0
 
     def check(self) -> None:
         _check(self.max_num_batched_tokens >= 1, "engine.max_num_batched_tokens",
@@ -251,6 +262,10 @@ class EngineConfig:
         _check(self.frontend_ms >= 0 and self.frontend_ms_per_prompt_token >= 0, "engine.frontend_ms",
                (self.frontend_ms, self.frontend_ms_per_prompt_token), ">= 0")
         _check(self.idle_wakeup_ms >= 0, "engine.idle_wakeup_ms", self.idle_wakeup_ms, ">= 0")
+        _check(self.api_ingest_ms >= 0, "engine.api_ingest_ms", self.api_ingest_ms, ">= 0")
+        _check(self.api_ingest_ms_per_running_seq >= 0, "engine.api_ingest_ms_per_running_seq",
+               self.api_ingest_ms_per_running_seq, ">= 0")
+        _check(self.stream_ms_per_token >= 0, "engine.stream_ms_per_token", self.stream_ms_per_token, ">= 0")
         _check(self.kv_capacity_tokens is None or self.kv_capacity_tokens > 0,
                "engine.kv_capacity_tokens", self.kv_capacity_tokens, "> 0 or null")
 

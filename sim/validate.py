@@ -176,12 +176,19 @@ def validate_one(path: Path, model: str, profiles_dir: str, gpu: str, outdir: Pa
 def steplog_ttfts_ms(path: Path, obj: dict[str, Any]) -> np.ndarray:
     """Per-request server-side TTFTs of a run from its step log (serve_bench --steplog), if any."""
     prov = obj.get("provenance") or {}
-    log, span = prov.get("steplog"), prov.get("wall_span")
-    if not log or not span or not (Path(path).parent / log).exists():
+    from profiler.vllm_steplog import read_steplog, resolve_steplog
+    log, span = resolve_steplog(Path(path).parent, prov.get("steplog")), prov.get("wall_span")
+    if log is None or not span:
         return np.array([])
-    from profiler.vllm_steplog import read_steplog
-    recs = read_steplog(Path(path).parent / log, span[0], span[1])
+    recs = read_steplog(log, span[0], span[1])
     return np.array([x for r in recs for x in r.get("ttft", ())], float) * 1e3
+
+
+def decoding_at_first_token(sim_df: pd.DataFrame) -> np.ndarray:
+    """Per simulated request: how many requests (itself included) are between their first token
+    and their finish at its first token, from the records alone."""
+    ft, fin = sim_df["first_token"].to_numpy(float), sim_df["finish"].to_numpy(float)
+    return (np.searchsorted(np.sort(ft), ft, side="right") - np.searchsorted(np.sort(fin), ft, side="right"))
 
 
 def ttft_split(path: Path, obj: dict[str, Any], cfg, sim_df: pd.DataFrame) -> dict[str, float]:
@@ -199,9 +206,12 @@ def ttft_split(path: Path, obj: dict[str, Any], cfg, sim_df: pd.DataFrame) -> di
     out["meas_server_median_ttft_ms"] = float(np.median(eng)) if len(eng) else np.nan
     out["meas_server_p99_ttft_ms"] = float(np.percentile(eng, 99)) if len(eng) else np.nan
     if "ttft_ms" in sim_df and len(sim_df):
-        # the simulated server-side TTFT: without the client/HTTP part of the frontend delay
+        # the simulated server-side TTFT: without the client/HTTP part of the frontend delay and
+        # without the streaming of the first token's step (vLLM stamps TTFT when its output loop
+        # takes the step's outputs); that step's batch ~ the requests decoding at the first token
         sim = sim_df["ttft_ms"].to_numpy(float)
-        eng_sim = sim - fe - per_tok * sim_df["prompt_tokens"].to_numpy(float)
+        eng_sim = sim - fe - per_tok * sim_df["prompt_tokens"].to_numpy(float) \
+            - float(cfg.engine.stream_ms_per_token) * decoding_at_first_token(sim_df)
         out["sim_mean_ttft_ms"], out["sim_engine_mean_ttft_ms"] = float(sim.mean()), float(eng_sim.mean())
         out["sim_engine_median_ttft_ms"] = float(np.median(eng_sim))
         out["sim_engine_p99_ttft_ms"] = float(np.percentile(eng_sim, 99))

@@ -43,7 +43,7 @@ REACHED = {
     "request_throughput": 0.03,
     "median_tpot_ms": 0.20, "median_e2el_ms": 0.20,
     "p99_tpot_ms": 0.30, "p99_e2el_ms": 0.20,
-    "median_ttft_ms": 0.50, "p99_ttft_ms": 0.75,
+    "median_ttft_ms": 0.35, "p99_ttft_ms": 0.70,
 }
 
 
@@ -76,9 +76,10 @@ def test_measured_h100_runs_within_reached_bands(measured_rows):
 
 def test_engine_ttft_matches_vllm_server_side_ttft(measured_rows):
     """Runs that recorded vLLM's /metrics histograms split the client's TTFT: for llama2_7b the
-    simulated server-side TTFT (client/HTTP part of the frontend removed) matches vLLM's own mean TTFT
-    within 8 ms on every finite-rate run; the qwen2_5_7b gap (3.5-26 ms at 8-24 req/s, varying
-    between server starts) is not modelled yet (traces/validation/README.md)."""
+    simulated server-side TTFT (client/HTTP part and first-token streaming removed) matches vLLM's
+    own mean TTFT within 8 ms on every finite-rate run; for qwen2_5_7b (8-24 req/s) the median gap
+    is below 8 ms since the busy-engine front end (13.8 ms without it; one replicate, poisson_low
+    r2, has a server 22 ms slower than its twin r3 on the same arrivals)."""
     split = [r for r in measured_rows if np.isfinite(r.get("meas_server_mean_ttft_ms", np.nan))]
     assert len(split) >= 8
     for r in split:
@@ -90,6 +91,9 @@ def test_engine_ttft_matches_vllm_server_side_ttft(measured_rows):
     bad = [(r["run"], round(r["meas_server_mean_ttft_ms"] - r["sim_engine_mean_ttft_ms"], 1)) for r in llama
            if abs(r["meas_server_mean_ttft_ms"] - r["sim_engine_mean_ttft_ms"]) > 8.0]
     assert not bad, bad
+    qwen = [abs(r["meas_server_mean_ttft_ms"] - r["sim_engine_mean_ttft_ms"]) for r in split
+            if r["model"] == "qwen2_5_7b"]
+    assert len(qwen) >= 4 and np.median(qwen) < 8.0, qwen
 
 
 def test_replicates_measured_and_spread():
@@ -121,6 +125,12 @@ def test_frontend_constants_are_the_probe_calibration():
     assert eng["frontend_ms"] == pytest.approx(c["frontend_ms"], abs=0.05)
     assert eng["frontend_ms_per_prompt_token"] == pytest.approx(c["frontend_ms_per_prompt_token"], abs=5e-5)
     assert eng["idle_wakeup_ms"] == pytest.approx(c["idle_wakeup_ms"], abs=0.05)
+    # busy-engine constants: probe step logs + the concurrency ladder's CPU series
+    lc = C.loaded_constants(H100_DIR)
+    assert lc is not None and lc["runs"] >= 8 and lc["intervals"] >= 100
+    assert 0 < lc["api_ingest_ms_per_running_seq"] < lc["stream_ms_per_token"] < 0.5   # ms per token
+    for k, tol in (("api_ingest_ms", 0.05), ("api_ingest_ms_per_running_seq", 5e-4), ("stream_ms_per_token", 5e-4)):
+        assert eng[k] == pytest.approx(lc[k], abs=tol), k
     # the split adds up to the whole zero-load offset
     whole = np.mean([r["offset_ms"] for r in rows])
     parts = c["frontend_ms"] + c["frontend_ms_per_prompt_token"] * np.mean([r["prompt_tokens"] for r in rows]) \
@@ -128,30 +138,54 @@ def test_frontend_constants_are_the_probe_calibration():
     assert parts == pytest.approx(whole, abs=0.05)
 
 
-def test_idle_wakeup_only_for_an_idle_engine(tmp_path):
-    """engine.idle_wakeup_ms delays the engine's entry (prefill_enqueue - arrival) of a request
-    that finds its engine idle, not of one that arrives while the engine is decoding."""
+def _replay_three(tmp_path, knobs: list[str]):
+    """Three requests (idle engine, mid-decode of the first one, idle again) replayed with the
+    given engine knobs; their records in arrival order."""
     from sim.runner import Run
     found = _any_table()
     if found is None:
         pytest.skip("no profile table")
     gpu, model = found
-    arrivals = [0.0, 0.2, 5.0]          # idle, mid-decode of the first request, idle again
+    arrivals = [0.0, 0.2, 5.0]
     n = len(arrivals)
     obj = dict(start_times=arrivals, input_lens=[256] * n, output_lens=[200] * n, ttfts=[0.05] * n,
                itls=[[0.01] * 199] * n, errors=[""] * n, num_prompts=n, completed=n,
                request_rate=1.0, burstiness=1.0)
+    tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / f"{model}__t.json"
     path.write_text(json.dumps(obj))
-    cfg, _ = V.compose_replay(path, model, str(PROFILES), gpu,
-                              ["engine.frontend_ms=0", "engine.frontend_ms_per_prompt_token=0",
-                               "engine.idle_wakeup_ms=7"], {"kv_cache_tokens": 200_000})
+    off = ["engine.frontend_ms=0", "engine.frontend_ms_per_prompt_token=0", "engine.idle_wakeup_ms=0",
+           "engine.api_ingest_ms=0", "engine.api_ingest_ms_per_running_seq=0", "engine.stream_ms_per_token=0"]
+    cfg, _ = V.compose_replay(path, model, str(PROFILES), gpu, off + knobs, {"kv_cache_tokens": 200_000})
     Run(cfg, tmp_path / "run").run()
     import pandas as pd
     df = pd.read_parquet(tmp_path / "run" / "requests.parquet").sort_values("arrival")
     assert df["finish"].iloc[0] > arrivals[1] + 0.05      # the second one really finds it busy
+    assert df["finish"].iloc[1] < arrivals[2]             # and the third an idle engine
+    return df
+
+
+def test_idle_wakeup_and_busy_ingest(tmp_path):
+    """The engine's entry delay (prefill_enqueue - arrival): engine.idle_wakeup_ms for a request
+    that finds its engine idle; engine.api_ingest_ms + api_ingest_ms_per_running_seq x running
+    sequences for one that finds it decoding (one running here)."""
+    df = _replay_three(tmp_path, ["engine.idle_wakeup_ms=7", "engine.api_ingest_ms=3",
+                                  "engine.api_ingest_ms_per_running_seq=0.5"])
     wait_ms = ((df["prefill_enqueue"] - df["arrival"]) * 1e3).to_numpy()
-    assert wait_ms == pytest.approx([7.0, 0.0, 7.0], abs=1e-6)
+    assert wait_ms == pytest.approx([7.0, 3.5, 7.0], abs=1e-6)
+
+
+def test_stream_delay_per_token_of_the_step(tmp_path):
+    """engine.stream_ms_per_token: the client sees a first / last token B x that after the step
+    that made it ends (B = tokens that step produced); engine records are unchanged. The second
+    request's first token comes in a step with the first one's decode token (B = 2), the first
+    one's last token in a step with the second one's (B = 2); the rest run alone (B = 1)."""
+    base = _replay_three(tmp_path / "a", [])
+    df = _replay_three(tmp_path / "b", ["engine.stream_ms_per_token=1"])
+    for col in ("prefill_end", "decode_end"):               # the engine's own timeline is unchanged
+        assert df[col].to_numpy() == pytest.approx(base[col].to_numpy(), abs=1e-12)
+    assert ((df["first_token"] - df["prefill_end"]) * 1e3).to_numpy() == pytest.approx([1, 2, 1], abs=1e-6)
+    assert ((df["finish"] - df["decode_end"]) * 1e3).to_numpy() == pytest.approx([2, 1, 1], abs=1e-6)
 
 
 def test_spread_out_probe():
@@ -163,8 +197,9 @@ def test_spread_out_probe():
 
 
 @pytest.mark.xfail(strict=True, reason="issue 4 targets not all met yet: median TTFT within 10% on "
-                   "14 of 25 runs (llama 11 of 12, qwen 3 of 13: qwen under by up to 48%; the real "
-                   "engine's own run-to-run spread reaches 37%), qwen TPOT at saturation -7..-16%; "
+                   "13 of 25 runs (mean error 12.1%; qwen under by up to 30%, llama over by up to 20%; "
+                   "the real engine's own run-to-run spread reaches 37%), p99 TTFT 12 of 25 (real "
+                   "step stalls of 20-60 ms not modelled), qwen TPOT at saturation -7..-16%; "
                    "see traces/validation/README.md")
 def test_measured_h100_runs_within_targets(measured_rows):
     bad = [(r["run"], {k: round(r[f"err_{k}"], 3) for k in V.TARGETS if not r[f"ok_{k}"]})
@@ -471,3 +506,17 @@ def test_cpu_sampler_reads_this_process():
     me = [r[1] for r in out["rows"]]
     assert len(me) >= 3 and me[-1] - me[0] >= 0.1 and all(b >= a for a, b in zip(me, me[1:]))
     assert all(r[2] is None for r in out["rows"])
+
+
+def test_steplog_gzip_and_resolve(tmp_path):
+    """serve_bench gzips the step log after the server stops; a run's provenance still names the
+    plain .jsonl and readers find the .gz."""
+    from profiler.vllm_steplog import gzip_steplog, read_steplog, resolve_steplog
+    log = tmp_path / "steplog_m.jsonl"
+    log.write_text('{"t": 1.0, "m": 1.0, "gen": 3}\n{"t": 2.0, "m": 2.0, "gen": 4}\n')
+    assert resolve_steplog(tmp_path, "steplog_m.jsonl") == log
+    gz = gzip_steplog(log)
+    assert gz is not None and not log.exists() and gz.exists()
+    assert resolve_steplog(tmp_path, "steplog_m.jsonl") == gz
+    assert [r["gen"] for r in read_steplog(gz, 1.5)] == [4]
+    assert resolve_steplog(tmp_path, "missing.jsonl") is None and resolve_steplog(tmp_path, None) is None

@@ -50,7 +50,7 @@ class Flow:
         self.policy.hop_done(self, job)  # finished request, no cyclic GC needed
         self.i += 1
         if self.i == len(self.hops):
-            self.req.finish = now
+            self.req.finish = now + job.out_delay      # as the client sees the last output
             self.policy.complete(self, now)
             return
         nxt = self.hops[self.i]

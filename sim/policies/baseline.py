@@ -91,7 +91,9 @@ class Baseline(Policy):
         return AREngine(llm_model, self.lat, cap, max_num_batched_tokens=e.max_num_batched_tokens,
                         host_s=host, host_per_seq_s=per_seq, async_admit=e.async_scheduling,
                         frontend=(e.frontend_ms / 1e3, e.frontend_ms_per_prompt_token / 1e3,
-                                  e.idle_wakeup_ms / 1e3),
+                                  e.idle_wakeup_ms / 1e3, e.api_ingest_ms / 1e3,
+                                  e.api_ingest_ms_per_running_seq / 1e3),
+                        stream_s_per_token=e.stream_ms_per_token / 1e3,
                         max_num_seqs=e.max_num_seqs, block_size=e.block_size,
                         step_overhead_s=e.step_overhead_ms / 1e3, priority=priority,
                         itl_sink=self.ctx.itl_sink, max_model_len=e.max_model_len)

@@ -81,7 +81,7 @@ class AREngine:
                  max_num_batched_tokens: int = 8192, max_num_seqs: int = 256, block_size: int = 16,
                  step_overhead_s: float = 0.0, priority: bool = False, itl_sink=None,
                  host_s: float = 0.0, host_per_seq_s: float = 0.0, frontend=(0.0, 0.0),
-                 async_admit: bool = False,
+                 stream_s_per_token: float = 0.0, async_admit: bool = False,
                  max_model_len: int | None = None):
         self.model = model
         self.lat = lat
@@ -95,8 +95,13 @@ class AREngine:
         self.host_seq = host_per_seq_s
         # before the engine sees a request: (seconds, seconds per prompt token, extra seconds when
         # the engine is idle at the arrival: the engine core sleeps on its input queue and the
-        # first step after idle overlaps no host work; measured on zero-load probes)
-        self.frontend = tuple(frontend) + (0.0,) * (3 - len(frontend))
+        # first step after idle overlaps no host work; measured on zero-load probes; when it is
+        # busy instead: API-server ingest seconds + seconds per running sequence)
+        self.frontend = tuple(frontend) + (0.0,) * (5 - len(frontend))
+        # a step's tokens reach their clients one after another (API-server output processing and
+        # the client's stream parsing): a first or last token is seen this many seconds per token
+        # of its step after the step ends; engine timestamps are unchanged
+        self.stream = stream_s_per_token
         self.async_admit = async_admit
         self.waiting = StageQueue(f"{model}/waiting", priority)
         self.running: dict[Seq, None] = {}     # every running seq, in running (admission) order
@@ -136,10 +141,12 @@ class AREngine:
                 f"(engine.kv_capacity_tokens / max_model_len too small for this workload)")
         delay = 0.0
         if self.gpu is not None:
-            fe, per_tok, idle = self.frontend
+            fe, per_tok, idle, busy, busy_seq = self.frontend
             delay = fe + per_tok * job.tokens
-            if idle and self.gpu.cur is None and not self.has_work():
+            if self.gpu.cur is None and not self.has_work():
                 delay += idle
+            else:
+                delay += busy + busy_seq * len(self.running)
         if delay > 0:
             env = self.gpu.env
             env.timeout(delay).callbacks.append(lambda _e: self._enter(job, env.now))
@@ -429,8 +436,8 @@ class AREngine:
     def _commit_step(self, k: int, now: float) -> None:
         self.steps += 1
         dur = now - self.gpu.start
-        decoded = self.nd
-        finished = []
+        decoded = produced = self.nd
+        finished, firsts = [], []
         if self.nd:
             self._advance(1)
             finished = self._pop_finished()
@@ -450,17 +457,21 @@ class AREngine:
                 finished.append(s)              # prefill-only (condition encoder)
                 continue
             s.generated += 1
+            produced += 1
             if was_decode:
                 decoded += 1
             if s.generated == 1:
-                self._first_token(s, now)
+                firsts.append(s)
             if s.generated >= s.out:
                 finished.append(s)
             else:
                 self._join(s)
+        seen = now + self.stream * produced
+        for s in firsts:
+            self._first_token(s, now, seen)
         if decoded and self.itl_sink:
             self.itl_sink(dur, decoded)
-        self._finish(finished, now)
+        self._finish(finished, now, self.stream * produced)
         self.pre = [s for s in self.pre if s.g0 is None and s in self.running]
 
     def _commit_jump(self, k: int, now: float) -> None:
@@ -477,19 +488,20 @@ class AREngine:
             for e in ends[:k]:
                 self.itl_sink(float(e) - prev, self.nd)
                 prev = float(e)
-        self._finish(self._pop_finished(), now)
+        produced = self.nd
+        self._finish(self._pop_finished(), now, self.stream * produced)
 
-    def _first_token(self, s: Seq, now: float) -> None:
+    def _first_token(self, s: Seq, now: float, seen: float) -> None:
         req = s.job.req
         if math.isnan(req.first_token):
-            req.first_token = now
+            req.first_token = seen
         if s.job.record is not None and math.isnan(s.job.record.end):
             s.job.record.end = now
         if s.out > 1 and s.dec_rec is None:
             s.dec_rec = StageRecord("decode", self.gpu.name, now, now)
             req.stages.append(s.dec_rec)
 
-    def _finish(self, finished: list[Seq], now: float) -> None:
+    def _finish(self, finished: list[Seq], now: float, out_delay: float = 0.0) -> None:
         for s in finished:
             if s.g0 is not None:
                 self._leave(s)
@@ -501,4 +513,5 @@ class AREngine:
                 s.job.record.end = now
             if s.dec_rec is not None:
                 s.dec_rec.end = now
+            s.job.out_delay = out_delay
             s.job.on_done(s.job, now)

@@ -33,6 +33,7 @@ class Job:
     server: str = ""
     work: float = 0.0          # estimated service seconds (load balancing)
     enqueued: float = 0.0
+    out_delay: float = 0.0     # from its last output leaving the engine to the client seeing it
 
     def shape(self, buckets: list[int] | None = None) -> tuple:
         if self.stage == "dit_step":
