@@ -31,6 +31,11 @@ steps, gives each process's CPU seconds per streamed token:
   and wait one more step, as the step logs of loaded runs show (first token 3 or 4 steps after
   the API arrival).
 
+The ladder's steady decode steps (every one of the N sequences decoding, no prompt in or around the
+step; step-log medians) also give the host time that async scheduling hides per model:
+`engine.host_overhead_by_model[model] = [base_ms, per_seq_ms]`, a least-squares line over N of the
+synchronously profiled decode step (at the wave's mean context) minus the served one.
+
 The values committed in conf/experiment/replay_vllm_bench.yaml must match this command's output
 (tests/test_validate.py).
 """
@@ -172,6 +177,46 @@ def ladder_cpu_costs(folder: str | Path) -> Optional[dict[str, float]]:
     return out
 
 
+def ladder_decode_steps(path: Path, obj: dict[str, Any]) -> Optional[float]:
+    """Median served step (ms) of a ladder run's steady decode: all N sequences produce a token
+    and neither this step nor the previous one finished a prompt."""
+    recs = [r for r in _steplog(path, obj) if "gen" in r]
+    n = obj["provenance"]["max_concurrency"]
+    gaps = [(b["m"] - a["m"]) * 1e3 for a0, a, b in zip(recs, recs[1:], recs[2:])
+            if b["gen"] == n and b["prompt"] == 0 and a["prompt"] == 0 and a0["prompt"] == 0]
+    return float(np.median(gaps)) if gaps else None
+
+
+def ladder_host_overlap(folder: str | Path, profiles_dir: str = "traces/profiles",
+                        gpu: str = "h100") -> dict[str, dict[str, Any]]:
+    """Per model: [base_ms, per_seq_ms] of the host time async scheduling hides (see the module
+    docstring), with the points it was fitted on."""
+    from sim.latency import LatencyModel
+    lat = LatencyModel(profiles_dir, gpu, "clamp")
+    pts: dict[str, list[tuple[int, float, float]]] = {}
+    for p in find_bench_files(Path(folder), exclude=Path(folder) / "report"):
+        obj = json.loads(p.read_text())
+        if not is_ladder(obj):
+            continue
+        prov = obj["provenance"]
+        model = infer_model(p, obj)
+        served = ladder_decode_steps(p, obj)
+        if model is None or served is None or not (Path(profiles_dir) / gpu / f"{model}.parquet").exists():
+            continue
+        n = int(prov["max_concurrency"])
+        ctx = prov["random_input_len"] + prov["random_output_len"] / 2
+        pts.setdefault(model, []).append((n, lat.decode(model, n, ctx) * 1e3, served))
+    out = {}
+    for model, rows in sorted(pts.items()):
+        rows.sort()
+        if len(rows) < 2:
+            continue
+        b = np.array([r[0] for r in rows], float)
+        slope, icpt = np.polyfit(b, np.array([r[1] - r[2] for r in rows]), 1)
+        out[model] = {"base_ms": float(icpt), "per_seq_ms": float(slope), "points": rows}
+    return out
+
+
 def loaded_constants(folder: str | Path) -> Optional[dict[str, float]]:
     """api_ingest_ms, api_ingest_ms_per_running_seq and stream_ms_per_token."""
     ingest, cpu = probe_api_ingest_ms(folder), ladder_cpu_costs(folder)
@@ -216,6 +261,9 @@ def main(argv: Optional[list[str]] = None) -> int:
               f"{lc['api_ingest_ms_per_running_seq']:.4f}  engine.stream_ms_per_token = "
               f"{lc['stream_ms_per_token']:.4f}  (client {lc['client_ms_per_token']:.4f} ms/token; "
               f"{lc['intervals']} CPU intervals of {lc['runs']} ladder runs)")
+    for model, h in ladder_host_overlap(a.folder, a.profiles_dir, a.gpu).items():
+        pts = ", ".join(f"B={n}: {sync:.2f} sync / {srv:.2f} served" for n, sync, srv in h["points"])
+        print(f"engine.host_overhead_by_model.{model} = [{h['base_ms']:.3f}, {h['per_seq_ms']:.4f}]  ({pts} ms)")
     return 0
 
 

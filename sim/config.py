@@ -222,11 +222,16 @@ class EngineConfig:
     # synchronous steps (GPU + host), so with async_scheduling a step of B sequences costs
     # max(sync - host(B), host(B)), host(B) = base + per_seq * B. per_seq=None takes the slope
     # of the measured batch-1..64 decode steps at the shortest context, where the GPU time is
-    # flat (weight-bound) and the growth is host work. base is calibrated on ONE validation run
-    # (qwen2_5_7b__poisson_low, see traces/validation/README.md); all other runs are held out.
+    # flat (weight-bound) and the growth is host work. base was calibrated on ONE validation run
+    # (qwen2_5_7b__poisson_low); the vLLM-serve replay now uses host_overhead_by_model below,
+    # measured on dedicated runs (traces/validation/README.md, item 8).
     async_scheduling: bool = True
     host_overhead_base_ms: float = 1.15
     host_overhead_per_seq_ms: Optional[float] = None
+    # per model [base_ms, per_seq_ms] measured under `vllm serve` itself (sync table step minus the
+    # served decode step at batch N, from the concurrency ladder: `python -m sim.calibrate`); it
+    # replaces the two above for that model
+    host_overhead_by_model: dict[str, list[float]] = field(default_factory=dict)
     # API-server (frontend) time before a request reaches the engine core (HTTP, tokenization,
     # hand-off); it adds to TTFT and E2EL. 0 here (cluster scenarios model the engines); the
     # vLLM-serve replay (conf/experiment/replay_vllm_bench.yaml) sets the value measured with
@@ -259,6 +264,9 @@ class EngineConfig:
                self.host_overhead_base_ms, ">= 0")
         _check(self.host_overhead_per_seq_ms is None or self.host_overhead_per_seq_ms >= 0,
                "engine.host_overhead_per_seq_ms", self.host_overhead_per_seq_ms, ">= 0 or null")
+        for m, v in self.host_overhead_by_model.items():
+            _check(len(v) == 2 and min(v) >= 0, f"engine.host_overhead_by_model.{m}", list(v),
+                   "[base_ms, per_seq_ms], both >= 0")
         _check(self.frontend_ms >= 0 and self.frontend_ms_per_prompt_token >= 0, "engine.frontend_ms",
                (self.frontend_ms, self.frontend_ms_per_prompt_token), ">= 0")
         _check(self.idle_wakeup_ms >= 0, "engine.idle_wakeup_ms", self.idle_wakeup_ms, ">= 0")

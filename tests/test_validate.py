@@ -41,7 +41,7 @@ def _measured_files():
 # guards at the level reached, wider than the issue's targets where the model falls short.
 REACHED = {
     "request_throughput": 0.03,
-    "median_tpot_ms": 0.20, "median_e2el_ms": 0.20,
+    "median_tpot_ms": 0.15, "median_e2el_ms": 0.20,
     "p99_tpot_ms": 0.30, "p99_e2el_ms": 0.20,
     "median_ttft_ms": 0.35, "p99_ttft_ms": 0.70,
 }
@@ -131,6 +131,14 @@ def test_frontend_constants_are_the_probe_calibration():
     assert 0 < lc["api_ingest_ms_per_running_seq"] < lc["stream_ms_per_token"] < 0.5   # ms per token
     for k, tol in (("api_ingest_ms", 0.05), ("api_ingest_ms_per_running_seq", 5e-4), ("stream_ms_per_token", 5e-4)):
         assert eng[k] == pytest.approx(lc[k], abs=tol), k
+    # host time hidden by async scheduling, per model, from the ladder's served decode steps
+    hosts = C.ladder_host_overlap(H100_DIR, str(PROFILES), "h100")
+    assert set(hosts) == set(eng["host_overhead_by_model"]) == {"qwen2_5_7b", "llama2_7b"}
+    for m, h in hosts.items():
+        assert [n for n, _, _ in h["points"]] == [8, 32, 64, 128]
+        assert all(srv < sync for _, sync, srv in h["points"]), h   # serving hides host time
+        base, per_seq = eng["host_overhead_by_model"][m]
+        assert base == pytest.approx(h["base_ms"], abs=2e-3) and per_seq == pytest.approx(h["per_seq_ms"], abs=2e-4)
     # the split adds up to the whole zero-load offset
     whole = np.mean([r["offset_ms"] for r in rows])
     parts = c["frontend_ms"] + c["frontend_ms_per_prompt_token"] * np.mean([r["prompt_tokens"] for r in rows]) \
@@ -197,10 +205,10 @@ def test_spread_out_probe():
 
 
 @pytest.mark.xfail(strict=True, reason="issue 4 targets not all met yet: median TTFT within 10% on "
-                   "13 of 25 runs (mean error 12.1%; qwen under by up to 30%, llama over by up to 20%; "
-                   "the real engine's own run-to-run spread reaches 37%), p99 TTFT 12 of 25 (real "
-                   "step stalls of 20-60 ms not modelled), qwen TPOT at saturation -7..-16%; "
-                   "see traces/validation/README.md")
+                   "13 of 25 runs (mean error 12.2%; qwen under by up to 32%, llama over by up to 15%; "
+                   "the real engine's own run-to-run spread reaches 37%), p99 TTFT 10 of 25 (real "
+                   "step stalls of 20-65 ms not modelled), median TPOT 22 of 25 (qwen at saturation "
+                   "-10..-12%); see traces/validation/README.md")
 def test_measured_h100_runs_within_targets(measured_rows):
     bad = [(r["run"], {k: round(r[f"err_{k}"], 3) for k in V.TARGETS if not r[f"ok_{k}"]})
            for r in measured_rows if not r["pass"]]
@@ -520,3 +528,20 @@ def test_steplog_gzip_and_resolve(tmp_path):
     assert resolve_steplog(tmp_path, "steplog_m.jsonl") == gz
     assert [r["gen"] for r in read_steplog(gz, 1.5)] == [4]
     assert resolve_steplog(tmp_path, "missing.jsonl") is None and resolve_steplog(tmp_path, None) is None
+
+
+def test_host_overhead_by_model_used_and_checked(tmp_path):
+    """engine.host_overhead_by_model replaces base / per-sequence host time for its model (the
+    run's layout notes say which values an engine ran with); a malformed entry names the field."""
+    from sim.config import ConfigError, EngineConfig
+    found = _any_table()
+    if found is None:
+        pytest.skip("no profile table")
+    _, model = found
+    with pytest.raises(ConfigError, match=r"engine.host_overhead_by_model.m=.*\[base_ms, per_seq_ms\]"):
+        EngineConfig(host_overhead_by_model={"m": [1.0]}).check()
+    _replay_three(tmp_path, [f"+engine.host_overhead_by_model.{model}=[3.5,0.01]"])
+    notes = json.loads((tmp_path / "run" / "summary.json").read_text())["layout"]["ar_host_overhead_ms"]
+    assert notes[model] in ({"base": 3.5, "per_seq": 0.01}, {"base": 0.0, "per_seq": 0.0})
+    if notes[model]["base"] == 0.0:      # a table not timed synchronously: no host time to hide
+        pytest.skip(f"{model}'s table has no synchronous host time")

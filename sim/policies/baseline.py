@@ -86,6 +86,8 @@ class Baseline(Policy):
             host = e.host_overhead_base_ms / 1e3
             per_seq = (e.host_overhead_per_seq_ms / 1e3 if e.host_overhead_per_seq_ms is not None
                        else self.lat.host_per_seq(llm_model))
+            if llm_model in e.host_overhead_by_model:
+                host, per_seq = (x / 1e3 for x in e.host_overhead_by_model[llm_model])
         self.notes.setdefault("ar_host_overhead_ms", {})[llm_model] = {
             "base": round(host * 1e3, 3), "per_seq": round(per_seq * 1e3, 4)}
         return AREngine(llm_model, self.lat, cap, max_num_batched_tokens=e.max_num_batched_tokens,
