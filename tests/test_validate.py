@@ -135,10 +135,14 @@ def test_frontend_constants_are_the_probe_calibration():
     hosts = C.ladder_host_overlap(H100_DIR, str(PROFILES), "h100")
     assert set(hosts) == set(eng["host_overhead_by_model"]) == {"qwen2_5_7b", "llama2_7b"}
     for m, h in hosts.items():
-        assert [n for n, _, _ in h["points"]] == [8, 32, 64, 128]
-        assert all(srv < sync for _, sync, srv in h["points"]), h   # serving hides host time
+        assert len(h["points"]) >= 5 and all(srv < sync for _, sync, srv in h["points"]), h  # hides host time
+        by_b: dict = {}
+        for n, sync, srv in h["points"]:      # the same batch at 576- and 1,600-token contexts
+            by_b.setdefault(n, []).append(sync - srv)
+        assert all(max(v) - min(v) < 0.3 for v in by_b.values() if len(v) > 1), by_b
         base, per_seq = eng["host_overhead_by_model"][m]
         assert base == pytest.approx(h["base_ms"], abs=2e-3) and per_seq == pytest.approx(h["per_seq_ms"], abs=2e-4)
+    assert hosts["llama2_7b"]["skipped_oom_points"]     # its table's OOM holes are not fitted on
     # the split adds up to the whole zero-load offset
     whole = np.mean([r["offset_ms"] for r in rows])
     parts = c["frontend_ms"] + c["frontend_ms_per_prompt_token"] * np.mean([r["prompt_tokens"] for r in rows]) \
@@ -205,10 +209,10 @@ def test_spread_out_probe():
 
 
 @pytest.mark.xfail(strict=True, reason="issue 4 targets not all met yet: median TTFT within 10% on "
-                   "13 of 25 runs (mean error 12.2%; qwen under by up to 32%, llama over by up to 15%; "
-                   "the real engine's own run-to-run spread reaches 37%), p99 TTFT 10 of 25 (real "
-                   "step stalls of 20-65 ms not modelled), median TPOT 22 of 25 (qwen at saturation "
-                   "-10..-12%); see traces/validation/README.md")
+                   "14 of 25 runs (mean error 11.4%; qwen under by up to 33%, llama within -7..+12%; "
+                   "the real engine's own run-to-run spread reaches 37%), p99 TTFT 11 of 25 (real "
+                   "step stalls of 20-65 ms not modelled), median TPOT 21 of 25 (qwen at saturation "
+                   "-11..-13%); see traces/validation/README.md")
 def test_measured_h100_runs_within_targets(measured_rows):
     bad = [(r["run"], {k: round(r[f"err_{k}"], 3) for k in V.TARGETS if not r[f"ok_{k}"]})
            for r in measured_rows if not r["pass"]]
