@@ -11,6 +11,7 @@ from collections import Counter
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -54,6 +55,16 @@ def _mixed_decode_context(row) -> float | None:
         if v:
             return float(v)
     return None
+
+
+class _DecodeCol(NamedTuple):
+    """A decode grid column at one batch size: values along the context axis (array and list),
+    whether the batch lies inside the batch axis, and the two batch rows it mixes."""
+    arr: np.ndarray
+    vals: list[float]
+    inside: bool
+    i: int
+    i1: int
 
 
 @dataclass
@@ -132,7 +143,7 @@ class LatencyModel:
         self._frames: dict[str, pd.DataFrame] = {}
         self._grids: dict[tuple, Grid] = {}
         self._mixed_factor: dict[str, float] = {}
-        self._cols: dict[tuple, np.ndarray] = {}    # decode_series: batch-interpolated columns
+        self._cols: dict[tuple, _DecodeCol] = {}    # decode_series: batch-interpolated columns
         self._ar_grids: dict[tuple[str, str], Grid | None] = {}
 
     # --- tables ---------------------------------------------------------------------------
@@ -297,24 +308,64 @@ class LatencyModel:
     def decode(self, model: str, batch: int, context: float) -> float:
         return self._lookup(self._ar_grid(model, "decode"), (batch, context))
 
+    def _decode_col(self, g: Grid, batch: int) -> _DecodeCol:
+        """The decode grid interpolated along the batch axis at `batch` (cached per batch)."""
+        ck = (id(g), batch, self.mode)
+        col = self._cols.get(ck)
+        if col is None:
+            b_axis, v = g.axes[0], g.values
+            i, w = _axis_pos(b_axis, batch)
+            inside = -1e-9 <= w <= 1 + 1e-9
+            if len(b_axis) > 1:
+                if self.mode is OutOfRange.clamp:
+                    w = min(max(w, 0.0), 1.0)
+                arr = (1 - w) * v[i] + w * v[i + 1]
+            else:
+                arr = v[0]
+            n0 = len(b_axis)
+            col = _DecodeCol(arr, arr.tolist(), inside, i, i + 1 if i + 1 < n0 else n0 - 1)
+            self._cols[ck] = col
+        return col
+
     def decode_series(self, model: str, batch: int, ctx0: float, k: int) -> np.ndarray:
         """decode(batch, ctx0 + i) for i in 0..k-1, vectorised (same bilinear rule as decode)."""
         g = self._ar_grid(model, "decode")
         self._lookup(g, (batch, ctx0))                    # range policy + counting at both ends
         self._lookup(g, (batch, ctx0 + k - 1))
-        b_axis, c_axis = g.axes
-        ck = (id(g), batch, self.mode)
-        col = self._cols.get(ck)
-        if col is None:
-            v = g.values
-            if len(b_axis) > 1:
-                i, w = _axis_pos(b_axis, batch)
-                if self.mode is OutOfRange.clamp:
-                    w = min(max(w, 0.0), 1.0)
-                col = (1 - w) * v[i] + w * v[i + 1]
-            else:
-                col = v[0]
-            self._cols[ck] = col
+        return self._decode_series(g, self._decode_col(g, batch).arr, ctx0, k)
+
+    def decode_steps(self, model: str, batch: int, ctx0: float, k: int) -> list[float]:
+        """decode_series as a list of Python floats. A jump is short (a dozen steps), so where
+        all k contexts share one grid cell the same arithmetic runs on Python floats: numpy's
+        per-call cost, not its flops, dominated. The two end lookups that apply the range
+        policy and count hole hits are skipped when they could do neither (batch inside the
+        grid, no hole among the cell's corners)."""
+        g = self._ar_grid(model, "decode")
+        col = self._decode_col(g, batch)
+        c_axis = g.axes[1]
+        j = self._one_cell(c_axis, ctx0, ctx0 + (k - 1)) if len(c_axis) > 1 else None
+        if j is None or not col.inside or self._cell_has_hole(g, col, j):
+            self._lookup(g, (batch, ctx0))
+            self._lookup(g, (batch, ctx0 + k - 1))
+            if j is None:
+                return self._decode_series(g, col.arr, ctx0, k).tolist()
+        cj, a, b = c_axis[j], col.vals[j], col.vals[j + 1]
+        span = c_axis[j + 1] - cj
+        out = []
+        for i in range(k):
+            w = (ctx0 + i - cj) / span
+            v = (1 - w) * a + w * b
+            out.append(v if v > 1e-6 else 1e-6)
+        return out
+
+    @staticmethod
+    def _cell_has_hole(g: Grid, col: _DecodeCol, j: int) -> bool:
+        f0, f1 = g.fl[col.i], g.fl[col.i1]
+        return f0[j] or f0[j + 1] or f1[j] or f1[j + 1]
+
+    def _decode_series(self, g: Grid, col: np.ndarray, ctx0: float, k: int) -> np.ndarray:
+        """decode_series' arithmetic, after its range checks, on the column at the batch."""
+        c_axis = g.axes[1]
         ctx = ctx0 + np.arange(k, dtype=float)
         if len(c_axis) == 1:
             return np.maximum(np.full(k, col[0]), 1e-6)

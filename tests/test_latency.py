@@ -178,6 +178,25 @@ def test_decode_series_nonlinear_table_and_clamp(tiny):
         err.decode_series("tiny_model", 2, 150, 100)         # the last step leaves the grid
 
 
+
+@pytest.mark.parametrize("mode", ["clamp", "extrapolate", "error"])
+@pytest.mark.parametrize("batch,ctx0,k", [(1, 100, 50), (2, 120.5, 30), (3, 150, 120), (4, 100, 101),
+                                           (3, 101.25, 7), (8, 150, 20), (1, 50, 10), (2, 199, 1)])
+def test_decode_steps_equal_decode_series(tiny, mode, batch, ctx0, k):
+    """decode_steps (Python floats, end lookups skipped when they could not count or raise)
+    gives decode_series' values bit for bit, and the same range errors and counts."""
+    a, b = LatencyModel(tiny, C.GPU, mode), LatencyModel(tiny, C.GPU, mode)
+    try:
+        want = a.decode_series("tiny_model", batch, ctx0, k)
+    except OutOfGridError:
+        with pytest.raises(OutOfGridError):
+            b.decode_steps("tiny_model", batch, ctx0, k)
+        return
+    got = b.decode_steps("tiny_model", batch, ctx0, k)
+    assert all(type(x) is float for x in got)
+    assert got == want.tolist()
+    assert a.report() == b.report()
+
 # --- missing tables and stages -------------------------------------------------------------------------
 
 def test_missing_table_lists_available(synthetic_profiles):

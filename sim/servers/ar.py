@@ -13,7 +13,6 @@ import math
 from bisect import bisect_left, bisect_right
 from heapq import heappop, heappush
 
-import numpy as np
 
 from sim.gpu import Unit
 from sim.latency import LatencyModel
@@ -108,7 +107,7 @@ class AREngine:
         self.gpu = None
         self.sched: list[tuple[Seq, int]] = []  # seqs of `pre` (and admitted) in the planned step
         self.jump_unit: Unit | None = None      # the planned multi-step decode unit, if any
-        self.jump_ends: np.ndarray | None = None
+        self.jump_ends: list[float] | None = None
         self.vision_in_step = 0
         self.peak_blocks_used = 0
         self.steps = 0
@@ -336,22 +335,30 @@ class AREngine:
             k = self._jump_len()
             if k > 1:
                 self.jump_ends = ends = self._decode_ends(d_seqs, d_ctx, k)
-                # plain floats for the GPU (bisect, event times): numpy scalars are slow and
-                # would leak into the clock and every time derived from it
-                self.jump_unit = Unit(ends.tolist(), self._commit_jump, "decode", self)
+                self.jump_unit = Unit(ends, self._commit_jump, "decode", self)
                 return self.jump_unit
         return Unit((t,), self._commit_step, "prefill" if p_tok else "decode", self)
 
-    def _decode_ends(self, d_seqs: int, d_ctx: float, k: int) -> np.ndarray:
-        """Cumulative end offsets of k decode steps of the aggregate (as k single steps)."""
-        series = self.lat.decode_series(self.model, d_seqs, d_ctx, k)
-        if self.overhead:
-            series += self.overhead
-        if self.host or self.host_seq:
-            h = self.host + self.host_seq * d_seqs
-            series -= h
-            np.maximum(series, h, out=series)
-        return series.cumsum()
+    def _decode_ends(self, d_seqs: int, d_ctx: float, k: int) -> list[float]:
+        """Cumulative end offsets of k decode steps of the aggregate (as k single steps), as
+        plain floats for the GPU (bisect, event times): numpy scalars are slow and would leak
+        into the clock. Python float arithmetic, in numpy's order (a sequential cumsum)."""
+        series = self.lat.decode_steps(self.model, d_seqs, d_ctx, k)
+        ov = self.overhead
+        host = bool(self.host or self.host_seq)
+        h = self.host + self.host_seq * d_seqs
+        ends = []
+        acc = 0.0
+        for t in series:
+            if ov:
+                t += ov
+            if host:
+                t -= h
+                if t < h:           # np.maximum(t, h)
+                    t = h
+            acc += t
+            ends.append(acc)
+        return ends
 
     def _schedule_pre(self, budget: int, now: float) -> tuple[list[tuple[Seq, int]], int, bool]:
         """vLLM's loop over running requests (those of `pre`): each gets min(need, budget)
