@@ -335,26 +335,37 @@ class LatencyModel:
         return self._decode_series(g, self._decode_col(g, batch).arr, ctx0, k)
 
     def decode_steps(self, model: str, batch: int, ctx0: float, k: int) -> list[float]:
-        """decode_series as a list of Python floats. A jump is short (a dozen steps), so where
-        all k contexts share one grid cell the same arithmetic runs on Python floats: numpy's
-        per-call cost, not its flops, dominated. The two end lookups that apply the range
-        policy and count hole hits are skipped when they could do neither (batch inside the
-        grid, no hole among the cell's corners)."""
+        """decode_series as a list of Python floats, with its arithmetic: a jump is short (a
+        dozen steps), so numpy's per-call cost, not its flops, dominated. The two end lookups
+        that apply the range policy and count hole hits are skipped when they could do
+        neither (all k contexts in one grid cell, batch inside the grid, no hole among the
+        cell's corners)."""
         g = self._ar_grid(model, "decode")
         col = self._decode_col(g, batch)
-        c_axis = g.axes[1]
-        j = self._one_cell(c_axis, ctx0, ctx0 + (k - 1)) if len(c_axis) > 1 else None
+        c = g.axes[1]
+        last = len(c) - 2
+        if last < 0:
+            return self.decode_series(model, batch, ctx0, k).tolist()
+        j = self._one_cell(c, ctx0, ctx0 + (k - 1))
         if j is None or not col.inside or self._cell_has_hole(g, col, j):
             self._lookup(g, (batch, ctx0))
             self._lookup(g, (batch, ctx0 + k - 1))
-            if j is None:
-                return self._decode_series(g, col.arr, ctx0, k).tolist()
-        cj, a, b = c_axis[j], col.vals[j], col.vals[j + 1]
-        span = c_axis[j + 1] - cj
+        clamp = self.mode is OutOfRange.clamp
+        lo, hi, vals = c[0], c[-1], col.vals
         out = []
+        j = -1
         for i in range(k):
-            w = (ctx0 + i - cj) / span
-            v = (1 - w) * a + w * b
+            x = ctx0 + i
+            if clamp:                       # np.minimum(np.maximum(ctx, c[0]), c[-1])
+                if x < lo:
+                    x = lo
+                if x > hi:
+                    x = hi
+            if j < 0 or x >= c[j + 1] and j < last or x < c[j]:
+                j = bisect_right(c, x) - 1  # searchsorted(side="right") - 1, within the axis
+                j = 0 if j < 0 else last if j > last else j
+            w = (x - c[j]) / (c[j + 1] - c[j])
+            v = (1 - w) * vals[j] + w * vals[j + 1]
             out.append(v if v > 1e-6 else 1e-6)
         return out
 

@@ -172,16 +172,18 @@ class AREngine:
     def can_join(self, job: Job) -> bool:
         return len(self.running) < self.max_seqs
 
-    def load(self) -> float:
-        """Outstanding tokens (prompt + output) of queued and running requests."""
+    def load(self) -> int:
+        """Outstanding tokens (prompt + output) of queued and running requests (an exact int:
+        token-aware routing compares it over every engine per request)."""
         # = sum(prompt + out) of queued + sum(need + out - generated) of running, kept
         # incrementally (need + out - generated = prompt + out - computed; queued: computed = 0)
         r = self._po - self._comp
         u = self.jump_unit   # a jumped decode unit commits at its end: count the steps run
-        if u is not None and self.gpu.cur is u:
+        if u is not None:
             g = self.gpu
-            r -= self.nd * bisect_right(u.ends, g.env.now - g.start + 1e-12)
-        return float(r)
+            if g.cur is u:
+                r -= self.nd * bisect_right(u.ends, g.env.now - g.start + 1e-12)
+        return r
 
     def num_requests(self) -> int:
         return len(self.running) + len(self.waiting)
