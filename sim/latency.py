@@ -334,21 +334,26 @@ class LatencyModel:
         self._lookup(g, (batch, ctx0 + k - 1))
         return self._decode_series(g, self._decode_col(g, batch).arr, ctx0, k)
 
-    def decode_steps(self, model: str, batch: int, ctx0: float, k: int) -> list[float]:
+    def decode_steps(self, model: str, batch: int, ctx0: float, k: int,
+                     start_lookups: int = 1) -> list[float]:
         """decode_series as a list of Python floats, with its arithmetic: a jump is short (a
         dozen steps), so numpy's per-call cost, not its flops, dominated. The two end lookups
         that apply the range policy and count hole hits are skipped when they could do
         neither (all k contexts in one grid cell, batch inside the grid, no hole among the
-        cell's corners)."""
+        cell's corners). start_lookups: how many lookups of the start point to make then (a
+        caller that skipped its own lookup there passes 2, keeping the counts it would add)."""
         g = self._ar_grid(model, "decode")
         col = self._decode_col(g, batch)
         c = g.axes[1]
         last = len(c) - 2
         if last < 0:
+            for _ in range(start_lookups - 1):
+                self._lookup(g, (batch, ctx0))
             return self.decode_series(model, batch, ctx0, k).tolist()
         j = self._one_cell(c, ctx0, ctx0 + (k - 1))
         if j is None or not col.inside or self._cell_has_hole(g, col, j):
-            self._lookup(g, (batch, ctx0))
+            for _ in range(start_lookups):
+                self._lookup(g, (batch, ctx0))
             self._lookup(g, (batch, ctx0 + k - 1))
         clamp = self.mode is OutOfRange.clamp
         lo, hi, vals = c[0], c[-1], col.vals

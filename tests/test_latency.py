@@ -182,17 +182,21 @@ def test_decode_series_nonlinear_table_and_clamp(tiny):
 @pytest.mark.parametrize("mode", ["clamp", "extrapolate", "error"])
 @pytest.mark.parametrize("batch,ctx0,k", [(1, 100, 50), (2, 120.5, 30), (3, 150, 120), (4, 100, 101),
                                            (3, 101.25, 7), (8, 150, 20), (1, 50, 10), (2, 199, 1)])
-def test_decode_steps_equal_decode_series(tiny, mode, batch, ctx0, k):
+@pytest.mark.parametrize("start_lookups", [1, 2])
+def test_decode_steps_equal_decode_series(tiny, mode, batch, ctx0, k, start_lookups):
     """decode_steps (Python floats, end lookups skipped when they could not count or raise)
-    gives decode_series' values bit for bit, and the same range errors and counts."""
+    gives decode_series' values bit for bit, and the same range errors and counts (with
+    start_lookups=2: as a decode() lookup at the start point, then decode_series)."""
     a, b = LatencyModel(tiny, C.GPU, mode), LatencyModel(tiny, C.GPU, mode)
     try:
+        if start_lookups == 2:
+            a.decode("tiny_model", batch, ctx0)
         want = a.decode_series("tiny_model", batch, ctx0, k)
     except OutOfGridError:
         with pytest.raises(OutOfGridError):
-            b.decode_steps("tiny_model", batch, ctx0, k)
+            b.decode_steps("tiny_model", batch, ctx0, k, start_lookups)
         return
-    got = b.decode_steps("tiny_model", batch, ctx0, k)
+    got = b.decode_steps("tiny_model", batch, ctx0, k, start_lookups)
     assert all(type(x) is float for x in got)
     assert got == want.tolist()
     assert a.report() == b.report()

@@ -13,11 +13,17 @@ import math
 from bisect import bisect_left, bisect_right
 from heapq import heappop, heappush
 
+import numpy as np
 
 from sim.gpu import Unit
 from sim.latency import LatencyModel
 from sim.request import StageRecord
 from sim.servers.jobs import Job, StageQueue, start_record
+
+
+# jumps up to this many steps compute their step ends in Python floats (most of a large
+# cluster's: numpy's per-call cost dominates), longer ones with numpy; same values, bit for bit
+PY_MAX_STEPS = 24   # the measured break-even (numpy ~7 us a call, Python ~0.25 us a step)
 
 
 class Seq:
@@ -107,7 +113,7 @@ class AREngine:
         self.gpu = None
         self.sched: list[tuple[Seq, int]] = []  # seqs of `pre` (and admitted) in the planned step
         self.jump_unit: Unit | None = None      # the planned multi-step decode unit, if any
-        self.jump_ends: list[float] | None = None
+        self.jump_ends: list[float] | np.ndarray | None = None
         self.vision_in_step = 0
         self.peak_blocks_used = 0
         self.steps = 0
@@ -327,25 +333,48 @@ class AREngine:
         self.vision_in_step = vision
         d_ctx = d_ctx / d_seqs if d_seqs else 0.0          # exact integer sums, one rounding
         p_ctx = p_ctx / p_tok if p_tok else 0.0
+        if not sched and not preempted and not self._admissible():
+            k = self._jump_len()
+            if k > 1:
+                return self._plan_jump(d_seqs, d_ctx, k)
         t = self.lat.ar_step(self.model, p_tok, d_seqs, d_ctx, p_ctx) + self.overhead
         if vision:
             t += self.lat.vision_encode(self.model, vision)
         if self.host or self.host_seq:
             h = self.host + self.host_seq * (self.nd + len(sched))
             t = max(t - h, h)
-        if not sched and not preempted and not self._admissible():
-            k = self._jump_len()
-            if k > 1:
-                self.jump_ends = ends = self._decode_ends(d_seqs, d_ctx, k)
-                self.jump_unit = Unit(ends, self._commit_jump, "decode", self)
-                return self.jump_unit
         return Unit((t,), self._commit_step, "prefill" if p_tok else "decode", self)
 
-    def _decode_ends(self, d_seqs: int, d_ctx: float, k: int) -> list[float]:
-        """Cumulative end offsets of k decode steps of the aggregate (as k single steps), as
-        plain floats for the GPU (bisect, event times): numpy scalars are slow and would leak
-        into the clock. Python float arithmetic, in numpy's order (a sequential cumsum)."""
-        series = self.lat.decode_steps(self.model, d_seqs, d_ctx, k)
+    def _plan_jump(self, d_seqs: int, d_ctx: float, k: int) -> Unit:
+        """The aggregate alone, k steps. Its first step's single-step time is not needed, but
+        that lookup's side effects are kept (range policy, out-of-grid and hole counts): the
+        series looks up its start point once more."""
+        if k > PY_MAX_STEPS:
+            self.lat.decode(self.model, d_seqs, d_ctx)
+            self.jump_ends = ends = self._decode_ends_np(d_seqs, d_ctx, k)
+            # plain floats for the GPU (bisect, event times): numpy scalars are slow and would
+            # leak into the clock and every time derived from it
+            self.jump_unit = Unit(ends.tolist(), self._commit_jump, "decode", self)
+        else:
+            self.jump_ends = ends = self._decode_ends(d_seqs, d_ctx, k, start_lookups=2)
+            self.jump_unit = Unit(ends, self._commit_jump, "decode", self)
+        return self.jump_unit
+
+    def _decode_ends_np(self, d_seqs: int, d_ctx: float, k: int) -> np.ndarray:
+        """Cumulative end offsets of k decode steps of the aggregate (as k single steps)."""
+        series = self.lat.decode_series(self.model, d_seqs, d_ctx, k)
+        if self.overhead:
+            series += self.overhead
+        if self.host or self.host_seq:
+            h = self.host + self.host_seq * d_seqs
+            series -= h
+            np.maximum(series, h, out=series)
+        return series.cumsum()
+
+    def _decode_ends(self, d_seqs: int, d_ctx: float, k: int, start_lookups: int = 1) -> list[float]:
+        """_decode_ends_np on Python floats, in numpy's order (a sequential cumsum): for short
+        jumps, where numpy's per-call cost dominates."""
+        series = self.lat.decode_steps(self.model, d_seqs, d_ctx, k, start_lookups)
         ov = self.overhead
         host = bool(self.host or self.host_seq)
         h = self.host + self.host_seq * d_seqs
