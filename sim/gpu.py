@@ -97,6 +97,16 @@ class GPU:
         engines = self.engines
         n = len(engines)
         now = self.env.now
+        if n == 1:                      # most GPUs of a large cluster: no round robin to keep
+            u = engines[0].plan(now)
+            if u is None:
+                self.cur = None
+                return
+            self.rr = 0
+            if not self.step_jump and len(u.ends) > 1:
+                u.ends = u.ends[:1]
+            self._run(u, len(u.ends))
+            return
         for i in range(n):
             e = engines[(self.rr + i) % n]
             u = e.plan(now)
