@@ -183,13 +183,33 @@ class AREngine:
         token-aware routing compares it over every engine per request)."""
         # = sum(prompt + out) of queued + sum(need + out - generated) of running, kept
         # incrementally (need + out - generated = prompt + out - computed; queued: computed = 0)
+        if self.jump_unit is None:
+            return self._po - self._comp
+        return self.load_at(self.gpu.env.now)
+
+    def load_at(self, now: float) -> int:
+        """load() at the current time `now` (a jumped decode unit commits at its end: count
+        the steps it has run)."""
         r = self._po - self._comp
-        u = self.jump_unit   # a jumped decode unit commits at its end: count the steps run
+        u = self.jump_unit
         if u is not None:
             g = self.gpu
             if g.cur is u:
-                r -= self.nd * bisect_right(u.ends, g.env.now - g.start + 1e-12)
+                r -= self.nd * bisect_right(u.ends, now - g.start + 1e-12)
         return r
+
+    @staticmethod
+    def least_loaded(engines: list["AREngine"], now: float) -> "AREngine":
+        """min(engines, key=AREngine.load) in one loop (token-aware routing runs it over every
+        LLM engine per request): no call for engines without a decode unit in flight."""
+        best, low = None, 0
+        for e in engines:
+            r = e._po - e._comp if e.jump_unit is None else e.load_at(now)
+            if best is None or r < low:
+                best, low = e, r
+        if best is None:
+            raise ValueError("least_loaded() of no engines")
+        return best
 
     def num_requests(self) -> int:
         return len(self.running) + len(self.waiting)
