@@ -327,34 +327,41 @@ class LatencyModel:
             self._cols[ck] = col
         return col
 
-    def decode_series(self, model: str, batch: int, ctx0: float, k: int) -> np.ndarray:
-        """decode(batch, ctx0 + i) for i in 0..k-1, vectorised (same bilinear rule as decode)."""
+    def decode_series(self, model: str, batch: int, ctx0: float, k: int,
+                      start_lookups: int = 1) -> np.ndarray:
+        """decode(batch, ctx0 + i) for i in 0..k-1, vectorised (same bilinear rule as decode).
+        start_lookups: see _end_lookups."""
         g = self._ar_grid(model, "decode")
-        self._lookup(g, (batch, ctx0))                    # range policy + counting at both ends
+        col = self._decode_col(g, batch)
+        self._end_lookups(g, col, batch, ctx0, k, start_lookups)
+        return self._decode_series(g, col.arr, ctx0, k)
+
+    def _end_lookups(self, g: Grid, col: _DecodeCol, batch: int, ctx0: float, k: int,
+                     start_lookups: int) -> None:
+        """The range policy and counting of a series: lookups of its two end points, skipped
+        when they could neither raise nor count (all k contexts in one grid cell, batch inside
+        the grid, no hole among the cell's corners). start_lookups: lookups of the start point
+        then (a caller that skipped its own lookup there passes 2, keeping its counts)."""
+        c = g.axes[1]
+        if len(c) > 1:
+            j = self._one_cell(c, ctx0, ctx0 + (k - 1))
+            if j is not None and col.inside and not self._cell_has_hole(g, col, j):
+                return
+        for _ in range(start_lookups):
+            self._lookup(g, (batch, ctx0))
         self._lookup(g, (batch, ctx0 + k - 1))
-        return self._decode_series(g, self._decode_col(g, batch).arr, ctx0, k)
 
     def decode_steps(self, model: str, batch: int, ctx0: float, k: int,
                      start_lookups: int = 1) -> list[float]:
         """decode_series as a list of Python floats, with its arithmetic: a jump is short (a
-        dozen steps), so numpy's per-call cost, not its flops, dominated. The two end lookups
-        that apply the range policy and count hole hits are skipped when they could do
-        neither (all k contexts in one grid cell, batch inside the grid, no hole among the
-        cell's corners). start_lookups: how many lookups of the start point to make then (a
-        caller that skipped its own lookup there passes 2, keeping the counts it would add)."""
+        dozen steps), so numpy's per-call cost, not its flops, dominated."""
         g = self._ar_grid(model, "decode")
         col = self._decode_col(g, batch)
+        self._end_lookups(g, col, batch, ctx0, k, start_lookups)
         c = g.axes[1]
         last = len(c) - 2
         if last < 0:
-            for _ in range(start_lookups - 1):
-                self._lookup(g, (batch, ctx0))
-            return self.decode_series(model, batch, ctx0, k).tolist()
-        j = self._one_cell(c, ctx0, ctx0 + (k - 1))
-        if j is None or not col.inside or self._cell_has_hole(g, col, j):
-            for _ in range(start_lookups):
-                self._lookup(g, (batch, ctx0))
-            self._lookup(g, (batch, ctx0 + k - 1))
+            return self._decode_series(g, col.arr, ctx0, k).tolist()
         clamp = self.mode is OutOfRange.clamp
         lo, hi, vals = c[0], c[-1], col.vals
         out = []

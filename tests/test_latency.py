@@ -183,23 +183,30 @@ def test_decode_series_nonlinear_table_and_clamp(tiny):
 @pytest.mark.parametrize("batch,ctx0,k", [(1, 100, 50), (2, 120.5, 30), (3, 150, 120), (4, 100, 101),
                                            (3, 101.25, 7), (8, 150, 20), (1, 50, 10), (2, 199, 1)])
 @pytest.mark.parametrize("start_lookups", [1, 2])
-def test_decode_steps_equal_decode_series(tiny, mode, batch, ctx0, k, start_lookups):
-    """decode_steps (Python floats, end lookups skipped when they could not count or raise)
-    gives decode_series' values bit for bit, and the same range errors and counts (with
-    start_lookups=2: as a decode() lookup at the start point, then decode_series)."""
-    a, b = LatencyModel(tiny, C.GPU, mode), LatencyModel(tiny, C.GPU, mode)
+def test_decode_steps_and_series_equal_the_reference(tiny, mode, batch, ctx0, k, start_lookups):
+    """decode_steps (Python floats) and decode_series (numpy), which skip their end lookups when
+    those could not count or raise, give the reference's values bit for bit and the same range
+    errors and counts. Reference: decode() at the start point start_lookups times and at the
+    end point, then the vectorised arithmetic."""
+    ref = LatencyModel(tiny, C.GPU, mode)
+    steps, series = LatencyModel(tiny, C.GPU, mode), LatencyModel(tiny, C.GPU, mode)
     try:
-        if start_lookups == 2:
-            a.decode("tiny_model", batch, ctx0)
-        want = a.decode_series("tiny_model", batch, ctx0, k)
+        for _ in range(start_lookups):
+            ref.decode("tiny_model", batch, ctx0)
+        ref.decode("tiny_model", batch, ctx0 + k - 1)
     except OutOfGridError:
         with pytest.raises(OutOfGridError):
-            b.decode_steps("tiny_model", batch, ctx0, k, start_lookups)
+            steps.decode_steps("tiny_model", batch, ctx0, k, start_lookups)
+        with pytest.raises(OutOfGridError):
+            series.decode_series("tiny_model", batch, ctx0, k, start_lookups)
         return
-    got = b.decode_steps("tiny_model", batch, ctx0, k, start_lookups)
+    g = ref._ar_grid("tiny_model", "decode")
+    want = ref._decode_series(g, ref._decode_col(g, batch).arr, ctx0, k).tolist()
+    got = steps.decode_steps("tiny_model", batch, ctx0, k, start_lookups)
     assert all(type(x) is float for x in got)
-    assert got == want.tolist()
-    assert a.report() == b.report()
+    assert got == want
+    assert series.decode_series("tiny_model", batch, ctx0, k, start_lookups).tolist() == want
+    assert steps.report() == ref.report() == series.report()
 
 # --- missing tables and stages -------------------------------------------------------------------------
 

@@ -370,8 +370,7 @@ class AREngine:
         that lookup's side effects are kept (range policy, out-of-grid and hole counts): the
         series looks up its start point once more."""
         if k > PY_MAX_STEPS:
-            self.lat.decode(self.model, d_seqs, d_ctx)
-            self.jump_ends = ends = self._decode_ends_np(d_seqs, d_ctx, k)
+            self.jump_ends = ends = self._decode_ends_np(d_seqs, d_ctx, k, start_lookups=2)
             # plain floats for the GPU (bisect, event times): numpy scalars are slow and would
             # leak into the clock and every time derived from it
             self.jump_unit = Unit(ends.tolist(), self._commit_jump, "decode", self)
@@ -380,9 +379,9 @@ class AREngine:
             self.jump_unit = Unit(ends, self._commit_jump, "decode", self)
         return self.jump_unit
 
-    def _decode_ends_np(self, d_seqs: int, d_ctx: float, k: int) -> np.ndarray:
+    def _decode_ends_np(self, d_seqs: int, d_ctx: float, k: int, start_lookups: int = 1) -> np.ndarray:
         """Cumulative end offsets of k decode steps of the aggregate (as k single steps)."""
-        series = self.lat.decode_series(self.model, d_seqs, d_ctx, k)
+        series = self.lat.decode_series(self.model, d_seqs, d_ctx, k, start_lookups)
         if self.overhead:
             series += self.overhead
         if self.host or self.host_seq:
