@@ -26,6 +26,29 @@ class Unit:
         self.engine = engine
 
 
+class EqualSteps(Sequence[float]):
+    """The `ends` of k steps of t seconds each (t * i, i = 1..k: the list it replaces), computed
+    on demand: a stable DiT batch plans up to its next completion, dozens of steps, of which the
+    GPU reads the last end, and a few more only when it cuts the unit."""
+    __slots__ = ("t", "k")
+
+    def __init__(self, t: float, k: int):
+        self.t = t
+        self.k = k
+
+    def __len__(self) -> int:
+        return self.k
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self.t * j for j in range(1, self.k + 1)][i]
+        if i < 0:
+            i += self.k
+        if not 0 <= i < self.k:
+            raise IndexError(i)
+        return self.t * (i + 1)
+
+
 class GPU:
     def __init__(self, env: "simpy.Environment", gid: int, node: int, step_jump: bool = True):
         self.env = env
@@ -74,6 +97,16 @@ class GPU:
         engines = self.engines
         n = len(engines)
         now = self.env.now
+        if n == 1:                      # most GPUs of a large cluster: no round robin to keep
+            u = engines[0].plan(now)
+            if u is None:
+                self.cur = None
+                return
+            self.rr = 0
+            if not self.step_jump and len(u.ends) > 1:
+                u.ends = u.ends[:1]
+            self._run(u, len(u.ends))
+            return
         for i in range(n):
             e = engines[(self.rr + i) % n]
             u = e.plan(now)

@@ -11,6 +11,7 @@ from collections import Counter
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -54,6 +55,16 @@ def _mixed_decode_context(row) -> float | None:
         if v:
             return float(v)
     return None
+
+
+class _DecodeCol(NamedTuple):
+    """A decode grid column at one batch size: values along the context axis (array and list),
+    whether the batch lies inside the batch axis, and the two batch rows it mixes."""
+    arr: np.ndarray
+    vals: list[float]
+    inside: bool
+    i: int
+    i1: int
 
 
 @dataclass
@@ -132,7 +143,7 @@ class LatencyModel:
         self._frames: dict[str, pd.DataFrame] = {}
         self._grids: dict[tuple, Grid] = {}
         self._mixed_factor: dict[str, float] = {}
-        self._cols: dict[tuple, np.ndarray] = {}    # decode_series: batch-interpolated columns
+        self._cols: dict[tuple, _DecodeCol] = {}    # decode_series: batch-interpolated columns
         self._ar_grids: dict[tuple[str, str], Grid | None] = {}
 
     # --- tables ---------------------------------------------------------------------------
@@ -297,24 +308,87 @@ class LatencyModel:
     def decode(self, model: str, batch: int, context: float) -> float:
         return self._lookup(self._ar_grid(model, "decode"), (batch, context))
 
-    def decode_series(self, model: str, batch: int, ctx0: float, k: int) -> np.ndarray:
-        """decode(batch, ctx0 + i) for i in 0..k-1, vectorised (same bilinear rule as decode)."""
-        g = self._ar_grid(model, "decode")
-        self._lookup(g, (batch, ctx0))                    # range policy + counting at both ends
-        self._lookup(g, (batch, ctx0 + k - 1))
-        b_axis, c_axis = g.axes
+    def _decode_col(self, g: Grid, batch: int) -> _DecodeCol:
+        """The decode grid interpolated along the batch axis at `batch` (cached per batch)."""
         ck = (id(g), batch, self.mode)
         col = self._cols.get(ck)
         if col is None:
-            v = g.values
+            b_axis, v = g.axes[0], g.values
+            i, w = _axis_pos(b_axis, batch)
+            inside = -1e-9 <= w <= 1 + 1e-9
             if len(b_axis) > 1:
-                i, w = _axis_pos(b_axis, batch)
                 if self.mode is OutOfRange.clamp:
                     w = min(max(w, 0.0), 1.0)
-                col = (1 - w) * v[i] + w * v[i + 1]
+                arr = (1 - w) * v[i] + w * v[i + 1]
             else:
-                col = v[0]
+                arr = v[0]
+            n0 = len(b_axis)
+            col = _DecodeCol(arr, arr.tolist(), inside, i, i + 1 if i + 1 < n0 else n0 - 1)
             self._cols[ck] = col
+        return col
+
+    def decode_series(self, model: str, batch: int, ctx0: float, k: int,
+                      start_lookups: int = 1) -> np.ndarray:
+        """decode(batch, ctx0 + i) for i in 0..k-1, vectorised (same bilinear rule as decode).
+        start_lookups: see _end_lookups."""
+        g = self._ar_grid(model, "decode")
+        col = self._decode_col(g, batch)
+        self._end_lookups(g, col, batch, ctx0, k, start_lookups)
+        return self._decode_series(g, col.arr, ctx0, k)
+
+    def _end_lookups(self, g: Grid, col: _DecodeCol, batch: int, ctx0: float, k: int,
+                     start_lookups: int) -> None:
+        """The range policy and counting of a series: lookups of its two end points, skipped
+        when they could neither raise nor count (all k contexts in one grid cell, batch inside
+        the grid, no hole among the cell's corners). start_lookups: lookups of the start point
+        then (a caller that skipped its own lookup there passes 2, keeping its counts)."""
+        c = g.axes[1]
+        if len(c) > 1:
+            j = self._one_cell(c, ctx0, ctx0 + (k - 1))
+            if j is not None and col.inside and not self._cell_has_hole(g, col, j):
+                return
+        for _ in range(start_lookups):
+            self._lookup(g, (batch, ctx0))
+        self._lookup(g, (batch, ctx0 + k - 1))
+
+    def decode_steps(self, model: str, batch: int, ctx0: float, k: int,
+                     start_lookups: int = 1) -> list[float]:
+        """decode_series as a list of Python floats, with its arithmetic: a jump is short (a
+        dozen steps), so numpy's per-call cost, not its flops, dominated."""
+        g = self._ar_grid(model, "decode")
+        col = self._decode_col(g, batch)
+        self._end_lookups(g, col, batch, ctx0, k, start_lookups)
+        c = g.axes[1]
+        last = len(c) - 2
+        if last < 0:
+            return self._decode_series(g, col.arr, ctx0, k).tolist()
+        clamp = self.mode is OutOfRange.clamp
+        lo, hi, vals = c[0], c[-1], col.vals
+        out = []
+        j = -1
+        for i in range(k):
+            x = ctx0 + i
+            if clamp:                       # np.minimum(np.maximum(ctx, c[0]), c[-1])
+                if x < lo:
+                    x = lo
+                if x > hi:
+                    x = hi
+            if j < 0 or x >= c[j + 1] and j < last or x < c[j]:
+                j = bisect_right(c, x) - 1  # searchsorted(side="right") - 1, within the axis
+                j = 0 if j < 0 else last if j > last else j
+            w = (x - c[j]) / (c[j + 1] - c[j])
+            v = (1 - w) * vals[j] + w * vals[j + 1]
+            out.append(v if v > 1e-6 else 1e-6)
+        return out
+
+    @staticmethod
+    def _cell_has_hole(g: Grid, col: _DecodeCol, j: int) -> bool:
+        f0, f1 = g.fl[col.i], g.fl[col.i1]
+        return f0[j] or f0[j + 1] or f1[j] or f1[j + 1]
+
+    def _decode_series(self, g: Grid, col: np.ndarray, ctx0: float, k: int) -> np.ndarray:
+        """decode_series' arithmetic, after its range checks, on the column at the batch."""
+        c_axis = g.axes[1]
         ctx = ctx0 + np.arange(k, dtype=float)
         if len(c_axis) == 1:
             return np.maximum(np.full(k, col[0]), 1e-6)

@@ -178,6 +178,36 @@ def test_decode_series_nonlinear_table_and_clamp(tiny):
         err.decode_series("tiny_model", 2, 150, 100)         # the last step leaves the grid
 
 
+
+@pytest.mark.parametrize("mode", ["clamp", "extrapolate", "error"])
+@pytest.mark.parametrize("batch,ctx0,k", [(1, 100, 50), (2, 120.5, 30), (3, 150, 120), (4, 100, 101),
+                                           (3, 101.25, 7), (8, 150, 20), (1, 50, 10), (2, 199, 1)])
+@pytest.mark.parametrize("start_lookups", [1, 2])
+def test_decode_steps_and_series_equal_the_reference(tiny, mode, batch, ctx0, k, start_lookups):
+    """decode_steps (Python floats) and decode_series (numpy), which skip their end lookups when
+    those could not count or raise, give the reference's values bit for bit and the same range
+    errors and counts. Reference: decode() at the start point start_lookups times and at the
+    end point, then the vectorised arithmetic."""
+    ref = LatencyModel(tiny, C.GPU, mode)
+    steps, series = LatencyModel(tiny, C.GPU, mode), LatencyModel(tiny, C.GPU, mode)
+    try:
+        for _ in range(start_lookups):
+            ref.decode("tiny_model", batch, ctx0)
+        ref.decode("tiny_model", batch, ctx0 + k - 1)
+    except OutOfGridError:
+        with pytest.raises(OutOfGridError):
+            steps.decode_steps("tiny_model", batch, ctx0, k, start_lookups)
+        with pytest.raises(OutOfGridError):
+            series.decode_series("tiny_model", batch, ctx0, k, start_lookups)
+        return
+    g = ref._ar_grid("tiny_model", "decode")
+    want = ref._decode_series(g, ref._decode_col(g, batch).arr, ctx0, k).tolist()
+    got = steps.decode_steps("tiny_model", batch, ctx0, k, start_lookups)
+    assert all(type(x) is float for x in got)
+    assert got == want
+    assert series.decode_series("tiny_model", batch, ctx0, k, start_lookups).tolist() == want
+    assert steps.report() == ref.report() == series.report()
+
 # --- missing tables and stages -------------------------------------------------------------------------
 
 def test_missing_table_lists_available(synthetic_profiles):

@@ -85,3 +85,16 @@ def test_extra_blocks_closed_form(bs, g, contexts, j):
         e.phase[(c - g) % bs] += 1
     want = sum(-(-(c + j) // bs) - -(-(c + 1) // bs) for c in contexts)
     assert e._extra_blocks(j) == want
+
+
+@settings(max_examples=60, deadline=None, database=None)
+@given(batch=st.integers(1, 300), ctx=st.floats(1.0, 40_000.0), k=st.integers(1, 120),
+       overhead=st.sampled_from([0.0, 2e-4]), host=st.sampled_from([(0.0, 0.0), (4e-3, 1e-5)]))
+def test_short_jump_ends_equal_the_numpy_series(synthetic_profiles, batch, ctx, k, overhead, host):
+    """A jump's step ends on Python floats (_decode_ends, used up to PY_MAX_STEPS steps) equal
+    the numpy ones (_decode_ends_np) bit for bit, overhead and async host time included."""
+    from sim.latency import LatencyModel
+    lat = LatencyModel(synthetic_profiles, "h100", "clamp")
+    e = AREngine("qwen2_5_vl_7b", lat, 1 << 20, step_overhead_s=overhead, host_s=host[0],
+                 host_per_seq_s=host[1])
+    assert e._decode_ends(batch, ctx, k) == e._decode_ends_np(batch, ctx, k).tolist()

@@ -10,9 +10,11 @@ from hypothesis import strategies as st
 
 from conftest import make_cfg
 from sim.policies.disaggregated import Disaggregated
+from sim.policies.modality_aware import ModalityAware
 from sim.policies.routing import LeastLoaded
 from sim.request import Request
 from sim.runner import Run
+from sim.servers.ar import AREngine
 from sim.servers import jobs
 from sim.servers.jobs import Job, StageQueue
 
@@ -119,6 +121,14 @@ def _reference_scans(monkeypatch):
     monkeypatch.setattr(jobs.FreeEngines, "first", lambda self: scan_placed(self.engines))
     monkeypatch.setattr(Disaggregated, "pick_llm",
                         lambda self, model, job: min(self.llm[model], key=lambda e: e.num_requests()))
+    monkeypatch.setattr(ModalityAware, "pick_llm", _token_scan)
+
+
+def _token_scan(self, model, job):
+    """modality_aware's token-aware pick as the plain min() over AREngine.load."""
+    if not self.cfg.policy.image_token_aware_lb:
+        return Disaggregated.pick_llm(self, model, job)
+    return min(self.llm_engines(model), key=AREngine.load)
 
 
 def scan_placed(engines):

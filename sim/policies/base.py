@@ -31,7 +31,7 @@ class SimContext:
 
 class Flow:
     """Moves one request through its hops; the policy picks where each hop runs."""
-    __slots__ = ("req", "hops", "i", "policy", "home")
+    __slots__ = ("req", "hops", "i", "policy", "home", "work")
 
     def __init__(self, req: Request, hops: list[Job], policy: "Policy"):
         self.req = req
@@ -39,6 +39,7 @@ class Flow:
         self.i = 0
         self.policy = policy
         self.home = None                # where it was routed: its replica (baseline) or LLM engine
+        self.work = 0.0                 # its hops' work, as counted on `home` (baseline)
 
     def start(self, now: float) -> None:
         job = self.hops[0]

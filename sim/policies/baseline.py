@@ -113,7 +113,8 @@ class Baseline(Policy):
     def dispatch(self, flow: Flow, job: Job, now: float) -> None:
         if flow.home is None:
             flow.home = self.pick(flow.req.model)
-            flow.home.outstanding += sum(h.work for h in flow.hops)
+            flow.work = sum(h.work for h in flow.hops)
+            flow.home.outstanding += flow.work
             self._least[flow.home.model].changed(flow.home)
             flow.home.requests += 1
         r = flow.home
@@ -123,7 +124,7 @@ class Baseline(Policy):
             r.queues[job.stage].put(job, now)
 
     def complete(self, flow: Flow, now: float) -> None:
-        flow.home.outstanding -= sum(h.work for h in flow.hops)
+        flow.home.outstanding -= flow.work
         self._least[flow.home.model].changed(flow.home)
         flow.home.requests -= 1
         super().complete(flow, now)

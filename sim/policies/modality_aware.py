@@ -36,8 +36,10 @@ class ModalityAware(Disaggregated):
     def pick_llm(self, model: str, job: Job) -> AREngine:
         if not self.cfg.policy.image_token_aware_lb:
             return super().pick_llm(model, job)
-        # a scan: an engine's load also falls while it decodes, unreported (no heap here)
-        return min(self.llm_engines(model), key=AREngine.load)
+        # a scan: an engine's load also falls while it decodes, unreported (a heap keyed on a
+        # lower bound was tried: the bounds are loose while engines jump, most of them do, and
+        # it was slower than this loop)
+        return AREngine.least_loaded(self.llm_engines(model), self.env.now)
 
     # --- autoscaling -----------------------------------------------------------------------
     def pressure(self, key: str) -> float:

@@ -21,6 +21,11 @@ from sim.request import StageRecord
 from sim.servers.jobs import Job, StageQueue, start_record
 
 
+# jumps up to this many steps compute their step ends in Python floats (most of a large
+# cluster's: numpy's per-call cost dominates), longer ones with numpy; same values, bit for bit
+PY_MAX_STEPS = 24   # the measured break-even (numpy ~7 us a call, Python ~0.25 us a step)
+
+
 class Seq:
     """One request in an AR engine. While it decodes in its engine's decode aggregate (`g0` is
     not None) `computed` and `generated` hold their values as of the engine's aggregate step
@@ -113,7 +118,7 @@ class AREngine:
         self.gpu = None
         self.sched: list[tuple[Seq, int]] = []  # seqs of `pre` (and admitted) in the planned step
         self.jump_unit: Unit | None = None      # the planned multi-step decode unit, if any
-        self.jump_ends: np.ndarray | None = None
+        self.jump_ends: list[float] | np.ndarray | None = None
         self.vision_in_step = 0
         self.peak_blocks_used = 0
         self.steps = 0
@@ -180,16 +185,38 @@ class AREngine:
     def can_join(self, job: Job) -> bool:
         return len(self.running) < self.max_seqs
 
-    def load(self) -> float:
-        """Outstanding tokens (prompt + output) of queued and running requests."""
+    def load(self) -> int:
+        """Outstanding tokens (prompt + output) of queued and running requests (an exact int:
+        token-aware routing compares it over every engine per request)."""
         # = sum(prompt + out) of queued + sum(need + out - generated) of running, kept
         # incrementally (need + out - generated = prompt + out - computed; queued: computed = 0)
+        if self.jump_unit is None:
+            return self._po - self._comp
+        return self.load_at(self.gpu.env.now)
+
+    def load_at(self, now: float) -> int:
+        """load() at the current time `now` (a jumped decode unit commits at its end: count
+        the steps it has run)."""
         r = self._po - self._comp
-        u = self.jump_unit   # a jumped decode unit commits at its end: count the steps run
-        if u is not None and self.gpu.cur is u:
+        u = self.jump_unit
+        if u is not None:
             g = self.gpu
-            r -= self.nd * bisect_right(u.ends, g.env.now - g.start + 1e-12)
-        return float(r)
+            if g.cur is u:
+                r -= self.nd * bisect_right(u.ends, now - g.start + 1e-12)
+        return r
+
+    @staticmethod
+    def least_loaded(engines: list["AREngine"], now: float) -> "AREngine":
+        """min(engines, key=AREngine.load) in one loop (token-aware routing runs it over every
+        LLM engine per request): no call for engines without a decode unit in flight."""
+        best, low = None, 0
+        for e in engines:
+            r = e._po - e._comp if e.jump_unit is None else e.load_at(now)
+            if best is None or r < low:
+                best, low = e, r
+        if best is None:
+            raise ValueError("least_loaded() of no engines")
+        return best
 
     def num_requests(self) -> int:
         return len(self.running) + len(self.waiting)
@@ -333,25 +360,35 @@ class AREngine:
         self.vision_in_step = vision
         d_ctx = d_ctx / d_seqs if d_seqs else 0.0          # exact integer sums, one rounding
         p_ctx = p_ctx / p_tok if p_tok else 0.0
+        if not sched and not preempted and not self._admissible():
+            k = self._jump_len()
+            if k > 1:
+                return self._plan_jump(d_seqs, d_ctx, k)
         t = self.lat.ar_step(self.model, p_tok, d_seqs, d_ctx, p_ctx) + self.overhead
         if vision:
             t += self.lat.vision_encode(self.model, vision)
         if self.host or self.host_seq:
             h = self.host + self.host_seq * (self.nd + len(sched))
             t = max(t - h, h)
-        if not sched and not preempted and not self._admissible():
-            k = self._jump_len()
-            if k > 1:
-                self.jump_ends = ends = self._decode_ends(d_seqs, d_ctx, k)
-                # plain floats for the GPU (bisect, event times): numpy scalars are slow and
-                # would leak into the clock and every time derived from it
-                self.jump_unit = Unit(ends.tolist(), self._commit_jump, "decode", self)
-                return self.jump_unit
         return Unit((t,), self._commit_step, "prefill" if p_tok else "decode", self)
 
-    def _decode_ends(self, d_seqs: int, d_ctx: float, k: int) -> np.ndarray:
+    def _plan_jump(self, d_seqs: int, d_ctx: float, k: int) -> Unit:
+        """The aggregate alone, k steps. Its first step's single-step time is not needed, but
+        that lookup's side effects are kept (range policy, out-of-grid and hole counts): the
+        series looks up its start point once more."""
+        if k > PY_MAX_STEPS:
+            self.jump_ends = ends = self._decode_ends_np(d_seqs, d_ctx, k, start_lookups=2)
+            # plain floats for the GPU (bisect, event times): numpy scalars are slow and would
+            # leak into the clock and every time derived from it
+            self.jump_unit = Unit(ends.tolist(), self._commit_jump, "decode", self)
+        else:
+            self.jump_ends = ends = self._decode_ends(d_seqs, d_ctx, k, start_lookups=2)
+            self.jump_unit = Unit(ends, self._commit_jump, "decode", self)
+        return self.jump_unit
+
+    def _decode_ends_np(self, d_seqs: int, d_ctx: float, k: int, start_lookups: int = 1) -> np.ndarray:
         """Cumulative end offsets of k decode steps of the aggregate (as k single steps)."""
-        series = self.lat.decode_series(self.model, d_seqs, d_ctx, k)
+        series = self.lat.decode_series(self.model, d_seqs, d_ctx, k, start_lookups)
         if self.overhead:
             series += self.overhead
         if self.host or self.host_seq:
@@ -359,6 +396,26 @@ class AREngine:
             series -= h
             np.maximum(series, h, out=series)
         return series.cumsum()
+
+    def _decode_ends(self, d_seqs: int, d_ctx: float, k: int, start_lookups: int = 1) -> list[float]:
+        """_decode_ends_np on Python floats, in numpy's order (a sequential cumsum): for short
+        jumps, where numpy's per-call cost dominates."""
+        series = self.lat.decode_steps(self.model, d_seqs, d_ctx, k, start_lookups)
+        ov = self.overhead
+        host = bool(self.host or self.host_seq)
+        h = self.host + self.host_seq * d_seqs
+        ends = []
+        acc = 0.0
+        for t in series:
+            if ov:
+                t += ov
+            if host:
+                t -= h
+                if t < h:           # np.maximum(t, h)
+                    t = h
+            acc += t
+            ends.append(acc)
+        return ends
 
     def _schedule_pre(self, budget: int, now: float) -> tuple[list[tuple[Seq, int]], int, bool]:
         """vLLM's loop over running requests (those of `pre`): each gets min(need, budget)

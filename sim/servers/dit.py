@@ -4,7 +4,7 @@ batch is configurable (exact sequence length, padded to a bucket, or any, padded
 A batch that does not change is advanced to its next completion in one unit (jump-ahead)."""
 from __future__ import annotations
 
-from sim.gpu import Unit
+from sim.gpu import EqualSteps, Unit
 from sim.latency import LatencyModel
 from sim.servers.jobs import Job, StageQueue, start_record
 
@@ -93,7 +93,7 @@ class DiTEngine:
         seq = max(self._seq(j) for j in self.batch)
         t = self.lat.dit_step(self.model, self.used, seq)
         k = min(j.steps - self.steps_done[id(j)] for j in self.batch)
-        return Unit([t * i for i in range(1, k + 1)], self._commit, "dit_step", self)
+        return Unit(EqualSteps(t, k), self._commit, "dit_step", self)
 
     def _seq(self, job: Job) -> int:
         """Sequences in a batch are padded to the longest one present (not to the bucket bound)."""
