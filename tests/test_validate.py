@@ -209,8 +209,8 @@ def test_spread_out_probe():
 
 
 @pytest.mark.xfail(strict=True, reason="issue 4 targets not all met yet: median TTFT within 10% on "
-                   "14 of 25 runs (mean error 11.4%; qwen under by up to 33%, llama within -7..+12%; "
-                   "the real engine's own run-to-run spread reaches 37%), p99 TTFT 11 of 25 (real "
+                   "15 of 25 runs (mean error 11.0%; qwen under by up to 33%, llama within -7..+13%; "
+                   "the real engine's own run-to-run spread reaches 37%), p99 TTFT 12 of 25 (real "
                    "step stalls of 20-65 ms not modelled), median TPOT 21 of 25 (qwen at saturation "
                    "-11..-13%); see traces/validation/README.md")
 def test_measured_h100_runs_within_targets(measured_rows):
