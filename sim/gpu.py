@@ -135,7 +135,8 @@ class GPU:
             self._on_timer)
 
     def _timer(self, ev: "simpy.Event") -> None:
-        self._done(ev._value)
+        if ev._value == self.token:     # else a cut rescheduled it: stale (a quarter of them)
+            self._done(ev._value)
 
     def _cut(self, lag: int = 0) -> None:
         u = self.cur

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Iterator
 
 import simpy
+from simpy.events import URGENT
 
 from sim.config import SimConfig
 from sim.latency import LatencyModel
@@ -62,6 +63,7 @@ class Run:
         self.arrived = 0
         self.last_finish = 0.0
         self.writer = None
+        self._on_arrival = self._arrive   # one bound method for every arrival event
         self.requests = [] if keep_rows and self.n_total <= keep_rows else None
         pilot = list(itertools.islice(iter(Workload(cfg.workload, cfg.seed, model_override=cfg.model)),
                                       PILOT_REQUESTS))
@@ -80,11 +82,31 @@ class Run:
         if self.requests is not None:
             self.requests.append(req)
 
-    def _arrivals(self):
+    def _start_arrivals(self) -> None:
+        """Arrivals as event callbacks, not a SimPy process: the same events at the same times
+        in the same order (an urgent start event at time 0, as a process's initialisation, then
+        one timeout per arrival later than the clock), without a generator resumed per request."""
+        env = self.env
+        self._reqs = iter(self.workload)
+        self._pending = None
+        start = simpy.Event(env)
+        start._ok = True
+        start._value = None
+        start.callbacks.append(self._arrive)
+        env.schedule(start, URGENT)
+
+    def _arrive(self, _ev) -> None:
         env, policy = self.env, self.policy
-        for req in self.workload:
+        req = self._pending
+        if req is not None:             # its timeout fired
+            self._pending = None
+            self.arrived += 1
+            policy.admit(req, env.now)
+        for req in self._reqs:
             if req.arrival > env.now:
-                yield env.timeout(req.arrival - env.now)
+                self._pending = req
+                env.timeout(req.arrival - env.now).callbacks.append(self._on_arrival)
+                return
             self.arrived += 1
             policy.admit(req, env.now)
 
@@ -95,7 +117,7 @@ class Run:
             self.writer = RequestsParquetWriter(self.outdir / "requests.parquet",
                                                 self.cfg.output.chunk_rows, self.cfg.slo)
         try:
-            self.env.process(self._arrivals())
+            self._start_arrivals()
             with gc_tuned_for_simulation():
                 if progress:
                     self._run_with_bar()

@@ -98,3 +98,29 @@ def test_short_jump_ends_equal_the_numpy_series(synthetic_profiles, batch, ctx, 
     e = AREngine("qwen2_5_vl_7b", lat, 1 << 20, step_overhead_s=overhead, host_s=host[0],
                  host_per_seq_s=host[1])
     assert e._decode_ends(batch, ctx, k) == e._decode_ends_np(batch, ctx, k).tolist()
+
+
+@settings(max_examples=80, deadline=None, database=None)
+@given(batch=st.integers(1, 300), ctx=st.floats(1.0, 40_000.0), k=st.integers(1, 200),
+       start_lookups=st.sampled_from([1, 2]), overhead=st.sampled_from([0.0, 2e-4]),
+       host=st.sampled_from([None, 4e-3, 1.3e-3]), mode=st.sampled_from(["clamp", "extrapolate"]))
+def test_decode_ends_equal_decode_steps_summed(synthetic_profiles, batch, ctx, k, start_lookups,
+                                               overhead, host, mode):
+    """LatencyModel.decode_ends (the fused loop of the AR engine's short jumps) equals, at every
+    step index, decode_steps followed by + overhead, max(t - host, host) and a running sum,
+    across grid cells, with the same lookup counts."""
+    from sim.latency import LatencyModel
+    ref = LatencyModel(synthetic_profiles, "h100", mode)
+    got = LatencyModel(synthetic_profiles, "h100", mode)
+    want, acc = [], 0.0
+    for t in ref.decode_steps("qwen2_5_vl_7b", batch, ctx, k, start_lookups):
+        if overhead:
+            t += overhead
+        if host is not None:
+            t -= host
+            if t < host:
+                t = host
+        acc += t
+        want.append(acc)
+    assert got.decode_ends("qwen2_5_vl_7b", batch, ctx, k, start_lookups, overhead, host) == want
+    assert got.report() == ref.report()

@@ -400,22 +400,8 @@ class AREngine:
     def _decode_ends(self, d_seqs: int, d_ctx: float, k: int, start_lookups: int = 1) -> list[float]:
         """_decode_ends_np on Python floats, in numpy's order (a sequential cumsum): for short
         jumps, where numpy's per-call cost dominates."""
-        series = self.lat.decode_steps(self.model, d_seqs, d_ctx, k, start_lookups)
-        ov = self.overhead
-        host = bool(self.host or self.host_seq)
-        h = self.host + self.host_seq * d_seqs
-        ends = []
-        acc = 0.0
-        for t in series:
-            if ov:
-                t += ov
-            if host:
-                t -= h
-                if t < h:           # np.maximum(t, h)
-                    t = h
-            acc += t
-            ends.append(acc)
-        return ends
+        h = self.host + self.host_seq * d_seqs if self.host or self.host_seq else None
+        return self.lat.decode_ends(self.model, d_seqs, d_ctx, k, start_lookups, self.overhead, h)
 
     def _schedule_pre(self, budget: int, now: float) -> tuple[list[tuple[Seq, int]], int, bool]:
         """vLLM's loop over running requests (those of `pre`): each gets min(need, budget)
