@@ -119,6 +119,16 @@ def gzip_steplog(path: str | Path) -> Optional[Path]:
     return dst
 
 
+def run_steplog(path: str | Path, result: dict) -> list[dict]:
+    """The step-log lines recorded during one run: its result file `path` names the log and the
+    run's wall-time span in `provenance` (serve_bench --steplog); [] if it has none."""
+    prov = result.get("provenance") or {}
+    log = resolve_steplog(Path(path).parent, prov.get("steplog"))
+    if log is None or not prov.get("wall_span"):
+        return []
+    return read_steplog(log, *prov["wall_span"])
+
+
 def resolve_steplog(folder: str | Path, name: Optional[str]) -> Optional[Path]:
     """The step log a result's provenance names, as written (.jsonl) or gzipped after the run."""
     if not name:

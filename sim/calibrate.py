@@ -14,8 +14,9 @@ the same run (`provenance.server_metrics.histograms`) to split the client's TTFT
   after idle overlaps no host work). Loaded engines do not pay it (the step logs of loaded runs
   show the server's TTFT equal to the simulated one for llama2_7b).
 
-Loaded engines: the concurrency ladder (`profiler.serve_bench --runs conc8,conc32,conc64,conc128
---steplog`, in <folder>/ladder: N clients at once, 512 / 128 tokens) samples the CPU seconds of
+Loaded engines: the concurrency ladders (`profiler.serve_bench --runs conc8,conc32,conc64,conc128
+--steplog` and `--runs lconc16,...,lconc128`, in <folder>/ladder: N clients at once, 512 / 128 and
+1,536 / 128 tokens) sample the CPU seconds of
 the API server's and the client's processes every 0.25 s. Least squares of each interval's CPU
 seconds on (its length, tokens streamed in it, first tokens in it), over intervals with engine
 steps, gives each process's CPU seconds per streamed token:
@@ -46,10 +47,11 @@ import json
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
 
+from profiler.vllm_steplog import run_steplog
 from sim.validate import find_bench_files, infer_model, validate_one
 
 GAP_S = 1.0          # seconds between replayed probe requests: the engine is idle at each arrival
@@ -61,6 +63,14 @@ FRONTEND_OFF = ["engine.frontend_ms=0", "engine.frontend_ms_per_prompt_token=0",
 def is_probe(obj: dict[str, Any]) -> bool:
     """A zero-load probe: the client kept at most one request in flight."""
     return (obj.get("provenance") or {}).get("max_concurrency") == 1 or obj.get("max_concurrency") == 1
+
+
+def runs_of(folder: str | Path, keep) -> Iterator[tuple[Path, dict[str, Any]]]:
+    """(path, result) of the bench results under `folder` (not its report) that `keep` accepts."""
+    for p in find_bench_files(Path(folder), exclude=Path(folder) / "report"):
+        obj = json.loads(p.read_text())
+        if keep(obj):
+            yield p, obj
 
 
 def spread_out(obj: dict[str, Any], gap_s: float = GAP_S) -> dict[str, Any]:
@@ -76,10 +86,7 @@ def probe_offsets(folder: str | Path, profiles_dir: str = "traces/profiles",
     """Per probe: measured mean TTFT, simulated zero-load TTFT, and their difference."""
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for p in find_bench_files(Path(folder), exclude=Path(folder) / "report"):
-            obj = json.loads(p.read_text())
-            if not is_probe(obj):
-                continue
+        for p, obj in runs_of(folder, is_probe):
             model = infer_model(p, obj)
             if model is None or not (Path(profiles_dir) / gpu / f"{model}.parquet").exists():
                 continue
@@ -115,23 +122,10 @@ def split_constants(rows: list[dict[str, Any]]) -> Optional[dict[str, float]]:
             "idle_wakeup_ms": float(np.mean([r["idle_ms"] for r in rs])), "probes": len(rs)}
 
 
-def _steplog(path: Path, obj: dict[str, Any]) -> list[dict]:
-    """The step-log lines recorded during a run (serve_bench --steplog), [] if it has none."""
-    from profiler.vllm_steplog import read_steplog, resolve_steplog
-    prov = obj.get("provenance") or {}
-    log = resolve_steplog(path.parent, prov.get("steplog"))
-    if log is None or not prov.get("wall_span"):
-        return []
-    return read_steplog(log, *prov["wall_span"])
-
-
 def probe_api_ingest_ms(folder: str | Path) -> Optional[float]:
     """Median API-side time of probe requests: e2e - (queued + prefill + decode) from the step log."""
-    vals = []
-    for p in find_bench_files(Path(folder), exclude=Path(folder) / "report"):
-        obj = json.loads(p.read_text())
-        if is_probe(obj):
-            vals += [(f[5] - f[2] - f[3] - f[4]) * 1e3 for r in _steplog(p, obj) for f in r.get("fin", ())]
+    vals = [(f[5] - f[2] - f[3] - f[4]) * 1e3 for p, obj in runs_of(folder, is_probe)
+            for r in run_steplog(p, obj) for f in r.get("fin", ())]
     return float(np.median(vals)) if vals else None
 
 
@@ -149,7 +143,7 @@ def ladder_intervals(path: Path, obj: dict[str, Any]) -> np.ndarray:
     t = rows[:, 0] + cs["t0_wall"]
     cols = {c: i for i, c in enumerate(cs["columns"])}
     api, cli = rows[:, cols["api_server_cpu_s"]], rows[:, cols["client_cpu_s"]]
-    recs = [r for r in _steplog(path, obj) if "gen" in r]
+    recs = [r for r in run_steplog(path, obj) if "gen" in r]
     rt = np.array([r["t"] for r in recs])
     gen = np.array([r["gen"] for r in recs], float)
     first = np.array([len(r.get("ttft", ())) for r in recs], float)
@@ -164,8 +158,7 @@ def ladder_intervals(path: Path, obj: dict[str, Any]) -> np.ndarray:
 
 def ladder_cpu_costs(folder: str | Path) -> Optional[dict[str, float]]:
     """CPU ms per streamed token of the API server and of the client (see the module docstring)."""
-    parts = [ladder_intervals(p, obj) for p in find_bench_files(Path(folder), exclude=Path(folder) / "report")
-             for obj in [json.loads(p.read_text())] if is_ladder(obj)]
+    parts = [ladder_intervals(p, obj) for p, obj in runs_of(folder, is_ladder)]
     if not parts:
         return None
     x = np.concatenate(parts)
@@ -180,7 +173,7 @@ def ladder_cpu_costs(folder: str | Path) -> Optional[dict[str, float]]:
 def ladder_decode_steps(path: Path, obj: dict[str, Any]) -> Optional[float]:
     """Median served step (ms) of a ladder run's steady decode: all N sequences produce a token
     and neither this step nor the previous one finished a prompt."""
-    recs = [r for r in _steplog(path, obj) if "gen" in r]
+    recs = [r for r in run_steplog(path, obj) if "gen" in r]
     n = obj["provenance"]["max_concurrency"]
     gaps = [(b["m"] - a["m"]) * 1e3 for a0, a, b in zip(recs, recs[1:], recs[2:])
             if b["gen"] == n and b["prompt"] == 0 and a["prompt"] == 0 and a0["prompt"] == 0]
@@ -198,10 +191,7 @@ def ladder_host_overlap(folder: str | Path, profiles_dir: str = "traces/profiles
     lat = LatencyModel(profiles_dir, gpu, "clamp")
     pts: dict[str, list[tuple[int, float, float]]] = {}
     skipped: list[tuple[str, int, float]] = []
-    for p in find_bench_files(Path(folder), exclude=Path(folder) / "report"):
-        obj = json.loads(p.read_text())
-        if not is_ladder(obj):
-            continue
+    for p, obj in runs_of(folder, is_ladder):
         prov = obj["provenance"]
         model = infer_model(p, obj)
         served = ladder_decode_steps(p, obj)

@@ -175,13 +175,8 @@ def validate_one(path: Path, model: str, profiles_dir: str, gpu: str, outdir: Pa
 
 def steplog_ttfts_ms(path: Path, obj: dict[str, Any]) -> np.ndarray:
     """Per-request server-side TTFTs of a run from its step log (serve_bench --steplog), if any."""
-    prov = obj.get("provenance") or {}
-    from profiler.vllm_steplog import read_steplog, resolve_steplog
-    log, span = resolve_steplog(Path(path).parent, prov.get("steplog")), prov.get("wall_span")
-    if log is None or not span:
-        return np.array([])
-    recs = read_steplog(log, span[0], span[1])
-    return np.array([x for r in recs for x in r.get("ttft", ())], float) * 1e3
+    from profiler.vllm_steplog import run_steplog
+    return np.array([x for r in run_steplog(path, obj) for x in r.get("ttft", ())], float) * 1e3
 
 
 def decoding_at_first_token(sim_df: pd.DataFrame) -> np.ndarray:
