@@ -351,13 +351,31 @@ class LatencyModel:
             self._lookup(g, (batch, ctx0))
         self._lookup(g, (batch, ctx0 + k - 1))
 
-    def decode_steps(self, model: str, batch: int, ctx0: float, k: int,
-                     start_lookups: int = 1) -> list[float]:
-        """decode_series as a list of Python floats, with its arithmetic: a jump is short (a
-        dozen steps), so numpy's per-call cost, not its flops, dominated."""
+    def decode_ends(self, model: str, batch: int, ctx0: float, k: int, start_lookups: int = 1,
+                    overhead: float = 0.0, host: float | None = None) -> list[float]:
+        """Cumulative end offsets of a jump's k decode steps on Python floats: decode_series'
+        values, each plus `overhead` (when nonzero), then max(t - host, host) when `host` is
+        not None, summed sequentially (numpy's cumsum order): the same floats as the numpy
+        path, bit for bit. A jump is short (a dozen steps), so numpy's per-call cost, not its
+        flops, would dominate."""
         g = self._ar_grid(model, "decode")
         col = self._decode_col(g, batch)
         self._end_lookups(g, col, batch, ctx0, k, start_lookups)
+        ends = []
+        acc = 0.0
+        for t in self._step_values(g, col, ctx0, k):
+            if overhead:
+                t += overhead
+            if host is not None:
+                t -= host
+                if t < host:                # np.maximum(t, host)
+                    t = host
+            acc += t
+            ends.append(acc)
+        return ends
+
+    def _step_values(self, g: Grid, col: _DecodeCol, ctx0: float, k: int) -> list[float]:
+        """_decode_series' values (after its range checks) with its arithmetic, op for op."""
         c = g.axes[1]
         last = len(c) - 2
         if last < 0:
@@ -380,61 +398,6 @@ class LatencyModel:
             v = (1 - w) * vals[j] + w * vals[j + 1]
             out.append(v if v > 1e-6 else 1e-6)
         return out
-
-    def decode_ends(self, model: str, batch: int, ctx0: float, k: int, start_lookups: int = 1,
-                    overhead: float = 0.0, host: float | None = None) -> list[float]:
-        """Cumulative end offsets of a jump's k decode steps in one loop: decode_steps' values,
-        each plus `overhead` (when nonzero), then max(t - host, host) when `host` is not None,
-        summed sequentially (numpy's cumsum order). Same floats as those three passes, bit for
-        bit; the AR engine's short jumps, about half of whose steps an arrival cuts unused."""
-        g = self._ar_grid(model, "decode")
-        col = self._decode_col(g, batch)
-        self._end_lookups(g, col, batch, ctx0, k, start_lookups)
-        c = g.axes[1]
-        last = len(c) - 2
-        ends = []
-        acc = 0.0
-        if last < 0:
-            for t in self._decode_series(g, col.arr, ctx0, k).tolist():
-                if overhead:
-                    t += overhead
-                if host is not None:
-                    t -= host
-                    if t < host:
-                        t = host
-                acc += t
-                ends.append(acc)
-            return ends
-        clamp = self.mode is OutOfRange.clamp
-        lo, hi, vals = c[0], c[-1], col.vals
-        j = -1
-        cj = cj1 = d = v0 = v1 = 0.0
-        for i in range(k):
-            x = ctx0 + i
-            if clamp:                       # np.minimum(np.maximum(ctx, c[0]), c[-1])
-                if x < lo:
-                    x = lo
-                if x > hi:
-                    x = hi
-            if j < 0 or x >= cj1 and j < last or x < cj:
-                j = bisect_right(c, x) - 1  # searchsorted(side="right") - 1, within the axis
-                j = 0 if j < 0 else last if j > last else j
-                cj, cj1 = c[j], c[j + 1]
-                d = cj1 - cj
-                v0, v1 = vals[j], vals[j + 1]
-            w = (x - cj) / d
-            t = (1 - w) * v0 + w * v1
-            if not t > 1e-6:                # decode_steps' `v if v > 1e-6 else 1e-6`
-                t = 1e-6
-            if overhead:
-                t += overhead
-            if host is not None:
-                t -= host
-                if t < host:                # np.maximum(t, host)
-                    t = host
-            acc += t
-            ends.append(acc)
-        return ends
 
     @staticmethod
     def _cell_has_hole(g: Grid, col: _DecodeCol, j: int) -> bool:

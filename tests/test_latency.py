@@ -179,48 +179,13 @@ def test_decode_series_nonlinear_table_and_clamp(tiny):
 
 
 
-@pytest.mark.parametrize("mode", ["clamp", "extrapolate", "error"])
-@pytest.mark.parametrize("batch,ctx0,k", [(1, 100, 50), (2, 120.5, 30), (3, 150, 120), (4, 100, 101),
-                                           (3, 101.25, 7), (8, 150, 20), (1, 50, 10), (2, 199, 1)])
-@pytest.mark.parametrize("start_lookups", [1, 2])
-def test_decode_steps_and_series_equal_the_reference(tiny, mode, batch, ctx0, k, start_lookups):
-    """decode_steps (Python floats) and decode_series (numpy), which skip their end lookups when
-    those could not count or raise, give the reference's values bit for bit and the same range
-    errors and counts. Reference: decode() at the start point start_lookups times and at the
-    end point, then the vectorised arithmetic."""
-    ref = LatencyModel(tiny, C.GPU, mode)
-    steps, series = LatencyModel(tiny, C.GPU, mode), LatencyModel(tiny, C.GPU, mode)
-    try:
-        for _ in range(start_lookups):
-            ref.decode("tiny_model", batch, ctx0)
-        ref.decode("tiny_model", batch, ctx0 + k - 1)
-    except OutOfGridError:
-        with pytest.raises(OutOfGridError):
-            steps.decode_steps("tiny_model", batch, ctx0, k, start_lookups)
-        with pytest.raises(OutOfGridError):
-            series.decode_series("tiny_model", batch, ctx0, k, start_lookups)
-        return
-    g = ref._ar_grid("tiny_model", "decode")
-    want = ref._decode_series(g, ref._decode_col(g, batch).arr, ctx0, k).tolist()
-    got = steps.decode_steps("tiny_model", batch, ctx0, k, start_lookups)
-    assert all(type(x) is float for x in got)
-    assert got == want
-    assert series.decode_series("tiny_model", batch, ctx0, k, start_lookups).tolist() == want
-    assert steps.report() == ref.report() == series.report()
-
-def _ends_reference(steps, overhead, host):
-    """_decode_ends' former three passes: + overhead, max(t - host, host), sequential sum."""
-    out, acc = [], 0.0
-    for t in steps:
-        if overhead:
-            t += overhead
-        if host is not None:
-            t -= host
-            if t < host:
-                t = host
-        acc += t
-        out.append(acc)
-    return out
+def _ends_np(series: np.ndarray, overhead: float, host: float | None) -> list[float]:
+    """The numpy path's arithmetic (AREngine._decode_ends_np): + overhead, max(t - host, host),
+    cumulative sum."""
+    s = series + overhead if overhead else series
+    if host is not None:
+        s = np.maximum(s - host, host)
+    return s.cumsum().tolist()
 
 
 @pytest.mark.parametrize("mode", ["clamp", "extrapolate", "error"])
@@ -228,35 +193,45 @@ def _ends_reference(steps, overhead, host):
                                            (3, 101.25, 7), (8, 150, 20), (1, 50, 10), (2, 199, 1),
                                            (1, 90.5, 140), (3, 250, 5)])
 @pytest.mark.parametrize("start_lookups", [1, 2])
-@pytest.mark.parametrize("overhead,host", [(0.0, None), (2e-4, None), (0.0, 4e-3), (3e-4, 1.5e-3)])
-def test_decode_ends_equal_the_step_series_summed(tiny, mode, batch, ctx0, k, start_lookups,
-                                                  overhead, host):
-    """decode_ends (one loop: step time, overhead, async host time, running sum) gives the
-    same floats at every step index as decode_steps followed by the former per-step passes,
-    with the same range errors and lookup counts."""
-    ref, got = LatencyModel(tiny, C.GPU, mode), LatencyModel(tiny, C.GPU, mode)
+@pytest.mark.parametrize("overhead,host", [(0.0, None), (2e-4, None), (0.0, 4e-3), (3e-4, 1.5e-3), (0.0, 6e-3)])
+def test_decode_ends_and_series_equal_the_reference(tiny, mode, batch, ctx0, k, start_lookups,
+                                                     overhead, host):
+    """decode_ends (Python floats: step time, overhead, async host time, running sum) and
+    decode_series (numpy), which skip their end lookups when those could not count or raise,
+    give the reference's values bit for bit at every step index, and the same range errors and
+    lookup counts. Reference: decode() at the start point start_lookups times and at the end
+    point, then the vectorised arithmetic."""
+    ref = LatencyModel(tiny, C.GPU, mode)
+    ends_m, series_m = LatencyModel(tiny, C.GPU, mode), LatencyModel(tiny, C.GPU, mode)
     try:
-        steps = ref.decode_steps("tiny_model", batch, ctx0, k, start_lookups)
+        for _ in range(start_lookups):
+            ref.decode("tiny_model", batch, ctx0)
+        ref.decode("tiny_model", batch, ctx0 + k - 1)
     except OutOfGridError:
         with pytest.raises(OutOfGridError):
-            got.decode_ends("tiny_model", batch, ctx0, k, start_lookups, overhead, host)
+            ends_m.decode_ends("tiny_model", batch, ctx0, k, start_lookups, overhead, host)
+        with pytest.raises(OutOfGridError):
+            series_m.decode_series("tiny_model", batch, ctx0, k, start_lookups)
         return
-    ends = got.decode_ends("tiny_model", batch, ctx0, k, start_lookups, overhead, host)
+    g = ref._ar_grid("tiny_model", "decode")
+    want = ref._decode_series(g, ref._decode_col(g, batch).arr, ctx0, k)
+    ends = ends_m.decode_ends("tiny_model", batch, ctx0, k, start_lookups, overhead, host)
     assert all(type(x) is float for x in ends)
-    assert ends == _ends_reference(steps, overhead, host)
-    assert got.report() == ref.report()
+    assert ends == _ends_np(want, overhead, host)
+    assert series_m.decode_series("tiny_model", batch, ctx0, k, start_lookups).tolist() == want.tolist()
+    assert ends_m.report() == ref.report() == series_m.report()
 
 
 def test_decode_ends_single_context_column(tmp_path):
-    """A table with one context point: decode_ends takes the numpy path, same floats."""
+    """A table with one context point: decode_ends takes the numpy values, same floats."""
     rows = [C._row("tiny_model", "prefill", 1.0, batch_size=1, num_tokens=16, context_len=0,
                    num_decode_seqs=0)]
     rows += [C._row("tiny_model", "decode", v, batch_size=b, num_tokens=b, context_len=100)
              for b, v in [(1, 5.0), (4, 9.0)]]
     root = tiny_table(tmp_path, rows)
     ref, got = LatencyModel(root, C.GPU, "clamp"), LatencyModel(root, C.GPU, "clamp")
-    steps = ref.decode_steps("tiny_model", 2, 100.0, 6)
-    assert got.decode_ends("tiny_model", 2, 100.0, 6, 1, 1e-4, 2e-3) == _ends_reference(steps, 1e-4, 2e-3)
+    want = _ends_np(ref.decode_series("tiny_model", 2, 100.0, 6), 1e-4, 2e-3)
+    assert got.decode_ends("tiny_model", 2, 100.0, 6, 1, 1e-4, 2e-3) == want
 
 
 # --- missing tables and stages -------------------------------------------------------------------------

@@ -187,11 +187,15 @@ def test_idle_wakeup_and_busy_ingest(tmp_path):
     assert wait_ms == pytest.approx([7.0, 3.5, 7.0], abs=1e-6)
 
 
-def test_stream_delay_per_token_of_the_step(tmp_path):
+@pytest.mark.parametrize("aggregate", [True, False])
+def test_stream_delay_per_token_of_the_step(tmp_path, monkeypatch, aggregate):
     """engine.stream_ms_per_token: the client sees a first / last token B x that after the step
     that made it ends (B = tokens that step produced); engine records are unchanged. The second
     request's first token comes in a step with the first one's decode token (B = 2), the first
-    one's last token in a step with the second one's (B = 2); the rest run alone (B = 1)."""
+    one's last token in a step with the second one's (B = 2); the rest run alone (B = 1). With
+    the decode aggregate off every step commits singly (no jumps): both commit paths."""
+    from sim.servers.ar import AREngine
+    monkeypatch.setattr(AREngine, "aggregate", aggregate)
     base = _replay_three(tmp_path / "a", [])
     df = _replay_three(tmp_path / "b", ["engine.stream_ms_per_token=1"])
     for col in ("prefill_end", "decode_end"):               # the engine's own timeline is unchanged

@@ -10,7 +10,7 @@ from profiler.models import load_model
 from sim.memory import Placement, kv_capacity_tokens
 from sim.policies import register, routing
 from sim.policies.base import Flow, Policy, match_fixed, size_pools
-from sim.servers.ar import AREngine
+from sim.servers.ar import AREngine, FrontEnd
 from sim.servers.batch import BatchEngine
 from sim.servers.dit import DiTEngine
 from sim.servers.jobs import Job, StageQueue
@@ -92,9 +92,9 @@ class Baseline(Policy):
             "base": round(host * 1e3, 3), "per_seq": round(per_seq * 1e3, 4)}
         return AREngine(llm_model, self.lat, cap, max_num_batched_tokens=e.max_num_batched_tokens,
                         host_s=host, host_per_seq_s=per_seq, async_admit=e.async_scheduling,
-                        frontend=(e.frontend_ms / 1e3, e.frontend_ms_per_prompt_token / 1e3,
-                                  e.idle_wakeup_ms / 1e3, e.api_ingest_ms / 1e3,
-                                  e.api_ingest_ms_per_running_seq / 1e3),
+                        frontend=FrontEnd(e.frontend_ms / 1e3, e.frontend_ms_per_prompt_token / 1e3,
+                                          e.idle_wakeup_ms / 1e3, e.api_ingest_ms / 1e3,
+                                          e.api_ingest_ms_per_running_seq / 1e3),
                         stream_s_per_token=e.stream_ms_per_token / 1e3,
                         max_num_seqs=e.max_num_seqs, block_size=e.block_size,
                         step_overhead_s=e.step_overhead_ms / 1e3, priority=priority,

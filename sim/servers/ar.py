@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from bisect import bisect_left, bisect_right
+from dataclasses import dataclass
 from heapq import heappop, heappush
 
 import numpy as np
@@ -24,6 +25,25 @@ from sim.servers.jobs import Job, StageQueue, start_record
 # jumps up to this many steps compute their step ends in Python floats (most of a large
 # cluster's: numpy's per-call cost dominates), longer ones with numpy; same values, bit for bit
 PY_MAX_STEPS = 24   # the measured break-even (numpy ~7 us a call, Python ~0.25 us a step)
+
+
+@dataclass(frozen=True)
+class FrontEnd:
+    """Serve-level time before the engine core sees a request (seconds): the client/HTTP part
+    every request pays (`base` + `per_prompt_token` x prompt), plus `idle` when the engine is
+    idle at the arrival (the engine core sleeps on its input queue; the first step after idle
+    overlaps no host work) or, when it is busy, the API server's ingest: `busy` +
+    `busy_per_running_seq` x running sequences (its one event loop also streams every step's
+    tokens). Measured on probes and ladders (sim/calibrate.py)."""
+    base: float = 0.0
+    per_prompt_token: float = 0.0
+    idle: float = 0.0
+    busy: float = 0.0
+    busy_per_running_seq: float = 0.0
+
+    def delay(self, prompt_tokens: int, engine_idle: bool, running: int) -> float:
+        d = self.base + self.per_prompt_token * prompt_tokens
+        return d + (self.idle if engine_idle else self.busy + self.busy_per_running_seq * running)
 
 
 class Seq:
@@ -85,7 +105,7 @@ class AREngine:
     def __init__(self, model: str, lat: LatencyModel, kv_capacity_tokens: int, *,
                  max_num_batched_tokens: int = 8192, max_num_seqs: int = 256, block_size: int = 16,
                  step_overhead_s: float = 0.0, priority: bool = False, itl_sink=None,
-                 host_s: float = 0.0, host_per_seq_s: float = 0.0, frontend=(0.0, 0.0),
+                 host_s: float = 0.0, host_per_seq_s: float = 0.0, frontend: FrontEnd = FrontEnd(),
                  stream_s_per_token: float = 0.0, async_admit: bool = False,
                  max_model_len: int | None = None):
         self.model = model
@@ -98,11 +118,7 @@ class AREngine:
         self.overhead = step_overhead_s
         self.host = host_s      # async scheduling: a step costs max(sync - host(B), host(B))
         self.host_seq = host_per_seq_s
-        # before the engine sees a request: (seconds, seconds per prompt token, extra seconds when
-        # the engine is idle at the arrival: the engine core sleeps on its input queue and the
-        # first step after idle overlaps no host work; measured on zero-load probes; when it is
-        # busy instead: API-server ingest seconds + seconds per running sequence)
-        self.frontend = tuple(frontend) + (0.0,) * (5 - len(frontend))
+        self.frontend = frontend
         # a step's tokens reach their clients one after another (API-server output processing and
         # the client's stream parsing): a first or last token is seen this many seconds per token
         # of its step after the step ends; engine timestamps are unchanged
@@ -146,12 +162,8 @@ class AREngine:
                 f"(engine.kv_capacity_tokens / max_model_len too small for this workload)")
         delay = 0.0
         if self.gpu is not None:
-            fe, per_tok, idle, busy, busy_seq = self.frontend
-            delay = fe + per_tok * job.tokens
-            if self.gpu.cur is None and not self.has_work():
-                delay += idle
-            else:
-                delay += busy + busy_seq * len(self.running)
+            idle = self.gpu.cur is None and not self.has_work()
+            delay = self.frontend.delay(job.tokens, idle, len(self.running))
         if delay > 0:
             env = self.gpu.env
             env.timeout(delay).callbacks.append(lambda _e: self._enter(job, env.now))
