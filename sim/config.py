@@ -131,6 +131,10 @@ class WorkloadConfig:
         "edit": "standard", "inpaint": "standard", "outpaint": "standard"})
     trace: TraceConfig = field(default_factory=TraceConfig)
     path: Optional[str] = None      # shorthand: a trace file to replay (sets process=trace)
+    # closed loop, as `vllm bench serve --max-concurrency N`: at most N requests in flight; one
+    # that arrives while N are out is sent (FIFO) when one finishes. None: open loop, except a
+    # replayed bench result that ran with --max-concurrency (its own N is used).
+    max_concurrency: Optional[int] = None
 
     def check(self) -> None:
         if self.path:
@@ -154,6 +158,8 @@ class WorkloadConfig:
         self.output_tokens.check("workload.output_tokens")
         self.image_prompt_tokens.check("workload.image_prompt_tokens")
         _check(self.steps is None or self.steps >= 1, "workload.steps", self.steps, ">= 1 or null")
+        _check(self.max_concurrency is None or self.max_concurrency >= 1, "workload.max_concurrency",
+               self.max_concurrency, ">= 1 or null")
 
 
 @dataclass

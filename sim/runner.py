@@ -4,6 +4,7 @@ from __future__ import annotations
 import gc
 import itertools
 import time
+from collections import deque
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -64,6 +65,10 @@ class Run:
         self.last_finish = 0.0
         self.writer = None
         self._on_arrival = self._arrive   # one bound method for every arrival event
+        self.max_concurrency = self.workload.max_concurrency
+        self._in_flight = 0
+        self._held: deque = deque()       # closed loop: arrived, waiting for a free slot
+        self._on_release = self._release
         self.requests = [] if keep_rows and self.n_total <= keep_rows else None
         pilot = list(itertools.islice(iter(Workload(cfg.workload, cfg.seed, model_override=cfg.model)),
                                       PILOT_REQUESTS))
@@ -75,6 +80,12 @@ class Run:
     def _on_complete(self, req) -> None:
         self.completed += 1
         self.last_finish = self.env.now
+        if self.max_concurrency:        # the client's slot frees when it has seen the last token
+            wait = req.finish - self.env.now
+            if wait > 0:
+                self.env.timeout(wait).callbacks.append(self._on_release)
+            else:
+                self._release(None)
         if self.writer is not None:
             self.writer.add_row(self.metrics.record(req))
         else:
@@ -96,19 +107,37 @@ class Run:
         env.schedule(start, URGENT)
 
     def _arrive(self, _ev) -> None:
-        env, policy = self.env, self.policy
+        env = self.env
+        send = self._send if self.max_concurrency else self.policy.admit
         req = self._pending
         if req is not None:             # its timeout fired
             self._pending = None
             self.arrived += 1
-            policy.admit(req, env.now)
+            send(req, env.now)
         for req in self._reqs:
             if req.arrival > env.now:
                 self._pending = req
                 env.timeout(req.arrival - env.now).callbacks.append(self._on_arrival)
                 return
             self.arrived += 1
-            policy.admit(req, env.now)
+            send(req, env.now)
+
+    def _send(self, req, now: float) -> None:
+        """Closed loop: send now if a slot is free, else hold it (FIFO, as the client's
+        semaphore); its latencies count from the send, as `vllm bench serve` measures them."""
+        if self._in_flight < self.max_concurrency:
+            self._in_flight += 1
+            self.policy.admit(req, now)
+        else:
+            self._held.append(req)
+
+    def _release(self, _ev) -> None:
+        self._in_flight -= 1
+        if self._held:
+            req = self._held.popleft()
+            req.arrival = now = self.env.now
+            self._in_flight += 1
+            self.policy.admit(req, now)
 
     def run(self, progress: bool = False) -> dict:
         t0 = time.perf_counter()
@@ -156,6 +185,7 @@ class Run:
             "latency_model": self.lat.report(),
             "sim_wall_s": round(wall_s, 3),
             "sim_events": sum(g.events for g in self.policy.gpus),
+            "max_concurrency": self.max_concurrency,    # as vllm bench serve's result
         }
         if hasattr(self.policy, "moves"):
             extra["autoscale_moves"] = self.policy.moves

@@ -102,6 +102,7 @@ def normalise_table(df: pd.DataFrame, path: Any = "<table>", time_scale: float =
     for c in df.columns:   # vLLM's measurements ride along for validation
         if str(c).startswith("measured_"):
             out[c] = df[c].to_numpy()
+    out.attrs.update(df.attrs)     # e.g. a bench result's max_concurrency
     return out.sort_values("arrival", kind="stable").reset_index(drop=True)
 
 
@@ -133,9 +134,12 @@ def load_vllm_bench(path: str | Path, seed: int = 0) -> pd.DataFrame:
                               f"output_lens, start_times, ttfts, itls, errors")
     n = len(obj["input_lens"])
     starts = obj.get("start_times")
+    conc = obj.get("max_concurrency")
     if starts:
         t = np.asarray(starts, dtype=float)
         t = t - t.min()
+        if conc and int(conc) < n:
+            t = _ready_times(obj, t, int(conc))
     else:
         rate = obj.get("request_rate")
         if rate is None:
@@ -160,7 +164,29 @@ def load_vllm_bench(path: str | Path, seed: int = 0) -> pd.DataFrame:
     dropped = int((~ok).sum())
     if dropped:
         warnings.warn(f"{path}: dropped {dropped} failed requests (non-empty errors)", stacklevel=2)
-    return df[ok].reset_index(drop=True)
+    out = df[ok].reset_index(drop=True)
+    if conc:
+        out.attrs["max_concurrency"] = int(conc)
+    return out
+
+
+def _ready_times(obj: dict[str, Any], sent: np.ndarray, conc: int) -> np.ndarray:
+    """When each request of a `--max-concurrency` run was ready to go, for a closed-loop replay.
+
+    The recorded start times are send times, and past the first `conc` they wait for a slot,
+    i.e. for the measured server. At `--request-rate inf` every request is ready as soon as the
+    client has dispatched the first wave (vLLM's client creates all tasks at once; a FIFO
+    semaphore holds them), so those get the last first-wave send time. At a finite rate the
+    ready times were not saved; the send times are used, which can only delay a request."""
+    order = np.argsort(sent, kind="stable")
+    rate = obj.get("request_rate")
+    if rate in (None, "inf") or float(rate) == math.inf:
+        ready = sent.copy()
+        ready[order[conc:]] = sent[order[conc - 1]]
+        return ready
+    warnings.warn("a finite-rate --max-concurrency result keeps no ready times; replaying its "
+                  "send times, which include the measured server's waits for a slot", stacklevel=3)
+    return sent
 
 
 def load_trace(path: str | Path, fmt: str = "auto", time_scale: float = 1.0, seed: int = 0
@@ -235,6 +261,7 @@ class TraceWorkload:
                                           "image_width", "output_height", "output_width",
                                           "steps", "cfg", "slo_class")}
         self._arrival = df["arrival"].to_numpy(dtype=float).tolist()
+        self.max_concurrency: Optional[int] = cfg.max_concurrency or df.attrs.get("max_concurrency")
         if "steps" not in df:
             for (t, m), (_spec, steps, _cf, _slo) in self._plans.items():
                 if t not in TEXT_OUT_TASKS and steps < 1:

@@ -159,7 +159,8 @@ def validate_one(path: Path, model: str, profiles_dir: str, gpu: str, outdir: Pa
                            "held_to_targets": not inf,
                            "kv_cache_tokens": prov.get("kv_cache_tokens"),
                            "measured_preemptions": (prov.get("server_metrics") or {}).get("num_preemptions_delta"),
-                           "sim_preemptions": summary.get("preemptions"), "overrides": " ".join(ov)}
+                           "sim_preemptions": summary.get("preemptions"),
+                           "max_concurrency": summary.get("max_concurrency"), "overrides": " ".join(ov)}
     passed = True
     for k, tol in TARGETS.items():
         mv, sv = meas.get(k, np.nan), float(summary.get(k, np.nan))
@@ -276,7 +277,8 @@ def print_table(rows: list[dict[str, Any]]) -> None:
             continue
         print(f"\n== {r['run']}  model={r['model']}  rate={r['request_rate']}  burstiness={r['burstiness']}"
               f"  completed={r['completed']}  preemptions meas/sim={r['measured_preemptions']}/{r['sim_preemptions']}"
-              f"  -> {r['status']}")
+              + (f"  closed loop: {r['max_concurrency']} clients" if r.get("max_concurrency") else "")
+              + f"  -> {r['status']}")
         print(f"   {'metric':10s} {'measured':>12s} {'simulated':>12s} {'rel.err':>9s} {'target':>7s}")
         for k, tol in TARGETS.items():
             mark = "ok" if r[f"ok_{k}"] else ("--" if not r["held_to_targets"] else "FAIL")

@@ -397,6 +397,11 @@ class Workload:
     def __len__(self) -> int:
         return len(self._trace) if self._trace is not None else self.cfg.num_requests
 
+    @property
+    def max_concurrency(self) -> Optional[int]:
+        """The client's in-flight limit (None: open loop); a replayed bench result brings its own."""
+        return self._trace.max_concurrency if self._trace is not None else self.cfg.max_concurrency
+
     def __iter__(self) -> Iterator[Request]:
         if self._trace is not None:
             yield from self._trace

@@ -87,11 +87,35 @@ def test_synthetic_dit_vae_text_encode(synthetic_profiles):
     assert lat.engines(VL) == ["synthetic"] and lat.engines("flux1_dev") == ["synthetic"]
 
 
+def test_mixed_step_extra_is_per_decode_sequence(tmp_path):
+    """Measured mixed rows set an additive cost per decode sequence (least squares through the
+    origin of measured - composed against the decode count), not a factor on the whole step: a
+    big chunk with the same decodes gets the same extra as a small one."""
+    rows = [C._row("tiny_model", "prefill", v, batch_size=1, num_tokens=t, context_len=0,
+                   num_decode_seqs=0) for t, v in [(16, 1.0), (32, 3.0), (64, 10.0)]]
+    rows += [C._row("tiny_model", "decode", v, batch_size=b, num_tokens=b, context_len=c)
+             for (b, c), v in {(1, 100): 10.0, (1, 200): 12.0, (4, 100): 13.0, (4, 200): 16.0}.items()]
+    # composed = prefill(t + d) (no decode context in `extra`: the grid's smallest, no attention
+    # term); residuals 0.6, 0.9 and 2.1 ms at d = 1, 2, 4 -> slope (0.6 + 1.8 + 8.4) / 21
+    for t, d, resid in [(16, 1, 0.6), (32, 2, 0.9), (16, 4, 2.1)]:
+        prefill = {17: 1.125, 34: 3.4375, 20: 1.5}[t + d]
+        rows.append(C._row("tiny_model", "prefill", prefill + resid, batch_size=1, num_tokens=t,
+                           context_len=0, num_decode_seqs=d))
+    lat = LatencyModel(tiny_table(tmp_path, rows), C.GPU)
+    assert lat.prefill("tiny_model", 34) == pytest.approx(3.4375e-3, rel=1e-12)
+    b = (0.6 * 1 + 0.9 * 2 + 2.1 * 4) / (1 + 4 + 16) * 1e-3
+    assert lat.mixed_per_seq("tiny_model") == pytest.approx(b, rel=1e-12)
+    for p, d in [(16, 2), (40, 4)]:
+        expect = lat.prefill("tiny_model", p + d) + lat.decode("tiny_model", d, 150) \
+            - lat.decode("tiny_model", d, 100) + b * d
+        assert lat.ar_step("tiny_model", p, d, 150) == pytest.approx(expect, rel=1e-12)
+
+
 def test_ar_step_composition(synthetic_profiles):
     lat = LatencyModel(synthetic_profiles, C.GPU)
     assert lat.ar_step(VL, 0, 8, 500) == lat.decode(VL, 8, 500)
     assert lat.ar_step(VL, 1000, 0, 0) == lat.prefill(VL, 1000)
-    assert lat.mixed_factor(VL) == 1.0                     # no mixed rows in the table
+    assert lat.mixed_per_seq(VL) == 0.0                    # no mixed rows in the table
     mixed = lat.ar_step(VL, 1000, 8, 500)
     expect = lat.prefill(VL, 1008) + lat.decode(VL, 8, 500) - lat.decode(VL, 8, 1)
     assert mixed == pytest.approx(expect, rel=1e-12)
