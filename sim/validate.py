@@ -180,6 +180,40 @@ def steplog_ttfts_ms(path: Path, obj: dict[str, Any]) -> np.ndarray:
     return np.array([x for r in run_steplog(path, obj) for x in r.get("ttft", ())], float) * 1e3
 
 
+STALL_MS = 15.0          # a step this much over the median of its batch size counts as a stall
+
+
+def steplog_step_stats(lines: list[dict], before: int = 1, after: int = 3) -> dict[str, Any]:
+    """Step-time structure of a step log: `gaps_around_prefill` = median step gaps ending at the
+    records j-2 .. j+2 around isolated prompt records j (no other prompt within 4 records), and
+    the stall share of "clean" decode steps: those with no prompt record from `before` records
+    before to `after` after. vLLM's async output path logs the step that carries a prefill one
+    record before the one that counts the prompt, so a filter on the record's own count alone
+    reads prefill steps as stalls."""
+    lines = [r for r in lines if "gen" in r]
+    m = np.array([r["m"] for r in lines])
+    prompt = np.array([r["prompt"] for r in lines])
+    run = np.array([r["run"] for r in lines])
+    gaps = np.diff(m) * 1e3                     # gaps[i] ends at record i + 1
+    n = len(gaps)
+    near = np.array([(prompt[max(0, k + 1 - before):k + 2 + after] > 0).any() for k in range(n)], bool)
+    clean = ~near & (gaps < 200.0)              # longer gaps: the engine was idle
+    excess = []
+    for b in np.unique(run[1:][clean]):
+        sel = clean & (run[1:] == b)
+        if sel.sum() >= 10:
+            excess.append(gaps[sel] - np.median(gaps[sel]))
+    ex = np.concatenate(excess) if excess else np.array([])
+    iso = [j for j in range(4, len(lines) - 4)
+           if prompt[j] > 0 and not (prompt[j - 4:j] > 0).any() and not (prompt[j + 1:j + 5] > 0).any()]
+    around = np.median([[gaps[j + o - 1] for o in range(-2, 3)] for j in iso], axis=0) if iso else None
+    return {"clean_steps": int(ex.size),
+            "stall_share": float(np.mean(ex > STALL_MS)) if ex.size else float("nan"),
+            "mean_excess_ms": float(ex.mean()) if ex.size else float("nan"),
+            "isolated_prefills": len(iso),
+            "gaps_around_prefill": None if around is None else [float(x) for x in around]}
+
+
 def decoding_at_first_token(sim_df: pd.DataFrame) -> np.ndarray:
     """Per simulated request: how many requests (itself included) are between their first token
     and their finish at its first token, from the records alone."""
