@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections import defaultdict
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 if TYPE_CHECKING:
     import simpy
@@ -19,7 +19,8 @@ if TYPE_CHECKING:
 class Unit:
     __slots__ = ("ends", "commit", "stage", "engine")
 
-    def __init__(self, ends: Sequence[float], commit: Callable[[int, float], None], stage: str, engine=None):
+    def __init__(self, ends: Sequence[float], commit: Callable[[int, float], None], stage: str,
+                 engine: Any = None):
         self.ends = ends
         self.commit = commit
         self.stage = stage
@@ -130,8 +131,10 @@ class GPU:
         self.token += 1
         self.planned = k
         env = self.env
+        u = self.cur
+        assert u is not None
         # the event's value is its token: a cut reschedules, and the stale event is ignored
-        env.timeout(self.start + self.cur.ends[k - 1] - env.now, self.token).callbacks.append(
+        env.timeout(self.start + u.ends[k - 1] - env.now, self.token).callbacks.append(
             self._on_timer)
 
     def _timer(self, ev: "simpy.Event") -> None:
@@ -140,6 +143,7 @@ class GPU:
 
     def _cut(self, lag: int = 0) -> None:
         u = self.cur
+        assert u is not None
         el = self.env.now - self.start
         k = bisect_left(u.ends, el - 1e-12) + 1 + lag   # first step that ends at or after now
         if k > len(u.ends):
@@ -151,6 +155,7 @@ class GPU:
         if tok != self.token:
             return
         u, k = self.cur, self.planned
+        assert u is not None
         dur = u.ends[k - 1]
         self.busy_time += dur
         self.busy_by_stage[u.stage] += dur

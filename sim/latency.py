@@ -11,7 +11,7 @@ from collections import Counter
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -19,6 +19,12 @@ import pandas as pd
 from profiler.models import ModelSpec, load_model
 from profiler.schema import read_table
 from sim.config import OutOfRange
+
+try:        # only read by mypyc (python -m sim.compile); a no-op decorator without mypy installed
+    from mypy_extensions import mypyc_attr
+except ImportError:                                          # pragma: no cover
+    def mypyc_attr(*_a: Any, **_k: Any) -> Any:  # type: ignore[no-redef,misc]
+        return lambda c: c
 
 
 _MEMO_MAX = 1 << 16      # memoised points per grid (cleared when full: bounded memory)
@@ -28,6 +34,7 @@ class OutOfGridError(ValueError):
     """A lookup outside the measured grid while latency.out_of_range=error."""
 
 
+@mypyc_attr(native_class=False)             # (compiled: a plain class, as OSError subclasses must)
 class MissingProfileError(FileNotFoundError):
     pass
 
@@ -281,7 +288,7 @@ class LatencyModel:
         return max(float(out), 1e-6)
 
     # --- AR stages --------------------------------------------------------------------------
-    def _ar_grid(self, model: str, which: str) -> Grid | None:
+    def _ar_grid(self, model: str, which: str) -> Any:     # Grid, or None for "prefill_ctx"
         """The AR grids by a short key (engines ask for them at every step): "decode",
         "prefill" (pure chunks) or "prefill_ctx" (chunks after cached context; None when
         the table has no such rows)."""
@@ -410,7 +417,7 @@ class LatencyModel:
         ctx = ctx0 + np.arange(k, dtype=float)
         if len(c_axis) == 1:
             return np.maximum(np.full(k, col[0]), 1e-6)
-        j = self._one_cell(c_axis, ctx0, ctx0 + (k - 1))
+        j: Any = self._one_cell(c_axis, ctx0, ctx0 + (k - 1))
         if j is not None:       # the usual case: the same arithmetic with scalar cell bounds,
             w = ctx             # in place (small arrays: the calls, not the flops, cost)
             w -= c_axis[j]
