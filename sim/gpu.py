@@ -12,6 +12,8 @@ from bisect import bisect_left
 from collections import defaultdict
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
+from sim.mypyc_compat import mypyc_attr
+
 if TYPE_CHECKING:
     import simpy
 
@@ -50,6 +52,7 @@ class EqualSteps(Sequence[float]):
         return self.t * (i + 1)
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)     # (compiled: PoolGPU, sim.policies.base)
 class GPU:
     def __init__(self, env: "simpy.Environment", gid: int, node: int, step_jump: bool = True):
         self.env = env

@@ -19,12 +19,7 @@ import pandas as pd
 from profiler.models import ModelSpec, load_model
 from profiler.schema import read_table
 from sim.config import OutOfRange
-
-try:        # only read by mypyc (python -m sim.compile); a no-op decorator without mypy installed
-    from mypy_extensions import mypyc_attr
-except ImportError:                                          # pragma: no cover
-    def mypyc_attr(*_a: Any, **_k: Any) -> Any:  # type: ignore[no-redef,misc]
-        return lambda c: c
+from sim.mypyc_compat import mypyc_attr
 
 
 _MEMO_MAX = 1 << 16      # memoised points per grid (cleared when full: bounded memory)
@@ -309,10 +304,10 @@ class LatencyModel:
             self._ar_grids[(model, which)] = g
         return g
 
-    def prefill(self, model: str, tokens: int) -> float:
+    def prefill(self, model: str, tokens: float) -> float:
         return self._lookup(self._ar_grid(model, "prefill"), (tokens,))
 
-    def decode(self, model: str, batch: int, context: float) -> float:
+    def decode(self, model: str, batch: float, context: float) -> float:
         return self._lookup(self._ar_grid(model, "decode"), (batch, context))
 
     def _decode_col(self, g: Grid, batch: int) -> _DecodeCol:
@@ -496,7 +491,7 @@ class LatencyModel:
         return self._mixed_factor[model]
 
     # --- encoders, DiT, VAE -----------------------------------------------------------------
-    def vision_encode(self, model: str, image_tokens: int) -> float:
+    def vision_encode(self, model: str, image_tokens: float) -> float:
         """Vision encoder time for a set of images holding image_tokens LLM tokens in all."""
         df = self.frame(model)
         key = (model, "vision_encode", ("total",), "")
@@ -509,16 +504,16 @@ class LatencyModel:
             self._grids[key] = g
         return self._lookup(g, (image_tokens,))
 
-    def text_encode(self, model: str, component: str, batch: int, tokens: int) -> float:
+    def text_encode(self, model: str, component: str, batch: float, tokens: float) -> float:
         g = self._grid(model, "text_encode", ["batch_size", "num_tokens"],
                        lambda d: d["component"] == component, component)
         return self._lookup(g, (batch, tokens))
 
-    def dit_step(self, model: str, batch: int, seq_len: int) -> float:
+    def dit_step(self, model: str, batch: float, seq_len: float) -> float:
         g = self._grid(model, "dit_step", ["batch_size", "seq_len"])
         return self._lookup(g, (batch, seq_len))
 
-    def vae(self, model: str, stage: str, batch: int, height: int, width: int) -> float:
+    def vae(self, model: str, stage: str, batch: float, height: float, width: float) -> float:
         key = (model, stage, ("batch_size", "pixels"), "")
         g = self._grids.get(key)
         if g is None:

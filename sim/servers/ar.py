@@ -105,14 +105,14 @@ class AREngine:
 
     aggregate = True
 
-    def __init__(self, model: str, lat: LatencyModel, kv_capacity_tokens: int, *,
+    def __init__(self, model: str, lat: LatencyModel | None, kv_capacity_tokens: int, *,
                  max_num_batched_tokens: int = 8192, max_num_seqs: int = 256, block_size: int = 16,
                  step_overhead_s: float = 0.0, priority: bool = False, itl_sink=None,
                  host_s: float = 0.0, host_per_seq_s: float = 0.0, frontend: FrontEnd = FrontEnd(),
                  stream_s_per_token: float = 0.0, async_admit: bool = False,
                  max_model_len: int | None = None):
         self.model = model
-        self.lat = lat
+        self.lat: Any = lat     # None only in tests that never plan a step
         self.budget = max_num_batched_tokens
         self.max_seqs = max_num_seqs
         self.bs = block_size

@@ -10,13 +10,13 @@ from sim.servers.jobs import Job, StageQueue, start_record
 
 
 class BatchEngine:
-    def __init__(self, stage: str, model: str, queue: StageQueue, lat: LatencyModel, max_batch: int = 8,
+    def __init__(self, stage: str, model: str, queue: StageQueue, lat: LatencyModel | None, max_batch: int = 8,
                  service=None, max_batch_tokens: int = 16384):
         self.stage = stage
         self.model = model
         self.queue = queue
         queue.engines.append(self)
-        self.lat = lat
+        self.lat: Any = lat             # None with a synthetic `service` (sim.queueing)
         self.max_batch = max_batch
         self.service = service          # optional callable(jobs) -> seconds (synthetic laws)
         self.max_batch_tokens = max_batch_tokens   # vision encoder: image tokens per pass
