@@ -37,9 +37,8 @@ HOT = (
 
 
 def built_files() -> list[Path]:
-    out = [p for m in HOT for p in (REPO / m).parent.glob(Path(m).stem + ".*.so")]
-    out += list(REPO.glob(f"{GROUP}__mypyc.*.so"))
-    return out
+    """Every extension module under sim/ (also of modules no longer in HOT) and the runtime."""
+    return sorted((REPO / "sim").rglob("*.so")) + sorted(REPO.glob(f"{GROUP}__mypyc.*.so"))
 
 
 def compiled_modules() -> dict[str, str]:
@@ -57,11 +56,7 @@ def clean() -> int:
     for p in built_files():
         p.unlink()
         n += 1
-    for m in HOT:                           # generated C sources
-        c = (REPO / m).with_suffix(".c")
-        if c.exists():
-            c.unlink()
-    shutil.rmtree(REPO / "build" / "mypyc", ignore_errors=True)
+    shutil.rmtree(REPO / "build" / "mypyc", ignore_errors=True)   # C sources, objects
     print(f"removed {n} compiled module files")
     return 0
 
@@ -75,6 +70,8 @@ def build() -> int:
     from setuptools import Distribution
     os.chdir(REPO)
     t0 = time.perf_counter()
+    for p in built_files():                 # stale modules (one dropped from HOT) must go
+        p.unlink()
     # imported modules that are not compiled (simpy, numpy, pandas, sim.config...) are only
     # read for their types; untyped third-party ones count as Any
     flags = ["--ignore-missing-imports", "--follow-imports=silent"]
@@ -82,6 +79,8 @@ def build() -> int:
     dist = Distribution({"name": "mmsim-compiled", "ext_modules": exts})
     cmd = dist.get_command_obj("build_ext")
     cmd.inplace = True
+    cmd.build_temp = "build/mypyc/temp"
+    cmd.build_lib = "build/mypyc/lib"
     cmd.parallel = os.cpu_count() or 1
     dist.run_command("build_ext")
     print(f"compiled {len(HOT)} modules in {time.perf_counter() - t0:.1f} s")
