@@ -9,7 +9,7 @@ pool already did it. Step time comes from the latency model. A stable all-decode
 advanced to its next completion or block shortage in one unit (jump-ahead)."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import math
 from bisect import bisect_left, bisect_right
@@ -103,7 +103,7 @@ class AREngine:
     for that step (every member materialised into `pre`). `aggregate = False` dissolves it at
     every step: the plain per-sequence loop, kept as the reference for tests."""
 
-    aggregate = True
+    aggregate: ClassVar[bool] = True   # (a ClassVar: tests set it on the class, compiled too)
 
     def __init__(self, model: str, lat: LatencyModel | None, kv_capacity_tokens: int, *,
                  max_num_batched_tokens: int = 8192, max_num_seqs: int = 256, block_size: int = 16,

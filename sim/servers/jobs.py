@@ -7,6 +7,7 @@ from heapq import heappop, heappush
 from itertools import chain
 from typing import Any, Callable, Iterator, Optional
 
+from sim.mypyc_compat import mypyc_attr
 from sim.request import Request, StageRecord
 
 PRIORITY = {"interactive": 0, "standard": 1, "batch": 2}
@@ -152,6 +153,7 @@ def _neg_ratio(now: float) -> Callable[[Job], float]:
     return lambda j: -(now - j.enqueued + j.work) / max(j.work, 1e-9)
 
 
+@mypyc_attr(native_class=False)  # (compiled: a plain class; tests put a scan in for `first`)
 class FreeEngines:
     """The first engine, in `engines` order, whose GPU is free (no unit running, available): what
     a scan of the engines finds, from a heap of positions instead of a scan of a large pool.
