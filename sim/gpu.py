@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections import defaultdict
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+from sim.mypyc_compat import mypyc_attr
 
 if TYPE_CHECKING:
     import simpy
@@ -19,7 +21,8 @@ if TYPE_CHECKING:
 class Unit:
     __slots__ = ("ends", "commit", "stage", "engine")
 
-    def __init__(self, ends: Sequence[float], commit: Callable[[int, float], None], stage: str, engine=None):
+    def __init__(self, ends: Sequence[float], commit: Callable[[int, float], None], stage: str,
+                 engine: Any = None):
         self.ends = ends
         self.commit = commit
         self.stage = stage
@@ -49,6 +52,7 @@ class EqualSteps(Sequence[float]):
         return self.t * (i + 1)
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)     # (compiled: PoolGPU, sim.policies.base)
 class GPU:
     def __init__(self, env: "simpy.Environment", gid: int, node: int, step_jump: bool = True):
         self.env = env
@@ -130,8 +134,10 @@ class GPU:
         self.token += 1
         self.planned = k
         env = self.env
+        u = self.cur
+        assert u is not None
         # the event's value is its token: a cut reschedules, and the stale event is ignored
-        env.timeout(self.start + self.cur.ends[k - 1] - env.now, self.token).callbacks.append(
+        env.timeout(self.start + u.ends[k - 1] - env.now, self.token).callbacks.append(
             self._on_timer)
 
     def _timer(self, ev: "simpy.Event") -> None:
@@ -140,6 +146,7 @@ class GPU:
 
     def _cut(self, lag: int = 0) -> None:
         u = self.cur
+        assert u is not None
         el = self.env.now - self.start
         k = bisect_left(u.ends, el - 1e-12) + 1 + lag   # first step that ends at or after now
         if k > len(u.ends):
@@ -151,6 +158,7 @@ class GPU:
         if tok != self.token:
             return
         u, k = self.cur, self.planned
+        assert u is not None
         dur = u.ends[k - 1]
         self.busy_time += dur
         self.busy_by_stage[u.stage] += dur

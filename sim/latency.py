@@ -11,7 +11,7 @@ from collections import Counter
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -19,6 +19,7 @@ import pandas as pd
 from profiler.models import ModelSpec, load_model
 from profiler.schema import read_table
 from sim.config import OutOfRange
+from sim.mypyc_compat import mypyc_attr
 
 
 _MEMO_MAX = 1 << 16      # memoised points per grid (cleared when full: bounded memory)
@@ -28,6 +29,7 @@ class OutOfGridError(ValueError):
     """A lookup outside the measured grid while latency.out_of_range=error."""
 
 
+@mypyc_attr(native_class=False)             # (compiled: a plain class, as OSError subclasses must)
 class MissingProfileError(FileNotFoundError):
     pass
 
@@ -281,7 +283,7 @@ class LatencyModel:
         return max(float(out), 1e-6)
 
     # --- AR stages --------------------------------------------------------------------------
-    def _ar_grid(self, model: str, which: str) -> Grid | None:
+    def _ar_grid(self, model: str, which: str) -> Any:     # Grid, or None for "prefill_ctx"
         """The AR grids by a short key (engines ask for them at every step): "decode",
         "prefill" (pure chunks) or "prefill_ctx" (chunks after cached context; None when
         the table has no such rows)."""
@@ -302,10 +304,10 @@ class LatencyModel:
             self._ar_grids[(model, which)] = g
         return g
 
-    def prefill(self, model: str, tokens: int) -> float:
+    def prefill(self, model: str, tokens: float) -> float:
         return self._lookup(self._ar_grid(model, "prefill"), (tokens,))
 
-    def decode(self, model: str, batch: int, context: float) -> float:
+    def decode(self, model: str, batch: float, context: float) -> float:
         return self._lookup(self._ar_grid(model, "decode"), (batch, context))
 
     def _decode_col(self, g: Grid, batch: int) -> _DecodeCol:
@@ -410,7 +412,7 @@ class LatencyModel:
         ctx = ctx0 + np.arange(k, dtype=float)
         if len(c_axis) == 1:
             return np.maximum(np.full(k, col[0]), 1e-6)
-        j = self._one_cell(c_axis, ctx0, ctx0 + (k - 1))
+        j: Any = self._one_cell(c_axis, ctx0, ctx0 + (k - 1))
         if j is not None:       # the usual case: the same arithmetic with scalar cell bounds,
             w = ctx             # in place (small arrays: the calls, not the flops, cost)
             w -= c_axis[j]
@@ -500,7 +502,7 @@ class LatencyModel:
         return self._mixed_per_seq[model]
 
     # --- encoders, DiT, VAE -----------------------------------------------------------------
-    def vision_encode(self, model: str, image_tokens: int) -> float:
+    def vision_encode(self, model: str, image_tokens: float) -> float:
         """Vision encoder time for a set of images holding image_tokens LLM tokens in all."""
         df = self.frame(model)
         key = (model, "vision_encode", ("total",), "")
@@ -513,16 +515,16 @@ class LatencyModel:
             self._grids[key] = g
         return self._lookup(g, (image_tokens,))
 
-    def text_encode(self, model: str, component: str, batch: int, tokens: int) -> float:
+    def text_encode(self, model: str, component: str, batch: float, tokens: float) -> float:
         g = self._grid(model, "text_encode", ["batch_size", "num_tokens"],
                        lambda d: d["component"] == component, component)
         return self._lookup(g, (batch, tokens))
 
-    def dit_step(self, model: str, batch: int, seq_len: int) -> float:
+    def dit_step(self, model: str, batch: float, seq_len: float) -> float:
         g = self._grid(model, "dit_step", ["batch_size", "seq_len"])
         return self._lookup(g, (batch, seq_len))
 
-    def vae(self, model: str, stage: str, batch: int, height: int, width: int) -> float:
+    def vae(self, model: str, stage: str, batch: float, height: float, width: float) -> float:
         key = (model, stage, ("batch_size", "pixels"), "")
         g = self._grids.get(key)
         if g is None:

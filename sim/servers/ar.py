@@ -9,6 +9,8 @@ pool already did it. Step time comes from the latency model. A stable all-decode
 advanced to its next completion or block shortage in one unit (jump-ahead)."""
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 import math
 from bisect import bisect_left, bisect_right
 from dataclasses import dataclass
@@ -52,6 +54,7 @@ class Seq:
     `g0` (both grow by one per aggregate step since); `blocks` is always the true figure."""
     __slots__ = ("job", "eng", "prompt", "out", "generated", "computed", "held", "encoded",
                  "dec_rec", "enqueued", "ready_at", "order", "g0")
+    enqueued: float             # set by StageQueue.put
 
     def __init__(self, job: Job, eng: "AREngine"):
         self.job = job
@@ -100,16 +103,16 @@ class AREngine:
     for that step (every member materialised into `pre`). `aggregate = False` dissolves it at
     every step: the plain per-sequence loop, kept as the reference for tests."""
 
-    aggregate = True
+    aggregate: ClassVar[bool] = True   # (a ClassVar: tests set it on the class, compiled too)
 
-    def __init__(self, model: str, lat: LatencyModel, kv_capacity_tokens: int, *,
+    def __init__(self, model: str, lat: LatencyModel | None, kv_capacity_tokens: int, *,
                  max_num_batched_tokens: int = 8192, max_num_seqs: int = 256, block_size: int = 16,
                  step_overhead_s: float = 0.0, priority: bool = False, itl_sink=None,
                  host_s: float = 0.0, host_per_seq_s: float = 0.0, frontend: FrontEnd = FrontEnd(),
                  stream_s_per_token: float = 0.0, async_admit: bool = False,
                  max_model_len: int | None = None):
         self.model = model
-        self.lat = lat
+        self.lat: Any = lat     # None only in tests that never plan a step
         self.budget = max_num_batched_tokens
         self.max_seqs = max_num_seqs
         self.bs = block_size
@@ -131,7 +134,7 @@ class AREngine:
         # a sink that takes a whole series of steps at once (MetricsCollector)
         self.itl_steps = getattr(getattr(itl_sink, "__self__", None), "add_itl_steps", None)
         self.max_model_len = max_model_len
-        self.gpu = None
+        self.gpu: Any = None            # its GPU, once placed
         self.sched: list[tuple[Seq, int]] = []  # seqs of `pre` (and admitted) in the planned step
         self.jump_unit: Unit | None = None      # the planned multi-step decode unit, if any
         self.jump_ends: list[float] | np.ndarray | None = None
@@ -282,8 +285,8 @@ class AREngine:
 
     def _leave(self, s: Seq) -> None:
         """Materialise s's counters and blocks and take it out of the aggregate."""
-        d = self.G - s.g0
-        c = s.computed - s.g0
+        d = self.G - s.g0               # type: ignore[operator]
+        c = s.computed - s.g0           # type: ignore[operator]
         self.nd -= 1
         self.dsum0 -= c
         self.phase[c % self.bs] -= 1
@@ -370,13 +373,13 @@ class AREngine:
                 if not s.encoded:
                     vision += s.job.vision_tokens
         self.vision_in_step = vision
-        d_ctx = d_ctx / d_seqs if d_seqs else 0.0          # exact integer sums, one rounding
-        p_ctx = p_ctx / p_tok if p_tok else 0.0
+        d_mean = d_ctx / d_seqs if d_seqs else 0.0          # exact integer sums, one rounding
+        p_mean = p_ctx / p_tok if p_tok else 0.0
         if not sched and not preempted and not self._admissible():
             k = self._jump_len()
             if k > 1:
-                return self._plan_jump(d_seqs, d_ctx, k)
-        t = self.lat.ar_step(self.model, p_tok, d_seqs, d_ctx, p_ctx) + self.overhead
+                return self._plan_jump(d_seqs, d_mean, k)
+        t = self.lat.ar_step(self.model, p_tok, d_seqs, d_mean, p_mean) + self.overhead
         if vision:
             t += self.lat.vision_encode(self.model, vision)
         if self.host or self.host_seq:
@@ -394,8 +397,8 @@ class AREngine:
             # leak into the clock and every time derived from it
             self.jump_unit = Unit(ends.tolist(), self._commit_jump, "decode", self)
         else:
-            self.jump_ends = ends = self._decode_ends(d_seqs, d_ctx, k, start_lookups=2)
-            self.jump_unit = Unit(ends, self._commit_jump, "decode", self)
+            self.jump_ends = py_ends = self._decode_ends(d_seqs, d_ctx, k, start_lookups=2)
+            self.jump_unit = Unit(py_ends, self._commit_jump, "decode", self)
         return self.jump_unit
 
     def _decode_ends_np(self, d_seqs: int, d_ctx: float, k: int, start_lookups: int = 1) -> np.ndarray:
@@ -535,7 +538,7 @@ class AREngine:
         if k > 1:
             self._take_blocks(self._extra_blocks(k))    # steps 2..k (step 1 allocated in plan)
         self._advance(k)
-        ends = self.jump_ends
+        ends: Any = self.jump_ends
         if self.itl_steps is not None:
             self.itl_steps(ends[:k], self.nd)   # durations e[i] - e[i-1], as the loop below
         elif self.itl_sink:
@@ -569,4 +572,4 @@ class AREngine:
             if s.dec_rec is not None:
                 s.dec_rec.end = now
             s.job.out_delay = out_delay
-            s.job.on_done(s.job, now)
+            s.job.on_done(s.job, now)   # type: ignore[misc]

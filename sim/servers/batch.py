@@ -2,23 +2,25 @@
 max_batch compatible jobs from its queue and runs them as one forward pass."""
 from __future__ import annotations
 
+from typing import Any
+
 from sim.gpu import Unit
 from sim.latency import LatencyModel
 from sim.servers.jobs import Job, StageQueue, start_record
 
 
 class BatchEngine:
-    def __init__(self, stage: str, model: str, queue: StageQueue, lat: LatencyModel, max_batch: int = 8,
+    def __init__(self, stage: str, model: str, queue: StageQueue, lat: LatencyModel | None, max_batch: int = 8,
                  service=None, max_batch_tokens: int = 16384):
         self.stage = stage
         self.model = model
         self.queue = queue
         queue.engines.append(self)
-        self.lat = lat
+        self.lat: Any = lat             # None with a synthetic `service` (sim.queueing)
         self.max_batch = max_batch
         self.service = service          # optional callable(jobs) -> seconds (synthetic laws)
         self.max_batch_tokens = max_batch_tokens   # vision encoder: image tokens per pass
-        self.gpu = None
+        self.gpu: Any = None            # its GPU, once placed
         self.running: list[Job] = []
 
     def has_work(self) -> bool:
@@ -69,5 +71,5 @@ class BatchEngine:
     def _commit(self, k: int, now: float) -> None:
         batch, self.running = self.running, []
         for job in batch:
-            job.record.end = now
-            job.on_done(job, now)
+            job.record.end = now            # type: ignore[union-attr]
+            job.on_done(job, now)           # type: ignore[misc]

@@ -4,6 +4,8 @@ batch is configurable (exact sequence length, padded to a bucket, or any, padded
 A batch that does not change is advanced to its next completion in one unit (jump-ahead)."""
 from __future__ import annotations
 
+from typing import Any
+
 from sim.gpu import EqualSteps, Unit
 from sim.latency import LatencyModel
 from sim.servers.jobs import Job, StageQueue, start_record
@@ -25,7 +27,7 @@ class DiTEngine:
         self.buckets = buckets if shape_compat == "bucket" else None
         self.lookahead = lookahead
         self.efficient_only = efficient_only   # join a batch only if that beats running alone
-        self.gpu = None
+        self.gpu: Any = None            # its GPU, once placed
         self.batch: list[Job] = []
         self.used = 0                   # transformer batch slots the batch takes (sum of weights)
         self.steps_done: dict[int, int] = {}
@@ -57,7 +59,7 @@ class DiTEngine:
         if self._key(head) != key:
             return
         used = self.used
-        taken = []
+        taken: list[Job] = []
         for i, job in enumerate(self.queue):
             if i >= self.lookahead:
                 break
@@ -109,5 +111,5 @@ class DiTEngine:
             self.batch.remove(j)
             self.used -= j.weight
             del self.steps_done[id(j)]
-            j.record.end = now
-            j.on_done(j, now)
+            j.record.end = now              # type: ignore[union-attr]
+            j.on_done(j, now)               # type: ignore[misc]

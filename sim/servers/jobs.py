@@ -5,11 +5,16 @@ from collections import deque
 from dataclasses import dataclass
 from heapq import heappop, heappush
 from itertools import chain
-from typing import Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
+from sim.mypyc_compat import mypyc_attr
 from sim.request import Request, StageRecord
 
 PRIORITY = {"interactive": 0, "standard": 1, "batch": 2}
+
+# what a StageQueue holds: Jobs, or an AR engine's Seqs (sim.servers.ar: duck-typed priority,
+# work and enqueued)
+Queued = Any
 
 
 @dataclass(slots=True, eq=False)
@@ -17,7 +22,7 @@ class Job:
     req: Request
     stage: str                 # ar | vision_encode | text_encode | vae_encode | dit_step | vae_decode
     model: str
-    on_done: Callable[["Job", float], None] = None
+    on_done: Optional[Callable[["Job", float], None]] = None
     # payload (meaning depends on stage)
     tokens: int = 0            # AR prompt tokens (text + image); encoder tokens; DiT text tokens
     vision_tokens: int = 0     # image tokens encoded inside the AR step (baseline) / by an encoder
@@ -62,7 +67,7 @@ class StageQueue:
         self.name = name
         self.order = order              # fifo | sjf (shortest estimated work first, HRRN aging)
         self.clock = clock
-        self.levels: list[deque[Job]] = [deque(), deque(), deque()] if priority else [deque()]
+        self.levels: list[deque[Queued]] = [deque(), deque(), deque()] if priority else [deque()]
         self.priority = priority
         self.engines: list = []         # engines that take from this queue (append to add)
         self.free = FreeEngines(self.engines)
@@ -72,7 +77,7 @@ class StageQueue:
     def __len__(self) -> int:
         return self.n
 
-    def put(self, job: Job, now: float) -> None:
+    def put(self, job: Queued, now: float) -> None:
         job.enqueued = now
         lvl = min(job.priority, len(self.levels) - 1) if self.priority else 0
         self.levels[lvl].append(job)
@@ -80,7 +85,7 @@ class StageQueue:
         self.work += job.work
         self._wake(job)
 
-    def _wake(self, job: Job) -> None:
+    def _wake(self, job: Queued) -> None:
         if not self.engines:
             return
         e = self.free.first()           # an idle GPU first
@@ -97,17 +102,17 @@ class StageQueue:
         self.engines.remove(engine)
         self.free.stale()
 
-    def __iter__(self) -> Iterator[Job]:
+    def __iter__(self) -> Iterator[Queued]:
         if self.order != "sjf":
             levels = self.levels
             return iter(levels[0]) if len(levels) == 1 else chain.from_iterable(levels)
         key = _neg_ratio(self.clock())
-        out: list[Job] = []
+        out: list[Queued] = []
         for lvl in self.levels:
             out += sorted(lvl, key=key) if len(lvl) > 1 else lvl
         return iter(out)
 
-    def head(self) -> Job | None:
+    def head(self) -> Queued:
         for lvl in self.levels:
             if lvl:
                 if self.order != "sjf" or len(lvl) == 1:
@@ -115,7 +120,7 @@ class StageQueue:
                 return min(lvl, key=_neg_ratio(self.clock()))   # first of the stable sort
         return None
 
-    def remove(self, job: Job) -> None:
+    def remove(self, job: Queued) -> None:
         # a job sits in the level put() chose; look there first, and test membership before
         # deque.remove (whose "not in deque" ValueError formats the job's repr: slow)
         levels = self.levels
@@ -127,7 +132,7 @@ class StageQueue:
                 self.work -= job.work
                 return
 
-    def popleft(self) -> Job:
+    def popleft(self) -> Queued:
         if self.order == "sjf":
             job = self.head()
             if job is None:
@@ -148,6 +153,7 @@ def _neg_ratio(now: float) -> Callable[[Job], float]:
     return lambda j: -(now - j.enqueued + j.work) / max(j.work, 1e-9)
 
 
+@mypyc_attr(native_class=False)  # (compiled: a plain class; tests put a scan in for `first`)
 class FreeEngines:
     """The first engine, in `engines` order, whose GPU is free (no unit running, available): what
     a scan of the engines finds, from a heap of positions instead of a scan of a large pool.
