@@ -41,6 +41,27 @@ def built_files() -> list[Path]:
     return sorted((REPO / "sim").rglob("*.so")) + sorted(REPO.glob(f"{GROUP}__mypyc.*.so"))
 
 
+_fresh_checked = False
+
+
+def check_fresh() -> None:
+    """Refuse to simulate with a compiled module older than its source: Python would import the
+    .so and run the old code in place of the edited .py, silently. Once per process."""
+    global _fresh_checked
+    if _fresh_checked:
+        return
+    stale = []
+    for so in built_files():
+        py = so.with_name(so.name.split(".")[0] + ".py")
+        if py.exists() and py.stat().st_mtime > so.stat().st_mtime:
+            stale.append(str(py.relative_to(REPO)))
+    if stale:
+        raise RuntimeError(f"compiled modules are older than their sources {stale}: rebuild them "
+                           f"with `python -m sim.compile`, or go back to pure Python with "
+                           f"`python -m sim.compile --clean`")
+    _fresh_checked = True
+
+
 def compiled_modules() -> dict[str, str]:
     """{module: __file__} of the HOT modules as imported now (an .so file when compiled)."""
     import importlib

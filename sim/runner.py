@@ -12,6 +12,7 @@ from typing import Iterator
 import simpy
 from simpy.events import URGENT
 
+from sim.compile import check_fresh
 from sim.config import SimConfig
 from sim.latency import LatencyModel
 from sim.metrics import MetricsCollector
@@ -51,6 +52,7 @@ class Run:
     """Holds everything of one run so tests can inspect the policy and requests afterwards."""
 
     def __init__(self, cfg: SimConfig, outdir: Path | None = None, keep_rows: int = 20_000):
+        check_fresh()
         cfg.check()
         self.cfg = cfg
         self.outdir = outdir
