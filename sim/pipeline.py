@@ -31,6 +31,7 @@ def plan_hops(req: Request, fused: bool) -> list[Job]:
     seq = spec.latent_tokens(out_h, out_w)
     if spec.family == "ar_dit":
         cond = spec.condition_encoder
+        assert cond is not None, f"{spec.name}: an ar_dit model names its condition encoder"
         if img_in and not fused:
             job("vision_encode", cond, vision_tokens=img_in)
         job("ar", cond, tokens=req.prompt_tokens + img_in, vision_tokens=img_in if fused else 0,

@@ -23,8 +23,14 @@ def test_stale_compiled_module_stops_the_run(tmp_path, monkeypatch, cfg_factory)
     monkeypatch.setattr(SC, "_fresh_checked", False)
     with pytest.raises(RuntimeError, match=r"older than their sources \['sim/servers/ar.py'\].*sim.compile"):
         Run(cfg_factory())
-    os.utime(so, (3_000, 3_000))                      # rebuilt after the edit: runs
-    Run(cfg_factory())
+    lib = tmp_path / "mmsim__mypyc.cpython-311-x86_64-linux-gnu.so"
+    lib.write_bytes(b"")
+    os.utime(lib, (1_500, 1_500))
+    monkeypatch.setattr(SC, "built_files", lambda: [so, lib])
+    with pytest.raises(RuntimeError, match="older than their sources"):
+        Run(cfg_factory())
+    os.utime(lib, (3_000, 3_000))     # rebuilt after the edit: the code is in the runtime
+    Run(cfg_factory())                # library, the module's shim may keep its old time
     assert SC._fresh_checked
 
 

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar
 
 import simpy
 
 from sim.config import ConfigError, SimConfig
 from sim.gpu import GPU
 from sim.latency import LatencyModel
+from sim.mypyc_compat import mypyc_attr
 from sim.pipeline import handoff_bytes, plan_hops
 from sim.request import Request, StageRecord
 from sim.servers.jobs import Job
@@ -23,9 +25,9 @@ class SimContext:
     env: simpy.Environment
     cfg: SimConfig
     lat: LatencyModel
-    on_complete: callable           # (Request) -> None
-    itl_sink: callable              # (duration_s, weight) -> None
-    done: callable = lambda: False  # all requests completed?
+    on_complete: Callable[[Request], None]
+    itl_sink: Callable[..., None]            # (duration_s, weight) -> None
+    done: Callable[[], bool] = lambda: False  # all requests completed?
     pilot: list[Request] = field(default_factory=list)
 
 
@@ -38,7 +40,7 @@ class Flow:
         self.hops = hops
         self.i = 0
         self.policy = policy
-        self.home = None                # where it was routed: its replica (baseline) or LLM engine
+        self.home: Any = None           # where it was routed: its replica (baseline) or LLM engine
         self.work = 0.0                 # its hops' work, as counted on `home` (baseline)
 
     def start(self, now: float) -> None:
@@ -69,7 +71,7 @@ class PoolGPU(GPU):
     """A GPU that, whenever one of its units ends (the only moment it can become free), tells the
     queues its engines take from, so each finds its first free GPU without scanning the pool
     (sim.servers.jobs.FreeEngines)."""
-    reports_unit_end = True
+    reports_unit_end: ClassVar[bool] = True
 
     def _done(self, tok: int) -> None:
         if tok == self.token:
@@ -80,10 +82,13 @@ class PoolGPU(GPU):
         GPU._done(self, tok)
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)     # (compiled: the policies subclass it)
 class Policy:
-    name = "base"
-    fused = True                    # vision encoding inside the AR step
-    gpu_class: type[GPU] = GPU      # PoolGPU where large pools share a queue
+    # ClassVars: subclasses override them on the class, which compiled code (sim.compile) reads
+    # only for a ClassVar (an instance attribute with a default would keep the default)
+    name: ClassVar[str] = "base"
+    fused: ClassVar[bool] = True              # vision encoding inside the AR step
+    gpu_class: ClassVar[type[GPU]] = GPU      # PoolGPU where large pools share a queue
 
     def __init__(self, ctx: SimContext):
         self.ctx = ctx
