@@ -106,7 +106,7 @@ for _c in (8, 32, 64, 128):
                                        output_len=128, range_ratio=0.0, max_concurrency=_c,
                                        fixed_prompts=max(24, 3 * _c), num_warmups=8)
 # The same at a long context (1536 / 128 tokens): the served decode step's context term.
-for _c in (16, 32, 64, 128):
+for _c in (8, 16, 32, 64, 128):
     RUN_CATALOG[f"lconc{_c}"] = RunSpec(f"lconc{_c}", rate_frac=None, seed=31, input_len=1536,
                                         output_len=128, range_ratio=0.0, max_concurrency=_c,
                                         fixed_prompts=max(24, 3 * _c), num_warmups=8)
