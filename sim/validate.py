@@ -183,6 +183,18 @@ def steplog_ttfts_ms(path: Path, obj: dict[str, Any]) -> np.ndarray:
 STALL_MS = 15.0          # a step this much over the median of its batch size counts as a stall
 
 
+def clean_decode_steps(lines: list[dict], before: int = 1, after: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    """Step gaps of a step log's lines that have "gen" (ms; gaps[k] ends at line k + 1) and the
+    mask of "clean" decode steps: no prompt record from `before` lines before to `after` after,
+    the engine not idle (gap < 200 ms)."""
+    m = np.array([r["m"] for r in lines])
+    prompt = np.array([r["prompt"] for r in lines])
+    gaps = np.diff(m) * 1e3
+    near = np.array([(prompt[max(0, k + 1 - before):k + 2 + after] > 0).any()
+                     for k in range(len(gaps))], bool)
+    return gaps, ~near & (gaps < 200.0)
+
+
 def steplog_step_stats(lines: list[dict], before: int = 1, after: int = 3) -> dict[str, Any]:
     """Step-time structure of a step log: `gaps_around_prefill` = median step gaps ending at the
     records j-2 .. j+2 around isolated prompt records j (no other prompt within 4 records), and
@@ -191,13 +203,9 @@ def steplog_step_stats(lines: list[dict], before: int = 1, after: int = 3) -> di
     record before the one that counts the prompt, so a filter on the record's own count alone
     reads prefill steps as stalls."""
     lines = [r for r in lines if "gen" in r]
-    m = np.array([r["m"] for r in lines])
     prompt = np.array([r["prompt"] for r in lines])
     run = np.array([r["run"] for r in lines])
-    gaps = np.diff(m) * 1e3                     # gaps[i] ends at record i + 1
-    n = len(gaps)
-    near = np.array([(prompt[max(0, k + 1 - before):k + 2 + after] > 0).any() for k in range(n)], bool)
-    clean = ~near & (gaps < 200.0)              # longer gaps: the engine was idle
+    gaps, clean = clean_decode_steps(lines, before, after)
     excess = []
     for b in np.unique(run[1:][clean]):
         sel = clean & (run[1:] == b)

@@ -599,3 +599,21 @@ def test_steplogs_hold_no_stalls_only_early_logged_prefill_steps():
         assert g[1] == max(g) and g[1] > 1.3 * g[0], (p.name, g)   # record j-1 holds the long step
         naive = V.steplog_step_stats(run_steplog(p, obj), before=0, after=0)
         assert naive["stall_share"] > st["stall_share"], (p.name, naive, st)
+
+
+def test_model_steps_match_the_step_logs():
+    """python -m sim.steplog_check on the loaded r3 runs: clean decode steps within 8% of the
+    logged medians at every batch bin, and a prefill with the three decode steps after it within
+    10% (reached: -7.0..+6.6% and -4.5..+9.3%)."""
+    from sim.latency import LatencyModel
+    from sim.steplog_check import check_run, host_constants
+    lat = LatencyModel(PROFILES, "h100", "clamp")
+    hosts = host_constants()
+    rows = [check_run(p, lat, hosts) for p in sorted(H100_DIR.glob("*__r3.json"))
+            if "probe" not in p.name]
+    rows = [r for r in rows if r is not None]
+    assert len(rows) == 6
+    decode = [d["error"] for r in rows for d in r["decode"]]
+    assert len(decode) >= 25 and max(abs(e) for e in decode) < 0.08, decode
+    windows = [r["windows"]["error"] for r in rows]
+    assert max(abs(e) for e in windows) < 0.10, windows
