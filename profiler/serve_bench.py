@@ -553,6 +553,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--steplog", action="store_true",
                     help="log every engine step of the server (profiler/vllm_steplog.py) to "
                          "<out>/steplog_<model>[__tag].jsonl; runs record their wall-time span")
+    ap.add_argument("--gclog", action="store_true",
+                    help="log the garbage collections of every Python process of the server and of "
+                         "the client (profiler/gclog.py) to <out>/gclog_<model>[__tag].jsonl.gz")
     ap.add_argument("--dry-run", action="store_true", help="print every command, run nothing")
     a = ap.parse_args(argv)
 
@@ -641,6 +644,16 @@ def main(argv: Optional[list[str]] = None) -> int:
             [str(plug), str(ROOT)] + [x for x in os.environ.get("PYTHONPATH", "").split(os.pathsep) if x])
         srv_env["MMSIM_STEPLOG"] = str((out / f"steplog_{a.model}{suffix}.jsonl").resolve())
         base["steplog"] = f"steplog_{a.model}{suffix}.jsonl"
+    bench_env = dict(os.environ)
+    if a.gclog:
+        from profiler import gclog
+        gc_site = gclog.install(staging / "gclog_site")
+        gc_dir = staging / f"gclog{suffix}"
+        shutil.rmtree(gc_dir, ignore_errors=True)
+        for env in (srv_env, bench_env):
+            env["PYTHONPATH"] = os.pathsep.join([str(gc_site)] + [x for x in env.get("PYTHONPATH", "").split(os.pathsep) if x])
+            env["MMSIM_GCLOG"] = str(gc_dir)
+        base["gclog"] = f"gclog_{a.model}{suffix}.jsonl.gz"
     srv = None
     logf = open(server_log, "w")
     try:
@@ -689,7 +702,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             started = datetime.now(timezone.utc).isoformat(timespec="seconds")
             wall_start = time.time()
             blog = open(out / f"bench_{stem}.log", "w")
-            bp = subprocess.Popen(cmd, stdout=blog, stderr=subprocess.STDOUT, start_new_session=True)
+            bp = subprocess.Popen(cmd, stdout=blog, stderr=subprocess.STDOUT, start_new_session=True,
+                                  env=bench_env)
             cpu = CpuSampler({"api_server": srv.pid, "client": bp.pid})
             cpu.start()
             try:
@@ -745,6 +759,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         if a.steplog:      # runs name the .jsonl; readers (vllm_steplog.resolve_steplog) take .gz too
             from profiler.vllm_steplog import gzip_steplog
             gzip_steplog(out / base["steplog"])
+        if a.gclog:
+            from profiler import gclog
+            gclog.gather(gc_dir, out / base["gclog"])
         summary["provenance"] = base
         summary["elapsed_s"] = round(time.monotonic() - t0, 1)
         (out / f"serve_bench_{a.model}{suffix}.json").write_text(json.dumps(summary, indent=2))

@@ -1,0 +1,161 @@
+"""Garbage-collection pauses of every Python process of a `vllm serve` run and of its client.
+
+Why: loaded qwen2_5_7b runs show server-wide stalls of 40-130 ms every 1-6 s (the step log's
+record times jump, and every streaming request sees the same inter-token gap at the same moment),
+which the engine-level tables cannot contain. CPython's cyclic collector stops the whole
+interpreter while it runs, and a full (generation-2) collection of a process holding a tokenizer
+and hundreds of live requests can take that long. This module records each collection's start
+(time.time(), the step log's clock), duration, generation and the process it ran in, so the
+stalls can be attributed (API server, engine core, client) and their rate and length measured.
+
+`install(dir)` writes a `sitecustomize.py` into `dir`; put `dir` first on PYTHONPATH and set
+MMSIM_GCLOG to an output folder (profiler/serve_bench.py --gclog does both for the server and the
+client). Each process appends to `<folder>/gc_<pid>.jsonl`: a header line {"pid", "cmd",
+"threshold", "frozen"} when it first logs, then one line per collection {"t", "d", "g", "n"}
+(start, seconds, generation, objects collected); the header is written again (with "ppid")
+whenever the process's command line changes (vLLM retitles its engine core). Collections of the
+youngest generation shorter than `MMSIM_GCLOG_MIN_MS` (default 0.5 ms) are counted, not logged
+({"skipped": n} at a clean exit). Any `sitecustomize` that `dir` shadows is still imported.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+from typing import Any
+
+SITECUSTOMIZE = r'''# written by profiler.gclog: log this process's garbage collections to $MMSIM_GCLOG
+import os as _os
+
+
+def _mmsim_gclog():
+    import atexit, gc, json, sys, time
+    folder = _os.environ.get("MMSIM_GCLOG")
+    if not folder:
+        return
+    min_s = float(_os.environ.get("MMSIM_GCLOG_MIN_MS", "0.5")) / 1e3
+    st = {"pid": None, "f": None, "t": 0.0, "p": 0.0, "skipped": 0, "cmd": None}
+    clock, wall = time.perf_counter, time.time
+
+    def cmdline():
+        try:
+            with open("/proc/self/cmdline", "rb") as fh:
+                return fh.read().replace(b"\0", b" ").decode(errors="replace").strip()[:300]
+        except OSError:
+            return " ".join(sys.argv)[:300]
+
+    def out():
+        pid = _os.getpid()
+        if st["pid"] != pid:          # first record, or a forked child: its own file
+            st["pid"], st["skipped"], st["cmd"] = pid, 0, None
+            st["f"] = open(_os.path.join(folder, "gc_%d.jsonl" % pid), "a", buffering=1)
+        cmd = cmdline()               # re-read: a process may retitle itself (vLLM's EngineCore)
+        if cmd != st["cmd"]:
+            st["cmd"] = cmd
+            st["f"].write(json.dumps({"pid": pid, "ppid": _os.getppid(), "cmd": cmd,
+                                      "threshold": gc.get_threshold(),
+                                      "frozen": gc.get_freeze_count()}) + "\n")
+        return st["f"]
+
+    def cb(phase, info):
+        if phase == "start":
+            st["t"], st["p"] = wall(), clock()
+            return
+        d = clock() - st["p"]
+        if d < min_s and info.get("generation", 0) == 0:
+            st["skipped"] += 1
+            return
+        out().write(json.dumps({"t": round(st["t"], 6), "d": round(d, 6),
+                                "g": info.get("generation"), "n": info.get("collected")}) + "\n")
+
+    def bye():
+        if st["f"] is not None and st["pid"] == _os.getpid():
+            st["f"].write(json.dumps({"skipped": st["skipped"]}) + "\n")
+            st["f"].close()
+
+    try:
+        _os.makedirs(folder, exist_ok=True)
+    except OSError:
+        return
+    gc.callbacks.append(cb)
+    atexit.register(bye)
+
+
+def _mmsim_chain():
+    """Import the sitecustomize this one shadows, if any."""
+    import importlib, sys
+    here = _os.path.dirname(_os.path.abspath(__file__))
+    me = sys.modules.pop("sitecustomize", None)
+    saved = sys.path[:]
+    sys.path[:] = [p for p in sys.path if _os.path.abspath(p or ".") != here]
+    try:
+        importlib.import_module("sitecustomize")
+    except ImportError:
+        pass
+    finally:
+        sys.path[:] = saved
+        if me is not None:
+            sys.modules["sitecustomize"] = me
+
+
+_mmsim_gclog()
+_mmsim_chain()
+'''
+
+
+def install(directory: str | Path) -> Path:
+    """Write the logging sitecustomize.py into `directory`; returns it (put it first on PYTHONPATH)."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    return d
+
+
+def gather(folder: str | Path, dst: str | Path) -> Path:
+    """All processes' logs into one gzipped JSON-lines file: per process a header line (with
+    "pid", "cmd") followed by its collections, each tagged with "pid"."""
+    folder, dst = Path(folder), Path(dst)
+    with gzip.open(dst, "wt") as out:
+        for f in sorted(folder.glob("gc_*.jsonl")):
+            pid = int(f.stem.split("_")[1])
+            for line in f.read_text(errors="replace").splitlines():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:   # a line cut by a kill
+                    continue
+                rec.setdefault("pid", pid)
+                out.write(json.dumps(rec) + "\n")
+    return dst
+
+
+def read(path: str | Path) -> tuple[dict[int, dict[str, Any]], list[dict[str, Any]]]:
+    """(processes by pid: their header, with "role"; collections sorted by start time)."""
+    procs: dict[int, dict[str, Any]] = {}
+    cols: list[dict[str, Any]] = []
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rt") as fh:
+        for line in fh:
+            rec = json.loads(line)
+            if "cmd" in rec:
+                rec["role"] = role(rec["cmd"])
+                procs[rec["pid"]] = rec
+            elif "t" in rec:
+                cols.append(rec)
+            elif "skipped" in rec and rec["pid"] in procs:
+                procs[rec["pid"]]["skipped"] = rec["skipped"]
+    cols.sort(key=lambda r: r["t"])
+    return procs, cols
+
+
+def role(cmd: str) -> str:
+    """Which part of the run a process is, from its command line."""
+    c = cmd.lower()
+    if "bench serve" in c or "bench_serve" in c or " bench " in c:
+        return "client"
+    if "enginecore" in c or "engine_core" in c:
+        return "engine_core"
+    if "serve" in c:
+        return "api_server"
+    if "multiprocessing" in c or "spawn" in c:
+        return "engine_core"
+    return "other"

@@ -1,0 +1,71 @@
+"""profiler.gclog: the sitecustomize that records every process's garbage collections."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from profiler import gclog
+
+SCRIPT = """
+import gc, sitecustomize, sys
+class Node:
+    def __init__(self): self.me = self
+for _ in range(20000): Node()
+gc.collect(2)
+print("shadowed" if getattr(sitecustomize, "SHADOWED", False) else "chained?", flush=True)
+"""
+
+
+def run(tmp: Path, extra_site: Path | None = None) -> tuple[str, Path]:
+    site = gclog.install(tmp / "site")
+    logs = tmp / "logs"
+    path = [str(site)] + ([str(extra_site)] if extra_site else [])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(path), MMSIM_GCLOG=str(logs),
+               MMSIM_GCLOG_MIN_MS="0")
+    p = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True,
+                       check=True)
+    return p.stdout, logs
+
+
+def test_collections_are_logged_with_their_process(tmp_path: Path) -> None:
+    _, logs = run(tmp_path)
+    files = list(logs.glob("gc_*.jsonl"))
+    assert len(files) == 1
+    procs, cols = gclog.read(gclog.gather(logs, tmp_path / "gc.jsonl.gz"))
+    (pid, head), = procs.items()
+    assert head["role"] == "other" and "-c" in head["cmd"] and head["skipped"] == 0
+    assert all(c["pid"] == pid for c in cols)
+    assert any(c["g"] == 2 for c in cols)                  # the explicit collect(2)
+    assert sum(c["n"] for c in cols) >= 20000               # every cycle was collected, and logged
+    assert all(c["d"] >= 0 for c in cols)
+    assert [c["t"] for c in cols] == sorted(c["t"] for c in cols)
+
+
+def test_a_shadowed_sitecustomize_still_runs(tmp_path: Path) -> None:
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "sitecustomize.py").write_text("import os\nos.environ['MMSIM_OTHER_SITE'] = '1'\n")
+    script_check = tmp_path / "check.py"
+    script_check.write_text("import os; print(os.environ.get('MMSIM_OTHER_SITE'))")
+    site = gclog.install(tmp_path / "site")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(site), str(other)]),
+               MMSIM_GCLOG=str(tmp_path / "logs"))
+    out = subprocess.run([sys.executable, str(script_check)], env=env, capture_output=True,
+                         text=True, check=True).stdout.strip()
+    assert out == "1"
+
+
+def test_no_folder_no_logging(tmp_path: Path) -> None:
+    site = gclog.install(tmp_path / "site")
+    env = {k: v for k, v in os.environ.items() if k != "MMSIM_GCLOG"}
+    env["PYTHONPATH"] = str(site)
+    subprocess.run([sys.executable, "-c", "import gc; gc.collect()"], env=env, check=True)
+    assert not any(tmp_path.rglob("gc_*.jsonl"))
+
+
+def test_roles() -> None:
+    assert gclog.role("python -m vllm.entrypoints.cli.main bench serve --model x") == "client"
+    assert gclog.role("VLLM::EngineCore") == "engine_core"
+    assert gclog.role("/usr/bin/python3 -m vllm.entrypoints.cli.main serve /tmp/m --port 8000") == "api_server"
