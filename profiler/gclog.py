@@ -156,6 +156,66 @@ def role(cmd: str) -> str:
         return "engine_core"
     if "serve" in c:
         return "api_server"
-    if "multiprocessing" in c or "spawn" in c:
-        return "engine_core"
-    return "other"
+    return "other"        # the multiprocessing resource tracker, vLLM's model-registry probe
+
+
+def traffic_window(steps: list[dict[str, Any]], span: list[float]) -> tuple[float, float] | None:
+    """[first, last] step-log record inside a run's wall span: when the server had requests (the
+    span also holds the client's start-up, 20-40 s of dataset sampling)."""
+    ts = [r["t"] for r in steps if span[0] <= r["t"] <= span[1]]
+    return (min(ts), max(ts)) if ts else None
+
+
+def run_summary(folder: str | Path, gclog_name: str) -> list[dict[str, Any]]:
+    """Per run that names `gclog_name` in its provenance, per process role and generation: the
+    collections inside the run's traffic window (count, longest, total), from the step log that
+    the same runs name."""
+    from profiler.vllm_steplog import read_steplog, resolve_steplog
+    folder = Path(folder)
+    procs, cols = read(folder / gclog_name)
+    rows = []
+    for p in sorted(folder.glob("*.json")):
+        try:
+            obj = json.loads(p.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            continue
+        prov = obj.get("provenance") if isinstance(obj, dict) else None
+        if not isinstance(prov, dict) or prov.get("gclog") != gclog_name or "run" not in prov:
+            continue
+        sl = resolve_steplog(folder, prov.get("steplog"))
+        win = traffic_window(read_steplog(sl), prov["wall_span"]) if sl else None
+        if win is None:
+            continue
+        inside = [c for c in cols if win[0] <= c["t"] <= win[1]]
+        for r in sorted({procs[c["pid"]]["role"] for c in cols if c["pid"] in procs}):
+            for g in (0, 1, 2):
+                ds = [c["d"] for c in inside if c["g"] == g and procs.get(c["pid"], {}).get("role") == r]
+                rows.append({"run": p.stem, "window_s": round(win[1] - win[0], 2), "role": r, "gen": g,
+                             "logged": len(ds), "max_ms": round(max(ds) * 1e3, 2) if ds else 0.0,
+                             "total_ms": round(sum(ds) * 1e3, 1)})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    ap = argparse.ArgumentParser(prog="python -m profiler.gclog",
+                                 description="garbage collections per run, process and generation")
+    ap.add_argument("gclog", help="a gclog_<model>[__tag].jsonl.gz next to its runs' JSONs")
+    a = ap.parse_args(argv)
+    path = Path(a.gclog)
+    procs, cols = read(path)
+    print(f"{path.name}: {len(procs)} processes, {len(cols)} logged collections "
+          f"(generation 0 only when >= MMSIM_GCLOG_MIN_MS)")
+    for pid, h in sorted(procs.items()):
+        print(f"  pid {pid:6d} {h['role']:12s} threshold {tuple(h['threshold'])} frozen {h['frozen']:6d}  {h['cmd'][:70]}")
+    print("\nwithin each run's traffic window (first to last step-log record):")
+    print(f"  {'run':28s} {'window':>7s} {'role':12s} gen {'logged':>6s} {'max ms':>8s} {'total ms':>9s}")
+    for r in run_summary(path.parent, path.name):
+        if r["logged"]:
+            print(f"  {r['run']:28s} {r['window_s']:6.1f}s {r['role']:12s} {r['gen']:3d} {r['logged']:6d} "
+                  f"{r['max_ms']:8.2f} {r['total_ms']:9.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -258,13 +258,18 @@ def ttft_split(path: Path, obj: dict[str, Any], cfg, sim_df: pd.DataFrame) -> di
     return out
 
 
-REPLICATE_SUFFIX = re.compile(r"__r\d+$")
+REPLICATE_SUFFIX = re.compile(r"__[a-z]+\d+$")    # a session's tag: r2, r3, g1, l1, ...
 
 
 def replicate_spread(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Run-to-run spread of the MEASURED figures between replicates of one run (same seed, rate
-    and arrivals; a fresh server start; files `<run>` and `<run>__r2`): the noise floor any
-    simulator error should be read against. Spread = (max - min) / mean."""
+    and arrivals; a fresh server start; files `<run>`, `<run>__r2`, `<run>__g1`, ...): the noise
+    floor any simulator error should be read against. Spread = (max - min) / mean.
+
+    Floor = (max - min) / (max + min): the smallest error that ONE prediction can have on every
+    replicate at once (the prediction 2 max min / (max + min) errs by exactly that on both
+    extremes, any other by more on one of them). A floor above a target means no simulator,
+    however exact, meets that target on every replicate of the run."""
     groups: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
         if "error" not in r:
@@ -273,10 +278,13 @@ def replicate_spread(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for base, rs in sorted(groups.items()):
         if len(rs) < 2:
             continue
-        rec: dict[str, Any] = {"run": base, "replicates": len(rs)}
+        rec: dict[str, Any] = {"run": base, "replicates": len(rs),
+                               "held_to_targets": all(r.get("held_to_targets") for r in rs)}
         for k in TARGETS:
             v = np.array([r[f"meas_{k}"] for r in rs], float)
-            rec[f"spread_{k}"] = float((v.max() - v.min()) / v.mean()) if np.all(np.isfinite(v)) else np.nan
+            ok = bool(np.all(np.isfinite(v)) and np.all(v > 0))
+            rec[f"spread_{k}"] = float((v.max() - v.min()) / v.mean()) if ok else np.nan
+            rec[f"floor_{k}"] = float((v.max() - v.min()) / (v.max() + v.min())) if ok else np.nan
         out.append(rec)
     return out
 
@@ -288,6 +296,17 @@ def print_replicates(reps: list[dict[str, Any]]) -> None:
     print(f"   {'run':28s} " + " ".join(f"{_short(k):>9s}" for k in TARGETS))
     for r in reps:
         print(f"   {r['run']:28s} " + " ".join(f"{r[f'spread_{k}'] * 100:8.1f}%" for k in TARGETS))
+    print("\n== the least error ONE prediction can have on every replicate: (max-min)/(max+min); "
+          "x = above the target, so no model meets it on all of them")
+    print(f"   {'run':28s} " + " ".join(f"{_short(k):>9s}" for k in TARGETS))
+    for r in reps:
+        print(f"   {r['run']:28s} " + " ".join(
+            f"{r[f'floor_{k}'] * 100:7.1f}%" + ("x" if r[f"floor_{k}"] > TARGETS[k] else " ")
+            for k in TARGETS))
+    finite = [r for r in reps if r["held_to_targets"]]
+    blocked = [r["run"] for r in finite if any(r[f"floor_{k}"] > TARGETS[k] for k in TARGETS)]
+    print(f"   {len(blocked)} of {len(finite)} finite-rate runs with replicates have a target that no "
+          f"prediction can meet on all replicates" + (f": {', '.join(blocked)}" if blocked else ""))
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
