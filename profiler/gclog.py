@@ -98,7 +98,82 @@ def _mmsim_chain():
             sys.modules["sitecustomize"] = me
 
 
+def _mmsim_stacks():
+    """Sample every thread's Python stack every MMSIM_STACKLOG_MS (5) ms, only while the file
+    MMSIM_STACKLOG_ON exists (the benchmark's traffic), into <MMSIM_STACKLOG>/stk_<pid>.jsonl."""
+    import json, sys, threading, time
+    folder, on = _os.environ.get("MMSIM_STACKLOG"), _os.environ.get("MMSIM_STACKLOG_ON")
+    if not folder or not on:
+        return
+    every = float(_os.environ.get("MMSIM_STACKLOG_MS", "5")) / 1e3
+    exists, mono, sleep = _os.path.exists, time.monotonic, time.sleep
+
+    held = []                        # the open file, flushed at exit (a daemon thread is not)
+
+    def run():
+        me = threading.get_ident()
+        pid, f, keys, cmd = _os.getpid(), None, {}, None
+        del held[:]
+        names, named_at = {}, 0.0
+        while True:
+            if not exists(on):
+                if f is not None:
+                    f.flush()
+                sleep(0.2)
+                continue
+            if f is None:
+                _os.makedirs(folder, exist_ok=True)
+                f = open(_os.path.join(folder, "stk_%d.jsonl" % pid), "a", buffering=1 << 16)
+                held.append(f)
+            now = mono()
+            if now - named_at > 1.0:
+                names = {t.ident: t.name for t in threading.enumerate()}
+                named_at = now
+                try:
+                    with open("/proc/self/cmdline", "rb") as fh:
+                        c = fh.read().replace(b"\0", b" ").decode(errors="replace").strip()[:300]
+                except OSError:
+                    c = " ".join(sys.argv)[:300]
+                if c != cmd:
+                    cmd = c
+                    f.write(json.dumps({"pid": pid, "cmd": cmd}) + "\n")
+            sample = {}
+            for ident, frame in sys._current_frames().items():
+                if ident == me:
+                    continue
+                fr = []
+                while frame is not None and len(fr) < 16:
+                    co = frame.f_code
+                    fr.append("%s:%s:%d" % (_os.path.basename(co.co_filename), co.co_name, frame.f_lineno))
+                    frame = frame.f_back
+                key = tuple(fr)
+                k = keys.get(key)
+                if k is None:
+                    k = keys[key] = len(keys)
+                    f.write(json.dumps({"k": k, "f": fr}) + "\n")
+                sample[names.get(ident, str(ident))] = k
+            f.write(json.dumps([round(now, 6), sample]) + "\n")
+            sleep(every)
+
+    def start():
+        threading.Thread(target=run, name="mmsim-stacks", daemon=True).start()
+
+    def bye():
+        for fh in held:
+            try:
+                fh.flush()
+            except (OSError, ValueError):
+                pass
+
+    import atexit
+    atexit.register(bye)
+
+    start()
+    _os.register_at_fork(after_in_child=start)
+
+
 _mmsim_gclog()
+_mmsim_stacks()
 _mmsim_chain()
 '''
 
@@ -111,18 +186,21 @@ def install(directory: str | Path) -> Path:
     return d
 
 
-def gather(folder: str | Path, dst: str | Path) -> Path:
-    """All processes' logs into one gzipped JSON-lines file: per process a header line (with
-    "pid", "cmd") followed by its collections, each tagged with "pid"."""
+def gather(folder: str | Path, dst: str | Path, prefix: str = "gc") -> Path:
+    """All processes' logs (`<prefix>_<pid>.jsonl`) into one gzipped JSON-lines file: per process
+    a header line (with "pid", "cmd") followed by its records, each tagged with "pid" (stack
+    samples, which are lists, become {"pid", "m", "s"})."""
     folder, dst = Path(folder), Path(dst)
     with gzip.open(dst, "wt") as out:
-        for f in sorted(folder.glob("gc_*.jsonl")):
+        for f in sorted(folder.glob(f"{prefix}_*.jsonl")):
             pid = int(f.stem.split("_")[1])
             for line in f.read_text(errors="replace").splitlines():
                 try:
                     rec = json.loads(line)
                 except json.JSONDecodeError:   # a line cut by a kill
                     continue
+                if isinstance(rec, list):
+                    rec = {"m": rec[0], "s": rec[1]}
                 rec.setdefault("pid", pid)
                 out.write(json.dumps(rec) + "\n")
     return dst

@@ -556,9 +556,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--gclog", action="store_true",
                     help="log the garbage collections of every Python process of the server and of "
                          "the client (profiler/gclog.py) to <out>/gclog_<model>[__tag].jsonl.gz")
+    ap.add_argument("--stacklog", action="store_true",
+                    help="with --gclog: also sample every thread's Python stack every 5 ms in every "
+                         "process while a benchmark runs, to <out>/stacks_<model>[__tag].jsonl.gz")
     ap.add_argument("--dry-run", action="store_true", help="print every command, run nothing")
     a = ap.parse_args(argv)
 
+    if a.stacklog and not a.gclog:
+        ap.error("--stacklog needs --gclog (the same sitecustomize carries both)")
     t0 = time.monotonic()
     deadline = t0 + a.max_minutes * 60.0
     if a.since_parent:
@@ -654,6 +659,13 @@ def main(argv: Optional[list[str]] = None) -> int:
             env["PYTHONPATH"] = os.pathsep.join([str(gc_site)] + [x for x in env.get("PYTHONPATH", "").split(os.pathsep) if x])
             env["MMSIM_GCLOG"] = str(gc_dir)
         base["gclog"] = f"gclog_{a.model}{suffix}.jsonl.gz"
+        if a.stacklog:
+            stk_dir, stk_on = staging / f"stacks{suffix}", staging / f"stacks_on{suffix}"
+            shutil.rmtree(stk_dir, ignore_errors=True)
+            stk_on.unlink(missing_ok=True)
+            for env in (srv_env, bench_env):
+                env["MMSIM_STACKLOG"], env["MMSIM_STACKLOG_ON"] = str(stk_dir), str(stk_on)
+            base["stacklog"] = f"stacks_{a.model}{suffix}.jsonl.gz"
     srv = None
     logf = open(server_log, "w")
     try:
@@ -702,6 +714,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             started = datetime.now(timezone.utc).isoformat(timespec="seconds")
             wall_start = time.time()
             blog = open(out / f"bench_{stem}.log", "w")
+            if a.gclog and a.stacklog:
+                stk_on.touch()           # the samplers run while this file exists
             bp = subprocess.Popen(cmd, stdout=blog, stderr=subprocess.STDOUT, start_new_session=True,
                                   env=bench_env)
             cpu = CpuSampler({"api_server": srv.pid, "client": bp.pid})
@@ -717,6 +731,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                 break
             blog.close()
             cpu_series = cpu.stop()
+            if a.gclog and a.stacklog:
+                stk_on.unlink(missing_ok=True)
             src = staging / fname
             if bp.returncode != 0 or not src.exists():
                 log(f"run {r.name} failed (rc {bp.returncode}); see bench_{stem}.log")
@@ -762,6 +778,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         if a.gclog:
             from profiler import gclog
             gclog.gather(gc_dir, out / base["gclog"])
+            if a.stacklog:
+                stk_on.unlink(missing_ok=True)
+                gclog.gather(stk_dir, out / base["stacklog"], prefix="stk")
         summary["provenance"] = base
         summary["elapsed_s"] = round(time.monotonic() - t0, 1)
         (out / f"serve_bench_{a.model}{suffix}.json").write_text(json.dumps(summary, indent=2))

@@ -95,3 +95,36 @@ def test_no_collection_explains_the_100_ms_stalls() -> None:
             assert sum(r["total_ms"] for r in mine if r["role"] == role) < 0.01 * window_ms
     # the client froze its heap before sending (vllm bench serve: gc.collect(); gc.freeze())
     assert all(r["gen"] < 2 for r in rows if r["role"] == "client" and r["logged"])
+
+
+BUSY = """
+import time
+def busy_loop_marker():
+    t = time.monotonic()
+    while time.monotonic() - t < 0.4:
+        pass
+busy_loop_marker()
+"""
+
+
+def test_stack_sampler_sees_the_main_thread_only_while_switched_on(tmp_path: Path) -> None:
+    site = gclog.install(tmp_path / "site")
+    on = tmp_path / "on"
+    env = dict(os.environ, PYTHONPATH=str(site), MMSIM_STACKLOG=str(tmp_path / "stk"),
+               MMSIM_STACKLOG_ON=str(on), MMSIM_STACKLOG_MS="5")
+    subprocess.run([sys.executable, "-c", BUSY], env=env, check=True)
+    assert not (tmp_path / "stk").exists()                 # switched off: nothing written
+    on.touch()
+    subprocess.run([sys.executable, "-c", BUSY], env=env, check=True)
+    dst = gclog.gather(tmp_path / "stk", tmp_path / "stk.jsonl.gz", prefix="stk")
+    import gzip
+    import json
+    recs = [json.loads(x) for x in gzip.open(dst, "rt")]
+    stacks = {r["k"]: r["f"] for r in recs if "k" in r}
+    samples = [r for r in recs if "m" in r]
+    assert any("cmd" in r for r in recs)
+    assert len(samples) >= 20                              # ~80 at 5 ms over 0.4 s
+    main = [stacks[s["s"]["MainThread"]] for s in samples if "MainThread" in s["s"]]
+    busy = [f for f in main if any(":busy_loop_marker:" in x for x in f)]
+    assert len(busy) >= 0.8 * len(main) and busy[0][0].startswith("<string>:busy_loop_marker:")
+    assert [s["m"] for s in samples] == sorted(s["m"] for s in samples)
