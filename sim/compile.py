@@ -26,6 +26,7 @@ GROUP = "mmsim"
 
 # the modules whose functions the profile of a large run spends its time in
 HOT = (
+    "sim/eventloop.py",
     "sim/gpu.py",
     "sim/latency.py",
     "sim/request.py",
