@@ -36,6 +36,10 @@ HOT = (
     "sim/servers/dit.py",
     "sim/pipeline.py",
     "sim/policies/base.py",
+    "sim/policies/routing.py",
+    "sim/policies/baseline.py",
+    "sim/policies/disaggregated.py",
+    "sim/policies/modality_aware.py",
 )
 
 
