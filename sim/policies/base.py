@@ -15,6 +15,7 @@ from sim.latency import LatencyModel
 from sim.mypyc_compat import mypyc_attr
 from sim.pipeline import handoff_bytes, plan_hops
 from sim.request import Request, StageRecord
+from sim.servers.ar import AREngine
 from sim.servers.jobs import Job
 
 PILOT_REQUESTS = 2000
@@ -80,6 +81,8 @@ class PoolGPU(GPU):
     def _done(self, tok: int) -> None:
         if tok == self.token:
             for e in self.engines:
+                if isinstance(e, AREngine):     # own queue, none shared (and no failing getattr)
+                    continue
                 q = getattr(e, "queue", None)
                 if q is not None:
                     q.free.hint(e)

@@ -27,7 +27,10 @@ from sim.servers.jobs import Job, StageQueue, start_record
 
 # jumps up to this many steps compute their step ends in Python floats (most of a large
 # cluster's: numpy's per-call cost dominates), longer ones with numpy; same values, bit for bit
-PY_MAX_STEPS = 24   # the measured break-even (numpy ~7 us a call, Python ~0.25 us a step)
+# the measured break-even, per build: interpreted, numpy ~7 us a call vs ~0.25 us a step in
+# Python: 24; compiled (sim.compile), ~15 us a call (lookups and tolist included) vs ~0.1 us a
+# step: ~190, kept within the steps tests/test_perf_ar_aggregate.py checks bit for bit
+PY_MAX_STEPS = 24 if __file__.endswith(".py") else 160
 
 
 @dataclass(frozen=True)
