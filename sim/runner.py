@@ -25,7 +25,7 @@ from sim.workload import Workload
 timeout = eventloop.timeout
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-GC_YOUNG_THRESHOLD = 10_000     # allocations between young collections while simulating (700)
+GC_YOUNG_THRESHOLD = 100_000    # allocations between young collections while simulating (700)
 
 
 @contextmanager
