@@ -54,6 +54,22 @@ class EqualSteps(Sequence[float]):
         return self.t * (i + 1)
 
 
+def _bisect_ends(ends: Sequence[float], x: float) -> int:
+    """bisect_left(ends, x), its comparisons on EqualSteps' values computed in place (not through
+    the sequence protocol, one __getitem__ call per probe)."""
+    if isinstance(ends, EqualSteps):
+        t = ends.t
+        lo, hi = 0, ends.k
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if t * (mid + 1) < x:
+                lo = mid + 1
+            else:
+                hi = mid
+        return lo
+    return bisect_left(ends, x)
+
+
 @mypyc_attr(allow_interpreted_subclasses=True)     # (compiled: PoolGPU, sim.policies.base)
 class GPU:
     def __init__(self, env: "simpy.Environment", gid: int, node: int, step_jump: bool = True):
@@ -155,7 +171,7 @@ class GPU:
         u = self.cur
         assert u is not None
         el = self.env._now - self.start
-        k = bisect_left(u.ends, el - 1e-12) + 1 + lag   # first step that ends at or after now
+        k = _bisect_ends(u.ends, el - 1e-12) + 1 + lag  # first step that ends at or after now
         if k > len(u.ends):
             k = len(u.ends)
         if k < self.planned:
