@@ -16,7 +16,7 @@ One line per scenario:
   wall_s=<x> peak_rss_mb=<x>
 `requests_per_s` = simulated requests / wall seconds of `Run.run()` (workload generation,
 simulation and metrics; not interpreter start-up or profile loading). `events_per_s` counts
-SimPy events processed (env.step calls, counted by wrapping step in the bench only).
+SimPy events processed (counted by the run's event loop, sim.eventloop.run).
 --json also prints each result as JSON, with `cpu_s` (the child's CPU seconds over the same span:
 wall_s much above cpu_s means the machine was shared), simulated duration, utilization, p99 E2EL.
 requests.parquet is written only with --write (into a temp dir). Children run with
@@ -100,18 +100,9 @@ def run_one(scenario: str, policy: str, n: int, profiles_dir: str, write: bool) 
     """Runs in the child: one scenario, returns its figures."""
     import resource
 
-    import simpy
-
     from sim.runner import Run
     cfg = make_config(scenario, policy, n, profiles_dir, write)
     outdir = Path(tempfile.mkdtemp(prefix="bench_out_")) if write else None
-    steps = [0]
-    orig = simpy.Environment.step
-
-    def counted(self):
-        steps[0] += 1
-        return orig(self)
-    simpy.Environment.step = counted          # the bench only: counts every SimPy event
     r = Run(cfg, outdir, keep_rows=0)
     ru0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
@@ -122,8 +113,8 @@ def run_one(scenario: str, policy: str, n: int, profiles_dir: str, write: bool) 
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0   # KiB on Linux
     return {"scenario": scenario, "policy": policy, "requests": s["completed"],
             "gpus": cfg.cluster.num_gpus, "requests_per_s": s["completed"] / wall,
-            "events_per_s": steps[0] / wall, "wall_s": wall, "peak_rss_mb": rss,
-            "events": steps[0], "cpu_s": cpu, "sim_duration_s": s["duration"],
+            "events_per_s": r.steps / wall, "wall_s": wall, "peak_rss_mb": rss,
+            "events": r.steps, "cpu_s": cpu, "sim_duration_s": s["duration"],
             "mean_gpu_util": s["utilization"]["mean_gpu"], "p99_e2el_ms": s["p99_e2el_ms"]}
 
 

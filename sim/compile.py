@@ -26,6 +26,7 @@ GROUP = "mmsim"
 
 # the modules whose functions the profile of a large run spends its time in
 HOT = (
+    "sim/eventloop.py",
     "sim/gpu.py",
     "sim/latency.py",
     "sim/request.py",
@@ -35,6 +36,10 @@ HOT = (
     "sim/servers/dit.py",
     "sim/pipeline.py",
     "sim/policies/base.py",
+    "sim/policies/routing.py",
+    "sim/policies/baseline.py",
+    "sim/policies/disaggregated.py",
+    "sim/policies/modality_aware.py",
 )
 
 

@@ -9,9 +9,11 @@ co-located pools): a unit spans several steps only while no other engine there h
 from __future__ import annotations
 
 from bisect import bisect_left
+from heapq import heappush
 from collections import defaultdict
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
+from sim.eventloop import NORMAL, Timer
 from sim.mypyc_compat import mypyc_attr
 
 if TYPE_CHECKING:
@@ -50,6 +52,22 @@ class EqualSteps(Sequence[float]):
         if not 0 <= i < self.k:
             raise IndexError(i)
         return self.t * (i + 1)
+
+
+def _bisect_ends(ends: Sequence[float], x: float) -> int:
+    """bisect_left(ends, x), its comparisons on EqualSteps' values computed in place (not through
+    the sequence protocol, one __getitem__ call per probe)."""
+    if isinstance(ends, EqualSteps):
+        t = ends.t
+        lo, hi = 0, ends.k
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if t * (mid + 1) < x:
+                lo = mid + 1
+            else:
+                hi = mid
+        return lo
+    return bisect_left(ends, x)
 
 
 @mypyc_attr(allow_interpreted_subclasses=True)     # (compiled: PoolGPU, sim.policies.base)
@@ -100,7 +118,7 @@ class GPU:
     def _start_next(self) -> None:
         engines = self.engines
         n = len(engines)
-        now = self.env.now
+        now = self.env._now
         if n == 1:                      # most GPUs of a large cluster: no round robin to keep
             u = engines[0].plan(now)
             if u is None:
@@ -127,7 +145,7 @@ class GPU:
 
     def _run(self, u: Unit, k: int) -> None:
         self.cur = u
-        self.start = self.env.now
+        self.start = self.env._now
         self._schedule(k)
 
     def _schedule(self, k: int) -> None:
@@ -136,19 +154,24 @@ class GPU:
         env = self.env
         u = self.cur
         assert u is not None
-        # the event's value is its token: a cut reschedules, and the stale event is ignored
-        env.timeout(self.start + u.ends[k - 1] - env.now, self.token).callbacks.append(
-            self._on_timer)
+        # the event's value is its token: a cut reschedules, and the stale event is ignored.
+        # = env.timeout(delay, token).callbacks.append(self._on_timer) (sim.eventloop.timeout)
+        now = env._now
+        delay = self.start + u.ends[k - 1] - now
+        if delay < 0:
+            raise ValueError(f"Negative delay {delay}")
+        q: list[Any] = env._queue
+        heappush(q, (now + delay, NORMAL, next(env._eid), Timer(self._on_timer, self.token)))
 
-    def _timer(self, ev: "simpy.Event") -> None:
+    def _timer(self, ev: Timer) -> None:
         if ev._value == self.token:     # else a cut rescheduled it: stale (a quarter of them)
             self._done(ev._value)
 
     def _cut(self, lag: int = 0) -> None:
         u = self.cur
         assert u is not None
-        el = self.env.now - self.start
-        k = bisect_left(u.ends, el - 1e-12) + 1 + lag   # first step that ends at or after now
+        el = self.env._now - self.start
+        k = _bisect_ends(u.ends, el - 1e-12) + 1 + lag  # first step that ends at or after now
         if k > len(u.ends):
             k = len(u.ends)
         if k < self.planned:
@@ -166,7 +189,7 @@ class GPU:
         self.cur = None
         self.committing = True
         try:
-            u.commit(k, self.env.now)
+            u.commit(k, self.env._now)
         finally:
             self.committing = False
         if self.available:

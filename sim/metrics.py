@@ -230,7 +230,10 @@ class MetricsCollector:
             self._itl_v, self._itl_w = [], []
         if self._itl_arrs:
             arrs = self._itl_arrs
-            ends = np.concatenate([a for a, _ in arrs])
+            flat: list[float] = []      # one list of floats: a fast np.array, where concatenate
+            for a, _ in arrs:           # would convert each (short) list on its own
+                flat += a.tolist() if isinstance(a, np.ndarray) else a
+            ends = np.array(flat, dtype=np.float64)
             lens = np.array([len(a) for a, _ in arrs])
             first = np.cumsum(lens) - lens           # where each series starts
             d = ends.copy()

@@ -13,18 +13,14 @@ def plan_hops(req: Request, fused: bool) -> list[Job]:
     spec = load_model(req.model)
     prio = PRIORITY.get(req.slo_class, 1)
     hops: list[Job] = []
-
-    def job(stage: str, model: str, **kw) -> Job:
-        j = Job(req, stage, model, priority=prio, **kw)
-        hops.append(j)
-        return j
+    add = hops.append       # (Job called directly: compiled, a native call, no **kwargs parsing)
 
     img_in = req.image_tokens_in
     if spec.family in ("llm", "vlm"):
         if img_in and not fused:
-            job("vision_encode", spec.name, vision_tokens=img_in)
-        job("ar", spec.name, tokens=req.prompt_tokens + img_in,
-            vision_tokens=img_in if fused else 0, out_tokens=req.output_tokens)
+            add(Job(req, "vision_encode", spec.name, priority=prio, vision_tokens=img_in))
+        add(Job(req, "ar", spec.name, priority=prio, tokens=req.prompt_tokens + img_in,
+                vision_tokens=img_in if fused else 0, out_tokens=req.output_tokens))
         return hops
 
     out_h, out_w = req.output_image or (spec.defaults["height"], spec.defaults["width"])
@@ -33,20 +29,22 @@ def plan_hops(req: Request, fused: bool) -> list[Job]:
         cond = spec.condition_encoder
         assert cond is not None, f"{spec.name}: an ar_dit model names its condition encoder"
         if img_in and not fused:
-            job("vision_encode", cond, vision_tokens=img_in)
-        job("ar", cond, tokens=req.prompt_tokens + img_in, vision_tokens=img_in if fused else 0,
-            out_tokens=0)
+            add(Job(req, "vision_encode", cond, priority=prio, vision_tokens=img_in))
+        add(Job(req, "ar", cond, priority=prio, tokens=req.prompt_tokens + img_in,
+                vision_tokens=img_in if fused else 0, out_tokens=0))
     else:
-        job("text_encode", spec.name, tokens=int(spec.defaults.get("text_tokens", req.prompt_tokens)),
-            components=spec.text_encoders)
+        add(Job(req, "text_encode", spec.name, priority=prio,
+                tokens=int(spec.defaults.get("text_tokens", req.prompt_tokens)),
+                components=spec.text_encoders))
     if req.input_images:
         in_h, in_w = req.input_images[0]
-        job("vae_encode", spec.name, height=in_h, width=in_w)
+        add(Job(req, "vae_encode", spec.name, priority=prio, height=in_h, width=in_w))
         if req.task == "edit":
             seq += spec.latent_tokens(in_h, in_w)     # condition latents join the sequence
-    job("dit_step", spec.name, seq_len=seq, steps=req.steps or spec.defaults["steps"],
-        weight=2 if req.cfg else 1, tokens=req.prompt_tokens)
-    job("vae_decode", spec.name, height=out_h, width=out_w)
+    add(Job(req, "dit_step", spec.name, priority=prio, seq_len=seq,
+            steps=req.steps or spec.defaults["steps"], weight=2 if req.cfg else 1,
+            tokens=req.prompt_tokens))
+    add(Job(req, "vae_decode", spec.name, priority=prio, height=out_h, width=out_w))
     return hops
 
 

@@ -12,6 +12,7 @@ from typing import Iterator
 import simpy
 from simpy.events import URGENT
 
+from sim import eventloop
 from sim.compile import check_fresh
 from sim.config import SimConfig
 from sim.latency import LatencyModel
@@ -21,8 +22,10 @@ from sim.policies import get_policy
 from sim.policies.base import PILOT_REQUESTS, SimContext
 from sim.workload import Workload
 
+timeout = eventloop.timeout
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
-GC_YOUNG_THRESHOLD = 10_000     # allocations between young collections while simulating (700)
+GC_YOUNG_THRESHOLD = 100_000    # allocations between young collections while simulating (700)
 
 
 @contextmanager
@@ -64,6 +67,7 @@ class Run:
         self.n_total = len(self.workload)
         self.completed = 0
         self.arrived = 0
+        self.steps = 0                    # SimPy events processed (sim.eventloop.run)
         self.last_finish = 0.0
         self.writer = None
         self._on_arrival = self._arrive   # one bound method for every arrival event
@@ -85,7 +89,7 @@ class Run:
         if self.max_concurrency:        # the client's slot frees when it has seen the last token
             wait = req.finish - self.env.now
             if wait > 0:
-                self.env.timeout(wait).callbacks.append(self._on_release)
+                timeout(self.env, wait, self._on_release)
             else:
                 self._release(None)
         if self.writer is not None:
@@ -119,7 +123,7 @@ class Run:
         for req in self._reqs:
             if req.arrival > env.now:
                 self._pending = req
-                env.timeout(req.arrival - env.now).callbacks.append(self._on_arrival)
+                timeout(env, req.arrival - env._now, self._on_arrival)
                 return
             self.arrived += 1
             send(req, env.now)
@@ -153,7 +157,7 @@ class Run:
                 if progress:
                     self._run_with_bar()
                 else:
-                    self.env.run()
+                    self.steps += eventloop.run(self.env)
             if self.writer is not None:
                 self.writer.close()
         except BaseException:
@@ -167,7 +171,7 @@ class Run:
         from tqdm import tqdm
         with tqdm(total=self.n_total, unit="req", desc="simulating", mininterval=0.5) as bar:
             while self.env.peek() != float("inf"):
-                self.env.run(until=self.env.peek() + 5.0)
+                self.steps += eventloop.run_until(self.env, self.env.peek() + 5.0)
                 bar.set_postfix_str(f"t={self.env.now:,.0f}s sim")
                 bar.update(self.completed - bar.n)
 

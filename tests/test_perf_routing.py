@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import make_cfg
+from sim import policies
 from sim.policies.disaggregated import Disaggregated
 from sim.policies.modality_aware import ModalityAware
 from sim.policies.routing import LeastLoaded
@@ -119,16 +120,31 @@ def test_sjf_order_matches_a_stable_sort(jobs_, now, priority):
 
 def _reference_scans(monkeypatch):
     monkeypatch.setattr(jobs.FreeEngines, "first", lambda self: scan_placed(self.engines))
-    monkeypatch.setattr(Disaggregated, "pick_llm",
-                        lambda self, model, job: min(self.llm[model], key=lambda e: e.num_requests()))
-    monkeypatch.setattr(ModalityAware, "pick_llm", _token_scan)
+    policies._load()        # the scanning subclasses in place of the policies, by name
+    monkeypatch.setitem(policies.REGISTRY, "disaggregated", _ScanDisaggregated)
+    monkeypatch.setitem(policies.REGISTRY, "modality_aware", _ScanModalityAware)
 
 
-def _token_scan(self, model, job):
-    """modality_aware's token-aware pick as the plain min() over AREngine.load."""
-    if not self.cfg.policy.image_token_aware_lb:
-        return Disaggregated.pick_llm(self, model, job)
-    return min(self.llm_engines(model), key=AREngine.load)
+SCANS = [0]     # reference picks made (the overrides must really be called, compiled or not)
+
+
+def _request_scan(self, model, job):
+    """disaggregated's pick as the plain min() over request counts."""
+    SCANS[0] += 1
+    return min(self.llm[model], key=lambda e: e.num_requests())
+
+
+class _ScanDisaggregated(Disaggregated):
+    pick_llm = _request_scan
+
+
+class _ScanModalityAware(ModalityAware):
+    def pick_llm(self, model, job):
+        """modality_aware's token-aware pick as the plain min() over AREngine.load."""
+        if not self.cfg.policy.image_token_aware_lb:
+            return _request_scan(self, model, job)
+        SCANS[0] += 1
+        return min(self.llm_engines(model), key=AREngine.load)
 
 
 def scan_placed(engines):
@@ -159,7 +175,9 @@ def test_runs_equal_the_scanning_reference(synthetic_profiles, monkeypatch, poli
     assert bool(pools) == bool(getattr(fast.policy, "moves", None)), "MOVES should move GPUs"
     with monkeypatch.context() as m:
         _reference_scans(m)
+        SCANS[0] = 0
         ref = _run(cfg_kw)
+        assert type(ref.policy).__name__.startswith("_Scan") and SCANS[0] >= 600
     assert _outcomes(fast) == _outcomes(ref)
 
 

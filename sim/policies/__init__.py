@@ -1,17 +1,18 @@
-"""Serving policies, registered by name in one place. Each is a module with one class."""
+"""Serving policies, registered by name in one place (POLICIES). Each is a module with one class."""
 from __future__ import annotations
+
+from importlib import import_module
 
 from sim.config import ConfigError
 
-REGISTRY: dict[str, type] = {}
+# name -> "module:class" (the class's `name` is the same)
+POLICIES: dict[str, str] = {
+    "baseline": "sim.policies.baseline:Baseline",
+    "disaggregated": "sim.policies.disaggregated:Disaggregated",
+    "modality_aware": "sim.policies.modality_aware:ModalityAware",
+}
 
-
-def register(name: str):
-    def deco(cls):
-        REGISTRY[name] = cls
-        cls.name = name
-        return cls
-    return deco
+REGISTRY: dict[str, type] = {}     # name -> class, filled from POLICIES on first use
 
 
 def get_policy(name: str) -> type:
@@ -22,4 +23,8 @@ def get_policy(name: str) -> type:
 
 
 def _load() -> None:
-    from sim.policies import baseline, disaggregated, modality_aware  # noqa: F401  (registers)
+    for name, where in POLICIES.items():
+        if name not in REGISTRY:
+            mod, cls = where.split(":")
+            REGISTRY[name] = getattr(import_module(mod), cls)
+            assert REGISTRY[name].name == name, (where, REGISTRY[name].name)

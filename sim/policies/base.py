@@ -9,11 +9,13 @@ from typing import Any, Callable, ClassVar
 import simpy
 
 from sim.config import ConfigError, SimConfig
+from sim.eventloop import Timer, timeout
 from sim.gpu import GPU
 from sim.latency import LatencyModel
 from sim.mypyc_compat import mypyc_attr
 from sim.pipeline import handoff_bytes, plan_hops
 from sim.request import Request, StageRecord
+from sim.servers.ar import AREngine
 from sim.servers.jobs import Job
 
 PILOT_REQUESTS = 2000
@@ -60,11 +62,14 @@ class Flow:
         nxt.on_done = self._done
         delay = self.policy.transfer_delay(job, nxt)
         if delay > 0:
-            env = self.policy.env
             self.req.stages.append(StageRecord("transfer", "net", now, now, now + delay))
-            env.timeout(delay).callbacks.append(lambda _e: self.policy.dispatch(self, nxt, env.now))
+            timeout(self.policy.env, delay, self._arrived, nxt)
         else:
             self.policy.dispatch(self, nxt, now)
+
+    def _arrived(self, ev: Timer) -> None:
+        """A transfer has ended: the next hop (the event's value) starts."""
+        self.policy.dispatch(self, ev._value, self.policy.env._now)
 
 
 class PoolGPU(GPU):
@@ -76,6 +81,8 @@ class PoolGPU(GPU):
     def _done(self, tok: int) -> None:
         if tok == self.token:
             for e in self.engines:
+                if isinstance(e, AREngine):     # own queue, none shared (and no failing getattr)
+                    continue
                 q = getattr(e, "queue", None)
                 if q is not None:
                     q.free.hint(e)

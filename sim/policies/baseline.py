@@ -5,10 +5,12 @@ step granularity. Requests go to a replica of their model (least loaded or round
 from __future__ import annotations
 
 from operator import attrgetter
+from typing import ClassVar
 
 from profiler.models import load_model
 from sim.memory import Placement, kv_capacity_tokens
-from sim.policies import register, routing
+from sim.mypyc_compat import mypyc_attr
+from sim.policies import routing
 from sim.policies.base import Flow, Policy, match_fixed, size_pools
 from sim.servers.ar import AREngine, FrontEnd
 from sim.servers.batch import BatchEngine
@@ -36,9 +38,10 @@ class LeastLoaded(routing.LeastLoaded[Replica]):
         super().__init__(replicas, attrgetter("outstanding"), every_change=True)
 
 
-@register("baseline")
+@mypyc_attr(allow_interpreted_subclasses=True)     # (compiled: plug-ins and tests subclass it)
 class Baseline(Policy):
-    fused = True
+    name: ClassVar[str] = "baseline"
+    fused: ClassVar[bool] = True
 
     def build(self) -> None:
         c = self.cfg.cluster

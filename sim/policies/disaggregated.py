@@ -5,9 +5,12 @@ Encoder, DiT and VAE pools pull from one central queue per pool (work-conserving
 are vLLM engines with their own queues behind a least-outstanding-requests router."""
 from __future__ import annotations
 
+from typing import ClassVar
+
 from profiler.models import load_model
 from sim.memory import Placement
-from sim.policies import register
+from sim.mypyc_compat import mypyc_attr
+from sim.gpu import GPU
 from sim.policies.base import Flow, PoolGPU, match_fixed, size_pools
 from sim.policies.baseline import Baseline
 from sim.policies.routing import LeastLoaded
@@ -28,15 +31,18 @@ def pool_key(job: Job) -> str:
     return f"{ROLE_OF_STAGE[job.stage]}:{job.model}"
 
 
-@register("disaggregated")
+@mypyc_attr(allow_interpreted_subclasses=True)     # (compiled: plug-ins and tests subclass it)
 class Disaggregated(Baseline):
-    fused = False
-    priority = False
+    # ClassVars: what subclasses override on the class (see Policy)
+    name: ClassVar[str] = "disaggregated"
+    fused: ClassVar[bool] = False
+    order: ClassVar[str] = "fifo"                # shared-queue order for DiT / encoders
+    efficient_batching: ClassVar[bool] = False
+    colocate_light: ClassVar[bool] = False       # put pools needing < LIGHT_SHARE of a GPU on shared GPUs
+    gpu_class: ClassVar[type[GPU]] = PoolGPU     # a pool's GPUs share one queue: it indexes the free ones
+    # set per instance (modality_aware's build)
+    priority: bool = False
     shape_compat: str | None = None      # None: diffusion.shape_compat
-    order = "fifo"                       # shared-queue order for DiT / encoders
-    efficient_batching = False
-    colocate_light = False               # put pools needing < LIGHT_SHARE of a GPU on shared GPUs
-    gpu_class = PoolGPU                  # a pool's GPUs share one queue: it indexes the free ones
 
     def build(self) -> None:
         c = self.cfg.cluster

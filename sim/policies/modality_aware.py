@@ -8,8 +8,10 @@
   per GPU takes an idle GPU from the pool with the least (after a weight-reload delay)."""
 from __future__ import annotations
 
+from typing import ClassVar
+
 from profiler.models import load_model
-from sim.policies import register
+from sim.mypyc_compat import mypyc_attr
 from sim.policies.disaggregated import SHARED, Disaggregated
 from sim.servers.ar import AREngine
 from sim.servers.jobs import Job
@@ -17,12 +19,13 @@ from sim.servers.jobs import Job
 RELOAD_GB_S = 5.0          # host -> GPU weight load rate when a GPU changes pool
 
 
-@register("modality_aware")
+@mypyc_attr(allow_interpreted_subclasses=True)     # (compiled: plug-ins and tests subclass it)
 class ModalityAware(Disaggregated):
-    fused = False
-    colocate_light = True
-    order = "sjf"
-    efficient_batching = True
+    name: ClassVar[str] = "modality_aware"
+    fused: ClassVar[bool] = False
+    colocate_light: ClassVar[bool] = True
+    order: ClassVar[str] = "sjf"
+    efficient_batching: ClassVar[bool] = True
 
     def build(self) -> None:
         p = self.cfg.policy

@@ -18,6 +18,7 @@ from heapq import heappop, heappush
 
 import numpy as np
 
+from sim.eventloop import Timer, timeout
 from sim.gpu import Unit
 from sim.latency import LatencyModel
 from sim.request import StageRecord
@@ -26,7 +27,10 @@ from sim.servers.jobs import Job, StageQueue, start_record
 
 # jumps up to this many steps compute their step ends in Python floats (most of a large
 # cluster's: numpy's per-call cost dominates), longer ones with numpy; same values, bit for bit
-PY_MAX_STEPS = 24   # the measured break-even (numpy ~7 us a call, Python ~0.25 us a step)
+# the measured break-even, per build: interpreted, numpy ~7 us a call vs ~0.25 us a step in
+# Python: 24; compiled (sim.compile), ~15 us a call (lookups and tolist included) vs ~0.1 us a
+# step: ~190, kept within the steps tests/test_perf_ar_aggregate.py checks bit for bit
+PY_MAX_STEPS = 24 if __file__.endswith(".py") else 160
 
 
 @dataclass(frozen=True)
@@ -168,10 +172,13 @@ class AREngine:
             idle = self.gpu.cur is None and not self.has_work()
             delay = self.frontend.delay(job.tokens, idle, len(self.running))
         if delay > 0:
-            env = self.gpu.env
-            env.timeout(delay).callbacks.append(lambda _e: self._enter(job, env.now))
+            timeout(self.gpu.env, delay, self._entered, job)
         else:
             self._enter(job, now)
+
+    def _entered(self, ev: Timer) -> None:
+        """The front end has handed a submitted job (the event's value) to the engine."""
+        self._enter(ev._value, self.gpu.env._now)
 
     def _enter(self, job: Job, now: float) -> None:
         job.enqueued = now
@@ -207,7 +214,7 @@ class AREngine:
         # incrementally (need + out - generated = prompt + out - computed; queued: computed = 0)
         if self.jump_unit is None:
             return self._po - self._comp
-        return self.load_at(self.gpu.env.now)
+        return self.load_at(self.gpu.env._now)
 
     def load_at(self, now: float) -> int:
         """load() at the current time `now` (a jumped decode unit commits at its end: count

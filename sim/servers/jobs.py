@@ -40,6 +40,34 @@ class Job:
     enqueued: float = 0.0
     out_delay: float = 0.0     # from its last output leaving the engine to the client seeing it
 
+    # written out (the dataclass still gives repr): compiled, a native __init__ instead of the
+    # dataclass-generated Python one (one Job per hop)
+    def __init__(self, req: Request, stage: str, model: str,
+                 on_done: Optional[Callable[["Job", float], None]] = None, tokens: int = 0,
+                 vision_tokens: int = 0, out_tokens: int = 0, height: int = 0, width: int = 0,
+                 seq_len: int = 0, steps: int = 0, weight: int = 1, components: tuple = (),
+                 priority: int = 1, record: Optional[StageRecord] = None, server: str = "",
+                 work: float = 0.0, enqueued: float = 0.0, out_delay: float = 0.0) -> None:
+        self.req = req
+        self.stage = stage
+        self.model = model
+        self.on_done = on_done
+        self.tokens = tokens
+        self.vision_tokens = vision_tokens
+        self.out_tokens = out_tokens
+        self.height = height
+        self.width = width
+        self.seq_len = seq_len
+        self.steps = steps
+        self.weight = weight
+        self.components = components
+        self.priority = priority
+        self.record = record
+        self.server = server
+        self.work = work
+        self.enqueued = enqueued
+        self.out_delay = out_delay
+
     def shape(self, buckets: list[int] | None = None) -> tuple:
         if self.stage == "dit_step":
             return (_bucket(self.seq_len, buckets) if buckets else self.seq_len,)
