@@ -1,0 +1,93 @@
+"""sim.eventloop against SimPy itself: the same schedule run through `env.timeout(...)` +
+`env.run()` and through `eventloop.timeout(...)` + `eventloop.run()` gives the same events, in the
+same order, at the same times (processes, ties, zero delays, nested scheduling, failures)."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import simpy
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sim import eventloop
+
+
+def scenario(env: simpy.Environment, fast: bool, delays: list[float], log: list) -> None:
+    """Timers that schedule more timers, two SimPy processes, and ties at equal times."""
+    def later(delay: float, cb, value=None) -> None:
+        if fast:
+            eventloop.timeout(env, delay, cb, value)
+        else:
+            env.timeout(delay, value).callbacks.append(cb)
+
+    def tick(ev) -> None:
+        log.append((env.now, "tick", ev.value))
+        if ev.value is not None and ev.value < len(delays):
+            later(delays[ev.value], tick, ev.value + 1)
+            later(0.0, lambda e: log.append((env.now, "zero", None)))
+
+    def proc(name: str, gaps: list[float]):
+        for g in gaps:
+            yield env.timeout(g)
+            log.append((env.now, name, None))
+            later(g / 2, lambda e, n=name: log.append((env.now, n + "-timer", None)))
+
+    for i, d in enumerate(delays[:3]):
+        later(d, tick, i)
+    env.process(proc("p", [d + 0.5 for d in delays[:4]]))
+    env.process(proc("q", [1.0, 1.0, 0.0, 2.0]))
+
+
+def run_both(delays: list[float]) -> tuple[list, list, int]:
+    slow_env, fast_env = simpy.Environment(), simpy.Environment()
+    slow, fast = [], []
+    scenario(slow_env, False, delays, slow)
+    slow_env.run()
+    scenario(fast_env, True, delays, fast)
+    n = eventloop.run(fast_env)
+    return slow, fast, n
+
+
+def test_same_events_same_order():
+    slow, fast, n = run_both([1.0, 1.0, 0.5, 2.0, 0.0, 1.5, 1.0])
+    assert fast == slow and len(slow) > 20
+    assert n > len(slow)                     # every processed event is counted (process steps too)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.sampled_from([0.0, 0.25, 0.5, 1.0, 1.5]), min_size=4, max_size=12))
+def test_same_order_for_any_delays(delays):
+    slow, fast, _ = run_both(delays)
+    assert fast == slow
+
+
+def test_run_until_leaves_the_rest_queued_in_order():
+    rng = random.Random(3)
+    delays = [rng.choice([0.0, 0.5, 1.0]) for _ in range(10)]
+    env_a, env_b = simpy.Environment(), simpy.Environment()
+    a, b = [], []
+    scenario(env_a, True, delays, a)
+    scenario(env_b, True, delays, b)
+    eventloop.run_until(env_a, 2.0)
+    assert all(t < 2.0 for t, _, _ in a)
+    eventloop.run(env_a)
+    eventloop.run(env_b)
+    assert a == b
+
+
+def test_a_failed_event_crashes_the_run_as_simpy_does():
+    env = simpy.Environment()
+
+    def boom(env):
+        yield env.timeout(1.0)
+        raise KeyError("bad")
+
+    env.process(boom(env))
+    with pytest.raises(KeyError):
+        eventloop.run(env)
+
+
+def test_negative_delay_is_refused():
+    with pytest.raises(ValueError, match="Negative delay"):
+        eventloop.timeout(simpy.Environment(), -1.0, lambda e: None)
