@@ -102,7 +102,13 @@ class Grid:
         self.carr = [np.asarray(a, dtype=float) for a in self.axes]
         # in-grid lookups already made: point -> (value, whether a hole carried weight);
         # engines ask for the same points over and over (batch sizes, prompt lengths)
-        self.memo: dict[tuple, tuple[float, bool]] = {}
+        # (keyed by the point's coordinates, without a tuple: 1 axis {x: v}, 2 axes {x0: {x1: v}};
+        # v is the value, negated when a hole carried weight -- values are >= 1e-6 > 0)
+        self.memo1: dict[float, float] = {}
+        self.memo2: dict[float, dict[float, float]] = {}
+        self.nmemo = 0
+        self.cols: dict[int, _DecodeCol] = {}       # decode_series columns by batch, under
+        self.cols_mode: Any = None                  # this range policy
 
     def lo_hi(self) -> list[tuple[float, float]]:
         return [(a[0], a[-1]) for a in self.axes]
@@ -145,8 +151,13 @@ class LatencyModel:
         self._frames: dict[str, pd.DataFrame] = {}
         self._grids: dict[tuple, Grid] = {}
         self._mixed_per_seq: dict[str, float] = {}
-        self._cols: dict[tuple, _DecodeCol] = {}    # decode_series: batch-interpolated columns
         self._ar_grids: dict[tuple[str, str], Grid | None] = {}
+        self._pre: dict[str, Grid] = {}             # model -> its "prefill" / "decode" grid
+        self._dec: dict[str, Grid] = {}             # (the hot lookups: no tuple key)
+        self._dit: dict[str, Grid] = {}
+        self._te: dict[str, dict[str, Grid]] = {}   # model -> component -> text_encode grid
+        self._vis: dict[str, Grid] = {}
+        self._vae: dict[str, dict[str, Grid]] = {}  # model -> stage -> grid
 
     # --- tables ---------------------------------------------------------------------------
     def frame(self, model: str) -> pd.DataFrame:
@@ -191,17 +202,51 @@ class LatencyModel:
     def _lookup(self, g: Grid, xs: tuple[float, ...]) -> float:
         """Interpolated value at xs (the same arithmetic as _lookup_ref, on Python floats;
         in-grid points are memoised, their hole hits counted again on every use)."""
-        hit = g.memo.get(xs)
-        if hit is None:
-            hit = self._interp(g, xs)
+        if len(xs) == 2:
+            return self._lookup2(g, xs[0], xs[1])
+        if len(xs) == 1:
+            return self._lookup1(g, xs[0])
+        return self._lookup_ref(g, xs)
+
+    def _memo_full(self, g: Grid) -> None:
+        g.nmemo += 1
+        if g.nmemo > _MEMO_MAX:
+            g.memo1.clear()
+            g.memo2.clear()
+            g.nmemo = 1
+
+    def _lookup1(self, g: Grid, x: float) -> float:
+        """_lookup on a 1-axis grid."""
+        v = g.memo1.get(x)
+        if v is None:
+            hit = self._interp(g, (x,))
             if hit is None:
-                return self._lookup_ref(g, xs)
-            if len(g.memo) >= _MEMO_MAX:
-                g.memo.clear()
-            g.memo[xs] = hit
-        if hit[1]:
+                return self._lookup_ref(g, (x,))
+            self._memo_full(g)
+            v = -hit[0] if hit[1] else hit[0]
+            g.memo1[x] = v
+        if v < 0:
             self.hole_hits[g.name] += 1
-        return hit[0]
+            return -v
+        return v
+
+    def _lookup2(self, g: Grid, x0: float, x1: float) -> float:
+        """_lookup on a 2-axis grid."""
+        row = g.memo2.get(x0)
+        v = None if row is None else row.get(x1)
+        if v is None:
+            hit = self._interp(g, (x0, x1))
+            if hit is None:
+                return self._lookup_ref(g, (x0, x1))
+            self._memo_full(g)
+            if row is None or not g.memo2:     # (a clear empties memo2, not the row we hold)
+                row = g.memo2[x0] = {}
+            v = -hit[0] if hit[1] else hit[0]
+            row[x1] = v
+        if v < 0:
+            self.hole_hits[g.name] += 1
+            return -v
+        return v
 
     @staticmethod
     def _interp(g: Grid, xs: tuple[float, ...]) -> tuple[float, bool] | None:
@@ -304,16 +349,30 @@ class LatencyModel:
             self._ar_grids[(model, which)] = g
         return g
 
+    def _prefill_grid(self, model: str) -> Grid:
+        g = self._pre.get(model)
+        if g is None:
+            g = self._pre[model] = self._ar_grid(model, "prefill")
+        return g
+
+    def _decode_grid(self, model: str) -> Grid:
+        g = self._dec.get(model)
+        if g is None:
+            g = self._dec[model] = self._ar_grid(model, "decode")
+        return g
+
     def prefill(self, model: str, tokens: float) -> float:
-        return self._lookup(self._ar_grid(model, "prefill"), (tokens,))
+        return self._lookup1(self._prefill_grid(model), tokens)
 
     def decode(self, model: str, batch: float, context: float) -> float:
-        return self._lookup(self._ar_grid(model, "decode"), (batch, context))
+        return self._lookup2(self._decode_grid(model), batch, context)
 
     def _decode_col(self, g: Grid, batch: int) -> _DecodeCol:
         """The decode grid interpolated along the batch axis at `batch` (cached per batch)."""
-        ck = (id(g), batch, self.mode)
-        col = self._cols.get(ck)
+        if g.cols_mode is not self.mode:     # (columns depend on the range policy)
+            g.cols = {}
+            g.cols_mode = self.mode
+        col = g.cols.get(batch)
         if col is None:
             b_axis, v = g.axes[0], g.values
             i, w = _axis_pos(b_axis, batch)
@@ -326,14 +385,14 @@ class LatencyModel:
                 arr = v[0]
             n0 = len(b_axis)
             col = _DecodeCol(arr, arr.tolist(), inside, i, i + 1 if i + 1 < n0 else n0 - 1)
-            self._cols[ck] = col
+            g.cols[batch] = col
         return col
 
     def decode_series(self, model: str, batch: int, ctx0: float, k: int,
                       start_lookups: int = 1) -> np.ndarray:
         """decode(batch, ctx0 + i) for i in 0..k-1, vectorised (same bilinear rule as decode).
         start_lookups: see _end_lookups."""
-        g = self._ar_grid(model, "decode")
+        g = self._decode_grid(model)
         col = self._decode_col(g, batch)
         self._end_lookups(g, col, batch, ctx0, k, start_lookups)
         return self._decode_series(g, col.arr, ctx0, k)
@@ -350,8 +409,8 @@ class LatencyModel:
             if j is not None and col.inside and not self._cell_has_hole(g, col, j):
                 return
         for _ in range(start_lookups):
-            self._lookup(g, (batch, ctx0))
-        self._lookup(g, (batch, ctx0 + k - 1))
+            self._lookup2(g, batch, ctx0)
+        self._lookup2(g, batch, ctx0 + k - 1)
 
     def decode_ends(self, model: str, batch: int, ctx0: float, k: int, start_lookups: int = 1,
                     overhead: float = 0.0, host: float | None = None) -> list[float]:
@@ -360,7 +419,7 @@ class LatencyModel:
         not None, summed sequentially (numpy's cumsum order): the same floats as the numpy
         path, bit for bit. A jump is short (a dozen steps), so numpy's per-call cost, not its
         flops, would dominate."""
-        g = self._ar_grid(model, "decode")
+        g = self._decode_grid(model)
         col = self._decode_col(g, batch)
         self._end_lookups(g, col, batch, ctx0, k, start_lookups)
         ends = []
@@ -455,7 +514,7 @@ class LatencyModel:
         return t
 
     def _min_ctx(self, model: str) -> float:
-        return self._ar_grid(model, "decode").axes[1][0]
+        return self._decode_grid(model).axes[1][0]
 
     def prefill_context_cost(self, model: str, tokens: int, ctx: float) -> float:
         """Extra time of a chunk whose sequence already holds ctx cached tokens (from rows with
@@ -465,7 +524,7 @@ class LatencyModel:
             return 0.0
         saved, self.mode = self.mode, OutOfRange.clamp if self.mode is OutOfRange.error else self.mode
         try:
-            with_ctx = self._lookup(g, (tokens, ctx))
+            with_ctx = self._lookup2(g, tokens, ctx)
         finally:
             self.mode = saved
         return max(0.0, with_ctx - self.prefill(model, tokens))
@@ -504,6 +563,12 @@ class LatencyModel:
     # --- encoders, DiT, VAE -----------------------------------------------------------------
     def vision_encode(self, model: str, image_tokens: float) -> float:
         """Vision encoder time for a set of images holding image_tokens LLM tokens in all."""
+        g = self._vis.get(model)
+        if g is None:
+            g = self._vis[model] = self._vision_grid(model)
+        return self._lookup1(g, image_tokens)
+
+    def _vision_grid(self, model: str) -> Grid:
         df = self.frame(model)
         key = (model, "vision_encode", ("total",), "")
         g = self._grids.get(key)
@@ -513,18 +578,34 @@ class LatencyModel:
             d = d.groupby("total", as_index=False)["latency_ms_median"].median()
             g = Grid.from_frame(f"{model}/vision_encode", d, ["total"])
             self._grids[key] = g
-        return self._lookup(g, (image_tokens,))
+        return g
 
     def text_encode(self, model: str, component: str, batch: float, tokens: float) -> float:
-        g = self._grid(model, "text_encode", ["batch_size", "num_tokens"],
-                       lambda d: d["component"] == component, component)
-        return self._lookup(g, (batch, tokens))
+        by = self._te.get(model)
+        if by is None:
+            by = self._te[model] = {}
+        g = by.get(component)
+        if g is None:
+            g = by[component] = self._grid(model, "text_encode", ["batch_size", "num_tokens"],
+                                           lambda d: d["component"] == component, component)
+        return self._lookup2(g, batch, tokens)
 
     def dit_step(self, model: str, batch: float, seq_len: float) -> float:
-        g = self._grid(model, "dit_step", ["batch_size", "seq_len"])
-        return self._lookup(g, (batch, seq_len))
+        g = self._dit.get(model)
+        if g is None:
+            g = self._dit[model] = self._grid(model, "dit_step", ["batch_size", "seq_len"])
+        return self._lookup2(g, batch, seq_len)
 
     def vae(self, model: str, stage: str, batch: float, height: float, width: float) -> float:
+        by = self._vae.get(model)
+        if by is None:
+            by = self._vae[model] = {}
+        g = by.get(stage)
+        if g is None:
+            g = by[stage] = self._vae_grid(model, stage)
+        return self._lookup2(g, batch, height * width)
+
+    def _vae_grid(self, model: str, stage: str) -> Grid:
         key = (model, stage, ("batch_size", "pixels"), "")
         g = self._grids.get(key)
         if g is None:
@@ -535,7 +616,7 @@ class LatencyModel:
             d["pixels"] = d["height"] * d["width"]
             g = Grid.from_frame(f"{model}/{stage}", d, ["batch_size", "pixels"])
             self._grids[key] = g
-        return self._lookup(g, (batch, height * width))
+        return g
 
     def host_per_seq(self, model: str) -> float:
         """Host seconds per scheduled sequence in a synchronously timed step: the least-squares

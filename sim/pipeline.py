@@ -48,8 +48,58 @@ def plan_hops(req: Request, fused: bool) -> list[Job]:
     return hops
 
 
+# model -> bytes per unit of each stage's hand-off size (vision / prompt tokens, latent
+# tokens): the products handoff_bytes multiplies by, where all are integers (so the same
+# figures, exactly); -1 where not (or missing: the spec's own expression then, as before)
+_PER_UNIT: dict[str, tuple[int, int, int, int]] = {}
+
+
+def _product(spec: ModelSpec, part: str, keys: tuple[str, ...], square: str = "") -> int:
+    try:
+        d = spec.latent if part == "latent" else spec.components[part]
+        fs = [d[k] for k in keys] + [spec.dtype_bytes]
+        if square:
+            fs = [d[square], d[square]] + fs
+    except (KeyError, TypeError):
+        return -1
+    out = 1
+    for f in fs:
+        if type(f) is not int:
+            return -1
+        out *= f
+    return out
+
+
+def _per_unit(model: str) -> tuple[int, int, int, int]:
+    t = _PER_UNIT.get(model)
+    if t is None:
+        spec: ModelSpec = load_model(model)
+        t = (_product(spec, "vision", ("out_hidden_size",)), _product(spec, "llm", ("hidden_size",)),
+             _product(spec, "transformer", ("joint_attention_dim",)),
+             _product(spec, "latent", ("channels",), "patch_size"))
+        _PER_UNIT[model] = t
+    return t
+
+
 def handoff_bytes(job: Job) -> int:
     """Bytes the output of `job` carries to the next hop."""
+    stage = job.stage
+    if stage == "vae_encode":
+        return load_model(job.model).latent_bytes(job.height, job.width)
+    i = _STAGE_INDEX.get(stage, -1)
+    if i < 0:
+        return 0
+    per = _per_unit(job.model)[i]
+    if per >= 0:
+        return (job.seq_len if i == 3 else job.vision_tokens if i == 0 else job.tokens) * per
+    return _handoff_bytes_spec(job)
+
+
+_STAGE_INDEX = {"vision_encode": 0, "ar": 1, "text_encode": 2, "dit_step": 3}
+
+
+def _handoff_bytes_spec(job: Job) -> int:
+    """handoff_bytes from the model spec's fields (the reference)."""
     spec: ModelSpec = load_model(job.model)
     if job.stage == "vision_encode":
         return job.vision_tokens * spec.components["vision"]["out_hidden_size"] * spec.dtype_bytes

@@ -49,6 +49,7 @@ class Disaggregated(Baseline):
         work = self.pilot_work(pool_key)
         fixed = match_fixed(dict(c.pools), list(work), "cluster.pools")
         self.hosted: dict[str, list[str]] = {}     # host pool -> light pools riding on its GPUs
+        self._fused_by_model: dict[str, bool] = {}
         self.colocated: list[str] = []
         if self.colocate_light and not fixed:
             work = self._colocate(work, c.num_gpus)
@@ -100,9 +101,12 @@ class Disaggregated(Baseline):
 
     def is_fused(self, req) -> bool:
         """A vision encoder hosted on its LLM's GPUs runs inside the AR step, as vLLM does."""
-        spec = load_model(req.model)
-        vl = spec.condition_encoder or req.model
-        return f"encoder:{vl}" in self.hosted.get(f"llm:{vl}", ())
+        f = self._fused_by_model.get(req.model)
+        if f is None:       # (per model: `hosted` is set once, in build)
+            spec = load_model(req.model)
+            vl = spec.condition_encoder or req.model
+            f = self._fused_by_model[req.model] = f"encoder:{vl}" in self.hosted.get(f"llm:{vl}", ())
+        return f
 
     def queue(self, stage: str, model: str) -> StageQueue:
         k = (stage, model)

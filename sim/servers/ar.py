@@ -233,7 +233,17 @@ class AREngine:
         LLM engine per request): no call for engines without a decode unit in flight."""
         best, low = None, 0
         for e in engines:
-            r = e._po - e._comp if e.jump_unit is None else e.load_at(now)
+            r = e._po - e._comp
+            u = e.jump_unit
+            if u is not None:
+                # = load_at(now); its bisect is skipped when even the whole unit's steps could
+                # not bring the load under the lowest so far (no step count exceeds len(ends))
+                g = e.gpu
+                if g.cur is u and e.nd:
+                    ends = u.ends
+                    if best is not None and r - e.nd * len(ends) >= low:
+                        continue
+                    r -= e.nd * bisect_right(ends, now - g.start + 1e-12)
             if best is None or r < low:
                 best, low = e, r
         if best is None:
