@@ -28,6 +28,16 @@ SITECUSTOMIZE = r'''# written by profiler.gclog: log this process's garbage coll
 import os as _os
 
 
+def _mmsim_cmdline():
+    """This process's command line as it is now (vLLM retitles its engine core)."""
+    try:
+        with open("/proc/self/cmdline", "rb") as fh:
+            return fh.read().replace(b"\0", b" ").decode(errors="replace").strip()[:300]
+    except OSError:
+        import sys
+        return " ".join(sys.argv)[:300]
+
+
 def _mmsim_gclog():
     import atexit, gc, json, sys, time
     folder = _os.environ.get("MMSIM_GCLOG")
@@ -37,19 +47,12 @@ def _mmsim_gclog():
     st = {"pid": None, "f": None, "t": 0.0, "p": 0.0, "skipped": 0, "cmd": None}
     clock, wall = time.perf_counter, time.time
 
-    def cmdline():
-        try:
-            with open("/proc/self/cmdline", "rb") as fh:
-                return fh.read().replace(b"\0", b" ").decode(errors="replace").strip()[:300]
-        except OSError:
-            return " ".join(sys.argv)[:300]
-
     def out():
         pid = _os.getpid()
         if st["pid"] != pid:          # first record, or a forked child: its own file
             st["pid"], st["skipped"], st["cmd"] = pid, 0, None
             st["f"] = open(_os.path.join(folder, "gc_%d.jsonl" % pid), "a", buffering=1)
-        cmd = cmdline()               # re-read: a process may retitle itself (vLLM's EngineCore)
+        cmd = _mmsim_cmdline()        # re-read: a process may retitle itself (vLLM's EngineCore)
         if cmd != st["cmd"]:
             st["cmd"] = cmd
             st["f"].write(json.dumps({"pid": pid, "ppid": _os.getppid(), "cmd": cmd,
@@ -129,11 +132,7 @@ def _mmsim_stacks():
             if now - named_at > 1.0:
                 names = {t.ident: t.name for t in threading.enumerate()}
                 named_at = now
-                try:
-                    with open("/proc/self/cmdline", "rb") as fh:
-                        c = fh.read().replace(b"\0", b" ").decode(errors="replace").strip()[:300]
-                except OSError:
-                    c = " ".join(sys.argv)[:300]
+                c = _mmsim_cmdline()
                 if c != cmd:
                     cmd = c
                     f.write(json.dumps({"pid": pid, "cmd": cmd}) + "\n")

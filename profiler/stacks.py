@@ -24,7 +24,7 @@ from typing import Any, Optional
 import numpy as np
 
 from profiler.gclog import role
-from profiler.vllm_steplog import run_steplog
+from profiler.vllm_steplog import outside_engine_ms
 
 EAGER = ("output_code.py:__call__", "execution_fn", "qwen2.py:forward", "llama.py:forward")
 THREADS = (("api_server", "MainThread"), ("engine_core", "MainThread"),
@@ -69,8 +69,7 @@ def shares(samples, frames, pid: int, thread: str, windows: list[tuple[float, fl
 
 def outside_ms(path: Path, obj: dict[str, Any]) -> np.ndarray:
     """Per finished request: e2e - (queued + prefill + decode), ms (vLLM's own request times)."""
-    return np.array([(f[5] - (f[2] + f[3] + f[4])) * 1e3 for r in run_steplog(path, obj)
-                     for f in r.get("fin", [])])
+    return np.array(outside_engine_ms(path, obj))
 
 
 def report(folder: str | Path, tail_share: float = 0.03) -> list[dict[str, Any]]:

@@ -144,3 +144,9 @@ def read_steplog(path: str | Path, t0: float | None = None, t1: float | None = N
     p = Path(path)
     return [r for r in _parse(str(p), p.stat().st_mtime)
             if (t0 is None or r["t"] >= t0) and (t1 is None or r["t"] <= t1)]
+
+
+def outside_engine_ms(path: str | Path, result: dict) -> list[float]:
+    """Per finished request of a run: vLLM's end-to-end time minus its engine-core times (queued,
+    prefill, decode), ms: the API-side ingest plus the output path."""
+    return [(f[5] - f[2] - f[3] - f[4]) * 1e3 for r in run_steplog(path, result) for f in r.get("fin", ())]

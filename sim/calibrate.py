@@ -51,7 +51,7 @@ from typing import Any, Iterator, Optional
 
 import numpy as np
 
-from profiler.vllm_steplog import run_steplog
+from profiler.vllm_steplog import outside_engine_ms, run_steplog
 from sim.validate import find_bench_files, infer_model, validate_one
 
 GAP_S = 1.0          # seconds between replayed probe requests: the engine is idle at each arrival
@@ -124,8 +124,7 @@ def split_constants(rows: list[dict[str, Any]]) -> Optional[dict[str, float]]:
 
 def probe_api_ingest_ms(folder: str | Path) -> Optional[float]:
     """Median API-side time of probe requests: e2e - (queued + prefill + decode) from the step log."""
-    vals = [(f[5] - f[2] - f[3] - f[4]) * 1e3 for p, obj in runs_of(folder, is_probe)
-            for r in run_steplog(p, obj) for f in r.get("fin", ())]
+    vals = [v for p, obj in runs_of(folder, is_probe) for v in outside_engine_ms(p, obj)]
     return float(np.median(vals)) if vals else None
 
 

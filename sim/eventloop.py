@@ -16,6 +16,7 @@ from heapq import heappop, heappush
 from typing import Any, Callable
 
 NORMAL = 1          # simpy.events.NORMAL
+INF = float("inf")
 
 
 class Timer:
@@ -43,23 +44,12 @@ def timeout(env: Any, delay: float, callback: Callable[[Any], None], value: Any 
 
 def run(env: Any) -> int:
     """Process every scheduled event, in order, as env.run() does; returns how many."""
-    q: list = env._queue
-    n = 0
-    while q:
-        now, _, _, ev = heappop(q)
-        env._now = now
-        callbacks = ev.callbacks
-        ev.callbacks = None
-        for cb in callbacks:
-            cb(ev)
-        n += 1
-        if not ev._ok and not hasattr(ev, "_defused"):
-            _crash(ev)
-    return n
+    return run_until(env, INF)
 
 
 def run_until(env: Any, until: float) -> int:
-    """Process the events scheduled before `until` (the rest stay queued, in order)."""
+    """Process the events scheduled before `until` (the rest stay queued, in order); returns how
+    many. The one event loop: `run` is this with no bound."""
     q: list = env._queue
     n = 0
     while q and q[0][0] < until:
