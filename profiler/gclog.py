@@ -247,14 +247,15 @@ def run_summary(folder: str | Path, gclog_name: str) -> list[dict[str, Any]]:
     """Per run that names `gclog_name` in its provenance, per process role and generation: the
     collections inside the run's traffic window (count, longest, total), from the step log that
     the same runs name."""
+    from profiler.jsonfiles import json_files, read_json, run_name
     from profiler.vllm_steplog import read_steplog, resolve_steplog
     folder = Path(folder)
     procs, cols = read(folder / gclog_name)
     rows = []
-    for p in sorted(folder.glob("*.json")):
+    for p in json_files(folder):
         try:
-            obj = json.loads(p.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError):
+            obj = read_json(p)
+        except (json.JSONDecodeError, UnicodeDecodeError, EOFError, OSError):
             continue
         prov = obj.get("provenance") if isinstance(obj, dict) else None
         if not isinstance(prov, dict) or prov.get("gclog") != gclog_name or "run" not in prov:
@@ -267,7 +268,7 @@ def run_summary(folder: str | Path, gclog_name: str) -> list[dict[str, Any]]:
         for r in sorted({procs[c["pid"]]["role"] for c in cols if c["pid"] in procs}):
             for g in (0, 1, 2):
                 ds = [c["d"] for c in inside if c["g"] == g and procs.get(c["pid"], {}).get("role") == r]
-                rows.append({"run": p.stem, "window_s": round(win[1] - win[0], 2), "role": r, "gen": g,
+                rows.append({"run": run_name(p), "window_s": round(win[1] - win[0], 2), "role": r, "gen": g,
                              "logged": len(ds), "max_ms": round(max(ds) * 1e3, 2) if ds else 0.0,
                              "total_ms": round(sum(ds) * 1e3, 1)})
     return rows

@@ -24,6 +24,7 @@ from typing import Any, Optional
 import numpy as np
 
 from profiler.gclog import role
+from profiler.jsonfiles import json_files, read_json, run_name
 from profiler.vllm_steplog import outside_engine_ms
 
 EAGER = ("output_code.py:__call__", "execution_fn", "qwen2.py:forward", "llama.py:forward")
@@ -75,15 +76,15 @@ def outside_ms(path: Path, obj: dict[str, Any]) -> np.ndarray:
 def report(folder: str | Path, tail_share: float = 0.03) -> list[dict[str, Any]]:
     folder = Path(folder)
     out = []
-    for p in sorted(folder.glob("*.json")):
-        obj = json.loads(p.read_text())
+    for p in json_files(folder):
+        obj = read_json(p)
         prov = obj.get("provenance") if isinstance(obj, dict) else None
         if not isinstance(prov, dict) or not prov.get("stacklog") or "start_times" not in obj:
             continue
         roles, frames, samples = read_stacks(folder / prov["stacklog"])
         st, tt = np.array(obj["start_times"]), np.array(obj["ttfts"])
         tail = np.argsort(tt)[-max(1, int(len(tt) * tail_share)):]
-        rec: dict[str, Any] = {"run": p.stem, "requests": len(tt), "tail": len(tail),
+        rec: dict[str, Any] = {"run": run_name(p), "requests": len(tt), "tail": len(tail),
                                "tail_ttft_ms": [float(np.min(tt[tail]) * 1e3), float(np.max(tt[tail]) * 1e3)],
                                "threads": []}
         for who, thread in THREADS:
@@ -111,9 +112,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     if a.outside:
         for f in a.outside:
             path = Path(f)
-            o = outside_ms(path, json.loads(path.read_text()))
+            o = outside_ms(path, read_json(path))
             if o.size:
-                print(f"{path.stem:34s} {o.size:4d} requests  outside the engine core ms: p10 "
+                print(f"{run_name(path):34s} {o.size:4d} requests  outside the engine core ms: p10 "
                       f"{np.percentile(o, 10):5.1f}  p50 {np.median(o):5.1f}  p90 {np.percentile(o, 90):5.1f}  "
                       f"p99 {np.percentile(o, 99):5.1f}")
         return 0

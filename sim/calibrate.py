@@ -51,6 +51,7 @@ from typing import Any, Iterator, Optional
 
 import numpy as np
 
+from profiler.jsonfiles import read_json, run_name
 from profiler.vllm_steplog import outside_engine_ms, run_steplog
 from sim.validate import find_bench_files, infer_model, validate_one
 
@@ -68,7 +69,7 @@ def is_probe(obj: dict[str, Any]) -> bool:
 def runs_of(folder: str | Path, keep) -> Iterator[tuple[Path, dict[str, Any]]]:
     """(path, result) of the bench results under `folder` (not its report) that `keep` accepts."""
     for p in find_bench_files(Path(folder), exclude=Path(folder) / "report"):
-        obj = json.loads(p.read_text())
+        obj = read_json(p)
         if keep(obj):
             yield p, obj
 
@@ -90,15 +91,15 @@ def probe_offsets(folder: str | Path, profiles_dir: str = "traces/profiles",
             model = infer_model(p, obj)
             if model is None or not (Path(profiles_dir) / gpu / f"{model}.parquet").exists():
                 continue
-            spread = Path(tmp) / p.name
+            spread = Path(tmp) / f"{run_name(p)}.json"
             spread.write_text(json.dumps(spread_out(obj)))
-            row, _, sim_df = validate_one(spread, model, profiles_dir, gpu, Path(tmp) / p.stem, FRONTEND_OFF)
+            row, _, sim_df = validate_one(spread, model, profiles_dir, gpu, Path(tmp) / run_name(p), FRONTEND_OFF)
             meas = float(np.mean(obj["ttfts"])) * 1e3
             sim = float(sim_df["ttft_ms"].mean())
             hist = ((obj.get("provenance") or {}).get("server_metrics") or {}).get("histograms") or {}
             srv = (hist.get("time_to_first_token_seconds") or {}).get("mean")
             srv = float(srv) * 1e3 if srv is not None else float("nan")
-            rows.append({"run": p.stem, "model": model, "prompt_tokens": int(np.mean(obj["input_lens"])),
+            rows.append({"run": run_name(p), "model": model, "prompt_tokens": int(np.mean(obj["input_lens"])),
                          "measured_ttft_ms": meas, "server_ttft_ms": srv, "sim_zero_load_ttft_ms": sim,
                          "offset_ms": meas - sim, "client_ms": meas - srv, "idle_ms": srv - sim})
     return rows

@@ -1,5 +1,5 @@
 """The model's engine steps against a run's server step log (`serve_bench --steplog`):
-`python -m sim.steplog_check traces/validation/h100/*__r3.json`.
+`python -m sim.steplog_check traces/validation/h100/*__r3.json.gz`.
 
 For each run it prints (1) clean decode steps (no prompt record from one before to three after,
 see sim.validate.steplog_step_stats) binned by batch size: the logged median against the model's
@@ -18,6 +18,7 @@ from typing import Any, Optional
 import numpy as np
 import yaml
 
+from profiler.jsonfiles import read_json, run_name
 from profiler.vllm_steplog import run_steplog
 from sim.latency import LatencyModel
 from sim.validate import CONF_DIR, clean_decode_steps, infer_model
@@ -38,7 +39,7 @@ def served(host: list[float], sync_s: float, batch: int) -> float:
 
 
 def check_run(path: Path, lat: LatencyModel, hosts: dict[str, list[float]]) -> Optional[dict[str, Any]]:
-    obj = json.loads(path.read_text())
+    obj = read_json(path)
     lines = [r for r in run_steplog(path, obj) if "gen" in r]
     model = infer_model(path, obj)
     if len(lines) < 100 or model not in hosts:
@@ -49,7 +50,7 @@ def check_run(path: Path, lat: LatencyModel, hosts: dict[str, list[float]]) -> O
     run = np.array([r["run"] for r in lines])
     kv = np.array([r["kv"] for r in lines])
     gaps, clean = clean_decode_steps(lines)
-    out: dict[str, Any] = {"run": path.stem, "model": model, "decode": [], "windows": None}
+    out: dict[str, Any] = {"run": run_name(path), "model": model, "decode": [], "windows": None}
     for lo, hi in BINS:
         sel = clean & (run[1:] >= lo) & (run[1:] < hi)
         if sel.sum() < 20:
@@ -88,7 +89,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     for p in a.runs:
         r = check_run(Path(p), lat, hosts)
         if r is None:
-            print(f"== {Path(p).stem}: no step log (or too short, or no host constants)")
+            print(f"== {run_name(p)}: no step log (or too short, or no host constants)")
             continue
         print(f"== {r['run']}")
         for d in r["decode"]:

@@ -29,6 +29,7 @@ from typing import Any, Optional
 import numpy as np
 import pandas as pd
 
+from profiler.jsonfiles import read_text
 from profiler.models import TASKS, ModelSpec
 from sim.config import ConfigError, WorkloadConfig
 from sim.request import IMAGE_IN_TASKS, TEXT_OUT_TASKS, Request
@@ -59,10 +60,11 @@ FORMAT_BY_SUFFIX = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parq
 def detect_format(path: str | Path, fmt: str = "auto") -> str:
     if fmt != "auto":
         return fmt
-    suf = Path(path).suffix.lower()
+    name = Path(path).name.lower()
+    suf = ".json" if name.endswith(".json.gz") else Path(name).suffix
     if suf not in FORMAT_BY_SUFFIX:
         raise ConfigError(f"workload.trace.format=auto cannot tell the format of {str(path)!r}; "
-                          f"allowed: a file ending in {sorted(FORMAT_BY_SUFFIX)} or an explicit "
+                          f"allowed: a file ending in {sorted(FORMAT_BY_SUFFIX)} (.json also as .json.gz) or an explicit "
                           f"format (csv, jsonl, parquet, vllm_json)")
     return FORMAT_BY_SUFFIX[suf]
 
@@ -107,7 +109,7 @@ def normalise_table(df: pd.DataFrame, path: Any = "<table>", time_scale: float =
 
 
 def _read_json_obj(path: Path) -> dict[str, Any]:
-    text = path.read_text()
+    text = read_text(path)
     try:
         obj = json.loads(text)
     except json.JSONDecodeError:   # --append-result: one JSON object per line; take the last

@@ -26,6 +26,8 @@ from typing import Any, Optional
 import numpy as np
 import pandas as pd
 
+from profiler.jsonfiles import json_files, read_json, run_name
+
 ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = ROOT / "conf"
 
@@ -48,12 +50,12 @@ def is_bench_json(obj: Any) -> bool:
 
 def find_bench_files(folder: Path, exclude: Optional[Path] = None) -> list[Path]:
     out = []
-    for p in sorted(folder.rglob("*.json")):
+    for p in json_files(folder, recursive=True):
         if exclude is not None and exclude.resolve() in p.resolve().parents:
             continue
         try:
-            obj = json.loads(p.read_text())
-        except (OSError, ValueError):
+            obj = read_json(p)
+        except (OSError, ValueError, EOFError):
             continue
         if is_bench_json(obj):
             out.append(p)
@@ -142,7 +144,7 @@ def validate_one(path: Path, model: str, profiles_dir: str, gpu: str, outdir: Pa
                  extra: Optional[list[str]] = None) -> tuple[dict[str, Any], pd.DataFrame, pd.DataFrame]:
     from sim.runner import Run
     from sim.traces import load_vllm_bench
-    obj = json.loads(path.read_text())
+    obj = read_json(path)
     prov = obj.get("provenance") or {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -153,7 +155,7 @@ def validate_one(path: Path, model: str, profiles_dir: str, gpu: str, outdir: Pa
     sim_df = pd.read_parquet(outdir / "requests.parquet") if (outdir / "requests.parquet").exists() else pd.DataFrame()
     meas = measured_metrics(obj, meas_df)
     inf = is_inf_rate(obj)
-    row: dict[str, Any] = {"run": path.stem, "file": str(path), "model": model,
+    row: dict[str, Any] = {"run": run_name(path), "file": str(path), "model": model,
                            "request_rate": "inf" if inf else obj.get("request_rate"),
                            "burstiness": obj.get("burstiness"), "completed": obj.get("completed"),
                            "held_to_targets": not inf,
@@ -404,7 +406,7 @@ def validate_diffusion(path: Path, profiles_dir: str, gpu: str) -> list[dict[str
     stages for the same request batch: steps x dit_step(batch, latent tokens) + vae_decode."""
     from profiler.models import load_model
     from sim.latency import LatencyModel
-    obj = json.loads(Path(path).read_text())
+    obj = read_json(path)
     model = obj["model"]
     spec = load_model(model)
     lat = LatencyModel(Path(profiles_dir), gpu, "error")
@@ -418,7 +420,7 @@ def validate_diffusion(path: Path, profiles_dir: str, gpu: str) -> list[dict[str
         vae = lat.vae(model, "vae_decode", b, h, w)
         sim_ms, meas = (dit + vae) * 1e3, float(r["latency_ms_median"])
         err = sim_ms / meas - 1.0
-        rows.append({"run": f"{Path(path).stem}:{h}x{w}:b{b}", "model": model, "height": h, "width": w,
+        rows.append({"run": f"{run_name(path)}:{h}x{w}:b{b}", "model": model, "height": h, "width": w,
                      "batch_size": b, "steps": steps, "measured_ms": meas, "sim_ms": sim_ms,
                      "sim_dit_ms": dit * 1e3, "sim_vae_ms": vae * 1e3, "err": err,
                      "ok": abs(err) <= DIFFUSION_TARGET})
@@ -446,30 +448,30 @@ def run_validation(folder: str | Path, profiles_dir: str = "traces/profiles", gp
     rows: list[dict[str, Any]] = []
     curves = []
     for p in files:
-        obj = json.loads(Path(p).read_text())
+        obj = read_json(p)
         mdl = model or infer_model(Path(p), obj)
         if mdl is None:
-            rows.append({"run": Path(p).stem, "file": str(p), "model": None,
+            rows.append({"run": run_name(p), "file": str(p), "model": None,
                          "error": "cannot infer the model (no provenance.model, no model name in the file name)"})
             continue
         table = Path(profiles_dir) / gpu / f"{mdl}.parquet"
         if not table.exists():
-            rows.append({"run": Path(p).stem, "file": str(p), "model": mdl, "error": f"no profile table {table}"})
+            rows.append({"run": run_name(p), "file": str(p), "model": mdl, "error": f"no profile table {table}"})
             continue
         try:
-            row, mdf, sdf = validate_one(Path(p), mdl, profiles_dir, gpu, out / "sim" / Path(p).stem, extra)
+            row, mdf, sdf = validate_one(Path(p), mdl, profiles_dir, gpu, out / "sim" / run_name(p), extra)
         except Exception as e:  # noqa: BLE001 - one bad run must not hide the others
-            rows.append({"run": Path(p).stem, "file": str(p), "model": mdl, "error": f"{type(e).__name__}: {e}"})
+            rows.append({"run": run_name(p), "file": str(p), "model": mdl, "error": f"{type(e).__name__}: {e}"})
             continue
         rows.append(row)
-        curves.append((Path(p).stem, mdf, sdf))
+        curves.append((run_name(p), mdf, sdf))
     print_table(rows)
     diffusion: list[dict[str, Any]] = []
     if Path(folder).is_dir():
-        for p in sorted(Path(folder).rglob("*.json")):
+        for p in json_files(folder, recursive=True):
             try:
-                obj = json.loads(p.read_text())
-            except (OSError, ValueError):
+                obj = read_json(p)
+            except (OSError, ValueError, EOFError):
                 continue
             if is_diffusers_e2e(obj):
                 diffusion += validate_diffusion(p, profiles_dir, gpu)

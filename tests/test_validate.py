@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from profiler.jsonfiles import read_json  # noqa: E402
 from sim import validate as V  # noqa: E402
 
 H100_DIR = ROOT / "traces" / "validation" / "h100"
@@ -66,7 +67,7 @@ def validation_rows(tmp_path_factory):
                     "(produce with profiler/serve_bench.py on an H100, see traces/validation/README.md)")
     need = {}
     for p in files:
-        m = V.infer_model(p, json.loads(p.read_text()))
+        m = V.infer_model(p, read_json(p))
         need.setdefault(m, []).append(p)
     missing = [m for m in need if m is None or not (PROFILES / "h100" / f"{m}.parquet").exists()]
     usable = [p for m, ps in need.items() if m not in missing for p in ps]
@@ -524,7 +525,7 @@ def test_diffusers_pipeline_vs_sum_of_stages():
     """Issue 4 item 4: a real FluxPipeline run vs steps x dit_step + vae_decode from the table,
     target 5% on every point (short dit steps are profiled back to back, as a denoising loop runs
     them: timed one by one from an idle GPU the 512x512 batch-1 step was 92 ms instead of 73)."""
-    e2e = H100_DIR / "diffusers_flux_e2e.json"
+    e2e = H100_DIR / "diffusers_flux_e2e.json.gz"
     if not e2e.exists() or not (PROFILES / "h100" / "flux1_dev.parquet").exists():
         pytest.skip("no measured FluxPipeline run or flux1_dev table")
     rows = V.validate_diffusion(e2e, str(PROFILES), "h100")
@@ -614,11 +615,11 @@ def test_steplogs_hold_no_stalls_only_early_logged_prefill_steps():
     counts its prompt; once steps next to a prompt record are left out, decode steps run within
     15 ms of their batch's median in > 99% of cases (the model needs no stall process)."""
     from profiler.vllm_steplog import run_steplog
-    runs = sorted(H100_DIR.glob("*__r3.json"))
-    runs = [p for p in runs if run_steplog(p, json.loads(p.read_text()))]
+    runs = sorted(H100_DIR.glob("*__r3.json.gz"))
+    runs = [p for p in runs if run_steplog(p, read_json(p))]
     assert len(runs) >= 9
     for p in runs:
-        obj = json.loads(p.read_text())
+        obj = read_json(p)
         if "probe" in p.name:       # zero load: a prefill runs alone and is logged in its own record
             continue
         st = V.steplog_step_stats(run_steplog(p, obj))
@@ -638,7 +639,7 @@ def test_model_steps_match_the_step_logs():
     from sim.steplog_check import check_run, host_constants
     lat = LatencyModel(PROFILES, "h100", "clamp")
     hosts = host_constants()
-    rows = [check_run(p, lat, hosts) for p in sorted(H100_DIR.glob("*__r3.json"))
+    rows = [check_run(p, lat, hosts) for p in sorted(H100_DIR.glob("*__r3.json.gz"))
             if "probe" not in p.name]
     rows = [r for r in rows if r is not None]
     assert len(rows) == 6
