@@ -235,13 +235,13 @@ class EngineConfig:
     host_overhead_base_ms: float = 1.15
     host_overhead_per_seq_ms: Optional[float] = None
     # per model [base_ms, per_seq_ms] measured under `vllm serve` itself (sync table step minus the
-    # served decode step at batch N, from the concurrency ladder: `python -m sim.calibrate`); it
+    # served decode step at batch N, from the concurrency ladder: `python -m sim.tools.calibrate`); it
     # replaces the two above for that model
     host_overhead_by_model: dict[str, list[float]] = field(default_factory=dict)
     # API-server (frontend) time before a request reaches the engine core (HTTP, tokenization,
     # hand-off); it adds to TTFT and E2EL. 0 here (cluster scenarios model the engines); the
     # vLLM-serve replay (conf/experiment/replay_vllm_bench.yaml) sets the value measured with
-    # zero-load probes, `python -m sim.calibrate` (traces/validation/README.md).
+    # zero-load probes, `python -m sim.tools.calibrate` (traces/validation/README.md).
     frontend_ms: float = 0.0
     frontend_ms_per_prompt_token: float = 0.0
     # extra time to the first step when the engine is idle at the arrival (the engine core sleeps
@@ -251,7 +251,7 @@ class EngineConfig:
     # input queue: request handling and hand-off on the API server's one event loop, which also
     # processes every step's streamed outputs): base + per running sequence. It decides whether the
     # request makes the next scheduling point or waits one more step. Calibrated on the concurrency
-    # ladder's CPU series (traces/validation/h100/ladder, `python -m sim.calibrate`).
+    # ladder's CPU series (traces/validation/h100/ladder, `python -m sim.tools.calibrate`).
     api_ingest_ms: float = 0.0
     api_ingest_ms_per_running_seq: float = 0.0
     # a step's streamed tokens are handled one after another by the API server and the client, so

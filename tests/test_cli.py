@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 from conftest import make_cfg, rel_close
-from sim.runner import Run
+from sim.run.runner import Run
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 POLICIES = ("baseline", "disaggregated", "modality_aware")

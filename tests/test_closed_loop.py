@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from sim.config import ArrivalConfig, ConfigError, TraceConfig, WorkloadConfig
-from sim.runner import Run
-from sim.traces import load_vllm_bench
-from sim.workload import Workload
+from sim.run.runner import Run
+from sim.workloads.trace import load_vllm_bench
+from sim.workloads.synthetic import Workload
 
 
 def text_cfg(cfg_factory, n: int, conc, rate: float = 40.0, seed: int = 0):

@@ -6,8 +6,8 @@ import os
 
 import pytest
 
-import sim.compile as SC
-from sim.runner import Run
+import sim.tools.compile as SC
+from sim.run.runner import Run
 
 
 def test_stale_compiled_module_stops_the_run(tmp_path, monkeypatch, cfg_factory):
@@ -21,7 +21,7 @@ def test_stale_compiled_module_stops_the_run(tmp_path, monkeypatch, cfg_factory)
     monkeypatch.setattr(SC, "REPO", tmp_path)
     monkeypatch.setattr(SC, "built_files", lambda: [so])
     monkeypatch.setattr(SC, "_fresh_checked", False)
-    with pytest.raises(RuntimeError, match=r"older than their sources \['sim/servers/ar.py'\].*sim.compile"):
+    with pytest.raises(RuntimeError, match=r"older than their sources \['sim/servers/ar.py'\].*sim.tools.compile"):
         Run(cfg_factory())
     lib = tmp_path / "mmsim__mypyc.cpython-311-x86_64-linux-gnu.so"
     lib.write_bytes(b"")

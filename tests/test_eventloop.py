@@ -1,4 +1,4 @@
-"""sim.eventloop against SimPy itself: the same schedule run through `env.timeout(...)` +
+"""sim.core.kernel against SimPy itself: the same schedule run through `env.timeout(...)` +
 `env.run()` and through `eventloop.timeout(...)` + `eventloop.run()` gives the same events, in the
 same order, at the same times (processes, ties, zero delays, nested scheduling, failures)."""
 from __future__ import annotations
@@ -10,7 +10,7 @@ import simpy
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sim import eventloop
+from sim.core import kernel as eventloop
 
 
 def scenario(env: simpy.Environment, fast: bool, delays: list[float], log: list) -> None:

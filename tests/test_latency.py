@@ -1,4 +1,4 @@
-"""sim.latency.LatencyModel: interpolation over profile grids (exact on grid points, linear /
+"""sim.engines.latency.LatencyModel: interpolation over profile grids (exact on grid points, linear /
 bilinear between), the out-of-range policy (error / clamp / extrapolate, counted in report()),
 OOM holes (filled and counted), decode_series == repeated decode(), and clear errors for
 missing tables and stages."""
@@ -12,7 +12,7 @@ import pytest
 
 import conftest as C
 from profiler.schema import write_table
-from sim.latency import LatencyModel, MissingProfileError, OutOfGridError
+from sim.engines.latency import LatencyModel, MissingProfileError, OutOfGridError
 
 VL = "qwen2_5_vl_7b"
 

@@ -10,8 +10,8 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from conftest import make_cfg, rel_close
-from sim.runner import Run
-from sim.servers.ar import AREngine
+from sim.run.runner import Run
+from sim.engines.ar import AREngine
 
 SETTINGS = dict(max_examples=12, deadline=None, derandomize=True, database=None,
                 phases=[Phase.explicit, Phase.reuse, Phase.generate],
@@ -97,7 +97,7 @@ def test_short_jump_ends_equal_the_numpy_series(synthetic_profiles, batch, ctx, 
     """A jump's step ends on Python floats (_decode_ends, used up to PY_MAX_STEPS steps) equal
     the numpy ones (_decode_ends_np) bit for bit across grid cells, overhead and async host time
     included, with the same lookup counts."""
-    from sim.latency import LatencyModel
+    from sim.engines.latency import LatencyModel
     lats = [LatencyModel(synthetic_profiles, "h100", mode) for _ in range(2)]
     py, vec = (AREngine("qwen2_5_vl_7b", lat, 1 << 20, step_overhead_s=overhead, host_s=host[0],
                         host_per_seq_s=host[1]) for lat in lats)

@@ -1,6 +1,6 @@
 """The indexed structures behind routing and queueing pick exactly what the scans they replace
 pick: the lazy least-loaded heap (sim.policies.routing), the free-GPU heap of a shared queue
-(sim.servers.jobs.FreeEngines), the sjf (highest response ratio next) order, and, end to end,
+(sim.engines.queues.FreeEngines), the sjf (highest response ratio next) order, and, end to end,
 whole disaggregated / modality_aware runs against the same runs with the scans put back."""
 from __future__ import annotations
 
@@ -10,14 +10,14 @@ from hypothesis import strategies as st
 
 from conftest import make_cfg
 from sim import policies
-from sim.policies.disaggregated import Disaggregated
-from sim.policies.modality_aware import ModalityAware
+from sim.policies.placement import Disaggregated
+from sim.policies.scaling import ModalityAware
 from sim.policies.routing import LeastLoaded
-from sim.request import Request
-from sim.runner import Run
-from sim.servers.ar import AREngine
-from sim.servers import jobs
-from sim.servers.jobs import Job, StageQueue
+from sim.core.records import Request
+from sim.run.runner import Run
+from sim.engines.ar import AREngine
+from sim.engines import queues as jobs
+from sim.engines.queues import Job, StageQueue
 
 
 class Item:

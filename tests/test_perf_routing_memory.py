@@ -10,11 +10,11 @@ import pytest
 
 from conftest import make_cfg
 from sim.config import WorkloadConfig
-from sim.policies.base import Flow
-from sim.request import Request
-from sim.runner import Run
-from sim.servers.jobs import Job
-from sim.workload import Workload
+from sim.policies.policy import Flow
+from sim.core.records import Request
+from sim.run.runner import Run
+from sim.engines.queues import Job
+from sim.workloads.synthetic import Workload
 
 
 def _alive(types: tuple[type, ...]) -> int:

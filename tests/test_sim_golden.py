@@ -21,7 +21,7 @@ import pandas as pd
 import pytest
 
 from conftest import make_cfg, rel_close
-from sim.runner import Run
+from sim.run.runner import Run
 
 GOLDEN = Path(__file__).resolve().parent / "golden" / "golden_summary.json"
 POLICIES = ("baseline", "disaggregated", "modality_aware")

@@ -13,10 +13,10 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from conftest import make_cfg, rel_close
-from sim.request import TEXT_OUT_TASKS
-from sim.runner import Run
-from sim.servers.ar import AREngine
-from sim.servers.dit import DiTEngine
+from sim.core.records import TEXT_OUT_TASKS
+from sim.run.runner import Run
+from sim.engines.ar import AREngine
+from sim.engines.dit import DiTEngine
 
 POLICIES = ("baseline", "disaggregated", "modality_aware")
 EPS = 1e-9

@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 
 from sim.config import ArrivalConfig, ConfigError, TraceConfig, WorkloadConfig
-from sim.traces import load_trace, load_vllm_bench
-from sim.workload import Workload
+from sim.workloads.trace import load_trace, load_vllm_bench
+from sim.workloads.synthetic import Workload
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "traces" / "workloads"

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from profiler.models import load_model
 from sim.config import (ArrivalConfig, ConfigError, ImageSizeConfig, LengthDist, WorkloadConfig)
 from sim.rng import stream
-from sim.workload import (Workload, gamma_arrivals, image_tokens, mmpp_arrivals, sample_image_sizes,
+from sim.workloads.synthetic import (Workload, gamma_arrivals, image_tokens, mmpp_arrivals, sample_image_sizes,
                           sample_lengths)
 
 

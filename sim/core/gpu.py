@@ -13,8 +13,8 @@ from heapq import heappush
 from collections import defaultdict
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-from sim.eventloop import NORMAL, Timer
-from sim.mypyc_compat import mypyc_attr
+from sim.core.kernel import NORMAL, Timer
+from sim.core.mypyc_compat import mypyc_attr
 
 if TYPE_CHECKING:
     import simpy
@@ -70,7 +70,7 @@ def _bisect_ends(ends: Sequence[float], x: float) -> int:
     return bisect_left(ends, x)
 
 
-@mypyc_attr(allow_interpreted_subclasses=True)     # (compiled: PoolGPU, sim.policies.base)
+@mypyc_attr(allow_interpreted_subclasses=True)     # (compiled: PoolGPU, sim.policies.policy)
 class GPU:
     def __init__(self, env: "simpy.Environment", gid: int, node: int, step_jump: bool = True):
         self.env = env
@@ -155,7 +155,7 @@ class GPU:
         u = self.cur
         assert u is not None
         # the event's value is its token: a cut reschedules, and the stale event is ignored.
-        # = env.timeout(delay, token).callbacks.append(self._on_timer) (sim.eventloop.timeout)
+        # = env.timeout(delay, token).callbacks.append(self._on_timer) (sim.core.kernel.timeout)
         now = env._now
         delay = self.start + u.ends[k - 1] - now
         if delay < 0:

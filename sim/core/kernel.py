@@ -8,7 +8,7 @@ _value): no Timeout.__init__, no Environment.schedule call. `run(env)` pops and 
 heap exactly as `env.run()` does (one env.step per event) without a method call per event, and
 counts the events. Any SimPy event (processes, plain timeouts) runs through either loop.
 
-Compiled with the hot path (sim.compile); the results are the same bit for bit either way.
+Compiled with the hot path (sim.tools.compile); the results are the same bit for bit either way.
 """
 from __future__ import annotations
 

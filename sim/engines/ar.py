@@ -18,17 +18,17 @@ from heapq import heappop, heappush
 
 import numpy as np
 
-from sim.eventloop import Timer, timeout
-from sim.gpu import Unit
-from sim.latency import LatencyModel
-from sim.request import StageRecord
-from sim.servers.jobs import Job, StageQueue, start_record
+from sim.core.kernel import Timer, timeout
+from sim.core.gpu import Unit
+from sim.engines.latency import LatencyModel
+from sim.core.records import StageRecord
+from sim.engines.queues import Job, StageQueue, start_record
 
 
 # jumps up to this many steps compute their step ends in Python floats (most of a large
 # cluster's: numpy's per-call cost dominates), longer ones with numpy; same values, bit for bit
 # the measured break-even, per build: interpreted, numpy ~7 us a call vs ~0.25 us a step in
-# Python: 24; compiled (sim.compile), ~15 us a call (lookups and tolist included) vs ~0.1 us a
+# Python: 24; compiled (sim.tools.compile), ~15 us a call (lookups and tolist included) vs ~0.1 us a
 # step: ~190, kept within the steps tests/test_perf_ar_aggregate.py checks bit for bit
 PY_MAX_STEPS = 24 if __file__.endswith(".py") else 160
 

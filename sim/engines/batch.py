@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from sim.gpu import Unit
-from sim.latency import LatencyModel
-from sim.servers.jobs import Job, StageQueue, start_record
+from sim.core.gpu import Unit
+from sim.engines.latency import LatencyModel
+from sim.engines.queues import Job, StageQueue, start_record
 
 
 class BatchEngine:
@@ -16,7 +16,7 @@ class BatchEngine:
         self.model = model
         self.queue = queue
         queue.engines.append(self)
-        self.lat: Any = lat             # None with a synthetic `service` (sim.queueing)
+        self.lat: Any = lat             # None with a synthetic `service` (sim.studies.queueing)
         self.max_batch = max_batch
         self.service = service          # optional callable(jobs) -> seconds (synthetic laws)
         self.max_batch_tokens = max_batch_tokens   # vision encoder: image tokens per pass

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from sim.gpu import EqualSteps, Unit
-from sim.latency import LatencyModel
-from sim.servers.jobs import Job, StageQueue, start_record
+from sim.core.gpu import EqualSteps, Unit
+from sim.engines.latency import LatencyModel
+from sim.engines.queues import Job, StageQueue, start_record
 
 
 MIN_BATCH_GAIN = 0.05   # efficient_only: join only if the joint step saves >= 5% over separate steps

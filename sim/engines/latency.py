@@ -19,7 +19,7 @@ import pandas as pd
 from profiler.models import ModelSpec, load_model
 from profiler.schema import read_table
 from sim.config import OutOfRange
-from sim.mypyc_compat import mypyc_attr
+from sim.core.mypyc_compat import mypyc_attr
 
 
 _MEMO_MAX = 1 << 16      # memoised points per grid (cleared when full: bounded memory)

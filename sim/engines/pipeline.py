@@ -3,8 +3,8 @@ each hop hands to the next (for transfer costs between GPUs)."""
 from __future__ import annotations
 
 from profiler.models import ModelSpec, load_model
-from sim.request import Request
-from sim.servers.jobs import PRIORITY, Job
+from sim.core.records import Request
+from sim.engines.queues import PRIORITY, Job
 
 
 def plan_hops(req: Request, fused: bool) -> list[Job]:

@@ -7,12 +7,12 @@ from heapq import heappop, heappush
 from itertools import chain
 from typing import Any, Callable, Iterator, Optional
 
-from sim.mypyc_compat import mypyc_attr
-from sim.request import Request, StageRecord
+from sim.core.mypyc_compat import mypyc_attr
+from sim.core.records import Request, StageRecord
 
 PRIORITY = {"interactive": 0, "standard": 1, "batch": 2}
 
-# what a StageQueue holds: Jobs, or an AR engine's Seqs (sim.servers.ar: duck-typed priority,
+# what a StageQueue holds: Jobs, or an AR engine's Seqs (sim.engines.ar: duck-typed priority,
 # work and enqueued)
 Queued = Any
 
@@ -187,7 +187,7 @@ class FreeEngines:
     a scan of the engines finds, from a heap of positions instead of a scan of a large pool.
 
     A GPU becomes free only when one of its units ends; GPUs that report that (`reports_unit_end`,
-    see sim.policies.base.PoolGPU) hint their engines back into the heap then, and a lookup drops
+    see sim.policies.policy.PoolGPU) hint their engines back into the heap then, and a lookup drops
     the busy entries it meets on top. Queues whose GPUs do not report are scanned. Membership
     changes (an append to `engines`, or StageQueue.unsubscribe) re-index."""
 

@@ -8,8 +8,8 @@ from sim.config import ConfigError
 # name -> "module:class" (the class's `name` is the same)
 POLICIES: dict[str, str] = {
     "baseline": "sim.policies.baseline:Baseline",
-    "disaggregated": "sim.policies.disaggregated:Disaggregated",
-    "modality_aware": "sim.policies.modality_aware:ModalityAware",
+    "disaggregated": "sim.policies.placement:Disaggregated",
+    "modality_aware": "sim.policies.scaling:ModalityAware",
 }
 
 REGISTRY: dict[str, type] = {}     # name -> class, filled from POLICIES on first use

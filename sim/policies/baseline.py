@@ -8,14 +8,14 @@ from operator import attrgetter
 from typing import ClassVar
 
 from profiler.models import load_model
-from sim.memory import Placement, kv_capacity_tokens
-from sim.mypyc_compat import mypyc_attr
+from sim.engines.memory import Placement, kv_capacity_tokens
+from sim.core.mypyc_compat import mypyc_attr
 from sim.policies import routing
-from sim.policies.base import Flow, Policy, match_fixed, size_pools
-from sim.servers.ar import AREngine, FrontEnd
-from sim.servers.batch import BatchEngine
-from sim.servers.dit import DiTEngine
-from sim.servers.jobs import Job, StageQueue
+from sim.policies.policy import Flow, Policy, match_fixed, size_pools
+from sim.engines.ar import AREngine, FrontEnd
+from sim.engines.batch import BatchEngine
+from sim.engines.dit import DiTEngine
+from sim.engines.queues import Job, StageQueue
 
 
 class Replica:

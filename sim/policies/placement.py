@@ -8,16 +8,16 @@ from __future__ import annotations
 from typing import ClassVar
 
 from profiler.models import load_model
-from sim.memory import Placement
-from sim.mypyc_compat import mypyc_attr
-from sim.gpu import GPU
-from sim.policies.base import Flow, PoolGPU, match_fixed, size_pools
+from sim.engines.memory import Placement
+from sim.core.mypyc_compat import mypyc_attr
+from sim.core.gpu import GPU
+from sim.policies.policy import Flow, PoolGPU, match_fixed, size_pools
 from sim.policies.baseline import Baseline
 from sim.policies.routing import LeastLoaded
-from sim.servers.ar import AREngine
-from sim.servers.batch import BatchEngine
-from sim.servers.dit import DiTEngine
-from sim.servers.jobs import Job, StageQueue
+from sim.engines.ar import AREngine
+from sim.engines.batch import BatchEngine
+from sim.engines.dit import DiTEngine
+from sim.engines.queues import Job, StageQueue
 
 ROLE_OF_STAGE = {"ar": "llm", "vision_encode": "encoder", "text_encode": "text_encoder",
                  "vae_encode": "vae", "vae_decode": "vae", "dit_step": "dit"}

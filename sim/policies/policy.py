@@ -9,14 +9,14 @@ from typing import Any, Callable, ClassVar
 import simpy
 
 from sim.config import ConfigError, SimConfig
-from sim.eventloop import Timer, timeout
-from sim.gpu import GPU
-from sim.latency import LatencyModel
-from sim.mypyc_compat import mypyc_attr
-from sim.pipeline import handoff_bytes, plan_hops
-from sim.request import Request, StageRecord
-from sim.servers.ar import AREngine
-from sim.servers.jobs import Job
+from sim.core.kernel import Timer, timeout
+from sim.core.gpu import GPU
+from sim.engines.latency import LatencyModel
+from sim.core.mypyc_compat import mypyc_attr
+from sim.engines.pipeline import handoff_bytes, plan_hops
+from sim.core.records import Request, StageRecord
+from sim.engines.ar import AREngine
+from sim.engines.queues import Job
 
 PILOT_REQUESTS = 2000
 DECODE_BATCH_FOR_ESTIMATES = 32
@@ -75,7 +75,7 @@ class Flow:
 class PoolGPU(GPU):
     """A GPU that, whenever one of its units ends (the only moment it can become free), tells the
     queues its engines take from, so each finds its first free GPU without scanning the pool
-    (sim.servers.jobs.FreeEngines)."""
+    (sim.engines.queues.FreeEngines)."""
     reports_unit_end: ClassVar[bool] = True
 
     def _done(self, tok: int) -> None:
@@ -91,7 +91,7 @@ class PoolGPU(GPU):
 
 @mypyc_attr(allow_interpreted_subclasses=True)     # (compiled: the policies subclass it)
 class Policy:
-    # ClassVars: subclasses override them on the class, which compiled code (sim.compile) reads
+    # ClassVars: subclasses override them on the class, which compiled code (sim.tools.compile) reads
     # only for a ClassVar (an instance attribute with a default would keep the default)
     name: ClassVar[str] = "base"
     fused: ClassVar[bool] = True              # vision encoding inside the AR step

@@ -11,10 +11,10 @@ from __future__ import annotations
 from typing import ClassVar
 
 from profiler.models import load_model
-from sim.mypyc_compat import mypyc_attr
-from sim.policies.disaggregated import SHARED, Disaggregated
-from sim.servers.ar import AREngine
-from sim.servers.jobs import Job
+from sim.core.mypyc_compat import mypyc_attr
+from sim.policies.placement import SHARED, Disaggregated
+from sim.engines.ar import AREngine
+from sim.engines.queues import Job
 
 RELOAD_GB_S = 5.0          # host -> GPU weight load rate when a GPU changes pool
 

@@ -15,7 +15,7 @@ p99s come from QuantileSketches (relative error 0.5%), their means are exact.
 
 Which quantiles are exact: every per-request statistic (TTFT, TPOT, E2EL, queue; overall and
 per task; mean/median/std/p90/p99) is computed by numpy from the full per-request columns, so it
-is exact. ITL (``*_itl_ms``) and ``per_stage`` ``p99_*`` come from ``sim.sketch.QuantileSketch``:
+is exact. ITL (``*_itl_ms``) and ``per_stage`` ``p99_*`` come from ``sim.run.sketch.QuantileSketch``:
 the returned quantile is within relative error ``alpha`` (0.5%: ``|x~ - x| <= 0.005 x``) of the
 exact weighted lower quantile; their mean/std/count stay exact (up to float summation order).
 Memory: about 100 bytes per completed request (the columns) plus a few thousand sketch buckets,
@@ -32,9 +32,9 @@ import numpy as np
 import pandas as pd
 
 from sim.config import SLOConfig
-from sim.output import REQUEST_COLUMNS, meets_slo, request_row, rows_to_table
-from sim.request import TEXT_OUT_TASKS, Request
-from sim.sketch import QuantileSketch
+from sim.run.output import REQUEST_COLUMNS, meets_slo, request_row, rows_to_table
+from sim.core.records import TEXT_OUT_TASKS, Request
+from sim.run.sketch import QuantileSketch
 
 _FLUSH = 1 << 16          # buffered sketch values folded in per vectorised add_many
 

@@ -12,19 +12,19 @@ from typing import Iterator
 import simpy
 from simpy.events import URGENT
 
-from sim import eventloop
-from sim.compile import check_fresh
+from sim.core import kernel as eventloop
+from sim.tools.compile import check_fresh
 from sim.config import SimConfig
-from sim.latency import LatencyModel
-from sim.metrics import MetricsCollector
-from sim.output import RequestsParquetWriter, write_json_atomic
+from sim.engines.latency import LatencyModel
+from sim.run.metrics import MetricsCollector
+from sim.run.output import RequestsParquetWriter, write_json_atomic
 from sim.policies import get_policy
-from sim.policies.base import PILOT_REQUESTS, SimContext
-from sim.workload import Workload
+from sim.policies.policy import PILOT_REQUESTS, SimContext
+from sim.workloads.synthetic import Workload
 
 timeout = eventloop.timeout
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 GC_YOUNG_THRESHOLD = 100_000    # allocations between young collections while simulating (700)
 
 
@@ -67,7 +67,7 @@ class Run:
         self.n_total = len(self.workload)
         self.completed = 0
         self.arrived = 0
-        self.steps = 0                    # SimPy events processed (sim.eventloop.run)
+        self.steps = 0                    # SimPy events processed (sim.core.kernel.run)
         self.last_finish = 0.0
         self.writer = None
         self._on_arrival = self._arrive   # one bound method for every arrival event

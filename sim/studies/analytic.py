@@ -1,7 +1,7 @@
 """Analytic layer: closed-form capacity numbers for one model on one GPU, each next to the
 measurement it can be checked against, with the relative error reported (never hidden).
 
-    python -m sim.analytic model=qwen_image gpu=h100 [profiles_dir=traces/profiles] [sim=true]
+    python -m sim.studies.analytic model=qwen_image gpu=h100 [profiles_dir=traces/profiles] [sim=true]
 
 prints a JSON report. What it computes (DESIGN.md, "Analytic layer"):
 
@@ -44,9 +44,9 @@ import pandas as pd
 
 from profiler.models import ModelSpec, UnknownModelError, available_models, load_model
 from sim.config import ConfigError, SimConfig
-from sim.memory import DIFFUSION_STATE_BYTES_PER_TOKEN, FRAMEWORK_OVERHEAD_BYTES, GIB
+from sim.engines.memory import DIFFUSION_STATE_BYTES_PER_TOKEN, FRAMEWORK_OVERHEAD_BYTES, GIB
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 NVLINK_LATENCY_S = 5e-6          # per all-reduce launch + sync (NCCL small-message floor)
 DEFAULT_NVLINK_GB_S = 450.0
 GPU_MEM_GIB = {"h100": 80.0, "h200": 141.0}
@@ -54,7 +54,7 @@ TYPICAL = {"prompt_tokens": 600, "output_tokens": 250, "image": (1024, 1024)}
 DECODE_BATCH_FOR_BOUND = 32      # the simulator's own estimate batch (policies/base.py)
 ACT_TENSORS_LLM = 6              # live hidden-sized tensors per token in one LLM layer step
 ACT_TENSORS_MLP = 2              # live intermediate-sized tensors per token (gate, up)
-USAGE = ("usage: python -m sim.analytic model=<name> gpu=<gpu> [profiles_dir=<dir>] "
+USAGE = ("usage: python -m sim.studies.analytic model=<name> gpu=<gpu> [profiles_dir=<dir>] "
          "[sim=true|false] [num_requests=<n>]")
 
 
@@ -193,8 +193,8 @@ def resolve_tables(profiles_dir: str | Path, gpu: str, model: str) -> tuple[Path
 
 def typical_request(spec: ModelSpec):
     """The model's typical request (see module doc) as a sim Request."""
-    from sim.request import Request
-    from sim.workload import image_tokens
+    from sim.core.records import Request
+    from sim.workloads.synthetic import image_tokens
     if spec.family in ("llm", "vlm"):
         task = "understand" if spec.family == "vlm" else "text"
         ins = (TYPICAL["image"],) if spec.family == "vlm" else ()
@@ -219,7 +219,7 @@ class _Stages:
     """Per-stage serial latency and best-batch per-request cost of the typical request."""
 
     def __init__(self, lat, spec: ModelSpec, req):
-        from sim.pipeline import plan_hops
+        from sim.engines.pipeline import plan_hops
         self.lat, self.spec, self.req = lat, spec, req
         self.hops = plan_hops(req, fused=False)
         self.serial: dict[str, float] = {}       # seconds
@@ -545,7 +545,7 @@ def saturation_config(spec: ModelSpec, req, root: Path, folder: str, rate: float
 
 
 def simulate_saturation(spec, req, root, folder, bound_batched: float, num_requests: int) -> dict:
-    from sim.runner import Run
+    from sim.run.runner import Run
     cfg = saturation_config(spec, req, root, folder, rate=3.0 * bound_batched, num_requests=num_requests)
     s = Run(cfg, None, keep_rows=0).run()
     return {"request_throughput": s["request_throughput"], "num_requests": num_requests,
@@ -559,7 +559,7 @@ def simulate_saturation(spec, req, root, folder, bound_batched: float, num_reque
 
 def report(model: str, gpu: str = "h100", profiles_dir: str | Path = "traces/profiles",
            simulate: bool = True, num_requests: int | None = None) -> dict[str, Any]:
-    from sim.latency import LatencyModel
+    from sim.engines.latency import LatencyModel
     spec = load_model(model)
     root, folder = resolve_tables(profiles_dir, gpu, model)
     lat = LatencyModel(root, folder, "clamp")

@@ -214,7 +214,7 @@ def meets(s: dict, cap, slo_s: float = math.inf) -> bool:
 
 def run_probe(cfg: SimConfig, policy: str, num_gpus: int, rate: float) -> dict[str, Any]:
     """One simulation; a compact record (an infeasible layout is an error record, not a crash)."""
-    from sim.runner import Run
+    from sim.run.runner import Run
     rec: dict[str, Any] = {"policy": policy, "num_gpus": int(num_gpus), "rate": float(rate)}
     t0 = time.perf_counter()
     try:
@@ -369,7 +369,7 @@ def run_capacity(cfg: SimConfig, outdir: Path | None) -> dict[str, Any]:
     the table; returns the result dict."""
     result = plan(cfg)
     if outdir is not None:
-        from sim.output import write_json_atomic
+        from sim.run.output import write_json_atomic
         Path(outdir).mkdir(parents=True, exist_ok=True)
         write_json_atomic(Path(outdir) / "capacity.json", result)
     print(format_table(result))

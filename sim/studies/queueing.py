@@ -12,13 +12,13 @@ import pandas as pd
 import simpy
 
 from sim.config import SimConfig
-from sim.gpu import GPU
-from sim.output import write_json_atomic
-from sim.request import Request
+from sim.core.gpu import GPU
+from sim.run.output import write_json_atomic
+from sim.core.records import Request
 from sim.rng import stream
-from sim.servers.batch import BatchEngine
-from sim.servers.jobs import Job, StageQueue
-from sim.workload import gamma_arrivals
+from sim.engines.batch import BatchEngine
+from sim.engines.queues import Job, StageQueue
+from sim.workloads.synthetic import gamma_arrivals
 
 
 def sample_service(law: str, mean: float, cv: float, n: int, rng: np.random.Generator) -> np.ndarray:

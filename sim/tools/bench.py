@@ -1,4 +1,4 @@
-"""Fixed-seed simulator benchmarks: `python -m sim.bench [--quick] [--profiles-dir DIR] [--scale X]`.
+"""Fixed-seed simulator benchmarks: `python -m sim.tools.bench [--quick] [--profiles-dir DIR] [--scale X]`.
 
 Scenarios (every one a fresh subprocess, so `peak_rss_mb` -- the child's ru_maxrss -- is per
 scenario):
@@ -16,7 +16,7 @@ One line per scenario:
   wall_s=<x> peak_rss_mb=<x>
 `requests_per_s` = simulated requests / wall seconds of `Run.run()` (workload generation,
 simulation and metrics; not interpreter start-up or profile loading). `events_per_s` counts
-SimPy events processed (counted by the run's event loop, sim.eventloop.run).
+SimPy events processed (counted by the run's event loop, sim.core.kernel.run).
 --json also prints each result as JSON, with `cpu_s` (the child's CPU seconds over the same span:
 wall_s much above cpu_s means the machine was shared), simulated duration, utilization, p99 E2EL.
 requests.parquet is written only with --write (into a temp dir). Children run with
@@ -36,7 +36,7 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 MODELS = ("qwen2_5_vl_7b", "qwen_image", "qwen2_5_7b")
 POLICIES = ("baseline", "disaggregated", "modality_aware")
 
@@ -100,7 +100,7 @@ def run_one(scenario: str, policy: str, n: int, profiles_dir: str, write: bool) 
     """Runs in the child: one scenario, returns its figures."""
     import resource
 
-    from sim.runner import Run
+    from sim.run.runner import Run
     cfg = make_config(scenario, policy, n, profiles_dir, write)
     outdir = Path(tempfile.mkdtemp(prefix="bench_out_")) if write else None
     r = Run(cfg, outdir, keep_rows=0)
@@ -125,7 +125,7 @@ def fmt(r: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m sim.bench", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m sim.tools.bench", description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="llm_1gpu and mixed_8gpu only")
     ap.add_argument("--profiles-dir", default=None)
     ap.add_argument("--scale", type=float, default=1.0, help="multiply request counts (tests)")
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         for pol in spec["policies"]:
             if a.policy and pol not in a.policy:
                 continue
-            cmd = [sys.executable, "-m", "sim.bench", "--profiles-dir", prof, "--child", sc, pol, str(n)]
+            cmd = [sys.executable, "-m", "sim.tools.bench", "--profiles-dir", prof, "--child", sc, pol, str(n)]
             if a.write:
                 cmd.append("--write")
             env = dict(os.environ, PYTHONPATH=os.pathsep.join(

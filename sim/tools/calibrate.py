@@ -1,6 +1,6 @@
 """Serve-level constants calibrated on dedicated measurements, never on the validation runs.
 
-    python -m sim.calibrate traces/validation/h100/ [--profiles-dir traces/profiles] [--gpu h100]
+    python -m sim.tools.calibrate traces/validation/h100/ [--profiles-dir traces/profiles] [--gpu h100]
 
 Measured with zero-load probes (`profiler.serve_bench --runs probe_in32,probe_in512,probe_in2048`:
 one request at a time, a fixed prompt length, 16 output tokens), each probe's requests replayed far
@@ -53,7 +53,7 @@ import numpy as np
 
 from profiler.jsonfiles import read_json, run_name
 from profiler.vllm_steplog import outside_engine_ms, run_steplog
-from sim.validate import find_bench_files, infer_model, validate_one
+from sim.tools.validate import find_bench_files, infer_model, validate_one
 
 GAP_S = 1.0          # seconds between replayed probe requests: the engine is idle at each arrival
 FRONTEND_OFF = ["engine.frontend_ms=0", "engine.frontend_ms_per_prompt_token=0", "engine.idle_wakeup_ms=0",
@@ -187,7 +187,7 @@ def ladder_host_overlap(folder: str | Path, profiles_dir: str = "traces/profiles
     count: the hidden time does not depend on the context (qwen2_5_7b: within 0.2 ms at each
     batch). A point whose profiled step is an OOM hole of the table (filled, not measured) is
     left out."""
-    from sim.latency import LatencyModel
+    from sim.engines.latency import LatencyModel
     lat = LatencyModel(profiles_dir, gpu, "clamp")
     pts: dict[str, list[tuple[int, float, float]]] = {}
     skipped: list[tuple[str, int, float]] = []
@@ -228,7 +228,7 @@ def loaded_constants(folder: str | Path) -> Optional[dict[str, float]]:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m sim.calibrate", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m sim.tools.calibrate", description=__doc__.split("\n")[0])
     ap.add_argument("folder", help="folder with `serve_bench` results, probes among them")
     ap.add_argument("--profiles-dir", default="traces/profiles")
     ap.add_argument("--gpu", default="h100")

@@ -1,4 +1,4 @@
-"""Opt-in compiled hot path: `python -m sim.compile [--clean] [--list]`.
+"""Opt-in compiled hot path: `python -m sim.tools.compile [--clean] [--list]`.
 
 Compiles the simulator's hot-path modules (HOT below) with mypyc into C extension modules
 placed next to their .py files (`sim/gpu.cpython-311-x86_64-linux-gnu.so`, ...) plus one
@@ -21,25 +21,25 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 GROUP = "mmsim"
 
 # the modules whose functions the profile of a large run spends its time in
 HOT = (
-    "sim/eventloop.py",
-    "sim/gpu.py",
-    "sim/latency.py",
-    "sim/request.py",
-    "sim/servers/jobs.py",
-    "sim/servers/ar.py",
-    "sim/servers/batch.py",
-    "sim/servers/dit.py",
-    "sim/pipeline.py",
-    "sim/policies/base.py",
+    "sim/core/kernel.py",
+    "sim/core/gpu.py",
+    "sim/core/records.py",
+    "sim/engines/latency.py",
+    "sim/engines/queues.py",
+    "sim/engines/ar.py",
+    "sim/engines/batch.py",
+    "sim/engines/dit.py",
+    "sim/engines/pipeline.py",
+    "sim/policies/policy.py",
     "sim/policies/routing.py",
     "sim/policies/baseline.py",
-    "sim/policies/disaggregated.py",
-    "sim/policies/modality_aware.py",
+    "sim/policies/placement.py",
+    "sim/policies/scaling.py",
 )
 
 
@@ -68,8 +68,8 @@ def check_fresh() -> None:
             stale.append(str(py.relative_to(REPO)))
     if stale:
         raise RuntimeError(f"compiled modules are older than their sources {stale}: rebuild them "
-                           f"with `python -m sim.compile`, or go back to pure Python with "
-                           f"`python -m sim.compile --clean`")
+                           f"with `python -m sim.tools.compile`, or go back to pure Python with "
+                           f"`python -m sim.tools.compile --clean`")
     _fresh_checked = True
 
 
@@ -122,7 +122,7 @@ def build() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m sim.compile", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m sim.tools.compile", description=__doc__.split("\n")[0])
     ap.add_argument("--clean", action="store_true", help="remove the compiled modules")
     ap.add_argument("--list", action="store_true", help="show which hot modules are compiled")
     a = ap.parse_args(argv)

@@ -1,4 +1,4 @@
-"""Gather a sweep: `python -m sim.gather <multirun_dir> [--out sweep.parquet]`.
+"""Gather a sweep: `python -m sim.tools.gather <multirun_dir> [--out sweep.parquet]`.
 
 Finds every summary.json under the directory (a Hydra multirun dir: one subdir per job, each with
 .hydra/overrides.yaml), and writes one row per run to a parquet file (default
@@ -80,7 +80,7 @@ def gather(sweep_dir: str | Path) -> pd.DataFrame:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m sim.gather",
+    ap = argparse.ArgumentParser(prog="python -m sim.tools.gather",
                                  description="Gather every summary.json of a sweep into one parquet.")
     ap.add_argument("sweep_dir")
     ap.add_argument("--out", default=None, help="parquet path (default <sweep_dir>/sweep.parquet)")

@@ -1,8 +1,8 @@
 """The model's engine steps against a run's server step log (`serve_bench --steplog`):
-`python -m sim.steplog_check traces/validation/h100/*__r3.json.gz`.
+`python -m sim.tools.steplog_check traces/validation/h100/*__r3.json.gz`.
 
 For each run it prints (1) clean decode steps (no prompt record from one before to three after,
-see sim.validate.steplog_step_stats) binned by batch size: the logged median against the model's
+see sim.tools.validate.steplog_step_stats) binned by batch size: the logged median against the model's
 served step at that batch and the bin's mean context (KV use x capacity / batch), and (2) the
 window around an isolated prefill (its step and the three decode steps after it) against the
 model's mixed step plus three decode steps. Host time uses the replay's
@@ -20,8 +20,8 @@ import yaml
 
 from profiler.jsonfiles import read_json, run_name
 from profiler.vllm_steplog import run_steplog
-from sim.latency import LatencyModel
-from sim.validate import CONF_DIR, clean_decode_steps, infer_model
+from sim.engines.latency import LatencyModel
+from sim.tools.validate import CONF_DIR, clean_decode_steps, infer_model
 
 BINS = ((1, 8), (8, 16), (16, 24), (24, 32), (32, 48), (48, 64), (64, 96), (96, 160))
 
@@ -33,7 +33,7 @@ def host_constants() -> dict[str, list[float]]:
 
 def served(host: list[float], sync_s: float, batch: int) -> float:
     """ms of a step whose synchronous time is sync_s, by the AR engine's async host rule
-    (sim.servers.ar: max(sync - host(B), host(B)), host(B) = base + per_seq x B)."""
+    (sim.engines.ar: max(sync - host(B), host(B)), host(B) = base + per_seq x B)."""
     h = host[0] + host[1] * batch
     return max(sync_s * 1e3 - h, h)
 
@@ -79,7 +79,7 @@ def check_run(path: Path, lat: LatencyModel, hosts: dict[str, list[float]]) -> O
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m sim.steplog_check", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m sim.tools.steplog_check", description=__doc__.split("\n")[0])
     ap.add_argument("runs", nargs="+", help="bench result JSONs whose provenance names a step log")
     ap.add_argument("--profiles-dir", default="traces/profiles")
     ap.add_argument("--gpu", default="h100")

@@ -1,7 +1,7 @@
 """Real-engine validation: replay measured `vllm bench serve --save-detailed` runs in the simulator
 and compare throughput and TTFT / TPOT / E2EL percentiles with what vLLM measured.
 
-    python -m sim.validate traces/validation/h100/ [--profiles-dir traces/profiles] [--gpu h100]
+    python -m sim.tools.validate traces/validation/h100/ [--profiles-dir traces/profiles] [--gpu h100]
                            [--out traces/validation/h100/report] [--strict]
 
 For every bench result JSON under the folder (recursively; other JSON is skipped) the model comes
@@ -28,7 +28,7 @@ import pandas as pd
 
 from profiler.jsonfiles import json_files, read_json, run_name
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONF_DIR = ROOT / "conf"
 
 # metric -> tolerance (relative)
@@ -142,8 +142,8 @@ def compose_replay(path: Path, model: str, profiles_dir: str, gpu: str,
 
 def validate_one(path: Path, model: str, profiles_dir: str, gpu: str, outdir: Path,
                  extra: Optional[list[str]] = None) -> tuple[dict[str, Any], pd.DataFrame, pd.DataFrame]:
-    from sim.runner import Run
-    from sim.traces import load_vllm_bench
+    from sim.run.runner import Run
+    from sim.workloads.trace import load_vllm_bench
     obj = read_json(path)
     prov = obj.get("provenance") or {}
     with warnings.catch_warnings():
@@ -405,7 +405,7 @@ def validate_diffusion(path: Path, profiles_dir: str, gpu: str) -> list[dict[str
     """A measured end-to-end diffusers pipeline (profiler e2e) vs the simulator's sum of profiled
     stages for the same request batch: steps x dit_step(batch, latent tokens) + vae_decode."""
     from profiler.models import load_model
-    from sim.latency import LatencyModel
+    from sim.engines.latency import LatencyModel
     obj = read_json(path)
     model = obj["model"]
     spec = load_model(model)
@@ -491,7 +491,7 @@ def run_validation(folder: str | Path, profiles_dir: str = "traces/profiles", gp
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m sim.validate", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m sim.tools.validate", description=__doc__.split("\n")[0])
     ap.add_argument("folder", help="folder with bench result JSON (searched recursively), or one file")
     ap.add_argument("--profiles-dir", default="traces/profiles")
     ap.add_argument("--gpu", default="h100", help="profile table set: <profiles-dir>/<gpu>/<model>.parquet")

@@ -21,7 +21,7 @@ import numpy as np
 
 from profiler.models import TASKS, ModelSpec, UnknownModelError, available_models, load_model
 from sim.config import ConfigError, ImageSizeConfig, LengthDist, WorkloadConfig
-from sim.request import IMAGE_IN_TASKS, IMAGE_OUT_TASKS, TEXT_OUT_TASKS, Request
+from sim.core.records import IMAGE_IN_TASKS, IMAGE_OUT_TASKS, TEXT_OUT_TASKS, Request
 from sim.rng import stream
 
 DEFAULT_CHUNK = 65_536
@@ -384,7 +384,7 @@ class Workload:
             resolve_model(model_override, "model")
         self._trace = None
         if cfg.arrival.process == "trace":
-            from sim.traces import TraceWorkload  # local: traces imports this module
+            from sim.workloads.trace import TraceWorkload  # local: traces imports this module
             self._trace = TraceWorkload(cfg, self.seed, model_override, chunk_size)
             return
         mix = {t: float(w) for t, w in cfg.mix.items() if float(w) > 0}

@@ -32,9 +32,9 @@ import pandas as pd
 from profiler.jsonfiles import read_text
 from profiler.models import TASKS, ModelSpec
 from sim.config import ConfigError, WorkloadConfig
-from sim.request import IMAGE_IN_TASKS, TEXT_OUT_TASKS, Request
+from sim.core.records import IMAGE_IN_TASKS, TEXT_OUT_TASKS, Request
 from sim.rng import stream
-from sim.workload import (DEFAULT_CHUNK, TokenCache, build_requests, check_task_model,
+from sim.workloads.synthetic import (DEFAULT_CHUNK, TokenCache, build_requests, check_task_model,
                           gamma_arrivals, outpaint_size, resolve_model)
 
 # canonical column -> accepted names (first match wins)

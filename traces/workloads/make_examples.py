@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from sim.config import WorkloadConfig
-from sim.workload import Workload, gamma_arrivals
+from sim.workloads.synthetic import Workload, gamma_arrivals
 
 HERE = Path(__file__).resolve().parent
 
