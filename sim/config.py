@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Optional
 
-from profiler.models import TASKS
+from sim.names import EDIT, GENERATE, INPAINT, OUTPAINT, TASKS, TEXT, UNDERSTAND
+from sim.policies import POLICIES, REPLICA_ROUTERS
 
 
 class ConfigError(ValueError):
@@ -31,10 +32,8 @@ class OutOfRange(str, Enum):
 
 ARRIVAL_PROCESSES = ("gamma", "mmpp", "trace")
 LENGTH_DISTS = ("constant", "uniform", "lognormal", "pareto", "normal")
-POLICIES = ("baseline", "disaggregated", "modality_aware")
 SERVICE_LAWS = ("constant", "deterministic", "exponential", "lognormal")   # queueing scenario
 SHAPE_COMPAT = ("exact", "bucket", "any")
-ROUTERS = ("round_robin", "least_loaded")
 TRACE_FORMATS = ("auto", "csv", "jsonl", "parquet", "vllm_json")
 EXPERIMENTS = ("serve", "queueing", "replay", "capacity")
 
@@ -100,7 +99,7 @@ class TraceConfig:
     path: Optional[str] = None
     format: str = "auto"
     time_scale: float = 1.0         # multiply trace times (speed up / slow down a replay)
-    default_task: str = "text"
+    default_task: str = TEXT
 
     def check(self) -> None:
         _choice(self.format, "workload.trace.format", TRACE_FORMATS)
@@ -114,11 +113,11 @@ class WorkloadConfig:
     num_requests: int = 20000
     arrival: ArrivalConfig = field(default_factory=ArrivalConfig)
     mix: dict[str, float] = field(default_factory=lambda: {
-        "text": 0.40, "understand": 0.25, "generate": 0.20, "edit": 0.10, "inpaint": 0.03,
-        "outpaint": 0.02})
+        TEXT: 0.40, UNDERSTAND: 0.25, GENERATE: 0.20, EDIT: 0.10, INPAINT: 0.03,
+        OUTPAINT: 0.02})
     task_models: dict[str, str] = field(default_factory=lambda: {
-        "text": "qwen2_5_vl_7b", "understand": "qwen2_5_vl_7b", "generate": "qwen_image",
-        "edit": "qwen_image", "inpaint": "qwen_image", "outpaint": "qwen_image"})
+        TEXT: "qwen2_5_vl_7b", UNDERSTAND: "qwen2_5_vl_7b", GENERATE: "qwen_image",
+        EDIT: "qwen_image", INPAINT: "qwen_image", OUTPAINT: "qwen_image"})
     image: ImageSizeConfig = field(default_factory=ImageSizeConfig)
     images_per_request: int = 1
     prompt_tokens: LengthDist = field(default_factory=lambda: LengthDist(dist="lognormal", mean=600, cv=1.2, min=16, max=8192))
@@ -127,8 +126,8 @@ class WorkloadConfig:
     steps: Optional[int] = None     # None = each model's default
     cfg: Optional[bool] = None      # None = each model's default
     slo_classes: dict[str, str] = field(default_factory=lambda: {
-        "text": "interactive", "understand": "interactive", "generate": "standard",
-        "edit": "standard", "inpaint": "standard", "outpaint": "standard"})
+        TEXT: "interactive", UNDERSTAND: "interactive", GENERATE: "standard",
+        EDIT: "standard", INPAINT: "standard", OUTPAINT: "standard"})
     trace: TraceConfig = field(default_factory=TraceConfig)
     path: Optional[str] = None      # shorthand: a trace file to replay (sets process=trace)
     # closed loop, as `vllm bench serve --max-concurrency N`: at most N requests in flight; one
@@ -204,8 +203,8 @@ class PolicyConfig:
     autoscale: bool = True
 
     def check(self) -> None:
-        _choice(self.name, "policy.name", POLICIES)
-        _choice(self.router, "policy.router", ROUTERS)
+        _choice(self.name, "policy.name", tuple(POLICIES))
+        _choice(self.router, "policy.router", REPLICA_ROUTERS)
         _check(self.autoscale_interval_s > 0, "policy.autoscale_interval_s",
                self.autoscale_interval_s, "> 0")
         _check(list(self.shape_buckets) == sorted(self.shape_buckets) and len(self.shape_buckets) > 0,
@@ -309,12 +308,12 @@ class LatencyConfig:
 class SLOConfig:
     """Per-task latency targets in ms (null = no target on that metric)."""
     targets: dict[str, dict[str, float]] = field(default_factory=lambda: {
-        "text": {"ttft_ms": 2000.0, "tpot_ms": 100.0},
-        "understand": {"ttft_ms": 4000.0, "tpot_ms": 100.0},
-        "generate": {"e2el_ms": 60000.0},
-        "edit": {"e2el_ms": 90000.0},
-        "inpaint": {"e2el_ms": 90000.0},
-        "outpaint": {"e2el_ms": 90000.0},
+        TEXT: {"ttft_ms": 2000.0, "tpot_ms": 100.0},
+        UNDERSTAND: {"ttft_ms": 4000.0, "tpot_ms": 100.0},
+        GENERATE: {"e2el_ms": 60000.0},
+        EDIT: {"e2el_ms": 90000.0},
+        INPAINT: {"e2el_ms": 90000.0},
+        OUTPAINT: {"e2el_ms": 90000.0},
     })
 
     def check(self) -> None:

@@ -1,23 +1,45 @@
-"""A simulated GPU: runs one unit of work at a time from the engines placed on it.
+"""The GPU executor: a simulated GPU runs one unit of work at a time from the engines on it.
 
 A unit is a run of engine iterations whose batch does not change (`ends` = cumulative end
 offsets of its steps). It is committed in one event, unless new work reaches the GPU while it
 runs: then it is cut at the next step boundary and the engines re-plan, exactly as if every
-step had been simulated (jump-ahead; see tests/test_jump_exact.py).
-Engines on one GPU time-share it round-robin at step boundaries (baseline replicas,
-co-located pools): a unit spans several steps only while no other engine there has work."""
+step had been simulated (jump-ahead; tests/test_sim_properties.py checks it against runs with
+one event per step). Engines on one GPU time-share it round-robin at step boundaries (baseline
+replicas, co-located pools): a unit spans several steps only while no other engine there has
+work."""
 from __future__ import annotations
 
 from bisect import bisect_left
 from heapq import heappush
 from collections import defaultdict
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Optional, Protocol, Sequence
 
 from sim.core.kernel import NORMAL, Timer
 from sim.core.mypyc_compat import mypyc_attr
 
 if TYPE_CHECKING:
-    import simpy
+    from sim.core.kernel import Kernel
+
+
+class Engine(Protocol):
+    """What the GPU executor and the queues need of an engine (sim/engines/: AREngine, DiTEngine,
+    BatchEngine). `gpu` is set when the engine is placed (GPU.add). `queue` is the shared queue
+    the engine takes work from, or None for an engine with its own (an AR engine's waiting
+    queue): a GPU that reports unit ends (PoolGPU) tells that queue its engine may be free."""
+    gpu: Any
+    queue: Any
+
+    def plan(self, now: float) -> Optional["Unit"]:
+        """The next unit to run from `now`, or None when there is nothing runnable."""
+
+    def has_work(self) -> bool:
+        """Anything queued or running."""
+
+    def can_join(self, job: Any) -> bool:
+        """Could `job` join the running batch at the next step boundary?"""
+
+    def load(self) -> float:
+        """Outstanding work (routing and autoscaling compare it)."""
 
 
 class Unit:
@@ -77,7 +99,7 @@ class GPU:
         self.gid = gid
         self.node = node
         self.name = f"gpu{gid}"
-        self.engines: list = []
+        self.engines: list[Engine] = []
         self.role = ""
         self.step_jump = step_jump
         self.cur: Unit | None = None
@@ -91,10 +113,6 @@ class GPU:
         self.available = True     # False while being re-provisioned by an autoscaler
         self.committing = False   # engines' state is mid-update: plan nothing until it is done
         self._on_timer = self._timer   # one bound method for every unit-end event
-
-    @property
-    def busy(self) -> bool:
-        return self.cur is not None
 
     def add(self, engine) -> None:
         self.engines.append(engine)
@@ -194,3 +212,18 @@ class GPU:
             self.committing = False
         if self.available:
             self._start_next()
+
+
+class PoolGPU(GPU):
+    """A GPU that, whenever one of its units ends (the only moment it can become free), tells the
+    shared queues its engines take from, so each finds its first free GPU without scanning the
+    pool (sim.engines.queues.FreeEngines)."""
+    reports_unit_end: ClassVar[bool] = True
+
+    def _done(self, tok: int) -> None:
+        if tok == self.token:
+            for e in self.engines:
+                q = e.queue
+                if q is not None:
+                    q.free.hint(e)
+        GPU._done(self, tok)

@@ -1,21 +1,32 @@
-"""The simulation's event loop and its cheapest timer: SimPy's order, less of SimPy's overhead.
+"""The simulation kernel: a SimPy `Environment` with a cheaper timer and event loop.
 
-`timeout(env, delay, callback, value)` schedules what `env.timeout(delay, value).callbacks.append(
-callback)` does -- an already-triggered event at `env.now + delay`, priority NORMAL, the next
-event id from the environment's counter, so the same (time, priority, id) heap entry -- as a
-`Timer`, a minimal event with the attributes `simpy.Environment.step` reads (callbacks, _ok,
-_value): no Timeout.__init__, no Environment.schedule call. `run(env)` pops and processes the
-heap exactly as `env.run()` does (one env.step per event) without a method call per event, and
-counts the events. Any SimPy event (processes, plain timeouts) runs through either loop.
+SimPy stays the kernel: its heap, its (time, priority, event id) order and its events. `Kernel`
+adds what the simulator's hot paths need, and is the one place (with the GPU executor in this
+package, which inlines `timer`) that reads or writes SimPy's private fields (`_queue`, `_eid`,
+`_now`, an event's `_value` / `_ok`):
 
-Compiled with the hot path (sim.tools.compile); the results are the same bit for bit either way.
+- `timer(delay, callback, value)` schedules what `env.timeout(delay, value).callbacks.append(
+  callback)` schedules -- an already-triggered event at `now + delay`, priority NORMAL, the next
+  event id, so the same heap entry -- as a `Timer`, a minimal event with the attributes
+  `Environment.step` reads;
+- `call_soon(callback)` schedules `callback` urgently at the current time (as a process's
+  initialisation is scheduled);
+- `run_until(until)` pops and processes the heap exactly as `env.run(until)` does (one
+  `env.step()` per event) without a method call per event, and returns how many events it
+  processed; `run_all()` is that with no bound.
+
+Any SimPy event (processes, plain timeouts) runs through either loop; tests/test_eventloop.py
+checks the kernel against SimPy itself (same events, same order, same times).
 """
 from __future__ import annotations
 
 from heapq import heappop, heappush
 from typing import Any, Callable
 
+import simpy
+
 NORMAL = 1          # simpy.events.NORMAL
+URGENT = 0          # simpy.events.URGENT
 INF = float("inf")
 
 
@@ -33,23 +44,36 @@ class Timer:
         return self._value
 
 
-def timeout(env: Any, delay: float, callback: Callable[[Any], None], value: Any = None) -> Timer:
-    """`callback(event)` after `delay` seconds: env.timeout(delay, value) + a callback, cheaper."""
-    if delay < 0:
-        raise ValueError(f"Negative delay {delay}")
-    ev = Timer(callback, value)
-    heappush(env._queue, (env._now + delay, NORMAL, next(env._eid), ev))
-    return ev
+class Kernel(simpy.Environment):
+    """SimPy's environment plus the timer, urgent call and event loop the simulator uses."""
 
+    def timer(self, delay: float, callback: Callable[[Any], None], value: Any = None) -> Timer:
+        """`callback(event)` after `delay` seconds, `event.value` = value (env.timeout + a
+        callback, cheaper). NOTE: inlined in sim.core.gpu.GPU._schedule for speed."""
+        if delay < 0:
+            raise ValueError(f"Negative delay {delay}")
+        ev = Timer(callback, value)
+        heappush(self._queue, (self._now + delay, NORMAL, next(self._eid), ev))
+        return ev
 
-def run(env: Any) -> int:
-    """Process every scheduled event, in order, as env.run() does; returns how many."""
-    return run_until(env, INF)
+    def call_soon(self, callback: Callable[[Any], None]) -> Timer:
+        """`callback(event)` now, before the NORMAL events of this instant (priority URGENT)."""
+        ev = Timer(callback, None)
+        heappush(self._queue, (self._now, URGENT, next(self._eid), ev))
+        return ev
+
+    def run_all(self) -> int:
+        """Process every scheduled event, in order, as env.run() does; returns how many."""
+        return run_until(self, INF)
+
+    def run_until(self, until: float) -> int:
+        """Process the events scheduled before `until` (the rest stay queued, in order);
+        returns how many."""
+        return run_until(self, until)
 
 
 def run_until(env: Any, until: float) -> int:
-    """Process the events scheduled before `until` (the rest stay queued, in order); returns how
-    many. The one event loop: `run` is this with no bound."""
+    """The event loop of `Kernel.run_until` (a function: compiled, a native loop)."""
     q: list = env._queue
     n = 0
     while q and q[0][0] < until:

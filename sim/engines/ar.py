@@ -16,21 +16,12 @@ from bisect import bisect_left, bisect_right
 from dataclasses import dataclass
 from heapq import heappop, heappush
 
-import numpy as np
-
-from sim.core.kernel import Timer, timeout
 from sim.core.gpu import Unit
+from sim.core.kernel import Timer
+from sim.core.records import Job, StageRecord
 from sim.engines.latency import LatencyModel
-from sim.core.records import StageRecord
-from sim.engines.queues import Job, StageQueue, start_record
-
-
-# jumps up to this many steps compute their step ends in Python floats (most of a large
-# cluster's: numpy's per-call cost dominates), longer ones with numpy; same values, bit for bit
-# the measured break-even, per build: interpreted, numpy ~7 us a call vs ~0.25 us a step in
-# Python: 24; compiled (sim.tools.compile), ~15 us a call (lookups and tolist included) vs ~0.1 us a
-# step: ~190, kept within the steps tests/test_perf_ar_aggregate.py checks bit for bit
-PY_MAX_STEPS = 24 if __file__.endswith(".py") else 160
+from sim.engines.queues import StageQueue, start_record
+from sim.names import DECODE, PREFILL, VISION_ENCODE
 
 
 @dataclass(frozen=True)
@@ -40,7 +31,7 @@ class FrontEnd:
     idle at the arrival (the engine core sleeps on its input queue; the first step after idle
     overlaps no host work) or, when it is busy, the API server's ingest: `busy` +
     `busy_per_running_seq` x running sequences (its one event loop also streams every step's
-    tokens). Measured on probes and ladders (sim/calibrate.py)."""
+    tokens). Measured on probes and ladders (sim/tools/calibrate.py)."""
     base: float = 0.0
     per_prompt_token: float = 0.0
     idle: float = 0.0
@@ -108,6 +99,7 @@ class AREngine:
     every step: the plain per-sequence loop, kept as the reference for tests."""
 
     aggregate: ClassVar[bool] = True   # (a ClassVar: tests set it on the class, compiled too)
+    queue: ClassVar[None] = None       # no shared queue: its own waiting queue (Engine protocol)
 
     def __init__(self, model: str, lat: LatencyModel | None, kv_capacity_tokens: int, *,
                  max_num_batched_tokens: int = 8192, max_num_seqs: int = 256, block_size: int = 16,
@@ -141,7 +133,7 @@ class AREngine:
         self.gpu: Any = None            # its GPU, once placed
         self.sched: list[tuple[Seq, int]] = []  # seqs of `pre` (and admitted) in the planned step
         self.jump_unit: Unit | None = None      # the planned multi-step decode unit, if any
-        self.jump_ends: list[float] | np.ndarray | None = None
+        self.jump_ends: list[float] | None = None
         self.vision_in_step = 0
         self.peak_blocks_used = 0
         self.steps = 0
@@ -172,13 +164,13 @@ class AREngine:
             idle = self.gpu.cur is None and not self.has_work()
             delay = self.frontend.delay(job.tokens, idle, len(self.running))
         if delay > 0:
-            timeout(self.gpu.env, delay, self._entered, job)
+            self.gpu.env.timer(delay, self._entered, job)
         else:
             self._enter(job, now)
 
     def _entered(self, ev: Timer) -> None:
         """The front end has handed a submitted job (the event's value) to the engine."""
-        self._enter(ev._value, self.gpu.env._now)
+        self._enter(ev.value, self.gpu.env.now)
 
     def _enter(self, job: Job, now: float) -> None:
         job.enqueued = now
@@ -214,7 +206,7 @@ class AREngine:
         # incrementally (need + out - generated = prompt + out - computed; queued: computed = 0)
         if self.jump_unit is None:
             return self._po - self._comp
-        return self.load_at(self.gpu.env._now)
+        return self.load_at(self.gpu.env.now)
 
     def load_at(self, now: float) -> int:
         """load() at the current time `now` (a jumped decode unit commits at its end: count
@@ -402,36 +394,19 @@ class AREngine:
         if self.host or self.host_seq:
             h = self.host + self.host_seq * (self.nd + len(sched))
             t = max(t - h, h)
-        return Unit((t,), self._commit_step, "prefill" if p_tok else "decode", self)
+        return Unit((t,), self._commit_step, PREFILL if p_tok else DECODE, self)
 
     def _plan_jump(self, d_seqs: int, d_ctx: float, k: int) -> Unit:
         """The aggregate alone, k steps. Its first step's single-step time is not needed, but
         that lookup's side effects are kept (range policy, out-of-grid and hole counts): the
         series looks up its start point once more."""
-        if k > PY_MAX_STEPS:
-            self.jump_ends = ends = self._decode_ends_np(d_seqs, d_ctx, k, start_lookups=2)
-            # plain floats for the GPU (bisect, event times): numpy scalars are slow and would
-            # leak into the clock and every time derived from it
-            self.jump_unit = Unit(ends.tolist(), self._commit_jump, "decode", self)
-        else:
-            self.jump_ends = py_ends = self._decode_ends(d_seqs, d_ctx, k, start_lookups=2)
-            self.jump_unit = Unit(py_ends, self._commit_jump, "decode", self)
+        self.jump_ends = ends = self._decode_ends(d_seqs, d_ctx, k, start_lookups=2)
+        self.jump_unit = Unit(ends, self._commit_jump, DECODE, self)
         return self.jump_unit
 
-    def _decode_ends_np(self, d_seqs: int, d_ctx: float, k: int, start_lookups: int = 1) -> np.ndarray:
-        """Cumulative end offsets of k decode steps of the aggregate (as k single steps)."""
-        series = self.lat.decode_series(self.model, d_seqs, d_ctx, k, start_lookups)
-        if self.overhead:
-            series += self.overhead
-        if self.host or self.host_seq:
-            h = self.host + self.host_seq * d_seqs
-            series -= h
-            np.maximum(series, h, out=series)
-        return series.cumsum()
-
     def _decode_ends(self, d_seqs: int, d_ctx: float, k: int, start_lookups: int = 1) -> list[float]:
-        """_decode_ends_np on Python floats, in numpy's order (a sequential cumsum): for short
-        jumps, where numpy's per-call cost dominates."""
+        """Cumulative end offsets of k decode steps of the aggregate (as k single steps), with
+        the step overhead and async scheduling's host time applied to each step."""
         h = self.host + self.host_seq * d_seqs if self.host or self.host_seq else None
         return self.lat.decode_ends(self.model, d_seqs, d_ctx, k, start_lookups, self.overhead, h)
 
@@ -522,7 +497,7 @@ class AREngine:
             if not s.encoded:
                 s.encoded = True
                 req = s.job.req
-                req.stages.append(StageRecord("vision_encode", self.gpu.name, self.gpu.start,
+                req.stages.append(StageRecord(VISION_ENCODE, self.gpu.name, self.gpu.start,
                                               self.gpu.start, now))
             s.computed += n
             self._comp += n
@@ -573,7 +548,7 @@ class AREngine:
         if s.job.record is not None and math.isnan(s.job.record.end):
             s.job.record.end = now
         if s.out > 1 and s.dec_rec is None:
-            s.dec_rec = StageRecord("decode", self.gpu.name, now, now)
+            s.dec_rec = StageRecord(DECODE, self.gpu.name, now, now)
             req.stages.append(s.dec_rec)
 
     def _finish(self, finished: list[Seq], now: float, out_delay: float = 0.0) -> None:

@@ -5,8 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 from sim.core.gpu import Unit
+from sim.core.records import Job
+from sim.engines.cost import pass_time
 from sim.engines.latency import LatencyModel
-from sim.engines.queues import Job, StageQueue, start_record
+from sim.engines.queues import StageQueue, start_record
 
 
 class BatchEngine:
@@ -59,14 +61,7 @@ class BatchEngine:
         return Unit((dur,), self._commit, self.stage, self)
 
     def duration(self, batch: list[Job]) -> float:
-        j = batch[0]
-        n = len(batch)
-        if self.stage == "vision_encode":
-            return self.lat.vision_encode(self.model, sum(x.vision_tokens for x in batch))
-        if self.stage == "text_encode":
-            toks = max(x.tokens for x in batch)
-            return sum(self.lat.text_encode(self.model, c, n, toks) for c in j.components)
-        return self.lat.vae(self.model, self.stage, n, j.height, j.width)
+        return pass_time(self.lat, self.stage, self.model, batch)
 
     def _commit(self, k: int, now: float) -> None:
         batch, self.running = self.running, []

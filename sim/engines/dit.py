@@ -7,8 +7,10 @@ from __future__ import annotations
 from typing import Any
 
 from sim.core.gpu import EqualSteps, Unit
+from sim.core.records import Job
 from sim.engines.latency import LatencyModel
-from sim.engines.queues import Job, StageQueue, start_record
+from sim.engines.queues import StageQueue, start_record
+from sim.names import DIT_STEP
 
 
 MIN_BATCH_GAIN = 0.05   # efficient_only: join only if the joint step saves >= 5% over separate steps
@@ -95,7 +97,7 @@ class DiTEngine:
         seq = max(self._seq(j) for j in self.batch)
         t = self.lat.dit_step(self.model, self.used, seq)
         k = min(j.steps - self.steps_done[id(j)] for j in self.batch)
-        return Unit(EqualSteps(t, k), self._commit, "dit_step", self)
+        return Unit(EqualSteps(t, k), self._commit, DIT_STEP, self)
 
     def _seq(self, job: Job) -> int:
         """Sequences in a batch are padded to the longest one present (not to the bucket bound)."""

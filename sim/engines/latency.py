@@ -1,7 +1,9 @@
 """Stage latencies from profile tables: interpolation over the measured grid, with an explicit
 policy outside it (error by default; clamp or extrapolate only when configured, and counted).
 
-Hot path: lookups use bisect on Python lists (a few microseconds), not scipy objects.
+Lookups bisect Python lists and memoise in-grid points per grid; a decode jump's steps are
+computed on Python floats in one loop (`decode_ends`). tests/reference.py holds the plain
+numpy formulation of both, the oracle tests/test_latency.py compares them with.
 """
 from __future__ import annotations
 
@@ -9,17 +11,16 @@ import json
 from bisect import bisect_right
 from collections import Counter
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
 
-from profiler.models import ModelSpec, load_model
 from profiler.schema import read_table
 from sim.config import OutOfRange
 from sim.core.mypyc_compat import mypyc_attr
+from sim.names import DECODE, DIT_STEP, PREFILL, TEXT_ENCODE, VISION_ENCODE
 
 
 _MEMO_MAX = 1 << 16      # memoised points per grid (cleared when full: bounded memory)
@@ -45,6 +46,33 @@ def _axis_pos(axis: list[float], x: float) -> tuple[int, float]:
     elif i > n - 2:
         i = n - 2
     return i, (x - axis[i]) / (axis[i + 1] - axis[i])
+
+
+def _at2(g: "Grid", i: int, wi: float, j: int, wj: float) -> tuple[float, bool]:
+    """(value, whether a hole carried weight) of a 2-axis grid at the axis positions (i, wi),
+    (j, wj) of _axis_pos (weights maybe clamped or outside [0, 1]): bilinear, >= 1e-6 s."""
+    v, f = g.vl, g.fl
+    n0, n1 = len(v), len(v[0])
+    i1 = i + 1 if i + 1 < n0 else n0 - 1
+    j1 = j + 1 if j + 1 < n1 else n1 - 1
+    vi, vi1 = v[i], v[i1]
+    out = ((1 - wi) * ((1 - wj) * vi[j] + wj * vi[j1])
+           + wi * ((1 - wj) * vi1[j] + wj * vi1[j1]))
+    fi, fi1 = f[i], f[i1]
+    hole = bool((fi[j] and (1 - wi) * (1 - wj)) or (fi[j1] and (1 - wi) * wj)  # a hole counts
+                or (fi1[j] and wi * (1 - wj)) or (fi1[j1] and wi * wj))  # where it has weight
+    return (out if out > 1e-6 else 1e-6), hole
+
+
+def _at1(g: "Grid", i: int, w: float) -> tuple[float, bool]:
+    """_at2 on a 1-axis grid (a one-point grid is its point, not floored)."""
+    v, f = g.vl, g.fl
+    n = len(v)
+    if n == 1:
+        return float(v[0]), False
+    out = (1 - w) * v[i] + w * v[i + 1]
+    hole = bool(f[i] or f[i + 1 if i + 1 < n else n - 1])
+    return (out if out > 1e-6 else 1e-6), hole
 
 
 def _mixed_decode_context(row) -> float | None:
@@ -199,15 +227,6 @@ class LatencyModel:
             self._grids[key] = g
         return g
 
-    def _lookup(self, g: Grid, xs: tuple[float, ...]) -> float:
-        """Interpolated value at xs (the same arithmetic as _lookup_ref, on Python floats;
-        in-grid points are memoised, their hole hits counted again on every use)."""
-        if len(xs) == 2:
-            return self._lookup2(g, xs[0], xs[1])
-        if len(xs) == 1:
-            return self._lookup1(g, xs[0])
-        return self._lookup_ref(g, xs)
-
     def _memo_full(self, g: Grid) -> None:
         g.nmemo += 1
         if g.nmemo > _MEMO_MAX:
@@ -216,12 +235,13 @@ class LatencyModel:
             g.nmemo = 1
 
     def _lookup1(self, g: Grid, x: float) -> float:
-        """_lookup on a 1-axis grid."""
+        """Interpolated value at x on a 1-axis grid (in-grid points are memoised, their hole
+        hits counted again on every use)."""
         v = g.memo1.get(x)
         if v is None:
             hit = self._interp(g, (x,))
             if hit is None:
-                return self._lookup_ref(g, (x,))
+                return self._outside(g, (x,))
             self._memo_full(g)
             v = -hit[0] if hit[1] else hit[0]
             g.memo1[x] = v
@@ -231,13 +251,13 @@ class LatencyModel:
         return v
 
     def _lookup2(self, g: Grid, x0: float, x1: float) -> float:
-        """_lookup on a 2-axis grid."""
+        """_lookup1 on a 2-axis grid."""
         row = g.memo2.get(x0)
         v = None if row is None else row.get(x1)
         if v is None:
             hit = self._interp(g, (x0, x1))
             if hit is None:
-                return self._lookup_ref(g, (x0, x1))
+                return self._outside(g, (x0, x1))
             self._memo_full(g)
             if row is None or not g.memo2:     # (a clear empties memo2, not the row we hold)
                 row = g.memo2[x0] = {}
@@ -253,98 +273,54 @@ class LatencyModel:
         """(value, hole carried weight) at an in-grid point; None outside the grid."""
         axes = g.axes
         if len(axes) == 2:
-            a0, a1 = axes
-            x0, x1 = xs
-            n0, n1 = len(a0), len(a1)
-            i, wi = _axis_pos(a0, x0)
-            j, wj = _axis_pos(a1, x1)
+            i, wi = _axis_pos(axes[0], xs[0])
+            j, wj = _axis_pos(axes[1], xs[1])
             if wi < -1e-9 or wi > 1 + 1e-9 or wj < -1e-9 or wj > 1 + 1e-9:
                 return None
-            v, f = g.vl, g.fl
-            i1 = i + 1 if i + 1 < n0 else n0 - 1
-            j1 = j + 1 if j + 1 < n1 else n1 - 1
-            vi, vi1 = v[i], v[i1]
-            out = ((1 - wi) * ((1 - wj) * vi[j] + wj * vi[j1])
-                   + wi * ((1 - wj) * vi1[j] + wj * vi1[j1]))
-            fi, fi1 = f[i], f[i1]
-            hole = bool((fi[j] and (1 - wi) * (1 - wj)) or (fi[j1] and (1 - wi) * wj)  # a hole
-                        or (fi1[j] and wi * (1 - wj)) or (fi1[j1] and wi * wj))  # counts with weight
-            return (out if out > 1e-6 else 1e-6), hole
-        if len(axes) == 1:
-            a = axes[0]
-            n = len(a)
-            v = g.vl
-            if n == 1:
-                return float(v[0]), False
-            i, w = _axis_pos(a, xs[0])
-            if w < -1e-9 or w > 1 + 1e-9:
-                return None
-            out = (1 - w) * v[i] + w * v[i + 1]
-            f = g.fl
-            hole = bool(f[i] or f[i + 1 if i + 1 < n else n - 1])
-            return (out if out > 1e-6 else 1e-6), hole
-        return None
+            return _at2(g, i, wi, j, wj)
+        i, w = _axis_pos(axes[0], xs[0])
+        if w < -1e-9 or w > 1 + 1e-9:
+            return None
+        return _at1(g, i, w)
 
-    def _lookup_ref(self, g: Grid, xs: tuple[float, ...]) -> float:
-        """Reference lookup (every case, incl. out-of-grid policy and counting)."""
-        pos = []
-        outside = False
-        for a, x in zip(g.axes, xs):
-            i, w = _axis_pos(a, x)
-            if w < -1e-9 or w > 1 + 1e-9:
-                outside = True
-            pos.append((i, w))
-        if outside:
-            self.outside[g.name] += 1
-            if self.mode is OutOfRange.error:
-                raise OutOfGridError(
-                    f"{g.name}: point {dict(zip(['axis0', 'axis1'], xs))} is outside the measured "
-                    f"grid {g.lo_hi()}; set latency.out_of_range=clamp or =extrapolate to allow it "
-                    f"(counted in the summary), or measure a wider grid")
-            if self.mode is OutOfRange.clamp:
-                pos = [(i, min(max(w, 0.0), 1.0)) for i, w in pos]
-        v = g.values
-        if len(pos) == 1:
-            (i, w), = pos
-            if v.shape[0] == 1:
-                return float(v[0])
-            out = (1 - w) * v[i] + w * v[i + 1]
-            if g.filled[i] or g.filled[min(i + 1, len(v) - 1)]:
-                self.hole_hits[g.name] += 1
+    def _outside(self, g: Grid, xs: tuple[float, ...]) -> float:
+        """A point outside the grid: counted, then refused (out_of_range=error) or served with
+        the weights clamped to the grid (clamp) or as they are (extrapolate)."""
+        pos = [_axis_pos(a, x) for a, x in zip(g.axes, xs)]
+        self.outside[g.name] += 1
+        if self.mode is OutOfRange.error:
+            raise OutOfGridError(
+                f"{g.name}: point {dict(zip(['axis0', 'axis1'], xs))} is outside the measured "
+                f"grid {g.lo_hi()}; set latency.out_of_range=clamp or =extrapolate to allow it "
+                f"(counted in the summary), or measure a wider grid")
+        if self.mode is OutOfRange.clamp:
+            pos = [(i, min(max(w, 0.0), 1.0)) for i, w in pos]
+        if len(pos) == 2:
+            value, hole = _at2(g, pos[0][0], pos[0][1], pos[1][0], pos[1][1])
         else:
-            (i, wi), (j, wj) = pos
-            n0, n1 = v.shape
-            i1, j1 = min(i + 1, n0 - 1), min(j + 1, n1 - 1)
-            if n0 == 1:
-                wi = 0.0
-            if n1 == 1:
-                wj = 0.0
-            out = ((1 - wi) * ((1 - wj) * v[i, j] + wj * v[i, j1])
-                   + wi * ((1 - wj) * v[i1, j] + wj * v[i1, j1]))
-            f = g.filled   # count a hole only when it carries weight in this lookup
-            if ((f[i, j] and (1 - wi) * (1 - wj)) or (f[i, j1] and (1 - wi) * wj)
-                    or (f[i1, j] and wi * (1 - wj)) or (f[i1, j1] and wi * wj)):
-                self.hole_hits[g.name] += 1
-        return max(float(out), 1e-6)
+            value, hole = _at1(g, pos[0][0], pos[0][1])
+        if hole:
+            self.hole_hits[g.name] += 1
+        return value
 
     # --- AR stages --------------------------------------------------------------------------
     def _ar_grid(self, model: str, which: str) -> Any:     # Grid, or None for "prefill_ctx"
-        """The AR grids by a short key (engines ask for them at every step): "decode",
-        "prefill" (pure chunks) or "prefill_ctx" (chunks after cached context; None when
+        """The AR grids by a short key (engines ask for them at every step): DECODE,
+        PREFILL (pure chunks) or "prefill_ctx" (chunks after cached context; None when
         the table has no such rows)."""
         g = self._ar_grids.get((model, which), False)
         if g is False:
-            if which == "decode":
-                g = self._grid(model, "decode", ["batch_size", "context_len"])
-            elif which == "prefill":
-                g = self._grid(model, "prefill", ["num_tokens"],
+            if which == DECODE:
+                g = self._grid(model, DECODE, ["batch_size", "context_len"])
+            elif which == PREFILL:
+                g = self._grid(model, PREFILL, ["num_tokens"],
                                lambda d: (d["num_decode_seqs"].fillna(0) == 0)
                                & (d["context_len"].fillna(0) == 0), "pure")
             else:
                 df = self.frame(model)
                 no_dec = df["num_decode_seqs"].fillna(0) == 0
-                has = ((df["stage"] == "prefill") & (df["context_len"].fillna(0) > 0) & no_dec).any()
-                g = self._grid(model, "prefill", ["num_tokens", "context_len"],
+                has = ((df["stage"] == PREFILL) & (df["context_len"].fillna(0) > 0) & no_dec).any()
+                g = self._grid(model, PREFILL, ["num_tokens", "context_len"],
                                lambda d: (d["num_decode_seqs"].fillna(0) == 0), "ctx") if has else None
             self._ar_grids[(model, which)] = g
         return g
@@ -352,13 +328,13 @@ class LatencyModel:
     def _prefill_grid(self, model: str) -> Grid:
         g = self._pre.get(model)
         if g is None:
-            g = self._pre[model] = self._ar_grid(model, "prefill")
+            g = self._pre[model] = self._ar_grid(model, PREFILL)
         return g
 
     def _decode_grid(self, model: str) -> Grid:
         g = self._dec.get(model)
         if g is None:
-            g = self._dec[model] = self._ar_grid(model, "decode")
+            g = self._dec[model] = self._ar_grid(model, DECODE)
         return g
 
     def prefill(self, model: str, tokens: float) -> float:
@@ -388,15 +364,6 @@ class LatencyModel:
             g.cols[batch] = col
         return col
 
-    def decode_series(self, model: str, batch: int, ctx0: float, k: int,
-                      start_lookups: int = 1) -> np.ndarray:
-        """decode(batch, ctx0 + i) for i in 0..k-1, vectorised (same bilinear rule as decode).
-        start_lookups: see _end_lookups."""
-        g = self._decode_grid(model)
-        col = self._decode_col(g, batch)
-        self._end_lookups(g, col, batch, ctx0, k, start_lookups)
-        return self._decode_series(g, col.arr, ctx0, k)
-
     def _end_lookups(self, g: Grid, col: _DecodeCol, batch: int, ctx0: float, k: int,
                      start_lookups: int) -> None:
         """The range policy and counting of a series: lookups of its two end points, skipped
@@ -414,11 +381,10 @@ class LatencyModel:
 
     def decode_ends(self, model: str, batch: int, ctx0: float, k: int, start_lookups: int = 1,
                     overhead: float = 0.0, host: float | None = None) -> list[float]:
-        """Cumulative end offsets of a jump's k decode steps on Python floats: decode_series'
-        values, each plus `overhead` (when nonzero), then max(t - host, host) when `host` is
-        not None, summed sequentially (numpy's cumsum order): the same floats as the numpy
-        path, bit for bit. A jump is short (a dozen steps), so numpy's per-call cost, not its
-        flops, would dominate."""
+        """Cumulative end offsets of k decode steps of `batch` sequences whose contexts start
+        at ctx0 (and grow by one a step): each step decode(batch, ctx0 + i) (the same bilinear
+        rule), plus `overhead` when nonzero, then max(t - host, host) when `host` is not None,
+        summed in order. start_lookups: see _end_lookups."""
         g = self._decode_grid(model)
         col = self._decode_col(g, batch)
         self._end_lookups(g, col, batch, ctx0, k, start_lookups)
@@ -436,11 +402,13 @@ class LatencyModel:
         return ends
 
     def _step_values(self, g: Grid, col: _DecodeCol, ctx0: float, k: int) -> list[float]:
-        """_decode_series' values (after its range checks) with its arithmetic, op for op."""
+        """decode(batch, ctx0 + i), i < k, on the column at the batch (after the range checks of
+        _end_lookups): clamped to the context axis under out_of_range=clamp, bilinear, >= 1e-6."""
         c = g.axes[1]
         last = len(c) - 2
-        if last < 0:
-            return self._decode_series(g, col.arr, ctx0, k).tolist()
+        if last < 0:                        # one context point: a constant column
+            v = col.vals[0]
+            return [v if v > 1e-6 else 1e-6] * k
         clamp = self.mode is OutOfRange.clamp
         lo, hi, vals = c[0], c[-1], col.vals
         out = []
@@ -464,29 +432,6 @@ class LatencyModel:
     def _cell_has_hole(g: Grid, col: _DecodeCol, j: int) -> bool:
         f0, f1 = g.fl[col.i], g.fl[col.i1]
         return f0[j] or f0[j + 1] or f1[j] or f1[j + 1]
-
-    def _decode_series(self, g: Grid, col: np.ndarray, ctx0: float, k: int) -> np.ndarray:
-        """decode_series' arithmetic, after its range checks, on the column at the batch."""
-        c_axis = g.axes[1]
-        ctx = ctx0 + np.arange(k, dtype=float)
-        if len(c_axis) == 1:
-            return np.maximum(np.full(k, col[0]), 1e-6)
-        j: Any = self._one_cell(c_axis, ctx0, ctx0 + (k - 1))
-        if j is not None:       # the usual case: the same arithmetic with scalar cell bounds,
-            w = ctx             # in place (small arrays: the calls, not the flops, cost)
-            w -= c_axis[j]
-            w /= c_axis[j + 1] - c_axis[j]
-            out = 1 - w
-            out *= col[j]
-            w *= col[j + 1]
-            out += w
-            return np.maximum(out, 1e-6, out=out)
-        c = g.carr[1]
-        if self.mode is OutOfRange.clamp:
-            ctx = np.minimum(np.maximum(ctx, c[0]), c[-1])          # = np.clip, less overhead
-        j = np.minimum(np.maximum(np.searchsorted(c, ctx, side="right") - 1, 0), len(c) - 2)
-        wj = (ctx - c[j]) / (c[j + 1] - c[j])
-        return np.maximum((1 - wj) * col[j] + wj * col[j + 1], 1e-6)
 
     @staticmethod
     def _one_cell(axis: list[float], lo: float, hi: float) -> int | None:
@@ -547,7 +492,7 @@ class LatencyModel:
         8,192-token chunk ~15 ms too long against the steps `vllm serve` logged."""
         if model not in self._mixed_per_seq:
             df = self.frame(model)
-            mixed = df[(df["stage"] == "prefill") & (df["num_decode_seqs"].fillna(0) > 0)]
+            mixed = df[(df["stage"] == PREFILL) & (df["num_decode_seqs"].fillna(0) > 0)]
             sxy = sxx = 0.0
             for r in mixed.itertuples():
                 try:
@@ -570,13 +515,13 @@ class LatencyModel:
 
     def _vision_grid(self, model: str) -> Grid:
         df = self.frame(model)
-        key = (model, "vision_encode", ("total",), "")
+        key = (model, VISION_ENCODE, ("total",), "")
         g = self._grids.get(key)
         if g is None:
-            d = df[df["stage"] == "vision_encode"].copy()
+            d = df[df["stage"] == VISION_ENCODE].copy()
             d["total"] = d["num_tokens"] * d["batch_size"]
             d = d.groupby("total", as_index=False)["latency_ms_median"].median()
-            g = Grid.from_frame(f"{model}/vision_encode", d, ["total"])
+            g = Grid.from_frame(f"{model}/{VISION_ENCODE}", d, ["total"])
             self._grids[key] = g
         return g
 
@@ -586,14 +531,14 @@ class LatencyModel:
             by = self._te[model] = {}
         g = by.get(component)
         if g is None:
-            g = by[component] = self._grid(model, "text_encode", ["batch_size", "num_tokens"],
+            g = by[component] = self._grid(model, TEXT_ENCODE, ["batch_size", "num_tokens"],
                                            lambda d: d["component"] == component, component)
         return self._lookup2(g, batch, tokens)
 
     def dit_step(self, model: str, batch: float, seq_len: float) -> float:
         g = self._dit.get(model)
         if g is None:
-            g = self._dit[model] = self._grid(model, "dit_step", ["batch_size", "seq_len"])
+            g = self._dit[model] = self._grid(model, DIT_STEP, ["batch_size", "seq_len"])
         return self._lookup2(g, batch, seq_len)
 
     def vae(self, model: str, stage: str, batch: float, height: float, width: float) -> float:
@@ -626,7 +571,7 @@ class LatencyModel:
         st = self.engine_settings(model)
         if st.get("async_scheduling", True) or self.engines(model) != ["vllm"]:
             return 0.0
-        g = self._grid(model, "decode", ["batch_size", "context_len"])
+        g = self._grid(model, DECODE, ["batch_size", "context_len"])
         b = np.asarray(g.axes[0])
         sel = (b <= 64) & ~g.filled[:, 0]
         if sel.sum() < 2:
@@ -638,8 +583,3 @@ class LatencyModel:
         return {"out_of_grid_lookups": dict(self.outside), "oom_hole_lookups": dict(self.hole_hits),
                 "out_of_range_policy": self.mode.value,
                 "engines": {m: self.engines(m) for m in self._frames}}
-
-
-@lru_cache(maxsize=None)
-def spec(name: str) -> ModelSpec:
-    return load_model(name)

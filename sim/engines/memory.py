@@ -16,7 +16,7 @@ DIFFUSION_STATE_BYTES_PER_TOKEN = 64 * 1024     # DiT activations per image toke
 
 
 @dataclass(frozen=True)
-class Placement:
+class GPUContents:
     """What a GPU holds: (model, component) pairs."""
     parts: tuple[tuple[str, str], ...]
 
@@ -24,11 +24,11 @@ class Placement:
         return sum(load_model(m).component_params(c) * load_model(m).dtype_bytes for m, c in self.parts)
 
 
-def kv_capacity_tokens(llm_model: str, placement: Placement, gpu_mem_gib: float, util: float,
+def kv_capacity_tokens(llm_model: str, placement: GPUContents, gpu_mem_gib: float, util: float,
                        measured: dict | None = None) -> int:
     spec = load_model(llm_model)
     kvpt = spec.kv_bytes_per_token()
-    own = Placement(tuple((llm_model, c) for c in spec.components)).weights_bytes()
+    own = GPUContents(tuple((llm_model, c) for c in spec.components)).weights_bytes()
     extra = placement.weights_bytes() - own
     if measured and measured.get("num_gpu_blocks") and measured.get("block_size"):
         base = int(measured["num_gpu_blocks"]) * int(measured["block_size"])

@@ -3,8 +3,9 @@ each hop hands to the next (for transfer costs between GPUs)."""
 from __future__ import annotations
 
 from profiler.models import ModelSpec, load_model
-from sim.core.records import Request
-from sim.engines.queues import PRIORITY, Job
+from sim.core.records import Job, Request
+from sim.engines.queues import PRIORITY
+from sim.names import AR, DIT_STEP, EDIT, TEXT_ENCODE, VAE_DECODE, VAE_ENCODE, VISION_ENCODE
 
 
 def plan_hops(req: Request, fused: bool) -> list[Job]:
@@ -18,8 +19,8 @@ def plan_hops(req: Request, fused: bool) -> list[Job]:
     img_in = req.image_tokens_in
     if spec.family in ("llm", "vlm"):
         if img_in and not fused:
-            add(Job(req, "vision_encode", spec.name, priority=prio, vision_tokens=img_in))
-        add(Job(req, "ar", spec.name, priority=prio, tokens=req.prompt_tokens + img_in,
+            add(Job(req, VISION_ENCODE, spec.name, priority=prio, vision_tokens=img_in))
+        add(Job(req, AR, spec.name, priority=prio, tokens=req.prompt_tokens + img_in,
                 vision_tokens=img_in if fused else 0, out_tokens=req.output_tokens))
         return hops
 
@@ -29,22 +30,22 @@ def plan_hops(req: Request, fused: bool) -> list[Job]:
         cond = spec.condition_encoder
         assert cond is not None, f"{spec.name}: an ar_dit model names its condition encoder"
         if img_in and not fused:
-            add(Job(req, "vision_encode", cond, priority=prio, vision_tokens=img_in))
-        add(Job(req, "ar", cond, priority=prio, tokens=req.prompt_tokens + img_in,
+            add(Job(req, VISION_ENCODE, cond, priority=prio, vision_tokens=img_in))
+        add(Job(req, AR, cond, priority=prio, tokens=req.prompt_tokens + img_in,
                 vision_tokens=img_in if fused else 0, out_tokens=0))
     else:
-        add(Job(req, "text_encode", spec.name, priority=prio,
+        add(Job(req, TEXT_ENCODE, spec.name, priority=prio,
                 tokens=int(spec.defaults.get("text_tokens", req.prompt_tokens)),
                 components=spec.text_encoders))
     if req.input_images:
         in_h, in_w = req.input_images[0]
-        add(Job(req, "vae_encode", spec.name, priority=prio, height=in_h, width=in_w))
-        if req.task == "edit":
+        add(Job(req, VAE_ENCODE, spec.name, priority=prio, height=in_h, width=in_w))
+        if req.task == EDIT:
             seq += spec.latent_tokens(in_h, in_w)     # condition latents join the sequence
-    add(Job(req, "dit_step", spec.name, priority=prio, seq_len=seq,
+    add(Job(req, DIT_STEP, spec.name, priority=prio, seq_len=seq,
             steps=req.steps or spec.defaults["steps"], weight=2 if req.cfg else 1,
             tokens=req.prompt_tokens))
-    add(Job(req, "vae_decode", spec.name, priority=prio, height=out_h, width=out_w))
+    add(Job(req, VAE_DECODE, spec.name, priority=prio, height=out_h, width=out_w))
     return hops
 
 
@@ -84,7 +85,7 @@ def _per_unit(model: str) -> tuple[int, int, int, int]:
 def handoff_bytes(job: Job) -> int:
     """Bytes the output of `job` carries to the next hop."""
     stage = job.stage
-    if stage == "vae_encode":
+    if stage == VAE_ENCODE:
         return load_model(job.model).latent_bytes(job.height, job.width)
     i = _STAGE_INDEX.get(stage, -1)
     if i < 0:
@@ -95,20 +96,20 @@ def handoff_bytes(job: Job) -> int:
     return _handoff_bytes_spec(job)
 
 
-_STAGE_INDEX = {"vision_encode": 0, "ar": 1, "text_encode": 2, "dit_step": 3}
+_STAGE_INDEX = {VISION_ENCODE: 0, AR: 1, TEXT_ENCODE: 2, DIT_STEP: 3}
 
 
 def _handoff_bytes_spec(job: Job) -> int:
     """handoff_bytes from the model spec's fields (the reference)."""
     spec: ModelSpec = load_model(job.model)
-    if job.stage == "vision_encode":
+    if job.stage == VISION_ENCODE:
         return job.vision_tokens * spec.components["vision"]["out_hidden_size"] * spec.dtype_bytes
-    if job.stage == "ar":
+    if job.stage == AR:
         return job.tokens * spec.components["llm"]["hidden_size"] * spec.dtype_bytes
-    if job.stage == "text_encode":
+    if job.stage == TEXT_ENCODE:
         return job.tokens * spec.components["transformer"]["joint_attention_dim"] * spec.dtype_bytes
-    if job.stage in ("vae_encode",):
+    if job.stage == VAE_ENCODE:
         return spec.latent_bytes(job.height, job.width)
-    if job.stage == "dit_step":
+    if job.stage == DIT_STEP:
         return job.seq_len * spec.latent["patch_size"] ** 2 * spec.latent["channels"] * spec.dtype_bytes
     return 0

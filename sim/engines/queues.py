@@ -1,99 +1,40 @@
-"""A job is one hop of a request's pipeline, waiting for or running on an engine."""
+"""Queues of waiting jobs: the stage queue (its order: FIFO or highest response ratio next,
+with optional priority classes) and the index of a shared queue's free engines."""
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
 from heapq import heappop, heappush
 from itertools import chain
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator
 
 from sim.core.mypyc_compat import mypyc_attr
-from sim.core.records import Request, StageRecord
+from sim.core.records import Job, StageRecord
+from sim.names import AR, PREFILL
 
-PRIORITY = {"interactive": 0, "standard": 1, "batch": 2}
+PRIORITY = {"interactive": 0, "standard": 1, "batch": 2}   # SLO class -> priority level
+QUEUE_ORDERS = ("fifo", "hrrn")     # first come first served | highest response ratio next
+FIFO, HRRN = QUEUE_ORDERS
 
 # what a StageQueue holds: Jobs, or an AR engine's Seqs (sim.engines.ar: duck-typed priority,
 # work and enqueued)
 Queued = Any
 
 
-@dataclass(slots=True, eq=False)
-class Job:
-    req: Request
-    stage: str                 # ar | vision_encode | text_encode | vae_encode | dit_step | vae_decode
-    model: str
-    on_done: Optional[Callable[["Job", float], None]] = None
-    # payload (meaning depends on stage)
-    tokens: int = 0            # AR prompt tokens (text + image); encoder tokens; DiT text tokens
-    vision_tokens: int = 0     # image tokens encoded inside the AR step (baseline) / by an encoder
-    out_tokens: int = 0        # AR tokens to generate (0 = prefill only, e.g. a condition encoder)
-    height: int = 0
-    width: int = 0
-    seq_len: int = 0           # DiT image-sequence tokens
-    steps: int = 0
-    weight: int = 1            # DiT transformer batch share (2 with CFG)
-    components: tuple = ()
-    priority: int = 1
-    record: Optional[StageRecord] = None
-    server: str = ""
-    work: float = 0.0          # estimated service seconds (load balancing)
-    enqueued: float = 0.0
-    out_delay: float = 0.0     # from its last output leaving the engine to the client seeing it
-
-    # written out (the dataclass still gives repr): compiled, a native __init__ instead of the
-    # dataclass-generated Python one (one Job per hop)
-    def __init__(self, req: Request, stage: str, model: str,
-                 on_done: Optional[Callable[["Job", float], None]] = None, tokens: int = 0,
-                 vision_tokens: int = 0, out_tokens: int = 0, height: int = 0, width: int = 0,
-                 seq_len: int = 0, steps: int = 0, weight: int = 1, components: tuple = (),
-                 priority: int = 1, record: Optional[StageRecord] = None, server: str = "",
-                 work: float = 0.0, enqueued: float = 0.0, out_delay: float = 0.0) -> None:
-        self.req = req
-        self.stage = stage
-        self.model = model
-        self.on_done = on_done
-        self.tokens = tokens
-        self.vision_tokens = vision_tokens
-        self.out_tokens = out_tokens
-        self.height = height
-        self.width = width
-        self.seq_len = seq_len
-        self.steps = steps
-        self.weight = weight
-        self.components = components
-        self.priority = priority
-        self.record = record
-        self.server = server
-        self.work = work
-        self.enqueued = enqueued
-        self.out_delay = out_delay
-
-    def shape(self, buckets: list[int] | None = None) -> tuple:
-        if self.stage == "dit_step":
-            return (_bucket(self.seq_len, buckets) if buckets else self.seq_len,)
-        if self.stage in ("vae_encode", "vae_decode"):
-            return (self.height, self.width)
-        return ()
-
-
-def _bucket(x: int, buckets: list[int]) -> int:
-    for b in buckets:
-        if x <= b:
-            return b
-    return x
-
-
 class StageQueue:
     """Waiting jobs of one stage, shared by the engines that subscribe to it (a pool's central
-    queue) or private to one engine. FCFS, or by priority class then arrival when `priority`."""
+    queue) or private to one engine. In `order` (FIFO or HRRN), within priority classes when
+    `priority` (interactive first: sim.engines.queues.PRIORITY)."""
 
-    # sjf order = highest response ratio next, (wait + work) / work: short jobs go first, and a
+    # hrrn order = highest response ratio next, (wait + work) / work: short jobs go first, and a
     # long job's ratio grows while it waits, so nothing starves (a job that has waited as long as
     # its own work outranks every fresh job)
 
-    def __init__(self, name: str, priority: bool = False, order: str = "fifo", clock=None):
+    def __init__(self, name: str, priority: bool = False, order: str = FIFO, clock=None):
         self.name = name
-        self.order = order              # fifo | sjf (shortest estimated work first, HRRN aging)
+        if order not in QUEUE_ORDERS:
+            raise ValueError(f"queue order {order!r} is unknown; allowed: {list(QUEUE_ORDERS)}")
+        self.order = order
+        self.hrrn = order == HRRN
         self.clock = clock
         self.levels: list[deque[Queued]] = [deque(), deque(), deque()] if priority else [deque()]
         self.priority = priority
@@ -131,7 +72,7 @@ class StageQueue:
         self.free.stale()
 
     def __iter__(self) -> Iterator[Queued]:
-        if self.order != "sjf":
+        if not self.hrrn:
             levels = self.levels
             return iter(levels[0]) if len(levels) == 1 else chain.from_iterable(levels)
         key = _neg_ratio(self.clock())
@@ -143,7 +84,7 @@ class StageQueue:
     def head(self) -> Queued:
         for lvl in self.levels:
             if lvl:
-                if self.order != "sjf" or len(lvl) == 1:
+                if not self.hrrn or len(lvl) == 1:
                     return lvl[0]
                 return min(lvl, key=_neg_ratio(self.clock()))   # first of the stable sort
         return None
@@ -161,7 +102,7 @@ class StageQueue:
                 return
 
     def popleft(self) -> Queued:
-        if self.order == "sjf":
+        if self.hrrn:
             job = self.head()
             if job is None:
                 raise IndexError("empty queue")
@@ -177,7 +118,7 @@ class StageQueue:
 
 
 def _neg_ratio(now: float) -> Callable[[Job], float]:
-    """Sort key of the sjf order: minus the response ratio (wait + work) / work."""
+    """Sort key of the hrrn order: minus the response ratio (wait + work) / work."""
     return lambda j: -(now - j.enqueued + j.work) / max(j.work, 1e-9)
 
 
@@ -187,7 +128,7 @@ class FreeEngines:
     a scan of the engines finds, from a heap of positions instead of a scan of a large pool.
 
     A GPU becomes free only when one of its units ends; GPUs that report that (`reports_unit_end`,
-    see sim.policies.policy.PoolGPU) hint their engines back into the heap then, and a lookup drops
+    see sim.core.gpu.PoolGPU) hint their engines back into the heap then, and a lookup drops
     the busy entries it meets on top. Queues whose GPUs do not report are scanned. Membership
     changes (an append to `engines`, or StageQueue.unsubscribe) re-index."""
 
@@ -239,7 +180,7 @@ def _free(g) -> bool:
 
 
 def start_record(job: Job, server: str, now: float) -> None:
-    rec = StageRecord(job.stage if job.stage != "ar" else "prefill", server, job.enqueued, now)
+    rec = StageRecord(job.stage if job.stage != AR else PREFILL, server, job.enqueued, now)
     job.record = rec
     job.server = server
     job.req.stages.append(rec)

@@ -1,30 +1,31 @@
-"""Machinery every policy shares: request flows through hops, transfers between GPUs, work
-estimates for load balancing and sizing, and the per-stage sizing rule."""
+"""A run's serving policy: the parts of a configuration (sim.policies.POLICIES) composed over the
+run's context, with the helpers every part shares (GPUs, AR engines, hop costs, utilization)."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar
-
-import simpy
+from typing import Any, Callable
 
 from sim.config import ConfigError, SimConfig
-from sim.core.kernel import Timer, timeout
 from sim.core.gpu import GPU
-from sim.engines.latency import LatencyModel
+from sim.core.kernel import Kernel
 from sim.core.mypyc_compat import mypyc_attr
+from sim.core.records import Job, Request
+from sim.engines.ar import AREngine, FrontEnd
+from sim.engines.cost import hop_work
+from sim.engines.latency import LatencyModel
+from sim.engines.memory import GPUContents, kv_capacity_tokens
 from sim.engines.pipeline import handoff_bytes, plan_hops
-from sim.core.records import Request, StageRecord
-from sim.engines.ar import AREngine
-from sim.engines.queues import Job
+from sim.engines.queues import QUEUE_ORDERS
+from sim.policies import BATCHING, PLACEMENTS, POLICIES, ROUTERS, SCALING, Parts, load_part
+from sim.policies.parts import BatchingRule, Flow, Placement, Scaling
 
-PILOT_REQUESTS = 2000
-DECODE_BATCH_FOR_ESTIMATES = 32
+PILOT_REQUESTS = 2000       # the first requests of the workload, by which pools are sized
 
 
 @dataclass
 class SimContext:
-    env: simpy.Environment
+    """What a run gives its policy."""
+    env: Kernel
     cfg: SimConfig
     lat: LatencyModel
     on_complete: Callable[[Request], None]
@@ -33,108 +34,69 @@ class SimContext:
     pilot: list[Request] = field(default_factory=list)
 
 
-class Flow:
-    """Moves one request through its hops; the policy picks where each hop runs."""
-    __slots__ = ("req", "hops", "i", "policy", "home", "work")
-
-    def __init__(self, req: Request, hops: list[Job], policy: "Policy"):
-        self.req = req
-        self.hops = hops
-        self.i = 0
-        self.policy = policy
-        self.home: Any = None           # where it was routed: its replica (baseline) or LLM engine
-        self.work = 0.0                 # its hops' work, as counted on `home` (baseline)
-
-    def start(self, now: float) -> None:
-        job = self.hops[0]
-        job.on_done = self._done
-        self.policy.dispatch(self, job, now)
-
-    def _done(self, job: Job, now: float) -> None:
-        job.on_done = None              # no Job -> Flow reference left: refcounting frees a
-        self.policy.hop_done(self, job)  # finished request, no cyclic GC needed
-        self.i += 1
-        if self.i == len(self.hops):
-            self.req.finish = now + job.out_delay      # as the client sees the last output
-            self.policy.complete(self, now)
-            return
-        nxt = self.hops[self.i]
-        nxt.on_done = self._done
-        delay = self.policy.transfer_delay(job, nxt)
-        if delay > 0:
-            self.req.stages.append(StageRecord("transfer", "net", now, now, now + delay))
-            timeout(self.policy.env, delay, self._arrived, nxt)
-        else:
-            self.policy.dispatch(self, nxt, now)
-
-    def _arrived(self, ev: Timer) -> None:
-        """A transfer has ended: the next hop (the event's value) starts."""
-        self.policy.dispatch(self, ev._value, self.policy.env._now)
+def parts_of(name: str, cfg: SimConfig) -> Parts:
+    """The parts of policy `name` under the config's policy.* settings."""
+    if name not in POLICIES:
+        raise ConfigError(f"policy.name={name!r} is unknown; allowed: {sorted(POLICIES)}")
+    return POLICIES[name](cfg.policy)
 
 
-class PoolGPU(GPU):
-    """A GPU that, whenever one of its units ends (the only moment it can become free), tells the
-    queues its engines take from, so each finds its first free GPU without scanning the pool
-    (sim.engines.queues.FreeEngines)."""
-    reports_unit_end: ClassVar[bool] = True
-
-    def _done(self, tok: int) -> None:
-        if tok == self.token:
-            for e in self.engines:
-                if isinstance(e, AREngine):     # own queue, none shared (and no failing getattr)
-                    continue
-                q = getattr(e, "queue", None)
-                if q is not None:
-                    q.free.hint(e)
-        GPU._done(self, tok)
+def build_policy(name: str, ctx: SimContext) -> "Policy":
+    """Policy `name`, composed and built (GPUs placed, engines made)."""
+    p = Policy(ctx, name, parts_of(name, ctx.cfg))
+    p.build()
+    return p
 
 
-@mypyc_attr(allow_interpreted_subclasses=True)     # (compiled: the policies subclass it)
+@mypyc_attr(allow_interpreted_subclasses=True)     # (compiled: tests subclass it)
 class Policy:
-    # ClassVars: subclasses override them on the class, which compiled code (sim.tools.compile) reads
-    # only for a ClassVar (an instance attribute with a default would keep the default)
-    name: ClassVar[str] = "base"
-    fused: ClassVar[bool] = True              # vision encoding inside the AR step
-    gpu_class: ClassVar[type[GPU]] = GPU      # PoolGPU where large pools share a queue
+    """Composes a configuration's parts: the placement builds the GPUs and engines and sends
+    each hop where it runs, asking the router which replica or LLM engine; shared queues follow
+    the queue order and priority classes; the batching rule makes the batched engines; the
+    scaling part may move GPUs between pools while the run goes on."""
 
-    def __init__(self, ctx: SimContext):
+    def __init__(self, ctx: SimContext, name: str, parts: Parts):
         self.ctx = ctx
         self.env = ctx.env
         self.cfg = ctx.cfg
         self.lat = ctx.lat
+        self.name = name
+        self.parts = parts
         self.gpus: list[GPU] = []
-        self.role_of: dict[int, str] = {}
         self.notes: dict = {}
+        if parts.queue_order not in QUEUE_ORDERS:
+            raise ConfigError(f"policy {name}: queue order {parts.queue_order!r} is unknown; "
+                              f"allowed: {list(QUEUE_ORDERS)}")
+        self.queue_order = parts.queue_order
+        self.priority = parts.priority
+        self.router_class: Any = load_part(ROUTERS, parts.router)
+        self.batching: BatchingRule = load_part(BATCHING, parts.batching)(self.cfg)
+        self.placement: Placement = load_part(PLACEMENTS, parts.placement)(self)
+        self.scaling: Scaling = load_part(SCALING, parts.scaling)(self)
 
-    # --- hooks ----------------------------------------------------------------------------
     def build(self) -> None:
-        raise NotImplementedError
+        self.placement.build()
+        self.scaling.start()
 
-    def dispatch(self, flow: Flow, job: Job, now: float) -> None:
-        raise NotImplementedError
-
-    def transfer_delay(self, done: Job, nxt: Job) -> float:
-        return 0.0
-
-    def hop_done(self, flow: Flow, job: Job) -> None:
-        """A hop has finished (before the next one starts): routers learn that load fell."""
-
-    def is_fused(self, req: Request) -> bool:
-        return self.fused
+    @property
+    def moves(self) -> list | None:
+        """GPU moves between pools (the scaling part's), None when it never moves any."""
+        return self.scaling.moves
 
     def admit(self, req: Request, now: float) -> None:
-        hops = plan_hops(req, self.is_fused(req))
+        """A request reaches the cluster: plan its hops, cost them, start its flow."""
+        place = self.placement
+        hops = plan_hops(req, place.is_fused(req))
+        lat, budget = self.lat, self.cfg.engine.max_num_batched_tokens
         for j in hops:
-            j.work = self.work(j)
-        Flow(req, hops, self).start(now)
+            j.work = hop_work(lat, j, budget)
+        Flow(req, hops, place).start(now)
 
-    def complete(self, flow: Flow, now: float) -> None:
-        self.ctx.on_complete(flow.req)
-
-    # --- shared helpers ----------------------------------------------------------------------
+    # --- helpers the parts share -------------------------------------------------------------
     def new_gpu(self, role: str) -> GPU:
         gid = len(self.gpus)
-        g = self.gpu_class(self.env, gid, gid // self.cfg.cluster.gpus_per_node, self.cfg.diffusion.step_jump)
+        g = self.placement.gpu_class(self.env, gid, gid // self.cfg.cluster.gpus_per_node,
+                                     self.cfg.diffusion.step_jump)
         g.role = role
         self.gpus.append(g)
         return g
@@ -149,37 +111,42 @@ class Policy:
         same_node = self.cfg.cluster.num_gpus <= self.cfg.cluster.gpus_per_node
         return self.link_delay(handoff_bytes(done), same_node)
 
-    def work(self, job: Job) -> float:
-        """Serial GPU-seconds a hop costs at typical batching (load balancing and sizing)."""
-        lat, m = self.lat, job.model
-        if job.stage == "ar":
-            budget = self.cfg.engine.max_num_batched_tokens
-            full, rest = divmod(max(job.tokens, 1), budget)   # chunked prefill
-            t = full * lat.prefill(m, budget) + (lat.prefill(m, rest) if rest else 0.0)
-            if job.vision_tokens:
-                t += lat.vision_encode(m, job.vision_tokens)
-            if job.out_tokens > 1:
-                b = DECODE_BATCH_FOR_ESTIMATES
-                t += (job.out_tokens - 1) * lat.decode(m, b, job.tokens + job.out_tokens / 2) / b
-            return t
-        if job.stage == "vision_encode":
-            return lat.vision_encode(m, job.vision_tokens)
-        if job.stage == "text_encode":
-            return sum(lat.text_encode(m, c, 1, job.tokens) for c in job.components)
-        if job.stage in ("vae_encode", "vae_decode"):
-            return lat.vae(m, job.stage, 1, job.height, job.width)
-        if job.stage == "dit_step":
-            return job.steps * lat.dit_step(m, job.weight, job.seq_len)
-        raise ValueError(f"unknown stage {job.stage}")
-
-    def pilot_work(self, key) -> dict[str, float]:
-        """Offered work per key(job) over the pilot requests (for the sizing rule)."""
+    def pilot_work(self, key: Callable[[Job], str], fused: bool) -> dict[str, float]:
+        """Offered work per key(job) over the pilot requests (for pool sizing)."""
         out: dict[str, float] = {}
+        lat, budget = self.lat, self.cfg.engine.max_num_batched_tokens
         for req in self.ctx.pilot:
-            for j in plan_hops(req, self.fused):
+            for j in plan_hops(req, fused):
                 k = key(j)
-                out[k] = out.get(k, 0.0) + self.work(j)
+                out[k] = out.get(k, 0.0) + hop_work(lat, j, budget)
         return out
+
+    def make_ar(self, llm_model: str, contents: GPUContents, priority: bool) -> AREngine:
+        """An AR engine for `llm_model` on a GPU holding `contents` (its KV capacity follows),
+        with the config's vLLM engine settings."""
+        e, c = self.cfg.engine, self.cfg.cluster
+        cap = e.kv_capacity_tokens
+        if cap is None:
+            measured = self.lat.engine_settings(llm_model)
+            cap = kv_capacity_tokens(llm_model, contents, c.gpu_mem_gib, e.gpu_memory_utilization, measured)
+        host = per_seq = 0.0
+        if e.async_scheduling and self.lat.host_per_seq(llm_model) > 0:   # tables timed synchronously
+            host = e.host_overhead_base_ms / 1e3
+            per_seq = (e.host_overhead_per_seq_ms / 1e3 if e.host_overhead_per_seq_ms is not None
+                       else self.lat.host_per_seq(llm_model))
+            if llm_model in e.host_overhead_by_model:
+                host, per_seq = (x / 1e3 for x in e.host_overhead_by_model[llm_model])
+        self.notes.setdefault("ar_host_overhead_ms", {})[llm_model] = {
+            "base": round(host * 1e3, 3), "per_seq": round(per_seq * 1e3, 4)}
+        return AREngine(llm_model, self.lat, cap, max_num_batched_tokens=e.max_num_batched_tokens,
+                        host_s=host, host_per_seq_s=per_seq, async_admit=e.async_scheduling,
+                        frontend=FrontEnd(e.frontend_ms / 1e3, e.frontend_ms_per_prompt_token / 1e3,
+                                          e.idle_wakeup_ms / 1e3, e.api_ingest_ms / 1e3,
+                                          e.api_ingest_ms_per_running_seq / 1e3),
+                        stream_s_per_token=e.stream_ms_per_token / 1e3,
+                        max_num_seqs=e.max_num_seqs, block_size=e.block_size,
+                        step_overhead_s=e.step_overhead_ms / 1e3, priority=priority,
+                        itl_sink=self.ctx.itl_sink, max_model_len=e.max_model_len)
 
     def utilization(self, duration: float) -> dict:
         per_gpu = {g.name: (g.busy_time / duration if duration > 0 else 0.0) for g in self.gpus}
@@ -196,44 +163,8 @@ class Policy:
                      for st, b in stage_busy.items()}
         per_role = {r: sum(g.busy_time for g in gs) / (duration * len(gs)) if duration > 0 else 0.0
                     for r, gs in roles.items()}
-        return {"mean_gpu": sum(per_gpu.values()) / max(len(per_gpu), 1), "per_gpu": per_gpu,
-                "per_stage": per_stage, "per_pool": per_role,
-                "gpus_per_pool": {r: len(gs) for r, gs in roles.items()}}
-
-
-def size_pools(work: dict[str, float], n: int, fixed: dict[str, int] | None = None,
-               field_name: str = "cluster.pools") -> dict[str, int]:
-    """Split n GPUs across keys in proportion to offered work (largest remainder), at least one
-    each; entries in `fixed` are taken as given."""
-    fixed = dict(fixed or {})
-    keys = [k for k in work if work[k] > 0 or k in fixed]
-    rest = [k for k in keys if k not in fixed]
-    left = n - sum(fixed.get(k, 0) for k in keys)
-    if left < len(rest):
-        raise ConfigError(
-            f"{field_name}: {n} GPUs cannot host {len(keys)} pools/replica groups {sorted(keys)} "
-            f"(at least one GPU each); allowed: cluster.num_gpus >= {len(keys) - len(fixed) + sum(fixed.values())}")
-    out = {k: fixed[k] for k in keys if k in fixed}
-    if rest:
-        tot = sum(work[k] for k in rest) or 1.0
-        share = {k: 1 + (left - len(rest)) * work[k] / tot for k in rest}
-        base = {k: int(math.floor(v)) for k, v in share.items()}
-        spare = left - sum(base.values())
-        for k in sorted(rest, key=lambda k: share[k] - base[k], reverse=True)[:spare]:
-            base[k] += 1
-        out.update(base)
-    return out
-
-
-def match_fixed(fixed: dict[str, int], keys: list[str], field_name: str) -> dict[str, int]:
-    """Map user keys (full 'role:model' or bare role / model) onto pool keys."""
-    out: dict[str, int] = {}
-    for k, v in fixed.items():
-        hits = [p for p in keys if p == k or p.split(":")[0] == k or p.split(":")[-1] == k]
-        if not hits:
-            raise ConfigError(f"{field_name}.{k} matches no pool this workload needs; allowed: {sorted(keys)}")
-        for p in hits:
-            out[p] = v
-    return out
-
-
+        u = {"mean_gpu": sum(per_gpu.values()) / max(len(per_gpu), 1), "per_gpu": per_gpu,
+             "per_stage": per_stage, "per_pool": per_role,
+             "gpus_per_pool": {r: len(gs) for r, gs in roles.items()}}
+        self.scaling.report(u)
+        return u

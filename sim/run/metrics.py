@@ -33,7 +33,8 @@ import pandas as pd
 
 from sim.config import SLOConfig
 from sim.run.output import REQUEST_COLUMNS, meets_slo, request_row, rows_to_table
-from sim.core.records import TEXT_OUT_TASKS, Request
+from sim.core.records import Request
+from sim.names import TEXT_OUT_TASKS
 from sim.run.sketch import QuantileSketch
 
 _FLUSH = 1 << 16          # buffered sketch values folded in per vectorised add_many

@@ -20,7 +20,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from sim.config import SLOConfig
-from sim.core.records import TEXT_OUT_TASKS, Request
+from sim.core.records import Request
+from sim.names import TEXT_OUT_TASKS
 
 # Stage names that get wide columns in requests.parquet. Fixed, so every run has the same schema;
 # other stages (preprocess/postprocess on CPU) appear only in summary.json's per_stage.

@@ -9,20 +9,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-import simpy
-from simpy.events import URGENT
-
-from sim.core import kernel as eventloop
-from sim.tools.compile import check_fresh
 from sim.config import SimConfig
+from sim.core.kernel import Kernel
 from sim.engines.latency import LatencyModel
+from sim.policies.policy import PILOT_REQUESTS, SimContext, build_policy
+from sim.run.build_guard import check_fresh
 from sim.run.metrics import MetricsCollector
 from sim.run.output import RequestsParquetWriter, write_json_atomic
-from sim.policies import get_policy
-from sim.policies.policy import PILOT_REQUESTS, SimContext
-from sim.workloads.synthetic import Workload
-
-timeout = eventloop.timeout
+from sim.workloads import request_source
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 GC_YOUNG_THRESHOLD = 100_000    # allocations between young collections while simulating (700)
@@ -59,15 +53,15 @@ class Run:
         cfg.check()
         self.cfg = cfg
         self.outdir = outdir
-        self.env = simpy.Environment()
+        self.env = Kernel()
         self.lat = LatencyModel(resolve(cfg.profiles_dir), cfg.latency.tables or cfg.cluster.gpu,
                                 cfg.latency.out_of_range)
         self.metrics = MetricsCollector(cfg.slo, keep_rows=keep_rows)
-        self.workload = Workload(cfg.workload, cfg.seed, model_override=cfg.model)
+        self.workload = request_source(cfg.workload, cfg.seed, model_override=cfg.model)
         self.n_total = len(self.workload)
         self.completed = 0
         self.arrived = 0
-        self.steps = 0                    # SimPy events processed (sim.core.kernel.run)
+        self.steps = 0                    # SimPy events processed (Kernel.run_until)
         self.last_finish = 0.0
         self.writer = None
         self._on_arrival = self._arrive   # one bound method for every arrival event
@@ -76,12 +70,11 @@ class Run:
         self._held: deque = deque()       # closed loop: arrived, waiting for a free slot
         self._on_release = self._release
         self.requests = [] if keep_rows and self.n_total <= keep_rows else None
-        pilot = list(itertools.islice(iter(Workload(cfg.workload, cfg.seed, model_override=cfg.model)),
+        pilot = list(itertools.islice(iter(request_source(cfg.workload, cfg.seed, model_override=cfg.model)),
                                       PILOT_REQUESTS))
         self.ctx = SimContext(self.env, cfg, self.lat, self._on_complete, self.metrics.add_itl,
                               done=lambda: self.completed >= self.n_total, pilot=pilot)
-        self.policy = get_policy(cfg.policy.name)(self.ctx)
-        self.policy.build()
+        self.policy = build_policy(cfg.policy.name, self.ctx)
 
     def _on_complete(self, req) -> None:
         self.completed += 1
@@ -89,7 +82,7 @@ class Run:
         if self.max_concurrency:        # the client's slot frees when it has seen the last token
             wait = req.finish - self.env.now
             if wait > 0:
-                timeout(self.env, wait, self._on_release)
+                self.env.timer(wait, self._on_release)
             else:
                 self._release(None)
         if self.writer is not None:
@@ -103,14 +96,9 @@ class Run:
         """Arrivals as event callbacks, not a SimPy process: the same events at the same times
         in the same order (an urgent start event at time 0, as a process's initialisation, then
         one timeout per arrival later than the clock), without a generator resumed per request."""
-        env = self.env
         self._reqs = iter(self.workload)
         self._pending = None
-        start = simpy.Event(env)
-        start._ok = True
-        start._value = None
-        start.callbacks.append(self._arrive)
-        env.schedule(start, URGENT)
+        self.env.call_soon(self._arrive)
 
     def _arrive(self, _ev) -> None:
         env = self.env
@@ -123,7 +111,7 @@ class Run:
         for req in self._reqs:
             if req.arrival > env.now:
                 self._pending = req
-                timeout(env, req.arrival - env._now, self._on_arrival)
+                env.timer(req.arrival - env.now, self._on_arrival)
                 return
             self.arrived += 1
             send(req, env.now)
@@ -157,7 +145,7 @@ class Run:
                 if progress:
                     self._run_with_bar()
                 else:
-                    self.steps += eventloop.run(self.env)
+                    self.steps += self.env.run_all()
             if self.writer is not None:
                 self.writer.close()
         except BaseException:
@@ -171,7 +159,7 @@ class Run:
         from tqdm import tqdm
         with tqdm(total=self.n_total, unit="req", desc="simulating", mininterval=0.5) as bar:
             while self.env.peek() != float("inf"):
-                self.steps += eventloop.run_until(self.env, self.env.peek() + 5.0)
+                self.steps += self.env.run_until(self.env.peek() + 5.0)
                 bar.set_postfix_str(f"t={self.env.now:,.0f}s sim")
                 bar.update(self.completed - bar.n)
 
@@ -193,7 +181,7 @@ class Run:
             "sim_events": sum(g.events for g in self.policy.gpus),
             "max_concurrency": self.max_concurrency,    # as vllm bench serve's result
         }
-        if hasattr(self.policy, "moves"):
+        if self.policy.moves is not None:
             extra["autoscale_moves"] = self.policy.moves
         summary = self.metrics.summary(duration, len(self.policy.gpus), cfg.cluster.gpu, price,
                                        cfg.slo, util, extra)

@@ -194,7 +194,7 @@ def resolve_tables(profiles_dir: str | Path, gpu: str, model: str) -> tuple[Path
 def typical_request(spec: ModelSpec):
     """The model's typical request (see module doc) as a sim Request."""
     from sim.core.records import Request
-    from sim.workloads.synthetic import image_tokens
+    from sim.workloads.requests import image_tokens
     if spec.family in ("llm", "vlm"):
         task = "understand" if spec.family == "vlm" else "text"
         ins = (TYPICAL["image"],) if spec.family == "vlm" else ()

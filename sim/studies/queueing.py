@@ -9,16 +9,16 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import simpy
 
 from sim.config import SimConfig
 from sim.core.gpu import GPU
-from sim.run.output import write_json_atomic
-from sim.core.records import Request
-from sim.rng import stream
+from sim.core.kernel import Kernel
+from sim.core.records import Job, Request
 from sim.engines.batch import BatchEngine
-from sim.engines.queues import Job, StageQueue
-from sim.workloads.synthetic import gamma_arrivals
+from sim.engines.queues import StageQueue
+from sim.rng import stream
+from sim.run.output import write_json_atomic
+from sim.workloads.laws import gamma_arrivals
 
 
 def sample_service(law: str, mean: float, cv: float, n: int, rng: np.random.Generator) -> np.ndarray:
@@ -48,7 +48,7 @@ class _Little:
 
 
 def simulate(servers: int, arrivals: np.ndarray, service: np.ndarray) -> dict:
-    env = simpy.Environment()
+    env = Kernel()
     queue = StageQueue("queueing")
     gpus = []
     for i in range(servers):

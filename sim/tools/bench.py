@@ -36,9 +36,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from sim.policies import POLICIES as POLICY_CONFIGS
+
 REPO = Path(__file__).resolve().parents[2]
 MODELS = ("qwen2_5_vl_7b", "qwen_image", "qwen2_5_7b")
-POLICIES = ("baseline", "disaggregated", "modality_aware")
+POLICIES = tuple(POLICY_CONFIGS)
 
 SCENARIOS = {
     "llm_1gpu": dict(requests=50_000, gpus=1, policies=("baseline",)),

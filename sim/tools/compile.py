@@ -1,7 +1,7 @@
 """Opt-in compiled hot path: `python -m sim.tools.compile [--clean] [--list]`.
 
 Compiles the simulator's hot-path modules (HOT below) with mypyc into C extension modules
-placed next to their .py files (`sim/gpu.cpython-311-x86_64-linux-gnu.so`, ...) plus one
+placed next to their .py files (`sim/core/gpu.cpython-311-x86_64-linux-gnu.so`, ...) plus one
 shared runtime library `mmsim__mypyc.*.so` at the repository root. Python imports an
 extension module before the .py of the same name, so every later `python -m sim ...` (from
 the repository root, or through the editable install) runs the compiled code; the sources
@@ -19,10 +19,8 @@ import os
 import shutil
 import sys
 import time
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-GROUP = "mmsim"
+from sim.run.build_guard import GROUP, REPO, built_files
 
 # the modules whose functions the profile of a large run spends its time in
 HOT = (
@@ -35,42 +33,12 @@ HOT = (
     "sim/engines/batch.py",
     "sim/engines/dit.py",
     "sim/engines/pipeline.py",
+    "sim/engines/cost.py",
+    "sim/policies/parts.py",
     "sim/policies/policy.py",
     "sim/policies/routing.py",
-    "sim/policies/baseline.py",
     "sim/policies/placement.py",
-    "sim/policies/scaling.py",
 )
-
-
-def built_files() -> list[Path]:
-    """Every extension module under sim/ (also of modules no longer in HOT) and the runtime."""
-    return sorted((REPO / "sim").rglob("*.so")) + sorted(REPO.glob(f"{GROUP}__mypyc.*.so"))
-
-
-_fresh_checked = False
-
-
-def check_fresh() -> None:
-    """Refuse to simulate with a compiled module older than its source: Python would import the
-    .so and run the old code in place of the edited .py, silently. Once per process."""
-    global _fresh_checked
-    if _fresh_checked:
-        return
-    stale = []
-    built = built_files()
-    # a module's .so is a shim whose code lives in the group's runtime library: a rebuild that
-    # leaves the shim unchanged may keep its old time, so the newer of the two counts
-    lib = max((p.stat().st_mtime for p in built if p.name.startswith(f"{GROUP}__mypyc.")), default=0.0)
-    for so in built:
-        py = so.with_name(so.name.split(".")[0] + ".py")
-        if py.exists() and py.stat().st_mtime > max(so.stat().st_mtime, lib):
-            stale.append(str(py.relative_to(REPO)))
-    if stale:
-        raise RuntimeError(f"compiled modules are older than their sources {stale}: rebuild them "
-                           f"with `python -m sim.tools.compile`, or go back to pure Python with "
-                           f"`python -m sim.tools.compile --clean`")
-    _fresh_checked = True
 
 
 def compiled_modules() -> dict[str, str]:

@@ -32,10 +32,11 @@ import pandas as pd
 from profiler.jsonfiles import read_text
 from profiler.models import TASKS, ModelSpec
 from sim.config import ConfigError, WorkloadConfig
-from sim.core.records import IMAGE_IN_TASKS, TEXT_OUT_TASKS, Request
+from sim.core.records import Request
+from sim.names import GENERATE, IMAGE_IN_TASKS, OUTPAINT, TEXT_OUT_TASKS
 from sim.rng import stream
-from sim.workloads.synthetic import (DEFAULT_CHUNK, TokenCache, build_requests, check_task_model,
-                          gamma_arrivals, outpaint_size, resolve_model)
+from sim.workloads.laws import DEFAULT_CHUNK, gamma_arrivals, outpaint_size
+from sim.workloads.requests import TokenCache, build_requests, check_task_model, resolve_model
 
 # canonical column -> accepted names (first match wins)
 ALIASES: dict[str, tuple[str, ...]] = {
@@ -230,7 +231,9 @@ def _bool(x: Any) -> bool:
 
 
 class TraceWorkload:
-    """Requests of a trace file, in arrival order; every row is validated up front."""
+    """Requests of a trace file, in arrival order; every row is validated up front. `len()` is
+    the number of usable trace rows (workload.num_requests is ignored). A `RequestSource`
+    (sim.workloads)."""
 
     def __init__(self, cfg: WorkloadConfig, seed: int, model_override: Optional[str] = None,
                  chunk_size: int = DEFAULT_CHUNK, table: Optional[pd.DataFrame] = None) -> None:
@@ -308,9 +311,9 @@ class TraceWorkload:
         if t not in TEXT_OUT_TASKS:
             if oh is not None and ow is not None:
                 out = (int(oh), int(ow))
-            elif t == "generate":
+            elif t == GENERATE:
                 out = (int(spec.defaults.get("height", 1024)), int(spec.defaults.get("width", 1024)))
-            elif t == "outpaint":
+            elif t == OUTPAINT:
                 h, w = outpaint_size(np.array([ins[0][0]]), np.array([ins[0][1]]), self.cfg.image)
                 out = (int(h[0]), int(w[0]))
             else:
