@@ -3,7 +3,7 @@
 Every plotting function takes DataFrames / dicts, returns a matplotlib Figure and, given
 ``path``, also writes it as PNG. Inputs:
 
-* a *requests* frame: rows of ``requests.parquet`` (sim/output.py) plus ``policy`` / ``rate`` /
+* a *requests* frame: rows of ``requests.parquet`` (sim/run/output.py) plus ``policy`` / ``rate`` /
   ``seed`` columns added by the loaders;
 * a *summaries* frame: one row per run, flattened from ``summary.json`` (``summary_row``), with
   the ``summary`` dict itself kept in column ``summary`` for per-stage / per-pool detail.

@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-import pandas as pd
 
 from profiler import schema
 from profiler.backends import get_backend
@@ -166,7 +165,3 @@ def _report(row: dict, info: dict, log, t_start: float, bar) -> None:
         + (f" {lat:.3f} ms" if lat is not None and st == "ok" else f" ({row.get('error')})"))
     if bar is not None:
         bar.update(1)
-
-
-def load_frame(path) -> pd.DataFrame:
-    return schema.read_table(path)

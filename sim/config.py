@@ -1,6 +1,7 @@
-"""Structured (Hydra) config schema. Range checks live in __post_init__, which runs when the
-composed config is turned into these dataclasses (`OmegaConf.to_object`), so bad input fails
-before any simulation with a message that names the field and the allowed values."""
+"""Structured (Hydra) config schema. Each section's check() holds its range checks;
+SimConfig.check() runs them all once, where a run's config is made (sim.cli.to_config, or
+sim.run.runner.Run for a config built in code), so bad input fails before any simulation with a
+message that names the field and the allowed values."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -8,7 +9,7 @@ from enum import Enum
 from typing import Any, Optional
 
 from sim.names import EDIT, GENERATE, INPAINT, OUTPAINT, TASKS, TEXT, UNDERSTAND
-from sim.policies import POLICIES, REPLICA_ROUTERS
+from sim.policies import DEFAULT_POLICY, POLICIES, REPLICA_ROUTERS
 
 
 class ConfigError(ValueError):
@@ -136,6 +137,10 @@ class WorkloadConfig:
     max_concurrency: Optional[int] = None
 
     def check(self) -> None:
+        """Validate once (later calls return at once), first resolving the `path` shorthand
+        (a trace file: trace.path and arrival.process=trace)."""
+        if self.__dict__.get("_checked"):
+            return
         if self.path:
             self.trace.path = self.path
             self.arrival.process = "trace"
@@ -159,6 +164,7 @@ class WorkloadConfig:
         _check(self.steps is None or self.steps >= 1, "workload.steps", self.steps, ">= 1 or null")
         _check(self.max_concurrency is None or self.max_concurrency >= 1, "workload.max_concurrency",
                self.max_concurrency, ">= 1 or null")
+        self._checked = True
 
 
 @dataclass
@@ -193,7 +199,7 @@ class ClusterConfig:
 
 @dataclass
 class PolicyConfig:
-    name: str = "baseline"
+    name: str = DEFAULT_POLICY
     router: str = "least_loaded"
     # modality_aware knobs (ignored by the others)
     priority: bool = True            # interactive (text-out) work first in shared queues
@@ -356,7 +362,7 @@ class QueueingConfig:
 
 @dataclass
 class CapacityConfig:
-    """Capacity planning (`+experiment=capacity`, sim/capacity.py): per policy, the fewest GPUs
+    """Capacity planning (`+experiment=capacity`, sim/studies/capacity.py): per policy, the fewest GPUs
     meeting the SLO at target_qps, and the max QPS a cluster of `num_gpus` sustains under it.
     The SLO is p99 E2EL <= slo_p99_ms (all tasks), or, when slo_p99_ms is null, goodput-based:
     slo_attainment (per-task targets of `slo`) >= min_attainment."""
@@ -433,6 +439,11 @@ class SimConfig:
     output: OutputConfig = field(default_factory=OutputConfig)
 
     def check(self) -> "SimConfig":
+        """Validate every section once (later calls return at once: a run's config is checked
+        where it is made and again, as a no-op, where it is used), first resolving the
+        `model=NAME` shorthand (a conf/model/ entry) to the model's name."""
+        if self.__dict__.get("_checked"):
+            return self
         if isinstance(self.model, dict):
             self.model = self.model.get("name")
         _check(self.model is None or isinstance(self.model, str), "model", self.model,
@@ -441,4 +452,5 @@ class SimConfig:
         for part in (self.workload, self.cluster, self.policy, self.engine, self.diffusion,
                      self.latency, self.slo, self.cost, self.queueing, self.capacity, self.output):
             part.check()
+        self._checked = True
         return self

@@ -24,7 +24,7 @@ from scipy.optimize import brentq
 from sim.config import SimConfig
 from sim.studies.queueing import run_queueing, sample_service, simulate
 from sim.rng import stream
-from sim.workloads.synthetic import gamma_arrivals
+from sim.workloads.laws import gamma_arrivals
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 WARMUP = 0.10

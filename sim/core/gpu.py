@@ -18,7 +18,7 @@ from sim.core.kernel import NORMAL, Timer
 from sim.core.mypyc_compat import mypyc_attr
 
 if TYPE_CHECKING:
-    from sim.core.kernel import Kernel
+    from sim.core.kernel import Kernel  # noqa: F401 (annotations)
 
 
 class Engine(Protocol):
@@ -92,9 +92,9 @@ def _bisect_ends(ends: Sequence[float], x: float) -> int:
     return bisect_left(ends, x)
 
 
-@mypyc_attr(allow_interpreted_subclasses=True)     # (compiled: PoolGPU, sim.policies.policy)
+@mypyc_attr(allow_interpreted_subclasses=True)     # (compiled: tests subclass it)
 class GPU:
-    def __init__(self, env: "simpy.Environment", gid: int, node: int, step_jump: bool = True):
+    def __init__(self, env: "Kernel", gid: int, node: int, step_jump: bool = True):
         self.env = env
         self.gid = gid
         self.node = node
@@ -173,7 +173,8 @@ class GPU:
         u = self.cur
         assert u is not None
         # the event's value is its token: a cut reschedules, and the stale event is ignored.
-        # = env.timeout(delay, token).callbacks.append(self._on_timer) (sim.core.kernel.timeout)
+        # NOTE: the following code is inlined from Kernel.timer(delay, self._on_timer, token)
+        # for performance reasons (one event per unit).
         now = env._now
         delay = self.start + u.ends[k - 1] - now
         if delay < 0:
@@ -182,7 +183,7 @@ class GPU:
         heappush(q, (now + delay, NORMAL, next(env._eid), Timer(self._on_timer, self.token)))
 
     def _timer(self, ev: Timer) -> None:
-        if ev._value == self.token:     # else a cut rescheduled it: stale (a quarter of them)
+        if ev._value == self.token:     # else a cut rescheduled it: stale
             self._done(ev._value)
 
     def _cut(self, lag: int = 0) -> None:

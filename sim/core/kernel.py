@@ -23,7 +23,9 @@ from __future__ import annotations
 from heapq import heappop, heappush
 from typing import Any, Callable
 
-import simpy
+from simpy.core import Environment
+
+from sim.core.mypyc_compat import mypyc_attr
 
 NORMAL = 1          # simpy.events.NORMAL
 URGENT = 0          # simpy.events.URGENT
@@ -44,7 +46,8 @@ class Timer:
         return self._value
 
 
-class Kernel(simpy.Environment):
+@mypyc_attr(native_class=False)      # (compiled: a plain class, as a subclass of SimPy's must be)
+class Kernel(Environment):
     """SimPy's environment plus the timer, urgent call and event loop the simulator uses."""
 
     def timer(self, delay: float, callback: Callable[[Any], None], value: Any = None) -> Timer:
@@ -53,13 +56,15 @@ class Kernel(simpy.Environment):
         if delay < 0:
             raise ValueError(f"Negative delay {delay}")
         ev = Timer(callback, value)
-        heappush(self._queue, (self._now + delay, NORMAL, next(self._eid), ev))
+        q: Any = self._queue
+        heappush(q, (self._now + delay, NORMAL, next(self._eid), ev))
         return ev
 
     def call_soon(self, callback: Callable[[Any], None]) -> Timer:
         """`callback(event)` now, before the NORMAL events of this instant (priority URGENT)."""
         ev = Timer(callback, None)
-        heappush(self._queue, (self._now, URGENT, next(self._eid), ev))
+        q: Any = self._queue
+        heappush(q, (self._now, URGENT, next(self._eid), ev))
         return ev
 
     def run_all(self) -> int:

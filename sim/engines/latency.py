@@ -379,18 +379,24 @@ class LatencyModel:
             self._lookup2(g, batch, ctx0)
         self._lookup2(g, batch, ctx0 + k - 1)
 
+    def decode_steps(self, model: str, batch: int, ctx0: float, k: int,
+                     start_lookups: int = 1) -> list[float]:
+        """decode(batch, ctx0 + i) for i < k: the step times of k decode steps of `batch`
+        sequences whose contexts start at ctx0. start_lookups: see _end_lookups."""
+        g = self._decode_grid(model)
+        col = self._decode_col(g, batch)
+        self._end_lookups(g, col, batch, ctx0, k, start_lookups)
+        return self._step_values(g, col, ctx0, k)
+
     def decode_ends(self, model: str, batch: int, ctx0: float, k: int, start_lookups: int = 1,
                     overhead: float = 0.0, host: float | None = None) -> list[float]:
         """Cumulative end offsets of k decode steps of `batch` sequences whose contexts start
         at ctx0 (and grow by one a step): each step decode(batch, ctx0 + i) (the same bilinear
         rule), plus `overhead` when nonzero, then max(t - host, host) when `host` is not None,
         summed in order. start_lookups: see _end_lookups."""
-        g = self._decode_grid(model)
-        col = self._decode_col(g, batch)
-        self._end_lookups(g, col, batch, ctx0, k, start_lookups)
         ends = []
         acc = 0.0
-        for t in self._step_values(g, col, ctx0, k):
+        for t in self.decode_steps(model, batch, ctx0, k, start_lookups):
             if overhead:
                 t += overhead
             if host is not None:

@@ -51,7 +51,7 @@ def plan_hops(req: Request, fused: bool) -> list[Job]:
 
 # model -> bytes per unit of each stage's hand-off size (vision / prompt tokens, latent
 # tokens): the products handoff_bytes multiplies by, where all are integers (so the same
-# figures, exactly); -1 where not (or missing: the spec's own expression then, as before)
+# figures, exactly); -1 where not (or missing: _handoff_bytes_spec then)
 _PER_UNIT: dict[str, tuple[int, int, int, int]] = {}
 
 
@@ -100,7 +100,8 @@ _STAGE_INDEX = {VISION_ENCODE: 0, AR: 1, TEXT_ENCODE: 2, DIT_STEP: 3}
 
 
 def _handoff_bytes_spec(job: Job) -> int:
-    """handoff_bytes from the model spec's fields (the reference)."""
+    """handoff_bytes from the model spec's fields: for models whose per-unit products are not
+    all integers (_PER_UNIT holds -1 there)."""
     spec: ModelSpec = load_model(job.model)
     if job.stage == VISION_ENCODE:
         return job.vision_tokens * spec.components["vision"]["out_hidden_size"] * spec.dtype_bytes

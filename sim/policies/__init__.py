@@ -29,24 +29,24 @@ class Parts:
     scaling: str            # SCALING
 
 
-# --- parts: name -> "module:Class" (imported on first use) ----------------------------------------
-PLACEMENTS: dict[str, str] = {
+# --- parts: name -> "module:Class" (imported on first use), or the class itself (a plug-in) -------
+PLACEMENTS: dict[str, Any] = {
     "replicas": "sim.policies.placement:Replicas",              # one GPU = one model end to end
     "stage_pools": "sim.policies.placement:StagePools",         # a pool of GPUs per stage
     "colocated_pools": "sim.policies.placement:ColocatedPools",  # light pools ride on heavy ones
 }
-ROUTERS: dict[str, str] = {
+ROUTERS: dict[str, Any] = {
     "round_robin": "sim.policies.routing:RoundRobin",           # replicas
     "least_loaded": "sim.policies.routing:LeastOutstanding",    # replicas: least queued work
     "least_requests": "sim.policies.routing:LeastRequests",     # LLM engines: fewest requests
     "least_tokens": "sim.policies.routing:LeastTokens",         # LLM engines: fewest tokens
 }
 REPLICA_ROUTERS = ("round_robin", "least_loaded")              # policy.router's choices
-BATCHING: dict[str, str] = {
+BATCHING: dict[str, Any] = {
     "same_shape": "sim.policies.batching:SameShape",            # diffusion.shape_compat
     "bucketed_if_faster": "sim.policies.batching:BucketedIfFaster",
 }
-SCALING: dict[str, str] = {
+SCALING: dict[str, Any] = {
     "static": "sim.policies.scaling:Static",
     "pressure": "sim.policies.scaling:Pressure",                # queued work per GPU
 }
@@ -64,9 +64,13 @@ POLICIES: dict[str, Callable[[Any], Parts]] = {
         "colocated_pools", "least_tokens" if p.image_token_aware_lb else "least_requests",
         "hrrn", p.priority, "bucketed_if_faster", "pressure"),
 }
+DEFAULT_POLICY = next(iter(POLICIES))      # baseline
 
 
-def load_part(registry: dict[str, str], name: str) -> Any:
+def load_part(registry: dict[str, Any], name: str) -> Any:
     """The class registered as `name` in one of the part registries above."""
-    mod, cls = registry[name].split(":")
+    entry = registry[name]
+    if not isinstance(entry, str):
+        return entry
+    mod, cls = entry.split(":")
     return getattr(import_module(mod), cls)

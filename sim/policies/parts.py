@@ -109,6 +109,7 @@ class Router:
         """`item`'s load changed (items not routed here are ignored)."""
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)     # (compiled: sim/policies/batching.py)
 class BatchingRule:
     """Makes the engines of the batched stages: DiT engines (step-level batching) and one-shot
     engines (encoders, VAE)."""
@@ -123,6 +124,7 @@ class BatchingRule:
         raise NotImplementedError
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)     # (compiled: sim/policies/scaling.py)
 class Scaling:
     """Moves GPUs between pools while the run goes on (or not). `moves` lists the moves made
     (None: this part never moves any); report() adds to the utilization summary."""

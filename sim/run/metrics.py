@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 
 from sim.config import SLOConfig
-from sim.run.output import REQUEST_COLUMNS, meets_slo, request_row, rows_to_table
+from sim.run.output import REQUEST_COLUMNS, latencies_ms, meets_slo, request_row, rows_to_table
 from sim.core.records import Request
 from sim.names import TEXT_OUT_TASKS
 from sim.run.sketch import QuantileSketch
@@ -42,10 +42,6 @@ _FLUSH = 1 << 16          # buffered sketch values folded in per vectorised add_
 _FLOAT_COLS = ("arrival", "finish", "ttft_ms", "tpot_ms", "e2el_ms", "queue_ms")
 _INT_COLS = ("prompt_tokens", "output_tokens", "image_tokens_in", "image_tokens_out",
              "preemptions")
-
-
-def _f(x: Any) -> float:
-    return math.nan if x is None else float(x)
 
 
 def _clean(obj: Any) -> Any:
@@ -148,34 +144,15 @@ class MetricsCollector:
 
         ``row=False``: the caller does not need the row; it is then built only while the first
         ``keep_rows`` rows are being kept (same numbers either way), and None is returned."""
-        if row or len(self._rows) < self.keep_rows:
-            r = request_row(req, self.slo)
-            code = self._task_codes.setdefault(req.task, len(self._task_codes))
-            self._task.append(code)
-            for c, a in self._f.items():
-                a.append(_f(r[c]))
-            for c, a in self._i.items():
-                a.append(int(r[c]))
-            self._add_stages(req.stages)
-            if len(self._rows) < self.keep_rows:
-                self._rows.append(tuple(r[c] for c in REQUEST_COLUMNS))
-            return r if row else None
-        self._record_fast(req)
-        return None
-
-    def _record_fast(self, req: Request) -> None:
-        """record() without building the row dict: the same arithmetic as output.request_row."""
         code = self._task_codes.get(req.task)
         if code is None:
             code = self._task_codes[req.task] = len(self._task_codes)
         self._task.append(code)
-        f = self._f
         arrival, finish = req.arrival, req.finish
-        e2el = (finish - arrival) * 1000.0
-        ttft = req.ttft * 1000.0
-        tpot = req.tpot * 1000.0
-        queue = (self._add_stages(req.stages) - arrival) * 1000.0
+        lat = latencies_ms(req, self._add_stages(req.stages))
+        ttft, tpot, e2el, queue = lat
         inf = math.inf
+        f = self._f
         f["arrival"].append(arrival)
         f["finish"].append(finish if -inf < finish < inf else math.nan)
         f["ttft_ms"].append(ttft if -inf < ttft < inf else math.nan)
@@ -188,6 +165,13 @@ class MetricsCollector:
         i["image_tokens_in"].append(req.image_tokens_in)
         i["image_tokens_out"].append(req.image_tokens_out)
         i["preemptions"].append(req.preemptions)
+        keep = len(self._rows) < self.keep_rows
+        if not (row or keep):
+            return None
+        r = request_row(req, self.slo, lat)
+        if keep:
+            self._rows.append(tuple(r[c] for c in REQUEST_COLUMNS))
+        return r if row else None
 
     def _add_stages(self, stages) -> float:
         """Feed the per-stage statistics; returns the earliest start (NaN if none started)."""

@@ -21,12 +21,13 @@ import pyarrow.parquet as pq
 
 from sim.config import SLOConfig
 from sim.core.records import Request
-from sim.names import TEXT_OUT_TASKS
+from sim.names import (DECODE, DIT_STEP, PREFILL, TEXT_ENCODE, TEXT_OUT_TASKS, TRANSFER, VAE_DECODE,
+                       VAE_ENCODE, VISION_ENCODE)
 
 # Stage names that get wide columns in requests.parquet. Fixed, so every run has the same schema;
 # other stages (preprocess/postprocess on CPU) appear only in summary.json's per_stage.
-WIDE_STAGES: tuple[str, ...] = ("vision_encode", "text_encode", "prefill", "decode", "dit_step",
-                                "vae_encode", "vae_decode", "transfer")
+WIDE_STAGES: tuple[str, ...] = (VISION_ENCODE, TEXT_ENCODE, PREFILL, DECODE, DIT_STEP, VAE_ENCODE,
+                                VAE_DECODE, TRANSFER)
 
 _BASE_FIELDS: list[tuple[str, pa.DataType]] = [
     ("id", pa.int64()), ("arrival", pa.float64()), ("task", pa.string()), ("model", pa.string()),
@@ -76,16 +77,27 @@ def meets_slo(task: str, ttft_ms: Any, tpot_ms: Any, e2el_ms: Any, slo: SLOConfi
     return ok
 
 
-def request_row(req: Request, slo: SLOConfig | None) -> dict[str, Any]:
-    """One requests.parquet row for a completed request (None where undefined).
+def first_start(req: Request) -> float:
+    """When the request's first stage started (NaN if none did)."""
+    return min((s.start for s in req.stages if s.start == s.start), default=math.nan)
+
+
+def latencies_ms(req: Request, first: float) -> tuple[float, float, float, float]:
+    """(ttft, tpot, e2el, queue) of a completed request in ms, NaN where undefined; queue is from
+    arrival to `first`, its first stage's start. The one definition requests.parquet and
+    summary.json share."""
+    return (req.ttft * 1000.0, req.tpot * 1000.0, (req.finish - req.arrival) * 1000.0,
+            (first - req.arrival) * 1000.0)
+
+
+def request_row(req: Request, slo: SLOConfig | None,
+                lat: tuple[float, float, float, float] | None = None) -> dict[str, Any]:
+    """One requests.parquet row for a completed request (None where undefined); `lat`: its
+    latencies_ms when the caller has them.
 
     Used by both RequestsParquetWriter and MetricsCollector, so the file and the summary agree.
     """
-    e2el = (req.finish - req.arrival) * 1000.0
-    ttft = req.ttft * 1000.0
-    tpot = req.tpot * 1000.0
-    first_start = min((s.start for s in req.stages if s.start == s.start), default=math.nan)
-    queue = (first_start - req.arrival) * 1000.0
+    ttft, tpot, e2el, queue = lat if lat is not None else latencies_ms(req, first_start(req))
     img_in = req.input_images[0] if req.input_images else (None, None)
     img_out = req.output_image or (None, None)
     row: dict[str, Any] = {

@@ -19,14 +19,14 @@ from sim.run.output import RequestsParquetWriter, write_json_atomic
 from sim.workloads import request_source
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-GC_YOUNG_THRESHOLD = 100_000    # allocations between young collections while simulating (700)
+GC_YOUNG_THRESHOLD = 100_000    # allocations between young collections while simulating
 
 
 @contextmanager
 def gc_tuned_for_simulation() -> Iterator[None]:
     """While a run simulates, the objects set up before it (tables, policy, engines) are frozen
     out of the cyclic GC and young collections are rarer: finished requests die by refcount
-    (no cycles), so collections only re-scan live objects; ~6% of a 1,000-GPU run."""
+    (no cycles), so collections only re-scan live objects."""
     threshold = gc.get_threshold()
     ours = gc.get_freeze_count() == 0   # leave a caller's own frozen set alone
     if ours:

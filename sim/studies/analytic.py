@@ -3,7 +3,7 @@ measurement it can be checked against, with the relative error reported (never h
 
     python -m sim.studies.analytic model=qwen_image gpu=h100 [profiles_dir=traces/profiles] [sim=true]
 
-prints a JSON report. What it computes (DESIGN.md, "Analytic layer"):
+prints a JSON report. What it computes (the design's "analytic layer"):
 
 * serial latency of a *typical request* of the model, stage by stage, from the profile tables
   (the same LatencyModel and pipeline hops the simulator uses): VLM/LLM 600 prompt + 250 output
@@ -44,14 +44,16 @@ import pandas as pd
 
 from profiler.models import ModelSpec, UnknownModelError, available_models, load_model
 from sim.config import ConfigError, SimConfig
+from sim.engines.cost import DECODE_BATCH_FOR_ESTIMATES as DECODE_BATCH_FOR_BOUND
 from sim.engines.memory import DIFFUSION_STATE_BYTES_PER_TOKEN, FRAMEWORK_OVERHEAD_BYTES, GIB
+from sim.names import (AR, DECODE, DIT_STEP, GENERATE, PREFILL, TEXT, TEXT_ENCODE, UNDERSTAND,
+                       VAE_DECODE, VAE_ENCODE, VISION_ENCODE)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 NVLINK_LATENCY_S = 5e-6          # per all-reduce launch + sync (NCCL small-message floor)
 DEFAULT_NVLINK_GB_S = 450.0
 GPU_MEM_GIB = {"h100": 80.0, "h200": 141.0}
 TYPICAL = {"prompt_tokens": 600, "output_tokens": 250, "image": (1024, 1024)}
-DECODE_BATCH_FOR_BOUND = 32      # the simulator's own estimate batch (policies/base.py)
 ACT_TENSORS_LLM = 6              # live hidden-sized tensors per token in one LLM layer step
 ACT_TENSORS_MLP = 2              # live intermediate-sized tensors per token (gate, up)
 USAGE = ("usage: python -m sim.studies.analytic model=<name> gpu=<gpu> [profiles_dir=<dir>] "
@@ -196,13 +198,13 @@ def typical_request(spec: ModelSpec):
     from sim.core.records import Request
     from sim.workloads.requests import image_tokens
     if spec.family in ("llm", "vlm"):
-        task = "understand" if spec.family == "vlm" else "text"
+        task = UNDERSTAND if spec.family == "vlm" else TEXT
         ins = (TYPICAL["image"],) if spec.family == "vlm" else ()
         req = Request(0, 0.0, task, spec.name, TYPICAL["prompt_tokens"], TYPICAL["output_tokens"],
                       ins, None, 0, False, "interactive")
     else:
         out = (int(spec.defaults["height"]), int(spec.defaults["width"]))
-        req = Request(0, 0.0, "generate", spec.name, int(spec.defaults.get("text_tokens", 64)), 0,
+        req = Request(0, 0.0, GENERATE, spec.name, int(spec.defaults.get("text_tokens", 64)), 0,
                       (), out, int(spec.defaults["steps"]), bool(spec.defaults.get("cfg", False)),
                       "standard")
     req.image_tokens_in, req.image_tokens_out = image_tokens(spec, req.task, req.input_images,
@@ -242,39 +244,39 @@ class _Stages:
     def _vision_encode(self, j) -> None:
         m, t = j.model, j.vision_tokens
         serial = self.lat.vision_encode(m, t)
-        d = self._rows(m, "vision_encode")
+        d = self._rows(m, VISION_ENCODE)
         per_tok = (d["latency_ms_median"] / 1e3 / (d["num_tokens"] * d["batch_size"]))
         best = d.loc[per_tok.idxmin()]
-        self._add("vision_encode", serial, min(serial, float(per_tok.min()) * t),
+        self._add(VISION_ENCODE, serial, min(serial, float(per_tok.min()) * t),
                   {"batch_size": int(best["batch_size"]), "tokens_per_image": int(best["num_tokens"])})
         one = d[d["num_tokens"] == _nearest(d["num_tokens"], t)]
         if len(one["batch_size"].unique()) > 1:
             g = one.groupby("batch_size")["latency_ms_median"].median()
-            self.batching["vision_encode"] = fit_batch_overhead(g.index, g.values)
+            self.batching[VISION_ENCODE] = fit_batch_overhead(g.index, g.values)
 
     def _ar(self, j) -> None:
         m = j.model
         lat = self.lat
         pre = lat.prefill(m, max(j.tokens, 1))
-        d = self._rows(m, "prefill")
+        d = self._rows(m, PREFILL)
         d = d[(d["num_decode_seqs"].fillna(0) == 0) & (d["context_len"].fillna(0) == 0)]
         per_tok = d["latency_ms_median"] / 1e3 / d["num_tokens"]
         best_n = int(d.loc[per_tok.idxmin(), "num_tokens"])
-        self._add("prefill", pre, min(pre, float(per_tok.min()) * j.tokens), {"num_tokens": best_n})
+        self._add(PREFILL, pre, min(pre, float(per_tok.min()) * j.tokens), {"num_tokens": best_n})
         g = d.groupby("num_tokens")["latency_ms_median"].median()
         self.detail["prefill_tokens"] = j.tokens
         if j.out_tokens > 1:
             k = j.out_tokens - 1
-            serial = float(lat.decode_series(m, 1, j.tokens + 1, k).sum())
-            dd = self._rows(m, "decode")
+            serial = float(np.asarray(lat.decode_steps(m, 1, j.tokens + 1, k)).sum())
+            dd = self._rows(m, DECODE)
             ctx = _nearest(dd["context_len"], j.tokens + j.out_tokens / 2)
             at = dd[dd["context_len"] == ctx].groupby("batch_size")["latency_ms_median"].median() / 1e3
             thr = at.index.values / at.values           # sequences-steps per second
             b_best = int(at.index.values[int(np.argmax(thr))])
             per_req = k / float(thr.max())
-            self._add("decode", serial, min(serial, per_req), {"batch_size": b_best, "context_len": ctx})
-            self.batching["decode"] = fit_batch_overhead(at.index.values, at.values)
-            self.batching["decode"]["context_len"] = ctx
+            self._add(DECODE, serial, min(serial, per_req), {"batch_size": b_best, "context_len": ctx})
+            self.batching[DECODE] = fit_batch_overhead(at.index.values, at.values)
+            self.batching[DECODE]["context_len"] = ctx
             self.detail["decode_tokens"] = k
         del g
 
@@ -283,7 +285,7 @@ class _Stages:
         serial = batched = 0.0
         for c in j.components:
             serial += self.lat.text_encode(m, c, 1, j.tokens)
-            d = self._rows(m, "text_encode")
+            d = self._rows(m, TEXT_ENCODE)
             d = d[d["component"] == c]
             d = d[d["num_tokens"] == _nearest(d["num_tokens"], j.tokens)]
             g = d.groupby("batch_size")["latency_ms_median"].median() / 1e3
@@ -291,13 +293,13 @@ class _Stages:
             batched += self.lat.text_encode(m, c, 1, j.tokens) * min(1.0, ratio)
             if len(g) > 1:
                 self.batching[f"text_encode:{c}"] = fit_batch_overhead(g.index, g.values)
-        self._add("text_encode", serial, batched, None)
+        self._add(TEXT_ENCODE, serial, batched, None)
 
     def _dit_step(self, j) -> None:
         m = j.model
         one = self.lat.dit_step(m, j.weight, j.seq_len)
         serial = j.steps * one
-        d = self._rows(m, "dit_step")
+        d = self._rows(m, DIT_STEP)
         seq = _nearest(d["seq_len"], j.seq_len)
         at_all = d[d["seq_len"] == seq].groupby("batch_size")["latency_ms_median"].median() / 1e3
         at = at_all[at_all.index >= j.weight] if (at_all.index >= j.weight).any() else at_all
@@ -305,11 +307,11 @@ class _Stages:
         b_best = int(per_item.idxmin())
         scale = one / float(at.loc[at.index.min()]) if at.index.min() == j.weight else 1.0
         batched = j.steps * j.weight * float(per_item.min()) * scale
-        self._add("dit_step", serial, min(serial, batched),
+        self._add(DIT_STEP, serial, min(serial, batched),
                   {"batch_size": b_best, "seq_len": int(seq), "cfg_weight": j.weight})
         if len(at_all) > 1:
-            self.batching["dit_step"] = fit_batch_overhead(at_all.index.values, at_all.values)
-            self.batching["dit_step"]["seq_len"] = int(seq)
+            self.batching[DIT_STEP] = fit_batch_overhead(at_all.index.values, at_all.values)
+            self.batching[DIT_STEP]["seq_len"] = int(seq)
         self.detail.update(dit_seq_len=j.seq_len, steps=j.steps, cfg_weight=j.weight,
                            dit_step_ms=one * 1e3)
 
@@ -327,10 +329,10 @@ class _Stages:
             self.batching[stage] = fit_batch_overhead(at.index.values, at.values)
 
     def _vae_encode(self, j) -> None:
-        self._vae(j, "vae_encode")
+        self._vae(j, VAE_ENCODE)
 
     def _vae_decode(self, j) -> None:
-        self._vae(j, "vae_decode")
+        self._vae(j, VAE_DECODE)
 
 
 # ------------------------------------------------------------------------------------------
@@ -349,7 +351,7 @@ def llm_activation_bytes(spec: ModelSpec, tokens: int) -> int:
 
 
 def dit_state_bytes(batch_items: int, seq_len: int) -> int:
-    """Diffusion state + step activations per the simulator's memory model (sim/memory.py)."""
+    """Diffusion state + step activations per the simulator's memory model (sim/engines/memory.py)."""
     return int(batch_items * seq_len * DIFFUSION_STATE_BYTES_PER_TOKEN)
 
 
@@ -364,7 +366,7 @@ def memory_report(spec: ModelSpec, req, stages: _Stages, lat, gpu: str, util: fl
     if llm_name:
         lspec = load_model(llm_name)
         kvpt = lspec.kv_bytes_per_token()
-        ar = next(j for j in stages.hops if j.stage == "ar")
+        ar = next(j for j in stages.hops if j.stage == AR)
         per_req_tokens = ar.tokens + ar.out_tokens
         act = llm_activation_bytes(lspec, max_num_batched_tokens)
         fixed = weights + act + FRAMEWORK_OVERHEAD_BYTES
@@ -422,17 +424,17 @@ def _est_peak(spec: ModelSpec, row, kv_alloc: int) -> int | None:
     KV allocation of a vLLM engine + activations at that point)."""
     st = row.stage
     b = int(row.batch_size) if row.batch_size == row.batch_size and row.batch_size else 1
-    if st in ("prefill", "decode", "vision_encode"):
+    if st in (PREFILL, DECODE, VISION_ENCODE):
         tokens = int(row.num_tokens) if row.num_tokens == row.num_tokens and row.num_tokens else b
         return spec.weights_bytes() + kv_alloc + llm_activation_bytes(spec, tokens)
-    if st == "dit_step":
+    if st == DIT_STEP:
         return spec.weights_bytes(("transformer",)) + dit_state_bytes(b, int(row.seq_len))
-    if st in ("vae_encode", "vae_decode"):
+    if st in (VAE_ENCODE, VAE_DECODE):
         c = spec.components.get("vae", {})
         ch = (c.get("block_out_channels") or [c.get("base_dim", 128)])[0]
         act = b * int(row.height) * int(row.width) * ch * spec.dtype_bytes * 4
         return spec.weights_bytes(("vae",)) + act
-    if st == "text_encode" and row.component in spec.components:
+    if st == TEXT_ENCODE and row.component in spec.components:
         c = spec.components[row.component]
         d = c.get("d_model", c.get("hidden_size", 0))
         return spec.weights_bytes((row.component,)) + b * int(row.num_tokens) * d * spec.dtype_bytes * 8
@@ -482,20 +484,20 @@ def parallel_report(spec: ModelSpec, stages: _Stages, bw_gb_s: float = DEFAULT_N
                            "nvlink_gb_s": bw_gb_s}
     cases = []
     llm_name = spec.name if spec.family in ("llm", "vlm") else spec.condition_encoder
-    if llm_name and "prefill" in stages.serial:
+    if llm_name and PREFILL in stages.serial:
         c = load_model(llm_name).llm
-        cases.append(("prefill", stages.serial["prefill"], c["num_hidden_layers"],
+        cases.append((PREFILL, stages.serial[PREFILL], c["num_hidden_layers"],
                       stages.detail["prefill_tokens"], c["hidden_size"]))
-        if "decode" in stages.serial:
+        if DECODE in stages.serial:
             b = DECODE_BATCH_FOR_BOUND
             t = stages.lat.decode(llm_name, b, stages.detail["prefill_tokens"])
             cases.append((f"decode_step_b{b}", t, c["num_hidden_layers"], b, c["hidden_size"]))
-    if "dit_step" in stages.serial:
+    if DIT_STEP in stages.serial:
         c = spec.components["transformer"]
         inner = c["num_attention_heads"] * c["attention_head_dim"]
         layers = c.get("num_layers", 0) + c.get("num_single_layers", 0)
         tokens = stages.detail["cfg_weight"] * (stages.detail["dit_seq_len"] + int(spec.defaults.get("text_tokens", 64)))
-        cases.append(("dit_step", stages.detail["dit_step_ms"] / 1e3, layers, tokens, inner))
+        cases.append((DIT_STEP, stages.detail["dit_step_ms"] / 1e3, layers, tokens, inner))
     for name, t1, layers, tokens, hidden in cases:
         hop = tokens * hidden * spec.dtype_bytes
         out[name] = {

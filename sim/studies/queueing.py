@@ -19,6 +19,7 @@ from sim.engines.queues import StageQueue
 from sim.rng import stream
 from sim.run.output import write_json_atomic
 from sim.workloads.laws import gamma_arrivals
+from sim.names import TEXT
 
 
 def sample_service(law: str, mean: float, cv: float, n: int, rng: np.random.Generator) -> np.ndarray:
@@ -73,7 +74,7 @@ def simulate(servers: int, arrivals: np.ndarray, service: np.ndarray) -> dict:
             if t > env.now:
                 yield env.timeout(t - env.now)
             little.step(env.now, +1)
-            req = Request(i, env.now, "text", "synthetic", 0)
+            req = Request(i, env.now, TEXT, "synthetic", 0)
             queue.put(Job(req, "service", "synthetic", on_done=done, work=float(service[i])), env.now)
 
     env.process(source())

@@ -9,7 +9,7 @@ scenario):
   mixed_1000gpu 1,000,000 requests of the same mix on 1,000 GPUs, arrival rate 0.25 req/s per
                 GPU (250 req/s: loaded, stable for every policy), once per policy
 --quick runs llm_1gpu and mixed_8gpu only. --scale multiplies every request count (tests use
-a tiny one; the figures in sim/BENCH.md are --scale 1).
+a tiny one; the figures in docs/BENCH.md are --scale 1).
 
 One line per scenario:
   scenario=<name> policy=<p> requests=<n> gpus=<g> requests_per_s=<x> events_per_s=<x>
@@ -36,15 +36,16 @@ import tempfile
 import time
 from pathlib import Path
 
-from sim.policies import POLICIES as POLICY_CONFIGS
+from sim.names import TEXT
+from sim.policies import DEFAULT_POLICY, POLICIES as POLICY_CONFIGS
 
 REPO = Path(__file__).resolve().parents[2]
 MODELS = ("qwen2_5_vl_7b", "qwen_image", "qwen2_5_7b")
 POLICIES = tuple(POLICY_CONFIGS)
 
 SCENARIOS = {
-    "llm_1gpu": dict(requests=50_000, gpus=1, policies=("baseline",)),
-    "mixed_8gpu": dict(requests=20_000, gpus=8, policies=("baseline",)),
+    "llm_1gpu": dict(requests=50_000, gpus=1, policies=(DEFAULT_POLICY,)),
+    "mixed_8gpu": dict(requests=20_000, gpus=8, policies=(DEFAULT_POLICY,)),
     "mixed_1000gpu": dict(requests=1_000_000, gpus=1000, policies=POLICIES),
 }
 QUICK = ("llm_1gpu", "mixed_8gpu")
@@ -64,8 +65,8 @@ def make_config(scenario: str, policy: str, n: int, profiles_dir: str, write: bo
     if scenario == "llm_1gpu":
         w.name = "poisson_text"
         w.arrival.rate, w.arrival.shape = 50.0, 1.0
-        w.mix = {"text": 1.0}
-        w.task_models = {"text": "qwen2_5_7b"}
+        w.mix = {TEXT: 1.0}
+        w.task_models = {TEXT: "qwen2_5_7b"}
         cfg.cluster.name, cfg.cluster.num_gpus = "h100x1", 1
     elif scenario == "mixed_8gpu":
         pass                                   # the defaults = conf/workload/mixed_bursty + h100x8

@@ -22,6 +22,7 @@ from profiler.jsonfiles import read_json, run_name
 from profiler.vllm_steplog import run_steplog
 from sim.engines.latency import LatencyModel
 from sim.tools.validate import CONF_DIR, clean_decode_steps, infer_model
+from sim.names import DECODE
 
 BINS = ((1, 8), (8, 16), (16, 24), (24, 32), (32, 48), (48, 64), (64, 96), (96, 160))
 
@@ -50,7 +51,7 @@ def check_run(path: Path, lat: LatencyModel, hosts: dict[str, list[float]]) -> O
     run = np.array([r["run"] for r in lines])
     kv = np.array([r["kv"] for r in lines])
     gaps, clean = clean_decode_steps(lines)
-    out: dict[str, Any] = {"run": run_name(path), "model": model, "decode": [], "windows": None}
+    out: dict[str, Any] = {"run": run_name(path), "model": model, DECODE: [], "windows": None}
     for lo, hi in BINS:
         sel = clean & (run[1:] >= lo) & (run[1:] < hi)
         if sel.sum() < 20:
@@ -59,7 +60,7 @@ def check_run(path: Path, lat: LatencyModel, hosts: dict[str, list[float]]) -> O
         ctx = float(np.median(kv[1:][sel] * cap / run[1:][sel]))
         pred = served(host, lat.decode(model, b, ctx), b)
         meas = float(np.median(gaps[sel]))
-        out["decode"].append({"batch": b, "context": ctx, "steps": int(sel.sum()),
+        out[DECODE].append({"batch": b, "context": ctx, "steps": int(sel.sum()),
                               "measured_ms": meas, "model_ms": pred, "error": pred / meas - 1})
     iso = [j for j in range(4, len(lines) - 4)
            if prompt[j] > 0 and not (prompt[j - 4:j] > 0).any() and not (prompt[j + 1:j + 5] > 0).any()]
@@ -92,7 +93,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"== {run_name(p)}: no step log (or too short, or no host constants)")
             continue
         print(f"== {r['run']}")
-        for d in r["decode"]:
+        for d in r[DECODE]:
             print(f"   decode B~{d['batch']:3d} ctx~{d['context']:5.0f} n={d['steps']:4d}  "
                   f"measured {d['measured_ms']:6.2f}  model {d['model_ms']:6.2f}  {d['error']:+.1%}")
         w = r["windows"]

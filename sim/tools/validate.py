@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 
 from profiler.jsonfiles import json_files, read_json, run_name
+from sim.names import VAE_DECODE
 
 ROOT = Path(__file__).resolve().parents[2]
 CONF_DIR = ROOT / "conf"
@@ -417,7 +418,7 @@ def validate_diffusion(path: Path, profiles_dir: str, gpu: str) -> list[dict[str
         b, h, w, steps = int(r["batch_size"]), int(r["height"]), int(r["width"]), int(r["steps"])
         weight = b * (2 if r.get("cfg") else 1)
         dit = steps * lat.dit_step(model, weight, spec.latent_tokens(h, w))
-        vae = lat.vae(model, "vae_decode", b, h, w)
+        vae = lat.vae(model, VAE_DECODE, b, h, w)
         sim_ms, meas = (dit + vae) * 1e3, float(r["latency_ms_median"])
         err = sim_ms / meas - 1.0
         rows.append({"run": f"{run_name(path)}:{h}x{w}:b{b}", "model": model, "height": h, "width": w,

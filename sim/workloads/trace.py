@@ -2,7 +2,7 @@
 
 Formats: CSV / JSONL / parquet tables (one row per request, common column aliases accepted) and
 the result JSON of `vllm bench serve --save-detailed` (vLLM 0.26.0). The replay of a real vLLM
-run is how the simulator is validated against the engine (DESIGN.md, Validation 2), so the
+run is how the simulator is validated against the engine (traces/validation/README.md), so the
 vLLM loader keeps exactly what vLLM recorded: per-request send times and lengths.
 
 What vLLM 0.26.0 writes (`vllm/benchmarks/serve.py`, `benchmark()` result dict, kept in the
