@@ -88,6 +88,14 @@ RUN_CATALOG: dict[str, RunSpec] = {
     "bursty_k0.25": RunSpec("bursty_k0.25", rate_frac=0.6, burstiness=0.25, seed=15),
     # ShareGPT requests are shorter on average than 1024/256; at C it stays below saturation.
     "sharegpt": RunSpec("sharegpt", dataset="sharegpt", rate_frac=1.0, seed=16),
+    # Where capacity is decided: offered load above the calibrated capacity C, Poisson and bursty.
+    # The queue grows for the whole arrival span, so the KV cache fills and (llama2_7b, MHA)
+    # preempts; with --steplog the per-step KV usage and preemptions are on record.
+    "over": RunSpec("over", rate_frac=1.3, seed=17),
+    "over_bursty_k0.25": RunSpec("over_bursty_k0.25", rate_frac=1.2, burstiness=0.25, seed=18),
+    "over_bursty_k0.5": RunSpec("over_bursty_k0.5", rate_frac=1.2, burstiness=0.5, seed=19),
+    # A second saturation run with other prompts (seed), same size as `inf`
+    "inf_b": RunSpec("inf_b", rate_frac=None, seed=21, num_warmups=32),
 }
 # Zero-load probes: one request at a time (`--max-concurrency 1`), fixed prompt length, 16 output
 # tokens. Client TTFT minus the engine's own prefill time is the API-server (frontend) latency
