@@ -320,6 +320,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             ap.error(f"--runs: unknown run {r!r}; known: {list(RUN_CATALOG)}")
         runs.append(RUN_CATALOG[r])
     suffix = f"__{a.tag}" if a.tag else ""
+    # files of this server start (log, stage log, summary, warm-up) carry the start time, so the
+    # calls of one session never overwrite each other's; validation runs keep stable names
+    call_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     shapes = TINY_SHAPES[a.model] if a.shapes == "tiny" else None
     model_dir = Path(a.model_dir or f"/tmp/omni_bench/{a.model}{'_tiny' if shapes else ''}")
     staging = Path(f"/tmp/omni_bench/staging{suffix}")
@@ -332,8 +335,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     if a.dry_run:
         print(f"# model dir: {model_dir} (profiler.omni_models.write_model_dir({a.model!r}, shapes={shapes}))")
         print(f"# plugin: {staging}/plugin (vllm_omni.general_plugins -> profiler.omni_plugin:register)")
-        print(f"PYTHONPATH={staging}/plugin:{ROOT}:$PYTHONPATH MMSIM_OMNI_STAGELOG={staging}/stagelog.jsonl \\")
-        print("  " + shlex.join(srv_cmd) + f" > {out}/server_{a.model}{suffix}.log 2>&1 &")
+        print(f"PYTHONPATH={staging}/plugin:{ROOT}:$PYTHONPATH MMSIM_OMNI_STAGELOG={staging}/stagelog_{a.model}.jsonl \\")
+        print("  " + shlex.join(srv_cmd) + f" > {out}/server_{a.model}{suffix}__{call_id}.log 2>&1 &")
         print(f"# wait for {base_url}/health (<= {a.health_timeout:.0f} s)")
         print(f"# workload {law.name}: image {law.image}, prompt words {law.prompt_tokens}, steps {law.steps}")
         print(f"# rates below assume capacity {capacity:.3f} req/s; a real run calibrates from 'probe'")
@@ -371,7 +374,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     srv_env["PYTHONPATH"] = os.pathsep.join(
         [str(plugin_dir), str(ROOT)] + [x for x in os.environ.get("PYTHONPATH", "").split(os.pathsep) if x])
     srv_env["MMSIM_OMNI_STAGELOG"] = str(stagelog)
-    server_log = out / f"server_{a.model}{suffix}.log"
+    server_log = out / f"server_{a.model}{suffix}__{call_id}.log"
     base: dict[str, Any] = dict(
         model=a.model, model_yaml=manifest["model_yaml"], pipeline=manifest["pipeline"],
         shapes=a.shapes, shapes_override=shapes, model_dir=str(model_dir),
@@ -384,7 +387,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         git_sha=git_sha(), hostname=os.uname().nodename, server_settings=server_settings(a),
         workload=law.name, image_law=law.image, prompt_words_law=law.prompt_tokens,
         steps_choices=list(law.steps), cfg=plan.cfg, negative_prompt=a.negative_prompt if plan.cfg else None,
-        root_seed=a.seed, tag=a.tag or None)
+        root_seed=a.seed, tag=a.tag or None, call_id=call_id)
     base.update(gpu_info())
     if tq is not None:
         try:
@@ -445,6 +448,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                         server_alive=srv.poll() is None)
             obj = build_result(a.model, plan, rr, reqs, res, batches, prov)
             fname = f"{a.model}__{rr.name}{suffix}.json.gz"
+            if not rr.validation or (out / fname).exists():
+                if rr.validation:
+                    log(f"{fname} exists (same run, no new --tag): writing this one beside it")
+                fname = f"{a.model}__{rr.name}{suffix}__{call_id}.json.gz"
             write_json_gz(obj, out / fname)
             log(f"run {rr.name}: {obj['completed']}/{obj['num_prompts']} ok, {obj['failed']} failed, "
                 f"{obj['request_throughput']:.3f} req/s, median {obj['median_e2el_ms']:.0f} ms, "
@@ -472,12 +479,15 @@ def main(argv: Optional[list[str]] = None) -> int:
                 shutil.copyfileobj(src, g)
             server_log.unlink()
         if stagelog.exists():
-            with open(stagelog, "rb") as src, gzip.open(out / f"stagelog_{a.model}{suffix}.jsonl.gz", "wb") as g:
+            with open(stagelog, "rb") as src, \
+                    gzip.open(out / f"stagelog_{a.model}{suffix}__{call_id}.jsonl.gz", "wb") as g:
                 shutil.copyfileobj(src, g)
+        summary["capacity_rps"] = round(capacity, 5)
         summary["provenance"] = base
         summary["elapsed_s"] = round(time.monotonic() - t0, 1)
-        (out / f"omni_bench_{a.model}{suffix}.json").write_text(json.dumps(summary, indent=2))
-        log(f"done: {len(summary['runs'])} runs, skipped {summary['skipped']}")
+        (out / f"omni_bench_{a.model}{suffix}__{call_id}.json").write_text(json.dumps(summary, indent=2))
+        log(f"done: {len(summary['runs'])} runs, skipped {summary['skipped']}; capacity {capacity:.4f} req/s "
+            f"(pass --capacity {capacity:.4f} to size later calls and replicates alike)")
     return 0 if summary["runs"] and "error" not in summary else 1
 
 
