@@ -90,9 +90,11 @@ class ModelSpec:
 
 def qwen2vl_smart_resize(height: int, width: int, factor: int, min_pixels: int,
                          max_pixels: int) -> tuple[int, int]:
-    """Qwen2-VL's smart_resize: round to multiples of `factor`, keep pixels within bounds."""
-    h_bar = max(factor, round(height / factor) * factor)
-    w_bar = max(factor, round(width / factor) * factor)
+    """Qwen2-VL's smart_resize: round to multiples of `factor`, keep pixels within bounds.
+    The arithmetic of transformers' `qwen2_vl.image_processing_qwen2_vl.smart_resize` (which
+    vLLM 0.26 calls): a side that rounds to 0 goes through the min_pixels branch."""
+    h_bar = round(height / factor) * factor
+    w_bar = round(width / factor) * factor
     if h_bar * w_bar > max_pixels:
         beta = math.sqrt(height * width / max_pixels)
         h_bar = max(factor, math.floor(height / beta / factor) * factor)
