@@ -1,12 +1,12 @@
 """Image + text chat requests for the VLM serving ground truth, drawn the way the simulator draws.
 
 `draw_requests(plan)` gives the requests of one benchmark run: arrival offsets (vLLM's Gamma law,
-`sim.workload.gamma_arrivals(..., vllm_scaling=True)`, as `vllm bench serve --request-rate R
+`sim.workloads.laws.gamma_arrivals(..., vllm_scaling=True)`, as `vllm bench serve --request-rate R
 --burstiness k` sends them; all at 0 for rate inf), the task (`understand` with images, or `text`
 with a fraction `text_frac`), the user-text length (`prompt_tokens` law for text requests,
 `image_prompt_tokens` for image requests), the output length (`output_tokens`, clipped to
 `max_output`), and the images: 1..k per image request (`images_per_request` weights), sides from
-the simulator's own image law (`sim.workload.sample_image_sizes`: Pareto heights, aspect ratios
+the simulator's own image law (`sim.workloads.laws.sample_image_sizes`: Pareto heights, aspect ratios
 from a set) or, for `image_law="mixed"`, 448^2 / 896^2 / 1344^2 squares mixed with that law, or
 for `image_law="probe"` a fixed cycle of sizes. The laws come from `conf/workload/<workload>.yaml`
 (default mixed_bursty, the default scenario). Every variable is drawn from its own named stream
@@ -102,7 +102,7 @@ def workload_laws(name: str = "mixed_bursty"):
 def draw_requests(plan: ChatPlan) -> list[ChatRequest]:
     """The requests of one run, in send order (deterministic in `plan`)."""
     from sim.rng import stream
-    from sim.workload import gamma_arrivals, sample_image_sizes, sample_lengths
+    from sim.workloads.laws import gamma_arrivals, sample_image_sizes, sample_lengths
     plan.check()
     n, seed = plan.num_prompts, plan.seed
     p_law, ip_law, o_law, img_law = workload_laws(plan.workload)

@@ -176,7 +176,7 @@ def default_runs(model: str) -> tuple[str, ...]:
 
 def run_stems(names: list[str]) -> list[str]:
     """File-name run parts: the k-th repeat (k >= 2) of a name in one call is `<name>__s<k>`
-    (same server start, same seed; sim.validate groups it with the first as a replicate)."""
+    (same server start, same seed; sim.tools.validate groups it with the first as a replicate)."""
     seen: dict[str, int] = {}
     out = []
     for n in names:

@@ -115,7 +115,7 @@ def test_client_image_tokens_are_the_simulators(h, ratio):
 
 def test_draw_requests_follows_the_simulator_laws_and_seed():
     from sim.rng import stream
-    from sim.workload import gamma_arrivals
+    from sim.workloads.laws import gamma_arrivals
     plan = CR.ChatPlan(num_prompts=4000, request_rate=5.0, burstiness=0.5, seed=7, text_frac=0.25)
     reqs = CR.draw_requests(plan)
     again = CR.draw_requests(CR.ChatPlan(**plan.__dict__))

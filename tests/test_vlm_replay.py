@@ -1,5 +1,5 @@
 """Replay of image + text serving runs (issue 20): profiler.chat_bench results load as understanding
-requests with their recorded images; sim.validate tags every run with its modality and load
+requests with their recorded images; sim.tools.validate tags every run with its modality and load
 regime and reports the errors per modality and per regime. Synthetic results, CPU only."""
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ if str(ROOT) not in sys.path:
 from profiler import chat_requests as CR  # noqa: E402
 from profiler.chat_bench import Outcome, build_result  # noqa: E402
 from profiler.vlm_model import vlm_shape  # noqa: E402
-from sim import validate as V  # noqa: E402
+from sim.tools import validate as V  # noqa: E402
 from sim.config import ConfigError  # noqa: E402
 
 PROFILES = ROOT / "traces" / "profiles"
@@ -106,7 +106,7 @@ def test_modality_and_run_class():
 # ----------------------------------------------------------------------------- loader
 
 def test_image_result_loads_as_understanding_requests(tmp_path):
-    from sim.traces import load_trace
+    from sim.workloads.trace import load_trace
     res = synthetic_image_result(30, 5.0, seed=2, fail=(3,))
     p = tmp_path / f"{MODEL}__x.json"
     p.write_text(json.dumps(res))
@@ -129,7 +129,7 @@ def test_image_result_loads_as_understanding_requests(tmp_path):
     (lambda r: r["images"].__setitem__(1, [["a"]]), "row 1 field 'images'"),
 ])
 def test_bad_image_fields_name_file_row_and_field(tmp_path, mutate, match):
-    from sim.traces import load_trace
+    from sim.workloads.trace import load_trace
     res = synthetic_image_result(12, 5.0, seed=4)
     res["images"][0] = res["images"][0] or [[64, 64]]
     mutate(res)
@@ -145,7 +145,7 @@ def test_replay_uses_the_recorded_images_exactly(tmp_path):
     prefill is exactly the server's prompt (text + the model's image tokens)."""
     if not (PROFILES / "h100" / f"{MODEL}.parquet").exists():
         pytest.skip("no qwen2_5_vl_7b table")
-    from sim.runner import Run
+    from sim.run.runner import Run
     res = synthetic_image_result(40, 6.0, seed=5, capacity=10.0)
     p = tmp_path / f"{MODEL}__low.json"
     p.write_text(json.dumps(res))

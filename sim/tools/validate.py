@@ -13,7 +13,7 @@ Targets on finite-rate runs: request throughput within 3 %, medians within 10 %,
 validation.json and validation_cdfs.png into --out. Exit code 0 unless --strict and a target fails.
 
 Image + text runs (profiler.chat_bench results: per-request `images`) replay as understanding
-requests with their recorded images (sim.traces). Every row carries `modality` (text | image) and
+requests with their recorded images (sim.workloads.trace). Every row carries `modality` (text | image) and
 `regime` (low | moderate | near_saturation | overload, from rho = offered rate / measured
 capacity: `regime()` is the one definition), and the report gives the error table per modality,
 per regime and per both (`error_tables`; validation.json `by_modality`, `by_regime`,
