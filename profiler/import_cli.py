@@ -66,10 +66,10 @@ def next_commands(e: dict) -> list[str]:
     elif e["family"] == "vlm":
         sim = (f"python -m sim model={n} workload=poisson_text cluster=h100x1 "
                "'workload.mix={text: 0.5, understand: 0.5}' workload.num_requests=2000")
-    else:
-        sim = (f"python -m sim model={n} workload=image_heavy cluster=h100x8 "
-               "'workload.mix={generate: 0.7, edit: 0.3}' workload.arrival.rate=0.5 "
-               "workload.num_requests=500")
+    else:   # (model= is a Hydra group; a diffusion entry's `defaults:` key clashes with it)
+        sim = (f"python -m sim workload=poisson_text cluster=h100x1 'workload.mix={{text: 0, "
+               f"generate: 1}}' 'workload.task_models={{generate: {n}}}' workload.image.max=1024 "
+               "workload.arrival.rate=2 workload.num_requests=500")
     return [sim, f"python -m profiler sweep model={n}      # on a GPU: measured tables"]
 
 
@@ -129,8 +129,8 @@ def report(res, path: Path, verbose: bool) -> None:
     e = res.entry
     spec = load_model(e["name"], str(path.parent))
     w = spec.weights_bytes()
-    print(f"[import] {path}: {e['name']} ({e['family']}; components "
-          f"{', '.join(f'{k}={v['kind']}' for k, v in e['components'].items())})")
+    comps = ", ".join(f"{k}={v['kind']}" for k, v in e["components"].items())
+    print(f"[import] {path}: {e['name']} ({e['family']}; components {comps})")
     line = f"  weights {w / 1e9:.2f} GB ({w // spec.dtype_bytes:,} parameters, {e['dtype']})"
     if spec.llm is not None:
         line += f"; KV cache {spec.kv_bytes_per_token():,} B/token"

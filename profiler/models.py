@@ -243,6 +243,22 @@ def load_model(name: str, conf_dir: str | None = None) -> ModelSpec:
     )
 
 
+def denoiser_width_layers(c: dict[str, Any]) -> tuple[int, int]:
+    """(hidden width, transformer layers) of a denoiser, for communication estimates: a DiT's
+    heads x head_dim and its (dual + single) blocks; a UNet's widest level and the transformer
+    layers of all its cross-attention blocks (an upper bound: lower levels are narrower)."""
+    if c["kind"] == "unet2d_condition":
+        n = len(c["block_out_channels"])
+        tl = _as_list(c.get("transformer_layers_per_block", 1), n)
+        lpb = _as_list(c.get("layers_per_block", 2), n)
+        down = sum(tl[i] * lpb[i] for i, b in enumerate(c["down_block_types"]) if b.startswith("CrossAttn"))
+        up = sum(tl[::-1][i] * (lpb[::-1][i] + 1) for i, b in enumerate(c["up_block_types"])
+                 if b.startswith("CrossAttn"))
+        return int(max(c["block_out_channels"])), int(down + tl[-1] + up)
+    return (int(c["num_attention_heads"] * c["attention_head_dim"]),
+            int(c.get("num_layers", 0) + c.get("num_single_layers", 0)))
+
+
 def _as_list(x: Any, n: int) -> list:
     return list(x) if isinstance(x, (list, tuple)) else [x] * n
 

@@ -491,9 +491,8 @@ def parallel_report(spec: ModelSpec, stages: _Stages, bw_gb_s: float = DEFAULT_N
             t = stages.lat.decode(llm_name, b, stages.detail["prefill_tokens"])
             cases.append((f"decode_step_b{b}", t, c["num_hidden_layers"], b, c["hidden_size"]))
     if "dit_step" in stages.serial:
-        c = spec.components["transformer"]
-        inner = c["num_attention_heads"] * c["attention_head_dim"]
-        layers = c.get("num_layers", 0) + c.get("num_single_layers", 0)
+        from profiler.models import denoiser_width_layers
+        inner, layers = denoiser_width_layers(spec.components["transformer"])
         tokens = stages.detail["cfg_weight"] * (stages.detail["dit_seq_len"] + int(spec.defaults.get("text_tokens", 64)))
         cases.append(("dit_step", stages.detail["dit_step_ms"] / 1e3, layers, tokens, inner))
     for name, t1, layers, tokens, hidden in cases:
