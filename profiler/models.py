@@ -263,7 +263,8 @@ def _as_list(x: Any, n: int) -> list:
     return list(x) if isinstance(x, (list, tuple)) else [x] * n
 
 
-def unet_walk(c: dict[str, Any], h: int, w: int, text_tokens: int) -> tuple[int, float, float]:
+def unet_walk(c: dict[str, Any], h: int, w: int, text_tokens: int,
+              attention: bool = True) -> tuple[int, float, float]:
     """(parameters, multiply-accumulates, activation elements read + written) of one forward pass
     of a diffusers UNet2DConditionModel on an h x w latent (one batch item), walking its blocks
     as diffusers builds them: conv_in, time (+ SDXL text_time) embedding, down blocks (ResNets,
@@ -271,7 +272,8 @@ def unet_walk(c: dict[str, Any], h: int, w: int, text_tokens: int) -> tuple[int,
     blocks (ResNets on skip-concatenated inputs, transformers, upsample convs), conv_out.
 
     Attention is counted as 2 N^2 d (self) and 2 N T d (cross) MACs per transformer layer
-    (flash attention: scores never written); h = w = 0 gives the parameter count alone."""
+    (flash attention: scores never written; `attention=False` leaves these score and value
+    products out); h = w = 0 gives the parameter count alone."""
     chs = list(c["block_out_channels"])
     n = len(chs)
     lpb = _as_list(c.get("layers_per_block", 2), n)
@@ -306,7 +308,7 @@ def unet_walk(c: dict[str, Any], h: int, w: int, text_tokens: int) -> tuple[int,
             + (d * 8 * d + 8 * d) + (4 * d * d + d)       # attn1, attn2, 3 norms, GEGLU ff
         P += layers * per
         M += layers * (N * (4 * d * d + 2 * d * d + 12 * d * d) + T * 2 * cross * d
-                       + 2 * N * N * d + 2 * N * T * d)
+                       + ((2 * N * N * d + 2 * N * T * d) if attention else 0))
         A += layers * N * d * 24 + 4 * N * d
 
     pix0 = float(h * w)
