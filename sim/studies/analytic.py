@@ -42,7 +42,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from profiler.models import ModelSpec, UnknownModelError, available_models, load_model
+from profiler.models import (ModelSpec, UnknownModelError, available_models, denoiser_width_layers,
+                             load_model)
 from sim.config import ConfigError, SimConfig
 from sim.engines.cost import DECODE_BATCH_FOR_ESTIMATES as DECODE_BATCH_FOR_BOUND
 from sim.engines.memory import DIFFUSION_STATE_BYTES_PER_TOKEN, FRAMEWORK_OVERHEAD_BYTES, GIB
@@ -493,9 +494,7 @@ def parallel_report(spec: ModelSpec, stages: _Stages, bw_gb_s: float = DEFAULT_N
             t = stages.lat.decode(llm_name, b, stages.detail["prefill_tokens"])
             cases.append((f"decode_step_b{b}", t, c["num_hidden_layers"], b, c["hidden_size"]))
     if DIT_STEP in stages.serial:
-        c = spec.components["transformer"]
-        inner = c["num_attention_heads"] * c["attention_head_dim"]
-        layers = c.get("num_layers", 0) + c.get("num_single_layers", 0)
+        inner, layers = denoiser_width_layers(spec.components["transformer"])
         tokens = stages.detail["cfg_weight"] * (stages.detail["dit_seq_len"] + int(spec.defaults.get("text_tokens", 64)))
         cases.append((DIT_STEP, stages.detail["dit_step_ms"] / 1e3, layers, tokens, inner))
     for name, t1, layers, tokens, hidden in cases:
