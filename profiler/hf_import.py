@@ -32,7 +32,7 @@ import yaml
 
 from profiler.models import CONF_DIR, TASKS, load_model
 
-IMPORTER_VERSION = "hf-import-1"
+IMPORTER_VERSION = "hf-import-2"
 
 
 class ConfigImportError(ValueError):
@@ -748,7 +748,7 @@ def import_diffusers(path: Path, res: ImportResult, opts: dict[str, Any],
         raise ConfigImportError(f"{folder / rule.denoiser / 'config.json'}: in_channels={cin} does "
                                 f"not match the VAE's {ch} latent channels (or 4x that, packed)")
     out["latent"] = {"downsample": down, "patch_size": patch, "channels": ch}
-    # defaults of one request (pipeline __call__)
+    # request_defaults: one request's settings (the pipeline's __call__ defaults)
     steps = opts.get("steps") or rule.steps
     cfg = rule.cfg if opts.get("cfg") is None else bool(opts["cfg"])
     side = rule.default_sample_size * down
@@ -770,8 +770,8 @@ def import_diffusers(path: Path, res: ImportResult, opts: dict[str, Any],
                       ("width", width, "--width" if opts.get("width") else
                        f"default_sample_size {rule.default_sample_size} x vae_scale_factor {down}"),
                       ("text_tokens", tt, "--text-tokens" if opts.get("text_tokens") else rule.text_tokens)):
-        res.defaults.append(f"defaults.{k} = {json.dumps(v)} ({src})")
-    out["defaults"] = {"steps": int(steps), "cfg": bool(cfg), "height": int(height),
+        res.defaults.append(f"request_defaults.{k} = {json.dumps(v)} ({src})")
+    out["request_defaults"] = {"steps": int(steps), "cfg": bool(cfg), "height": int(height),
                        "width": int(width), "text_tokens": int(tt)}
     out["tasks"] = ["generate", "edit", "inpaint", "outpaint"]
     if text_encoders:
@@ -876,7 +876,7 @@ def import_model(src: str | os.PathLike, name: str | None = None, *, dtype: str 
         if k in body:
             e[k] = body[k]
     e["components"] = body["components"]
-    for k in ("image_tokenizer", "latent", "text_encoders", "defaults"):
+    for k in ("image_tokenizer", "latent", "text_encoders", "request_defaults"):
         if k in body:
             e[k] = body[k]
     res.entry = e

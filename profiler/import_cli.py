@@ -66,10 +66,9 @@ def next_commands(e: dict) -> list[str]:
     elif e["family"] == "vlm":
         sim = (f"python -m sim model={n} workload=poisson_text cluster=h100x1 "
                "'workload.mix={text: 0.5, understand: 0.5}' workload.num_requests=2000")
-    else:   # (model= is a Hydra group; a diffusion entry's `defaults:` key clashes with it)
-        sim = (f"python -m sim workload=poisson_text cluster=h100x1 'workload.mix={{text: 0, "
-               f"generate: 1}}' 'workload.task_models={{generate: {n}}}' workload.image.max=1024 "
-               "workload.arrival.rate=2 workload.num_requests=500")
+    else:
+        sim = (f"python -m sim model={n} workload=poisson_text cluster=h100x1 'workload.mix={{text: 0, "
+               "generate: 1}' workload.image.max=1024 workload.arrival.rate=2 workload.num_requests=500")
     return [sim, f"python -m profiler sweep model={n}      # on a GPU: measured tables"]
 
 

@@ -35,7 +35,9 @@ class ModelSpec:
     edit_hf_id: str = ""
     image_tokenizer: dict[str, Any] = field(default_factory=dict)
     latent: dict[str, Any] = field(default_factory=dict)
-    defaults: dict[str, Any] = field(default_factory=dict)
+    # one request's pipeline-call settings (steps, cfg, height, width, text_tokens); the YAML key
+    # is `request_defaults` because Hydra reserves `defaults` in a config-group file (model=NAME)
+    request_defaults: dict[str, Any] = field(default_factory=dict)
     condition_encoder: str | None = None
     condition_image_pixels: int | None = None
     text_encoders: tuple[str, ...] = ()
@@ -230,6 +232,10 @@ def load_model(name: str, conf_dir: str | None = None) -> ModelSpec:
     raw = yaml.safe_load(path.read_text())
     if raw.get("family") not in FAMILIES:
         raise ValueError(f"{path}: family={raw.get('family')!r}; allowed values: {list(FAMILIES)}")
+    if "defaults" in raw:
+        raise ValueError(f"{path}: field 'defaults' is not allowed (Hydra reads it as a defaults "
+                         f"list when the entry is selected with model={name}); allowed: "
+                         f"'request_defaults' with the same content")
     bad = [t for t in raw.get("tasks", []) if t not in TASKS]
     if bad:
         raise ValueError(f"{path}: tasks {bad} unknown; allowed values: {list(TASKS)}")
@@ -237,7 +243,7 @@ def load_model(name: str, conf_dir: str | None = None) -> ModelSpec:
         name=raw["name"], family=raw["family"], tasks=tuple(raw["tasks"]), dtype=raw["dtype"],
         components=raw["components"], hf_id=raw.get("hf_id", ""), edit_hf_id=raw.get("edit_hf_id", ""),
         image_tokenizer=raw.get("image_tokenizer", {}), latent=raw.get("latent", {}),
-        defaults=raw.get("defaults", {}), condition_encoder=raw.get("condition_encoder"),
+        request_defaults=raw.get("request_defaults", {}), condition_encoder=raw.get("condition_encoder"),
         condition_image_pixels=raw.get("condition_image_pixels"),
         text_encoders=tuple(raw.get("text_encoders", ())),
     )

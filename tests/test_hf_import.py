@@ -94,7 +94,7 @@ def test_condition_encoder_found_by_shapes_and_defaults_recorded():
     res = imp("qwen_image", **SIX["qwen_image"])
     assert res.entry["condition_encoder"] == "qwen2_5_vl_7b"
     assert res.entry["condition_image_pixels"] == 384 * 384
-    assert any(d.startswith("defaults.steps = 50 (QwenImagePipeline") for d in res.defaults)
+    assert any(d.startswith("request_defaults.steps = 50 (QwenImagePipeline") for d in res.defaults)
     fl = imp("flux1_dev")
     # a field absent from the public config takes the class default, and says so
     assert any("axes_dims_rope = [16, 56, 56] (FluxTransformer2DModel default)" in d
@@ -113,6 +113,38 @@ def test_written_entry_loads_and_is_atomic(tmp_path):
     with pytest.raises(ConfigImportError, match="exists; pass --force"):
         hf_import.write_entry(res, tmp_path, "test")
     assert out.read_text().startswith("# llama3_1_8b: imported")
+
+
+def _models():
+    return sorted(p.stem for p in CONF_DIR.glob("*.yaml"))
+
+
+@pytest.mark.parametrize("model", _models())
+def test_every_entry_is_a_hydra_group_option_of_the_simulator(model):
+    """`python -m sim model=NAME` selects conf/model/NAME.yaml as a Hydra group: the entry must
+    compose (a top-level `defaults:` key is read as Hydra's defaults list and fails), and the
+    run's config reduces it to the name."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from sim.__main__ import normalize_argv
+    from sim.cli import CONF_DIR as SIM_CONF, to_config
+    with initialize_config_dir(config_dir=SIM_CONF, version_base=None):
+        cfg = compose(config_name="config", overrides=normalize_argv([f"model={model}"]))
+    assert OmegaConf.select(cfg, "model.name") == model
+    spec = load_model(model)
+    assert to_config(cfg).model == model
+    assert spec.family not in ("dit", "ar_dit") or spec.request_defaults["steps"] >= 1
+
+
+def test_stale_defaults_key_is_refused_in_one_line(tmp_path):
+    raw = yaml.safe_load((CONF_DIR / "sdxl_base.yaml").read_text())
+    raw["defaults"] = raw.pop("request_defaults")
+    (tmp_path / "old.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(ValueError) as e:
+        load_model("old", str(tmp_path))
+    m = _one_line(e)
+    assert "old.yaml: field 'defaults' is not allowed" in m and "'request_defaults'" in m
 
 
 # ------------------------------------------------------------------------------------------

@@ -174,7 +174,7 @@ def test_diffusion_import_against_analytic_bound(registry, name):
     rep = analytic.report(name, "h100", registry["prof"], simulate=True, num_requests=60)
     assert rep["measured"] is False and rep["bottleneck_stage"] == "dit_step"
     spec = pm.load_model(name)
-    d = spec.defaults
+    d = spec.request_defaults
     lat = LatencyModel(registry["prof"], "h100-analytic", "clamp")
     step = lat.dit_step(name, 2 if d["cfg"] else 1, spec.latent_tokens(d["height"], d["width"]))
     assert math.isclose(rep["serial_latency_ms_by_stage"]["dit_step"], d["steps"] * step * 1e3,
@@ -233,7 +233,8 @@ def test_diffusers_builder_runs_an_imported_unet_pipeline_on_cpu(tmp_path):
         comps[k].update(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                         num_attention_heads=2, vocab_size=100, projection_dim=16)
     comps["vae"].update(block_out_channels=[32, 32, 32, 32], layers_per_block=1)
-    tiny = dataclasses.replace(spec, components=comps, defaults={**spec.defaults, "text_tokens": 8})
+    tiny = dataclasses.replace(spec, components=comps,
+                               request_defaults={**spec.request_defaults, "text_tokens": 8})
     cfg = compose(["backend=diffusers", "models=[sdxl_base]", "grid=tiny", "device=cpu",
                    "dtype=float32", "warmup=0", "repeats=1", f"out_dir={tmp_path}", "gpu=cpu-test",
                    "progress=false", "grid.vae_resolutions=[[64,64]]", "grid.vae_batch=[1]",

@@ -204,9 +204,10 @@ def typical_request(spec: ModelSpec):
         req = Request(0, 0.0, task, spec.name, TYPICAL["prompt_tokens"], TYPICAL["output_tokens"],
                       ins, None, 0, False, "interactive")
     else:
-        out = (int(spec.defaults["height"]), int(spec.defaults["width"]))
-        req = Request(0, 0.0, GENERATE, spec.name, int(spec.defaults.get("text_tokens", 64)), 0,
-                      (), out, int(spec.defaults["steps"]), bool(spec.defaults.get("cfg", False)),
+        d = spec.request_defaults
+        out = (int(d["height"]), int(d["width"]))
+        req = Request(0, 0.0, GENERATE, spec.name, int(d.get("text_tokens", 64)), 0,
+                      (), out, int(d["steps"]), bool(d.get("cfg", False)),
                       "standard")
     req.image_tokens_in, req.image_tokens_out = image_tokens(spec, req.task, req.input_images,
                                                              req.output_image)
@@ -495,7 +496,8 @@ def parallel_report(spec: ModelSpec, stages: _Stages, bw_gb_s: float = DEFAULT_N
             cases.append((f"decode_step_b{b}", t, c["num_hidden_layers"], b, c["hidden_size"]))
     if DIT_STEP in stages.serial:
         inner, layers = denoiser_width_layers(spec.components["transformer"])
-        tokens = stages.detail["cfg_weight"] * (stages.detail["dit_seq_len"] + int(spec.defaults.get("text_tokens", 64)))
+        text = int(spec.request_defaults.get("text_tokens", 64))
+        tokens = stages.detail["cfg_weight"] * (stages.detail["dit_seq_len"] + text)
         cases.append((DIT_STEP, stages.detail["dit_step_ms"] / 1e3, layers, tokens, inner))
     for name, t1, layers, tokens, hidden in cases:
         hop = tokens * hidden * spec.dtype_bytes
