@@ -38,9 +38,11 @@ def config_sha(cfg: SimConfig) -> str:
     from sim.run.runner import resolve
     d = dataclasses.asdict(cfg)
     d.get("output", {}).pop("progress", None)          # display only
-    prof = resolve(cfg.profiles_dir) / cfg.cluster.gpu
-    tables = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns)
-                    for p in prof.glob("*.parquet")) if prof.is_dir() else []
+    root = resolve(cfg.profiles_dir)
+    tset = cfg.latency.tables or cfg.cluster.gpu
+    tables = sorted((d.name, p.name, p.stat().st_size, p.stat().st_mtime_ns)
+                    for d in (root / tset, root / f"{tset}-analytic") if d.is_dir()
+                    for p in d.glob("*.parquet"))     # measured + roofline fallback (sim.engines.latency)
     try:
         from importlib.metadata import version
         ver = version("mmserve-sim")

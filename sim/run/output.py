@@ -256,4 +256,13 @@ def print_summary(summary: dict[str, Any], title: str = "simulation summary") ->
     util = (s.get("utilization") or {}).get("mean_gpu")
     t.add_row("mean GPU utilization", "-" if util is None else f"{100 * util:.1f} %")
     t.add_row("$ / 1k requests", _fmt(s.get("usd_per_1k_requests"), "", 4))
-    Console().print(t)
+    analytic = s.get("analytic_tables") or []
+    for m, how in (s.get("profile_tables") or {}).items():
+        t.add_row(f"latency table {m}", "ANALYTIC: roofline, not measured" if m in analytic
+                  else how.split(":")[0])
+    con = Console()
+    if analytic:
+        con.print(f"[bold yellow]ANALYTIC: {', '.join(analytic)} simulated on roofline tables "
+                  "(engine=analytic, not measured; an optimistic floor). Measure with `python -m "
+                  f"profiler sweep model={analytic[0]}` on a GPU.[/]")
+    con.print(t)

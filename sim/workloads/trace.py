@@ -307,7 +307,7 @@ class TraceWorkload:
             for (t, m), (_spec, steps, _cf, _slo) in self._plans.items():
                 if t not in TEXT_OUT_TASKS and steps < 1:
                     raise ConfigError(f"workload.steps=None is invalid for model {m!r} (no "
-                                      f"defaults.steps) in trace {str(self.path)!r}; allowed: an "
+                                      f"request_defaults.steps) in trace {str(self.path)!r}; allowed: an "
                                       f"integer >= 1 or a 'steps' column")
         self._images = col("images")
         ih, iw = self._cols["image_height"], self._cols["image_width"]
@@ -326,8 +326,8 @@ class TraceWorkload:
         slo = str(cfg.slo_classes.get(task, "standard"))
         if task in TEXT_OUT_TASKS:
             return spec, 0, False, slo
-        steps = cfg.steps if cfg.steps is not None else spec.defaults.get("steps", 0)
-        cf = bool(cfg.cfg if cfg.cfg is not None else spec.defaults.get("cfg", False))
+        steps = cfg.steps if cfg.steps is not None else spec.request_defaults.get("steps", 0)
+        cf = bool(cfg.cfg if cfg.cfg is not None else spec.request_defaults.get("cfg", False))
         return spec, int(steps), cf, slo
 
     def __len__(self) -> int:
@@ -358,7 +358,8 @@ class TraceWorkload:
             if oh is not None and ow is not None:
                 out = (int(oh), int(ow))
             elif t == GENERATE:
-                out = (int(spec.defaults.get("height", 1024)), int(spec.defaults.get("width", 1024)))
+                d = spec.request_defaults
+                out = (int(d.get("height", 1024)), int(d.get("width", 1024)))
             elif t == OUTPAINT:
                 h, w = outpaint_size(np.array([ins[0][0]]), np.array([ins[0][1]]), self.cfg.image)
                 out = (int(h[0]), int(w[0]))
