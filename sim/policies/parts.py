@@ -123,6 +123,21 @@ class BatchingRule:
     def pass_engine(self, stage: str, model: str, queue: Any, lat: Any) -> Any:
         raise NotImplementedError
 
+    def whole_engine(self, model: str, lat: Any) -> Any:
+        """An engine that serves a diffusion model's requests whole on a replica (every stage,
+        one FIFO queue: submit(flow, now), work(req)), or None: the replica is built from
+        stage engines (an AR engine for the condition encoder, dit_engine, pass_engine)."""
+        return None
+
+    def whole_work(self, req: Any, lat: Any) -> float | None:
+        """Seconds `req` takes alone on the engine whole_engine makes for its model (replica
+        sizing), or None when no such engine serves it."""
+        return None
+
+    def describe(self) -> dict:
+        """What the run's summary should say of this rule's engines (empty: nothing)."""
+        return {}
+
 
 @mypyc_attr(allow_interpreted_subclasses=True)     # (compiled: sim/policies/scaling.py)
 class Scaling:
