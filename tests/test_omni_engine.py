@@ -113,6 +113,10 @@ class Flow:
         self.req = req
         self.placement = placement
 
+    def finish(self, now):
+        self.req.finish = now
+        self.placement.complete(self, now)
+
 
 class Harness:
     def __init__(self, tables: Path, engine: str = "request", max_num_seqs: int = 1,

@@ -424,10 +424,9 @@ class _OmniEngine:
     def _finish(self, jobs, now: float) -> None:
         for j in jobs:
             j.records.clear()
-            j.req.finish = now
             flow = j.flow
             j.flow = None
-            flow.placement.complete(flow, now)
+            flow.finish(now)
 
     # --- what the schedulers define -------------------------------------------------------------
     def plan(self, now: float) -> Unit | None:

@@ -50,6 +50,13 @@ class Flow:
         else:
             place.dispatch(self, nxt, now)
 
+    def finish(self, now: float) -> None:
+        """The request has been served whole by one engine (BatchingRule.whole_engine), which
+        ran every hop itself: no Job -> Flow reference is left, the placement completes it."""
+        self.hops[self.i].on_done = None
+        self.req.finish = now
+        self.placement.complete(self, now)
+
     def _arrived(self, ev: Timer) -> None:
         """A transfer has ended: the next hop (the event's value) starts."""
         self.placement.dispatch(self, ev.value, self.placement.env.now)
