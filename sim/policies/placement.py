@@ -108,7 +108,8 @@ class Replicas(Placement):
     def _whole_work(self, work: dict[str, float]) -> None:
         """Offered work of the models whose requests an engine serves whole: that engine's own
         estimate (each pilot request alone), not the sum of its stage hops."""
-        rule, whole = self.policy.batching, {}
+        rule = self.policy.batching
+        whole: dict[str, float] = {}
         for req in self.policy.ctx.pilot:
             w = rule.whole_work(req, self.lat)
             if w is not None:
