@@ -387,17 +387,46 @@ def test_md1_pollaczek_khinchine(tables):
 # --- costs and tables -----------------------------------------------------------------------------
 
 
-def test_dit_step_joint_follows_the_measured_text_rows():
-    """On the measured diffusers table the joint-length rule predicts the 1,024-text-token step
-    at 4,096 image tokens from the 64-token rows within 5%."""
+def test_dit_step_joint_follows_the_measured_text_rows(tmp_path):
+    """On the measured diffusers table: the rows at other text lengths are read where they were
+    measured, and with the 1,024-text-token row left out the joint-length rule predicts it from
+    the rest within 5% (252 ms against 243 ms)."""
     lat = LatencyModel(REPO / "traces/profiles", "h100")
     df = lat.frame("qwen_image")
-    row = df[(df.stage == "dit_step") & (df.seq_len == 4096) & (df.num_tokens == 1024) & (df.batch_size == 1)]
-    measured = float(row["latency_ms_median"].iloc[0]) / 1e3
-    assert lat.dit_step_joint("qwen_image", 1, 4096, 1024) == pytest.approx(measured, rel=0.05)
-    at64 = float(df[(df.stage == "dit_step") & (df.seq_len == 4096) & (df.num_tokens == 64)
-                    & (df.batch_size == 1)]["latency_ms_median"].iloc[0]) / 1e3
-    assert lat.dit_step_joint("qwen_image", 1, 4096, 64) == pytest.approx(at64, rel=1e-12)
+    sel = (df.stage == "dit_step") & (df.seq_len == 4096) & (df.batch_size == 1)
+    t1024 = float(df[sel & (df.num_tokens == 1024)]["latency_ms_median"].iloc[0]) / 1e3
+    t64 = float(df[sel & (df.num_tokens == 64)]["latency_ms_median"].iloc[0]) / 1e3
+    assert lat.dit_step_joint("qwen_image", 1, 4096, 1024) == pytest.approx(t1024, rel=1e-12)
+    assert lat.dit_step_joint("qwen_image", 1, 4096, 64) == pytest.approx(t64, rel=1e-12)
+    full = pd.read_parquet(REPO / "traces/profiles/h100/qwen_image.parquet")
+    drop = ((full.stage == "dit_step") & (full.seq_len == 4096) & (full.batch_size == 1)
+            & (full.num_tokens == 1024))
+    assert drop.sum() == 1
+    write_table(full[~drop].reset_index(drop=True), tmp_path / "h100" / "qwen_image.parquet")
+    loo = LatencyModel(tmp_path, "h100")
+    pred = loo.dit_step_joint("qwen_image", 1, 4096, 1024)
+    assert pred == pytest.approx(t1024, rel=0.05) and pred != pytest.approx(t1024, rel=0.01)
+    assert not loo.hole_hits and not lat.hole_hits
+
+
+def test_dit_step_joint_reads_edit_rows_beside_batched_generate_rows(tmp_path):
+    """A vLLM-Omni-like table: generate rows at batch 1-4 (64 text tokens) and edit rows at
+    batch 1 only (target + 4,096 condition tokens, ~1,400 text tokens). Edit lookups land on
+    their rows, batched generate lookups on theirs; no hole, nothing out of the grid."""
+    law = lambda b, j: 100.0 + 10.0 * b * j / 1024.0  # noqa: E731  (ms, j = joint length - 64)
+    rows = [_row("qwen_image", "dit_step", law(b, s), batch_size=b, seq_len=s, num_tokens=64)
+            for b in (1, 2, 4) for s in (256, 1024, 2304, 4096, 6889)]
+    for out in (1024, 4096, 6889):
+        rows.append(_row("qwen_image", "dit_step", law(1, out + 4096 + 1400 - 64), batch_size=1,
+                         seq_len=out + 4096, num_tokens=1400))
+    write_table(pd.DataFrame(rows), tmp_path / "h100" / "qwen_image.parquet")
+    lat = LatencyModel(tmp_path, "h100")
+    for out in (1024, 2304, 4096, 6889):      # 2304: between two edit rows
+        assert lat.dit_step_joint("qwen_image", 1, out + 4096, 1400) * 1e3 == pytest.approx(
+            law(1, out + 4096 + 1400 - 64), rel=1e-9)
+    for b, s in ((2, 1024), (4, 6889), (2, 5000)):
+        assert lat.dit_step_joint("qwen_image", b, s, 64) * 1e3 == pytest.approx(law(b, s), rel=1e-9)
+    assert not lat.hole_hits and not lat.outside
 
 
 def test_vllm_omni_tables_are_read_when_present(tables, tmp_path):
