@@ -356,7 +356,6 @@ class _OmniEngine:
         self.phases: deque[Phase] = deque()
         self.gpu: Any = None
         self._cur: Optional[Phase] = None
-        self._cur_k = 0
         self._last: Optional[OmniJob] = None     # the job work() built, reused by submit()
 
     # --- Engine protocol ----------------------------------------------------------------------
@@ -403,7 +402,7 @@ class _OmniEngine:
                 j.records[ph.stage] = rec
                 j.req.stages.append(rec)
         n = ph.k if k is None else min(k, ph.k)
-        self._cur, self._cur_k = ph, n
+        self._cur = ph
         ends = EqualSteps(ph.t, n) if n > 1 else (ph.t,)
         return Unit(ends, self._commit, ph.stage, self)
 
