@@ -290,9 +290,9 @@ class OmniCosts:
     def sources(self) -> dict[str, str]:
         """Which table (and engine) each stage cost is read from."""
         def where(lat: Any, model: str) -> str:
-            t = lat.tables().get(model) or {}
-            eng = ", ".join(t.get("engines") or lat.engines(model))
-            return f"{eng}: {t.get('path', lat.table_path(model))}"
+            lat.frame(model)
+            t = lat.tables()[model]
+            return f"{', '.join(t['engines'])}: {t['path']}"
         out: dict[str, str] = {}
         m = self.model
         if self.qwen:
@@ -314,8 +314,8 @@ class OmniCosts:
 
 def _has_model(lat: Any, model: str) -> bool:
     try:
-        return lat.table_path(model).exists() and not lat.frame(model).empty
-    except FileNotFoundError:
+        return not lat.frame(model).empty
+    except FileNotFoundError:           # (MissingProfileError: no table for it in that set)
         return False
 
 
