@@ -9,6 +9,7 @@ import sys
 import types
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from profiler import disagg_bench as DB
@@ -306,3 +307,50 @@ def test_timed_connectors_log_bytes_and_seconds(tmp_path, monkeypatch):
     assert all(r["s"] >= 0 for r in recs) and len(recs) == 4
     # the run window filters by wall clock
     assert CT.read_timing_logs(tmp_path / "t", t0=max(r["t"] for r in recs) + 1) == []
+
+
+# --- one-GPU hand-off measurement: the fit ------------------------------------------------------
+
+def test_fit_line_recovers_latency_and_bandwidth():
+    from profiler.handoff_bench import fit_line
+    b = np.array([1e6, 4e6, 16e6, 64e6, 128e6])
+    s = 300e-6 + b / 2.5e9
+    f = fit_line(b, s)
+    assert f["gb_s"] == pytest.approx(2.5, rel=1e-9) and f["latency_us"] == pytest.approx(300.0, rel=1e-6)
+    assert f["max_abs_rel_err"] < 1e-9 and f["points"] == 5
+    g = fit_line(b, b / 4e9 - 1e-5)            # a negative floor is noise: through the origin
+    assert g["latency_us"] == 0.0 and g["gb_s"] == pytest.approx(4.0, rel=0.01)
+
+
+def test_fit_links_from_sweep_and_from_server_records(tmp_path, capsys):
+    from profiler import handoff_bench as HB
+    pairs = [{"conn": "ec", "op": "pair", "items": 1, "bytes": n * 7168, "s": 1e-3 + n * 7168 / 1.6e9, "t": 0}
+             for n in (64, 256, 1024, 4096)]
+    res = HB.fit_links(pairs, "test sweep")
+    assert res["links"]["encoder"]["gb_s"] == pytest.approx(1.6, rel=1e-6)
+    assert res["links"]["encoder"]["latency_us"] == pytest.approx(1000.0, rel=1e-6)
+    assert "test sweep" in res["links"]["encoder"]["source"]
+    # server records: saves per item + loads (their time per byte added); KV per step of layer saves
+    recs = [{"conn": "ec", "op": "save", "items": 1, "bytes": n, "s": 2e-4 + n / 4e9, "t": 1.0} for n in (1e6, 8e6, 3e7)]
+    recs += [{"conn": "ec", "op": "load", "items": 1, "bytes": 1e7, "s": 1e7 / 4e9, "t": 2.0}]
+    for step, toks in enumerate((100, 400, 1600)):
+        for layer in range(4):
+            recs.append({"conn": "kv", "op": "save", "items": 1, "bytes": toks * 1000, "s": 1e-5 + toks * 1000 / 8e9,
+                         "t": 10.0 * step + 1e-3 * layer, "pid": 7, "layer": f"l{layer}"})
+    recs += [{"conn": "kv", "op": "load", "items": 1, "bytes": 4e6, "s": 4e6 / 8e9, "t": 50.0, "pid": 8}]
+    items = HB.handoff_items(recs)
+    assert len(items["kv"][0]) == 3 and list(items["kv"][0]) == [4e5, 1.6e6, 6.4e6]
+    res = HB.fit_links(recs, "served")
+    assert res["links"]["encoder"]["gb_s"] == pytest.approx(2.0, rel=1e-6)        # 1/(1/4 + 1/4)
+    assert res["links"]["kv"]["gb_s"] == pytest.approx(4.0, rel=1e-6)
+    assert res["links"]["kv"]["latency_us"] == pytest.approx(40.0, rel=1e-6)      # 4 layers x 10 us
+    # the CLI writes what sim.tools.validate --handoff reads
+    d = tmp_path / "records"
+    d.mkdir()
+    (d / "ec_1.jsonl").write_text("\n".join(json.dumps(r) for r in pairs))
+    assert HB.main(["fit", str(d), "--out", str(tmp_path / "h.json")]) == 0
+    from sim.tools.validate import load_handoff
+    assert load_handoff(tmp_path / "h.json")["encoder"]["gb_s"] == pytest.approx(1.6, rel=1e-4)
+    assert HB.main(["sweep", "--out", str(tmp_path / "s"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "3584 x bf16" in out and "0.5, 1.8, 7.3, 16.5, 29.4, 66.1, 117.4 MB" in out
