@@ -70,8 +70,13 @@ def done_keys(path: Path) -> set:
 
 
 def table_for(cfg, model: str, backend: str | None = None) -> Path:
+    """<out_dir>/<gpu>/<model>.parquet; a tensor-parallel sweep (tp > 1) writes its own table
+    set <gpu>-tp<N>/, so TP rows never mix with the one-GPU grid the simulator reads."""
     backend = backend or str(cfg.backend)
     gpu = str(cfg.gpu) if backend != "analytic" else f"{cfg.gpu_spec}-analytic"
+    tp = int(getattr(cfg, "tp", 1) or 1)
+    if tp > 1 and backend != "analytic":
+        gpu = f"{gpu}-tp{tp}"
     return schema.table_path(cfg.out_dir, gpu, model)
 
 
@@ -96,6 +101,8 @@ def run_sweep(cfg, log: Callable[[str], None] = print,
         pts = backend.plan(spec, cfg.grid)
         if stages:
             pts = [p for p in pts if p["stage"] in stages]
+        for p in pts:                     # the point key carries the TP size it is measured at
+            p["tp"] = int(getattr(cfg, "tp", 1) or 1)
         path = table_for(cfg, name, bname)
         have = done_keys(path) if cfg.resume else set()
         todo = [p for p in pts if schema.point_key(p) not in have]
