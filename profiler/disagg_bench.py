@@ -316,6 +316,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--ec-path", default="/tmp/mmsim_ec", help="ECExampleConnector storage (cleared per run)")
     ap.add_argument("--kv-path", default="/tmp/mmsim_kv", help="KV ExampleConnector storage (cleared per run)")
     ap.add_argument("--max-minutes", type=float, default=9.0)
+    ap.add_argument("--since-parent", action="store_true",
+                    help="count --max-minutes from the start of the parent shell (as serve_bench)")
     ap.add_argument("--target-s", type=float, default=28.0)
     ap.add_argument("--capacity", type=float, default=None, help="req/s to size runs (default: the inf run's)")
     ap.add_argument("--num-prompts-inf", type=int, default=None)
@@ -330,6 +332,10 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     t0 = time.monotonic()
     deadline = t0 + a.max_minutes * 60.0
+    if a.since_parent:
+        age = sb.parent_age_s()
+        if age is not None and age < 300:
+            deadline -= age
     try:
         gpus = [int(g) for g in a.gpus.split(",") if g.strip()]
         instances = plan_instances(a.layout, gpus, a.base_port)
@@ -540,6 +546,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         for x in instances:
             if x.proc is not None:
                 sb.stop_group(x.proc)
+        if timing_dir.exists():          # the connectors' raw records travel with the results
+            shutil.copytree(timing_dir, out / f"connector_timing{suffix}", dirs_exist_ok=True)
         summary["provenance"] = base
         summary["elapsed_s"] = round(time.monotonic() - t0, 1)
         (out / f"disagg_bench_{a.model}{suffix}.json").write_text(json.dumps(summary, indent=2, default=str))

@@ -177,7 +177,9 @@ class VllmBackend(Backend):
         d = write_model_dir(spec, tempfile.mkdtemp(prefix=f"vllm-{spec.name}-"))
         kw = dict(model=str(d), load_format="dummy", dtype=str(ctx.cfg.dtype), seed=0,
                   tensor_parallel_size=int(ctx.cfg.tp),
-                  max_model_len=int(spec.llm["max_position_embeddings"]),
+                  # vllm.max_model_len caps it (a model whose full context's KV does not fit
+                  # beside its weights, e.g. a 32B at TP 1); null = the config's context
+                  max_model_len=int(getattr(v, "max_model_len", None) or spec.llm["max_position_embeddings"]),
                   max_num_batched_tokens=int(v.max_num_batched_tokens),
                   max_num_seqs=int(v.max_num_seqs), block_size=int(v.block_size),
                   enable_prefix_caching=bool(v.enable_prefix_caching),
