@@ -128,22 +128,28 @@ def size_run(run: RunSpec, capacity: float, target_s: float) -> RunSpec:
     return r
 
 
-def est_seconds(run: RunSpec, capacity: float) -> float:
-    """Rough wall time: sequential = n services; open = arrivals span or the backlog, whichever
-    ends later, plus one service of tail."""
+def _est_terms(run: RunSpec, capacity: float) -> tuple[float, float]:
+    """(per-request seconds, fixed seconds) of a run's wall time, linear in its request count:
+    sequential = n services; open = the arrivals span or the backlog, whichever ends later, plus
+    two services of tail; both + 5 s of client start and result writing."""
     svc = 1.0 / max(capacity, 1e-6)
     if run.rate is None:
-        return run.n * svc + 5.0
-    return max(run.n / run.rate, run.n * svc) * 1.1 + 2 * svc + 5.0
+        return svc, 5.0
+    return max(1.0 / run.rate, svc) * 1.1, 2 * svc + 5.0
+
+
+def est_seconds(run: RunSpec, capacity: float) -> float:
+    a, b = _est_terms(run, capacity)
+    return a * run.n + b
 
 
 def shrink_to(run: RunSpec, capacity: float, left_s: float) -> Optional[RunSpec]:
     """The run cut to fit left_s seconds (None if fewer than 4 requests would be left)."""
-    est = est_seconds(run, capacity)
-    if est <= left_s:
+    if est_seconds(run, capacity) <= left_s:
         return run
+    a, b = _est_terms(run, capacity)
     r = replace(run)
-    r.n = int(run.n * max(0.0, left_s - 5.0) / max(est - 5.0, 1e-6))
+    r.n = int(max(0.0, left_s - b) / a)
     return r if r.n >= 4 else None
 
 

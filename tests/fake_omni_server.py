@@ -48,7 +48,8 @@ class Engine:
             await asyncio.sleep(s)
             t1 = time.time()
             stages = {"QwenImagePipeline.text_encoder.forward": 0.1 * s,
-                      "QwenImagePipeline.diffuse": 0.8 * s, "QwenImagePipeline.vae.decode": 0.1 * s}
+                      "QwenImagePipeline.diffuse": 0.8 * s, "QwenImagePipeline.vae.decode": 0.1 * s,
+                      "fake.cfg_passes": 2 if cfg else 1, "fake.steps": steps}
             if self.stagelog:
                 rec = {"request_ids": [f"img_{kind}-{seed}"], "batch_size": 1, "seeds": [seed],
                        "height": h, "width": w, "num_inference_steps": steps,
