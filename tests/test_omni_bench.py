@@ -23,6 +23,7 @@ import pytest
 from profiler import omni_bench as OB
 from profiler import omni_client as OC
 from profiler import omni_models as OM
+from profiler import omni_server as OS
 
 ROOT = Path(__file__).resolve().parents[1]
 FAKE = ROOT / "tests" / "fake_omni_server.py"
@@ -529,7 +530,7 @@ def test_stagelog_reader_and_log_facts(tmp_path):
                  "\n" + '{"t_end": 15.0, "seeds": [')              # a line cut by a killed server
     assert [r["t_end"] for r in OB.read_stagelog(p, 5.0, 12.0)] == [10.0]
     assert OB.read_stagelog(tmp_path / "none.jsonl", 0, 1) == []
-    facts = OB.log_facts("x Registered diffusion model FluxPipeline -> profiler.omni_pipelines.RandomFluxPipeline\n"
+    facts = OS.log_facts("x Registered diffusion model FluxPipeline -> profiler.omni_pipelines.RandomFluxPipeline\n"
                          "y [RequestBatch] engine init max_num_seqs=1 max_wait_ms=0.0\n"
                          "z Model loading took 55.2 GiB and 12.5 seconds\n")
     assert facts["request_batch_init"].endswith("max_wait_ms=0.0")
