@@ -144,6 +144,10 @@ class RandomQwenImageEditPipeline(_RandomWeights, QwenImageEditPipeline):
 
 
 class RandomFluxPipeline(_RandomWeights, FluxPipeline):
+    # vLLM-Omni's profiler times text_encoder (CLIP-L) but not T5-XXL (text_encoder_2); with the
+    # profiler on (it is off by default) FLUX's stage durations then cover both encoders
+    _PROFILER_TARGETS = FluxPipeline._PROFILER_TARGETS + ["text_encoder_2.forward"]
+
     def __init__(self, *, od_config: Any, prefix: str = "") -> None:
         self._mmsim_init(FluxPipeline, od_config, prefix)
 

@@ -558,3 +558,78 @@ def test_bundle_pins_and_scripts():
     assert not {"av", "gguf", "torchsde", "x-transformers", "openai-whisper", "accelerate"} & set(pins)
     for sh in ("make_omni_bundle.sh", "install_omni.sh"):
         subprocess.run(["bash", "-n", str(ROOT / "profiler" / "gpu" / sh)], check=True)
+
+
+# ----------------------------------------------------------------------------- profiler backend
+
+def test_plan_vllm_omni_shapes():
+    """Points name the request shape that measures them; edits use vLLM-Omni's ~1 MP condition
+    (pipeline_qwen_image_edit.py:101) for the VAE encode, the VL encoder and the DiT sequence."""
+    from profiler.grid import plan_vllm_omni, qwen_edit_condition
+    from profiler.models import load_model
+    grid = {"omni_resolutions": [[512, 512], [1328, 1328]], "omni_batch": [1, 4], "dit_max_tokens": 16384,
+            "omni_text_words": [8], "omni_text_batch": [1], "omni_edit_resolutions": [[512, 768]]}
+    spec = load_model("qwen_image")
+    pts = plan_vllm_omni(spec, grid)
+    dit = [p for p in pts if p["stage"] == "dit_step" and p["served"] == "qwen_image"]
+    assert {(p["batch_size"], p["height"]) for p in dit} == {(1, 512), (4, 512), (1, 1328)}  # 4 x 6889 > cap
+    assert all(p["num_tokens"] == 64 and p["words"] == 59 for p in dit)
+    assert qwen_edit_condition(512, 768) == (832, 1248)           # 1 MP at 3:2, multiples of 32
+    e = {p["stage"]: p for p in pts if p["served"] == "qwen_image_edit"}
+    assert e["dit_step"]["seq_len"] == 32 * 48 + 52 * 78
+    n_img = (840 // 14) * (1260 // 14) // 4                        # smart_resize(832, 1248) = 840 x 1260
+    assert e["text_encode"]["num_tokens"] == 71 + n_img + 59 and e["text_encode"]["component"] == "text_encoder_vl"
+    assert e["dit_step"]["num_tokens"] == 71 + n_img + 59 - 64
+    assert (e["vae_encode"]["height"], e["vae_encode"]["width"]) == (832, 1248)
+    t = [p for p in pts if p["stage"] == "text_encode" and p["served"] == "qwen_image"]
+    assert [p["num_tokens"] for p in t] == [39 + 8]
+    f = plan_vllm_omni(load_model("flux1_dev"), grid)
+    assert {p["component"] for p in f if p["stage"] == "text_encode"} == {"clip_l", "t5_xxl"}
+    with pytest.raises(ValueError, match="vllm_omni"):
+        plan_vllm_omni(load_model("sd3_5_medium"), grid)
+
+
+def test_vllm_omni_backend_against_fake_server(tmp_path, monkeypatch):
+    """The backend end to end against the fake server, whose stage durations are exact functions
+    of the batch (0.8 s of `diffuse`, 0.1 s of text encode and VAE decode, 0.05 s of VAE encode per
+    second of service; service = (base + per_step * steps * pixels/512^2) * (1 + 0.5 (B - 1))):
+    dit_step is the per-step slope, B requests sent together form a batch of B, edits go to the
+    second server, rows carry engine vllm-omni into <gpu>-vllm-omni/, and a rerun resumes."""
+    pytest.importorskip("aiohttp")
+    pytest.importorskip("tokenizers")
+    pytest.importorskip("transformers")
+    from profiler.__main__ import compose
+    from profiler.schema import read_table, validate_rows
+    from profiler.sweep import run_sweep
+    base, per_step = 0.01, 0.05
+    monkeypatch.setenv("FAKE_BASE_S", str(base))
+    monkeypatch.setenv("FAKE_PER_STEP_S", str(per_step))
+    cfg = compose(["model=qwen_image", "backend=vllm_omni", "grid=tiny", f"out_dir={tmp_path}",
+                   "device=cpu", f"vllm_omni.vllm_cli={sys.executable} {FAKE}",
+                   f"vllm_omni.port={free_port()}", "vllm_omni.health_timeout=60",
+                   f"vllm_omni.log_dir={tmp_path / 'logs'}", "vllm_omni.max_wait_ms=300", "progress=false"])
+    summ = run_sweep(cfg, log=lambda m: None)
+    path = tmp_path / "h100-vllm-omni" / "qwen_image.parquet"
+    assert summ["qwen_image"]["path"] == str(path)
+    df = read_table(path)
+    assert validate_rows(df) == [] and set(df["engine"]) == {"vllm-omni"}
+    assert set(df["status"]) == {"ok"}, df[["stage", "batch_size", "error"]].to_string()
+
+    def svc(h, w, steps, b):
+        return (base + per_step * steps * h * w / 512 ** 2) * (1 + 0.5 * (b - 1))
+    for _, r in df.iterrows():
+        b = int(r["batch_size"])
+        ex = json.loads(r["extra"])
+        rh, rw = ex["req_height"], ex["req_width"]
+        if r["stage"] == "dit_step":
+            want = 0.8 * (svc(rh, rw, 2, b) - svc(rh, rw, 1, b)) * 1e3
+        elif r["stage"] in ("text_encode", "vae_decode"):
+            want = 0.1 * np.mean([svc(rh, rw, n, b) for n in (1, 1, 2, 2)]) * 1e3
+        else:                                                      # vae_encode of the edit
+            want = 0.05 * np.mean([svc(rh, rw, n, b) for n in (1, 1, 2, 2)]) * 1e3
+        assert r["latency_ms_median"] == pytest.approx(want, rel=1e-6), (r["stage"], rh, rw, b)
+    assert set(df[df["stage"] == "dit_step"]["batch_size"]) == {1, 2}
+    assert "vae_encode" in set(df["stage"])                        # from the edit server
+    assert len(list((tmp_path / "logs").glob("server_qwen_image_edit__*.log.gz"))) == 1
+    again = run_sweep(cfg, log=lambda m: None)
+    assert again["qwen_image"]["already"] == len(df) and again["qwen_image"]["measured"] == 0
