@@ -72,6 +72,11 @@ class VllmOmniBackend(Backend):
         except PackageNotFoundError:
             return "unknown"
 
+    def gpu_name(self, device: str) -> str:
+        """From nvidia-smi: this process must not hold a CUDA context while the server runs."""
+        from profiler.serve_bench import gpu_info
+        return gpu_info().get("nvidia_smi_name") or "unknown"
+
     def plan(self, spec, grid) -> list[dict]:
         from profiler.grid import plan_vllm_omni
         return plan_vllm_omni(spec, grid)
