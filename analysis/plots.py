@@ -3,12 +3,12 @@
 Every plotting function takes DataFrames / dicts, returns a matplotlib Figure and, given
 ``path``, also writes it as PNG. Inputs:
 
-* a *requests* frame: rows of ``requests.parquet`` (sim/output.py) plus ``policy`` / ``rate`` /
+* a *requests* frame: rows of ``requests.parquet`` (sim/run/output.py) plus ``policy`` / ``rate`` /
   ``seed`` columns added by the loaders;
 * a *summaries* frame: one row per run, flattened from ``summary.json`` (``summary_row``), with
   the ``summary`` dict itself kept in column ``summary`` for per-stage / per-pool detail.
 
-``run_sweep`` runs a small policies x rates x seeds sweep in-process (sim.runner.Run);
+``run_sweep`` runs a small policies x rates x seeds sweep in-process (sim.run.runner.Run);
 ``load_multirun`` reads a Hydra multirun directory of summary.json (+ requests.parquet) files.
 """
 from __future__ import annotations
@@ -112,7 +112,7 @@ def base_config(profiles_dir: str | Path = "traces/profiles", gpu: str = "h100",
 
 
 def run_one(cfg, outdir: str | Path | None = None, keep_requests: bool = True) -> tuple[dict, pd.DataFrame | None]:
-    from sim.runner import Run
+    from sim.run.runner import Run
     r = Run(cfg, Path(outdir) if outdir else None,
             keep_rows=cfg.workload.num_requests if keep_requests else 0)
     s = r.run()
@@ -383,7 +383,7 @@ def theory_vs_sim_table(rows: list[dict] | pd.DataFrame, path: str | Path | None
 
 
 def theory_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
-    """Estimate-vs-check rows of a sim.analytic report (for theory_vs_sim_table)."""
+    """Estimate-vs-check rows of a sim.studies.analytic report (for theory_vs_sim_table)."""
     m = report["model"]
     rows = []
     sim = report.get("simulated") or {}

@@ -67,7 +67,7 @@ def plan_diffusers(spec: ModelSpec, grid: Any) -> list[dict]:
                     pts.append(point(m, stage, component=vae, batch_size=B, height=H, width=W))
     # DiT steps
     if "transformer" in spec.components:
-        T0 = int(spec.defaults.get("text_tokens", 256))
+        T0 = int(spec.request_defaults.get("text_tokens", 256))
         dit: list[dict] = []
         for H, W in _g(grid, "dit_resolutions"):
             S = spec.latent_tokens(H, W)
@@ -131,7 +131,7 @@ def plan_vllm_omni(spec: ModelSpec, grid: Any) -> list[dict]:
         raise ValueError(f"backend=vllm_omni serves qwen_image and flux1_dev; model={m!r} is not one")
     qwen = kind == "qwen_image_mmdit"
     served = "qwen_image" if qwen else "flux1_dev"
-    words0 = int(spec.defaults.get("text_tokens", 64)) - 5 if qwen else 16
+    words0 = int(spec.request_defaults.get("text_tokens", 64)) - 5 if qwen else 16
     t_dit = words0 + 5 if qwen else int(spec.components["t5_xxl"].get("max_length", 512))
     cap = _g(grid, "dit_max_tokens")
     pts: list[dict] = []

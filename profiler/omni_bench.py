@@ -55,7 +55,7 @@ class ServedPlan:
 
 
 MODELS: dict[str, ServedPlan] = {
-    # Qwen-Image: true CFG (a negative prompt) as conf/model/qwen_image.yaml defaults.cfg
+    # Qwen-Image: true CFG (a negative prompt) as conf/model/qwen_image.yaml request_defaults.cfg
     "qwen_image": ServedPlan("generate", True, 2.8, 1000),
     "qwen_image_edit": ServedPlan("edit", True, 4.2, 1000),
     # FLUX.1-dev is guidance-distilled: one transformer pass per step, no negative prompt

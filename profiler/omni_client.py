@@ -3,9 +3,9 @@ simulator draws them, sent open-loop on a Poisson / Gamma schedule (or one at a 
 outcome recorded.
 
 Requests (`draw_requests`): image sides from the workload's Pareto law and aspect ratios
-(`sim.workload.sample_image_sizes`, conf/workload/<name>.yaml `image:`), prompt lengths from its
-`image_prompt_tokens` law (`sim.workload.sample_lengths`), inter-arrival gaps Gamma(k, 1/(rate k))
-(`sim.workload.gamma_arrivals`, k = 1 Poisson, k < 1 bursty, as `vllm bench serve --burstiness`),
+(`sim.workloads.laws.sample_image_sizes`, conf/workload/<name>.yaml `image:`), prompt lengths from its
+`image_prompt_tokens` law (`sim.workloads.laws.sample_lengths`), inter-arrival gaps Gamma(k, 1/(rate k))
+(`sim.workloads.laws.gamma_arrivals`, k = 1 Poisson, k < 1 bursty, as `vllm bench serve --burstiness`),
 denoising steps drawn uniformly from a list. Each concern has its own named stream
 (`sim.rng.stream`), so one seed gives the same requests whatever else changes.
 Edit requests take an input image of the drawn size and ask for an output of the same size (the
@@ -95,7 +95,7 @@ def draw_requests(task: str, n: int, rate: Optional[float], burstiness: float, s
     """n requests of one task. rate None: all scheduled at 0 (sequential runs ignore the times)."""
     from sim.config import ImageSizeConfig, LengthDist
     from sim.rng import stream
-    from sim.workload import gamma_arrivals, sample_image_sizes, sample_lengths
+    from sim.workloads.laws import gamma_arrivals, sample_image_sizes, sample_lengths
     if task not in ("generate", "edit"):
         raise ValueError(f"task={task!r} is invalid; allowed: generate, edit")
     if n < 0:

@@ -33,7 +33,7 @@ STAGES = (
 ENGINES = ("vllm", "vllm-omni", "diffusers", "analytic", "synthetic")
 STATUSES = ("ok", "oom", "error")
 
-# column -> pyarrow type. The first block is DESIGN.md's contract; the second, stage-specific.
+# column -> pyarrow type. The first block is every table's contract; the second, stage-specific.
 COLUMNS: dict[str, pa.DataType] = {
     "model": pa.string(),
     "stage": pa.string(),

@@ -35,12 +35,14 @@ def config_sha(cfg: SimConfig) -> str:
     import hashlib
     import json
 
-    from sim.runner import resolve
+    from sim.run.runner import resolve
     d = dataclasses.asdict(cfg)
     d.get("output", {}).pop("progress", None)          # display only
-    prof = resolve(cfg.profiles_dir) / cfg.cluster.gpu
-    tables = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns)
-                    for p in prof.glob("*.parquet")) if prof.is_dir() else []
+    root = resolve(cfg.profiles_dir)
+    tset = cfg.latency.tables or cfg.cluster.gpu
+    tables = sorted((d.name, p.name, p.stat().st_size, p.stat().st_mtime_ns)
+                    for d in (root / tset, root / f"{tset}-analytic") if d.is_dir()
+                    for p in d.glob("*.parquet"))     # measured + roofline fallback (sim.engines.latency)
     try:
         from importlib.metadata import version
         ver = version("mmserve-sim")
@@ -68,7 +70,7 @@ def execute(cfg: SimConfig, outdir: Path, multirun: bool) -> dict:
     """Run one experiment into outdir. Per-run cache: when outdir already holds a summary.json
     with the same `config_sha` (a finished run of the same resolved config, e.g. an interrupted
     sweep re-launched with the same hydra.sweep.dir), it is reused and nothing is simulated."""
-    from sim.output import write_json_atomic
+    from sim.run.output import write_json_atomic
     sha = config_sha(cfg)
     hit = cached_summary(outdir, sha)
     if hit is not None:
@@ -82,15 +84,15 @@ def execute(cfg: SimConfig, outdir: Path, multirun: bool) -> dict:
 
 
 def _execute(cfg: SimConfig, outdir: Path, multirun: bool) -> dict:
-    from sim.output import print_summary
+    from sim.run.output import print_summary
     if cfg.experiment == "queueing":
-        from sim.queueing import run_queueing
+        from sim.studies.queueing import run_queueing
         summary = run_queueing(cfg, outdir)
     elif cfg.experiment == "capacity":
-        from sim.capacity import run_capacity
+        from sim.studies.capacity import run_capacity
         summary = run_capacity(cfg, outdir)
     else:
-        from sim.runner import Run
+        from sim.run.runner import Run
         progress = cfg.output.progress == "on" or (
             cfg.output.progress == "auto" and not multirun and cfg.workload.num_requests >= 50_000)
         summary = Run(cfg, outdir).run(progress=progress)

@@ -1,13 +1,15 @@
-"""Structured (Hydra) config schema. Range checks live in __post_init__, which runs when the
-composed config is turned into these dataclasses (`OmegaConf.to_object`), so bad input fails
-before any simulation with a message that names the field and the allowed values."""
+"""Structured (Hydra) config schema. Each section's check() holds its range checks;
+SimConfig.check() runs them all once, where a run's config is made (sim.cli.to_config, or
+sim.run.runner.Run for a config built in code), so bad input fails before any simulation with a
+message that names the field and the allowed values."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Optional
 
-from profiler.models import TASKS
+from sim.names import EDIT, GENERATE, INPAINT, OUTPAINT, TASKS, TEXT, UNDERSTAND
+from sim.policies import DEFAULT_POLICY, POLICIES, REPLICA_ROUTERS
 
 
 class ConfigError(ValueError):
@@ -31,10 +33,8 @@ class OutOfRange(str, Enum):
 
 ARRIVAL_PROCESSES = ("gamma", "mmpp", "trace")
 LENGTH_DISTS = ("constant", "uniform", "lognormal", "pareto", "normal")
-POLICIES = ("baseline", "disaggregated", "modality_aware")
 SERVICE_LAWS = ("constant", "deterministic", "exponential", "lognormal")   # queueing scenario
 SHAPE_COMPAT = ("exact", "bucket", "any")
-ROUTERS = ("round_robin", "least_loaded")
 TRACE_FORMATS = ("auto", "csv", "jsonl", "parquet", "vllm_json")
 EXPERIMENTS = ("serve", "queueing", "replay", "capacity")
 
@@ -100,7 +100,7 @@ class TraceConfig:
     path: Optional[str] = None
     format: str = "auto"
     time_scale: float = 1.0         # multiply trace times (speed up / slow down a replay)
-    default_task: str = "text"
+    default_task: str = TEXT
 
     def check(self) -> None:
         _choice(self.format, "workload.trace.format", TRACE_FORMATS)
@@ -114,11 +114,11 @@ class WorkloadConfig:
     num_requests: int = 20000
     arrival: ArrivalConfig = field(default_factory=ArrivalConfig)
     mix: dict[str, float] = field(default_factory=lambda: {
-        "text": 0.40, "understand": 0.25, "generate": 0.20, "edit": 0.10, "inpaint": 0.03,
-        "outpaint": 0.02})
+        TEXT: 0.40, UNDERSTAND: 0.25, GENERATE: 0.20, EDIT: 0.10, INPAINT: 0.03,
+        OUTPAINT: 0.02})
     task_models: dict[str, str] = field(default_factory=lambda: {
-        "text": "qwen2_5_vl_7b", "understand": "qwen2_5_vl_7b", "generate": "qwen_image",
-        "edit": "qwen_image", "inpaint": "qwen_image", "outpaint": "qwen_image"})
+        TEXT: "qwen2_5_vl_7b", UNDERSTAND: "qwen2_5_vl_7b", GENERATE: "qwen_image",
+        EDIT: "qwen_image", INPAINT: "qwen_image", OUTPAINT: "qwen_image"})
     image: ImageSizeConfig = field(default_factory=ImageSizeConfig)
     images_per_request: int = 1
     prompt_tokens: LengthDist = field(default_factory=lambda: LengthDist(dist="lognormal", mean=600, cv=1.2, min=16, max=8192))
@@ -127,8 +127,8 @@ class WorkloadConfig:
     steps: Optional[int] = None     # None = each model's default
     cfg: Optional[bool] = None      # None = each model's default
     slo_classes: dict[str, str] = field(default_factory=lambda: {
-        "text": "interactive", "understand": "interactive", "generate": "standard",
-        "edit": "standard", "inpaint": "standard", "outpaint": "standard"})
+        TEXT: "interactive", UNDERSTAND: "interactive", GENERATE: "standard",
+        EDIT: "standard", INPAINT: "standard", OUTPAINT: "standard"})
     trace: TraceConfig = field(default_factory=TraceConfig)
     path: Optional[str] = None      # shorthand: a trace file to replay (sets process=trace)
     # closed loop, as `vllm bench serve --max-concurrency N`: at most N requests in flight; one
@@ -137,6 +137,10 @@ class WorkloadConfig:
     max_concurrency: Optional[int] = None
 
     def check(self) -> None:
+        """Validate once (later calls return at once), first resolving the `path` shorthand
+        (a trace file: trace.path and arrival.process=trace)."""
+        if self.__dict__.get("_checked"):
+            return
         if self.path:
             self.trace.path = self.path
             self.arrival.process = "trace"
@@ -160,6 +164,7 @@ class WorkloadConfig:
         _check(self.steps is None or self.steps >= 1, "workload.steps", self.steps, ">= 1 or null")
         _check(self.max_concurrency is None or self.max_concurrency >= 1, "workload.max_concurrency",
                self.max_concurrency, ">= 1 or null")
+        self._checked = True
 
 
 @dataclass
@@ -194,7 +199,7 @@ class ClusterConfig:
 
 @dataclass
 class PolicyConfig:
-    name: str = "baseline"
+    name: str = DEFAULT_POLICY
     router: str = "least_loaded"
     # modality_aware knobs (ignored by the others)
     priority: bool = True            # interactive (text-out) work first in shared queues
@@ -204,8 +209,8 @@ class PolicyConfig:
     autoscale: bool = True
 
     def check(self) -> None:
-        _choice(self.name, "policy.name", POLICIES)
-        _choice(self.router, "policy.router", ROUTERS)
+        _choice(self.name, "policy.name", tuple(POLICIES))
+        _choice(self.router, "policy.router", REPLICA_ROUTERS)
         _check(self.autoscale_interval_s > 0, "policy.autoscale_interval_s",
                self.autoscale_interval_s, "> 0")
         _check(list(self.shape_buckets) == sorted(self.shape_buckets) and len(self.shape_buckets) > 0,
@@ -235,13 +240,13 @@ class EngineConfig:
     host_overhead_base_ms: float = 1.15
     host_overhead_per_seq_ms: Optional[float] = None
     # per model [base_ms, per_seq_ms] measured under `vllm serve` itself (sync table step minus the
-    # served decode step at batch N, from the concurrency ladder: `python -m sim.calibrate`); it
+    # served decode step at batch N, from the concurrency ladder: `python -m sim.tools.calibrate`); it
     # replaces the two above for that model
     host_overhead_by_model: dict[str, list[float]] = field(default_factory=dict)
     # API-server (frontend) time before a request reaches the engine core (HTTP, tokenization,
     # hand-off); it adds to TTFT and E2EL. 0 here (cluster scenarios model the engines); the
     # vLLM-serve replay (conf/experiment/replay_vllm_bench.yaml) sets the value measured with
-    # zero-load probes, `python -m sim.calibrate` (traces/validation/README.md).
+    # zero-load probes, `python -m sim.tools.calibrate` (traces/validation/README.md).
     frontend_ms: float = 0.0
     frontend_ms_per_prompt_token: float = 0.0
     # extra time to the first step when the engine is idle at the arrival (the engine core sleeps
@@ -251,7 +256,7 @@ class EngineConfig:
     # input queue: request handling and hand-off on the API server's one event loop, which also
     # processes every step's streamed outputs): base + per running sequence. It decides whether the
     # request makes the next scheduling point or waits one more step. Calibrated on the concurrency
-    # ladder's CPU series (traces/validation/h100/ladder, `python -m sim.calibrate`).
+    # ladder's CPU series (traces/validation/h100/ladder, `python -m sim.tools.calibrate`).
     api_ingest_ms: float = 0.0
     api_ingest_ms_per_running_seq: float = 0.0
     # a step's streamed tokens are handled one after another by the API server and the client, so
@@ -309,12 +314,12 @@ class LatencyConfig:
 class SLOConfig:
     """Per-task latency targets in ms (null = no target on that metric)."""
     targets: dict[str, dict[str, float]] = field(default_factory=lambda: {
-        "text": {"ttft_ms": 2000.0, "tpot_ms": 100.0},
-        "understand": {"ttft_ms": 4000.0, "tpot_ms": 100.0},
-        "generate": {"e2el_ms": 60000.0},
-        "edit": {"e2el_ms": 90000.0},
-        "inpaint": {"e2el_ms": 90000.0},
-        "outpaint": {"e2el_ms": 90000.0},
+        TEXT: {"ttft_ms": 2000.0, "tpot_ms": 100.0},
+        UNDERSTAND: {"ttft_ms": 4000.0, "tpot_ms": 100.0},
+        GENERATE: {"e2el_ms": 60000.0},
+        EDIT: {"e2el_ms": 90000.0},
+        INPAINT: {"e2el_ms": 90000.0},
+        OUTPAINT: {"e2el_ms": 90000.0},
     })
 
     def check(self) -> None:
@@ -357,7 +362,7 @@ class QueueingConfig:
 
 @dataclass
 class CapacityConfig:
-    """Capacity planning (`+experiment=capacity`, sim/capacity.py): per policy, the fewest GPUs
+    """Capacity planning (`+experiment=capacity`, sim/studies/capacity.py): per policy, the fewest GPUs
     meeting the SLO at target_qps, and the max QPS a cluster of `num_gpus` sustains under it.
     The SLO is p99 E2EL <= slo_p99_ms (all tasks), or, when slo_p99_ms is null, goodput-based:
     slo_attainment (per-task targets of `slo`) >= min_attainment."""
@@ -434,6 +439,11 @@ class SimConfig:
     output: OutputConfig = field(default_factory=OutputConfig)
 
     def check(self) -> "SimConfig":
+        """Validate every section once (later calls return at once: a run's config is checked
+        where it is made and again, as a no-op, where it is used), first resolving the
+        `model=NAME` shorthand (a conf/model/ entry) to the model's name."""
+        if self.__dict__.get("_checked"):
+            return self
         if isinstance(self.model, dict):
             self.model = self.model.get("name")
         _check(self.model is None or isinstance(self.model, str), "model", self.model,
@@ -442,4 +452,5 @@ class SimConfig:
         for part in (self.workload, self.cluster, self.policy, self.engine, self.diffusion,
                      self.latency, self.slo, self.cost, self.queueing, self.capacity, self.output):
             part.check()
+        self._checked = True
         return self

@@ -1,4 +1,4 @@
-"""sim.analytic: closed forms, report contents on synthetic tables, CLI behaviour."""
+"""sim.studies.analytic: closed forms, report contents on synthetic tables, CLI behaviour."""
 from __future__ import annotations
 
 import json
@@ -10,7 +10,7 @@ import pytest
 
 from conftest import REPO_ROOT, decode_ms, prefill_ms, vision_ms
 from profiler.models import load_model
-from sim import analytic as A
+from sim.studies import analytic as A
 
 REPORT_KEYS = {"weights_bytes", "kv_bytes_per_token", "max_concurrency", "serial_latency_ms_by_stage",
                "bottleneck_stage", "bound_qps_serial", "bound_qps_batched", "usd_per_1k_requests",
@@ -93,7 +93,7 @@ def test_report_dit_bottleneck(synthetic_profiles):
 
 
 def test_cli_unknown_model_exit_2():
-    p = subprocess.run([sys.executable, "-m", "sim.analytic", "model=nope", "gpu=h100"],
+    p = subprocess.run([sys.executable, "-m", "sim.studies.analytic", "model=nope", "gpu=h100"],
                        cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
     assert p.returncode == 2
     assert "allowed values" in p.stderr and "qwen_image" in p.stderr

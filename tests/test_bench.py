@@ -1,4 +1,4 @@
-"""`python -m sim.bench` smoke test: tiny request counts (--scale), one line per scenario in the
+"""`python -m sim.tools.bench` smoke test: tiny request counts (--scale), one line per scenario in the
 documented format. (Jump-ahead exactness is covered by tests/test_sim_properties.py.)"""
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ LINE = re.compile(r"^scenario=(\S+) policy=(\S+) requests=(\d+) gpus=(\d+) reque
 def test_bench_quick_smoke(tmp_path):
     prof = write_synthetic_profiles(tmp_path / "prof")
     write_table(pd.DataFrame(qwen_vl_rows("qwen2_5_7b")), prof / "h100" / "qwen2_5_7b.parquet")
-    p = subprocess.run([sys.executable, "-m", "sim.bench", "--quick", "--scale", "0.005",
+    p = subprocess.run([sys.executable, "-m", "sim.tools.bench", "--quick", "--scale", "0.005",
                         "--profiles-dir", str(prof)], cwd=REPO_ROOT, capture_output=True,
                        text=True, timeout=120)
     assert p.returncode == 0, p.stderr

@@ -1,4 +1,4 @@
-"""sim.capacity: the searches find known answers; the experiment runs end to end."""
+"""sim.studies.capacity: the searches find known answers; the experiment runs end to end."""
 from __future__ import annotations
 
 import json
@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from sim import capacity as C
+from sim.studies import capacity as C
 from sim.config import ConfigError, SimConfig
 
 

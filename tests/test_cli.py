@@ -13,10 +13,11 @@ import pandas as pd
 import pytest
 
 from conftest import make_cfg, rel_close
-from sim.runner import Run
+from sim.run.runner import Run
+from sim.policies import POLICIES as POLICY_CONFIGS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-POLICIES = ("baseline", "disaggregated", "modality_aware")
+POLICIES = tuple(POLICY_CONFIGS)
 N = 200
 VLLM_KEYS = ("duration", "completed", "total_input_tokens", "total_output_tokens",
              "request_throughput", "output_throughput", "total_token_throughput",

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from sim.config import ArrivalConfig, ConfigError, TraceConfig, WorkloadConfig
-from sim.runner import Run
-from sim.traces import load_vllm_bench
-from sim.workload import Workload
+from sim.run.runner import Run
+from sim.workloads.trace import load_vllm_bench
+from sim.workloads import request_source
 
 
 def text_cfg(cfg_factory, n: int, conc, rate: float = 40.0, seed: int = 0):
@@ -25,7 +25,7 @@ def text_cfg(cfg_factory, n: int, conc, rate: float = 40.0, seed: int = 0):
 
 
 def ready_times(cfg) -> dict[int, float]:
-    return {r.id: r.arrival for r in Workload(cfg.workload, cfg.seed)}
+    return {r.id: r.arrival for r in request_source(cfg.workload, cfg.seed)}
 
 
 def in_flight(reqs, t: float) -> int:
@@ -96,14 +96,14 @@ def test_bench_replay_brings_its_limit_and_ready_times(tmp_path):
     assert np.allclose(df["arrival"], [0.0, 0.001, 0.001, 0.001, 0.001])
     assert df.attrs["max_concurrency"] == 2
     wcfg = WorkloadConfig(arrival=ArrivalConfig(process="trace"), trace=TraceConfig(path=str(p)))
-    w = Workload(wcfg, 0)
+    w = request_source(wcfg, 0)
     assert w.max_concurrency == 2
     assert [r.arrival for r in w] == pytest.approx([0.0, 0.001, 0.001, 0.001, 0.001])
     wcfg.max_concurrency = 3                                 # an explicit setting wins
-    assert Workload(wcfg, 0).max_concurrency == 3
+    assert request_source(wcfg, 0).max_concurrency == 3
     # open-loop results (no max_concurrency) keep their send times and stay open loop
     p2 = bench_json(tmp_path / "o.json", 4.0, None, [0.0, 0.2, 0.5])
-    assert Workload(WorkloadConfig(arrival=ArrivalConfig(process="trace"),
+    assert request_source(WorkloadConfig(arrival=ArrivalConfig(process="trace"),
                                    trace=TraceConfig(path=str(p2))), 0).max_concurrency is None
     # a finite rate with a limit: the ready times were not saved; send times are kept, said so
     p3 = bench_json(tmp_path / "f.json", 4.0, 2, [0.0, 0.2, 0.5, 0.9])

@@ -1,4 +1,4 @@
-"""The compiled build's guard (sim/compile.py check_fresh): a compiled module older than its
+"""The compiled build's guard (sim/run/build_guard.py check_fresh): a compiled module older than its
 source must stop a run, never silently simulate the old code. Needs no compiler."""
 from __future__ import annotations
 
@@ -6,12 +6,12 @@ import os
 
 import pytest
 
-import sim.compile as SC
-from sim.runner import Run
+import sim.run.build_guard as SC
+from sim.run.runner import Run
 
 
 def test_stale_compiled_module_stops_the_run(tmp_path, monkeypatch, cfg_factory):
-    so = tmp_path / "sim" / "servers" / "ar.cpython-311-x86_64-linux-gnu.so"
+    so = tmp_path / "sim" / "engines" / "ar.cpython-311-x86_64-linux-gnu.so"
     so.parent.mkdir(parents=True)
     so.write_bytes(b"")
     py = so.with_name("ar.py")
@@ -21,7 +21,7 @@ def test_stale_compiled_module_stops_the_run(tmp_path, monkeypatch, cfg_factory)
     monkeypatch.setattr(SC, "REPO", tmp_path)
     monkeypatch.setattr(SC, "built_files", lambda: [so])
     monkeypatch.setattr(SC, "_fresh_checked", False)
-    with pytest.raises(RuntimeError, match=r"older than their sources \['sim/servers/ar.py'\].*sim.compile"):
+    with pytest.raises(RuntimeError, match=r"older than their sources \['sim/engines/ar.py'\].*sim.tools.compile"):
         Run(cfg_factory())
     lib = tmp_path / "mmsim__mypyc.cpython-311-x86_64-linux-gnu.so"
     lib.write_bytes(b"")

@@ -1,4 +1,4 @@
-"""The opt-in compiled hot path (`python -m sim.compile`, sim/compile.py). Skipped unless it has
+"""The opt-in compiled hot path (`python -m sim.tools.compile`, sim/tools/compile.py). Skipped unless it has
 been built: then the hot modules must really be the compiled ones, and fixed-seed runs must
 give the pure-Python results bit for bit (the pure run imports a copy of the sources without
 the extension modules, in a subprocess)."""
@@ -13,22 +13,24 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from sim.compile import HOT, REPO, compiled_modules
+from sim.policies import POLICIES
+from sim.tools.compile import HOT, REPO, compiled_modules
 
 MODS = compiled_modules()
 pytestmark = pytest.mark.skipif(not any(f.endswith(".so") for f in MODS.values()),
-                                reason="compiled hot path not built (python -m sim.compile)")
+                                reason="compiled hot path not built (python -m sim.tools.compile)")
 
 # one fixed-seed run per policy on the shipped H100 tables, requests.parquet + summary.json
 RUN = """
 import sys
 from pathlib import Path
-import sim.gpu
-from sim.bench import make_config
-from sim.runner import Run
-assert sim.gpu.__file__.endswith(sys.argv[3]), sim.gpu.__file__
+import sim.core.gpu
+from sim.tools.bench import make_config
+from sim.policies import POLICIES
+from sim.run.runner import Run
+assert sim.core.gpu.__file__.endswith(sys.argv[3]), sim.core.gpu.__file__
 out = Path(sys.argv[1])
-for policy in ("baseline", "disaggregated", "modality_aware"):
+for policy in POLICIES:
     cfg = make_config("mixed_8gpu", policy, int(sys.argv[2]), str(Path(sys.argv[4])))
     cfg.output.write_requests = True
     Run(cfg, out / policy, keep_rows=0).run()
@@ -38,7 +40,7 @@ for policy in ("baseline", "disaggregated", "modality_aware"):
 def test_hot_modules_are_compiled():
     assert set(MODS) == {m[:-3].replace("/", ".") for m in HOT}
     for name, f in MODS.items():
-        assert f.endswith(".so"), f"{name} is not compiled ({f}): rebuild with python -m sim.compile"
+        assert f.endswith(".so"), f"{name} is not compiled ({f}): rebuild with python -m sim.tools.compile"
 
 
 def _run(root: Path, out: Path, suffix: str) -> None:
@@ -56,7 +58,7 @@ def test_compiled_runs_equal_pure_runs_bit_for_bit(tmp_path):
         shutil.copytree(REPO / pkg, pure / pkg, ignore=shutil.ignore_patterns("*.so", "__pycache__"))
     _run(pure, tmp_path / "pure", ".py")
     _run(REPO, tmp_path / "compiled", ".so")
-    for policy in ("baseline", "disaggregated", "modality_aware"):
+    for policy in POLICIES:
         a = pd.read_parquet(tmp_path / "pure" / policy / "requests.parquet")
         b = pd.read_parquet(tmp_path / "compiled" / policy / "requests.parquet")
         assert len(a) == 1500

@@ -1,6 +1,7 @@
-"""sim.eventloop against SimPy itself: the same schedule run through `env.timeout(...)` +
-`env.run()` and through `eventloop.timeout(...)` + `eventloop.run()` gives the same events, in the
-same order, at the same times (processes, ties, zero delays, nested scheduling, failures)."""
+"""The kernel (sim.core.kernel.Kernel) against SimPy itself: the same schedule run through
+`env.timeout(...)` + `env.run()` and through `Kernel.timer(...)` + `Kernel.run_all()` gives the
+same events, in the same order, at the same times (processes, ties, zero delays, nested
+scheduling, urgent calls, failures)."""
 from __future__ import annotations
 
 import random
@@ -10,22 +11,33 @@ import simpy
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sim import eventloop
+from sim.core.kernel import Kernel
 
 
 def scenario(env: simpy.Environment, fast: bool, delays: list[float], log: list) -> None:
-    """Timers that schedule more timers, two SimPy processes, and ties at equal times."""
+    """Timers that schedule more timers, two SimPy processes, urgent calls, and ties at equal
+    times."""
     def later(delay: float, cb, value=None) -> None:
         if fast:
-            eventloop.timeout(env, delay, cb, value)
+            env.timer(delay, cb, value)
         else:
             env.timeout(delay, value).callbacks.append(cb)
+
+    def soon(cb) -> None:
+        if fast:
+            env.call_soon(cb)
+        else:
+            ev = simpy.Event(env)
+            ev.callbacks.append(cb)
+            ev._ok, ev._value = True, None
+            env.schedule(ev, simpy.events.URGENT)
 
     def tick(ev) -> None:
         log.append((env.now, "tick", ev.value))
         if ev.value is not None and ev.value < len(delays):
             later(delays[ev.value], tick, ev.value + 1)
             later(0.0, lambda e: log.append((env.now, "zero", None)))
+            soon(lambda e: log.append((env.now, "urgent", None)))
 
     def proc(name: str, gaps: list[float]):
         for g in gaps:
@@ -40,12 +52,12 @@ def scenario(env: simpy.Environment, fast: bool, delays: list[float], log: list)
 
 
 def run_both(delays: list[float]) -> tuple[list, list, int]:
-    slow_env, fast_env = simpy.Environment(), simpy.Environment()
+    slow_env, fast_env = simpy.Environment(), Kernel()
     slow, fast = [], []
     scenario(slow_env, False, delays, slow)
     slow_env.run()
     scenario(fast_env, True, delays, fast)
-    n = eventloop.run(fast_env)
+    n = fast_env.run_all()
     return slow, fast, n
 
 
@@ -65,19 +77,19 @@ def test_same_order_for_any_delays(delays):
 def test_run_until_leaves_the_rest_queued_in_order():
     rng = random.Random(3)
     delays = [rng.choice([0.0, 0.5, 1.0]) for _ in range(10)]
-    env_a, env_b = simpy.Environment(), simpy.Environment()
+    env_a, env_b = Kernel(), Kernel()
     a, b = [], []
     scenario(env_a, True, delays, a)
     scenario(env_b, True, delays, b)
-    eventloop.run_until(env_a, 2.0)
+    env_a.run_until(2.0)
     assert all(t < 2.0 for t, _, _ in a)
-    eventloop.run(env_a)
-    eventloop.run(env_b)
+    env_a.run_all()
+    env_b.run_all()
     assert a == b
 
 
 def test_a_failed_event_crashes_the_run_as_simpy_does():
-    env = simpy.Environment()
+    env = Kernel()
 
     def boom(env):
         yield env.timeout(1.0)
@@ -85,9 +97,9 @@ def test_a_failed_event_crashes_the_run_as_simpy_does():
 
     env.process(boom(env))
     with pytest.raises(KeyError):
-        eventloop.run(env)
+        env.run_all()
 
 
 def test_negative_delay_is_refused():
     with pytest.raises(ValueError, match="Negative delay"):
-        eventloop.timeout(simpy.Environment(), -1.0, lambda e: None)
+        Kernel().timer(-1.0, lambda e: None)

@@ -13,10 +13,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sim.config import SLOConfig
-from sim.metrics import MetricsCollector
-from sim.output import (REQUEST_COLUMNS, WIDE_STAGES, RequestsParquetWriter, meets_slo,
+from sim.run.metrics import MetricsCollector
+from sim.run.output import (REQUEST_COLUMNS, WIDE_STAGES, RequestsParquetWriter, meets_slo,
                         print_summary, request_row, write_json_atomic)
-from sim.request import Request, StageRecord
+from sim.core.records import Request, StageRecord
 
 UTIL = {"per_stage": {"prefill": 0.5}, "per_gpu": {"0": 0.5}, "mean_gpu": 0.5}
 SLO = SLOConfig(targets={"text": {"ttft_ms": 250.0, "tpot_ms": 150.0},

@@ -484,12 +484,12 @@ def test_omni_bench_end_to_end_with_fake_server(tmp_path, monkeypatch):
     import pandas as pd
 
     from sim.config import WorkloadConfig
-    from sim.workload import Workload
+    from sim.workloads import request_source
     p = tmp_path / "t.csv"
     req = sat["requests"]
     pd.DataFrame({k: req[k] for k in ("arrival_time", "task", "model", "prompt_tokens", "output_height",
                                      "output_width", "steps", "cfg")}).to_csv(p, index=False)
-    back = list(Workload(WorkloadConfig(path=str(p)), seed=0))
+    back = list(request_source(WorkloadConfig(path=str(p)), seed=0))
     assert [r.steps for r in back] == req["steps"]
     assert [r.output_image for r in back] == list(zip(req["output_height"], req["output_width"]))
     assert [r.arrival for r in back] == pytest.approx([t - req["arrival_time"][0] for t in req["arrival_time"]]) \

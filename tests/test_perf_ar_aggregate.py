@@ -1,4 +1,4 @@
-"""The AR engine's decode aggregate (sim/servers/ar.py) is an exact shortcut: runs with it give
+"""The AR engine's decode aggregate (sim/engines/ar.py) is an exact shortcut: runs with it give
 the same per-request outcomes as the plain per-sequence loop (`AREngine.aggregate = False`,
 which also turns jump-ahead off, so this also checks jump-ahead) on random small scenarios
 that stress the token budget, KV blocks (preemptions), block sizes, async admission and
@@ -10,8 +10,9 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from conftest import make_cfg, rel_close
-from sim.runner import Run
-from sim.servers.ar import AREngine
+from reference import decode_series_ref, ends_ref
+from sim.run.runner import Run
+from sim.engines.ar import AREngine
 
 SETTINGS = dict(max_examples=12, deadline=None, derandomize=True, database=None,
                 phases=[Phase.explicit, Phase.reuse, Phase.generate],
@@ -92,14 +93,16 @@ def test_extra_blocks_closed_form(bs, g, contexts, j):
        start_lookups=st.sampled_from([1, 2]), overhead=st.sampled_from([0.0, 2e-4]),
        host=st.sampled_from([(0.0, 0.0), (4e-3, 1e-5), (1.3e-3, 0.0), (2e-2, 0.0)]),
        mode=st.sampled_from(["clamp", "extrapolate"]))
-def test_short_jump_ends_equal_the_numpy_series(synthetic_profiles, batch, ctx, k, start_lookups,
-                                                overhead, host, mode):
-    """A jump's step ends on Python floats (_decode_ends, used up to PY_MAX_STEPS steps) equal
-    the numpy ones (_decode_ends_np) bit for bit across grid cells, overhead and async host time
-    included, with the same lookup counts."""
-    from sim.latency import LatencyModel
+def test_jump_ends_equal_the_numpy_series(synthetic_profiles, batch, ctx, k, start_lookups,
+                                          overhead, host, mode):
+    """A jump's step ends (AREngine._decode_ends, Python floats) equal the numpy reference
+    (tests/reference.py) bit for bit across grid cells, overhead and async host time included,
+    with the same lookup counts."""
+    from sim.engines.latency import LatencyModel
     lats = [LatencyModel(synthetic_profiles, "h100", mode) for _ in range(2)]
-    py, vec = (AREngine("qwen2_5_vl_7b", lat, 1 << 20, step_overhead_s=overhead, host_s=host[0],
-                        host_per_seq_s=host[1]) for lat in lats)
-    assert py._decode_ends(batch, ctx, k, start_lookups) == vec._decode_ends_np(batch, ctx, k, start_lookups).tolist()
+    eng = AREngine("qwen2_5_vl_7b", lats[0], 1 << 20, step_overhead_s=overhead, host_s=host[0],
+                   host_per_seq_s=host[1])
+    h = host[0] + host[1] * batch if host[0] or host[1] else None
+    want = ends_ref(decode_series_ref(lats[1], "qwen2_5_vl_7b", batch, ctx, k, start_lookups), overhead, h)
+    assert eng._decode_ends(batch, ctx, k, start_lookups) == want
     assert lats[0].report() == lats[1].report()

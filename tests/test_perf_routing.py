@@ -1,7 +1,8 @@
 """The indexed structures behind routing and queueing pick exactly what the scans they replace
 pick: the lazy least-loaded heap (sim.policies.routing), the free-GPU heap of a shared queue
-(sim.servers.jobs.FreeEngines), the sjf (highest response ratio next) order, and, end to end,
-whole disaggregated / modality_aware runs against the same runs with the scans put back."""
+(sim.engines.queues.FreeEngines), the hrrn (highest response ratio next) order, and, end to end,
+whole disaggregated / modality_aware runs against the same runs with scanning routers plugged
+in as parts (sim.policies.ROUTERS)."""
 from __future__ import annotations
 
 import pytest
@@ -10,14 +11,13 @@ from hypothesis import strategies as st
 
 from conftest import make_cfg
 from sim import policies
-from sim.policies.disaggregated import Disaggregated
-from sim.policies.modality_aware import ModalityAware
+from sim.core.records import Job, Request
+from sim.engines import queues as jobs
+from sim.engines.ar import AREngine
+from sim.engines.queues import StageQueue
+from sim.policies.parts import Router
 from sim.policies.routing import LeastLoaded
-from sim.request import Request
-from sim.runner import Run
-from sim.servers.ar import AREngine
-from sim.servers import jobs
-from sim.servers.jobs import Job, StageQueue
+from sim.run.runner import Run
 
 
 class Item:
@@ -101,9 +101,9 @@ def _job(i: int, enqueued: float, work: float, prio: int) -> Job:
                                 st.sampled_from([0.0, 0.5, 1.0, 2.0, 4.0]), st.integers(0, 2)),
                       max_size=12),
        now=st.sampled_from([3.0, 4.0, 10.0]), priority=st.booleans())
-def test_sjf_order_matches_a_stable_sort(jobs_, now, priority):
+def test_hrrn_order_matches_a_stable_sort(jobs_, now, priority):
     """Ties (equal ratios) keep arrival order, as the stable sort did."""
-    q = StageQueue("q", priority, "sjf", lambda: now)
+    q = StageQueue("q", priority, "hrrn", lambda: now)
     for i, (enq, work, prio) in enumerate(jobs_):
         j = _job(i, enq, work, prio)
         q.levels[min(prio, len(q.levels) - 1) if priority else 0].append(j)
@@ -120,31 +120,28 @@ def test_sjf_order_matches_a_stable_sort(jobs_, now, priority):
 
 def _reference_scans(monkeypatch):
     monkeypatch.setattr(jobs.FreeEngines, "first", lambda self: scan_placed(self.engines))
-    policies._load()        # the scanning subclasses in place of the policies, by name
-    monkeypatch.setitem(policies.REGISTRY, "disaggregated", _ScanDisaggregated)
-    monkeypatch.setitem(policies.REGISTRY, "modality_aware", _ScanModalityAware)
+    # the scanning routers in place of the indexed ones, by name (a router is a part)
+    monkeypatch.setitem(policies.ROUTERS, "least_requests", _ScanRequests)
+    monkeypatch.setitem(policies.ROUTERS, "least_tokens", _ScanTokens)
 
 
-SCANS = [0]     # reference picks made (the overrides must really be called, compiled or not)
+SCANS = [0]     # reference picks made (the parts must really be called, compiled or not)
 
 
-def _request_scan(self, model, job):
-    """disaggregated's pick as the plain min() over request counts."""
-    SCANS[0] += 1
-    return min(self.llm[model], key=lambda e: e.num_requests())
+class _ScanRequests(Router):
+    """least_requests as the plain min() over request counts."""
 
-
-class _ScanDisaggregated(Disaggregated):
-    pick_llm = _request_scan
-
-
-class _ScanModalityAware(ModalityAware):
-    def pick_llm(self, model, job):
-        """modality_aware's token-aware pick as the plain min() over AREngine.load."""
-        if not self.cfg.policy.image_token_aware_lb:
-            return _request_scan(self, model, job)
+    def pick(self, now):
         SCANS[0] += 1
-        return min(self.llm_engines(model), key=AREngine.load)
+        return min(self.items, key=lambda e: e.num_requests())
+
+
+class _ScanTokens(Router):
+    """least_tokens as the plain min() over AREngine.load."""
+
+    def pick(self, now):
+        SCANS[0] += 1
+        return min(self.items, key=AREngine.load)
 
 
 def scan_placed(engines):
@@ -177,7 +174,7 @@ def test_runs_equal_the_scanning_reference(synthetic_profiles, monkeypatch, poli
         _reference_scans(m)
         SCANS[0] = 0
         ref = _run(cfg_kw)
-        assert type(ref.policy).__name__.startswith("_Scan") and SCANS[0] >= 600
+        assert ref.policy.router_class.__name__.startswith("_Scan") and SCANS[0] >= 600
     assert _outcomes(fast) == _outcomes(ref)
 
 

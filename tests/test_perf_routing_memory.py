@@ -10,11 +10,10 @@ import pytest
 
 from conftest import make_cfg
 from sim.config import WorkloadConfig
-from sim.policies.base import Flow
-from sim.request import Request
-from sim.runner import Run
-from sim.servers.jobs import Job
-from sim.workload import Workload
+from sim.policies.parts import Flow
+from sim.core.records import Job, Request
+from sim.run.runner import Run
+from sim.workloads import request_source
 
 
 def _alive(types: tuple[type, ...]) -> int:
@@ -43,7 +42,7 @@ def test_finished_requests_are_freed_without_the_cyclic_gc(synthetic_profiles, p
 
 def test_workload_does_not_keep_handed_out_requests():
     """Only the consumer holds a request the workload has handed out (its chunk does not)."""
-    it = iter(Workload(WorkloadConfig(num_requests=100), seed=0))
+    it = iter(request_source(WorkloadConfig(num_requests=100), seed=0))
     req = next(it)
     assert sys.getrefcount(req) == 2            # `req` and getrefcount's argument
 

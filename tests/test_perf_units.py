@@ -1,4 +1,4 @@
-"""sim.gpu.EqualSteps (a DiT unit's step ends, computed on demand) reads exactly as the list
+"""sim.core.gpu.EqualSteps (a DiT unit's step ends, computed on demand) reads exactly as the list
 [t * i for i in 1..k] it replaces: items, negative items, slices, len, and bisection (how the
 GPU cuts a unit)."""
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sim.gpu import EqualSteps
+from sim.core.gpu import EqualSteps
 
 
 @settings(max_examples=200, deadline=None)

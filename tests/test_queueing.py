@@ -1,4 +1,4 @@
-"""Queueing-theory validation of the simulator's own executor (sim.queueing: GPU + StageQueue +
+"""Queueing-theory validation of the simulator's own executor (sim.studies.queueing: GPU + StageQueue +
 BatchEngine with synthetic service laws) against closed forms.
 
 Statistics: each check runs R independent seeded replications of N requests, drops the first
@@ -22,9 +22,9 @@ import pytest
 from scipy.optimize import brentq
 
 from sim.config import SimConfig
-from sim.queueing import run_queueing, sample_service, simulate
+from sim.studies.queueing import run_queueing, sample_service, simulate
 from sim.rng import stream
-from sim.workload import gamma_arrivals
+from sim.workloads.laws import gamma_arrivals
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 WARMUP = 0.10

@@ -1,8 +1,10 @@
-"""The O(log n) least-loaded router picks exactly what min(replicas, key=outstanding) picks."""
+"""The O(log n) least-loaded replica router picks exactly what min(replicas, key=outstanding)
+picks."""
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sim.policies.baseline import LeastLoaded, Replica
+from sim.policies.placement import Replica
+from sim.policies.routing import LeastOutstanding
 
 
 @settings(max_examples=200, deadline=None)
@@ -11,11 +13,11 @@ from sim.policies.baseline import LeastLoaded, Replica
                     max_size=200))
 def test_least_loaded_matches_min(n, ops):
     reps = [Replica(None, "m", i) for i in range(n)]
-    ll = LeastLoaded(reps)
+    ll = LeastOutstanding(reps)
     held = []
     for admit, i, w in ops:
         if admit:
-            r = ll.pick()
+            r = ll.pick(0.0)
             assert r is min(reps, key=lambda x: x.outstanding)
             r.outstanding += w
             ll.changed(r)
@@ -24,4 +26,4 @@ def test_least_loaded_matches_min(n, ops):
             r, w2 = held.pop(i % len(held))
             r.outstanding -= w2
             ll.changed(r)
-    assert ll.pick() is min(reps, key=lambda x: x.outstanding)
+    assert ll.pick(0.0) is min(reps, key=lambda x: x.outstanding)

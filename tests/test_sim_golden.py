@@ -21,10 +21,11 @@ import pandas as pd
 import pytest
 
 from conftest import make_cfg, rel_close
-from sim.runner import Run
+from sim.run.runner import Run
+from sim.policies import POLICIES as POLICY_CONFIGS
 
 GOLDEN = Path(__file__).resolve().parent / "golden" / "golden_summary.json"
-POLICIES = ("baseline", "disaggregated", "modality_aware")
+POLICIES = tuple(POLICY_CONFIGS)
 KEYS = ("completed", "duration", "request_throughput", "mean_e2el_ms", "p99_e2el_ms",
         "median_ttft_ms")
 N = 300

@@ -13,12 +13,13 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from conftest import make_cfg, rel_close
-from sim.request import TEXT_OUT_TASKS
-from sim.runner import Run
-from sim.servers.ar import AREngine
-from sim.servers.dit import DiTEngine
+from sim.names import TEXT_OUT_TASKS
+from sim.run.runner import Run
+from sim.engines.ar import AREngine
+from sim.engines.dit import DiTEngine
+from sim.policies import POLICIES as POLICY_CONFIGS
 
-POLICIES = ("baseline", "disaggregated", "modality_aware")
+POLICIES = tuple(POLICY_CONFIGS)
 EPS = 1e-9
 SETTINGS = dict(max_examples=15, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])

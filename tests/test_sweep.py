@@ -1,4 +1,4 @@
-"""Sweeps: `python -m sim.gather` on a tiny fake multirun dir, and the per-run result cache
+"""Sweeps: `python -m sim.tools.gather` on a tiny fake multirun dir, and the per-run result cache
 (a second run of the same config into the same directory reuses summary.json)."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from sim.gather import gather, main as gather_main
+from sim.tools.gather import gather, main as gather_main
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 
 from sim.config import ArrivalConfig, ConfigError, TraceConfig, WorkloadConfig
-from sim.traces import load_trace, load_vllm_bench
-from sim.workload import Workload
+from sim.workloads.trace import load_trace, load_vllm_bench
+from sim.workloads import request_source
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "traces" / "workloads"
@@ -42,7 +42,7 @@ def table_of(reqs) -> pd.DataFrame:
 
 @pytest.fixture(scope="module")
 def synthetic():
-    return list(Workload(WorkloadConfig(num_requests=300), 21))
+    return list(request_source(WorkloadConfig(num_requests=300), 21))
 
 
 @pytest.mark.parametrize("fmt", ["csv", "jsonl", "parquet"])
@@ -52,7 +52,7 @@ def test_roundtrip(tmp_path, synthetic, fmt):
     {"csv": lambda: df.to_csv(p, index=False),
      "jsonl": lambda: df.to_json(p, orient="records", lines=True),
      "parquet": lambda: df.to_parquet(p)}[fmt]()
-    w = Workload(trace_cfg(p), 0)
+    w = request_source(trace_cfg(p), 0)
     got = list(w)
     assert len(w) == len(synthetic) == len(got)
     assert [key(r) for r in got] == [key(r) for r in synthetic]
@@ -63,8 +63,8 @@ def test_roundtrip(tmp_path, synthetic, fmt):
 def test_chunked_trace_equals_single(tmp_path, synthetic):
     p = tmp_path / "t.csv"
     table_of(synthetic).to_csv(p, index=False)
-    a = [key(r) for r in Workload(trace_cfg(p), 0, chunk_size=7)]
-    b = [key(r) for r in Workload(trace_cfg(p), 0)]
+    a = [key(r) for r in request_source(trace_cfg(p), 0, chunk_size=7)]
+    b = [key(r) for r in request_source(trace_cfg(p), 0)]
     assert a == b
 
 
@@ -73,7 +73,7 @@ def test_aliases_epoch_shift_sort_and_scale(tmp_path):
                        "input_len": [10, 20, 30], "output_len": [3, 4, 5]})
     p = tmp_path / "a.csv"
     df.to_csv(p, index=False)
-    reqs = list(Workload(trace_cfg(p, time_scale=0.5), 0))
+    reqs = list(request_source(trace_cfg(p, time_scale=0.5), 0))
     assert [r.arrival for r in reqs] == [0.0, 0.5, 2.0]
     assert [r.prompt_tokens for r in reqs] == [20, 30, 10]
     assert [r.output_tokens for r in reqs] == [4, 5, 3]
@@ -87,7 +87,7 @@ def test_iso_timestamps_and_defaults(tmp_path):
                  ' "image_height": 512, "image_width": 768}\n'
                  '{"start_time": "2026-01-01T00:00:03Z", "task": "outpaint", "prompt_tokens": 50,'
                  ' "image_height": 512, "image_width": 768, "steps": 9, "cfg": false}\n')
-    e, g, o = list(Workload(trace_cfg(p), 0))
+    e, g, o = list(request_source(trace_cfg(p), 0))
     assert (e.arrival, g.arrival, o.arrival) == (0.0, 1.0, 3.0)
     assert g.output_image == (1328, 1328) and g.steps == 50 and g.cfg is True  # model defaults
     assert e.output_image == (512, 768) and e.image_tokens_out == 32 * 48
@@ -98,7 +98,7 @@ def test_model_override_and_column(tmp_path):
     p = tmp_path / "c.csv"
     pd.DataFrame({"arrival_time": [0, 1], "prompt_tokens": [5, 6], "output_tokens": [1, 2],
                   "task": ["text", "text"], "model": ["qwen2_5_7b", None]}).to_csv(p, index=False)
-    reqs = list(Workload(trace_cfg(p), 0, model_override="llama2_7b"))
+    reqs = list(request_source(trace_cfg(p), 0, model_override="llama2_7b"))
     assert [r.model for r in reqs] == ["qwen2_5_7b", "llama2_7b"]
 
 
@@ -109,7 +109,7 @@ def test_missing_column_names_it(tmp_path, drop, name):
     p = tmp_path / "m.csv"
     df.drop(columns=[drop]).to_csv(p, index=False)
     with pytest.raises(ConfigError) as e:
-        Workload(trace_cfg(p), 0)
+        request_source(trace_cfg(p), 0)
     msg = str(e.value)
     assert "m.csv" in msg and repr(name) in msg and "accepted column names" in msg
 
@@ -118,27 +118,27 @@ def test_bad_rows_raise_up_front(tmp_path):
     p = tmp_path / "bad.csv"
     pd.DataFrame({"arrival_time": [0], "prompt_tokens": [5], "task": ["edit"]}).to_csv(p, index=False)
     with pytest.raises(ConfigError, match="image_height"):
-        Workload(trace_cfg(p), 0)
+        request_source(trace_cfg(p), 0)
     pd.DataFrame({"arrival_time": [0], "prompt_tokens": [5], "task": ["video"]}).to_csv(p, index=False)
     with pytest.raises(ConfigError, match="'task'.*video"):
-        Workload(trace_cfg(p), 0)
+        request_source(trace_cfg(p), 0)
     pd.DataFrame({"arrival_time": [0], "prompt_tokens": [5], "output_tokens": [1],
                   "model": ["gpt5"]}).to_csv(p, index=False)
     with pytest.raises(ConfigError, match="gpt5.*allowed"):
-        Workload(trace_cfg(p), 0)
+        request_source(trace_cfg(p), 0)
     with pytest.raises(ConfigError, match="workload.trace.path"):
-        Workload(trace_cfg(tmp_path / "nope.csv"), 0)
+        request_source(trace_cfg(tmp_path / "nope.csv"), 0)
     with pytest.raises(ConfigError, match="workload.trace.format"):
-        Workload(trace_cfg(p, format="xml"), 0)
+        request_source(trace_cfg(p, format="xml"), 0)
 
 
 def test_example_csv_replays():
-    w = Workload(trace_cfg(EXAMPLES / "example_mixed.csv"), 0)
+    w = request_source(trace_cfg(EXAMPLES / "example_mixed.csv"), 0)
     reqs = list(w)
     assert len(reqs) == 200 and len({r.task for r in reqs}) >= 5
     assert all(b.arrival >= a.arrival for a, b in zip(reqs, reqs[1:]))
     # it was written from the synthetic workload with seed 7: the replay is the same stream
-    syn = list(Workload(WorkloadConfig(num_requests=200), 7))
+    syn = list(request_source(WorkloadConfig(num_requests=200), 7))
     assert [key(r) for r in reqs] == [key(r) for r in syn]
 
 
@@ -148,7 +148,7 @@ def test_vllm_bench_example():
     ok = [i for i, e in enumerate(obj["errors"]) if not e]
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
-        reqs = list(Workload(trace_cfg(EXAMPLES / "example_vllm_bench.json"), 0))
+        reqs = list(request_source(trace_cfg(EXAMPLES / "example_vllm_bench.json"), 0))
     assert any("failed" in str(x.message) for x in rec)
     assert len(reqs) == len(ok) == obj["completed"]
     st = np.array(obj["start_times"])
@@ -158,7 +158,7 @@ def test_vllm_bench_example():
     assert {r.task for r in reqs} == {"text"}
     df = load_vllm_bench(EXAMPLES / "example_vllm_bench.json")
     assert np.allclose(df["measured_ttft_s"], np.array(obj["ttfts"])[ok])
-    scaled = list(Workload(trace_cfg(EXAMPLES / "example_vllm_bench.json", time_scale=2.0), 0))
+    scaled = list(request_source(trace_cfg(EXAMPLES / "example_vllm_bench.json", time_scale=2.0), 0))
     assert np.allclose([r.arrival for r in scaled], [2 * r.arrival for r in reqs])
 
 

@@ -1,4 +1,4 @@
-"""Real-engine validation (sim.validate) and its ground-truth driver (profiler.serve_bench).
+"""Real-engine validation (sim.tools.validate) and its ground-truth driver (profiler.serve_bench).
 
 - test_measured_h100_runs_within_targets: the committed `vllm bench serve` results under
   traces/validation/h100/ replayed against traces/profiles/h100/<model>.parquet; every finite-rate
@@ -24,7 +24,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from profiler.jsonfiles import read_json  # noqa: E402
-from sim import validate as V  # noqa: E402
+from sim.tools import validate as V  # noqa: E402
 
 H100_DIR = ROOT / "traces" / "validation" / "h100"
 PROFILES = ROOT / "traces" / "profiles"
@@ -52,7 +52,7 @@ REACHED = {
 }
 # The concurrency ladders (traces/validation/h100/ladder/, `--max-concurrency N` at rate inf)
 # replayed closed loop, as the client ran them. They calibrated the host and API-CPU constants
-# (sim.calibrate), so this guards the closed loop and the prefill/mixed steps of their waves
+# (sim.tools.calibrate), so this guards the closed loop and the prefill/mixed steps of their waves
 # rather than proving the decode step; open-loop replays of them were off by up to 180%.
 LADDER_REACHED = {"request_throughput": 0.13, "median_ttft_ms": 0.27, "median_tpot_ms": 0.30,
                   "median_e2el_ms": 0.16, "p99_ttft_ms": 0.12, "p99_tpot_ms": 0.15,
@@ -122,7 +122,7 @@ def test_engine_ttft_matches_vllm_server_side_ttft(measured_rows):
     qwen = {r["run"]: r["meas_server_mean_ttft_ms"] - r["sim_engine_mean_ttft_ms"] for r in split
             if r["model"] == "qwen2_5_7b"}
     # g1 (a later lease, run with the GC logger): its server is 25-33 ms slower than r3's on the
-    # same arrivals while its decode steps match r3's within 2% (sim.steplog_check): the host's CPU
+    # same arrivals while its decode steps match r3's within 2% (sim.tools.steplog_check): the host's CPU
     # path, not the engine; kept in the validation, held apart here
     first = [abs(v) for k, v in qwen.items() if not k.endswith("__g1")]
     assert len(first) >= 4 and np.median(first) < 8.0, qwen
@@ -163,10 +163,10 @@ def test_no_model_can_meet_every_target_on_every_replicate(validation_rows):
 
 def test_frontend_constants_are_the_probe_calibration():
     """conf/experiment/replay_vllm_bench.yaml's engine.frontend_ms, frontend_ms_per_prompt_token
-    and idle_wakeup_ms are what `python -m sim.calibrate` computes from the committed zero-load
+    and idle_wakeup_ms are what `python -m sim.tools.calibrate` computes from the committed zero-load
     probes and their server-side histograms (not numbers fitted to the validation runs)."""
     import yaml
-    from sim import calibrate as C
+    from sim.tools import calibrate as C
     rows = C.probe_offsets(H100_DIR, str(PROFILES), "h100")
     if len(rows) < 2:
         pytest.skip("no zero-load probe runs with a measured profile table committed")
@@ -208,7 +208,7 @@ def test_frontend_constants_are_the_probe_calibration():
 def _replay_three(tmp_path, knobs: list[str]):
     """Three requests (idle engine, mid-decode of the first one, idle again) replayed with the
     given engine knobs; their records in arrival order."""
-    from sim.runner import Run
+    from sim.run.runner import Run
     found = _any_table()
     if found is None:
         pytest.skip("no profile table")
@@ -249,7 +249,7 @@ def test_stream_delay_per_token_of_the_step(tmp_path, monkeypatch, aggregate):
     request's first token comes in a step with the first one's decode token (B = 2), the first
     one's last token in a step with the second one's (B = 2); the rest run alone (B = 1). With
     the decode aggregate off every step commits singly (no jumps): both commit paths."""
-    from sim.servers.ar import AREngine
+    from sim.engines.ar import AREngine
     monkeypatch.setattr(AREngine, "aggregate", aggregate)
     base = _replay_three(tmp_path / "a", [])
     df = _replay_three(tmp_path / "b", ["engine.stream_ms_per_token=1"])
@@ -260,7 +260,7 @@ def test_stream_delay_per_token_of_the_step(tmp_path, monkeypatch, aggregate):
 
 
 def test_spread_out_probe():
-    from sim import calibrate as C
+    from sim.tools import calibrate as C
     obj = {"start_times": [5.0, 5.1, 5.3], "provenance": {"max_concurrency": 1}}
     assert C.is_probe(obj) and not C.is_probe({"provenance": {"max_concurrency": None}})
     assert C.spread_out(obj, 2.0)["start_times"] == [5.0, 7.0, 9.0]
@@ -632,11 +632,11 @@ def test_steplogs_hold_no_stalls_only_early_logged_prefill_steps():
 
 
 def test_model_steps_match_the_step_logs():
-    """python -m sim.steplog_check on the loaded r3 runs: clean decode steps within 8% of the
+    """python -m sim.tools.steplog_check on the loaded r3 runs: clean decode steps within 8% of the
     logged medians at every batch bin, and a prefill with the three decode steps after it within
     10% (reached: -7.0..+6.6% and -4.5..+9.3%)."""
-    from sim.latency import LatencyModel
-    from sim.steplog_check import check_run, host_constants
+    from sim.engines.latency import LatencyModel
+    from sim.tools.steplog_check import check_run, host_constants
     lat = LatencyModel(PROFILES, "h100", "clamp")
     hosts = host_constants()
     rows = [check_run(p, lat, hosts) for p in sorted(H100_DIR.glob("*__r3.json.gz"))

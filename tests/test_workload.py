@@ -12,8 +12,10 @@ from hypothesis import strategies as st
 from profiler.models import load_model
 from sim.config import (ArrivalConfig, ConfigError, ImageSizeConfig, LengthDist, WorkloadConfig)
 from sim.rng import stream
-from sim.workload import (Workload, gamma_arrivals, image_tokens, mmpp_arrivals, sample_image_sizes,
-                          sample_lengths)
+from reference import gamma_arrivals_ref
+from sim.workloads import request_source
+from sim.workloads.laws import (gamma_arrivals, mmpp_arrivals, sample_image_sizes, sample_lengths)
+from sim.workloads.requests import image_tokens
 
 
 def fields(r):
@@ -64,9 +66,10 @@ def test_vllm_scaling_matches_vllm_loop_with_legacy_rng():
 
 def test_workload_vllm_scaling_equals_pure_function_and_is_chunk_invariant():
     cfg = wl(5000, arrival=ArrivalConfig(rate=3.0, shape=0.5, vllm_scaling=True))
-    ref = gamma_arrivals(5000, 3.0, 0.5, stream(9, "arrivals"), vllm_scaling=True)
+    ref = gamma_arrivals_ref(5000, 3.0, 0.5, stream(9, "arrivals"), vllm_scaling=True)
+    assert np.array_equal(gamma_arrivals(5000, 3.0, 0.5, stream(9, "arrivals"), vllm_scaling=True), ref)
     for chunk in (777, 65536):
-        got = np.array([r.arrival for r in Workload(cfg, 9, chunk_size=chunk)])
+        got = np.array([r.arrival for r in request_source(cfg, 9, chunk_size=chunk)])
         assert np.array_equal(got, ref)
 
 
@@ -88,7 +91,7 @@ def test_mmpp_prefix_stable_and_matches_workload():
     assert np.array_equal(a, b[:1000])
     cfg = wl(150_000, arrival=ArrivalConfig(process="mmpp", base_rate=2, burst_rate=12,
                                             mean_base_s=6, mean_burst_s=1))
-    w = Workload(cfg, 3, chunk_size=40_000)
+    w = request_source(cfg, 3, chunk_size=40_000)
     got = np.concatenate([[r.arrival for r in c] for c in w.chunks()])
     assert np.array_equal(got, b)
 
@@ -153,7 +156,7 @@ def test_lengths_within_bounds(dist, mean, cv, lo, span, seed):
 def test_arrivals_sorted_nonnegative(process, rate, shape, scale, n, seed):
     a = ArrivalConfig(process=process, rate=rate, shape=shape, vllm_scaling=scale,
                       base_rate=rate, burst_rate=rate * 5, mean_base_s=10, mean_burst_s=2)
-    t = np.array([r.arrival for r in Workload(wl(n, arrival=a), seed, chunk_size=997)])
+    t = np.array([r.arrival for r in request_source(wl(n, arrival=a), seed, chunk_size=997)])
     assert len(t) == n and t.min() >= 0 and np.all(np.diff(t) >= 0)
 
 
@@ -161,7 +164,7 @@ def test_arrivals_sorted_nonnegative(process, rate, shape, scale, n, seed):
 
 def test_mix_proportions_and_fields():
     cfg = wl(60_000)
-    reqs = list(Workload(cfg, 4))
+    reqs = list(request_source(cfg, 4))
     tasks = np.array([r.task for r in reqs])
     tot = sum(cfg.mix.values())
     for t, wt in cfg.mix.items():
@@ -173,7 +176,7 @@ def test_mix_proportions_and_fields():
             assert r.steps == 0 and not r.cfg and r.output_tokens >= 1 and r.output_image is None
             assert r.slo_class == "interactive" and r.model == "qwen2_5_vl_7b"
         else:
-            assert r.steps == qi.defaults["steps"] and r.cfg is True and r.output_tokens == 0
+            assert r.steps == qi.request_defaults["steps"] and r.cfg is True and r.output_tokens == 0
             assert r.image_tokens_out == qi.latent_tokens(*r.output_image)
         assert bool(r.input_images) == (r.task in ("understand", "edit", "inpaint", "outpaint"))
         if r.task in ("edit", "inpaint"):
@@ -188,14 +191,14 @@ def test_mix_proportions_and_fields():
 
 def test_zero_weight_tasks_never_drawn():
     mix = {"text": 1.0, "understand": 0.0, "generate": 1.0, "edit": 0, "inpaint": 0, "outpaint": 0}
-    tasks = {r.task for r in Workload(wl(5000, mix=mix), 0)}
+    tasks = {r.task for r in request_source(wl(5000, mix=mix), 0)}
     assert tasks == {"text", "generate"}
 
 
 def test_images_per_request_and_overrides():
     cfg = wl(500, images_per_request=3, steps=7, cfg=False,
              mix={"understand": 1.0, "edit": 1.0})
-    for r in Workload(cfg, 1):
+    for r in request_source(cfg, 1):
         assert len(r.input_images) == 3
         if r.task == "edit":
             assert r.steps == 7 and r.cfg is False
@@ -213,17 +216,17 @@ def test_image_tokens_rules():
 
 
 def test_determinism_and_seed_sensitivity():
-    a = [fields(r) for r in Workload(wl(3000), 11)]
-    b = [fields(r) for r in Workload(wl(3000), 11)]
-    c = [fields(r) for r in Workload(wl(3000), 12)]
+    a = [fields(r) for r in request_source(wl(3000), 11)]
+    b = [fields(r) for r in request_source(wl(3000), 11)]
+    c = [fields(r) for r in request_source(wl(3000), 12)]
     assert a == b and a != c
-    w = Workload(wl(100), 3)
+    w = request_source(wl(100), 3)
     assert [fields(r) for r in w] == [fields(r) for r in w]     # re-iterable
 
 
 def test_streams_independent_of_mix_and_lengths():
-    base = Workload(wl(3000), 5)
-    other = Workload(wl(3000, mix={"text": 1.0, "generate": 3.0},
+    base = request_source(wl(3000), 5)
+    other = request_source(wl(3000, mix={"text": 1.0, "generate": 3.0},
                         prompt_tokens=LengthDist(dist="uniform", min=1, max=10)), 5)
     ra, rb = list(base), list(other)
     assert [r.arrival for r in ra] == [r.arrival for r in rb]
@@ -236,20 +239,20 @@ def test_streams_independent_of_mix_and_lengths():
 @pytest.mark.parametrize("process", ["gamma", "mmpp"])
 def test_chunking_invariant(process):
     cfg = wl(5000, arrival=ArrivalConfig(process=process, mean_base_s=5, mean_burst_s=1))
-    one = [fields(r) for r in Workload(cfg, 8, chunk_size=10**6)]
-    many = [fields(r) for r in Workload(cfg, 8, chunk_size=333)]
+    one = [fields(r) for r in request_source(cfg, 8, chunk_size=10**6)]
+    many = [fields(r) for r in request_source(cfg, 8, chunk_size=333)]
     assert one == many
-    w = Workload(cfg, 8, chunk_size=1000)
+    w = request_source(cfg, 8, chunk_size=1000)
     assert [len(c) for c in w.chunks()] == [1000] * 5 and len(w) == 5000
 
 
 def test_model_override():
     cfg = wl(200, mix={"text": 1.0, "understand": 1.0})
-    assert {r.model for r in Workload(cfg, 0, model_override="qwen2_5_vl_7b")} == {"qwen2_5_vl_7b"}
+    assert {r.model for r in request_source(cfg, 0, model_override="qwen2_5_vl_7b")} == {"qwen2_5_vl_7b"}
     with pytest.raises(ConfigError, match="model='qwen_image' cannot serve task 'text'"):
-        Workload(cfg, 0, model_override="qwen_image")
+        request_source(cfg, 0, model_override="qwen_image")
     with pytest.raises(ConfigError, match=r"model='nope'.*qwen2_5_vl_7b"):
-        Workload(cfg, 0, model_override="nope")
+        request_source(cfg, 0, model_override="nope")
 
 
 @pytest.mark.parametrize("mut, field", [
@@ -269,7 +272,7 @@ def test_bad_config_names_field(mut, field):
     cfg = wl(10)
     mut(cfg)
     with pytest.raises(ConfigError) as e:
-        Workload(cfg, 0)
+        request_source(cfg, 0)
     assert field in str(e.value)
 
 
@@ -277,12 +280,12 @@ def test_unknown_model_lists_available():
     cfg = wl(10)
     cfg.task_models["text"] = "gpt5"
     with pytest.raises(ConfigError, match=r"allowed: one of \[.*'qwen_image'.*\]"):
-        Workload(cfg, 0)
+        request_source(cfg, 0)
 
 
 def test_config_dataclass_roundtrip_unchanged():
     """The workload never mutates the config it was given."""
     cfg = wl(100)
     before = dataclasses.asdict(cfg)
-    list(Workload(cfg, 0))
+    list(request_source(cfg, 0))
     assert dataclasses.asdict(cfg) == before

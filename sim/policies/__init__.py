@@ -1,30 +1,76 @@
-"""Serving policies, registered by name in one place (POLICIES). Each is a module with one class."""
+"""Serving policies as configurations of named parts, and the registry of every part.
+
+A policy is a `Parts` record: a placement (which GPUs hold which engines, how many of each: the
+pool sizing), a router (which replica or LLM engine a request goes to), a queue order and
+priority classes (how shared queues are served), a batching rule (how DiT and one-shot engines
+batch) and a scaling part (whether GPUs move between pools while it runs). `POLICIES` maps each
+policy name to a function of `policy.*` (PolicyConfig) giving its parts; a new policy is a new
+entry, a new behaviour one new part registered below. `sim.policies.policy.Policy` composes a
+configuration for a run.
+
+This module is a leaf (it imports nothing of the simulator), so the config schema can check
+names against it; the parts themselves live in sim/policies/{placement,routing,batching,
+scaling}.py (queue orders: sim/engines/queues.py) and are imported when a run builds its policy.
+"""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from importlib import import_module
+from typing import Any, Callable
 
-from sim.config import ConfigError
 
-# name -> "module:class" (the class's `name` is the same)
-POLICIES: dict[str, str] = {
-    "baseline": "sim.policies.baseline:Baseline",
-    "disaggregated": "sim.policies.disaggregated:Disaggregated",
-    "modality_aware": "sim.policies.modality_aware:ModalityAware",
+@dataclass(frozen=True)
+class Parts:
+    placement: str          # PLACEMENTS
+    router: str             # ROUTERS (over what the placement routes: replicas or LLM engines)
+    queue_order: str        # sim.engines.queues.QUEUE_ORDERS, for the DiT and encoder queues
+    priority: bool          # priority classes (interactive first) in shared and LLM queues
+    batching: str           # BATCHING
+    scaling: str            # SCALING
+
+
+# --- parts: name -> "module:Class" (imported on first use), or the class itself (a plug-in) -------
+PLACEMENTS: dict[str, Any] = {
+    "replicas": "sim.policies.placement:Replicas",              # one GPU = one model end to end
+    "stage_pools": "sim.policies.placement:StagePools",         # a pool of GPUs per stage
+    "colocated_pools": "sim.policies.placement:ColocatedPools",  # light pools ride on heavy ones
+}
+ROUTERS: dict[str, Any] = {
+    "round_robin": "sim.policies.routing:RoundRobin",           # replicas
+    "least_loaded": "sim.policies.routing:LeastOutstanding",    # replicas: least queued work
+    "least_requests": "sim.policies.routing:LeastRequests",     # LLM engines: fewest requests
+    "least_tokens": "sim.policies.routing:LeastTokens",         # LLM engines: fewest tokens
+}
+REPLICA_ROUTERS = ("round_robin", "least_loaded")              # policy.router's choices
+BATCHING: dict[str, Any] = {
+    "same_shape": "sim.policies.batching:SameShape",            # diffusion.shape_compat
+    "bucketed_if_faster": "sim.policies.batching:BucketedIfFaster",
+}
+SCALING: dict[str, Any] = {
+    "static": "sim.policies.scaling:Static",
+    "pressure": "sim.policies.scaling:Pressure",                # queued work per GPU
 }
 
-REGISTRY: dict[str, type] = {}     # name -> class, filled from POLICIES on first use
+# --- policies: name -> parts, from the policy.* config ------------------------------------------
+POLICIES: dict[str, Callable[[Any], Parts]] = {
+    # plain vLLM-style serving: replicas per model, each GPU holding every stage of its model
+    "baseline": lambda p: Parts("replicas", p.router, "fifo", False, "same_shape", "static"),
+    # ModServe-style stage pools sized by offered work, bytes/bandwidth between pools
+    "disaggregated": lambda p: Parts("stage_pools", "least_requests", "fifo", False,
+                                     "same_shape", "static"),
+    # disaggregated + image-token-aware LLM routing, interactive-first queues, HRRN DiT and
+    # encoder queues, bucketed DiT batching where it pays, co-located light pools, autoscaling
+    "modality_aware": lambda p: Parts(
+        "colocated_pools", "least_tokens" if p.image_token_aware_lb else "least_requests",
+        "hrrn", p.priority, "bucketed_if_faster", "pressure"),
+}
+DEFAULT_POLICY = next(iter(POLICIES))      # baseline
 
 
-def get_policy(name: str) -> type:
-    _load()
-    if name not in REGISTRY:
-        raise ConfigError(f"policy.name={name!r} is unknown; allowed: {sorted(REGISTRY)}")
-    return REGISTRY[name]
-
-
-def _load() -> None:
-    for name, where in POLICIES.items():
-        if name not in REGISTRY:
-            mod, cls = where.split(":")
-            REGISTRY[name] = getattr(import_module(mod), cls)
-            assert REGISTRY[name].name == name, (where, REGISTRY[name].name)
+def load_part(registry: dict[str, Any], name: str) -> Any:
+    """The class registered as `name` in one of the part registries above."""
+    entry = registry[name]
+    if not isinstance(entry, str):
+        return entry
+    mod, cls = entry.split(":")
+    return getattr(import_module(mod), cls)

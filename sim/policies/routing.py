@@ -1,9 +1,15 @@
-"""Least-loaded selection in O(log n), shared by the policies' routers (baseline replicas,
-disaggregated LLM engines): a 1,000-GPU cluster must not scan every engine per request."""
+"""Routers (the `routing` part of a policy): which replica or LLM engine of a model a request
+goes to. Registered by name in sim.policies.ROUTERS; the least-loaded ones pick in O(log n)
+(a 1,000-GPU cluster must not scan every engine per request), least_tokens scans."""
 from __future__ import annotations
 
 from heapq import heapify, heappop, heappush, heapreplace
-from typing import Callable, Generic, Sequence, TypeVar
+from operator import attrgetter, methodcaller
+from typing import Any, Callable, Generic, Sequence, TypeVar
+
+from sim.core.mypyc_compat import mypyc_attr
+from sim.engines.ar import AREngine
+from sim.policies.parts import Router
 
 T = TypeVar("T")
 
@@ -52,3 +58,59 @@ class LeastLoaded(Generic[T]):
         heappush(self.heap, (self.key(item), i))
         if len(self.heap) > 4 * len(self.items) + 64:      # drop stale entries now and then
             self._rebuild()
+
+
+@mypyc_attr(allow_interpreted_subclasses=True)
+class RoundRobin(Router):
+    """Replicas in turn."""
+
+    def __init__(self, items: list):
+        super().__init__(items)
+        self.i = 0
+
+    def pick(self, now: float) -> Any:
+        i = self.i
+        self.i = (i + 1) % len(self.items)
+        return self.items[i]
+
+
+@mypyc_attr(allow_interpreted_subclasses=True)
+class LeastOutstanding(Router):
+    """The replica with the least outstanding work (seconds of its unfinished requests' hops);
+    every change is reported (on routing and on completion)."""
+
+    def __init__(self, items: list):
+        super().__init__(items)
+        self.ll: LeastLoaded[Any] = LeastLoaded(items, attrgetter("outstanding"), every_change=True)
+
+    def pick(self, now: float) -> Any:
+        return self.ll.pick()
+
+    def changed(self, item: Any) -> None:
+        self.ll.changed(item)
+
+
+@mypyc_attr(allow_interpreted_subclasses=True)
+class LeastRequests(Router):
+    """The LLM engine with the fewest outstanding requests (queued + running); a count falls
+    only when a request leaves its engine (reported by hop_done)."""
+
+    def __init__(self, items: list):
+        super().__init__(items)
+        self.ll: LeastLoaded[Any] = LeastLoaded(items, methodcaller("num_requests"))
+
+    def pick(self, now: float) -> Any:
+        return self.ll.pick()
+
+    def changed(self, item: Any) -> None:
+        self.ll.changed(item)
+
+
+@mypyc_attr(allow_interpreted_subclasses=True)
+class LeastTokens(Router):
+    """The LLM engine with the fewest outstanding tokens, text and image (AREngine.load): a few
+    image-heavy prompts do not pile onto one engine. A scan: an engine's load also falls while
+    it decodes, unreported."""
+
+    def pick(self, now: float) -> Any:
+        return AREngine.least_loaded(self.items, now)

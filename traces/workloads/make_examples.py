@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from sim.config import WorkloadConfig
-from sim.workload import Workload, gamma_arrivals
+from sim.workloads import request_source
+from sim.workloads.laws import gamma_arrivals
 
 HERE = Path(__file__).resolve().parent
 
@@ -25,7 +26,7 @@ def mixed_csv(path: Path = HERE / "example_mixed.csv") -> None:
     with path.open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(cols)
-        for r in Workload(WorkloadConfig(num_requests=200), seed=7):
+        for r in request_source(WorkloadConfig(num_requests=200), seed=7):
             ih, iw = r.input_images[0] if r.input_images else ("", "")
             oh, ow = r.output_image if r.output_image else ("", "")
             w.writerow([f"{r.arrival:.6f}", r.task, r.model, r.prompt_tokens,

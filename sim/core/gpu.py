@@ -1,0 +1,230 @@
+"""The GPU executor: a simulated GPU runs one unit of work at a time from the engines on it.
+
+A unit is a run of engine iterations whose batch does not change (`ends` = cumulative end
+offsets of its steps). It is committed in one event, unless new work reaches the GPU while it
+runs: then it is cut at the next step boundary and the engines re-plan, exactly as if every
+step had been simulated (jump-ahead; tests/test_sim_properties.py checks it against runs with
+one event per step). Engines on one GPU time-share it round-robin at step boundaries (baseline
+replicas, co-located pools): a unit spans several steps only while no other engine there has
+work."""
+from __future__ import annotations
+
+from bisect import bisect_left
+from heapq import heappush
+from collections import defaultdict
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Optional, Protocol, Sequence
+
+from sim.core.kernel import NORMAL, Timer
+from sim.core.mypyc_compat import mypyc_attr
+
+if TYPE_CHECKING:
+    from sim.core.kernel import Kernel  # noqa: F401 (annotations)
+
+
+class Engine(Protocol):
+    """What the GPU executor and the queues need of an engine (sim/engines/: AREngine, DiTEngine,
+    BatchEngine). `gpu` is set when the engine is placed (GPU.add). `queue` is the shared queue
+    the engine takes work from, or None for an engine with its own (an AR engine's waiting
+    queue): a GPU that reports unit ends (PoolGPU) tells that queue its engine may be free."""
+    gpu: Any
+    queue: Any
+
+    def plan(self, now: float) -> Optional["Unit"]:
+        """The next unit to run from `now`, or None when there is nothing runnable."""
+
+    def has_work(self) -> bool:
+        """Anything queued or running."""
+
+    def can_join(self, job: Any) -> bool:
+        """Could `job` join the running batch at the next step boundary?"""
+
+    def load(self) -> float:
+        """Outstanding work (routing and autoscaling compare it)."""
+
+
+class Unit:
+    __slots__ = ("ends", "commit", "stage", "engine")
+
+    def __init__(self, ends: Sequence[float], commit: Callable[[int, float], None], stage: str,
+                 engine: Any = None):
+        self.ends = ends
+        self.commit = commit
+        self.stage = stage
+        self.engine = engine
+
+
+class EqualSteps(Sequence[float]):
+    """The `ends` of k steps of t seconds each (t * i, i = 1..k: the list it replaces), computed
+    on demand: a stable DiT batch plans up to its next completion, dozens of steps, of which the
+    GPU reads the last end, and a few more only when it cuts the unit."""
+    __slots__ = ("t", "k")
+
+    def __init__(self, t: float, k: int):
+        self.t = t
+        self.k = k
+
+    def __len__(self) -> int:
+        return self.k
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self.t * j for j in range(1, self.k + 1)][i]
+        if i < 0:
+            i += self.k
+        if not 0 <= i < self.k:
+            raise IndexError(i)
+        return self.t * (i + 1)
+
+
+def _bisect_ends(ends: Sequence[float], x: float) -> int:
+    """bisect_left(ends, x), its comparisons on EqualSteps' values computed in place (not through
+    the sequence protocol, one __getitem__ call per probe)."""
+    if isinstance(ends, EqualSteps):
+        t = ends.t
+        lo, hi = 0, ends.k
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if t * (mid + 1) < x:
+                lo = mid + 1
+            else:
+                hi = mid
+        return lo
+    return bisect_left(ends, x)
+
+
+@mypyc_attr(allow_interpreted_subclasses=True)     # (compiled: tests subclass it)
+class GPU:
+    def __init__(self, env: "Kernel", gid: int, node: int, step_jump: bool = True):
+        self.env = env
+        self.gid = gid
+        self.node = node
+        self.name = f"gpu{gid}"
+        self.engines: list[Engine] = []
+        self.role = ""
+        self.step_jump = step_jump
+        self.cur: Unit | None = None
+        self.start = 0.0
+        self.planned = 0          # steps of cur that the pending event will commit
+        self.token = 0
+        self.rr = 0
+        self.busy_time = 0.0
+        self.busy_by_stage: dict[str, float] = defaultdict(float)
+        self.events = 0
+        self.available = True     # False while being re-provisioned by an autoscaler
+        self.committing = False   # engines' state is mid-update: plan nothing until it is done
+        self._on_timer = self._timer   # one bound method for every unit-end event
+
+    def add(self, engine) -> None:
+        self.engines.append(engine)
+        engine.gpu = self
+
+    def has_work(self) -> bool:
+        return self.cur is not None or any(e.has_work() for e in self.engines)
+
+    def kick(self, lag: int = 0) -> None:
+        """New work may be runnable here: start it if idle, else cut the running unit at its
+        next step boundary so the batch can change -- or `lag` steps later, when the work
+        cannot join before (an arrival under async scheduling, see AREngine._enter)."""
+        if self.committing:
+            return
+        if self.cur is None:
+            if self.available:
+                self._start_next()
+        elif len(self.cur.ends) > 1:
+            self._cut(lag)
+
+    def _start_next(self) -> None:
+        engines = self.engines
+        n = len(engines)
+        now = self.env._now
+        if n == 1:                      # most GPUs of a large cluster: no round robin to keep
+            u = engines[0].plan(now)
+            if u is None:
+                self.cur = None
+                return
+            self.rr = 0
+            if not self.step_jump and len(u.ends) > 1:
+                u.ends = u.ends[:1]
+            self._run(u, len(u.ends))
+            return
+        for i in range(n):
+            e = engines[(self.rr + i) % n]
+            u = e.plan(now)
+            if u is not None:
+                self.rr = (self.rr + i + 1) % n
+                # one step when jumping is off, or when another engine here has work: engines
+                # share the GPU round-robin at step boundaries, as if every step were simulated
+                if len(u.ends) > 1 and (not self.step_jump or (n > 1 and any(
+                        o is not e and o.has_work() for o in engines))):
+                    u.ends = u.ends[:1]
+                self._run(u, len(u.ends))
+                return
+        self.cur = None
+
+    def _run(self, u: Unit, k: int) -> None:
+        self.cur = u
+        self.start = self.env._now
+        self._schedule(k)
+
+    def _schedule(self, k: int) -> None:
+        self.token += 1
+        self.planned = k
+        env = self.env
+        u = self.cur
+        assert u is not None
+        # the event's value is its token: a cut reschedules, and the stale event is ignored.
+        # NOTE: the following code is inlined from Kernel.timer(delay, self._on_timer, token)
+        # for performance reasons (one event per unit).
+        now = env._now
+        delay = self.start + u.ends[k - 1] - now
+        if delay < 0:
+            raise ValueError(f"Negative delay {delay}")
+        q: list[Any] = env._queue
+        heappush(q, (now + delay, NORMAL, next(env._eid), Timer(self._on_timer, self.token)))
+
+    def _timer(self, ev: Timer) -> None:
+        if ev._value == self.token:     # else a cut rescheduled it: stale
+            self._done(ev._value)
+
+    def _cut(self, lag: int = 0) -> None:
+        u = self.cur
+        assert u is not None
+        el = self.env._now - self.start
+        k = _bisect_ends(u.ends, el - 1e-12) + 1 + lag  # first step that ends at or after now
+        if k > len(u.ends):
+            k = len(u.ends)
+        if k < self.planned:
+            self._schedule(k)
+
+    def _done(self, tok: int) -> None:
+        if tok != self.token:
+            return
+        u, k = self.cur, self.planned
+        assert u is not None
+        dur = u.ends[k - 1]
+        self.busy_time += dur
+        self.busy_by_stage[u.stage] += dur
+        self.events += 1
+        self.cur = None
+        self.committing = True
+        try:
+            u.commit(k, self.env._now)
+        finally:
+            self.committing = False
+        if self.available:
+            self._start_next()
+
+
+class PoolGPU(GPU):
+    """A GPU that, whenever one of its units ends (the only moment it can become free), tells the
+    shared queues its engines take from, so each finds its first free GPU without scanning the
+    pool (sim.engines.queues.FreeEngines)."""
+    reports_unit_end: ClassVar[bool] = True
+
+    def _done(self, tok: int) -> None:
+        if tok == self.token:
+            for e in self.engines:
+                q = e.queue
+                if q is not None:
+                    q.free.hint(e)
+        GPU._done(self, tok)

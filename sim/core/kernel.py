@@ -1,0 +1,101 @@
+"""The simulation kernel: a SimPy `Environment` with a cheaper timer and event loop.
+
+SimPy stays the kernel: its heap, its (time, priority, event id) order and its events. `Kernel`
+adds what the simulator's hot paths need, and is the one place (with the GPU executor in this
+package, which inlines `timer`) that reads or writes SimPy's private fields (`_queue`, `_eid`,
+`_now`, an event's `_value` / `_ok`):
+
+- `timer(delay, callback, value)` schedules what `env.timeout(delay, value).callbacks.append(
+  callback)` schedules -- an already-triggered event at `now + delay`, priority NORMAL, the next
+  event id, so the same heap entry -- as a `Timer`, a minimal event with the attributes
+  `Environment.step` reads;
+- `call_soon(callback)` schedules `callback` urgently at the current time (as a process's
+  initialisation is scheduled);
+- `run_until(until)` pops and processes the heap exactly as `env.run(until)` does (one
+  `env.step()` per event) without a method call per event, and returns how many events it
+  processed; `run_all()` is that with no bound.
+
+Any SimPy event (processes, plain timeouts) runs through either loop; tests/test_eventloop.py
+checks the kernel against SimPy itself (same events, same order, same times).
+"""
+from __future__ import annotations
+
+from heapq import heappop, heappush
+from typing import Any, Callable
+
+from simpy.core import Environment
+
+from sim.core.mypyc_compat import mypyc_attr
+
+NORMAL = 1          # simpy.events.NORMAL
+URGENT = 0          # simpy.events.URGENT
+INF = float("inf")
+
+
+class Timer:
+    """A triggered event carrying `value`, processed by `callbacks` (a SimPy event's protocol)."""
+    __slots__ = ("callbacks", "_value", "_ok")
+
+    def __init__(self, callback: Callable[[Any], None], value: Any):
+        self.callbacks: list[Callable[[Any], None]] | None = [callback]
+        self._value = value
+        self._ok = True
+
+    @property
+    def value(self) -> Any:
+        return self._value
+
+
+@mypyc_attr(native_class=False)      # (compiled: a plain class, as a subclass of SimPy's must be)
+class Kernel(Environment):
+    """SimPy's environment plus the timer, urgent call and event loop the simulator uses."""
+
+    def timer(self, delay: float, callback: Callable[[Any], None], value: Any = None) -> Timer:
+        """`callback(event)` after `delay` seconds, `event.value` = value (env.timeout + a
+        callback, cheaper). NOTE: inlined in sim.core.gpu.GPU._schedule for speed."""
+        if delay < 0:
+            raise ValueError(f"Negative delay {delay}")
+        ev = Timer(callback, value)
+        q: Any = self._queue
+        heappush(q, (self._now + delay, NORMAL, next(self._eid), ev))
+        return ev
+
+    def call_soon(self, callback: Callable[[Any], None]) -> Timer:
+        """`callback(event)` now, before the NORMAL events of this instant (priority URGENT)."""
+        ev = Timer(callback, None)
+        q: Any = self._queue
+        heappush(q, (self._now, URGENT, next(self._eid), ev))
+        return ev
+
+    def run_all(self) -> int:
+        """Process every scheduled event, in order, as env.run() does; returns how many."""
+        return run_until(self, INF)
+
+    def run_until(self, until: float) -> int:
+        """Process the events scheduled before `until` (the rest stay queued, in order);
+        returns how many."""
+        return run_until(self, until)
+
+
+def run_until(env: Any, until: float) -> int:
+    """The event loop of `Kernel.run_until` (a function: compiled, a native loop)."""
+    q: list = env._queue
+    n = 0
+    while q and q[0][0] < until:
+        now, _, _, ev = heappop(q)
+        env._now = now
+        callbacks = ev.callbacks
+        ev.callbacks = None
+        for cb in callbacks:
+            cb(ev)
+        n += 1
+        if not ev._ok and not hasattr(ev, "_defused"):
+            _crash(ev)
+    return n
+
+
+def _crash(ev: Any) -> None:
+    """A failed, undefused event crashes the run (as simpy.Environment.step)."""
+    exc = type(ev._value)(*ev._value.args)
+    exc.__cause__ = ev._value
+    raise exc

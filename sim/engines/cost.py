@@ -1,0 +1,45 @@
+"""The cost of a stage, one rule for engines and policies: what a pass of a one-shot stage takes
+(the engines run it), and what a hop is expected to take at typical batching (the policies
+route and size pools by it). Times come from the latency model (profile tables)."""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from sim.core.records import Job
+from sim.names import AR, DIT_STEP, TEXT_ENCODE, VAE_DECODE, VAE_ENCODE, VISION_ENCODE
+
+DECODE_BATCH_FOR_ESTIMATES = 32     # an AR hop's decode steps are costed at this batch
+
+
+def pass_time(lat: Any, stage: str, model: str, batch: Sequence[Job]) -> float:
+    """Seconds of one forward pass of a one-shot stage (vision / text encoder, VAE) over `batch`
+    (jobs of one shape)."""
+    j = batch[0]
+    n = len(batch)
+    if stage == VISION_ENCODE:
+        return lat.vision_encode(model, sum(x.vision_tokens for x in batch))
+    if stage == TEXT_ENCODE:
+        toks = max(x.tokens for x in batch)
+        return sum(lat.text_encode(model, c, n, toks) for c in j.components)
+    return lat.vae(model, stage, n, j.height, j.width)
+
+
+def hop_work(lat: Any, job: Job, token_budget: int) -> float:
+    """Serial GPU-seconds a hop costs at typical batching: an AR hop's chunked prefill (chunks
+    of `token_budget` tokens) plus its decode steps at DECODE_BATCH_FOR_ESTIMATES sequences,
+    a DiT hop's steps alone, a one-shot stage's pass alone."""
+    m, stage = job.model, job.stage
+    if stage == AR:
+        full, rest = divmod(max(job.tokens, 1), token_budget)   # chunked prefill
+        t = full * lat.prefill(m, token_budget) + (lat.prefill(m, rest) if rest else 0.0)
+        if job.vision_tokens:
+            t += lat.vision_encode(m, job.vision_tokens)
+        if job.out_tokens > 1:
+            b = DECODE_BATCH_FOR_ESTIMATES
+            t += (job.out_tokens - 1) * lat.decode(m, b, job.tokens + job.out_tokens / 2) / b
+        return t
+    if stage == DIT_STEP:
+        return job.steps * lat.dit_step(m, job.weight, job.seq_len)
+    if stage == VISION_ENCODE or stage == TEXT_ENCODE or stage == VAE_ENCODE or stage == VAE_DECODE:
+        return pass_time(lat, stage, m, (job,))
+    raise ValueError(f"unknown stage {stage}")

@@ -1,0 +1,660 @@
+"""Stage latencies from profile tables: interpolation over the measured grid, with an explicit
+policy outside it (error by default; clamp or extrapolate only when configured, and counted).
+
+Lookups bisect Python lists and memoise in-grid points per grid; a decode jump's steps are
+computed on Python floats in one loop (`decode_ends`). tests/reference.py holds the plain
+numpy formulation of both, the oracle tests/test_latency.py compares them with.
+"""
+from __future__ import annotations
+
+import json
+from bisect import bisect_right
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import pandas as pd
+
+from profiler.schema import read_table
+from sim.config import OutOfRange
+from sim.core.mypyc_compat import mypyc_attr
+from sim.names import DECODE, DIT_STEP, PREFILL, TEXT_ENCODE, VISION_ENCODE
+
+
+_MEMO_MAX = 1 << 16      # memoised points per grid (cleared when full: bounded memory)
+
+
+class OutOfGridError(ValueError):
+    """A lookup outside the measured grid while latency.out_of_range=error."""
+
+
+@mypyc_attr(native_class=False)             # (compiled: a plain class, as OSError subclasses must)
+class MissingProfileError(FileNotFoundError):
+    pass
+
+
+def _axis_pos(axis: list[float], x: float) -> tuple[int, float]:
+    """Index i and weight w so that x = (1-w)*axis[i] + w*axis[i+1]; w may be <0 or >1 (outside)."""
+    n = len(axis)
+    if n == 1:
+        return 0, 0.0
+    i = bisect_right(axis, x) - 1
+    if i < 0:                   # (conditionals: min/max calls cost more on this hot path)
+        i = 0
+    elif i > n - 2:
+        i = n - 2
+    return i, (x - axis[i]) / (axis[i + 1] - axis[i])
+
+
+def _at2(g: "Grid", i: int, wi: float, j: int, wj: float) -> tuple[float, bool]:
+    """(value, whether a hole carried weight) of a 2-axis grid at the axis positions (i, wi),
+    (j, wj) of _axis_pos (weights maybe clamped or outside [0, 1]): bilinear, >= 1e-6 s."""
+    v, f = g.vl, g.fl
+    n0, n1 = len(v), len(v[0])
+    i1 = i + 1 if i + 1 < n0 else n0 - 1
+    j1 = j + 1 if j + 1 < n1 else n1 - 1
+    vi, vi1 = v[i], v[i1]
+    out = ((1 - wi) * ((1 - wj) * vi[j] + wj * vi[j1])
+           + wi * ((1 - wj) * vi1[j] + wj * vi1[j1]))
+    fi, fi1 = f[i], f[i1]
+    hole = bool((fi[j] and (1 - wi) * (1 - wj)) or (fi[j1] and (1 - wi) * wj)  # a hole counts
+                or (fi1[j] and wi * (1 - wj)) or (fi1[j1] and wi * wj))  # where it has weight
+    return (out if out > 1e-6 else 1e-6), hole
+
+
+def _at1(g: "Grid", i: int, w: float) -> tuple[float, bool]:
+    """_at2 on a 1-axis grid (a one-point grid is its point, not floored)."""
+    v, f = g.vl, g.fl
+    n = len(v)
+    if n == 1:
+        return float(v[0]), False
+    out = (1 - w) * v[i] + w * v[i + 1]
+    hole = bool(f[i] or f[i + 1 if i + 1 < n else n - 1])
+    return (out if out > 1e-6 else 1e-6), hole
+
+
+def _mixed_decode_context(row) -> float | None:
+    """Decode context of a measured mixed step: the profiler stores it in `extra` (context_len
+    there is the prefill chunk's own context)."""
+    extra = getattr(row, "extra", None)
+    if isinstance(extra, str) and extra:
+        e = json.loads(extra)
+        v = e.get("measured_mean_context", e.get("decode_context"))
+        if v:
+            return float(v)
+    return None
+
+
+class _DecodeCol(NamedTuple):
+    """A decode grid column at one batch size: values along the context axis (array and list),
+    whether the batch lies inside the batch axis, and the two batch rows it mixes."""
+    arr: np.ndarray
+    vals: list[float]
+    inside: bool
+    i: int
+    i1: int
+
+
+@dataclass
+class Grid:
+    """Latency (seconds) on a product grid of 1-2 axes; NaN cells (OOM holes) are filled along
+    the first axis by proportional scaling from the nearest measured cell, and such hits are
+    reported as extrapolated."""
+    name: str
+    axes: list[list[float]]
+    values: np.ndarray          # shape = tuple(len(a) for a in axes)
+    filled: np.ndarray          # bool mask of cells that were holes
+
+    @classmethod
+    def from_frame(cls, name: str, df: pd.DataFrame, cols: list[str], fill=None) -> "Grid":
+        """`fill(vals, axes)` fills the NaN cells (default `_fill_holes`)."""
+        if df.empty:
+            raise MissingProfileError(f"profile has no measured rows for {name}")
+        g = df.groupby(cols)["latency_ms_median"].median() / 1e3
+        axes = [sorted(float(v) for v in df[c].unique()) for c in cols]
+        vals = np.full([len(a) for a in axes], np.nan)
+        idx = [{v: i for i, v in enumerate(a)} for a in axes]
+        for key, v in g.items():
+            key = key if isinstance(key, tuple) else (key,)
+            vals[tuple(idx[d][float(k)] for d, k in enumerate(key))] = v
+        holes = np.isnan(vals)
+        if holes.any():
+            vals = (fill or _fill_holes)(vals, axes)
+        return cls(name, axes, vals, holes)
+
+    def __post_init__(self) -> None:
+        # plain-Python copies for the scalar hot path (same float64 values as `values`)
+        self.vl = self.values.tolist()
+        self.fl = self.filled.tolist()
+        self.carr = [np.asarray(a, dtype=float) for a in self.axes]
+        # in-grid lookups already made: point -> (value, whether a hole carried weight);
+        # engines ask for the same points over and over (batch sizes, prompt lengths)
+        # (keyed by the point's coordinates, without a tuple: 1 axis {x: v}, 2 axes {x0: {x1: v}};
+        # v is the value, negated when a hole carried weight -- values are >= 1e-6 > 0)
+        self.memo1: dict[float, float] = {}
+        self.memo2: dict[float, dict[float, float]] = {}
+        self.nmemo = 0
+        self.cols: dict[int, _DecodeCol] = {}       # decode_series columns by batch, under
+        self.cols_mode: Any = None                  # this range policy
+
+    def lo_hi(self) -> list[tuple[float, float]]:
+        return [(a[0], a[-1]) for a in self.axes]
+
+
+def _fill_holes(vals: np.ndarray, axes: list[list[float]]) -> np.ndarray:
+    """Fill NaN cells: scale the nearest measured cell along axis 0 by the axis-0 ratio
+    (latency proportional to batch/tokens), else along axis 1, else the global max."""
+    vals = vals.copy()
+    a0 = np.asarray(axes[0])
+    for idx in zip(*np.nonzero(np.isnan(vals))):
+        rest = idx[1:]
+        col = vals[(slice(None),) + rest]
+        ok = np.nonzero(~np.isnan(col))[0]
+        if len(ok):
+            j = ok[np.argmin(np.abs(ok - idx[0]))]
+            vals[idx] = col[j] * a0[idx[0]] / a0[j]
+            continue
+        if vals.ndim > 1:
+            row = vals[idx[0]]
+            ok = np.nonzero(~np.isnan(row))[0]
+            if len(ok):
+                j = ok[np.argmin(np.abs(ok - idx[1]))]
+                a1 = np.asarray(axes[1])
+                vals[idx] = row[j] * a1[idx[1]] / a1[j]
+                continue
+        vals[idx] = np.nanmax(vals)
+    return vals
+
+
+def kv_token_slope(vals: np.ndarray, axes: list[list[float]]) -> float:
+    """Seconds per (sequence x context token) of a decode grid (axes: batch, context): the
+    least-squares slope through the origin of t(B, c) - t(B, c0) against B (c - c0) over the
+    measured cells, c0 the smallest context. A decode step reads every sequence's KV cache once,
+    so its context term grows with the total KV tokens B x c (llama2_7b H100: 0.16 us per token,
+    residual <= 4 ms over 60 cells; qwen2_5_7b, GQA: 0.018 us)."""
+    b = np.asarray(axes[0], float)[:, None]
+    c = np.asarray(axes[1], float)[None, :]
+    x = (b * (c - c[0, 0])).ravel()
+    y = (vals - vals[:, :1]).ravel()
+    ok = np.isfinite(y) & (x > 0)
+    sxx = float((x[ok] * x[ok]).sum())
+    return float((x[ok] * y[ok]).sum() / sxx) if sxx else 0.0
+
+
+def _fill_decode_holes(vals: np.ndarray, axes: list[list[float]]) -> np.ndarray:
+    """NaN cells of a decode grid (batch x context; the profiler's OOM points, where B x c
+    exceeded the KV cache): from the largest measured context c' of the same batch row, plus
+    the KV-read term kv_token_slope x B x (c - c'). Scaling a neighbour in proportion to the
+    batch (`_fill_holes`) would also scale the step's fixed part (weights, launch) and, on
+    llama2_7b, put the step at B=128, c=1024 at 44.5 ms instead of 35.7 ms. Rows with no
+    measured cell fall back to `_fill_holes`."""
+    k = kv_token_slope(vals, axes)
+    out = vals.copy()
+    a1 = np.asarray(axes[1], float)
+    for i, bsz in enumerate(axes[0]):
+        row = vals[i]
+        ok = np.nonzero(np.isfinite(row))[0]
+        if not len(ok):
+            continue
+        for j in np.nonzero(np.isnan(row))[0]:
+            below = ok[ok < j]
+            r = below[-1] if len(below) else ok[0]
+            out[i, j] = row[r] + k * bsz * (a1[j] - a1[r])
+    if np.isnan(out).any():
+        out = _fill_holes(out, axes)
+    return out
+
+
+class LatencyModel:
+    """Lookups in seconds for every stage kind; counts points served outside the grid."""
+
+    def __init__(self, profiles_dir: str | Path, gpu: str, out_of_range: OutOfRange | str = "error"):
+        self.root = Path(profiles_dir)
+        self.gpu = gpu
+        self.mode = OutOfRange(out_of_range)
+        self.outside: Counter[str] = Counter()   # name -> lookups outside the grid
+        self.hole_hits: Counter[str] = Counter()
+        self._frames: dict[str, pd.DataFrame] = {}
+        self._paths: dict[str, Path] = {}           # model -> the table it was read from
+        self._grids: dict[tuple, Grid] = {}
+        self._mixed_per_seq: dict[str, float] = {}
+        self._ar_grids: dict[tuple[str, str], Grid | None] = {}
+        self._pre: dict[str, Grid] = {}             # model -> its "prefill" / "decode" grid
+        self._dec: dict[str, Grid] = {}             # (the hot lookups: no tuple key)
+        self._dit: dict[str, Grid] = {}
+        self._te: dict[str, dict[str, Grid]] = {}   # model -> component -> text_encode grid
+        self._vis: dict[str, Grid] = {}
+        self._vae: dict[str, dict[str, Grid]] = {}  # model -> stage -> grid
+
+    # --- tables ---------------------------------------------------------------------------
+    def table_path(self, model: str) -> Path:
+        """The measured table <root>/<gpu>/<model>.parquet; when it is missing, the roofline one
+        <root>/<gpu>-analytic/<model>.parquet (`python -m profiler import-model` writes it), so a
+        model without measurements still runs; report() and the run's summary say so."""
+        path = self.root / self.gpu / f"{model}.parquet"
+        if path.exists() or self.gpu.endswith("-analytic"):
+            return path
+        roof = self.root / f"{self.gpu}-analytic" / f"{model}.parquet"
+        return roof if roof.exists() else path
+
+    def frame(self, model: str) -> pd.DataFrame:
+        if model not in self._frames:
+            path = self.table_path(model)
+            if not path.exists():
+                have = sorted(p.stem for p in (self.root / self.gpu).glob("*.parquet"))
+                sets = sorted(p.name for p in self.root.glob("*") if p.is_dir())
+                raise MissingProfileError(
+                    f"no profile table for model={model!r} on gpu={self.gpu!r}: {path} is missing "
+                    f"(and no roofline table {self.gpu}-analytic/{model}.parquet); tables there: "
+                    f"{have}; table sets under {self.root}: {sets} (measure one with `python -m "
+                    f"profiler sweep model={model}`, or make roofline ones with `python -m profiler "
+                    f"sweep backend=analytic model={model}`)")
+            df = read_table(path)
+            self._frames[model] = df[df["status"] == "ok"]
+            self._paths[model] = path
+        return self._frames[model]
+
+    def tables(self) -> dict[str, dict[str, Any]]:
+        """Per model read so far: its table, engines and whether it was measured (a table with
+        engine=analytic rows is a roofline estimate, not a measurement)."""
+        out: dict[str, dict[str, Any]] = {}
+        for m in sorted(self._frames):
+            eng = self.engines(m)
+            out[m] = {"path": str(self._paths[m]), "table_set": self._paths[m].parent.name,
+                      "engines": eng, "measured": "analytic" not in eng and bool(eng)}
+        return out
+
+    def analytic_models(self) -> list[str]:
+        return [m for m, t in self.tables().items() if not t["measured"]]
+
+    def engine_settings(self, model: str) -> dict:
+        df = self.frame(model)
+        s = df["engine_settings"].dropna()
+        return json.loads(s.iloc[0]) if len(s) else {}
+
+    def engines(self, model: str) -> list[str]:
+        return sorted(self.frame(model)["engine"].dropna().unique())
+
+    def _grid(self, model: str, stage: str, cols: list[str], where=None, tag: str = "",
+              fill=None) -> Grid:
+        key = (model, stage, tuple(cols), tag)
+        g = self._grids.get(key)
+        if g is None:
+            df = self.frame(model)
+            df = df[df["stage"] == stage]
+            if where is not None:
+                df = df[where(df)]
+            if df.empty:
+                raise MissingProfileError(
+                    f"profile table of model={model!r} (gpu={self.gpu!r}) has no status=ok rows "
+                    f"for stage={stage!r}{' ' + tag if tag else ''}; stages present: "
+                    f"{sorted(self.frame(model)['stage'].unique())}")
+            g = Grid.from_frame(f"{model}/{stage}{'/' + tag if tag else ''}", df, cols, fill)
+            self._grids[key] = g
+        return g
+
+    def _memo_full(self, g: Grid) -> None:
+        g.nmemo += 1
+        if g.nmemo > _MEMO_MAX:
+            g.memo1.clear()
+            g.memo2.clear()
+            g.nmemo = 1
+
+    def _lookup1(self, g: Grid, x: float) -> float:
+        """Interpolated value at x on a 1-axis grid (in-grid points are memoised, their hole
+        hits counted again on every use)."""
+        v = g.memo1.get(x)
+        if v is None:
+            hit = self._interp(g, (x,))
+            if hit is None:
+                return self._outside(g, (x,))
+            self._memo_full(g)
+            v = -hit[0] if hit[1] else hit[0]
+            g.memo1[x] = v
+        if v < 0:
+            self.hole_hits[g.name] += 1
+            return -v
+        return v
+
+    def _lookup2(self, g: Grid, x0: float, x1: float) -> float:
+        """_lookup1 on a 2-axis grid."""
+        row = g.memo2.get(x0)
+        v = None if row is None else row.get(x1)
+        if v is None:
+            hit = self._interp(g, (x0, x1))
+            if hit is None:
+                return self._outside(g, (x0, x1))
+            self._memo_full(g)
+            if row is None or not g.memo2:     # (a clear empties memo2, not the row we hold)
+                row = g.memo2[x0] = {}
+            v = -hit[0] if hit[1] else hit[0]
+            row[x1] = v
+        if v < 0:
+            self.hole_hits[g.name] += 1
+            return -v
+        return v
+
+    @staticmethod
+    def _interp(g: Grid, xs: tuple[float, ...]) -> tuple[float, bool] | None:
+        """(value, hole carried weight) at an in-grid point; None outside the grid."""
+        axes = g.axes
+        if len(axes) == 2:
+            i, wi = _axis_pos(axes[0], xs[0])
+            j, wj = _axis_pos(axes[1], xs[1])
+            if wi < -1e-9 or wi > 1 + 1e-9 or wj < -1e-9 or wj > 1 + 1e-9:
+                return None
+            return _at2(g, i, wi, j, wj)
+        i, w = _axis_pos(axes[0], xs[0])
+        if w < -1e-9 or w > 1 + 1e-9:
+            return None
+        return _at1(g, i, w)
+
+    def _outside(self, g: Grid, xs: tuple[float, ...]) -> float:
+        """A point outside the grid: counted, then refused (out_of_range=error) or served with
+        the weights clamped to the grid (clamp) or as they are (extrapolate)."""
+        pos = [_axis_pos(a, x) for a, x in zip(g.axes, xs)]
+        self.outside[g.name] += 1
+        if self.mode is OutOfRange.error:
+            raise OutOfGridError(
+                f"{g.name}: point {dict(zip(['axis0', 'axis1'], xs))} is outside the measured "
+                f"grid {g.lo_hi()}; set latency.out_of_range=clamp or =extrapolate to allow it "
+                f"(counted in the summary), or measure a wider grid")
+        if self.mode is OutOfRange.clamp:
+            pos = [(i, min(max(w, 0.0), 1.0)) for i, w in pos]
+        if len(pos) == 2:
+            value, hole = _at2(g, pos[0][0], pos[0][1], pos[1][0], pos[1][1])
+        else:
+            value, hole = _at1(g, pos[0][0], pos[0][1])
+        if hole:
+            self.hole_hits[g.name] += 1
+        return value
+
+    # --- AR stages --------------------------------------------------------------------------
+    def _ar_grid(self, model: str, which: str) -> Any:     # Grid, or None for "prefill_ctx"
+        """The AR grids by a short key (engines ask for them at every step): DECODE,
+        PREFILL (pure chunks) or "prefill_ctx" (chunks after cached context; None when
+        the table has no such rows)."""
+        g = self._ar_grids.get((model, which), False)
+        if g is False:
+            if which == DECODE:
+                g = self._grid(model, DECODE, ["batch_size", "context_len"], fill=_fill_decode_holes)
+            elif which == PREFILL:
+                g = self._grid(model, PREFILL, ["num_tokens"],
+                               lambda d: (d["num_decode_seqs"].fillna(0) == 0)
+                               & (d["context_len"].fillna(0) == 0), "pure")
+            else:
+                df = self.frame(model)
+                no_dec = df["num_decode_seqs"].fillna(0) == 0
+                has = ((df["stage"] == PREFILL) & (df["context_len"].fillna(0) > 0) & no_dec).any()
+                g = self._grid(model, PREFILL, ["num_tokens", "context_len"],
+                               lambda d: (d["num_decode_seqs"].fillna(0) == 0), "ctx") if has else None
+            self._ar_grids[(model, which)] = g
+        return g
+
+    def _prefill_grid(self, model: str) -> Grid:
+        g = self._pre.get(model)
+        if g is None:
+            g = self._pre[model] = self._ar_grid(model, PREFILL)
+        return g
+
+    def _decode_grid(self, model: str) -> Grid:
+        g = self._dec.get(model)
+        if g is None:
+            g = self._dec[model] = self._ar_grid(model, DECODE)
+        return g
+
+    def prefill(self, model: str, tokens: float) -> float:
+        return self._lookup1(self._prefill_grid(model), tokens)
+
+    def decode(self, model: str, batch: float, context: float) -> float:
+        return self._lookup2(self._decode_grid(model), batch, context)
+
+    def _decode_col(self, g: Grid, batch: int) -> _DecodeCol:
+        """The decode grid interpolated along the batch axis at `batch` (cached per batch)."""
+        if g.cols_mode is not self.mode:     # (columns depend on the range policy)
+            g.cols = {}
+            g.cols_mode = self.mode
+        col = g.cols.get(batch)
+        if col is None:
+            b_axis, v = g.axes[0], g.values
+            i, w = _axis_pos(b_axis, batch)
+            inside = -1e-9 <= w <= 1 + 1e-9
+            if len(b_axis) > 1:
+                if self.mode is OutOfRange.clamp:
+                    w = min(max(w, 0.0), 1.0)
+                arr = (1 - w) * v[i] + w * v[i + 1]
+            else:
+                arr = v[0]
+            n0 = len(b_axis)
+            col = _DecodeCol(arr, arr.tolist(), inside, i, i + 1 if i + 1 < n0 else n0 - 1)
+            g.cols[batch] = col
+        return col
+
+    def _end_lookups(self, g: Grid, col: _DecodeCol, batch: int, ctx0: float, k: int,
+                     start_lookups: int) -> None:
+        """The range policy and counting of a series: lookups of its two end points, skipped
+        when they could neither raise nor count (all k contexts in one grid cell, batch inside
+        the grid, no hole among the cell's corners). start_lookups: lookups of the start point
+        then (a caller that skipped its own lookup there passes 2, keeping its counts)."""
+        c = g.axes[1]
+        if len(c) > 1:
+            j = self._one_cell(c, ctx0, ctx0 + (k - 1))
+            if j is not None and col.inside and not self._cell_has_hole(g, col, j):
+                return
+        for _ in range(start_lookups):
+            self._lookup2(g, batch, ctx0)
+        self._lookup2(g, batch, ctx0 + k - 1)
+
+    def decode_steps(self, model: str, batch: int, ctx0: float, k: int,
+                     start_lookups: int = 1) -> list[float]:
+        """decode(batch, ctx0 + i) for i < k: the step times of k decode steps of `batch`
+        sequences whose contexts start at ctx0. start_lookups: see _end_lookups."""
+        g = self._decode_grid(model)
+        col = self._decode_col(g, batch)
+        self._end_lookups(g, col, batch, ctx0, k, start_lookups)
+        return self._step_values(g, col, ctx0, k)
+
+    def decode_ends(self, model: str, batch: int, ctx0: float, k: int, start_lookups: int = 1,
+                    overhead: float = 0.0, host: float | None = None) -> list[float]:
+        """Cumulative end offsets of k decode steps of `batch` sequences whose contexts start
+        at ctx0 (and grow by one a step): each step decode(batch, ctx0 + i) (the same bilinear
+        rule), plus `overhead` when nonzero, then max(t - host, host) when `host` is not None,
+        summed in order. start_lookups: see _end_lookups."""
+        ends = []
+        acc = 0.0
+        for t in self.decode_steps(model, batch, ctx0, k, start_lookups):
+            if overhead:
+                t += overhead
+            if host is not None:
+                t -= host
+                if t < host:                # np.maximum(t, host)
+                    t = host
+            acc += t
+            ends.append(acc)
+        return ends
+
+    def _step_values(self, g: Grid, col: _DecodeCol, ctx0: float, k: int) -> list[float]:
+        """decode(batch, ctx0 + i), i < k, on the column at the batch (after the range checks of
+        _end_lookups): clamped to the context axis under out_of_range=clamp, bilinear, >= 1e-6."""
+        c = g.axes[1]
+        last = len(c) - 2
+        if last < 0:                        # one context point: a constant column
+            v = col.vals[0]
+            return [v if v > 1e-6 else 1e-6] * k
+        clamp = self.mode is OutOfRange.clamp
+        lo, hi, vals = c[0], c[-1], col.vals
+        out = []
+        j = -1
+        for i in range(k):
+            x = ctx0 + i
+            if clamp:                       # np.minimum(np.maximum(ctx, c[0]), c[-1])
+                if x < lo:
+                    x = lo
+                if x > hi:
+                    x = hi
+            if j < 0 or x >= c[j + 1] and j < last or x < c[j]:
+                j = bisect_right(c, x) - 1  # searchsorted(side="right") - 1, within the axis
+                j = 0 if j < 0 else last if j > last else j
+            w = (x - c[j]) / (c[j + 1] - c[j])
+            v = (1 - w) * vals[j] + w * vals[j + 1]
+            out.append(v if v > 1e-6 else 1e-6)
+        return out
+
+    @staticmethod
+    def _cell_has_hole(g: Grid, col: _DecodeCol, j: int) -> bool:
+        f0, f1 = g.fl[col.i], g.fl[col.i1]
+        return f0[j] or f0[j + 1] or f1[j] or f1[j + 1]
+
+    @staticmethod
+    def _one_cell(axis: list[float], lo: float, hi: float) -> int | None:
+        """Index of the grid cell holding all of [lo, hi] inside the axis, else None."""
+        if lo < axis[0] or hi > axis[-1]:
+            return None
+        j = bisect_right(axis, lo) - 1
+        if j > len(axis) - 2:
+            j = len(axis) - 2
+        return j if hi <= axis[j + 1] and (hi < axis[j + 1] or j == len(axis) - 2) else None
+
+    def ar_step(self, model: str, prefill_tokens: int, decode_seqs: int, decode_ctx: float,
+                prefill_ctx: float = 0.0) -> float:
+        """One engine step: linear (token) cost of every scheduled token, plus the attention
+        cost of decode contexts and of prefill chunks that attend to earlier chunks; a decode
+        sequence that rides along with a prefill chunk costs `mixed_per_seq` more."""
+        if prefill_tokens == 0:
+            return self.decode(model, decode_seqs, decode_ctx)
+        t = self.prefill(model, prefill_tokens + decode_seqs)
+        if decode_seqs:
+            t += max(0.0, self.decode(model, decode_seqs, decode_ctx) - self.decode(model, decode_seqs, self._min_ctx(model)))
+            t += self.mixed_per_seq(model) * decode_seqs
+        if prefill_ctx > 0:
+            t += self.prefill_context_cost(model, prefill_tokens, prefill_ctx)
+        return t
+
+    def _min_ctx(self, model: str) -> float:
+        return self._decode_grid(model).axes[1][0]
+
+    def prefill_context_cost(self, model: str, tokens: int, ctx: float) -> float:
+        """Extra time of a chunk whose sequence already holds ctx cached tokens (from rows with
+        context_len > 0; zero if the table has none)."""
+        g = self._ar_grid(model, "prefill_ctx")
+        if g is None:
+            return 0.0
+        saved, self.mode = self.mode, OutOfRange.clamp if self.mode is OutOfRange.error else self.mode
+        try:
+            with_ctx = self._lookup2(g, tokens, ctx)
+        finally:
+            self.mode = saved
+        return max(0.0, with_ctx - self.prefill(model, tokens))
+
+    def _mixed_composed(self, model: str, r) -> float:
+        """The composition rule without the mixed term, for a measured mixed-step row."""
+        d = int(r.num_decode_seqs)
+        ctx = _mixed_decode_context(r) or self._min_ctx(model)
+        return self.prefill(model, int(r.num_tokens) + d) + max(
+            0.0, self.decode(model, d, ctx) - self.decode(model, d, self._min_ctx(model)))
+
+    def mixed_per_seq(self, model: str) -> float:
+        """Extra seconds per decode sequence in a mixed prefill+decode step: the least-squares
+        slope through the origin of (measured - composed) against the decode count over the
+        table's measured mixed steps (0 when the table has none).
+
+        Why additive per sequence, not a factor on the whole step: the residual does not scale
+        with the chunk (qwen2_5_7b, 16 decodes: +0.9 / +2.1 / -0.7 ms at 256 / 1,024 / 4,096
+        tokens; 64 decodes: +3.2 / +2.6 / +3.1 ms), and a factor (median ratio 1.08) made an
+        8,192-token chunk ~15 ms too long against the steps `vllm serve` logged."""
+        if model not in self._mixed_per_seq:
+            df = self.frame(model)
+            mixed = df[(df["stage"] == PREFILL) & (df["num_decode_seqs"].fillna(0) > 0)]
+            sxy = sxx = 0.0
+            for r in mixed.itertuples():
+                try:
+                    resid = r.latency_ms_median / 1e3 - self._mixed_composed(model, r)
+                except (OutOfGridError, MissingProfileError):
+                    continue
+                d = float(r.num_decode_seqs)
+                sxy += resid * d
+                sxx += d * d
+            self._mixed_per_seq[model] = sxy / sxx if sxx else 0.0
+        return self._mixed_per_seq[model]
+
+    # --- encoders, DiT, VAE -----------------------------------------------------------------
+    def vision_encode(self, model: str, image_tokens: float) -> float:
+        """Vision encoder time for a set of images holding image_tokens LLM tokens in all."""
+        g = self._vis.get(model)
+        if g is None:
+            g = self._vis[model] = self._vision_grid(model)
+        return self._lookup1(g, image_tokens)
+
+    def _vision_grid(self, model: str) -> Grid:
+        df = self.frame(model)
+        key = (model, VISION_ENCODE, ("total",), "")
+        g = self._grids.get(key)
+        if g is None:
+            d = df[df["stage"] == VISION_ENCODE].copy()
+            d["total"] = d["num_tokens"] * d["batch_size"]
+            d = d.groupby("total", as_index=False)["latency_ms_median"].median()
+            g = Grid.from_frame(f"{model}/{VISION_ENCODE}", d, ["total"])
+            self._grids[key] = g
+        return g
+
+    def text_encode(self, model: str, component: str, batch: float, tokens: float) -> float:
+        by = self._te.get(model)
+        if by is None:
+            by = self._te[model] = {}
+        g = by.get(component)
+        if g is None:
+            g = by[component] = self._grid(model, TEXT_ENCODE, ["batch_size", "num_tokens"],
+                                           lambda d: d["component"] == component, component)
+        return self._lookup2(g, batch, tokens)
+
+    def dit_step(self, model: str, batch: float, seq_len: float) -> float:
+        g = self._dit.get(model)
+        if g is None:
+            g = self._dit[model] = self._grid(model, DIT_STEP, ["batch_size", "seq_len"])
+        return self._lookup2(g, batch, seq_len)
+
+    def vae(self, model: str, stage: str, batch: float, height: float, width: float) -> float:
+        by = self._vae.get(model)
+        if by is None:
+            by = self._vae[model] = {}
+        g = by.get(stage)
+        if g is None:
+            g = by[stage] = self._vae_grid(model, stage)
+        return self._lookup2(g, batch, height * width)
+
+    def _vae_grid(self, model: str, stage: str) -> Grid:
+        key = (model, stage, ("batch_size", "pixels"), "")
+        g = self._grids.get(key)
+        if g is None:
+            d = self.frame(model)
+            d = d[d["stage"] == stage].copy()
+            if d.empty:
+                raise MissingProfileError(f"profile table of model={model!r} has no rows for stage={stage!r}")
+            d["pixels"] = d["height"] * d["width"]
+            g = Grid.from_frame(f"{model}/{stage}", d, ["batch_size", "pixels"])
+            self._grids[key] = g
+        return g
+
+    def host_per_seq(self, model: str) -> float:
+        """Host seconds per scheduled sequence in a synchronously timed step: the least-squares
+        slope of decode(B, shortest context) over B <= 64, where the GPU time is flat (weight
+        bound), so the growth is host work (sampling, output processing, input prep).
+        0 for tables not timed synchronously or not measured with vLLM."""
+        st = self.engine_settings(model)
+        if st.get("async_scheduling", True) or self.engines(model) != ["vllm"]:
+            return 0.0
+        g = self._grid(model, DECODE, ["batch_size", "context_len"])
+        b = np.asarray(g.axes[0])
+        sel = (b <= 64) & ~g.filled[:, 0]
+        if sel.sum() < 2:
+            return 0.0
+        slope = np.polyfit(b[sel], g.values[sel, 0], 1)[0]
+        return max(0.0, float(slope))
+
+    def report(self) -> dict:
+        return {"out_of_grid_lookups": dict(self.outside), "oom_hole_lookups": dict(self.hole_hits),
+                "out_of_range_policy": self.mode.value,
+                "engines": {m: self.engines(m) for m in self._frames},
+                "tables": self.tables()}

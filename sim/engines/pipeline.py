@@ -1,0 +1,116 @@
+"""What a request needs: the hops (jobs) of its model's pipeline for its task, and the bytes
+each hop hands to the next (for transfer costs between GPUs)."""
+from __future__ import annotations
+
+from profiler.models import ModelSpec, load_model
+from sim.core.records import Job, Request
+from sim.engines.queues import PRIORITY
+from sim.names import AR, DIT_STEP, EDIT, TEXT_ENCODE, VAE_DECODE, VAE_ENCODE, VISION_ENCODE
+
+
+def plan_hops(req: Request, fused: bool) -> list[Job]:
+    """fused=True: vision encoding runs inside the AR step (vLLM-style, one engine does it all);
+    fused=False: a separate encoder stage runs first (disaggregated)."""
+    spec = load_model(req.model)
+    prio = PRIORITY.get(req.slo_class, 1)
+    hops: list[Job] = []
+    add = hops.append       # (Job called directly: compiled, a native call, no **kwargs parsing)
+
+    img_in = req.image_tokens_in
+    if spec.family in ("llm", "vlm"):
+        if img_in and not fused:
+            add(Job(req, VISION_ENCODE, spec.name, priority=prio, vision_tokens=img_in))
+        add(Job(req, AR, spec.name, priority=prio, tokens=req.prompt_tokens + img_in,
+                vision_tokens=img_in if fused else 0, out_tokens=req.output_tokens))
+        return hops
+
+    out_h, out_w = req.output_image or (spec.request_defaults["height"], spec.request_defaults["width"])
+    seq = spec.latent_tokens(out_h, out_w)
+    if spec.family == "ar_dit":
+        cond = spec.condition_encoder
+        assert cond is not None, f"{spec.name}: an ar_dit model names its condition encoder"
+        if img_in and not fused:
+            add(Job(req, VISION_ENCODE, cond, priority=prio, vision_tokens=img_in))
+        add(Job(req, AR, cond, priority=prio, tokens=req.prompt_tokens + img_in,
+                vision_tokens=img_in if fused else 0, out_tokens=0))
+    else:
+        add(Job(req, TEXT_ENCODE, spec.name, priority=prio,
+                tokens=int(spec.request_defaults.get("text_tokens", req.prompt_tokens)),
+                components=spec.text_encoders))
+    if req.input_images:
+        in_h, in_w = req.input_images[0]
+        add(Job(req, VAE_ENCODE, spec.name, priority=prio, height=in_h, width=in_w))
+        if req.task == EDIT:
+            seq += spec.latent_tokens(in_h, in_w)     # condition latents join the sequence
+    add(Job(req, DIT_STEP, spec.name, priority=prio, seq_len=seq,
+            steps=req.steps or spec.request_defaults["steps"], weight=2 if req.cfg else 1,
+            tokens=req.prompt_tokens))
+    add(Job(req, VAE_DECODE, spec.name, priority=prio, height=out_h, width=out_w))
+    return hops
+
+
+# model -> bytes per unit of each stage's hand-off size (vision / prompt tokens, latent
+# tokens): the products handoff_bytes multiplies by, where all are integers (so the same
+# figures, exactly); -1 where not (or missing: _handoff_bytes_spec then)
+_PER_UNIT: dict[str, tuple[int, int, int, int]] = {}
+
+
+def _product(spec: ModelSpec, part: str, keys: tuple[str, ...], square: str = "") -> int:
+    try:
+        d = spec.latent if part == "latent" else spec.components[part]
+        fs = [d[k] for k in keys] + [spec.dtype_bytes]
+        if square:
+            fs = [d[square], d[square]] + fs
+    except (KeyError, TypeError):
+        return -1
+    out = 1
+    for f in fs:
+        if type(f) is not int:
+            return -1
+        out *= f
+    return out
+
+
+def _per_unit(model: str) -> tuple[int, int, int, int]:
+    t = _PER_UNIT.get(model)
+    if t is None:
+        spec: ModelSpec = load_model(model)
+        t = (_product(spec, "vision", ("out_hidden_size",)), _product(spec, "llm", ("hidden_size",)),
+             _product(spec, "transformer", ("joint_attention_dim",)),
+             _product(spec, "latent", ("channels",), "patch_size"))
+        _PER_UNIT[model] = t
+    return t
+
+
+def handoff_bytes(job: Job) -> int:
+    """Bytes the output of `job` carries to the next hop."""
+    stage = job.stage
+    if stage == VAE_ENCODE:
+        return load_model(job.model).latent_bytes(job.height, job.width)
+    i = _STAGE_INDEX.get(stage, -1)
+    if i < 0:
+        return 0
+    per = _per_unit(job.model)[i]
+    if per >= 0:
+        return (job.seq_len if i == 3 else job.vision_tokens if i == 0 else job.tokens) * per
+    return _handoff_bytes_spec(job)
+
+
+_STAGE_INDEX = {VISION_ENCODE: 0, AR: 1, TEXT_ENCODE: 2, DIT_STEP: 3}
+
+
+def _handoff_bytes_spec(job: Job) -> int:
+    """handoff_bytes from the model spec's fields: for models whose per-unit products are not
+    all integers (_PER_UNIT holds -1 there)."""
+    spec: ModelSpec = load_model(job.model)
+    if job.stage == VISION_ENCODE:
+        return job.vision_tokens * spec.components["vision"]["out_hidden_size"] * spec.dtype_bytes
+    if job.stage == AR:
+        return job.tokens * spec.components["llm"]["hidden_size"] * spec.dtype_bytes
+    if job.stage == TEXT_ENCODE:
+        return job.tokens * spec.components["transformer"]["joint_attention_dim"] * spec.dtype_bytes
+    if job.stage == VAE_ENCODE:
+        return spec.latent_bytes(job.height, job.width)
+    if job.stage == DIT_STEP:
+        return job.seq_len * spec.latent["patch_size"] ** 2 * spec.latent["channels"] * spec.dtype_bytes
+    return 0

@@ -1,0 +1,389 @@
+"""Trace replay: recorded arrivals and lengths into the same `Request` stream as synthetic loads.
+
+Formats: CSV / JSONL / parquet tables (one row per request, common column aliases accepted) and
+the result JSON of `vllm bench serve --save-detailed` (vLLM 0.26.0). The replay of a real vLLM
+run is how the simulator is validated against the engine (traces/validation/README.md), so the
+vLLM loader keeps exactly what vLLM recorded: per-request send times and lengths.
+
+What vLLM 0.26.0 writes (`vllm/benchmarks/serve.py`, `benchmark()` result dict, kept in the
+saved JSON only with `--save-detailed`): `input_lens`, `output_lens` (actual lengths; 0 for a
+failed request), `ttfts`, `itls` (lists of inter-token gaps), `start_times`, `generated_texts`,
+`errors` ("" when the request succeeded). `start_times` are `time.perf_counter()` values taken
+when each request was sent (`lib/endpoint_request_func.py`), i.e. an arbitrary clock origin, so
+they are shifted to start at 0. Lists are in request (send) order. Top-level keys also include
+`request_rate` (a number or "inf"), `burstiness`, `num_prompts`, `duration`, `completed`,
+`failed`, `max_concurrency`. Failed requests are dropped: vLLM leaves them out of its metrics too.
+Older result files without `start_times` get arrivals regenerated with vLLM's own law
+(`gamma_arrivals(..., vllm_scaling=True)` from `request_rate`/`burstiness`; same law, not the
+same draws) and a warning.
+"""
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import pandas as pd
+
+from profiler.jsonfiles import read_text
+from profiler.models import TASKS, ModelSpec
+from sim.config import ConfigError, WorkloadConfig
+from sim.core.records import Request
+from sim.names import GENERATE, IMAGE_IN_TASKS, OUTPAINT, TEXT_OUT_TASKS
+from sim.rng import stream
+from sim.workloads.laws import DEFAULT_CHUNK, gamma_arrivals, outpaint_size
+from sim.workloads.requests import TokenCache, build_requests, check_task_model, resolve_model
+
+# canonical column -> accepted names (first match wins)
+ALIASES: dict[str, tuple[str, ...]] = {
+    "arrival": ("arrival_time", "timestamp", "start_time", "arrival"),
+    "task": ("task",),
+    "model": ("model",),
+    "prompt_tokens": ("prompt_tokens", "input_len", "input_tokens", "prompt_len"),
+    "output_tokens": ("output_tokens", "output_len", "max_tokens"),
+    "image_height": ("image_height",),
+    "images": ("images",),          # all input images of a row: [[h, w], ...] (overrides height/width)
+    "image_width": ("image_width",),
+    "output_height": ("output_height",),
+    "output_width": ("output_width",),
+    "steps": ("steps",),
+    "cfg": ("cfg",),
+    "slo_class": ("slo_class",),
+}
+EPOCH_THRESHOLD_S = 1e8     # times above ~3 years are absolute clocks: shift so the first is 0
+FORMAT_BY_SUFFIX = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet",
+                    ".pq": "parquet", ".json": "vllm_json"}
+
+
+def detect_format(path: str | Path, fmt: str = "auto") -> str:
+    if fmt != "auto":
+        return fmt
+    name = Path(path).name.lower()
+    suf = ".json" if name.endswith(".json.gz") else Path(name).suffix
+    if suf not in FORMAT_BY_SUFFIX:
+        raise ConfigError(f"workload.trace.format=auto cannot tell the format of {str(path)!r}; "
+                          f"allowed: a file ending in {sorted(FORMAT_BY_SUFFIX)} (.json also as .json.gz) or an explicit "
+                          f"format (csv, jsonl, parquet, vllm_json)")
+    return FORMAT_BY_SUFFIX[suf]
+
+
+def _missing(path: Any, name: str) -> ConfigError:
+    return ConfigError(f"trace {str(path)!r}: required field {name!r} is missing; accepted "
+                       f"column names: {list(ALIASES[name])}")
+
+
+def _to_seconds(col: pd.Series) -> np.ndarray:
+    """Numbers stay numbers; datetimes / ISO strings become epoch seconds."""
+    if pd.api.types.is_numeric_dtype(col):
+        return col.to_numpy(dtype=float)
+    ts = pd.to_datetime(col, utc=True)
+    return (ts - pd.Timestamp(0, tz="UTC")).dt.total_seconds().to_numpy(dtype=float)
+
+
+def normalise_table(df: pd.DataFrame, path: Any = "<table>", time_scale: float = 1.0) -> pd.DataFrame:
+    """Rename aliases to canonical columns, make arrivals relative if they are epoch times,
+    scale them, and sort by arrival (stable). Requires arrival and prompt_tokens."""
+    out = pd.DataFrame(index=range(len(df)))
+    cols = {c.lower(): c for c in df.columns}
+    for canon, names in ALIASES.items():
+        src = next((cols[n] for n in names if n in cols), None)
+        if src is not None:
+            out[canon] = df[src].to_numpy()
+    for req in ("arrival", "prompt_tokens"):
+        if req not in out:
+            raise _missing(path, req)
+    t = _to_seconds(pd.Series(out["arrival"]))
+    if np.isnan(t).any():
+        raise ConfigError(f"trace {str(path)!r}: field 'arrival' has empty values; allowed: a time "
+                          f"in seconds on every row")
+    if len(t) and np.nanmin(t) > EPOCH_THRESHOLD_S:
+        t = t - np.nanmin(t)
+    out["arrival"] = t * time_scale
+    for c in df.columns:   # vLLM's measurements ride along for validation
+        if str(c).startswith("measured_"):
+            out[c] = df[c].to_numpy()
+    out.attrs.update(df.attrs)     # e.g. a bench result's max_concurrency
+    return out.sort_values("arrival", kind="stable").reset_index(drop=True)
+
+
+def _read_json_obj(path: Path) -> dict[str, Any]:
+    text = read_text(path)
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError:   # --append-result: one JSON object per line; take the last
+        lines = [ln for ln in text.splitlines() if ln.strip()]
+        obj = json.loads(lines[-1])
+        warnings.warn(f"{path}: several results appended; replaying the last one", stacklevel=3)
+    if isinstance(obj, list):
+        return {"__records__": obj}
+    return obj
+
+
+def load_vllm_bench(path: str | Path, seed: int = 0) -> pd.DataFrame:
+    """A `vllm bench serve --save-detailed` result as a table: arrival (s from the first send),
+    prompt_tokens, output_tokens, and what vLLM measured (measured_ttft_s, measured_e2el_s =
+    ttft + sum(itl), as vLLM's own timeline plot computes it). Failed requests are dropped."""
+    path = Path(path)
+    obj = _read_json_obj(path)
+    if "__records__" in obj:
+        return pd.DataFrame(obj["__records__"])
+    for key in ("input_lens", "output_lens"):
+        if key not in obj:
+            raise ConfigError(f"trace {str(path)!r}: required field {key!r} is missing; a "
+                              f"`vllm bench serve --save-detailed` result has input_lens, "
+                              f"output_lens, start_times, ttfts, itls, errors")
+    n = len(obj["input_lens"])
+    starts = obj.get("start_times")
+    conc = obj.get("max_concurrency")
+    if starts:
+        t = np.asarray(starts, dtype=float)
+        t = t - t.min()
+        if conc and int(conc) < n:
+            t = _ready_times(obj, t, int(conc))
+    else:
+        rate = obj.get("request_rate")
+        if rate is None:
+            raise ConfigError(f"trace {str(path)!r}: required field 'start_times' is missing and "
+                              f"there is no request_rate to regenerate them; save the result "
+                              f"with --save-detailed from vLLM >= 0.26.0")
+        warnings.warn(f"{path}: no start_times; regenerating arrivals with vLLM's Gamma law "
+                      f"(request_rate={rate}, burstiness={obj.get('burstiness', 1.0)})", stacklevel=2)
+        if rate == "inf" or float(rate) == math.inf:
+            t = np.zeros(n)
+        else:
+            t = gamma_arrivals(n, float(rate), float(obj.get("burstiness", 1.0)),
+                               stream(seed, "arrivals"), vllm_scaling=True)
+    errors = obj.get("errors") or [""] * n
+    ok = np.array([not e for e in errors], dtype=bool)
+    ttft = np.asarray(obj.get("ttfts") or [np.nan] * n, dtype=float)
+    itls = obj.get("itls") or [[] for _ in range(n)]
+    e2el = ttft + np.array([sum(x) if x else 0.0 for x in itls])
+    df = pd.DataFrame({"arrival": t, "prompt_tokens": obj["input_lens"],
+                       "output_tokens": obj["output_lens"], "measured_ttft_s": ttft,
+                       "measured_e2el_s": e2el})
+    if "images" in obj:
+        _add_image_columns(df, obj, path)
+    dropped = int((~ok).sum())
+    if dropped:
+        warnings.warn(f"{path}: dropped {dropped} failed requests (non-empty errors)", stacklevel=2)
+    out = df[ok].reset_index(drop=True)
+    if conc:
+        out.attrs["max_concurrency"] = int(conc)
+    return out
+
+
+def _add_image_columns(df: pd.DataFrame, obj: dict[str, Any], path: Path) -> None:
+    """An image + text result (profiler.chat_bench): per request `images` ([[h, w], ...], empty
+    for text-only) and `image_tokens` (their tokens in the served model). A request with images
+    becomes an `understand` request with those images and, as text prompt, the server's prompt
+    tokens (`input_lens`, usage.prompt_tokens) minus its image tokens, so the replayed prefill
+    (text + image tokens) is the served one; the others stay `text`."""
+    n = len(df)
+    images, itok = obj["images"], obj.get("image_tokens")
+    if len(images) != n or itok is None or len(itok) != n:
+        raise ConfigError(f"trace {str(path)!r}: field 'images' has {len(images)} rows and 'image_tokens' "
+                          f"{None if itok is None else len(itok)}; allowed: one entry per request "
+                          f"({n}) in both, as profiler.chat_bench writes them")
+    pairs: list[tuple[tuple[int, int], ...]] = []
+    for i, imgs in enumerate(images):
+        try:
+            pairs.append(tuple((int(h), int(w)) for h, w in imgs))
+        except (TypeError, ValueError):
+            raise ConfigError(f"trace {str(path)!r}: row {i} field 'images' is {imgs!r}; allowed: a list "
+                              f"of [height, width] pairs of positive integers") from None
+        if any(h < 1 or w < 1 for h, w in pairs[-1]):
+            raise ConfigError(f"trace {str(path)!r}: row {i} field 'images' is {imgs!r}; allowed: "
+                              f"positive heights and widths")
+    text = np.asarray(df["prompt_tokens"], dtype=np.int64) - np.asarray(itok, dtype=np.int64)
+    has = np.array([bool(p) for p in pairs])
+    df["prompt_tokens"] = np.where(has, np.maximum(text, 1), df["prompt_tokens"])
+    df["task"] = np.where(has, "understand", "text")
+    col = np.empty(n, dtype=object)     # element-wise: tuples of equal length must not become a 3-d array
+    for i, p in enumerate(pairs):
+        col[i] = p
+    df["images"] = col
+    df["measured_image_tokens"] = np.asarray(itok, dtype=np.int64)
+
+
+def _ready_times(obj: dict[str, Any], sent: np.ndarray, conc: int) -> np.ndarray:
+    """When each request of a `--max-concurrency` run was ready to go, for a closed-loop replay.
+
+    The recorded start times are send times, and past the first `conc` they wait for a slot,
+    i.e. for the measured server. At `--request-rate inf` every request is ready as soon as the
+    client has dispatched the first wave (vLLM's client creates all tasks at once; a FIFO
+    semaphore holds them), so those get the last first-wave send time. At a finite rate the
+    ready times were not saved; the send times are used, which can only delay a request."""
+    order = np.argsort(sent, kind="stable")
+    rate = obj.get("request_rate")
+    if rate in (None, "inf") or float(rate) == math.inf:
+        ready = sent.copy()
+        ready[order[conc:]] = sent[order[conc - 1]]
+        return ready
+    warnings.warn("a finite-rate --max-concurrency result keeps no ready times; replaying its "
+                  "send times, which include the measured server's waits for a slot", stacklevel=3)
+    return sent
+
+
+def load_trace(path: str | Path, fmt: str = "auto", time_scale: float = 1.0, seed: int = 0
+               ) -> pd.DataFrame:
+    """Any supported trace as a table with canonical columns (see ALIASES), sorted by arrival,
+    arrivals in seconds from the start (epoch clocks shifted) times `time_scale`."""
+    if path is None:
+        raise ConfigError("workload.trace.path=None is invalid; allowed: a path to a .csv, .jsonl, "
+                          ".parquet or vllm bench .json trace")
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"workload.trace.path={str(path)!r} is invalid; allowed: an existing file")
+    f = detect_format(p, fmt)
+    if f == "csv":
+        df = pd.read_csv(p)
+    elif f == "jsonl":
+        df = pd.read_json(p, lines=True)
+    elif f == "parquet":
+        df = pd.read_parquet(p)
+    elif f == "vllm_json":
+        df = load_vllm_bench(p, seed)
+    else:
+        raise ConfigError(f"workload.trace.format={fmt!r} is invalid; allowed: auto, csv, jsonl, "
+                          f"parquet, vllm_json")
+    return normalise_table(df, p, time_scale)
+
+
+def _val(x: Any) -> Any:
+    """None for missing cells (NaN / None / empty string)."""
+    if x is None or (isinstance(x, float) and math.isnan(x)) or (isinstance(x, str) and not x.strip()):
+        return None
+    return x
+
+
+def _bool(x: Any) -> bool:
+    if isinstance(x, str):
+        return x.strip().lower() in ("1", "true", "yes", "y", "t")
+    return bool(x)
+
+
+class TraceWorkload:
+    """Requests of a trace file, in arrival order; every row is validated up front. `len()` is
+    the number of usable trace rows (workload.num_requests is ignored). A `RequestSource`
+    (sim.workloads)."""
+
+    def __init__(self, cfg: WorkloadConfig, seed: int, model_override: Optional[str] = None,
+                 chunk_size: int = DEFAULT_CHUNK, table: Optional[pd.DataFrame] = None) -> None:
+        tc = cfg.trace
+        self.cfg, self.chunk_size = cfg, chunk_size
+        self.path = tc.path
+        df = table if table is not None else load_trace(tc.path, tc.format, tc.time_scale, seed)
+        self.df = df
+        n = len(df)
+        col = lambda c: df[c].tolist() if c in df else [None] * n   # noqa: E731
+        tasks = [(_val(t) or tc.default_task) for t in col("task")]
+        models = col("model")
+        bad = sorted({t for t in tasks if t not in TASKS})
+        if bad:
+            raise ConfigError(f"trace {str(self.path)!r}: field 'task' has {bad}; allowed: one of "
+                              f"{list(TASKS)}")
+        if "output_tokens" not in df and any(t in TEXT_OUT_TASKS for t in tasks):
+            raise _missing(self.path, "output_tokens")
+        self._plans: dict[tuple[str, str], tuple[ModelSpec, int, bool, str]] = {}
+        self.tasks, self.models = tasks, []
+        for i, t in enumerate(tasks):
+            m = _val(models[i]) or model_override or cfg.task_models.get(t)
+            if m is None:
+                raise ConfigError(f"workload.task_models.{t}=None is invalid for trace "
+                                  f"{str(self.path)!r}; allowed: a model name (or a 'model' column)")
+            self.models.append(str(m))
+            if (t, str(m)) not in self._plans:
+                self._plans[(t, str(m))] = self._plan(t, str(m), cfg)
+        self._cols = {c: col(c) for c in ("prompt_tokens", "output_tokens", "image_height",
+                                          "image_width", "output_height", "output_width",
+                                          "steps", "cfg", "slo_class")}
+        self._arrival = df["arrival"].to_numpy(dtype=float).tolist()
+        self.max_concurrency: Optional[int] = cfg.max_concurrency or df.attrs.get("max_concurrency")
+        if "steps" not in df:
+            for (t, m), (_spec, steps, _cf, _slo) in self._plans.items():
+                if t not in TEXT_OUT_TASKS and steps < 1:
+                    raise ConfigError(f"workload.steps=None is invalid for model {m!r} (no "
+                                      f"request_defaults.steps) in trace {str(self.path)!r}; allowed: an "
+                                      f"integer >= 1 or a 'steps' column")
+        self._images = col("images")
+        ih, iw = self._cols["image_height"], self._cols["image_width"]
+        for i, t in enumerate(tasks):
+            if t in IMAGE_IN_TASKS and self._row_images(i):
+                continue
+            if t in IMAGE_IN_TASKS and (_val(ih[i]) is None or _val(iw[i]) is None):
+                raise ConfigError(f"trace {str(self.path)!r}: row {i} (task {t!r}) needs an input "
+                                  f"image; required fields 'image_height' and 'image_width' are "
+                                  f"missing; accepted column names: ['image_height'], ['image_width']")
+
+    def _plan(self, task: str, model: str, cfg: WorkloadConfig) -> tuple[ModelSpec, int, bool, str]:
+        field = f"trace {str(self.path)!r} model"
+        spec = resolve_model(model, field)
+        check_task_model(task, spec, field)
+        slo = str(cfg.slo_classes.get(task, "standard"))
+        if task in TEXT_OUT_TASKS:
+            return spec, 0, False, slo
+        steps = cfg.steps if cfg.steps is not None else spec.request_defaults.get("steps", 0)
+        cf = bool(cfg.cfg if cfg.cfg is not None else spec.request_defaults.get("cfg", False))
+        return spec, int(steps), cf, slo
+
+    def __len__(self) -> int:
+        return len(self._arrival)
+
+    def _row_images(self, i: int) -> tuple[tuple[int, int], ...]:
+        """Row i's `images` column as (h, w) pairs (several images per request), () if none."""
+        v = self._images[i]
+        if v is None or (isinstance(v, float) and math.isnan(v)) or isinstance(v, str):
+            return ()
+        return tuple((int(h), int(w)) for h, w in v)
+
+    def __iter__(self) -> Iterator[Request]:
+        for c in self.chunks():
+            yield from c
+
+    def _row(self, i: int) -> tuple[Any, ...]:
+        c, t = self._cols, self.tasks[i]
+        spec, steps, cf, slo = self._plans[(t, self.models[i])]
+        prompt = int(_val(c["prompt_tokens"][i]) or 1)
+        out_tok = int(_val(c["output_tokens"][i]) or 0) if t in TEXT_OUT_TASKS else 0
+        ins: tuple[tuple[int, int], ...] = ()
+        if t in IMAGE_IN_TASKS:
+            ins = self._row_images(i) or ((int(c["image_height"][i]), int(c["image_width"][i])),)
+        out: tuple[int, int] | None = None
+        oh, ow = _val(c["output_height"][i]), _val(c["output_width"][i])
+        if t not in TEXT_OUT_TASKS:
+            if oh is not None and ow is not None:
+                out = (int(oh), int(ow))
+            elif t == GENERATE:
+                d = spec.request_defaults
+                out = (int(d.get("height", 1024)), int(d.get("width", 1024)))
+            elif t == OUTPAINT:
+                h, w = outpaint_size(np.array([ins[0][0]]), np.array([ins[0][1]]), self.cfg.image)
+                out = (int(h[0]), int(w[0]))
+            else:
+                out = ins[0]
+            if _val(c["steps"][i]) is not None:
+                steps = int(c["steps"][i])
+            if _val(c["cfg"][i]) is not None:
+                cf = _bool(c["cfg"][i])
+            if steps < 1:
+                raise ConfigError(f"trace {str(self.path)!r}: row {i} steps={steps} is invalid; "
+                                  f"allowed: >= 1 (a 'steps' column or workload.steps)")
+        if _val(c["slo_class"][i]) is not None:
+            slo = str(c["slo_class"][i])
+        return prompt, out_tok, ins, out, steps, cf, slo
+
+    def chunks(self) -> Iterator[list[Request]]:
+        cache = TokenCache()
+        specs = {m: s for (_, m), (s, *_r) in self._plans.items()}
+        n = len(self)
+        for lo in range(0, n, self.chunk_size):
+            hi = min(n, lo + self.chunk_size)
+            rows = [self._row(i) for i in range(lo, hi)]
+            cols = list(zip(*rows)) if rows else [[]] * 7
+            yield build_requests(lo, self._arrival[lo:hi], self.tasks[lo:hi], self.models[lo:hi],
+                                 list(cols[0]), list(cols[1]), list(cols[2]), list(cols[3]),
+                                 list(cols[4]), list(cols[5]), list(cols[6]), specs, cache)
