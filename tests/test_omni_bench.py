@@ -2,7 +2,7 @@
 random-weight plugin's registration, the load client against a fake image server, and the
 omni_bench driver end to end (fake `vllm serve --omni`), deadlines and error rows included.
 
-What needs a GPU (the real server) is not here; READY_GPU.md has the device commands.
+What needs a GPU (the real server) is not here; docs/gpu/omni.md has the device commands.
 """
 from __future__ import annotations
 
