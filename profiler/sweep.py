@@ -70,8 +70,12 @@ def done_keys(path: Path) -> set:
 
 
 def table_for(cfg, model: str, backend: str | None = None) -> Path:
+    """<out_dir>/<gpu>/<model>.parquet; analytic and vLLM-Omni tables sit in folders of their own
+    (<gpu_spec>-analytic, <gpu>-vllm-omni), beside the measured diffusers/vLLM ones."""
     backend = backend or str(cfg.backend)
     gpu = str(cfg.gpu) if backend != "analytic" else f"{cfg.gpu_spec}-analytic"
+    if backend == "vllm_omni":
+        gpu = f"{cfg.gpu}-vllm-omni"
     return schema.table_path(cfg.out_dir, gpu, model)
 
 
