@@ -70,7 +70,13 @@ def done_keys(path: Path) -> set:
 
 
 def table_for(cfg, model: str) -> Path:
-    gpu = str(cfg.gpu) if cfg.backend != "analytic" else f"{cfg.gpu_spec}-analytic"
+    """<out_dir>/<gpu>/<model>.parquet; the analytic backend writes <gpu_spec>-analytic/
+    (roofline) or <gpu_spec>-est/ (analytic.method=scaled: estimates from a measured table)."""
+    if cfg.backend != "analytic":
+        gpu = str(cfg.gpu)
+    else:
+        method = str((cfg.get("analytic") or {}).get("method", "roofline"))
+        gpu = f"{cfg.gpu_spec}-{'est' if method == 'scaled' else 'analytic'}"
     return schema.table_path(cfg.out_dir, gpu, model)
 
 
@@ -82,6 +88,8 @@ def run_sweep(cfg, log: Callable[[str], None] = print,
     budget = float(cfg.max_minutes or 0) * 60.0
     stop = (lambda: time.monotonic() - t_start > budget) if budget > 0 else (lambda: False)
     backend = get_backend(str(cfg.backend))
+    if hasattr(backend, "configure"):
+        backend.configure(cfg)
     device = str(cfg.device)
     models = list(cfg.models) if not isinstance(cfg.models, str) else [cfg.models]
     stages = set(cfg.stages or [])
@@ -101,7 +109,7 @@ def run_sweep(cfg, log: Callable[[str], None] = print,
             f"done={info['already']} todo={len(todo)} -> {path}")
         if cfg.dry_run:
             for p in todo:
-                log("  " + " ".join(f"{k}={v}" for k, v in p.items() if v is not None))
+                log("  " + " ".join(f"{k}={v}" for k, v in p.items() if v is not None and not k.startswith("_")))
             continue
         if not todo:
             continue
@@ -117,7 +125,8 @@ def run_sweep(cfg, log: Callable[[str], None] = print,
             torch_version = "none"
         prov = {"engine": backend.name, "engine_version": backend.engine_version(),
                 "torch_version": torch_version, "gpu": backend.gpu_name(device),
-                "dtype": str(cfg.dtype), "tp": int(cfg.tp), "git_sha": git_sha(cfg.git_sha),
+                # the weights' dtype of a precision variant (activations stay in cfg.dtype)
+                "dtype": spec.quant_dtype or str(cfg.dtype), "tp": int(cfg.tp), "git_sha": git_sha(cfg.git_sha),
                 "command": command_line()}
         ctx = RunContext(cfg=cfg, device=device, should_stop=stop, done_keys=have, log=log,
                          fault_injector=fault_injector)

@@ -210,9 +210,14 @@ def _fill_decode_holes(vals: np.ndarray, axes: list[list[float]]) -> np.ndarray:
 class LatencyModel:
     """Lookups in seconds for every stage kind; counts points served outside the grid."""
 
-    def __init__(self, profiles_dir: str | Path, gpu: str, out_of_range: OutOfRange | str = "error"):
+    def __init__(self, profiles_dir: str | Path, gpu: str, out_of_range: OutOfRange | str = "error",
+                 fallback: str | None = None):
         self.root = Path(profiles_dir)
         self.gpu = gpu
+        # a table set read for models the set `gpu` lacks (e.g. h200-est: estimated, engine =
+        # analytic); which set served each model is in report()["tables"], never silent
+        self.fallback = fallback
+        self.sources: dict[str, str] = {}
         self.mode = OutOfRange(out_of_range)
         self.outside: Counter[str] = Counter()   # name -> lookups outside the grid
         self.hole_hits: Counter[str] = Counter()
@@ -231,6 +236,10 @@ class LatencyModel:
     def frame(self, model: str) -> pd.DataFrame:
         if model not in self._frames:
             path = self.root / self.gpu / f"{model}.parquet"
+            folder = self.gpu
+            alt = self.root / self.fallback / f"{model}.parquet" if self.fallback else None
+            if not path.exists() and alt is not None and alt.exists():
+                path, folder = alt, str(self.fallback)
             if not path.exists():
                 have = sorted(p.stem for p in (self.root / self.gpu).glob("*.parquet"))
                 sets = sorted(p.name for p in self.root.glob("*") if p.is_dir())
@@ -240,6 +249,7 @@ class LatencyModel:
                     f"(measure one with `python -m profiler sweep model={model}`)")
             df = read_table(path)
             self._frames[model] = df[df["status"] == "ok"]
+            self.sources[model] = folder
         return self._frames[model]
 
     def engine_settings(self, model: str) -> dict:
@@ -629,4 +639,6 @@ class LatencyModel:
     def report(self) -> dict:
         return {"out_of_grid_lookups": dict(self.outside), "oom_hole_lookups": dict(self.hole_hits),
                 "out_of_range_policy": self.mode.value,
-                "engines": {m: self.engines(m) for m in self._frames}}
+                "engines": {m: self.engines(m) for m in self._frames},
+                "tables": dict(self.sources),
+                "not_measured": sorted(m for m in self._frames if "analytic" in self.engines(m))}

@@ -256,4 +256,8 @@ def print_summary(summary: dict[str, Any], title: str = "simulation summary") ->
     util = (s.get("utilization") or {}).get("mean_gpu")
     t.add_row("mean GPU utilization", "-" if util is None else f"{100 * util:.1f} %")
     t.add_row("$ / 1k requests", _fmt(s.get("usd_per_1k_requests"), "", 4))
+    lm = s.get("latency_model") or {}
+    if lm.get("not_measured"):      # never silent: which models ran on estimated tables
+        t.add_row("NOT MEASURED (engine = analytic)",
+                  ", ".join(f"{m} ({lm.get('tables', {}).get(m, '?')})" for m in lm["not_measured"]))
     Console().print(t)

@@ -55,7 +55,8 @@ class Run:
         self.outdir = outdir
         self.env = Kernel()
         self.lat = LatencyModel(resolve(cfg.profiles_dir), cfg.latency.tables or cfg.cluster.gpu,
-                                cfg.latency.out_of_range)
+                                cfg.latency.out_of_range,
+                                cfg.latency.fallback_set(cfg.latency.tables or cfg.cluster.gpu))
         self.metrics = MetricsCollector(cfg.slo, keep_rows=keep_rows)
         self.workload = request_source(cfg.workload, cfg.seed, model_override=cfg.model)
         self.n_total = len(self.workload)
