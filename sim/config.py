@@ -431,6 +431,12 @@ class CapacityConfig:
     max_probes: int = 40              # per policy and search
     n_jobs: int = 2                   # joblib workers (loky, as hydra's joblib launcher)
     search: list[str] = field(default_factory=lambda: ["min_gpus", "max_qps"])
+    # the fleet plan (sim/studies/fleet.py): any non-empty list searches policies x gpus x
+    # precisions x pd_split for the cheapest fleet meeting the SLO at target_qps (an empty list:
+    # the run's own cluster.gpu / precision / policy.pd_split)
+    gpus: list[str] = field(default_factory=list)
+    precisions: list[str] = field(default_factory=list)
+    pd_split: list[bool] = field(default_factory=list)
 
     def check(self) -> None:
         _check(self.target_qps > 0, "capacity.target_qps", self.target_qps, "> 0 requests/s")
@@ -451,6 +457,11 @@ class CapacityConfig:
         _check(0 < self.qps_rel_tol < 1, "capacity.qps_rel_tol", self.qps_rel_tol, "in (0, 1)")
         _check(self.max_probes >= 2, "capacity.max_probes", self.max_probes, ">= 2")
         _check(self.n_jobs >= 1 or self.n_jobs == -1, "capacity.n_jobs", self.n_jobs, ">= 1 or -1 (all cores)")
+        from profiler.models import PRECISIONS
+        _check(all(p in PRECISIONS for p in self.precisions), "capacity.precisions",
+               list(self.precisions), f"a list from {sorted(PRECISIONS)}")
+        _check(len(set(self.gpus)) == len(self.gpus), "capacity.gpus", list(self.gpus),
+               "GPU kinds without repeats, e.g. [h100, h200]")
         _check(len(self.search) > 0 and all(s in ("min_gpus", "max_qps") for s in self.search),
                "capacity.search", list(self.search), "a non-empty list from ['min_gpus', 'max_qps']")
 

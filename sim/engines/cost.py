@@ -16,8 +16,8 @@ def pass_time(lat: Any, stage: str, model: str, batch: Sequence[Job]) -> float:
     (jobs of one shape)."""
     j = batch[0]
     n = len(batch)
-    if stage == VISION_ENCODE:
-        return lat.vision_encode(model, sum(x.vision_tokens for x in batch))
+    if stage == VISION_ENCODE:          # (pre_computed: tokens whose features were cached)
+        return lat.vision_encode(model, sum(x.vision_tokens - x.pre_computed for x in batch))
     if stage == TEXT_ENCODE:
         toks = max(x.tokens for x in batch)
         return sum(lat.text_encode(model, c, n, toks) for c in j.components)

@@ -110,7 +110,7 @@ class Caches:
         if job.stage == VISION_ENCODE or (job.stage == AR and job.vision_tokens):
             if self.per_gpu > 0 and not job.pre_generated:
                 self._features(job, owner, gpus, ids)
-            if job.stage == VISION_ENCODE and job.vision_tokens == 0:
+            if job.stage == VISION_ENCODE and job.pre_computed >= job.vision_tokens:
                 self.stats["skipped_hops"] += 1
                 return True
         elif job.stage == VAE_ENCODE and self.per_gpu > 0:
@@ -135,7 +135,10 @@ class Caches:
             key = (job.model, "vision", img)
             if c.hit(key):
                 self.stats["feature_hits"] += 1
-                job.vision_tokens = max(0, job.vision_tokens - t)
+                if job.stage == AR:         # encoded inside the step: that much less to encode
+                    job.vision_tokens = max(0, job.vision_tokens - t)
+                else:                       # an encoder hop: cached, still handed to the LLM
+                    job.pre_computed = min(job.vision_tokens, job.pre_computed + t)
             else:
                 self.stats["feature_misses"] += 1
                 c.put(key, t * per_tok)
