@@ -80,6 +80,28 @@ def table_for(cfg, model: str) -> Path:
     return schema.table_path(cfg.out_dir, gpu, model)
 
 
+def seed_unquantized(spec, path: Path) -> int:
+    """A precision variant's new table starts with the measured rows of its base model's
+    components that the variant does not quantize (a DiT's VAE and text encoders stay bf16):
+    the same modules, so the same latencies; `extra.copied_from` says where they come from, and
+    the sweep then skips those points. Returns the rows copied (0: not a variant, table exists,
+    or no base table beside it)."""
+    from profiler.models import QUANTIZED
+    base = path.parent / f"{spec.base}.parquet"
+    if spec.name == spec.base or path.exists() or not base.exists():
+        return 0
+    df = schema.read_table(base)
+    keep = df[(df["status"] == "ok") & df["component"].notna() & ~df["component"].isin(QUANTIZED)].copy()
+    if keep.empty:
+        return 0
+    keep["model"] = spec.name
+    keep["extra"] = [json.dumps({**(json.loads(e) if isinstance(e, str) and e else {}),
+                                 "copied_from": f"{base.name} (component not quantized)"})
+                     for e in keep["extra"]]
+    schema.write_table(keep, path)
+    return len(keep)
+
+
 def run_sweep(cfg, log: Callable[[str], None] = print,
               fault_injector: Callable[[dict], None] | None = None,
               spec_loader: Callable[[str], Any] = load_model) -> dict[str, Any]:
@@ -100,6 +122,8 @@ def run_sweep(cfg, log: Callable[[str], None] = print,
         if stages:
             pts = [p for p in pts if p["stage"] in stages]
         path = table_for(cfg, name)
+        if cfg.backend != "analytic" and not cfg.dry_run:
+            seed_unquantized(spec, path)
         have = done_keys(path) if cfg.resume else set()
         todo = [p for p in pts if schema.point_key(p) not in have]
         info = {"path": str(path), "planned": len(pts), "already": len(pts) - len(todo),

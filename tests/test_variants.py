@@ -144,3 +144,21 @@ def test_latency_fallback_is_reported(tmp_path, synthetic_profiles):
     assert rep["not_measured"] == ["qwen2_5_vl_7b@fp8"]
     with pytest.raises(MissingProfileError):
         LatencyModel(root, "h100", "error", None).prefill("qwen2_5_vl_7b@fp8", 1024)
+
+
+def test_builtin_fp8_linear_matches_bf16_within_fp8_error():
+    """The DiT FP8 path the profiler applies without torchao: every eligible nn.Linear swapped,
+    outputs within FP8 (e4m3, per-row / per-token scales) error of the original."""
+    torch = pytest.importorskip("torch")
+    from profiler.backends.diffusers_backend import quantize_fp8
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 32),
+                            torch.nn.Linear(32, 7))            # 7 outputs: not eligible (%16)
+    x = torch.randn(4, 10, 64) * 3
+    ref = m(x)
+    how = quantize_fp8(m, "builtin")
+    assert "2 linear layers" in how
+    assert [type(c).__name__ for c in m] == ["Fp8Linear", "GELU", "Fp8Linear", "Linear"]
+    assert m[0].w.dtype == torch.float8_e4m3fn
+    err = float((m(x) - ref).norm() / ref.norm())
+    assert 1e-4 < err < 0.08
