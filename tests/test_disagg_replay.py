@@ -152,6 +152,35 @@ def test_replicas_replay_as_round_robin_baseline(tmp_path):
 
 
 @needs_tables
+def test_1p1d_replays_on_the_pd_split_with_the_measured_kv_link(tmp_path):
+    """Prefill on GPU 0, decode on GPU 1 (policy.pd_split under the pinned layout); every text-out
+    request's KV crosses the measured `kv` link: latency + kv bytes / bandwidth, exactly."""
+    from sim.engines.pipeline import kv_handoff_bytes, plan_hops, split_prefill_decode
+    from sim.run.runner import Run
+    res = disagg_result("1p1d")
+    p = write(tmp_path, "1p1d__poisson", res)
+    h = tmp_path / "handoff.json"
+    h.write_text(json.dumps({"links": {"kv": {"gb_s": 3.0, "latency_us": 1500, "source": "kv bench"}}}))
+    r = V.run_validation(p, str(PROFILES), "h100", tmp_path / "rep", handoff=h)[0]
+    assert "error" not in r, r.get("error")
+    assert r["modality"] == "disaggregated" and "policy.pd_split=true" in r["overrides"]
+    summ = json.loads((tmp_path / "rep" / "sim" / f"{MODEL}__1p1d__poisson" / "summary.json").read_text())
+    assert summ["utilization"]["gpus_per_pool"] == {f"prefill:{MODEL}": 1, f"decode:{MODEL}": 1}
+    cfg, _ = V.compose_replay(p, MODEL, str(PROFILES), "h100", None, res["provenance"], V.load_handoff(h))
+    run = Run(cfg)
+    run.run()
+    checked = 0
+    for req in run.requests:
+        xs = [st for st in req.stages if st.stage == "transfer"]
+        hops = split_prefill_decode(plan_hops(req, True))
+        pre = next(j for j in hops if j.stage == "ar" and not j.pre_generated)
+        assert len(xs) == 1
+        assert xs[0].end - xs[0].start == pytest.approx(kv_handoff_bytes(pre) / 3e9 + 1.5e-3, rel=1e-9)
+        checked += 1
+    assert checked == len(run.requests) == 60
+
+
+@needs_tables
 def test_unreplayable_layout_is_a_row_error_not_a_crash(tmp_path):
     """1p1d needs a prefill/decode split placement; until the simulator has one the row says why."""
     from sim.config import PolicyConfig

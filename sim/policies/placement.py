@@ -145,6 +145,9 @@ class Replicas(Placement):
             self.routers[home.model].changed(home)
             home.requests += 1
         r = flow.home
+        if self.reuse is not None and self.reuse.apply(job, r, 1, r.ar if job.stage == AR else None):
+            job.on_done(job, now)           # served from the replica's caches
+            return
         if job.stage == AR:
             r.ar.submit(job, now)
         else:
@@ -200,10 +203,11 @@ class StagePools(Placement):
     fused: ClassVar[bool] = False
     gpu_class: ClassVar[type[GPU]] = PoolGPU     # a pool's GPUs share one queue: it indexes the free ones
     colocate_light: ClassVar[bool] = False       # pools needing < LIGHT_SHARE of a GPU ride on others
+    llm_role: ClassVar[str] = "llm"              # the pool a light vision-encoder pool rides on
 
     def build(self) -> None:
         c = self.cfg.cluster
-        work = self.policy.pilot_work(pool_key, self.fused)
+        work = self.policy.pilot_work(self.key_of, self.fused)
         self.hosted: dict[str, list[str]] = {}     # host pool -> light pools riding on its GPUs
         self._fused_by_model: dict[str, bool] = {}
         self.colocated: list[str] = []
@@ -226,6 +230,10 @@ class StagePools(Placement):
         self.notes["pools"] = {k: len(v) for k, v in self.pools.items()}
         if self.hosted:
             self.notes["colocated"] = dict(self.hosted)
+
+    def key_of(self, job: Job) -> str:
+        """The pool a hop runs in ("role:model")."""
+        return pool_key(job)
 
     def _build_pinned(self, layout: Any, work: dict[str, float]) -> None:
         """Pools exactly as the layout pins them (`work`: the pilot's pools, to check that every
@@ -259,7 +267,7 @@ class StagePools(Placement):
         out = {k: w for k, w in work.items() if k not in light}
         for k in light:
             role, model = k.split(":")
-            host = f"llm:{model}" if role == "encoder" else f"dit:{model}"
+            host = f"{self.llm_role}:{model}" if role == "encoder" else f"dit:{model}"
             if host not in out:
                 host = SHARED
                 out.setdefault(SHARED, 0.0)
@@ -291,7 +299,8 @@ class StagePools(Placement):
             if self._pinned_fused is not None:
                 f = self._fused_by_model[req.model] = self._pinned_fused.get(vl, True)
             else:
-                f = self._fused_by_model[req.model] = f"encoder:{vl}" in self.hosted.get(f"llm:{vl}", ())
+                f = self._fused_by_model[req.model] = (
+                    f"encoder:{vl}" in self.hosted.get(f"{self.llm_role}:{vl}", ()))
         return f
 
     def queue(self, stage: str, model: str) -> StageQueue:
@@ -343,10 +352,16 @@ class StagePools(Placement):
 
     def dispatch(self, flow: Flow, job: Job, now: float) -> None:
         if job.stage == AR:
-            flow.home = self.llm_router(job.model).pick(now)
-            flow.home.submit(job, now)
+            e = flow.home = self.llm_router(job.model).pick(now)
+            if self.reuse is not None:
+                self.reuse.apply(job, e, 1, e)
+            e.submit(job, now)
         else:
-            self.queue(job.stage, job.model).put(job, now)
+            q = self.queue(job.stage, job.model)
+            if self.reuse is not None and self.reuse.apply(job, q, len(q.engines)):
+                job.on_done(job, now)       # served from the pool's feature cache
+                return
+            q.put(job, now)
 
     def hop_done(self, flow: Flow, job: Job) -> None:
         if job.stage == AR:

@@ -17,7 +17,8 @@ from sim.engines.memory import GPUContents, kv_capacity_tokens
 from sim.engines.pipeline import handoff_bytes, plan_hops
 from sim.engines.queues import QUEUE_ORDERS
 from sim.names import VISION_ENCODE
-from sim.policies import BATCHING, PLACEMENTS, POLICIES, ROUTERS, SCALING, Parts, load_part
+from sim.policies import (BATCHING, PLACEMENTS, POLICIES, REUSE, ROUTERS, SCALING, Parts, load_part,
+                          with_pd_split)
 from sim.policies.parts import BatchingRule, Flow, Placement, Scaling
 
 PILOT_REQUESTS = 2000       # the first requests of the workload, by which pools are sized
@@ -39,7 +40,13 @@ def parts_of(name: str, cfg: SimConfig) -> Parts:
     """The parts of policy `name` under the config's policy.* settings."""
     if name not in POLICIES:
         raise ConfigError(f"policy.name={name!r} is unknown; allowed: {sorted(POLICIES)}")
-    return POLICIES[name](cfg.policy)
+    parts = POLICIES[name](cfg.policy)
+    if cfg.policy.pd_split:
+        try:
+            parts = with_pd_split(parts)
+        except ValueError as e:
+            raise ConfigError(f"policy.pd_split=true with policy.name={name!r}: {e}") from None
+    return parts
 
 
 def build_policy(name: str, ctx: SimContext) -> "Policy":
@@ -74,10 +81,13 @@ class Policy:
         self.batching: BatchingRule = load_part(BATCHING, parts.batching)(self.cfg)
         self.placement: Placement = load_part(PLACEMENTS, parts.placement)(self)
         self.scaling: Scaling = load_part(SCALING, parts.scaling)(self)
+        self.reuse: Any = load_part(REUSE, parts.reuse)(self)
 
     def build(self) -> None:
         self.placement.build()
         self.scaling.start()
+        if self.reuse.active:           # (else no hook on the dispatch path)
+            self.placement.reuse = self.reuse
 
     @property
     def moves(self) -> list | None:
@@ -87,7 +97,7 @@ class Policy:
     def admit(self, req: Request, now: float) -> None:
         """A request reaches the cluster: plan its hops, cost them, start its flow."""
         place = self.placement
-        hops = plan_hops(req, place.is_fused(req))
+        hops = place.plan_hops(req, place.is_fused(req))
         lat, budget = self.lat, self.cfg.engine.max_num_batched_tokens
         for j in hops:
             j.work = hop_work(lat, j, budget)
@@ -122,28 +132,31 @@ class Policy:
         bw = (c.nvlink_gb_s if same_node else c.network_gb_s) * 1e9
         return nbytes / bw + c.transfer_latency_us * 1e-6
 
-    def hop_delay(self, done: Job, nxt: Job) -> float:
-        """Transfer between two different GPUs; same node when the cluster fits in one, or, under
-        a pinned layout, when every GPU of the two pools is on one node."""
+    def same_node(self, done: Job, nxt: Job) -> bool:
+        """Do two hops' GPUs share a node? Without a pinned layout: when the cluster fits in one;
+        under cluster.layout: when every GPU of the two hops' pools is on one node."""
         c = self.cfg.cluster
-        same_node = c.num_gpus <= c.gpus_per_node
-        kind = None
-        if c.layout is not None:
-            from sim.policies.placement import ROLE_OF_STAGE
-            pools = c.layout.pools
-            keys = [f"{ROLE_OF_STAGE.get(j.stage, '')}:{j.model}" for j in (done, nxt)]
-            ids = [i for k in keys for i in pools.get(k, ())]
-            if ids:
-                same_node = len({i // c.gpus_per_node for i in ids}) == 1
-            kind = "encoder" if done.stage == VISION_ENCODE else None
-        return self.link_delay(handoff_bytes(done), same_node, kind)
+        if c.layout is None:
+            return c.num_gpus <= c.gpus_per_node
+        key_of = getattr(self.placement, "key_of", None)
+        pools = c.layout.pools
+        ids = [i for j in (done, nxt) for i in (pools.get(key_of(j), ()) if key_of else ())]
+        if not ids:
+            return c.num_gpus <= c.gpus_per_node
+        return len({i // c.gpus_per_node for i in ids}) == 1
+
+    def hop_delay(self, done: Job, nxt: Job) -> float:
+        """Transfer of a hop's output between two different GPUs (a vision encoder's embeddings
+        are the `encoder` hand-off of a pinned layout's measured links)."""
+        kind = "encoder" if done.stage == VISION_ENCODE else None
+        return self.link_delay(handoff_bytes(done), self.same_node(done, nxt), kind)
 
     def pilot_work(self, key: Callable[[Job], str], fused: bool) -> dict[str, float]:
         """Offered work per key(job) over the pilot requests (for pool sizing)."""
         out: dict[str, float] = {}
         lat, budget = self.lat, self.cfg.engine.max_num_batched_tokens
         for req in self.ctx.pilot:
-            for j in plan_hops(req, fused):
+            for j in self.placement.plan_hops(req, fused):
                 k = key(j)
                 out[k] = out.get(k, 0.0) + hop_work(lat, j, budget)
         return out
@@ -194,4 +207,6 @@ class Policy:
              "per_stage": per_stage, "per_pool": per_role,
              "gpus_per_pool": {r: len(gs) for r, gs in roles.items()}}
         self.scaling.report(u)
+        if self.reuse.active:
+            self.notes["caches"] = self.reuse.report()
         return u
