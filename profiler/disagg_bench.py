@@ -282,7 +282,7 @@ def wait_healthy(xs: list[Instance], deadline: float, log) -> None:
         if pending and time.monotonic() > deadline:
             raise RuntimeError(f"not healthy in time: {[x.name for x in pending]}")
         if pending:
-            time.sleep(2.0)
+            time.sleep(0.5)
 
 
 def start_groups(instances: list[Instance]) -> list[list[Instance]]:

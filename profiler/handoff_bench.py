@@ -66,23 +66,20 @@ def handoff_items(records: list[dict[str, Any]]) -> dict[str, tuple[np.ndarray, 
     one save and one load per embedding of the same size), KV: per prefill step (consecutive
     layer saves of one process) plus the matching load."""
     out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    pairs = [r for r in records if r.get("op") == "pair"]
-    if pairs:
-        for conn in ("ec", "kv"):
-            rs = [r for r in pairs if r["conn"] == conn]
-            if rs:
-                out[conn] = (np.array([r["bytes"] for r in rs], float), np.array([r["s"] for r in rs], float))
-        return out
+    for conn in ("ec", "kv"):
+        rs = [r for r in records if r.get("op") == "pair" and r.get("conn") == conn]
+        if rs:
+            out[conn] = (np.array([r["bytes"] for r in rs], float), np.array([r["s"] for r in rs], float))
     ec_s = [r for r in records if r.get("conn") == "ec" and r.get("op") == "save"]
     ec_l = [r for r in records if r.get("conn") == "ec" and r.get("op") == "load"]
-    if ec_s and ec_l:
+    if ec_s and ec_l and "ec" not in out:
         s_per_b = sum(r["s"] for r in ec_l) / max(sum(r["bytes"] for r in ec_l), 1)
         b = np.array([r["bytes"] for r in ec_s], float)
         out["ec"] = (b, np.array([r["s"] for r in ec_s], float) + b * s_per_b)
     kv_s = sorted((r for r in records if r.get("conn") == "kv" and r.get("op") == "save"),
                   key=lambda r: (r.get("pid", 0), r["t"]))
     kv_l = [r for r in records if r.get("conn") == "kv" and r.get("op") == "load"]
-    if kv_s and kv_l:
+    if kv_s and kv_l and "kv" not in out:
         steps: list[list[dict]] = []
         for r in kv_s:                    # a step's layer saves are back to back in one process
             if steps and steps[-1][-1].get("pid") == r.get("pid") and r["t"] - steps[-1][-1]["t"] < 0.05 \

@@ -354,3 +354,16 @@ def test_fit_links_from_sweep_and_from_server_records(tmp_path, capsys):
     assert HB.main(["sweep", "--out", str(tmp_path / "s"), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "3584 x bf16" in out and "0.5, 1.8, 7.3, 16.5, 29.4, 66.1, 117.4 MB" in out
+
+
+def test_fit_takes_sweep_pairs_and_served_kv_together():
+    from profiler import handoff_bench as HB
+    recs = [{"conn": "ec", "op": "pair", "items": 1, "bytes": b, "s": 1e-3 + b / 2e9, "t": 0} for b in (1e6, 1e7, 1e8)]
+    recs += [{"conn": "ec", "op": "save", "items": 1, "bytes": 1e6, "s": 9.0, "t": 0}]      # pairs win for ec
+    for step, toks in enumerate((100, 800)):
+        recs.append({"conn": "kv", "op": "save", "items": 1, "bytes": toks * 1000, "s": toks * 1000 / 5e9,
+                     "t": 10.0 * step, "pid": 3, "layer": "l0"})
+    recs.append({"conn": "kv", "op": "load", "items": 1, "bytes": 1e6, "s": 1e6 / 5e9, "t": 30.0})
+    links = HB.fit_links(recs, "both")["links"]
+    assert links["encoder"]["gb_s"] == pytest.approx(2.0, rel=1e-6)
+    assert links["kv"]["gb_s"] == pytest.approx(2.5, rel=1e-6)
