@@ -146,7 +146,7 @@ class Replicas(Placement):
             home.requests += 1
         r = flow.home
         if self.reuse is not None and self.reuse.apply(job, r, 1, r.ar if job.stage == AR else None):
-            job.on_done(job, now)           # served from the replica's caches
+            job.on_done(job, now)           # type: ignore[misc]  # served from the replica's caches
             return
         if job.stage == AR:
             r.ar.submit(job, now)
@@ -359,7 +359,7 @@ class StagePools(Placement):
         else:
             q = self.queue(job.stage, job.model)
             if self.reuse is not None and self.reuse.apply(job, q, len(q.engines)):
-                job.on_done(job, now)       # served from the pool's feature cache
+                job.on_done(job, now)       # type: ignore[misc]  # served from the pool's feature cache
                 return
             q.put(job, now)
 
