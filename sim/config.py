@@ -331,6 +331,12 @@ class EngineConfig:
     block_size: int = 16
     gpu_memory_utilization: float = 0.9
     enable_prefix_caching: bool = False
+    # vLLM 0.26 admits a waiting (or preempted) request only when the free KV blocks hold its
+    # whole known sequence (prompt + tokens generated so far), not just the chunk scheduled now
+    # (SchedulerConfig.scheduler_reserve_full_isl, default True; v1/core/sched/scheduler.py,
+    # allocate_slots(full_sequence_must_fit=...)): a long prompt cut into chunks is not started
+    # until all of it fits.
+    scheduler_reserve_full_isl: bool = True
     kv_capacity_tokens: Optional[int] = None   # None: from the profile's engine_settings or memory model
     max_model_len: Optional[int] = None
     step_overhead_ms: float = 0.0              # extra CPU-side time per engine step, if calibrated

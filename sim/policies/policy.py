@@ -186,7 +186,8 @@ class Policy:
                         stream_s_per_token=e.stream_ms_per_token / 1e3,
                         max_num_seqs=e.max_num_seqs, block_size=e.block_size,
                         step_overhead_s=e.step_overhead_ms / 1e3, priority=priority,
-                        itl_sink=self.ctx.itl_sink, max_model_len=e.max_model_len)
+                        itl_sink=self.ctx.itl_sink, max_model_len=e.max_model_len,
+                        reserve_full_isl=e.scheduler_reserve_full_isl)
 
     def utilization(self, duration: float) -> dict:
         per_gpu = {g.name: (g.busy_time / duration if duration > 0 else 0.0) for g in self.gpus}
