@@ -28,6 +28,10 @@ with vLLM's own chat/image path (profiler/mm_preproc.py check); the server gets
 profiler/chat_bench.py, our streaming OpenAI-chat client, which records every request's images;
 after the server stops, profiler/mm_preproc.py measures vLLM's API-side image preprocessing by
 image size on this host's CPU if the budget leaves time.
+
+Several servers and a proxy on one host (`--layout 1e1pd|1e1p1d|1p1d|replicas --gpus 0,1`):
+profiler/disagg_bench.py (encoder / prefill / decode instances pinned to GPUs, vLLM's connectors,
+profiler.disagg_proxy in front), the same image + text runs.
 """
 from __future__ import annotations
 
@@ -191,7 +195,10 @@ HISTOGRAMS = ("vllm:time_to_first_token_seconds", "vllm:e2e_request_latency_seco
               "vllm:request_queue_time_seconds", "vllm:request_prefill_time_seconds",
               "vllm:request_decode_time_seconds", "vllm:request_inference_time_seconds",
               "vllm:inter_token_latency_seconds", "vllm:time_per_output_token_seconds",
-              "vllm:request_time_per_output_token_seconds")
+              "vllm:request_time_per_output_token_seconds",
+              # KV hand-offs of a NixlConnector (disaggregated prefill/decode; absent otherwise)
+              "vllm:nixl_xfer_time_seconds", "vllm:nixl_post_time_seconds",
+              "vllm:nixl_bytes_transferred", "vllm:nixl_num_descriptors")
 
 
 # ----------------------------------------------------------------------------- model dir
@@ -404,14 +411,16 @@ def size_run(run: RunSpec, capacity: float, n_inf: int, target_s: float,
 
 def est_seconds(run: RunSpec, capacity: float) -> float:
     """Rough wall time of a run: arrivals span N/R, drained at <= capacity, + client start."""
-    over = CHAT_CLIENT_OVERHEAD_S if run.client == "chat" else CLIENT_OVERHEAD_S
-    if run.max_concurrency == 1:
-        return (run.num_prompts + run.num_warmups) * 0.25 + over
+    chat = run.client == "chat"
+    over = CHAT_CLIENT_OVERHEAD_S if chat else CLIENT_OVERHEAD_S
+    warm = run.num_warmups if chat else 0     # (the text runs' sizing predates warm-up counting)
+    if run.max_concurrency == 1:      # an image request: API preprocessing + encoder + prefill too
+        return (run.num_prompts + warm) * (0.6 if run.image_law == "probe" else 0.25) + over
     if run.max_concurrency and run.fixed_prompts:     # waves of N: prefill + output steps of ~15 ms
         waves = -(-(run.num_prompts + run.num_warmups) // run.max_concurrency)
         return waves * (0.5 + 0.015 * (run.output_len or 256)) + over
     if run.request_rate is None:
-        return (run.num_prompts + run.num_warmups) / max(capacity, 0.1) + over
+        return (run.num_prompts + warm) / max(capacity, 0.1) + over
     span = run.num_prompts / min(run.request_rate, max(capacity, 0.1))
     return span * 1.1 + over
 
@@ -641,6 +650,11 @@ def prepare_sharegpt(dst_dir: Path) -> Path:
 # ----------------------------------------------------------------------------- main
 
 def main(argv: Optional[list[str]] = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if any(x == "--layout" or x.startswith("--layout=") for x in args):
+        # several servers and a proxy (1e1pd, 1e1p1d, 1p1d, replicas): profiler.disagg_bench
+        from profiler import disagg_bench
+        return disagg_bench.main(args)
     ap = argparse.ArgumentParser(prog="python -m profiler.serve_bench", description=__doc__.split("\n")[0])
     ap.add_argument("--model", required=True, choices=sorted(MODEL_SETTINGS))
     ap.add_argument("--out", required=True, help="folder for <model>__<run>.json, logs")
@@ -882,7 +896,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 over = CHAT_CLIENT_OVERHEAD_S if rr.client == "chat" else CLIENT_OVERHEAD_S
                 scale = (left - over) / max(est - over, 1e-6)
                 rr.num_prompts = int(rr.num_prompts * scale)
-                if rr.num_prompts < (12 if rr.fixed_prompts else 30):
+                if rr.num_prompts < (12 if rr.client == "chat" and rr.fixed_prompts else 30):
                     log(f"skip {run_stem}: {est:.0f} s estimated, {left:.0f} s left")
                     summary["skipped"].append(run_stem)
                     continue

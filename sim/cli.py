@@ -38,11 +38,13 @@ def config_sha(cfg: SimConfig) -> str:
     from sim.run.runner import resolve
     d = dataclasses.asdict(cfg)
     d.get("output", {}).pop("progress", None)          # display only
+    from sim.engines.latency import LatencyModel
     root = resolve(cfg.profiles_dir)
     tset = cfg.latency.tables or cfg.cluster.gpu
+    sets = LatencyModel(root, tset, fallback=cfg.latency.fallback_set(tset)).table_sets()
     tables = sorted((d.name, p.name, p.stat().st_size, p.stat().st_mtime_ns)
-                    for d in (root / tset, root / f"{tset}-analytic") if d.is_dir()
-                    for p in d.glob("*.parquet"))     # measured + roofline fallback (sim.engines.latency)
+                    for d in (root / f for f, _ in sets) if d.is_dir()
+                    for p in d.glob("*.parquet"))     # every set the run may read (measured, estimated, roofline)
     try:
         from importlib.metadata import version
         ver = version("mmserve-sim")

@@ -95,7 +95,7 @@ def test_modality_and_run_class():
     assert V.modality(img) == "image" and V.modality(json.loads(EXAMPLE.read_text())) == "text"
     c = V.run_class(img, MODEL)
     assert c == {"modality": "image", "regime": "low", "load_ratio": pytest.approx(0.4),
-                 "capacity_rps": 5.0, "capacity_source": "provenance"}
+                 "capacity_rps": 5.0, "capacity_source": "provenance", "layout": None}
     img["provenance"].pop("calibrated_capacity_rps")
     assert V.run_class(img, MODEL)["regime"] == "unknown"
     c = V.run_class(img, MODEL, {(MODEL, "image"): 2.5})
@@ -210,3 +210,13 @@ def test_validate_reports_per_modality_and_regime(tmp_path, capsys):
     assert rep["regimes"]["names"] == list(V.REGIMES)
     csv = pd.read_csv(out / "validation.csv")
     assert {"modality", "regime", "load_ratio"} <= set(csv.columns)
+
+
+def test_image_probes_stay_out_of_the_text_front_end_calibration():
+    """sim.calibrate fits the text front end on zero-load probes; an image probe (chat template,
+    image decode and processing) is another front end and is not one of them."""
+    from sim.tools import calibrate as C
+    probe = synthetic_image_result(8, None, seed=3, image_law="probe", max_concurrency=1)
+    probe["provenance"]["max_concurrency"] = 1
+    assert probe["max_concurrency"] == 1 and not C.is_probe(probe)
+    assert C.is_probe({"provenance": {"max_concurrency": 1}, "ttfts": [0.1]})
