@@ -413,9 +413,14 @@ class OutputConfig:
     progress: str = "auto"          # auto: a bar on long single runs, off in multirun
     write_requests: bool = True
     chunk_rows: int = 100_000
+    # reuse a finished result already in the run folder when code, config and inputs are the
+    # same (sim/run/cache.py); false: always simulate
+    cache: bool = True
+    report: bool = True             # report.html (and timeline.parquet) beside summary.json
 
     def check(self) -> None:
         _choice(self.progress, "output.progress", ("auto", "on", "off"))
+        _check(self.chunk_rows >= 1, "output.chunk_rows", self.chunk_rows, ">= 1")
 
 
 @dataclass
@@ -449,6 +454,7 @@ class SimConfig:
         _check(self.model is None or isinstance(self.model, str), "model", self.model,
                "a model name from conf/model/")
         _choice(self.experiment, "experiment", EXPERIMENTS)
+        _check(self.seed >= 0, "seed", self.seed, "an integer >= 0 (the root of every random stream)")
         for part in (self.workload, self.cluster, self.policy, self.engine, self.diffusion,
                      self.latency, self.slo, self.cost, self.queueing, self.capacity, self.output):
             part.check()

@@ -365,15 +365,12 @@ def _n(x, d: int = 0) -> str:
 
 
 def run_capacity(cfg: SimConfig, outdir: Path | None) -> dict[str, Any]:
-    """Entry point of `experiment: capacity` (sim/cli.py): searches, writes capacity.json, prints
-    the table; returns the result dict."""
+    """Entry point of `experiment: capacity` (sim/cli.py): searches, writes capacity.json and
+    returns the result dict (sim.cli prints it with format_table)."""
     result = plan(cfg)
     if outdir is not None:
         from sim.run.output import write_json_atomic
         Path(outdir).mkdir(parents=True, exist_ok=True)
         write_json_atomic(Path(outdir) / "capacity.json", result)
-    print(format_table(result))
-    if outdir is not None:
-        print(f"-> {Path(outdir) / 'capacity.json'}")
     return result
 
