@@ -265,9 +265,10 @@ def _fmt(x: Any, unit: str = "", digits: int = 2) -> str:
     return f"{x}{unit}"
 
 
-def latency_model_notes(summary: dict[str, Any]) -> list[str]:
-    """What a reader of the run's numbers must know about its latency tables: lookups outside
-    the measured grid (extrapolated or clamped) and tables that were not measured (analytic)."""
+def latency_model_notes(summary: dict[str, Any]) -> list[tuple[str, str]]:
+    """What a reader of the run's numbers must know about its latency tables, as (short, long)
+    notes: lookups outside the measured grid (extrapolated or clamped) and tables that were not
+    measured (analytic)."""
     lm = summary.get("latency_model") or {}
     notes = []
     out = lm.get("out_of_grid_lookups") or {}
@@ -276,11 +277,13 @@ def latency_model_notes(summary: dict[str, Any]) -> list[str]:
         top = ", ".join(f"{k} {v:,}" for k, v in sorted(out.items(), key=lambda kv: -kv[1])[:3])
         verb = {"extrapolate": "EXTRAPOLATED", "clamp": "CLAMPED"}.get(
             str(lm.get("out_of_range_policy")), "OUT OF GRID")
-        notes.append(f"{verb}: {n:,} latency lookups outside the measured tables ({top}); "
-                     f"latency.out_of_range={lm.get('out_of_range_policy')}")
+        notes.append((f"{verb}: {n:,} lookups outside the measured tables",
+                      f"{verb}: {n:,} latency lookups outside the measured tables ({top}); "
+                      f"latency.out_of_range={lm.get('out_of_range_policy')}"))
     analytic = sorted(m for m, engines in (lm.get("engines") or {}).items() if "analytic" in engines)
     if analytic:
-        notes.append(f"NOT MEASURED: analytic (roofline) tables for {', '.join(analytic)}")
+        notes.append(("NOT MEASURED: analytic tables",
+                      f"NOT MEASURED: analytic (roofline) tables for {', '.join(analytic)}"))
     return notes
 
 
@@ -291,11 +294,13 @@ def print_summary(summary: dict[str, Any], title: str = "simulation summary") ->
     from rich.table import Table
 
     s = summary
-    t = Table(title=title, show_header=True)
+    notes = latency_model_notes(s)
+    t = Table(title=title, show_header=True,
+              caption="\n".join(f"[bold red]{long}[/]" for _, long in notes) or None)
     t.add_column("metric")
     t.add_column("value", justify="right")
-    for note in latency_model_notes(s):
-        t.add_row("[bold red]latency model[/]", f"[bold red]{note}[/]")
+    for short, _ in notes:
+        t.add_row("[bold red]latency tables[/]", f"[bold red]{short}[/]")
     conc = s.get("max_concurrency")
     t.add_row("client", "open loop (arrivals as scheduled)" if conc is None
               else f"closed loop: at most {conc} requests in flight")

@@ -23,7 +23,7 @@ from sim.run.output import latency_model_notes, write_text_atomic
 
 TASK_ORDER = ("text", "understand", "generate", "edit", "inpaint", "outpaint")
 CDF_POINTS = 300                  # quantiles drawn per CDF (keeps the file small at any size)
-TIME_BINS = 120                   # bins of the throughput/attainment timeline
+TIME_BINS = 60                    # bins of the throughput/attainment timeline
 COLUMNS = ["task", "arrival", "finish", "e2el_ms", "ttft_ms", "slo_met"]
 
 
@@ -122,8 +122,8 @@ def fig_utilization(tl: pd.DataFrame) -> str:
         gpus = g["gpus"].mean()
         x = np.c_[g["t_start"], g["t_end"]].ravel()           # a step line: flat per interval
         y = np.repeat(g["utilization"].to_numpy() * 100, 2)
-        ax.plot(x, y, lw=1.3, label=f"{pool} ({gpus:g} GPUs)" if gpus == int(gpus)
-                else f"{pool} ({gpus:.1f} GPUs avg)")
+        n = f"{gpus:g}" if gpus == int(gpus) else f"{gpus:.1f} on average"
+        ax.plot(x, y, lw=1.3, label=f"{pool} ({n} GPU{'' if gpus == 1 else 's'})")
     ax.set_ylim(-2, 102)
     ax.set_xlabel("simulated time (s)")
     ax.set_ylabel("busy (%)")
@@ -216,7 +216,7 @@ svg{max-width:100%;height:auto}.missing{color:#888;font-style:italic}"""
 def render(summary: dict[str, Any], title: str, requests: pd.DataFrame | None,
            timeline: pd.DataFrame | None) -> str:
     s = summary
-    warn = "".join(f'<div class="warn">{html.escape(n)}</div>' for n in latency_model_notes(s))
+    warn = "".join(f'<div class="warn">{html.escape(n)}</div>' for _, n in latency_model_notes(s))
     prov = s.get("provenance") or {}
     sub = (f"seed {s.get('seed')} &middot; {s.get('num_requests', s.get('completed')):,} requests"
            f" &middot; simulated in {_f(s.get('sim_wall_s'), ' s')}"

@@ -3,7 +3,7 @@
 A sampler wakes every `dt` simulated seconds and reads each GPU's busy time so far (committed
 units plus the elapsed part of the running one), adding the increment to the GPU's pool at that
 moment (pools change under autoscaling). At most `max_intervals` intervals are kept: when full,
-neighbours merge and `dt` doubles, so any run length gives a few hundred equal intervals. The
+neighbours merge and `dt` doubles, so any run length gives 120-240 equal intervals. The
 sampler only reads state, so the simulation's results do not change; it stops when the run is
 done or when nothing else is left to happen.
 """
@@ -23,7 +23,7 @@ TIMELINE_SCHEMA = pa.schema([("t_start", pa.float64()), ("t_end", pa.float64()),
 
 class UtilizationSampler:
     def __init__(self, env: Any, gpus: Sequence[GPU], done: Callable[[], bool],
-                 dt: float = 1.0, max_intervals: int = 400):
+                 dt: float = 1.0, max_intervals: int = 240):
         self.env, self.gpus, self.done = env, gpus, done
         self.dt = dt
         self.max_intervals = max_intervals
