@@ -43,7 +43,7 @@ def execute(cfg: SimConfig, outdir: Path, multirun: bool) -> dict:
         if hit is not None:
             report = _report(cfg, outdir, hit, only_if_missing=True)
             if not multirun:
-                print(f"reused: {cache.result_file(cfg, outdir)} was made by the same code, config "
+                print(f"reused: {shown(cache.result_file(cfg, outdir))} was made by the same code, config "
                       f"and input files (run_key {key[:12]}); output.cache=false re-simulates")
                 show(cfg, hit, outdir, report)
             return hit
@@ -92,8 +92,16 @@ def _report(cfg: SimConfig, outdir: Path, summary: dict, only_if_missing: bool =
     return write_report(outdir, summary, title(cfg, outdir))
 
 
+def shown(path: Path) -> Path:
+    """A path as the user would type it: relative to the working directory when under it."""
+    try:
+        return Path(path).resolve().relative_to(Path.cwd())
+    except ValueError:
+        return Path(path)
+
+
 def title(cfg: SimConfig, outdir: Path) -> str:
-    return f"{cfg.experiment}: policy={cfg.policy.name} -> {outdir}"
+    return f"{cfg.experiment}: policy={cfg.policy.name} -> {shown(outdir)}"
 
 
 def show(cfg: SimConfig, summary: dict, outdir: Path, report: Path | None) -> None:
@@ -101,18 +109,18 @@ def show(cfg: SimConfig, summary: dict, outdir: Path, report: Path | None) -> No
     if cfg.experiment == "queueing":
         keys = ("offered_load", "utilization", "request_throughput", "mean_queue_ms", "mean_e2el_ms",
                 "p99_e2el_ms", "time_avg_in_system", "littles_law_rhs")
-        print(f"queueing -> {outdir}")
+        print(f"queueing -> {shown(outdir)}")
         for k in keys:
             print(f"  {k:22s} {summary[k]:.4f}")
     elif cfg.experiment == "capacity":
         from sim.studies.capacity import format_table
         print(format_table(summary))
-        print(f"-> {outdir / 'capacity.json'}")
+        print(f"-> {shown(outdir) / 'capacity.json'}")
     else:
         from sim.run.output import print_summary
         print_summary(summary, title(cfg, outdir))
     if report is not None:
-        print(f"report: {report}")
+        print(f"report: {shown(report)}")
 
 
 @hydra.main(version_base=None, config_path=CONF_DIR, config_name="config")
