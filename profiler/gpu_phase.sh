@@ -40,7 +40,7 @@ case $PHASE in
     run 100 60 sweep model=qwen2_5_vl_7b backend=vllm 'grid.decode_context=[16,128,1024,4096,16384]' 'grid.decode_batch=[1,4,16,64,256]' 'grid.prefill_context=[8192]'
     ;;
   rest)   # resume whatever is missing (each sweep skips finished points)
-    shift; for m in "$@"; do run 100 30 sweep model=$m backend=$(case $m in qwen_image|flux1_dev|sd3_5_medium) echo diffusers;; *) echo vllm;; esac); done
+    shift; for m in "$@"; do run 100 30 sweep model=$m; done   # backend=auto: by the model's family
     ;;
 esac
 echo "[phase] $(date -u +%T) done in $(( $(date +%s) - T0 ))s" | tee -a "$LOG"

@@ -67,7 +67,7 @@ def plan_diffusers(spec: ModelSpec, grid: Any) -> list[dict]:
                     pts.append(point(m, stage, component=vae, batch_size=B, height=H, width=W))
     # DiT steps
     if "transformer" in spec.components:
-        T0 = int(spec.defaults.get("text_tokens", 256))
+        T0 = int(spec.request_defaults.get("text_tokens", 256))
         dit: list[dict] = []
         for H, W in _g(grid, "dit_resolutions"):
             S = spec.latent_tokens(H, W)

@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 
 from profiler import schema
-from profiler.backends import get_backend
+from profiler.backends import backend_for, get_backend
 from profiler.backends.base import RunContext
 from profiler.models import load_model
 
@@ -69,8 +69,9 @@ def done_keys(path: Path) -> set:
     return {schema.point_key(r) for _, r in df.iterrows()}
 
 
-def table_for(cfg, model: str) -> Path:
-    gpu = str(cfg.gpu) if cfg.backend != "analytic" else f"{cfg.gpu_spec}-analytic"
+def table_for(cfg, model: str, backend: str | None = None) -> Path:
+    backend = backend or str(cfg.backend)
+    gpu = str(cfg.gpu) if backend != "analytic" else f"{cfg.gpu_spec}-analytic"
     return schema.table_path(cfg.out_dir, gpu, model)
 
 
@@ -81,23 +82,27 @@ def run_sweep(cfg, log: Callable[[str], None] = print,
     t_start = time.monotonic()
     budget = float(cfg.max_minutes or 0) * 60.0
     stop = (lambda: time.monotonic() - t_start > budget) if budget > 0 else (lambda: False)
-    backend = get_backend(str(cfg.backend))
+    backends: dict[str, Any] = {}
     device = str(cfg.device)
     models = list(cfg.models) if not isinstance(cfg.models, str) else [cfg.models]
     stages = set(cfg.stages or [])
     summary: dict[str, Any] = {}
     for name in models:
         spec = spec_loader(name)
+        bname = backend_for(str(cfg.backend), spec.family)
+        if bname not in backends:
+            backends[bname] = get_backend(bname)
+        backend = backends[bname]
         pts = backend.plan(spec, cfg.grid)
         if stages:
             pts = [p for p in pts if p["stage"] in stages]
-        path = table_for(cfg, name)
+        path = table_for(cfg, name, bname)
         have = done_keys(path) if cfg.resume else set()
         todo = [p for p in pts if schema.point_key(p) not in have]
         info = {"path": str(path), "planned": len(pts), "already": len(pts) - len(todo),
                 "measured": 0, "oom": 0, "error": 0, "stopped": False}
         summary[name] = info
-        log(f"[profiler] {name}: backend={cfg.backend} planned={len(pts)} "
+        log(f"[profiler] {name}: backend={bname} planned={len(pts)} "
             f"done={info['already']} todo={len(todo)} -> {path}")
         if cfg.dry_run:
             for p in todo:

@@ -85,19 +85,21 @@ def fake_summary(**kw) -> dict:
 
 
 def test_table_and_report_say_what_the_numbers_rest_on(capsys):
-    s = fake_summary(max_concurrency=32, latency_model={
+    s = fake_summary(max_concurrency=32, analytic_tables=["qwen_image"], profile_tables={
+        "qwen_image": "analytic (roofline, not measured): x", "qwen2_5_vl_7b": "measured (vllm): y"},
+        latency_model={
         "out_of_grid_lookups": {"qwen_image/dit_step": 1200, "qwen2_5_vl_7b/prefill/pure": 3},
         "out_of_range_policy": "extrapolate",
         "engines": {"qwen_image": ["analytic"], "qwen2_5_vl_7b": ["vllm"]}})
     print_summary(s, "t")
     out = capsys.readouterr().out
     assert "EXTRAPOLATED: 1,203 latency lookups" in out and "qwen_image/dit_step 1,200" in out
-    assert "NOT MEASURED: analytic" in out and "closed loop: at most 32" in out
+    assert "ANALYTIC: roofline, not measured" in out and "closed loop: at most 32" in out
     html = render(s, "t", None, None)
     assert html.count('class="warn"') == 2 and "EXTRAPOLATED" in html
     print_summary(fake_summary(), "t")
     out = capsys.readouterr().out
-    assert "EXTRAPOLATED" not in out and "NOT MEASURED" not in out and "open loop" in out
+    assert "EXTRAPOLATED" not in out and "ANALYTIC" not in out and "open loop" in out
 
 
 def test_extrapolated_run_says_so_in_its_printed_table(synthetic_profiles, tmp_path):

@@ -17,6 +17,14 @@ BACKENDS: dict[str, str] = {
 }
 
 
+def backend_for(name: str, family: str) -> str:
+    """`auto` -> the engine that serves a model of this family (vllm: llm / vlm; diffusers:
+    dit / ar_dit, whose AR condition encoder is its own registry entry)."""
+    if name != "auto":
+        return name
+    return "vllm" if family in ("llm", "vlm") else "diffusers"
+
+
 def get_backend(name: str) -> Backend:
     if name not in BACKENDS:
         raise KeyError(f"backend={name!r} is unknown; allowed values: {sorted(BACKENDS)}")
@@ -24,4 +32,4 @@ def get_backend(name: str) -> Backend:
     return getattr(import_module(mod), cls)()
 
 
-__all__ = ["BACKENDS", "Backend", "get_backend"]
+__all__ = ["BACKENDS", "Backend", "backend_for", "get_backend"]

@@ -7,7 +7,7 @@ optimistic floor: measured / analytic is the efficiency the engine reaches at th
 from __future__ import annotations
 
 from profiler.backends.base import Backend, RunContext
-from profiler.models import ModelSpec, param_count
+from profiler.models import ModelSpec, llm_params, moe_layer_flags, moe_shape, param_count, unet_walk
 
 # dense bf16 tensor-core peak (FLOP/s), HBM bandwidth (B/s), memory (bytes)
 GPU_SPECS = {
@@ -23,19 +23,33 @@ def _llm_dims(c: dict) -> tuple[int, int, int, int, int]:
     return h, L, c["num_attention_heads"], c["num_key_value_heads"], hd
 
 
+def experts_touched(E: int, k: int, tokens: float) -> float:
+    """Expected distinct experts of one MoE layer that `tokens` tokens route to, each picking k
+    of E uniformly: E (1 - (1 - k/E)^tokens). A decode step reads only these experts' weights."""
+    if E <= 0 or tokens <= 0:
+        return 0.0
+    return E * (1.0 - (1.0 - k / E) ** tokens)
+
+
 def llm_step_cost(spec: ModelSpec, new_tokens: int, attn_pairs: float, kv_read_tokens: int,
                   seqs: int) -> tuple[float, float]:
     """One engine step: `new_tokens` through the weights, `attn_pairs` query-key pairs,
-    `kv_read_tokens` cached tokens read, `seqs` sequences sampled (lm_head)."""
+    `kv_read_tokens` cached tokens read, `seqs` sequences sampled (lm_head).
+
+    Dense models: every token meets every body weight. MoE models: a token meets the dense part
+    (attention, norms, routers, shared experts) and k routed experts per sparse layer (FLOPs);
+    the step reads the dense part and the experts its tokens touch (bytes)."""
     c = spec.llm
     h, L, nq, nkv, hd = _llm_dims(c)
     b = spec.dtype_bytes
-    P = param_count(c)
+    p = llm_params(c)
     emb = c["vocab_size"] * h
-    body = P - emb * (1 if c.get("tie_word_embeddings") else 2)
-    flops = 2 * body * new_tokens + 2 * emb * seqs + 4 * L * nq * hd * attn_pairs
+    E, k, pe, _shared = moe_shape(c)
+    n_sparse = sum(moe_layer_flags(c))
+    flops = 2 * p["active_per_token"] * new_tokens + 2 * emb * seqs + 4 * L * nq * hd * attn_pairs
     kvb = spec.kv_bytes_per_token()
-    weight_bytes = (body + emb) * b  # lm_head read once; embeddings gathered (small)
+    read_experts = n_sparse * experts_touched(E, k, new_tokens) * pe
+    weight_bytes = (p["dense"] + read_experts + emb) * b  # lm_head read once; embeddings gathered
     act = 2 * new_tokens * h * b * L * 4
     bytes_ = weight_bytes + kvb * (kv_read_tokens + new_tokens) + act
     return float(flops), float(bytes_)
@@ -80,6 +94,15 @@ def dit_token_params(c: dict) -> float:
     per = 12 * inner * inner * (c.get("num_layers", 0) + c.get("num_single_layers", 0))
     per += 4 * inner * inner * len(c.get("dual_attention_layers", []) or [])  # SD3.5 extra attn
     return float(per)
+
+
+def unet_cost(spec: ModelSpec, B: int, H: int, W: int, T: int) -> tuple[float, float]:
+    """A UNet step: the block walk's MACs (profiler.models.unet_walk) on the (H/8, W/8) latent,
+    weights read once, activations read and written per batch item."""
+    c = spec.components["transformer"]
+    d = spec.latent["downsample"]
+    P, macs, act = unet_walk(c, H // d, W // d, T)
+    return float(2 * macs * B), float(P * spec.dtype_bytes + act * B * spec.dtype_bytes)
 
 
 def dit_cost(spec: ModelSpec, B: int, S_img: int, T: int) -> tuple[float, float]:
@@ -131,6 +154,8 @@ def point_cost(spec: ModelSpec, p: dict) -> tuple[float, float]:
     if st == "text_encode":
         return text_encoder_cost(spec, p["component"], p["batch_size"], p["num_tokens"])
     if st == "dit_step":
+        if spec.components["transformer"]["kind"] == "unet2d_condition":
+            return unet_cost(spec, p["batch_size"], p["height"], p["width"], p["num_tokens"])
         return dit_cost(spec, p["batch_size"], p["seq_len"], p["num_tokens"])
     if st in ("vae_encode", "vae_decode"):
         return vae_cost(spec, p["component"], st, p["batch_size"], p["height"], p["width"])

@@ -16,7 +16,8 @@ from profiler.backends.base import Backend, RunContext, summarize, time_callable
 
 DIT_KINDS = {"qwen_image_mmdit": "QwenImageTransformer2DModel",
              "flux_dit": "FluxTransformer2DModel",
-             "sd3_dit": "SD3Transformer2DModel"}
+             "sd3_dit": "SD3Transformer2DModel",
+             "unet2d_condition": "UNet2DConditionModel"}   # the denoiser of SDXL-style pipelines
 
 
 # dit_step calls shorter than this are timed back to back (cfg.dit_chain): their kernel-launch time
@@ -127,6 +128,15 @@ def dit_inputs(spec, p: dict, device: str, dtype) -> dict[str, Any]:
                     encoder_hidden_states=rnd(B, T, c["joint_attention_dim"]),
                     encoder_hidden_states_mask=torch.ones(B, T, device=device, dtype=torch.long),
                     timestep=ts, img_shapes=[[(1, gh, gw)] * n_img] * B, return_dict=False)
+    if kind == "unet2d_condition":
+        d = spec.latent["downsample"]
+        kw = dict(sample=rnd(B, c["in_channels"], H // d, W // d), timestep=ts * 1000,
+                  encoder_hidden_states=rnd(B, T, c["cross_attention_dim"]), return_dict=False)
+        if c.get("addition_embed_type") == "text_time":
+            # SDXL: pooled text embedding + 6 micro-conditioning ids (sizes, crop)
+            pooled = c["projection_class_embeddings_input_dim"] - 6 * c["addition_time_embed_dim"]
+            kw["added_cond_kwargs"] = {"text_embeds": rnd(B, pooled), "time_ids": rnd(B, 6)}
+        return kw
     if kind == "sd3_dit":
         d = spec.latent["downsample"]
         return dict(hidden_states=rnd(B, c["in_channels"], H // d, W // d),

@@ -40,6 +40,21 @@ QWEN_SPECIAL = {151643: "<|endoftext|>", 151644: "<|im_start|>", 151645: "<|im_e
 SAFE_TOKEN_MAX = 30000  # random prompt ids stay below every special token
 
 
+# llm kinds beyond the hand-built qwen2 / llama below: transformers config class and the
+# architecture vLLM loads; every field of the registry entry is the config field of that name
+# (profiler.hf_import copies them), so they pass through unchanged
+HF_LLM_CLASSES: dict[str, tuple[str, str, str]] = {
+    "mistral": ("MistralConfig", "MistralForCausalLM", "silu"),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", "silu"),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", "gelu_pytorch_tanh"),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", "gelu_pytorch_tanh"),
+    "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM", "gelu_pytorch_tanh"),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", "silu"),
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", "silu"),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", "silu"),
+}
+
+
 def hf_config(spec):
     """transformers config object for the AR part of `spec` (random-weight engine input)."""
     c = spec.llm
@@ -81,7 +96,16 @@ def hf_config(spec):
         from transformers import LlamaConfig
         return LlamaConfig(**common, architectures=["LlamaForCausalLM"], torch_dtype="bfloat16",
                            bos_token_id=1, eos_token_id=2)
-    raise ValueError(f"vllm backend: no config builder for llm kind {c['kind']!r}")
+    if c["kind"] in HF_LLM_CLASSES:
+        import transformers
+        cls_name, arch, act = HF_LLM_CLASSES[c["kind"]]
+        fields = {k: (list(v) if isinstance(v, (list, tuple)) else v)
+                  for k, v in c.items() if k != "kind"}
+        act_key = "hidden_activation" if c["kind"].startswith("gemma") else "hidden_act"
+        return getattr(transformers, cls_name)(**fields, architectures=[arch],
+                                               torch_dtype="bfloat16", **{act_key: act})
+    raise ValueError(f"vllm backend: no config builder for llm kind {c['kind']!r}; allowed: "
+                     f"qwen2, llama, {', '.join(HF_LLM_CLASSES)}")
 
 
 def write_model_dir(spec, d: str | os.PathLike) -> Path:

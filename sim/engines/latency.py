@@ -252,6 +252,7 @@ class LatencyModel:
         self.outside: Counter[str] = Counter()   # name -> lookups outside the grid
         self.hole_hits: Counter[str] = Counter()
         self._frames: dict[str, pd.DataFrame] = {}
+        self._paths: dict[str, Path] = {}           # model -> the table it was read from
         self._grids: dict[tuple, Grid] = {}
         self._mixed_per_seq: dict[str, float] = {}
         self._ar_grids: dict[tuple[str, str], Grid | None] = {}
@@ -263,19 +264,45 @@ class LatencyModel:
         self._vae: dict[str, dict[str, Grid]] = {}  # model -> stage -> grid
 
     # --- tables ---------------------------------------------------------------------------
+    def table_path(self, model: str) -> Path:
+        """The measured table <root>/<gpu>/<model>.parquet; when it is missing, the roofline one
+        <root>/<gpu>-analytic/<model>.parquet (`python -m profiler import-model` writes it), so a
+        model without measurements still runs; report() and the run's summary say so."""
+        path = self.root / self.gpu / f"{model}.parquet"
+        if path.exists() or self.gpu.endswith("-analytic"):
+            return path
+        roof = self.root / f"{self.gpu}-analytic" / f"{model}.parquet"
+        return roof if roof.exists() else path
+
     def frame(self, model: str) -> pd.DataFrame:
         if model not in self._frames:
-            path = self.root / self.gpu / f"{model}.parquet"
+            path = self.table_path(model)
             if not path.exists():
                 have = sorted(p.stem for p in (self.root / self.gpu).glob("*.parquet"))
                 sets = sorted(p.name for p in self.root.glob("*") if p.is_dir())
                 raise MissingProfileError(
-                    f"no profile table for model={model!r} on gpu={self.gpu!r}: {path} is missing; "
-                    f"tables there: {have}; table sets under {self.root}: {sets} "
-                    f"(measure one with `python -m profiler sweep model={model}`)")
+                    f"no profile table for model={model!r} on gpu={self.gpu!r}: {path} is missing "
+                    f"(and no roofline table {self.gpu}-analytic/{model}.parquet); tables there: "
+                    f"{have}; table sets under {self.root}: {sets} (measure one with `python -m "
+                    f"profiler sweep model={model}`, or make roofline ones with `python -m profiler "
+                    f"sweep backend=analytic model={model}`)")
             df = read_profile(path)
             self._frames[model] = df[df["status"] == "ok"]
+            self._paths[model] = path
         return self._frames[model]
+
+    def tables(self) -> dict[str, dict[str, Any]]:
+        """Per model read so far: its table, engines and whether it was measured (a table with
+        engine=analytic rows is a roofline estimate, not a measurement)."""
+        out: dict[str, dict[str, Any]] = {}
+        for m in sorted(self._frames):
+            eng = self.engines(m)
+            out[m] = {"path": str(self._paths[m]), "table_set": self._paths[m].parent.name,
+                      "engines": eng, "measured": "analytic" not in eng and bool(eng)}
+        return out
+
+    def analytic_models(self) -> list[str]:
+        return [m for m, t in self.tables().items() if not t["measured"]]
 
     def engine_settings(self, model: str) -> dict:
         df = self.frame(model)
@@ -664,4 +691,5 @@ class LatencyModel:
     def report(self) -> dict:
         return {"out_of_grid_lookups": dict(self.outside), "oom_hole_lookups": dict(self.hole_hits),
                 "out_of_range_policy": self.mode.value,
-                "engines": {m: self.engines(m) for m in self._frames}}
+                "engines": {m: self.engines(m) for m in self._frames},
+                "tables": self.tables()}

@@ -24,7 +24,7 @@ def plan_hops(req: Request, fused: bool) -> list[Job]:
                 vision_tokens=img_in if fused else 0, out_tokens=req.output_tokens))
         return hops
 
-    out_h, out_w = req.output_image or (spec.defaults["height"], spec.defaults["width"])
+    out_h, out_w = req.output_image or (spec.request_defaults["height"], spec.request_defaults["width"])
     seq = spec.latent_tokens(out_h, out_w)
     if spec.family == "ar_dit":
         cond = spec.condition_encoder
@@ -35,7 +35,7 @@ def plan_hops(req: Request, fused: bool) -> list[Job]:
                 vision_tokens=img_in if fused else 0, out_tokens=0))
     else:
         add(Job(req, TEXT_ENCODE, spec.name, priority=prio,
-                tokens=int(spec.defaults.get("text_tokens", req.prompt_tokens)),
+                tokens=int(spec.request_defaults.get("text_tokens", req.prompt_tokens)),
                 components=spec.text_encoders))
     if req.input_images:
         in_h, in_w = req.input_images[0]
@@ -43,7 +43,7 @@ def plan_hops(req: Request, fused: bool) -> list[Job]:
         if req.task == EDIT:
             seq += spec.latent_tokens(in_h, in_w)     # condition latents join the sequence
     add(Job(req, DIT_STEP, spec.name, priority=prio, seq_len=seq,
-            steps=req.steps or spec.defaults["steps"], weight=2 if req.cfg else 1,
+            steps=req.steps or spec.request_defaults["steps"], weight=2 if req.cfg else 1,
             tokens=req.prompt_tokens))
     add(Job(req, VAE_DECODE, spec.name, priority=prio, height=out_h, width=out_w))
     return hops

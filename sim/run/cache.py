@@ -80,10 +80,12 @@ def git_commit() -> str | None:
 
 def input_files(cfg: SimConfig) -> list[Path]:
     """Every file the run reads besides code and config: the profile tables of its table set
-    and, for a trace replay, the trace."""
+    (and of the roofline set `<set>-analytic` it falls back to) and, for a trace replay, the
+    trace."""
     cfg.check()
-    tables = resolve(cfg.profiles_dir) / (cfg.latency.tables or cfg.cluster.gpu)
-    files = sorted(tables.glob("*.parquet")) if tables.is_dir() else []
+    root, tset = resolve(cfg.profiles_dir), cfg.latency.tables or cfg.cluster.gpu
+    files = sorted(p for d in (root / tset, root / f"{tset}-analytic") if d.is_dir()   # measured,
+                   for p in d.glob("*.parquet"))              # and the roofline fallback (sim.engines.latency)
     w = cfg.workload
     if w.arrival.process == "trace" and w.trace.path:
         trace = resolve(w.trace.path)

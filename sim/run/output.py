@@ -280,21 +280,25 @@ def latency_model_notes(summary: dict[str, Any]) -> list[tuple[str, str]]:
         notes.append((f"{verb}: {n:,} lookups outside the measured tables",
                       f"{verb}: {n:,} latency lookups outside the measured tables ({top}); "
                       f"latency.out_of_range={lm.get('out_of_range_policy')}"))
-    analytic = sorted(m for m, engines in (lm.get("engines") or {}).items() if "analytic" in engines)
+    analytic = summary.get("analytic_tables") or sorted(
+        m for m, engines in (lm.get("engines") or {}).items() if "analytic" in engines)
     if analytic:
-        notes.append(("NOT MEASURED: analytic tables",
-                      f"NOT MEASURED: analytic (roofline) tables for {', '.join(analytic)}"))
+        notes.append(("ANALYTIC: roofline, not measured",
+                      f"ANALYTIC: {', '.join(analytic)} simulated on roofline tables (engine=analytic, "
+                      f"not measured; an optimistic floor). Measure with `python -m profiler sweep "
+                      f"model={analytic[0]}` on a GPU."))
     return notes
 
 
 def print_summary(summary: dict[str, Any], title: str = "simulation summary") -> None:
-    """A short rich table of the headline numbers of a summary.json dict; warnings about the
-    latency tables (extrapolated, clamped, analytic) are rows of the table itself."""
+    """A short rich table of the headline numbers of a summary.json dict; what the numbers rest
+    on is in the table itself: lookups outside the measured tables (a row and the caption), the
+    table of each model (ANALYTIC for a roofline one, also said above the table)."""
     from rich.console import Console
     from rich.table import Table
 
     s = summary
-    notes = latency_model_notes(s)
+    notes = [n for n in latency_model_notes(s) if not n[0].startswith("ANALYTIC")]   # rows below
     t = Table(title=title, show_header=True,
               caption="\n".join(f"[bold red]{long}[/]" for _, long in notes) or None)
     t.add_column("metric")
@@ -317,4 +321,13 @@ def print_summary(summary: dict[str, Any], title: str = "simulation summary") ->
     util = (s.get("utilization") or {}).get("mean_gpu")
     t.add_row("mean GPU utilization", "-" if util is None else f"{100 * util:.1f} %")
     t.add_row("$ / 1k requests", _fmt(s.get("usd_per_1k_requests"), "", 4))
-    Console().print(t)
+    analytic = s.get("analytic_tables") or []
+    for m, how in (s.get("profile_tables") or {}).items():
+        t.add_row(f"latency table {m}", "ANALYTIC: roofline, not measured" if m in analytic
+                  else how.split(":")[0])
+    con = Console()
+    if analytic:
+        con.print(f"[bold yellow]ANALYTIC: {', '.join(analytic)} simulated on roofline tables "
+                  "(engine=analytic, not measured; an optimistic floor). Measure with `python -m "
+                  f"profiler sweep model={analytic[0]}` on a GPU.[/]")
+    con.print(t)

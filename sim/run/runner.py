@@ -187,6 +187,12 @@ class Run:
             "workload": cfg.workload.name, "cluster": cfg.cluster.name,
             "layout": self.policy.notes,
             "latency_model": self.lat.report(),
+            # models whose stage latencies are roofline estimates (engine=analytic), not
+            # measurements: top level, so no reader mistakes such a run for a measured one
+            "analytic_tables": self.lat.analytic_models(),
+            "profile_tables": {m: ("analytic (roofline, not measured): " if not t["measured"]
+                                   else f"measured ({', '.join(t['engines'])}): ") + t["path"]
+                               for m, t in self.lat.tables().items()},
             "sim_wall_s": round(wall_s, 3),
             "sim_events": sum(g.events for g in self.policy.gpus),
             "max_concurrency": self.max_concurrency,    # as vllm bench serve's result

@@ -43,7 +43,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from profiler.models import ModelSpec, UnknownModelError, available_models, load_model
+from profiler.models import (ModelSpec, UnknownModelError, available_models, denoiser_width_layers,
+                             load_model)
 from sim.config import ConfigError, SimConfig
 from sim.engines.cost import DECODE_BATCH_FOR_ESTIMATES as DECODE_BATCH_FOR_BOUND
 from sim.engines.memory import DIFFUSION_STATE_BYTES_PER_TOKEN, FRAMEWORK_OVERHEAD_BYTES, GIB
@@ -204,9 +205,10 @@ def typical_request(spec: ModelSpec):
         req = Request(0, 0.0, task, spec.name, TYPICAL["prompt_tokens"], TYPICAL["output_tokens"],
                       ins, None, 0, False, "interactive")
     else:
-        out = (int(spec.defaults["height"]), int(spec.defaults["width"]))
-        req = Request(0, 0.0, GENERATE, spec.name, int(spec.defaults.get("text_tokens", 64)), 0,
-                      (), out, int(spec.defaults["steps"]), bool(spec.defaults.get("cfg", False)),
+        d = spec.request_defaults
+        out = (int(d["height"]), int(d["width"]))
+        req = Request(0, 0.0, GENERATE, spec.name, int(d.get("text_tokens", 64)), 0,
+                      (), out, int(d["steps"]), bool(d.get("cfg", False)),
                       "standard")
     req.image_tokens_in, req.image_tokens_out = image_tokens(spec, req.task, req.input_images,
                                                              req.output_image)
@@ -494,10 +496,9 @@ def parallel_report(spec: ModelSpec, stages: _Stages, bw_gb_s: float = DEFAULT_N
             t = stages.lat.decode(llm_name, b, stages.detail["prefill_tokens"])
             cases.append((f"decode_step_b{b}", t, c["num_hidden_layers"], b, c["hidden_size"]))
     if DIT_STEP in stages.serial:
-        c = spec.components["transformer"]
-        inner = c["num_attention_heads"] * c["attention_head_dim"]
-        layers = c.get("num_layers", 0) + c.get("num_single_layers", 0)
-        tokens = stages.detail["cfg_weight"] * (stages.detail["dit_seq_len"] + int(spec.defaults.get("text_tokens", 64)))
+        inner, layers = denoiser_width_layers(spec.components["transformer"])
+        text = int(spec.request_defaults.get("text_tokens", 64))
+        tokens = stages.detail["cfg_weight"] * (stages.detail["dit_seq_len"] + text)
         cases.append((DIT_STEP, stages.detail["dit_step_ms"] / 1e3, layers, tokens, inner))
     for name, t1, layers, tokens, hidden in cases:
         hop = tokens * hidden * spec.dtype_bytes

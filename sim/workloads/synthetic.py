@@ -61,12 +61,12 @@ class TaskPlan:
         if t in TEXT_OUT_TASKS:
             self.steps[t], self.cfg[t] = 0, False
             return
-        steps = cfg.steps if cfg.steps is not None else spec.defaults.get("steps")
+        steps = cfg.steps if cfg.steps is not None else spec.request_defaults.get("steps")
         if steps is None or int(steps) < 1:
             raise ConfigError(f"workload.steps=None is invalid for {field}={spec.name!r} (no "
-                              f"defaults.steps); allowed: an integer >= 1")
+                              f"request_defaults.steps); allowed: an integer >= 1")
         self.steps[t] = int(steps)
-        self.cfg[t] = bool(cfg.cfg if cfg.cfg is not None else spec.defaults.get("cfg", False))
+        self.cfg[t] = bool(cfg.cfg if cfg.cfg is not None else spec.request_defaults.get("cfg", False))
 
 
 class SyntheticWorkload:

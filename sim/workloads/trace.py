@@ -46,6 +46,7 @@ ALIASES: dict[str, tuple[str, ...]] = {
     "prompt_tokens": ("prompt_tokens", "input_len", "input_tokens", "prompt_len"),
     "output_tokens": ("output_tokens", "output_len", "max_tokens"),
     "image_height": ("image_height",),
+    "images": ("images",),          # all input images of a row: [[h, w], ...] (overrides height/width)
     "image_width": ("image_width",),
     "output_height": ("output_height",),
     "output_width": ("output_width",),
@@ -263,6 +264,8 @@ def load_vllm_bench(path: str | Path, seed: int = 0) -> pd.DataFrame:
     df = pd.DataFrame({"arrival": t, "prompt_tokens": obj["input_lens"],
                        "output_tokens": obj["output_lens"], "measured_ttft_s": ttft,
                        "measured_e2el_s": e2el})
+    if "images" in obj:
+        _add_image_columns(df, obj, path)
     dropped = int((~ok).sum())
     if dropped:
         warnings.warn(f"{path}: dropped {dropped} failed requests (non-empty errors)", stacklevel=2)
@@ -270,6 +273,39 @@ def load_vllm_bench(path: str | Path, seed: int = 0) -> pd.DataFrame:
     if conc:
         out.attrs["max_concurrency"] = int(conc)
     return out
+
+
+def _add_image_columns(df: pd.DataFrame, obj: dict[str, Any], path: Path) -> None:
+    """An image + text result (profiler.chat_bench): per request `images` ([[h, w], ...], empty
+    for text-only) and `image_tokens` (their tokens in the served model). A request with images
+    becomes an `understand` request with those images and, as text prompt, the server's prompt
+    tokens (`input_lens`, usage.prompt_tokens) minus its image tokens, so the replayed prefill
+    (text + image tokens) is the served one; the others stay `text`."""
+    n = len(df)
+    images, itok = obj["images"], obj.get("image_tokens")
+    if len(images) != n or itok is None or len(itok) != n:
+        raise ConfigError(f"trace {str(path)!r}: field 'images' has {len(images)} rows and 'image_tokens' "
+                          f"{None if itok is None else len(itok)}; allowed: one entry per request "
+                          f"({n}) in both, as profiler.chat_bench writes them")
+    pairs: list[tuple[tuple[int, int], ...]] = []
+    for i, imgs in enumerate(images):
+        try:
+            pairs.append(tuple((int(h), int(w)) for h, w in imgs))
+        except (TypeError, ValueError):
+            raise ConfigError(f"trace {str(path)!r}: row {i} field 'images' is {imgs!r}; allowed: a list "
+                              f"of [height, width] pairs of positive integers") from None
+        if any(h < 1 or w < 1 for h, w in pairs[-1]):
+            raise ConfigError(f"trace {str(path)!r}: row {i} field 'images' is {imgs!r}; allowed: "
+                              f"positive heights and widths")
+    text = np.asarray(df["prompt_tokens"], dtype=np.int64) - np.asarray(itok, dtype=np.int64)
+    has = np.array([bool(p) for p in pairs])
+    df["prompt_tokens"] = np.where(has, np.maximum(text, 1), df["prompt_tokens"])
+    df["task"] = np.where(has, "understand", "text")
+    col = np.empty(n, dtype=object)     # element-wise: tuples of equal length must not become a 3-d array
+    for i, p in enumerate(pairs):
+        col[i] = p
+    df["images"] = col
+    df["measured_image_tokens"] = np.asarray(itok, dtype=np.int64)
 
 
 def _ready_times(obj: dict[str, Any], sent: np.ndarray, conc: int) -> np.ndarray:
@@ -420,10 +456,13 @@ class TraceWorkload:
             for (t, m), (_spec, steps, _cf, _slo) in self._plans.items():
                 if t not in TEXT_OUT_TASKS and steps < 1:
                     raise ConfigError(f"workload.steps=None is invalid for model {m!r} (no "
-                                      f"defaults.steps) in trace {str(self.path)!r}; allowed: an "
+                                      f"request_defaults.steps) in trace {str(self.path)!r}; allowed: an "
                                       f"integer >= 1 or a 'steps' column")
+        self._images = col("images")
         ih, iw = self._cols["image_height"], self._cols["image_width"]
         for i, t in enumerate(tasks):
+            if t in IMAGE_IN_TASKS and self._row_images(i):
+                continue
             if t in IMAGE_IN_TASKS and (_val(ih[i]) is None or _val(iw[i]) is None):
                 raise ConfigError(f"{where(self.path, df, i)}, fields 'image_height', 'image_width': "
                                   f"empty, and task {t!r} needs an input image; allowed: its size "
@@ -437,12 +476,19 @@ class TraceWorkload:
         slo = str(cfg.slo_classes.get(task, "standard"))
         if task in TEXT_OUT_TASKS:
             return spec, 0, False, slo
-        steps = cfg.steps if cfg.steps is not None else spec.defaults.get("steps", 0)
-        cf = bool(cfg.cfg if cfg.cfg is not None else spec.defaults.get("cfg", False))
+        steps = cfg.steps if cfg.steps is not None else spec.request_defaults.get("steps", 0)
+        cf = bool(cfg.cfg if cfg.cfg is not None else spec.request_defaults.get("cfg", False))
         return spec, int(steps), cf, slo
 
     def __len__(self) -> int:
         return len(self._arrival)
+
+    def _row_images(self, i: int) -> tuple[tuple[int, int], ...]:
+        """Row i's `images` column as (h, w) pairs (several images per request), () if none."""
+        v = self._images[i]
+        if v is None or (isinstance(v, float) and math.isnan(v)) or isinstance(v, str):
+            return ()
+        return tuple((int(h), int(w)) for h, w in v)
 
     def __iter__(self) -> Iterator[Request]:
         for c in self.chunks():
@@ -455,14 +501,15 @@ class TraceWorkload:
         out_tok = int(_val(c["output_tokens"][i]) or 0) if t in TEXT_OUT_TASKS else 0
         ins: tuple[tuple[int, int], ...] = ()
         if t in IMAGE_IN_TASKS:
-            ins = ((int(c["image_height"][i]), int(c["image_width"][i])),)
+            ins = self._row_images(i) or ((int(c["image_height"][i]), int(c["image_width"][i])),)
         out: tuple[int, int] | None = None
         oh, ow = _val(c["output_height"][i]), _val(c["output_width"][i])
         if t not in TEXT_OUT_TASKS:
             if oh is not None and ow is not None:
                 out = (int(oh), int(ow))
             elif t == GENERATE:
-                out = (int(spec.defaults.get("height", 1024)), int(spec.defaults.get("width", 1024)))
+                d = spec.request_defaults
+                out = (int(d.get("height", 1024)), int(d.get("width", 1024)))
             elif t == OUTPAINT:
                 h, w = outpaint_size(np.array([ins[0][0]]), np.array([ins[0][1]]), self.cfg.image)
                 out = (int(h[0]), int(w[0]))
