@@ -88,9 +88,9 @@ def input_files(cfg: SimConfig) -> list[Path]:
                    for p in d.glob("*.parquet"))              # and the roofline fallback (sim.engines.latency)
     w = cfg.workload
     if w.arrival.process == "trace" and w.trace.path:
-        trace = resolve(w.trace.path)
-        if trace.is_file():
-            files.append(trace)
+        trace = Path(w.trace.path)          # as sim.workloads.trace opens it (from the cwd)
+        if trace.is_file():                 # (else the run stops on it before simulating)
+            files.append(trace.resolve())
     return files
 
 
