@@ -1,5 +1,6 @@
 """Hydra entry point: composes conf/, validates it against sim.config's schema, runs the
-selected experiment, writes requests.parquet + summary.json into the Hydra run directory."""
+selected experiment into the Hydra run directory (requests.parquet, timeline.parquet,
+report.html, then summary.json; capacity.json for a capacity plan) and prints its table."""
 from __future__ import annotations
 
 import sys
@@ -13,7 +14,6 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from sim.config import ConfigError, SimConfig
-
 from sim.run.folder import register_resolver
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
@@ -43,8 +43,8 @@ def execute(cfg: SimConfig, outdir: Path, multirun: bool) -> dict:
         if hit is not None:
             report = _report(cfg, outdir, hit, only_if_missing=True)
             if not multirun:
-                print(f"reused: {shown(cache.result_file(cfg, outdir))} was made by the same code, config "
-                      f"and input files (run_key {key[:12]}); output.cache=false re-simulates")
+                print(f"reused: {shown(cache.result_file(cfg, outdir))} was made by the same code, "
+                      f"config and input files (run_key {key[:12]}); output.cache=false re-simulates")
                 show(cfg, hit, outdir, report)
             return hit
         folder.clear()

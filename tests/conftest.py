@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -26,15 +25,6 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
-
-# MMSIM_HIDE_ENGINES=1: the profiler's engines (the `profile` / `gpu` extras) cannot be imported,
-# as in the light install, even where they are installed; their tests must then skip cleanly.
-# CI runs the suite so, then those skipped tests alone with the engines (.ci/run).
-ENGINE_PACKAGES = ("torch", "diffusers", "transformers", "tokenizers", "vllm", "accelerate",
-                   "huggingface_hub", "safetensors")
-if os.environ.get("MMSIM_HIDE_ENGINES", "") not in ("", "0"):
-    for _name in ENGINE_PACKAGES:      # None in sys.modules: `import` fails, find_spec is None
-        sys.modules[_name] = None      # type: ignore[assignment]
 
 from profiler.schema import write_table  # noqa: E402
 from sim.config import SimConfig  # noqa: E402

@@ -205,11 +205,11 @@ def pool_rows(s: dict[str, Any]) -> list[list[str]]:
 
 
 CSS = """body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px auto;
-max-width:1100px;color:#222}h1{font-size:20px;margin-bottom:4px}h2{font-size:16px;margin-top:28px;
+max-width:1180px;padding:0 16px;color:#222}h1{font-size:20px;margin-bottom:4px}h2{font-size:16px;margin-top:28px;
 border-bottom:1px solid #ddd;padding-bottom:4px}.sub{color:#666;font-size:13px}
 table{border-collapse:collapse;font-size:13px;margin:8px 0}td,th{border:1px solid #ddd;padding:3px 8px;
 text-align:left}th{background:#f4f4f4}.warn{background:#fde8e8;border:1px solid #e0a0a0;color:#900;
-padding:8px 12px;margin:10px 0;font-weight:600}.grid{display:flex;gap:28px;flex-wrap:wrap}
+padding:8px 12px;margin:10px 0;font-weight:600}.grid{display:flex;gap:24px;flex-wrap:wrap;align-items:flex-start}.grid>div{flex:0 0 auto}
 svg{max-width:100%;height:auto}.missing{color:#888;font-style:italic}"""
 
 
