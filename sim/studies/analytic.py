@@ -676,7 +676,10 @@ def print_report(rep: dict[str, Any]) -> None:
     notes = latency_model_notes({"latency_model": rep.get("latency_model")})
     if not rep.get("measured"):
         notes.append(("", f"NOT MEASURED: analytic tables ({rep.get('profiles')})"))
-    t = Table(title=f"analytic report: {rep['model']} on {rep['gpu']} ({rep.get('profiles')})",
+    where = Path(str(rep.get("profiles")))
+    if where.is_absolute() and where.is_relative_to(Path.cwd()):
+        where = where.relative_to(Path.cwd())
+    t = Table(title=f"analytic report: {rep['model']} on {rep['gpu']} ({where})",
               caption="\n".join(f"[bold red]{n}[/]" for _, n in notes) or None)
     t.add_column("quantity")
     t.add_column("value", justify="right")
@@ -720,7 +723,7 @@ def print_report(rep: dict[str, Any]) -> None:
     cost = rep["usd_per_1k_requests"]
     t.add_row("$ / 1k requests", " / ".join(f"{cost[k]:.3g}" for k in cost), " / ".join(cost)
               + f" (${rep['usd_per_gpu_hour']}/GPU-h)")
-    Console(width=None if sys.stdout.isatty() else 160).print(t)
+    Console(width=None if sys.stdout.isatty() else 130).print(t)
     print("all numbers: format=json")
 
 
