@@ -145,8 +145,11 @@ class Run:
             self.writer = RequestsParquetWriter(self.outdir / "requests.parquet",
                                                 self.cfg.output.chunk_rows, self.cfg.slo)
         if self.outdir is not None and self.cfg.output.report:
+            w = self.cfg.workload      # a first interval of ~1/240 of the expected span
+            span = w.num_requests / w.arrival.rate if w.arrival.process == "gamma" else 0.0
             self.sampler = UtilizationSampler(self.env, self.policy.gpus,
-                                              done=lambda: self.completed >= self.n_total)
+                                              done=lambda: self.completed >= self.n_total,
+                                              dt=max(1.0, span / 240))
         try:
             self._start_arrivals()
             if self.sampler is not None:
