@@ -18,6 +18,49 @@ FAMILIES = ("llm", "vlm", "ar_dit", "dit")
 TASKS = ("text", "understand", "generate", "edit", "inpaint", "outpaint")
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "fp8": 1}
 
+# --- precision variants ------------------------------------------------------------------------
+# One rule: the precision variant P of model M is the model named "M@P". It has M's shapes; the
+# weights of its QUANTIZED components are stored in P's weight dtype (embeddings and the LM head
+# stay in M's dtype, as vLLM's dynamic FP8 leaves them), its KV cache is in P's KV dtype, and
+# activations (what hops hand to each other) stay in M's dtype. Its profile tables are
+# traces/profiles/<gpu>/M@P.parquet; an AR+DiT variant's condition encoder is the same variant of
+# M's condition encoder. `precision=P` (sim config) serves every task with its model's variant P.
+VARIANT_SEP = "@"
+QUANTIZED = ("llm", "vision", "transformer")   # vLLM fp8: LLM + vision tower; DiT: the transformer
+
+
+@dataclass(frozen=True)
+class Precision:
+    name: str
+    weights: str            # dtype of the quantized components' weights
+    kv: str | None          # KV-cache dtype (None: the model's own dtype)
+    about: str
+
+
+PRECISIONS: dict[str, Precision] = {
+    "bf16": Precision("bf16", "bfloat16", None, "the model as configured (bfloat16)"),
+    "fp8": Precision("fp8", "fp8", None, "FP8 (e4m3) weights, dynamic per-token activation "
+                     "scales (vLLM quantization='fp8'; torchao float8 dynamic for a DiT); KV cache "
+                     "in bfloat16"),
+    "fp8kv": Precision("fp8kv", "fp8", "fp8", "fp8 weights and an FP8 KV cache "
+                       "(vLLM kv_cache_dtype='fp8')"),
+}
+
+
+def split_variant(name: str) -> tuple[str, str | None]:
+    """("qwen_image", "fp8") for "qwen_image@fp8"; (name, None) without a variant."""
+    base, sep, prec = str(name).partition(VARIANT_SEP)
+    return base, (prec if sep else None)
+
+
+def with_precision(name: str, precision: str | None) -> str:
+    """The model name of `name`'s variant `precision` (bf16 / None: the base model; a name that
+    already names a variant is kept)."""
+    base, have = split_variant(name)
+    if have is not None or precision in (None, "", "bf16"):
+        return name
+    return f"{base}{VARIANT_SEP}{precision}"
+
 
 class UnknownModelError(KeyError):
     def __str__(self) -> str:  # KeyError quotes its message; keep it readable
@@ -41,10 +84,25 @@ class ModelSpec:
     condition_encoder: str | None = None
     condition_image_pixels: int | None = None
     text_encoders: tuple[str, ...] = ()
+    precision: str = "bf16"                 # PRECISIONS key (a variant "M@P" has P)
+    quant_dtype: str | None = None          # weight dtype of the QUANTIZED components
+    kv_dtype: str | None = None             # KV-cache dtype (None: dtype)
 
     @property
     def dtype_bytes(self) -> int:
+        """Bytes per element of activations (and of unquantized weights)."""
         return DTYPE_BYTES[self.dtype]
+
+    @property
+    def base(self) -> str:
+        return split_variant(self.name)[0]
+
+    @property
+    def kv_dtype_bytes(self) -> int:
+        return DTYPE_BYTES[self.kv_dtype or self.dtype]
+
+    def weight_dtype(self, comp: str) -> str:
+        return self.quant_dtype if self.quant_dtype and comp in QUANTIZED else self.dtype
 
     @property
     def llm(self) -> dict[str, Any] | None:
@@ -56,14 +114,28 @@ class ModelSpec:
         if c is None:
             return 0
         head_dim = c.get("head_dim", c["hidden_size"] // c["num_attention_heads"])
-        return 2 * c["num_hidden_layers"] * c["num_key_value_heads"] * head_dim * self.dtype_bytes
+        return 2 * c["num_hidden_layers"] * c["num_key_value_heads"] * head_dim * self.kv_dtype_bytes
 
     def component_params(self, comp: str) -> int:
         return param_count(self.components[comp])
 
+    def component_bytes(self, comp: str) -> int:
+        """Weight bytes of one component: parameters x its weight dtype; a quantized LLM keeps
+        its token embeddings and LM head in the model's dtype."""
+        n = self.component_params(comp)
+        wd = self.weight_dtype(comp)
+        if wd == self.dtype:
+            return n * self.dtype_bytes
+        c = self.components[comp]
+        keep = 0
+        if c.get("kind") in LLM_KINDS:
+            p = llm_params(c)
+            keep = p["embed"] + p["lm_head"]
+        return (n - keep) * DTYPE_BYTES[wd] + keep * self.dtype_bytes
+
     def weights_bytes(self, components: tuple[str, ...] | None = None) -> int:
         names = components if components is not None else tuple(self.components)
-        return sum(self.component_params(n) for n in names) * self.dtype_bytes
+        return sum(self.component_bytes(n) for n in names)
 
     # --- image tokenization (each model's own rule) -------------------------------------------
     def image_input_tokens(self, height: int, width: int) -> int:
@@ -226,6 +298,9 @@ def available_models(conf_dir: str | None = None) -> tuple[str, ...]:
 
 @lru_cache(maxsize=None)
 def load_model(name: str, conf_dir: str | None = None) -> ModelSpec:
+    base, prec = split_variant(name)
+    if prec is not None:
+        return variant(load_model(base, conf_dir), prec)
     d = Path(conf_dir) if conf_dir else CONF_DIR
     path = d / f"{name}.yaml"
     if not path.exists():
@@ -357,3 +432,18 @@ def unet_walk(c: dict[str, Any], h: int, w: int, text_tokens: int,
     P += 2 * chs[0]                                        # conv_norm_out
     conv(chs[0], c.get("out_channels", c["in_channels"]), pix0)
     return P, M, A
+
+
+def variant(spec: ModelSpec, precision: str) -> ModelSpec:
+    """The precision variant `precision` of a base model spec (see PRECISIONS)."""
+    if precision not in PRECISIONS:
+        raise UnknownModelError(f"model={spec.name}{VARIANT_SEP}{precision!r}: precision "
+                                f"{precision!r} is unknown; allowed: {sorted(PRECISIONS)}")
+    if precision == "bf16":
+        return spec
+    p = PRECISIONS[precision]
+    from dataclasses import replace
+    return replace(spec, name=f"{spec.name}{VARIANT_SEP}{precision}", precision=precision,
+                   quant_dtype=p.weights, kv_dtype=p.kv,
+                   condition_encoder=(with_precision(spec.condition_encoder, precision)
+                                      if spec.condition_encoder else None))

@@ -25,16 +25,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gzip
 import json
 import os
-import re
 import shlex
-import shutil
-import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional
@@ -42,8 +38,8 @@ from typing import Any, Optional
 from profiler.jsonfiles import write_json_gz
 from profiler.omni_client import (ImageRequest, WorkloadLaw, columns, draw_requests,
                                   input_image_jpeg, run_requests, summarize)
-from profiler.serve_bench import (git_sha, gpu_info, http_get, parent_age_s, pkg_version,
-                                  stop_group, torch_gpu_name_proc, vllm_cli)
+from profiler.omni_server import OmniServer, gzip_file, prepare, serve_command, server_env
+from profiler.serve_bench import git_sha, gpu_info, parent_age_s, pkg_version, torch_gpu_name_proc, vllm_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = "mmsim.omni_bench.v1"
@@ -59,7 +55,7 @@ class ServedPlan:
 
 
 MODELS: dict[str, ServedPlan] = {
-    # Qwen-Image: true CFG (a negative prompt) as conf/model/qwen_image.yaml defaults.cfg
+    # Qwen-Image: true CFG (a negative prompt) as conf/model/qwen_image.yaml request_defaults.cfg
     "qwen_image": ServedPlan("generate", True, 2.8, 1000),
     "qwen_image_edit": ServedPlan("edit", True, 4.2, 1000),
     # FLUX.1-dev is guidance-distilled: one transformer pass per step, no negative prompt
@@ -128,22 +124,28 @@ def size_run(run: RunSpec, capacity: float, target_s: float) -> RunSpec:
     return r
 
 
-def est_seconds(run: RunSpec, capacity: float) -> float:
-    """Rough wall time: sequential = n services; open = arrivals span or the backlog, whichever
-    ends later, plus one service of tail."""
+def _est_terms(run: RunSpec, capacity: float) -> tuple[float, float]:
+    """(per-request seconds, fixed seconds) of a run's wall time, linear in its request count:
+    sequential = n services; open = the arrivals span or the backlog, whichever ends later, plus
+    two services of tail; both + 5 s of client start and result writing."""
     svc = 1.0 / max(capacity, 1e-6)
     if run.rate is None:
-        return run.n * svc + 5.0
-    return max(run.n / run.rate, run.n * svc) * 1.1 + 2 * svc + 5.0
+        return svc, 5.0
+    return max(1.0 / run.rate, svc) * 1.1, 2 * svc + 5.0
+
+
+def est_seconds(run: RunSpec, capacity: float) -> float:
+    a, b = _est_terms(run, capacity)
+    return a * run.n + b
 
 
 def shrink_to(run: RunSpec, capacity: float, left_s: float) -> Optional[RunSpec]:
     """The run cut to fit left_s seconds (None if fewer than 4 requests would be left)."""
-    est = est_seconds(run, capacity)
-    if est <= left_s:
+    if est_seconds(run, capacity) <= left_s:
         return run
+    a, b = _est_terms(run, capacity)
     r = replace(run)
-    r.n = int(run.n * max(0.0, left_s - 5.0) / max(est - 5.0, 1e-6))
+    r.n = int(max(0.0, left_s - b) / a)
     return r if r.n >= 4 else None
 
 
@@ -160,20 +162,11 @@ def warmup_requests(plan: ServedPlan, law: WorkloadLaw, seed: int) -> list[Image
     return reqs
 
 
-def serve_command(cli: list[str], model_dir: Path, port: int, a: argparse.Namespace) -> list[str]:
-    cmd = cli + ["serve", str(model_dir), "--omni", "--host", "127.0.0.1", "--port", str(port)]
-    if a.max_num_seqs is not None:
-        cmd += ["--max-num-seqs", str(a.max_num_seqs)]
-    if a.request_batch_max_wait_ms is not None:
-        cmd += ["--request-batch-max-wait-ms", str(a.request_batch_max_wait_ms)]
-    if a.step_execution:
-        cmd += ["--step-execution"]
-    if a.stage_profiler:
-        cmd += ["--enable-diffusion-pipeline-profiler"]
-    if a.enforce_eager:
-        cmd += ["--enforce-eager"]
-    cmd += shlex.split(a.server_args or "")
-    return cmd
+def bench_serve_command(cli: list[str], model_dir: Path, port: int, a: argparse.Namespace) -> list[str]:
+    return serve_command(cli, model_dir, port, max_num_seqs=a.max_num_seqs,
+                         request_batch_max_wait_ms=a.request_batch_max_wait_ms,
+                         step_execution=a.step_execution, stage_profiler=a.stage_profiler,
+                         enforce_eager=a.enforce_eager, extra=a.server_args)
 
 
 def server_settings(a: argparse.Namespace) -> dict[str, Any]:
@@ -193,31 +186,6 @@ def server_settings(a: argparse.Namespace) -> dict[str, Any]:
     out["enable_diffusion_pipeline_profiler"] = {
         "value": bool(a.stage_profiler),
         "source": "vLLM-Omni's per-stage timer (synchronizes the device at stage boundaries)"}
-    return out
-
-
-LOG_FACTS = {
-    "request_batch_init": r"\[RequestBatch\] engine init max_num_seqs=(\S+) max_wait_ms=(\S+)",
-    "attention_backend": r"(?:Using|Defaulting to) diffusion attention backend[^\n]*",
-    "model_loading": r"Model loading took ([\d.]+) GiB and ([\d.]+) seconds",
-    "compile": r"configured for lazy \w+ torch\.compile[^\n]*",
-    "registered": r"Registered diffusion model \S+ -> [^\n]*",
-}
-
-
-def log_facts(text: str) -> dict[str, Any]:
-    """A few facts the server log states: the first line matching each pattern (all for
-    `registered`), as text."""
-    out: dict[str, Any] = {}
-    for k, pat in LOG_FACTS.items():
-        if k == "registered":
-            found = sorted({m.group(0).strip() for m in re.finditer(pat, text)})
-            if found:
-                out[k] = found
-            continue
-        m = re.search(pat, text)
-        if m:
-            out[k] = m.group(0).strip()
     return out
 
 
@@ -328,7 +296,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     staging = Path(f"/tmp/omni_bench/staging{suffix}")
     out = Path(a.out)
     cli = vllm_cli(a.vllm_cli)
-    srv_cmd = serve_command(cli, model_dir, a.port, a)
+    srv_cmd = bench_serve_command(cli, model_dir, a.port, a)
     capacity = a.capacity or 1.0 / plan.assumed_service_s
     base_url = f"http://127.0.0.1:{a.port}"
 
@@ -354,26 +322,15 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 0
 
     out.mkdir(parents=True, exist_ok=True)
-    staging.mkdir(parents=True, exist_ok=True)
-    for k, v in (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"), ("VLLM_NO_USAGE_STATS", "1"),
-                 ("DO_NOT_TRACK", "1")):
-        os.environ.setdefault(k, v)
 
     def log(msg: str) -> None:
         print(f"[omni_bench {time.monotonic() - t0:6.1f}s] {msg}", flush=True)
 
-    from profiler.omni_models import write_model_dir
-    from profiler.omni_plugin import install_plugin
     tq = torch_gpu_name_proc()
-    manifest = write_model_dir(a.model, model_dir, shapes=shapes)
-    plugin_dir = install_plugin(staging / "plugin")
-    stagelog = staging / f"stagelog_{a.model}.jsonl"
-    stagelog.unlink(missing_ok=True)
+    prep = prepare(a.model, model_dir, staging, shapes)
+    manifest, stagelog = prep["manifest"], prep["stagelog"]
     log(f"model dir {model_dir}: {manifest['pipeline']}, shapes {a.shapes}")
-    srv_env = dict(os.environ)
-    srv_env["PYTHONPATH"] = os.pathsep.join(
-        [str(plugin_dir), str(ROOT)] + [x for x in os.environ.get("PYTHONPATH", "").split(os.pathsep) if x])
-    srv_env["MMSIM_OMNI_STAGELOG"] = str(stagelog)
+    srv_env = server_env(prep["plugin_dir"], stagelog)
     server_log = out / f"server_{a.model}{suffix}__{call_id}.log"
     base: dict[str, Any] = dict(
         model=a.model, model_yaml=manifest["model_yaml"], pipeline=manifest["pipeline"],
@@ -397,25 +354,10 @@ def main(argv: Optional[list[str]] = None) -> int:
             tq.kill()
             tq.wait()
     summary: dict[str, Any] = {"model": a.model, "runs": [], "skipped": []}
-    srv = None
-    logf = open(server_log, "w")
+    srv = OmniServer(srv_cmd, srv_env, server_log, a.port, a.health_timeout, log)
     try:
-        log("starting: " + shlex.join(srv_cmd))
-        srv = subprocess.Popen(srv_cmd, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True,
-                               env=srv_env)
-        ready_by = min(time.monotonic() + a.health_timeout, deadline - 30)
-        while True:
-            if srv.poll() is not None:
-                raise RuntimeError(f"vllm serve --omni exited with {srv.returncode}; see {server_log}")
-            if http_get(f"{base_url}/health", 2.0)[0] == 200:
-                break
-            if time.monotonic() > ready_by:
-                raise RuntimeError(f"vllm serve --omni not healthy after {time.monotonic() - t0:.0f} s; "
-                                   f"see {server_log}")
-            time.sleep(2.0)
-        base["server_start_s"] = round(time.monotonic() - t0, 1)
-        logf.flush()
-        base["server_log_facts"] = log_facts(server_log.read_text(errors="replace"))
+        base["server_start_s"] = srv.start(ready_by=deadline - 30)
+        base["server_log_facts"] = srv.facts
         log(f"server healthy after {base['server_start_s']} s; {base['server_log_facts']}")
         calibrated = a.capacity is not None
         for run in runs:
@@ -445,7 +387,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                         client_t0_wall=round(res["t0_wall"], 6), run_seed=seed,
                         calibrated_capacity_rps=round(capacity, 5),
                         capacity_source="--capacity" if a.capacity else ("probe" if calibrated else "assumed"),
-                        server_alive=srv.poll() is None)
+                        server_alive=srv.alive())
             obj = build_result(a.model, plan, rr, reqs, res, batches, prov)
             fname = f"{a.model}__{rr.name}{suffix}.json.gz"
             if not rr.validation or (out / fname).exists():
@@ -465,23 +407,14 @@ def main(argv: Optional[list[str]] = None) -> int:
                 capacity = len(lats) / sum(lats)
                 calibrated = True
                 log(f"calibrated capacity {capacity:.4f} req/s (1 / mean zero-load latency)")
-            if srv.poll() is not None:
+            if not srv.alive():
                 raise RuntimeError(f"server exited with {srv.returncode} during {rr.name}; see {server_log}")
     except Exception as e:  # noqa: BLE001 - report, stop the server, keep finished runs
         log(f"error: {e}")
         summary["error"] = str(e)
     finally:
-        if srv is not None:
-            stop_group(srv)
-        logf.close()
-        if server_log.exists():
-            with open(server_log, "rb") as src, gzip.open(str(server_log) + ".gz", "wb") as g:
-                shutil.copyfileobj(src, g)
-            server_log.unlink()
-        if stagelog.exists():
-            with open(stagelog, "rb") as src, \
-                    gzip.open(out / f"stagelog_{a.model}{suffix}__{call_id}.jsonl.gz", "wb") as g:
-                shutil.copyfileobj(src, g)
+        srv.stop()
+        gzip_file(stagelog, out / f"stagelog_{a.model}{suffix}__{call_id}.jsonl.gz")
         summary["capacity_rps"] = round(capacity, 5)
         summary["provenance"] = base
         summary["elapsed_s"] = round(time.monotonic() - t0, 1)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Optional
 
@@ -177,6 +178,12 @@ def prefix_chain_bpe(pretokens: list[str], alphabet: list[str]) -> tuple[dict[st
     return vocab, merges
 
 
+@lru_cache(maxsize=1)
+def _qwen_vocab_json() -> tuple[str, str]:
+    vocab, merges = qwen_vocab()
+    return json.dumps(vocab, ensure_ascii=False), "#version: 0.2\n" + "\n".join(merges) + "\n"
+
+
 def qwen_vocab() -> tuple[dict[str, int], list[str]]:
     """The Qwen2 vocabulary: byte alphabet + template/prompt-word merges, padded with unreachable
     fillers to 151643 regular ids, then the 22 special tokens at their real ids."""
@@ -202,9 +209,9 @@ def write_qwen_tokenizer(dst: Path, with_processor: bool = False) -> None:
     rebuilds Qwen2's own pre-tokenizer from them); with_processor also writes the Qwen2-VL image
     processor config (Qwen-Image-Edit's processor/ folder)."""
     dst.mkdir(parents=True, exist_ok=True)
-    vocab, merges = qwen_vocab()
-    (dst / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
-    (dst / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    vocab_json, merges_txt = _qwen_vocab_json()       # a pure function of the templates: built once
+    (dst / "vocab.json").write_text(vocab_json)
+    (dst / "merges.txt").write_text(merges_txt)
     added = {str(QWEN_FIRST_SPECIAL_ID + i): {"content": s, "lstrip": False, "normalized": False,
                                               "rstrip": False, "single_word": False,
                                               "special": s not in QWEN_NON_SPECIAL}

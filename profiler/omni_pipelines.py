@@ -37,6 +37,11 @@ from vllm_omni.diffusion.models.qwen_image.pipeline_qwen_image import (  # noqa:
 from vllm_omni.diffusion.models.qwen_image.pipeline_qwen_image_edit import (  # noqa: F401
     QwenImageEditPipeline, get_qwen_image_edit_post_process_func, get_qwen_image_edit_pre_process_func)
 
+__all__ = ["RandomQwenImagePipeline", "RandomQwenImageEditPipeline", "RandomFluxPipeline",
+           "config_only_from_pretrained", "fill_dummy",
+           # vLLM-Omni's pre/post-process hooks, looked up in this module once it is registered
+           "get_flux_post_process_func", "get_qwen_image_post_process_func",
+           "get_qwen_image_edit_pre_process_func", "get_qwen_image_edit_post_process_func"]
 STAGELOG_ENV = "MMSIM_OMNI_STAGELOG"
 DUMMY_LOW, DUMMY_HIGH = -1e-3, 1e-3
 
@@ -144,6 +149,10 @@ class RandomQwenImageEditPipeline(_RandomWeights, QwenImageEditPipeline):
 
 
 class RandomFluxPipeline(_RandomWeights, FluxPipeline):
+    # vLLM-Omni's profiler times text_encoder (CLIP-L) but not T5-XXL (text_encoder_2); with the
+    # profiler on (it is off by default) FLUX's stage durations then cover both encoders
+    _PROFILER_TARGETS = FluxPipeline._PROFILER_TARGETS + ["text_encoder_2.forward"]
+
     def __init__(self, *, od_config: Any, prefix: str = "") -> None:
         self._mmsim_init(FluxPipeline, od_config, prefix)
 

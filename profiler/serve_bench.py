@@ -404,14 +404,16 @@ def size_run(run: RunSpec, capacity: float, n_inf: int, target_s: float,
 
 def est_seconds(run: RunSpec, capacity: float) -> float:
     """Rough wall time of a run: arrivals span N/R, drained at <= capacity, + client start."""
-    over = CHAT_CLIENT_OVERHEAD_S if run.client == "chat" else CLIENT_OVERHEAD_S
-    if run.max_concurrency == 1:
-        return (run.num_prompts + run.num_warmups) * 0.25 + over
+    chat = run.client == "chat"
+    over = CHAT_CLIENT_OVERHEAD_S if chat else CLIENT_OVERHEAD_S
+    warm = run.num_warmups if chat else 0     # (the text runs' sizing predates warm-up counting)
+    if run.max_concurrency == 1:      # an image request: API preprocessing + encoder + prefill too
+        return (run.num_prompts + warm) * (0.6 if run.image_law == "probe" else 0.25) + over
     if run.max_concurrency and run.fixed_prompts:     # waves of N: prefill + output steps of ~15 ms
         waves = -(-(run.num_prompts + run.num_warmups) // run.max_concurrency)
         return waves * (0.5 + 0.015 * (run.output_len or 256)) + over
     if run.request_rate is None:
-        return (run.num_prompts + run.num_warmups) / max(capacity, 0.1) + over
+        return (run.num_prompts + warm) / max(capacity, 0.1) + over
     span = run.num_prompts / min(run.request_rate, max(capacity, 0.1))
     return span * 1.1 + over
 
@@ -882,7 +884,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 over = CHAT_CLIENT_OVERHEAD_S if rr.client == "chat" else CLIENT_OVERHEAD_S
                 scale = (left - over) / max(est - over, 1e-6)
                 rr.num_prompts = int(rr.num_prompts * scale)
-                if rr.num_prompts < (12 if rr.fixed_prompts else 30):
+                if rr.num_prompts < (12 if rr.client == "chat" and rr.fixed_prompts else 30):
                     log(f"skip {run_stem}: {est:.0f} s estimated, {left:.0f} s left")
                     summary["skipped"].append(run_stem)
                     continue

@@ -113,8 +113,8 @@ def show(cfg: SimConfig, summary: dict, outdir: Path, report: Path | None) -> No
         for k in keys:
             print(f"  {k:22s} {summary[k]:.4f}")
     elif cfg.experiment == "capacity":
-        from sim.studies.capacity import format_table
-        print(format_table(summary))
+        from sim.studies.capacity import format_result
+        print(format_result(cfg, summary))
         print(f"-> {shown(outdir) / 'capacity.json'}")
     else:
         from sim.run.output import print_summary

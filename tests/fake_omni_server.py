@@ -1,8 +1,9 @@
 """A stand-in for `vllm serve <dir> --omni` (vLLM-Omni's OpenAI image API) for CPU tests.
 
 Run as the `vllm` CLI: `python fake_omni_server.py serve <dir> --omni --host H --port P [...]`.
-Semantics kept from vLLM-Omni 0.26.0 with its defaults: one request at a time in arrival order
-(max_num_seqs 1, RequestScheduler FIFO), /health, /v1/images/generations (JSON) and
+Semantics kept from vLLM-Omni 0.26.0: its request scheduler (FIFO; batches of consecutive
+same-shape requests up to --max-num-seqs, default 1; the --request-batch-max-wait-ms admission
+wait, default 0), /health, /v1/images/generations (JSON) and
 /v1/images/edits (multipart, the input image required), a `metrics` block with stage durations
 on generations only, and one stage-log line per executed batch (as profiler/omni_pipelines.py
 writes them) when MMSIM_OMNI_STAGELOG is set.
@@ -33,30 +34,78 @@ def service_s(h: int, w: int, steps: int, cfg: bool) -> float:
 
 
 class Engine:
-    """FIFO, one request at a time (vLLM-Omni's default diffusion scheduler)."""
+    """vLLM-Omni's RequestScheduler semantics: a FIFO waiting queue; a batch starts from the head
+    and takes the following requests while they share the head's shape key (height, width, steps,
+    CFG), up to max_num_seqs (head-of-line: the first different one stops it); before a batch, an
+    admission wait of up to max_wait_ms that ends early once the queue is full or has been
+    stable for min(50 ms, max_wait/5) (vllm_omni/diffusion/diffusion_engine.py:466-520).
+    A batch of B costs service_s * (1 + 0.5 (B - 1))."""
 
-    def __init__(self) -> None:
-        self.lock = asyncio.Lock()
+    def __init__(self, max_num_seqs: int = 1, max_wait_ms: float = 0.0) -> None:
+        self.max_num_seqs, self.max_wait_s = max(1, max_num_seqs), max_wait_ms / 1000.0
+        self.waiting: list[tuple[tuple, dict, asyncio.Future]] = []
+        self.wake = asyncio.Event()
         self.stagelog = os.environ.get("MMSIM_OMNI_STAGELOG")
+        self.task: asyncio.Task | None = None
 
-    async def run(self, kind: str, h: int, w: int, steps: int, seed: int, cfg: bool) -> dict:
-        async with self.lock:          # asyncio.Lock wakes waiters in FIFO order
-            t0 = time.time()
-            if max(h, w) > OOM_SIDE:
-                raise MemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
-            s = service_s(h, w, steps, cfg)
-            await asyncio.sleep(s)
-            t1 = time.time()
-            stages = {"QwenImagePipeline.text_encoder.forward": 0.1 * s,
-                      "QwenImagePipeline.diffuse": 0.8 * s, "QwenImagePipeline.vae.decode": 0.1 * s}
-            if self.stagelog:
-                rec = {"request_ids": [f"img_{kind}-{seed}"], "batch_size": 1, "seeds": [seed],
-                       "height": h, "width": w, "num_inference_steps": steps,
-                       "negative_prompt": [cfg], "t_start": t0, "t_end": t1, "forward_s": t1 - t0,
-                       "pipeline": "Fake", "stage_durations": stages}
-                with open(self.stagelog, "a") as f:
-                    f.write(json.dumps(rec) + "\n")
-            return stages
+    def submit(self, kind: str, h: int, w: int, steps: int, seed: int, cfg: bool) -> asyncio.Future:
+        if self.task is None:
+            self.task = asyncio.get_running_loop().create_task(self.loop())
+        fut = asyncio.get_running_loop().create_future()
+        self.waiting.append(((h, w, steps, cfg), dict(kind=kind, h=h, w=w, steps=steps, seed=seed, cfg=cfg), fut))
+        self.wake.set()
+        return fut
+
+    async def admission(self) -> None:
+        if self.max_wait_s <= 0:
+            return
+        start = stable = time.monotonic()
+        last, window = -1, min(0.05, self.max_wait_s / 5)
+        while True:
+            now, n = time.monotonic(), len(self.waiting)
+            if n >= self.max_num_seqs or (n > 0 and now - stable >= window) or now - start >= self.max_wait_s:
+                return
+            if n > last:
+                stable, last = now, n
+            await asyncio.sleep(0.002)
+
+    async def loop(self) -> None:
+        while True:
+            while not self.waiting:
+                self.wake.clear()
+                await self.wake.wait()
+            await self.admission()
+            key = self.waiting[0][0]
+            batch = []
+            while self.waiting and len(batch) < self.max_num_seqs and self.waiting[0][0] == key:
+                batch.append(self.waiting.pop(0))
+            await self.run(batch)
+
+    async def run(self, batch: list) -> None:
+        (h, w, steps, cfg), p0, _ = batch[0]
+        t0 = time.time()
+        if max(h, w) > OOM_SIDE:
+            for _, _, fut in batch:
+                fut.set_exception(MemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"))
+            return
+        s = service_s(h, w, steps, cfg) * (1 + 0.5 * (len(batch) - 1))
+        await asyncio.sleep(s)
+        t1 = time.time()
+        stages = {"FakePipeline.text_encoder.forward": 0.1 * s, "FakePipeline.diffuse": 0.8 * s,
+                  "FakePipeline.vae.decode": 0.1 * s, "FakePipeline.text_encoder_2.forward": 0.02 * s}
+        if p0["kind"] == "edit":
+            stages["FakePipeline.vae.encode"] = 0.05 * s
+        if self.stagelog:
+            rec = {"request_ids": [f"img_{p['kind']}-{p['seed']}" for _, p, _ in batch],
+                   "batch_size": len(batch), "seeds": [p["seed"] for _, p, _ in batch],
+                   "height": h, "width": w, "num_inference_steps": steps,
+                   "negative_prompt": [p["cfg"] for _, p, _ in batch], "t_start": t0, "t_end": t1,
+                   "forward_s": t1 - t0, "pipeline": "Fake", "stage_durations": stages}
+            with open(self.stagelog, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+        for _, p, fut in batch:
+            fut.set_result(dict(stages, **{"fake.cfg_passes": 2 if p["cfg"] else 1, "fake.steps": steps,
+                                           "fake.batch": len(batch)}))
 
 
 def size_of(s: str) -> tuple[int, int]:
@@ -64,8 +113,8 @@ def size_of(s: str) -> tuple[int, int]:
     return h, w
 
 
-def make_app() -> web.Application:
-    eng = Engine()
+def make_app(max_num_seqs: int = 1, max_wait_ms: float = 0.0) -> web.Application:
+    eng = Engine(max_num_seqs, max_wait_ms)
 
     async def health(_req: web.Request) -> web.Response:
         return web.Response(text="ok")
@@ -74,8 +123,8 @@ def make_app() -> web.Application:
         body = await req.json()
         h, w = size_of(body["size"])
         try:
-            stages = await eng.run("gen", h, w, int(body.get("num_inference_steps") or 50),
-                                   int(body.get("seed") or 0), body.get("negative_prompt") is not None)
+            stages = await eng.submit("gen", h, w, int(body.get("num_inference_steps") or 50),
+                                      int(body.get("seed") or 0), body.get("negative_prompt") is not None)
         except MemoryError as e:
             return web.json_response({"detail": f"Image generation failed: {e}"}, status=500)
         return web.json_response({"created": int(time.time()), "data": [{"b64_json": PNG_1PX}],
@@ -89,8 +138,8 @@ def make_app() -> web.Application:
             return web.json_response({"detail": "Field 'image' or 'url' is required"}, status=422)
         h, w = size_of(form["size"])
         try:
-            await eng.run("edit", h, w, int(form.get("num_inference_steps") or 50),
-                          int(form.get("seed") or 0), form.get("negative_prompt") is not None)
+            await eng.submit("edit", h, w, int(form.get("num_inference_steps") or 50),
+                             int(form.get("seed") or 0), form.get("negative_prompt") is not None)
         except MemoryError as e:
             return web.json_response({"detail": f"Image edit failed: {e}"}, status=500)
         return web.json_response({"created": int(time.time()), "data": [{"b64_json": PNG_1PX}],
@@ -106,10 +155,13 @@ def make_app() -> web.Application:
 def main(argv: list[str]) -> None:
     if not argv or argv[0] != "serve" or "--omni" not in argv:
         raise SystemExit(f"fake vllm: expected `serve <dir> --omni ...`, got {argv}")
-    port = int(argv[argv.index("--port") + 1])
-    print("INFO [RequestBatch] engine init max_num_seqs=1 max_wait_ms=0.0", flush=True)
+    def opt(name: str, default: str) -> str:
+        return argv[argv.index(name) + 1] if name in argv else default
+    port = int(opt("--port", "8091"))
+    seqs, wait = int(opt("--max-num-seqs", "1")), float(opt("--request-batch-max-wait-ms", "0.0"))
+    print(f"INFO [RequestBatch] engine init max_num_seqs={seqs} max_wait_ms={wait}", flush=True)
     print("INFO Defaulting to diffusion attention backend FLASH_ATTN (fake)", flush=True)
-    web.run_app(make_app(), host="127.0.0.1", port=port, print=None)
+    web.run_app(make_app(seqs, wait), host="127.0.0.1", port=port, print=None)
 
 
 if __name__ == "__main__":

@@ -192,12 +192,14 @@ def test_moe_roofline_reads_touched_experts_only(registry):
     assert experts_touched(128, 8, 1) == pytest.approx(8)
     assert experts_touched(128, 8, 8192) == pytest.approx(128)
     pe = 3 * c["hidden_size"] * c["moe_intermediate_size"]
-    f1, b1 = llm_step_cost(spec, 1, 16, 16, 1)
+    fq1, fo1, b1 = llm_step_cost(spec, 1, 16, 16, 1)     # FLOPs at the weights' dtype, at bf16
+    f1 = fq1 + fo1
+    assert fq1 == pytest.approx(2 * p["active_per_token"])
     kvpt = spec.kv_bytes_per_token()
     act = 2 * 1 * c["hidden_size"] * 2 * c["num_hidden_layers"] * 4
     want = (p["dense"] + 48 * 8 * pe + p["embed"]) * 2 + kvpt * 17 + act
     assert b1 == pytest.approx(want)
-    fb, bb = llm_step_cost(spec, 8192, 8192 * 4096, 0, 1)
+    _, _, bb = llm_step_cost(spec, 8192, 8192 * 4096, 0, 1)
     assert bb > (p["dense"] + 0.99 * p["experts"]) * 2     # a long prefill touches every expert
     assert f1 == pytest.approx(2 * p["active_per_token"] + 2 * p["embed"]
                                + 4 * 48 * 32 * 128 * 16)

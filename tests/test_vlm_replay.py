@@ -210,3 +210,13 @@ def test_validate_reports_per_modality_and_regime(tmp_path, capsys):
     assert rep["regimes"]["names"] == list(V.REGIMES)
     csv = pd.read_csv(out / "validation.csv")
     assert {"modality", "regime", "load_ratio"} <= set(csv.columns)
+
+
+def test_image_probes_stay_out_of_the_text_front_end_calibration():
+    """sim.calibrate fits the text front end on zero-load probes; an image probe (chat template,
+    image decode and processing) is another front end and is not one of them."""
+    from sim.tools import calibrate as C
+    probe = synthetic_image_result(8, None, seed=3, image_law="probe", max_concurrency=1)
+    probe["provenance"]["max_concurrency"] = 1
+    assert probe["max_concurrency"] == 1 and not C.is_probe(probe)
+    assert C.is_probe({"provenance": {"max_concurrency": 1}, "ttfts": [0.1]})

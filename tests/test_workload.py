@@ -264,7 +264,7 @@ def test_model_override():
      "workload.task_models.edit"),
     (lambda c: setattr(c.arrival, "process", "weibull"), "workload.arrival.process"),
     (lambda c: c.mix.update(video=1.0), "workload.mix"),
-    (lambda c: setattr(c.prompt_tokens, "dist", "zipf"), "workload.prompt_tokens.dist"),
+    (lambda c: setattr(c.prompt_tokens, "dist", "weibull"), "workload.prompt_tokens.dist"),
     (lambda c: setattr(c.image, "x_min", 8), "workload.image.x_min"),
     (lambda c: setattr(c, "num_requests", 0), "workload.num_requests"),
 ])

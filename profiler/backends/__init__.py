@@ -13,6 +13,7 @@ from profiler.backends.base import Backend
 BACKENDS: dict[str, str] = {
     "vllm": "profiler.backends.vllm_backend:VllmBackend",
     "diffusers": "profiler.backends.diffusers_backend:DiffusersBackend",
+    "vllm_omni": "profiler.backends.vllm_omni_backend:VllmOmniBackend",
     "analytic": "profiler.backends.analytic:AnalyticBackend",
 }
 

@@ -176,6 +176,13 @@ class VllmBackend(Backend):
                   enable_chunked_prefill=True,
                   gpu_memory_utilization=float(v.gpu_memory_utilization),
                   async_scheduling=bool(v.async_scheduling), disable_log_stats=True)
+        # a precision variant (profiler.models.PRECISIONS): vLLM's dynamic FP8 quantizes the dummy
+        # bf16 weights of every linear layer (LLM and vision tower) after loading; fp8kv adds an
+        # FP8 KV cache
+        if spec.quant_dtype == "fp8":
+            kw["quantization"] = "fp8"
+        if spec.kv_dtype == "fp8":
+            kw["kv_cache_dtype"] = "fp8"
         if spec.family == "vlm":
             kw["skip_tokenizer_init"] = False
             kw["limit_mm_per_prompt"] = ({"image": 4, "video": 0} if with_images
@@ -212,6 +219,8 @@ class VllmBackend(Backend):
             "cudagraph_capture_sizes_max": max(getattr(comp, "cudagraph_capture_sizes", None)
                                                or [0]),
             "attention_backend": os.environ.get("VLLM_ATTENTION_BACKEND", "auto"),
+            "quantization": kw.get("quantization"),
+            "kv_cache_dtype": str(getattr(vc.cache_config, "cache_dtype", kw.get("kv_cache_dtype", "auto"))),
             "startup_s": round(startup, 1), "sampling": "greedy, ignore_eos",
             "timing": "wall clock of LLMEngine.step() (one scheduled batch)",
         }

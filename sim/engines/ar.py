@@ -56,8 +56,8 @@ class Seq:
         self.eng = eng
         self.prompt = job.tokens
         self.out = job.out_tokens
-        self.generated = 0
-        self.computed = 0
+        self.generated = job.pre_generated      # (0 but for a prefill/decode split's decode hop)
+        self.computed = job.pre_computed        # KV held on arrival (prefix hit, transferred KV)
         self.held = 0           # KV blocks held (while not in the decode aggregate)
         self.encoded = job.vision_tokens == 0
         self.dec_rec: StageRecord | None = None
@@ -448,6 +448,8 @@ class AREngine:
             if not self._alloc(s, s.computed + n):
                 break
             self.waiting.popleft()
+            if s.computed:                  # KV it arrived with (never after a preemption,
+                self._comp += s.computed    # which resets computed to 0): counted from now on
             if s.job.record is None:
                 start_record(s.job, self.gpu.name, now)
             self.n_admitted += 1

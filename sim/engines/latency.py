@@ -25,6 +25,11 @@ from sim.names import DECODE, DIT_STEP, PREFILL, TEXT_ENCODE, VISION_ENCODE
 
 _MEMO_MAX = 1 << 16      # memoised points per grid (cleared when full: bounded memory)
 
+# where a model's latencies come from (LatencyModel.table_sets): one name per table-set kind
+MEASURED, ESTIMATED, ANALYTIC, MISSING = "measured", "estimated", "analytic", "missing"
+ESTIMATED_SUFFIX, ANALYTIC_SUFFIX = "-est", "-analytic"
+ESTIMATES = "{gpu}" + ESTIMATED_SUFFIX    # the default estimated set of a GPU's tables
+
 
 class OutOfGridError(ValueError):
     """A lookup outside the measured grid while latency.out_of_range=error."""
@@ -242,17 +247,30 @@ def read_profile(path: Path) -> pd.DataFrame:
     return df
 
 
+def table_source_line(t: dict[str, Any]) -> str:
+    """One model's entry of LatencyModel.tables() as the summary's `profile_tables` line:
+    '<source> (<what it is>): <path>'."""
+    what = {MEASURED: f"measured ({', '.join(t['engines'])})",
+            ESTIMATED: "estimated (measured tables scaled by roofline ratios, not measured)",
+            ANALYTIC: "analytic (roofline, not measured)"}[t["source"]]
+    return f"{what}: {t['path']}"
+
+
 class LatencyModel:
     """Lookups in seconds for every stage kind; counts points served outside the grid."""
 
-    def __init__(self, profiles_dir: str | Path, gpu: str, out_of_range: OutOfRange | str = "error"):
+    def __init__(self, profiles_dir: str | Path, gpu: str, out_of_range: OutOfRange | str = "error",
+                 fallback: str | None = ESTIMATES):
         self.root = Path(profiles_dir)
         self.gpu = gpu
+        # the estimated set read for models the measured set lacks (ESTIMATES: <gpu>-est;
+        # None: none); see table_sets() for the whole rule
+        self.fallback = None if fallback is None else str(fallback).replace("{gpu}", gpu)
         self.mode = OutOfRange(out_of_range)
         self.outside: Counter[str] = Counter()   # name -> lookups outside the grid
         self.hole_hits: Counter[str] = Counter()
         self._frames: dict[str, pd.DataFrame] = {}
-        self._paths: dict[str, Path] = {}           # model -> the table it was read from
+        self._paths: dict[str, tuple[Path, str]] = {}   # model -> (table read, its source)
         self._grids: dict[tuple, Grid] = {}
         self._mixed_per_seq: dict[str, float] = {}
         self._ar_grids: dict[tuple[str, str], Grid | None] = {}
@@ -264,45 +282,79 @@ class LatencyModel:
         self._vae: dict[str, dict[str, Grid]] = {}  # model -> stage -> grid
 
     # --- tables ---------------------------------------------------------------------------
-    def table_path(self, model: str) -> Path:
-        """The measured table <root>/<gpu>/<model>.parquet; when it is missing, the roofline one
-        <root>/<gpu>-analytic/<model>.parquet (`python -m profiler import-model` writes it), so a
-        model without measurements still runs; report() and the run's summary say so."""
-        path = self.root / self.gpu / f"{model}.parquet"
-        if path.exists() or self.gpu.endswith("-analytic"):
-            return path
-        roof = self.root / f"{self.gpu}-analytic" / f"{model}.parquet"
-        return roof if roof.exists() else path
+    def table_sets(self) -> list[tuple[str, str]]:
+        """The table sets (folders under the profiles root) a model's table is looked up in,
+        first found wins, each with the source it stands for:
+          <gpu>/           measured   (the profiler's vLLM / diffusers sweeps)
+          <gpu>-est/       estimated  (measured tables scaled by roofline ratios to a precision
+                                       variant or another GPU: `profiler sweep backend=analytic
+                                       analytic.method=scaled`; latency.fallback names it)
+          <gpu>-analytic/  analytic   (the roofline from the shapes alone: `profiler
+                                       import-model`, `profiler sweep backend=analytic`)
+        A set named explicitly with its suffix (latency.tables=h100-est / h100-analytic) starts
+        the chain at that source."""
+        g = self.gpu
+        if g.endswith(ANALYTIC_SUFFIX):
+            return [(g, ANALYTIC)]
+        if g.endswith(ESTIMATED_SUFFIX):
+            return [(g, ESTIMATED), (g[:-len(ESTIMATED_SUFFIX)] + ANALYTIC_SUFFIX, ANALYTIC)]
+        sets = [(g, MEASURED)]
+        if self.fallback:
+            sets.append((self.fallback, ESTIMATED))
+        sets.append((g + ANALYTIC_SUFFIX, ANALYTIC))
+        return sets
+
+    def resolve(self, model: str) -> tuple[Path, str]:
+        """(the table <root>/<set>/<model>.parquet, its source) by table_sets(); the measured
+        path with source MISSING when no set has one."""
+        for folder, source in self.table_sets():
+            path = self.root / folder / f"{model}.parquet"
+            if path.exists():
+                return path, source
+        return self.root / self.gpu / f"{model}.parquet", MISSING
 
     def frame(self, model: str) -> pd.DataFrame:
         if model not in self._frames:
-            path = self.table_path(model)
-            if not path.exists():
+            path, source = self.resolve(model)
+            if source == MISSING:
                 have = sorted(p.stem for p in (self.root / self.gpu).glob("*.parquet"))
                 sets = sorted(p.name for p in self.root.glob("*") if p.is_dir())
+                looked = ", ".join(f"{f}/ ({s})" for f, s in self.table_sets())
                 raise MissingProfileError(
-                    f"no profile table for model={model!r} on gpu={self.gpu!r}: {path} is missing "
-                    f"(and no roofline table {self.gpu}-analytic/{model}.parquet); tables there: "
-                    f"{have}; table sets under {self.root}: {sets} (measure one with `python -m "
-                    f"profiler sweep model={model}`, or make roofline ones with `python -m profiler "
-                    f"sweep backend=analytic model={model}`)")
+                    f"no profile table for model={model!r} on gpu={self.gpu!r}: no {model}.parquet "
+                    f"in {looked}; tables in {self.gpu}/: {have}; table sets under {self.root}: "
+                    f"{sets} (measure one with `python -m profiler sweep model={model}`, or make "
+                    f"roofline ones with `python -m profiler sweep backend=analytic model={model}`)")
             df = read_profile(path)
             self._frames[model] = df[df["status"] == "ok"]
-            self._paths[model] = path
+            if source == MEASURED and ANALYTIC in self.engines(model):
+                source = ANALYTIC        # rows computed, not measured, whatever folder they are in
+            self._paths[model] = (path, source)
         return self._frames[model]
 
+    def source(self, model: str) -> str:
+        """measured | estimated | analytic: where `model`'s latencies come from."""
+        self.frame(model)
+        return self._paths[model][1]
+
     def tables(self) -> dict[str, dict[str, Any]]:
-        """Per model read so far: its table, engines and whether it was measured (a table with
-        engine=analytic rows is a roofline estimate, not a measurement)."""
+        """Per model read so far: its table, the set it is in, that set's source (measured /
+        estimated / analytic), its engines, and whether it was measured."""
         out: dict[str, dict[str, Any]] = {}
         for m in sorted(self._frames):
-            eng = self.engines(m)
-            out[m] = {"path": str(self._paths[m]), "table_set": self._paths[m].parent.name,
-                      "engines": eng, "measured": "analytic" not in eng and bool(eng)}
+            path, source = self._paths[m]
+            out[m] = {"path": str(path), "table_set": path.parent.name, "source": source,
+                      "engines": self.engines(m), "measured": source == MEASURED}
         return out
 
-    def analytic_models(self) -> list[str]:
+    def not_measured(self) -> list[str]:
         return [m for m, t in self.tables().items() if not t["measured"]]
+
+    def models_from(self, source: str) -> list[str]:
+        return [m for m, t in self.tables().items() if t["source"] == source]
+
+    def analytic_models(self) -> list[str]:
+        return self.models_from(ANALYTIC)
 
     def engine_settings(self, model: str) -> dict:
         df = self.frame(model)
@@ -692,4 +744,4 @@ class LatencyModel:
         return {"out_of_grid_lookups": dict(self.outside), "oom_hole_lookups": dict(self.hole_hits),
                 "out_of_range_policy": self.mode.value,
                 "engines": {m: self.engines(m) for m in self._frames},
-                "tables": self.tables()}
+                "tables": self.tables(), "not_measured": self.not_measured()}

@@ -137,6 +137,9 @@ class Replicas(Placement):
             self.routers[home.model].changed(home)
             home.requests += 1
         r = flow.home
+        if self.reuse is not None and self.reuse.apply(job, r, 1, r.ar if job.stage == AR else None):
+            job.on_done(job, now)           # served from the replica's caches
+            return
         if job.stage == AR:
             r.ar.submit(job, now)
         else:
@@ -171,10 +174,11 @@ class StagePools(Placement):
     fused: ClassVar[bool] = False
     gpu_class: ClassVar[type[GPU]] = PoolGPU     # a pool's GPUs share one queue: it indexes the free ones
     colocate_light: ClassVar[bool] = False       # pools needing < LIGHT_SHARE of a GPU ride on others
+    llm_role: ClassVar[str] = "llm"              # the pool a light vision-encoder pool rides on
 
     def build(self) -> None:
         c = self.cfg.cluster
-        work = self.policy.pilot_work(pool_key, self.fused)
+        work = self.policy.pilot_work(self.key_of, self.fused)
         fixed = match_fixed(dict(c.pools), list(work), "cluster.pools")
         self.hosted: dict[str, list[str]] = {}     # host pool -> light pools riding on its GPUs
         self._fused_by_model: dict[str, bool] = {}
@@ -194,6 +198,10 @@ class StagePools(Placement):
         if self.hosted:
             self.notes["colocated"] = dict(self.hosted)
 
+    def key_of(self, job: Job) -> str:
+        """The pool a hop runs in ("role:model")."""
+        return pool_key(job)
+
     def _colocate(self, work: dict[str, float], n: int) -> dict[str, float]:
         """Pools that would need less than LIGHT_SHARE of a GPU ride on the GPUs of a related
         heavy pool (vision encoder with its LLM, VAE / text encoders with their DiT), else on
@@ -204,7 +212,7 @@ class StagePools(Placement):
         out = {k: w for k, w in work.items() if k not in light}
         for k in light:
             role, model = k.split(":")
-            host = f"llm:{model}" if role == "encoder" else f"dit:{model}"
+            host = f"{self.llm_role}:{model}" if role == "encoder" else f"dit:{model}"
             if host not in out:
                 host = SHARED
                 out.setdefault(SHARED, 0.0)
@@ -233,7 +241,8 @@ class StagePools(Placement):
         if f is None:       # (per model: `hosted` is set once, in build)
             spec = load_model(req.model)
             vl = spec.condition_encoder or req.model
-            f = self._fused_by_model[req.model] = f"encoder:{vl}" in self.hosted.get(f"llm:{vl}", ())
+            f = self._fused_by_model[req.model] = (
+                f"encoder:{vl}" in self.hosted.get(f"{self.llm_role}:{vl}", ()))
         return f
 
     def queue(self, stage: str, model: str) -> StageQueue:
@@ -285,10 +294,16 @@ class StagePools(Placement):
 
     def dispatch(self, flow: Flow, job: Job, now: float) -> None:
         if job.stage == AR:
-            flow.home = self.llm_router(job.model).pick(now)
-            flow.home.submit(job, now)
+            e = flow.home = self.llm_router(job.model).pick(now)
+            if self.reuse is not None:
+                self.reuse.apply(job, e, 1, e)
+            e.submit(job, now)
         else:
-            self.queue(job.stage, job.model).put(job, now)
+            q = self.queue(job.stage, job.model)
+            if self.reuse is not None and self.reuse.apply(job, q, len(q.engines)):
+                job.on_done(job, now)       # served from the pool's feature cache
+                return
+            q.put(job, now)
 
     def hop_done(self, flow: Flow, job: Job) -> None:
         if job.stage == AR:

@@ -16,7 +16,8 @@ from sim.engines.latency import LatencyModel
 from sim.engines.memory import GPUContents, kv_capacity_tokens
 from sim.engines.pipeline import handoff_bytes, plan_hops
 from sim.engines.queues import QUEUE_ORDERS
-from sim.policies import BATCHING, PLACEMENTS, POLICIES, ROUTERS, SCALING, Parts, load_part
+from sim.policies import (BATCHING, PLACEMENTS, POLICIES, REUSE, ROUTERS, SCALING, Parts, load_part,
+                          with_pd_split)
 from sim.policies.parts import BatchingRule, Flow, Placement, Scaling
 
 PILOT_REQUESTS = 2000       # the first requests of the workload, by which pools are sized
@@ -38,7 +39,13 @@ def parts_of(name: str, cfg: SimConfig) -> Parts:
     """The parts of policy `name` under the config's policy.* settings."""
     if name not in POLICIES:
         raise ConfigError(f"policy.name={name!r} is unknown; allowed: {sorted(POLICIES)}")
-    return POLICIES[name](cfg.policy)
+    parts = POLICIES[name](cfg.policy)
+    if cfg.policy.pd_split:
+        try:
+            parts = with_pd_split(parts)
+        except ValueError as e:
+            raise ConfigError(f"policy.pd_split=true with policy.name={name!r}: {e}") from None
+    return parts
 
 
 def build_policy(name: str, ctx: SimContext) -> "Policy":
@@ -73,10 +80,13 @@ class Policy:
         self.batching: BatchingRule = load_part(BATCHING, parts.batching)(self.cfg)
         self.placement: Placement = load_part(PLACEMENTS, parts.placement)(self)
         self.scaling: Scaling = load_part(SCALING, parts.scaling)(self)
+        self.reuse: Any = load_part(REUSE, parts.reuse)(self)
 
     def build(self) -> None:
         self.placement.build()
         self.scaling.start()
+        if self.reuse.active:           # (else no hook on the dispatch path)
+            self.placement.reuse = self.reuse
 
     @property
     def moves(self) -> list | None:
@@ -86,7 +96,7 @@ class Policy:
     def admit(self, req: Request, now: float) -> None:
         """A request reaches the cluster: plan its hops, cost them, start its flow."""
         place = self.placement
-        hops = plan_hops(req, place.is_fused(req))
+        hops = place.plan_hops(req, place.is_fused(req))
         lat, budget = self.lat, self.cfg.engine.max_num_batched_tokens
         for j in hops:
             j.work = hop_work(lat, j, budget)
@@ -116,7 +126,7 @@ class Policy:
         out: dict[str, float] = {}
         lat, budget = self.lat, self.cfg.engine.max_num_batched_tokens
         for req in self.ctx.pilot:
-            for j in plan_hops(req, fused):
+            for j in self.placement.plan_hops(req, fused):
                 k = key(j)
                 out[k] = out.get(k, 0.0) + hop_work(lat, j, budget)
         return out
@@ -167,4 +177,6 @@ class Policy:
              "per_stage": per_stage, "per_pool": per_role,
              "gpus_per_pool": {r: len(gs) for r, gs in roles.items()}}
         self.scaling.report(u)
+        if self.reuse.active:
+            self.notes["caches"] = self.reuse.report()
         return u

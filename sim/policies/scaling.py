@@ -85,7 +85,7 @@ class Pressure(Scaling):
         spec = load_model(model)
         comps = {"llm": list(spec.components), "encoder": ["vision"], "text_encoder": list(spec.text_encoders),
                  "vae": ["vae"], "dit": ["transformer"]}[role]
-        nbytes = sum(spec.component_params(c) for c in comps) * spec.dtype_bytes
+        nbytes = sum(spec.component_bytes(c) for c in comps)
         delay = nbytes / (RELOAD_GB_S * 1e9)
         self.moves.append({"t": round(self.env.now, 3), "gpu": g.name, "from": src, "to": dst,
                            "reload_s": round(delay, 2)})

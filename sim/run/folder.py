@@ -20,7 +20,7 @@ from hydra.experimental.callback import Callback
 
 # every file a run writes into its folder (besides Hydra's .hydra/)
 RESULT_FILES = ("summary.json", "requests.parquet", "timeline.parquet", "report.html",
-                "capacity.json")
+                "capacity.json", "fleet_plan.csv", "fleet_plan.png")
 TEMP_GLOB = ".*.tmp"            # sim.run.output.temp_beside's names
 LOCK = Path(".hydra") / "run.lock"
 

@@ -321,11 +321,22 @@ def print_summary(summary: dict[str, Any], title: str = "simulation summary") ->
     util = (s.get("utilization") or {}).get("mean_gpu")
     t.add_row("mean GPU utilization", "-" if util is None else f"{100 * util:.1f} %")
     t.add_row("$ / 1k requests", _fmt(s.get("usd_per_1k_requests"), "", 4))
+    # one row per model: where its latencies come from (sim.engines.latency.table_sets), and a
+    # banner per kind of table that is not a measurement: never silent
     analytic = s.get("analytic_tables") or []
+    estimated = s.get("estimated_tables") or []
+    sets = {m: d.get("table_set", "?") for m, d in
+            ((s.get("latency_model") or {}).get("tables") or {}).items() if isinstance(d, dict)}
     for m, how in (s.get("profile_tables") or {}).items():
-        t.add_row(f"latency table {m}", "ANALYTIC: roofline, not measured" if m in analytic
-                  else how.split(":")[0])
+        t.add_row(f"latency table {m}",
+                  "ANALYTIC: roofline, not measured" if m in analytic
+                  else "NOT MEASURED: estimated" if m in estimated else how.split(":")[0])
     con = Console()
+    if estimated:
+        where = ", ".join(sorted({sets.get(m, "?") for m in estimated}))
+        con.print(f"[bold yellow]NOT MEASURED: {', '.join(estimated)} simulated on estimated "
+                  f"tables ({where}: measured tables scaled by roofline ratios, engine=analytic). "
+                  f"Measure with `python -m profiler sweep model={estimated[0]}` on a GPU.[/]")
     if analytic:
         con.print(f"[bold yellow]ANALYTIC: {', '.join(analytic)} simulated on roofline tables "
                   "(engine=analytic, not measured; an optimistic floor). Measure with `python -m "

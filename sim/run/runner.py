@@ -11,7 +11,7 @@ from typing import Callable, Iterator
 
 from sim.config import SimConfig
 from sim.core.kernel import Kernel
-from sim.engines.latency import LatencyModel
+from sim.engines.latency import ANALYTIC, ESTIMATED, LatencyModel, table_source_line
 from sim.policies.policy import PILOT_REQUESTS, SimContext, build_policy
 from sim.run.build_guard import check_fresh
 from sim.run.metrics import MetricsCollector
@@ -56,7 +56,8 @@ class Run:
         self.outdir = outdir
         self.env = Kernel()
         self.lat = LatencyModel(resolve(cfg.profiles_dir), cfg.latency.tables or cfg.cluster.gpu,
-                                cfg.latency.out_of_range)
+                                cfg.latency.out_of_range,
+                                cfg.latency.fallback_set(cfg.latency.tables or cfg.cluster.gpu))
         self.metrics = MetricsCollector(cfg.slo, keep_rows=keep_rows)
         self.workload = request_source(cfg.workload, cfg.seed, model_override=cfg.model)
         self.n_total = len(self.workload)
@@ -190,12 +191,12 @@ class Run:
             "workload": cfg.workload.name, "cluster": cfg.cluster.name,
             "layout": self.policy.notes,
             "latency_model": self.lat.report(),
-            # models whose stage latencies are roofline estimates (engine=analytic), not
-            # measurements: top level, so no reader mistakes such a run for a measured one
-            "analytic_tables": self.lat.analytic_models(),
-            "profile_tables": {m: ("analytic (roofline, not measured): " if not t["measured"]
-                                   else f"measured ({', '.join(t['engines'])}): ") + t["path"]
-                               for m, t in self.lat.tables().items()},
+            # where each model's stage latencies come from (LatencyModel.table_sets: measured
+            # <gpu>/, estimated <gpu>-est/, roofline <gpu>-analytic/), at the top level so no
+            # reader mistakes a run on estimated or roofline tables for a measured one
+            "profile_tables": {m: table_source_line(t) for m, t in self.lat.tables().items()},
+            "estimated_tables": self.lat.models_from(ESTIMATED),
+            "analytic_tables": self.lat.models_from(ANALYTIC),
             "sim_wall_s": round(wall_s, 3),
             "sim_events": sum(g.events for g in self.policy.gpus),
             "max_concurrency": self.max_concurrency,    # as vllm bench serve's result

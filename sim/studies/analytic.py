@@ -54,7 +54,7 @@ from sim.names import (AR, DECODE, DIT_STEP, GENERATE, PREFILL, TEXT, TEXT_ENCOD
 REPO_ROOT = Path(__file__).resolve().parents[2]
 NVLINK_LATENCY_S = 5e-6          # per all-reduce launch + sync (NCCL small-message floor)
 DEFAULT_NVLINK_GB_S = 450.0
-GPU_MEM_GIB = {"h100": 80.0, "h200": 141.0}
+GPU_MEM_GIB = {"h100": 80.0, "h200": 140.0}     # nvidia-smi: 81,559 / 143,771 MiB
 TYPICAL = {"prompt_tokens": 600, "output_tokens": 250, "image": (1024, 1024)}
 ACT_TENSORS_LLM = 6              # live hidden-sized tensors per token in one LLM layer step
 ACT_TENSORS_MLP = 2              # live intermediate-sized tensors per token (gate, up)

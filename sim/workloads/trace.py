@@ -48,6 +48,12 @@ ALIASES: dict[str, tuple[str, ...]] = {
     "image_height": ("image_height",),
     "images": ("images",),          # all input images of a row: [[h, w], ...] (overrides height/width)
     "image_width": ("image_width",),
+    # several input images: their count (all of image_height x image_width), or their sizes
+    # "HxW;HxW;..." (overrides both); and their identities "id;id;..." (equal ids = the same
+    # picture: feature and prefix caches can hit)
+    "num_images": ("num_images", "numimages"),
+    "image_sizes": ("image_sizes",),
+    "image_ids": ("image_ids", "image_id"),
     "output_height": ("output_height",),
     "output_width": ("output_width",),
     "steps": ("steps",),
@@ -86,6 +92,7 @@ NUMERIC: dict[str, tuple[float, bool, str]] = {
     "output_width": (1, True, "a whole number of pixels >= 1"),
     "steps": (0, True, "a whole number of denoising steps (>= 1 for image outputs; 0 or empty "
                        "for text outputs)"),
+    "num_images": (0, True, "a whole number of input images (>= 1 for an image-input task)"),
 }
 TRUE_WORDS = ("1", "true", "yes", "y", "t")
 FALSE_WORDS = ("0", "false", "no", "n", "f")
@@ -449,7 +456,8 @@ class TraceWorkload:
                 self._plans[(t, str(m))] = self._plan(t, str(m), cfg, where(self.path, df, i))
         self._cols = {c: col(c) for c in ("prompt_tokens", "output_tokens", "image_height",
                                           "image_width", "output_height", "output_width",
-                                          "steps", "cfg", "slo_class")}
+                                          "steps", "cfg", "slo_class", "num_images",
+                                          "images", "image_sizes", "image_ids")}
         self._arrival = df["arrival"].to_numpy(dtype=float).tolist()
         self.max_concurrency: Optional[int] = cfg.max_concurrency or df.attrs.get("max_concurrency")
         if "steps" not in df:
@@ -458,15 +466,56 @@ class TraceWorkload:
                     raise ConfigError(f"workload.steps=None is invalid for model {m!r} (no "
                                       f"request_defaults.steps) in trace {str(self.path)!r}; allowed: an "
                                       f"integer >= 1 or a 'steps' column")
-        self._images = col("images")
         ih, iw = self._cols["image_height"], self._cols["image_width"]
+        # per row: (input image sizes, image ids); sizes () = the one image_height x image_width
+        self._images = [self._images_of(i) if t in IMAGE_IN_TASKS else ((), ())
+                        for i, t in enumerate(tasks)]
         for i, t in enumerate(tasks):
-            if t in IMAGE_IN_TASKS and self._row_images(i):
-                continue
-            if t in IMAGE_IN_TASKS and (_val(ih[i]) is None or _val(iw[i]) is None):
+            if t in IMAGE_IN_TASKS and not self._images[i][0] and (_val(ih[i]) is None or _val(iw[i]) is None):
                 raise ConfigError(f"{where(self.path, df, i)}, fields 'image_height', 'image_width': "
                                   f"empty, and task {t!r} needs an input image; allowed: its size "
-                                  f"in pixels (columns image_height and image_width)")
+                                  f"in pixels (columns image_height and image_width, or images, "
+                                  f"image_sizes, num_images)")
+
+    def _images_of(self, i: int) -> tuple[tuple[tuple[int, int], ...], tuple[int, ...]]:
+        """(input image sizes, image ids) of row i. Sizes, first given wins: the `images` column
+        ([[h, w], ...] pairs: an image + text run's images, load_vllm_bench), `image_sizes`
+        ("HxW;HxW;..."), `num_images` copies of image_height x image_width; () when the row
+        gives only image_height and image_width (one image). Ids from `image_ids`."""
+        c, at = self._cols, where(self.path, self.df, i)
+        sizes: tuple[tuple[int, int], ...] = ()
+        v = c["images"][i]
+        if v is not None and not (isinstance(v, float) and math.isnan(v)) and not isinstance(v, str):
+            sizes = tuple((int(h), int(w)) for h, w in v)
+        raw = _val(c["image_sizes"][i])
+        if raw is not None and not sizes:
+            try:
+                sizes = tuple((int(h), int(w)) for h, w in
+                              (x.lower().split("x") for x in str(raw).split(";") if x.strip()))
+            except ValueError:
+                raise ConfigError(f"{at}, field 'image_sizes'={raw!r} is invalid; allowed: "
+                                  f"'HxW;HxW;...' (e.g. 512x512;1024x768)") from None
+        n = _val(c["num_images"][i])
+        if not sizes and n is not None:
+            if int(n) < 1:
+                raise ConfigError(f"{at}, field 'num_images'={n!r} is invalid; allowed: >= 1 "
+                                  f"for an image-input task")
+            h, w = _val(c["image_height"][i]), _val(c["image_width"][i])
+            if h is not None and w is not None:
+                sizes = ((int(h), int(w)),) * int(n)
+        ids: tuple[int, ...] = ()
+        raw = _val(c["image_ids"][i])
+        if raw is not None:
+            try:
+                ids = tuple(int(x) for x in str(raw).split(";") if x.strip())
+            except ValueError:
+                raise ConfigError(f"{at}, field 'image_ids'={raw!r} is invalid; allowed: "
+                                  f"integers separated by ';'") from None
+            k = len(sizes) or 1
+            if len(ids) != k:
+                raise ConfigError(f"{at}, field 'image_ids' has {len(ids)} ids for {k} images; "
+                                  f"allowed: one id per input image")
+        return sizes, ids
 
     def _plan(self, task: str, model: str, cfg: WorkloadConfig, at: str
               ) -> tuple[ModelSpec, int, bool, str]:
@@ -483,13 +532,6 @@ class TraceWorkload:
     def __len__(self) -> int:
         return len(self._arrival)
 
-    def _row_images(self, i: int) -> tuple[tuple[int, int], ...]:
-        """Row i's `images` column as (h, w) pairs (several images per request), () if none."""
-        v = self._images[i]
-        if v is None or (isinstance(v, float) and math.isnan(v)) or isinstance(v, str):
-            return ()
-        return tuple((int(h), int(w)) for h, w in v)
-
     def __iter__(self) -> Iterator[Request]:
         for c in self.chunks():
             yield from c
@@ -501,7 +543,7 @@ class TraceWorkload:
         out_tok = int(_val(c["output_tokens"][i]) or 0) if t in TEXT_OUT_TASKS else 0
         ins: tuple[tuple[int, int], ...] = ()
         if t in IMAGE_IN_TASKS:
-            ins = self._row_images(i) or ((int(c["image_height"][i]), int(c["image_width"][i])),)
+            ins = self._images[i][0] or ((int(c["image_height"][i]), int(c["image_width"][i])),)
         out: tuple[int, int] | None = None
         oh, ow = _val(c["output_height"][i]), _val(c["output_width"][i])
         if t not in TEXT_OUT_TASKS:
@@ -536,4 +578,5 @@ class TraceWorkload:
             cols = list(zip(*rows)) if rows else [[]] * 7
             yield build_requests(lo, self._arrival[lo:hi], self.tasks[lo:hi], self.models[lo:hi],
                                  list(cols[0]), list(cols[1]), list(cols[2]), list(cols[3]),
-                                 list(cols[4]), list(cols[5]), list(cols[6]), specs, cache)
+                                 list(cols[4]), list(cols[5]), list(cols[6]), specs, cache,
+                                 [ids for _, ids in self._images[lo:hi]])
