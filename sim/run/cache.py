@@ -7,8 +7,8 @@ when its `run_key` equals the new run's. The key is a sha256 over
   `conf/` (the model registry is read from there), by content;
 - the resolved config, less the keys that only change what is displayed (`output.progress`,
   `output.cache`, `output.report`);
-- the content of every input file the run reads: the profile tables of its table set and the
-  trace it replays.
+- the content of every input file the run reads: the profile tables of every table set it may
+  read (measured, estimated, roofline) and the trace it replays.
 So an edited source constant, trace cell or profile table gives another key and a fresh run.
 `output.cache=false` (or the environment variable MMSERVE_SIM_NO_CACHE=1) always re-simulates.
 """
@@ -79,13 +79,15 @@ def git_commit() -> str | None:
 
 
 def input_files(cfg: SimConfig) -> list[Path]:
-    """Every file the run reads besides code and config: the profile tables of its table set
-    (and of the roofline set `<set>-analytic` it falls back to) and, for a trace replay, the
-    trace."""
+    """Every file the run reads besides code and config: the profile tables of every table set
+    the latency model may read (measured, estimated, roofline: LatencyModel.table_sets) and, for
+    a trace replay, the trace."""
+    from sim.engines.latency import LatencyModel
     cfg.check()
     root, tset = resolve(cfg.profiles_dir), cfg.latency.tables or cfg.cluster.gpu
-    files = sorted(p for d in (root / tset, root / f"{tset}-analytic") if d.is_dir()   # measured,
-                   for p in d.glob("*.parquet"))              # and the roofline fallback (sim.engines.latency)
+    sets = LatencyModel(root, tset, fallback=cfg.latency.fallback_set(tset)).table_sets()
+    files = sorted(p for d in (root / name for name, _ in sets) if d.is_dir()
+                   for p in d.glob("*.parquet"))
     w = cfg.workload
     if w.arrival.process == "trace" and w.trace.path:
         trace = Path(w.trace.path)          # as sim.workloads.trace opens it (from the cwd)
