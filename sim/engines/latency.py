@@ -212,6 +212,41 @@ def _fill_decode_holes(vals: np.ndarray, axes: list[list[float]]) -> np.ndarray:
     return out
 
 
+# axis columns a lookup interpolates over: (least value, what is allowed), checked on ok rows
+_AXES = {"batch_size": 1, "tp": 1, "num_tokens": 0, "context_len": 0, "height": 1, "width": 1,
+         "seq_len": 0, "num_decode_seqs": 0}
+
+
+def read_profile(path: Path) -> pd.DataFrame:
+    """A profile table, read and checked: a file that cannot be read, or a status=ok row with
+    a latency that is not a positive finite number or an axis out of range, stops the run with
+    one ConfigError naming the file, the row and the field."""
+    from sim.config import ConfigError
+    hint = f"(`python -m profiler check {path}` lists what is wrong)"
+    try:
+        df = read_table(path)
+    except Exception as e:              # pyarrow/pandas errors have no common base
+        msg = (str(e).strip().splitlines() or [""])[0]
+        raise ConfigError(f"profile table {path} cannot be read ({type(e).__name__}: {msg}); "
+                          f"allowed: a parquet table written by `python -m profiler` (measure it again, or "
+                          f"restore it: `git checkout -- {path}` for a shipped one)") from None
+    ok = (df["status"] == "ok").to_numpy()
+    lat = pd.to_numeric(df["latency_ms_median"], errors="coerce").to_numpy(dtype=float)
+    bad = ok & ~(np.isfinite(lat) & (lat > 0))
+    checks = [("latency_ms_median", bad, "a positive, finite number of ms on status=ok rows")]
+    for col, least in _AXES.items():
+        v = pd.to_numeric(df[col], errors="coerce").to_numpy(dtype=float)
+        checks.append((col, ok & ~np.isnan(v) & ~(v >= least), f"a number >= {least} (or null)"))
+    for col, mask, allowed in checks:
+        if mask.any():
+            i = int(np.flatnonzero(mask)[0])
+            r = df.iloc[i]
+            raise ConfigError(f"profile table {path}: row {i} (model={r['model']}, stage="
+                              f"{r['stage']}), field {col!r}: {r[col]!r} is invalid; allowed: "
+                              f"{allowed} {hint}")
+    return df
+
+
 def table_source_line(t: dict[str, Any]) -> str:
     """One model's entry of LatencyModel.tables() as the summary's `profile_tables` line:
     '<source> (<what it is>): <path>'."""
@@ -290,7 +325,7 @@ class LatencyModel:
                     f"in {looked}; tables in {self.gpu}/: {have}; table sets under {self.root}: "
                     f"{sets} (measure one with `python -m profiler sweep model={model}`, or make "
                     f"roofline ones with `python -m profiler sweep backend=analytic model={model}`)")
-            df = read_table(path)
+            df = read_profile(path)
             self._frames[model] = df[df["status"] == "ok"]
             if source == MEASURED and ANALYTIC in self.engines(model):
                 source = ANALYTIC        # rows computed, not measured, whatever folder they are in
