@@ -571,9 +571,14 @@ class OutputConfig:
     progress: str = "auto"          # auto: a bar on long single runs, off in multirun
     write_requests: bool = True
     chunk_rows: int = 100_000
+    # reuse a finished result already in the run folder when code, config and inputs are the
+    # same (sim/run/cache.py); false: always simulate
+    cache: bool = True
+    report: bool = True             # report.html (and timeline.parquet) beside summary.json
 
     def check(self) -> None:
         _choice(self.progress, "output.progress", ("auto", "on", "off"))
+        _check(self.chunk_rows >= 1, "output.chunk_rows", self.chunk_rows, ">= 1")
 
 
 @dataclass
@@ -611,6 +616,7 @@ class SimConfig:
         _check(self.model is None or isinstance(self.model, str), "model", self.model,
                "a model name from conf/model/")
         _choice(self.experiment, "experiment", EXPERIMENTS)
+        _check(self.seed >= 0, "seed", self.seed, "an integer >= 0 (the root of every random stream)")
         if self.precision is not None:
             from profiler.models import PRECISIONS, with_precision
             _choice(self.precision, "precision", tuple(PRECISIONS))

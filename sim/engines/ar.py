@@ -372,7 +372,7 @@ class AREngine:
             return None
         self.sched = sched
         # step composition
-        p_tok = p_ctx = 0
+        p_tok = p_ctx = p_sq = 0
         d_seqs, d_ctx = self.nd, self.dsum0 + self.nd * self.G
         vision = 0
         for s, n in sched:
@@ -382,6 +382,7 @@ class AREngine:
             else:
                 p_tok += n
                 p_ctx += s.computed * n
+                p_sq += n * n
                 if not s.encoded:
                     vision += s.job.vision_tokens
         self.vision_in_step = vision
@@ -391,7 +392,7 @@ class AREngine:
             k = self._jump_len()
             if k > 1:
                 return self._plan_jump(d_seqs, d_mean, k)
-        t = self.lat.ar_step(self.model, p_tok, d_seqs, d_mean, p_mean) + self.overhead
+        t = self.lat.ar_step(self.model, p_tok, d_seqs, d_mean, p_mean, p_sq) + self.overhead
         if vision:
             t += self.lat.vision_encode(self.model, vision)
         if self.host or self.host_seq:
