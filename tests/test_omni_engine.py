@@ -477,15 +477,15 @@ def test_baseline_runs_whole_requests_on_replicas(tables):
 
 # --- the other policies, and the old step-level baseline, are unchanged ---------------------------
 
-# per-request digests of fixed-seed runs on the measured H100 tables, made at main 2abb6d3 before
-# the omni engine existed (baseline then = today's diffusion.engine=step_level_same_shape)
+# per-request digests of fixed-seed runs on the measured H100 tables, made at main 659904e (prefill
+# attention per chunk) without the omni engine (baseline then = today's diffusion.engine=step_level_same_shape)
 UNCHANGED = {
-    ("disaggregated", 0, 8, 2.0): "fd1b45d308c6eeadff094cc2d50923e982b50600a475db9792c24bdd95b3f14c",
-    ("disaggregated", 1, 16, 4.0): "070c559850d3d806d20ea87f0ced8c67eca156f3428fcc17111219d20cad241f",
-    ("modality_aware", 0, 8, 2.0): "6abfd6e2f1e12ee432da7becea04f0cb89917b2c6d4cfab06f2059f6f6de90e1",
-    ("modality_aware", 1, 16, 4.0): "c100f2214c59c2e68a76600747b3e7d2cec3f458dd9d284f042075a58b699d1d",
-    ("baseline", 0, 8, 2.0): "16bf707f47041f23801889a6fd70af6d89b07fdd7b7b8098f10acd4f59747040",
-    ("baseline", 1, 16, 4.0): "7c268cc58f7867071e25192132add575aec486e7e0d891678ee645386530e195",
+    ("disaggregated", 0, 8, 2.0): "9f7720bed5ca4055fb5f715675e843f4305bd0161192a4cee2052bacc59fdcac",
+    ("disaggregated", 1, 16, 4.0): "8f2deff7e36671fb640713f502616b2c6496e823c3aa99d6ee170d1d47f49f68",
+    ("modality_aware", 0, 8, 2.0): "fb5929462f122f711b8d9c715fcbd7f67e0915a170f0fefd613fd7d2ab158893",
+    ("modality_aware", 1, 16, 4.0): "57102fd9d8990164aa295450a8e92c4f67504794d38d01f31ab765892fa53716",
+    ("baseline", 0, 8, 2.0): "125ad7ca1ab6b8489e0d94f6d6d01c8354305bfa2a4b7e83ef1d99f427779b40",
+    ("baseline", 1, 16, 4.0): "9891cd99869eb16192464f280a330148f129f7d915245c1ff2c69910412c693f",
 }
 
 
