@@ -292,6 +292,7 @@ class LatencyModel:
         self._dec: dict[str, Grid] = {}             # (the hot lookups: no tuple key)
         self._dit: dict[str, Grid] = {}
         self._dit_joint: dict[str, tuple[Grid, float]] = {}   # model -> (grid, its text length)
+        self._dit_text: dict[str, Grid] = {}        # model -> batch-1 (seq_len, num_tokens) grid
         self._te: dict[str, dict[str, Grid]] = {}   # model -> component -> text_encode grid
         self._vis: dict[str, Grid] = {}
         self._vae: dict[str, dict[str, Grid]] = {}  # model -> stage -> grid
@@ -820,6 +821,17 @@ class LatencyModel:
             vals = _fill_holes(vals, [b_axis, j_axis])
             filled |= holes
         return Grid(f"{model}/{DIT_STEP}/joint", [b_axis, j_axis], vals, filled), t0
+
+    def dit_step_text(self, model: str, seq_len: float, text_tokens: float) -> float:
+        """One transformer forward at batch 1 over seq_len image and text_tokens text tokens,
+        read on the (seq_len, num_tokens) grid of the table's batch-1 dit_step rows: for a table
+        whose rows span both axes (profiler.omni_table's vLLM-Omni fits, where a text token costs
+        less than an image token), unlike dit_step_joint's single joint-length axis."""
+        g = self._dit_text.get(model)
+        if g is None:
+            g = self._dit_text[model] = self._grid(model, DIT_STEP, ["seq_len", "num_tokens"],
+                                                   lambda d: d["batch_size"] == 1, "text")
+        return self._lookup2(g, seq_len, text_tokens)
 
     def vae(self, model: str, stage: str, batch: float, height: float, width: float) -> float:
         by = self._vae.get(model)

@@ -352,7 +352,8 @@ def print_summary(summary: dict[str, Any], title: str = "simulation summary") ->
     for m, src in (de.get("stage_costs") or {}).items():
         other = sorted(st.split(" ")[0] for st, w in src.items() if not w.startswith("vllm-omni"))
         if other:
+            why = (" (it runs the condition encoder under Hugging Face transformers and the transformer "
+                   "with regional torch.compile)" if set(other) - {"vae_encode", "vae_decode"} else "")
             con.print(f"[yellow]{m}: {', '.join(dict.fromkeys(other))} costed from tables not measured "
-                      "inside vLLM-Omni (it runs the condition encoder under Hugging Face transformers "
-                      "and the transformer with regional torch.compile); summary.json layout."
-                      "diffusion_engine.stage_costs names each table.[/]")
+                      f"inside vLLM-Omni{why}; summary.json layout.diffusion_engine.stage_costs names "
+                      "each table.[/]")
