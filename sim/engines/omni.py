@@ -554,13 +554,12 @@ class _OmniEngine:
         j = self._last if self._last is not None and self._last.req is flow.req else self.costs.job(flow.req)
         self._last = None
         j.flow = flow
+        self.waiting_work += j.work              # (counted for routing from the submit)
         pre = self.costs.api_pre_s(j) if self.api_delays else 0.0
         if pre > 0:
-            self.waiting_work += j.work          # (counted for routing from the start)
             self.gpu.env.timer(pre, self._enqueue_later, j)
-            return
-        self.waiting_work += j.work
-        self._enqueue(j, now)
+        else:
+            self._enqueue(j, now)
 
     def _enqueue_later(self, ev: Timer) -> None:
         self._enqueue(ev.value, self.gpu.env.now)
