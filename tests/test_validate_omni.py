@@ -398,3 +398,15 @@ def test_validate_reports_a_broken_run_as_one_row(tmp_path):
     rows = run_validation(tmp_path, str(PROFILES), "h100", tmp_path / "report")
     (r,) = rows
     assert r["modality"] == "image_gen" and "request row 0 field 'cfg' = 'yes' is invalid" in r["error"]
+
+
+def test_validate_one_file_reads_its_servers_history(replay, tmp_path):
+    """One run file replays alone as in its folder: the stage log beside it gives the sizes the
+    server had decoded before it."""
+    from sim.tools.validate import run_validation
+    rows, _ = replay
+    (r,) = run_validation(OMNI_DIR / "qwen_image_edit__sat.json.gz", str(PROFILES), "h100", tmp_path)
+    want = rows["qwen_image_edit__sat"]
+    assert r["warm_sizes"] == want["warm_sizes"] == 17
+    for k in ("request_throughput", "median_e2el_ms", "p99_e2el_ms"):
+        assert r[f"sim_{k}"] == pytest.approx(want[f"sim_{k}"], rel=1e-12)

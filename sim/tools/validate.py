@@ -677,7 +677,7 @@ def run_validation(folder: str | Path, profiles_dir: str = "traces/profiles", gp
     out = Path(out) if out else (folder / "report" if folder.is_dir() else folder.parent / "report")
     out.mkdir(parents=True, exist_ok=True)
     if files is None:
-        files = [folder] if folder.is_file() else find_bench_files(folder, exclude=out)
+        files = ([] if _is_omni_file(folder) else [folder]) if folder.is_file() else find_bench_files(folder, exclude=out)
     rows: list[dict[str, Any]] = []
     curves = []
     caps = inf_capacities(find_bench_files(folder, exclude=out) if folder.is_dir() else list(files))
@@ -702,8 +702,7 @@ def run_validation(folder: str | Path, profiles_dir: str = "traces/profiles", gp
         row.update(cls)
         rows.append(row)
         curves.append((run_name(p), mdf, sdf))
-    omni_rows, omni_curves = validate_omni(folder, files if files is not None and not Path(folder).is_dir() else None,
-                                           profiles_dir, gpu, out, extra)
+    omni_rows, omni_curves = validate_omni(folder, profiles_dir, gpu, out, extra)
     rows += omni_rows
     curves += omni_curves
     print_table(rows)
@@ -744,18 +743,22 @@ def run_validation(folder: str | Path, profiles_dir: str = "traces/profiles", gp
     return rows
 
 
-def validate_omni(folder: str | Path, files: Optional[list[Path]], profiles_dir: str, gpu: str, out: Path,
+def _is_omni_file(path: Path) -> bool:
+    from profiler.omni_runs import is_omni_bench
+    try:
+        return is_omni_bench(read_json(path))
+    except (OSError, ValueError, EOFError):
+        return False
+
+
+def validate_omni(folder: str | Path, profiles_dir: str, gpu: str, out: Path,
                   extra: Optional[list[str]] = None) -> tuple[list[dict[str, Any]], list]:
     """Rows (and CDF curves) of the vLLM-Omni serving runs under `folder` (or the one file)."""
-    from profiler.omni_runs import OmniRunError, is_omni_bench
+    from profiler.omni_runs import OmniRunError
     from sim.tools.omni_validate import datasets, validate_run
     folder = Path(folder)
-    if folder.is_file():
-        try:
-            if not is_omni_bench(read_json(folder)):
-                return [], []
-        except (OSError, ValueError, EOFError):
-            return [], []
+    if folder.is_file() and not _is_omni_file(folder):
+        return [], []
     rows: list[dict[str, Any]] = []
     curves: list = []
     try:
