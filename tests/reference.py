@@ -5,7 +5,8 @@ two; nothing in sim/ imports this module.
 - lookup_ref: a latency-table lookup, every case (in grid, outside under each range policy),
   on the numpy grid values (sim.engines.latency: memoised Python-float lookups).
 - decode_series_ref / ends_ref: a decode jump's step times and end offsets with numpy
-  (sim.engines.latency.LatencyModel.decode_ends: one Python loop).
+  (sim.engines.latency.LatencyModel.decode_ends: a Python loop for short jumps, numpy in place
+  with scalar cell bounds where it can for long ones).
 - gamma_arrivals_ref: Gamma renewal arrivals drawn and summed at once, rescaled as vLLM does
   (sim.workloads.laws: block by block, streamed).
 """

@@ -242,6 +242,27 @@ def test_decode_ends_equal_the_reference(tiny, mode, batch, ctx0, k, start_looku
     assert got.report() == ref.report()
 
 
+@pytest.mark.parametrize("mode", ["clamp", "extrapolate"])
+@pytest.mark.parametrize("batch,ctx0,k", [(7, 1000.5, 25), (1, 1.0, 300), (33, 1020.25, 60),
+                                           (256, 31900.0, 700), (3, 40_000.0, 90), (12, 0.5, 40)])
+@pytest.mark.parametrize("overhead,host", [(0.0, None), (3e-4, 1.5e-3), (0.0, 0.03)])
+def test_decode_ends_loop_and_vectorised_evaluations_agree(synthetic_profiles, monkeypatch, mode,
+                                                          batch, ctx0, k, overhead, host):
+    """decode_ends evaluates short jumps in a Python loop and long ones with numpy: forced
+    either way, both give the reference's floats bit for bit (one cell, several cells, past the
+    context axis) with the same lookup counts."""
+    import sim.engines.latency as L
+    ref = LatencyModel(synthetic_profiles, C.GPU, mode)
+    want = ends_ref(decode_series_ref(ref, VL, batch, ctx0, k), overhead, host)
+    for limit in (0, 10**9):                # every jump vectorised / every jump in the loop
+        monkeypatch.setattr(L, "_LOOP_MAX_STEPS", limit)
+        got = LatencyModel(synthetic_profiles, C.GPU, mode)
+        ends = got.decode_ends(VL, batch, ctx0, k, 1, overhead, host)
+        assert all(type(x) is float for x in ends)
+        assert ends == want, limit
+        assert got.report() == ref.report()
+
+
 def test_decode_ends_single_context_column(tmp_path):
     """A table with one context point: a constant column, the reference's floats."""
     rows = [C._row("tiny_model", "prefill", 1.0, batch_size=1, num_tokens=16, context_len=0,

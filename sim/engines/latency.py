@@ -1,9 +1,11 @@
 """Stage latencies from profile tables: interpolation over the measured grid, with an explicit
 policy outside it (error by default; clamp or extrapolate only when configured, and counted).
 
-Lookups bisect Python lists and memoise in-grid points per grid; a decode jump's steps are
-computed on Python floats in one loop (`decode_ends`). tests/reference.py holds the plain
-numpy formulation of both, the oracle tests/test_latency.py compares them with.
+Lookups bisect Python lists and memoise in-grid points per grid. A decode jump's step ends
+(`decode_ends`) are computed on Python floats for short jumps and vectorised with numpy past
+_LOOP_MAX_STEPS steps (numpy's fixed cost per call against the loop's cost per step), the same
+float operations in the same order either way. tests/reference.py holds the plain numpy
+formulation of both, the oracle tests/test_latency.py compares them with.
 """
 from __future__ import annotations
 
@@ -24,6 +26,10 @@ from sim.names import DECODE, DIT_STEP, PREFILL, TEXT_ENCODE, VISION_ENCODE
 
 
 _MEMO_MAX = 1 << 16      # memoised points per grid (cleared when full: bounded memory)
+# decode jumps longer than this are vectorised (the break-even of numpy's per-call cost against
+# the per-step loop: interpreted ~24 steps; compiled, where the loop is ~10x cheaper, ~160)
+_LOOP_MAX_STEPS = 24 if __file__.endswith(".py") else 160
+_IOTA = np.arange(4096, dtype=float)     # 0, 1, 2, ... (grown on demand): a jump's step indices
 
 
 class OutOfGridError(ValueError):
@@ -89,12 +95,15 @@ def _mixed_decode_context(row) -> float | None:
 
 class _DecodeCol(NamedTuple):
     """A decode grid column at one batch size: values along the context axis (array and list),
-    whether the batch lies inside the batch axis, and the two batch rows it mixes."""
+    whether the batch lies inside the batch axis, the two batch rows it mixes, and each context
+    cell's values at its lower and upper edge."""
     arr: np.ndarray
     vals: list[float]
     inside: bool
     i: int
     i1: int
+    lo: np.ndarray
+    hi: np.ndarray
 
 
 @dataclass
@@ -129,6 +138,8 @@ class Grid:
         self.vl = self.values.tolist()
         self.fl = self.filled.tolist()
         self.carr = [np.asarray(a, dtype=float) for a in self.axes]
+        last = self.carr[-1]
+        self.cwidth = last[1:] - last[:-1]          # cell widths along the last axis
         # in-grid lookups already made: point -> (value, whether a hole carried weight);
         # engines ask for the same points over and over (batch sizes, prompt lengths)
         # (keyed by the point's coordinates, without a tuple: 1 axis {x: v}, 2 axes {x0: {x1: v}};
@@ -401,7 +412,8 @@ class LatencyModel:
             else:
                 arr = v[0]
             n0 = len(b_axis)
-            col = _DecodeCol(arr, arr.tolist(), inside, i, i + 1 if i + 1 < n0 else n0 - 1)
+            col = _DecodeCol(arr, arr.tolist(), inside, i, i + 1 if i + 1 < n0 else n0 - 1,
+                             arr[:-1].copy(), arr[1:].copy())
             g.cols[batch] = col
         return col
 
@@ -435,6 +447,11 @@ class LatencyModel:
         at ctx0 (and grow by one a step): each step decode(batch, ctx0 + i) (the same bilinear
         rule), plus `overhead` when nonzero, then max(t - host, host) when `host` is not None,
         summed in order. start_lookups: see _end_lookups."""
+        if k > _LOOP_MAX_STEPS:
+            g = self._decode_grid(model)
+            col = self._decode_col(g, batch)
+            self._end_lookups(g, col, batch, ctx0, k, start_lookups)
+            return self._ends_vectorised(g, col, ctx0, k, overhead, host)
         ends = []
         acc = 0.0
         for t in self.decode_steps(model, batch, ctx0, k, start_lookups):
@@ -447,6 +464,53 @@ class LatencyModel:
             acc += t
             ends.append(acc)
         return ends
+
+    def _ends_vectorised(self, g: Grid, col: _DecodeCol, ctx0: float, k: int, overhead: float,
+                         host: float | None) -> list[float]:
+        """decode_ends' arithmetic (after its range checks) with numpy, op for op: the cell of
+        each context, its weight, the bilinear value, the floor, overhead and host time, and a
+        sequential cumulative sum (np.cumsum adds in order, as the loop does)."""
+        global _IOTA
+        axis = g.axes[1]
+        t: Any
+        cj: Any                             # the contexts' cell bounds and edge values: numpy
+        width: Any                          # arrays, or scalars when they share one cell
+        lo: Any
+        hi: Any
+        if len(axis) == 1:                  # one context point: a constant column
+            v = col.vals[0]
+            t = np.full(k, v if v > 1e-6 else 1e-6)
+        else:
+            if k > len(_IOTA):
+                _IOTA = np.arange(2 * k, dtype=float)
+            x = _IOTA[:k] + ctx0
+            cell = self._one_cell(axis, ctx0, ctx0 + (k - 1))
+            if cell is not None:            # the usual case: every context in one cell (inside
+                j = cell                    # the axis: nothing to clamp), its bounds scalars
+                cj, width, lo, hi = axis[j], axis[j + 1] - axis[j], col.vals[j], col.vals[j + 1]
+            else:
+                c = g.carr[1]
+                if self.mode is OutOfRange.clamp:
+                    np.maximum(x, c[0], out=x)
+                    np.minimum(x, c[-1], out=x)
+                js = c.searchsorted(x, "right")
+                js -= 1                     # each context's cell, kept within the axis
+                np.maximum(js, 0, out=js)
+                np.minimum(js, len(c) - 2, out=js)
+                cj, width, lo, hi = c.take(js), g.cwidth.take(js), col.lo.take(js), col.hi.take(js)
+            w = x - cj
+            w /= width
+            t = 1 - w
+            t *= lo
+            w *= hi
+            t += w
+            np.maximum(t, 1e-6, out=t)
+        if overhead:
+            t += overhead
+        if host is not None:
+            t -= host
+            np.maximum(t, host, out=t)
+        return t.cumsum().tolist()
 
     def _step_values(self, g: Grid, col: _DecodeCol, ctx0: float, k: int) -> list[float]:
         """decode(batch, ctx0 + i), i < k, on the column at the batch (after the range checks of
