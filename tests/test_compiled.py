@@ -1,5 +1,5 @@
-"""The opt-in compiled hot path (`python -m sim.tools.compile`, sim/tools/compile.py). Skipped unless it has
-been built: then the hot modules must really be the compiled ones, and fixed-seed runs must
+"""The compiled hot path (sim/compiled.py: built by `pip install`, or `python -m sim.tools.compile`).
+Skipped unless it has been built: then the hot modules must really be the compiled ones, and fixed-seed runs must
 give the pure-Python results bit for bit (the pure run imports a copy of the sources without
 the extension modules, in a subprocess)."""
 from __future__ import annotations
@@ -14,7 +14,8 @@ import pandas as pd
 import pytest
 
 from sim.policies import POLICIES
-from sim.tools.compile import HOT, REPO, compiled_modules
+from sim.compiled import HOT, ROOT as REPO
+from sim.tools.compile import compiled_modules
 
 MODS = compiled_modules()
 pytestmark = pytest.mark.skipif(not any(f.endswith(".so") for f in MODS.values()),

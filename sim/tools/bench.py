@@ -13,7 +13,9 @@ a tiny one; the figures in docs/BENCH.md are --scale 1).
 
 One line per scenario:
   scenario=<name> policy=<p> requests=<n> gpus=<g> requests_per_s=<x> events_per_s=<x>
-  wall_s=<x> peak_rss_mb=<x>
+  wall_s=<x> peak_rss_mb=<x> build=<compiled|pure|pure-stale>
+`build` is the hot path the child ran (sim/compiled.py): compiled by `pip install` when a C
+compiler was there, else pure Python.
 `requests_per_s` = simulated requests / wall seconds of `Run.run()` (workload generation,
 simulation and metrics; not interpreter start-up or profile loading). `events_per_s` counts
 SimPy events processed (counted by the run's event loop, sim.core.kernel.run).
@@ -103,6 +105,7 @@ def run_one(scenario: str, policy: str, n: int, profiles_dir: str, write: bool) 
     """Runs in the child: one scenario, returns its figures."""
     import resource
 
+    from sim.compiled import build
     from sim.run.runner import Run
     cfg = make_config(scenario, policy, n, profiles_dir, write)
     outdir = Path(tempfile.mkdtemp(prefix="bench_out_")) if write else None
@@ -118,13 +121,14 @@ def run_one(scenario: str, policy: str, n: int, profiles_dir: str, write: bool) 
             "gpus": cfg.cluster.num_gpus, "requests_per_s": s["completed"] / wall,
             "events_per_s": r.steps / wall, "wall_s": wall, "peak_rss_mb": rss,
             "events": r.steps, "cpu_s": cpu, "sim_duration_s": s["duration"],
-            "mean_gpu_util": s["utilization"]["mean_gpu"], "p99_e2el_ms": s["p99_e2el_ms"]}
+            "mean_gpu_util": s["utilization"]["mean_gpu"], "p99_e2el_ms": s["p99_e2el_ms"],
+            "build": build()}
 
 
 def fmt(r: dict) -> str:
     return (f"scenario={r['scenario']} policy={r['policy']} requests={r['requests']} gpus={r['gpus']} "
             f"requests_per_s={r['requests_per_s']:.0f} events_per_s={r['events_per_s']:.0f} "
-            f"wall_s={r['wall_s']:.2f} peak_rss_mb={r['peak_rss_mb']:.0f}")
+            f"wall_s={r['wall_s']:.2f} peak_rss_mb={r['peak_rss_mb']:.0f} build={r['build']}")
 
 
 def main(argv: list[str] | None = None) -> int:
