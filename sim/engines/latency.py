@@ -1,16 +1,18 @@
 """Stage latencies from profile tables: interpolation over the measured grid, with an explicit
 policy outside it (error by default; clamp or extrapolate only when configured, and counted).
 
-Lookups bisect Python lists and memoise in-grid points per grid. A decode jump's step ends
-(`decode_ends`) are computed on Python floats for short jumps and vectorised with numpy past
-_LOOP_MAX_STEPS steps (numpy's fixed cost per call against the loop's cost per step), the same
-float operations in the same order either way. tests/reference.py holds the plain numpy
-formulation of both, the oracle tests/test_latency.py compares them with.
+Lookups bisect Python lists and memoise in-grid points per grid. A decode jump is priced in
+closed form (`decode_run`, `DecodeSteps`): its step times are linear in the step index between
+grid points, so its steps are a few linear pieces and their end offsets arithmetic series -- the
+cost of a jump does not grow with its length. tests/reference.py holds the plain numpy
+formulation of both (per-step values, a running sum), the oracle tests/test_latency.py compares
+them with.
 """
 from __future__ import annotations
 
 import json
-from bisect import bisect_right
+import math
+from bisect import bisect_left, bisect_right
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,15 +23,12 @@ import pandas as pd
 
 from profiler.schema import read_table
 from sim.config import OutOfRange
+from sim.core.gpu import Steps
 from sim.core.mypyc_compat import mypyc_attr
 from sim.names import DECODE, DIT_STEP, PREFILL, TEXT_ENCODE, VISION_ENCODE
 
 
 _MEMO_MAX = 1 << 16      # memoised points per grid (cleared when full: bounded memory)
-# decode jumps longer than this are vectorised (the break-even of numpy's per-call cost against
-# the per-step loop: interpreted ~24 steps; compiled, where the loop is ~10x cheaper, ~160)
-_LOOP_MAX_STEPS = 24 if __file__.endswith(".py") else 160
-_IOTA = np.arange(4096, dtype=float)     # 0, 1, 2, ... (grown on demand): a jump's step indices
 
 
 class OutOfGridError(ValueError):
@@ -95,15 +94,12 @@ def _mixed_decode_context(row) -> float | None:
 
 class _DecodeCol(NamedTuple):
     """A decode grid column at one batch size: values along the context axis (array and list),
-    whether the batch lies inside the batch axis, the two batch rows it mixes, and each context
-    cell's values at its lower and upper edge."""
+    whether the batch lies inside the batch axis, and the two batch rows it mixes."""
     arr: np.ndarray
     vals: list[float]
     inside: bool
     i: int
     i1: int
-    lo: np.ndarray
-    hi: np.ndarray
 
 
 @dataclass
@@ -138,8 +134,6 @@ class Grid:
         self.vl = self.values.tolist()
         self.fl = self.filled.tolist()
         self.carr = [np.asarray(a, dtype=float) for a in self.axes]
-        last = self.carr[-1]
-        self.cwidth = last[1:] - last[:-1]          # cell widths along the last axis
         # in-grid lookups already made: point -> (value, whether a hole carried weight);
         # engines ask for the same points over and over (batch sizes, prompt lengths)
         # (keyed by the point's coordinates, without a tuple: 1 axis {x: v}, 2 axes {x0: {x1: v}};
@@ -412,8 +406,7 @@ class LatencyModel:
             else:
                 arr = v[0]
             n0 = len(b_axis)
-            col = _DecodeCol(arr, arr.tolist(), inside, i, i + 1 if i + 1 < n0 else n0 - 1,
-                             arr[:-1].copy(), arr[1:].copy())
+            col = _DecodeCol(arr, arr.tolist(), inside, i, i + 1 if i + 1 < n0 else n0 - 1)
             g.cols[batch] = col
         return col
 
@@ -432,112 +425,70 @@ class LatencyModel:
             self._lookup2(g, batch, ctx0)
         self._lookup2(g, batch, ctx0 + k - 1)
 
-    def decode_steps(self, model: str, batch: int, ctx0: float, k: int,
-                     start_lookups: int = 1) -> list[float]:
-        """decode(batch, ctx0 + i) for i < k: the step times of k decode steps of `batch`
-        sequences whose contexts start at ctx0. start_lookups: see _end_lookups."""
+    def decode_run(self, model: str, batch: int, ctx0: float, k: int, start_lookups: int = 1,
+                   overhead: float = 0.0, host: float | None = None) -> "DecodeSteps":
+        """k decode steps of `batch` sequences whose contexts start at ctx0 (and grow by one a
+        step): step i takes decode(batch, ctx0 + i) (the bilinear rule, >= 1e-6 s), plus
+        `overhead`, then max(t - host, host) when `host` is not None. The steps' end offsets, in
+        closed form (DecodeSteps). start_lookups: see _end_lookups."""
         g = self._decode_grid(model)
         col = self._decode_col(g, batch)
         self._end_lookups(g, col, batch, ctx0, k, start_lookups)
-        return self._step_values(g, col, ctx0, k)
-
-    def decode_ends(self, model: str, batch: int, ctx0: float, k: int, start_lookups: int = 1,
-                    overhead: float = 0.0, host: float | None = None) -> list[float]:
-        """Cumulative end offsets of k decode steps of `batch` sequences whose contexts start
-        at ctx0 (and grow by one a step): each step decode(batch, ctx0 + i) (the same bilinear
-        rule), plus `overhead` when nonzero, then max(t - host, host) when `host` is not None,
-        summed in order. start_lookups: see _end_lookups."""
-        if k > _LOOP_MAX_STEPS:
-            g = self._decode_grid(model)
-            col = self._decode_col(g, batch)
-            self._end_lookups(g, col, batch, ctx0, k, start_lookups)
-            return self._ends_vectorised(g, col, ctx0, k, overhead, host)
-        ends = []
-        acc = 0.0
-        for t in self.decode_steps(model, batch, ctx0, k, start_lookups):
-            if overhead:
-                t += overhead
-            if host is not None:
-                t -= host
-                if t < host:                # np.maximum(t, host)
-                    t = host
-            acc += t
-            ends.append(acc)
-        return ends
-
-    def _ends_vectorised(self, g: Grid, col: _DecodeCol, ctx0: float, k: int, overhead: float,
-                         host: float | None) -> list[float]:
-        """decode_ends' arithmetic (after its range checks) with numpy, op for op: the cell of
-        each context, its weight, the bilinear value, the floor, overhead and host time, and a
-        sequential cumulative sum (np.cumsum adds in order, as the loop does)."""
-        global _IOTA
-        axis = g.axes[1]
-        t: Any
-        cj: Any                             # the contexts' cell bounds and edge values: numpy
-        width: Any                          # arrays, or scalars when they share one cell
-        lo: Any
-        hi: Any
-        if len(axis) == 1:                  # one context point: a constant column
-            v = col.vals[0]
-            t = np.full(k, v if v > 1e-6 else 1e-6)
-        else:
-            if k > len(_IOTA):
-                _IOTA = np.arange(2 * k, dtype=float)
-            x = _IOTA[:k] + ctx0
-            cell = self._one_cell(axis, ctx0, ctx0 + (k - 1))
-            if cell is not None:            # the usual case: every context in one cell (inside
-                j = cell                    # the axis: nothing to clamp), its bounds scalars
-                cj, width, lo, hi = axis[j], axis[j + 1] - axis[j], col.vals[j], col.vals[j + 1]
-            else:
-                c = g.carr[1]
-                if self.mode is OutOfRange.clamp:
-                    np.maximum(x, c[0], out=x)
-                    np.minimum(x, c[-1], out=x)
-                js = c.searchsorted(x, "right")
-                js -= 1                     # each context's cell, kept within the axis
-                np.maximum(js, 0, out=js)
-                np.minimum(js, len(c) - 2, out=js)
-                cj, width, lo, hi = c.take(js), g.cwidth.take(js), col.lo.take(js), col.hi.take(js)
-            w = x - cj
-            w /= width
-            t = 1 - w
-            t *= lo
-            w *= hi
-            t += w
-            np.maximum(t, 1e-6, out=t)
+        starts, alpha, beta = self._pieces(g, col, ctx0, k)
+        _floor(starts, alpha, beta, k, 1e-6)
         if overhead:
-            t += overhead
+            for p in range(len(alpha)):
+                alpha[p] += overhead
         if host is not None:
-            t -= host
-            np.maximum(t, host, out=t)
-        return t.cumsum().tolist()
+            for p in range(len(alpha)):
+                alpha[p] -= host
+            _floor(starts, alpha, beta, k, host)
+        return DecodeSteps(k, starts, alpha, beta)
 
-    def _step_values(self, g: Grid, col: _DecodeCol, ctx0: float, k: int) -> list[float]:
-        """decode(batch, ctx0 + i), i < k, on the column at the batch (after the range checks of
-        _end_lookups): clamped to the context axis under out_of_range=clamp, bilinear, >= 1e-6."""
-        c = g.axes[1]
+    def decode_steps(self, model: str, batch: int, ctx0: float, k: int,
+                     start_lookups: int = 1) -> list[float]:
+        """decode(batch, ctx0 + i) for i < k: the step times of k decode steps (decode_run's)."""
+        return self.decode_run(model, batch, ctx0, k, start_lookups).durations(k)
+
+    def _pieces(self, g: Grid, col: _DecodeCol, ctx0: float, k: int
+                ) -> tuple[list[int], list[float], list[float]]:
+        """The k step values decode(batch, ctx0 + i), i < k, as linear pieces: piece p covers the
+        steps from starts[p] to the next start, step starts[p] + m taking alpha[p] + beta[p] * m.
+        A piece is one context cell (the one bisection picks, within the axis), or the constant
+        edge value where out_of_range=clamp holds the context at the axis's end."""
+        c, vals = g.axes[1], col.vals
         last = len(c) - 2
         if last < 0:                        # one context point: a constant column
-            v = col.vals[0]
-            return [v if v > 1e-6 else 1e-6] * k
+            return [0], [vals[0]], [0.0]
         clamp = self.mode is OutOfRange.clamp
-        lo, hi, vals = c[0], c[-1], col.vals
-        out = []
-        j = -1
-        for i in range(k):
+        starts: list[int] = []
+        alpha: list[float] = []
+        beta: list[float] = []
+        i = 0
+        while i < k:
             x = ctx0 + i
-            if clamp:                       # np.minimum(np.maximum(ctx, c[0]), c[-1])
-                if x < lo:
-                    x = lo
-                if x > hi:
-                    x = hi
-            if j < 0 or x >= c[j + 1] and j < last or x < c[j]:
-                j = bisect_right(c, x) - 1  # searchsorted(side="right") - 1, within the axis
+            if clamp and x < c[0]:          # held at the axis's first point
+                e = min(k, max(i + 1, math.ceil(c[0] - ctx0)))
+                a, b = vals[0], 0.0
+            elif clamp and x > c[-1]:       # held at its last point
+                e = k
+                a, b = vals[-1], 0.0
+            else:
+                j = bisect_right(c, x) - 1
                 j = 0 if j < 0 else last if j > last else j
-            w = (x - c[j]) / (c[j + 1] - c[j])
-            v = (1 - w) * vals[j] + w * vals[j + 1]
-            out.append(v if v > 1e-6 else 1e-6)
-        return out
+                if j < last:                # steps up to the next grid point
+                    e = min(k, max(i + 1, math.ceil(c[j + 1] - ctx0)))
+                elif clamp:                 # the last cell: up to the axis's end
+                    e = min(k, max(i + 1, math.floor(c[-1] - ctx0) + 1))
+                else:
+                    e = k
+                b = (vals[j + 1] - vals[j]) / (c[j + 1] - c[j])
+                a = vals[j] + b * (x - c[j])
+            starts.append(i)
+            alpha.append(a)
+            beta.append(b)
+            i = e
+        return starts, alpha, beta
 
     @staticmethod
     def _cell_has_hole(g: Grid, col: _DecodeCol, j: int) -> bool:
@@ -694,3 +645,122 @@ class LatencyModel:
         return {"out_of_grid_lookups": dict(self.outside), "oom_hole_lookups": dict(self.hole_hits),
                 "out_of_range_policy": self.mode.value,
                 "engines": {m: self.engines(m) for m in self._frames}}
+
+
+def _floor(starts: list[int], alpha: list[float], beta: list[float], k: int, low: float) -> None:
+    """max(value, low) on linear pieces (see LatencyModel._pieces), in place: a piece that
+    crosses `low` is split where it does, its part below held at `low`."""
+    p = 0
+    while p < len(starts):
+        a, b = alpha[p], beta[p]
+        n = (starts[p + 1] if p + 1 < len(starts) else k) - starts[p]
+        z = a + b * (n - 1)                  # its last step's value
+        if a >= low and z >= low:
+            p += 1
+            continue
+        if (a < low and z < low) or b == 0.0:
+            alpha[p], beta[p] = low, 0.0
+            p += 1
+            continue
+        if b > 0.0:                          # below `low` up to step m, above from m on
+            m = min(n - 1, max(1, math.ceil((low - a) / b)))
+            starts.insert(p + 1, starts[p] + m)
+            alpha.insert(p + 1, a + b * m)
+            beta.insert(p + 1, b)
+            alpha[p], beta[p] = low, 0.0
+        else:                                # above up to step m, below from m on
+            m = min(n - 1, max(1, math.floor((low - a) / b) + 1))
+            starts.insert(p + 1, starts[p] + m)
+            alpha.insert(p + 1, low)
+            beta.insert(p + 1, 0.0)
+        p += 2
+
+
+class DecodeSteps(Steps):
+    """The end offsets of a decode jump's k steps (LatencyModel.decode_run) in closed form: step
+    starts[p] + m takes alpha[p] + beta[p] * m seconds (p: its linear piece), so the end of step
+    i is base[p] + n * alpha[p] + beta[p] * n (n - 1) / 2 with n = i - starts[p] + 1. Reads as
+    the list of ends (items, slices, len); bisection solves the series' quadratic. It equals the
+    running sum of the per-step values to rounding (~1e-15 relative; tests/test_latency.py)."""
+    __slots__ = ("k", "starts", "alpha", "beta", "base")
+
+    def __init__(self, k: int, starts: list[int], alpha: list[float], beta: list[float]):
+        self.k = k
+        self.starts = starts
+        self.alpha = alpha
+        self.beta = beta
+        base = [0.0]                         # the end offset before each piece
+        for p in range(len(starts) - 1):
+            n = starts[p + 1] - starts[p]
+            base.append(base[p] + n * alpha[p] + beta[p] * (n * (n - 1) // 2))
+        self.base = base
+
+    def __len__(self) -> int:
+        return self.k
+
+    def _piece(self, i: int) -> int:
+        return 0 if len(self.starts) == 1 else bisect_right(self.starts, i) - 1
+
+    def end(self, i: int) -> float:
+        """The end offset of step i (0 <= i < k)."""
+        p = self._piece(i)
+        n = i - self.starts[p] + 1
+        return self.base[p] + n * self.alpha[p] + self.beta[p] * (n * (n - 1) // 2)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self.end(j) for j in range(*i.indices(self.k))]
+        if i < 0:
+            i += self.k
+        if not 0 <= i < self.k:
+            raise IndexError(i)
+        return self.end(i)
+
+    def durations(self, k: int) -> list[float]:
+        """The times of the first k steps."""
+        out: list[float] = []
+        starts, alpha, beta = self.starts, self.alpha, self.beta
+        for p in range(len(starts)):
+            e = starts[p + 1] if p + 1 < len(starts) else self.k
+            a, b = alpha[p], beta[p]
+            for m in range(min(e, k) - starts[p]):
+                out.append(a + b * m)
+        return out
+
+    def pieces(self, k: int) -> list[tuple[float, float, int]]:
+        """(alpha, beta, steps) of the pieces of the first k steps."""
+        starts, out = self.starts, []
+        for p in range(len(starts)):
+            if starts[p] >= k:
+                break
+            e = starts[p + 1] if p + 1 < len(starts) else self.k
+            out.append((self.alpha[p], self.beta[p], min(e, k) - starts[p]))
+        return out
+
+    def bisect_left(self, x: float) -> int:
+        return self._search(x, False)
+
+    def bisect_right(self, x: float) -> int:
+        return self._search(x, True)
+
+    def _search(self, x: float, right: bool) -> int:
+        """The first step whose end is >= x (> x when right); k when none is."""
+        base, starts, k = self.base, self.starts, self.k
+        p = (bisect_right(base, x) if right else bisect_left(base, x)) - 1   # the piece holding it
+        if p < 0:
+            return 0
+        s = starts[p]
+        e = starts[p + 1] if p + 1 < len(starts) else k
+        a, b, c = self.alpha[p], self.beta[p], base[p] - x
+        # smallest n >= 1 with c + n a + b n (n - 1) / 2 >= 0 (a root of the quadratic, refined
+        # below on the exact ends)
+        q = a - 0.5 * b
+        d = q * q - 2.0 * b * c
+        den = q + math.sqrt(d if d > 0.0 else 0.0)
+        n = math.ceil(-2.0 * c / den) if den > 0.0 else e - s
+        i = s + min(max(n, 1), e - s) - 1
+        while i > s and (self.end(i - 1) > x if right else self.end(i - 1) >= x):
+            i -= 1
+        while i < e and (self.end(i) <= x if right else self.end(i) < x):
+            i += 1
+        return i

@@ -127,7 +127,7 @@ class MetricsCollector:
         self._itl = QuantileSketch(alpha=itl_alpha)   # milliseconds
         self._itl_v: list[float] = []                 # buffered single steps (seconds)
         self._itl_w: list[float] = []
-        self._itl_arrs: list[tuple[np.ndarray, float]] = []   # buffered step series (cumulative ends)
+        self._itl_runs: list[tuple[Any, int, int]] = []   # buffered decode jumps (run, steps, weight)
         self._itl_n = 0
 
     def __len__(self) -> int:
@@ -200,12 +200,12 @@ class MetricsCollector:
         if len(self._itl_v) >= _FLUSH:
             self._flush_itl()
 
-    def add_itl_steps(self, ends_s: np.ndarray, weight: int) -> None:
-        """Consecutive AR engine steps given by their cumulative end offsets (seconds from the
-        start of the first), each giving a decode token to ``weight`` sequences: the same as
-        add_itl per step with duration ends[i] - ends[i-1] (differenced when folded in)."""
-        self._itl_arrs.append((ends_s, weight))
-        self._itl_n += len(ends_s)
+    def add_itl_steps(self, run: Any, k: int, weight: int) -> None:
+        """The first k steps of a decode jump (sim.engines.latency.DecodeSteps), each giving a
+        decode token to ``weight`` sequences: add_itl per step with that step's time (generated
+        from the jump's linear pieces, vectorised, when folded in)."""
+        self._itl_runs.append((run, k, weight))
+        self._itl_n += k
         if self._itl_n >= _FLUSH:
             self._flush_itl()
 
@@ -213,20 +213,23 @@ class MetricsCollector:
         if self._itl_v:
             self._itl.add_many(np.asarray(self._itl_v) * 1000.0, self._itl_w)
             self._itl_v, self._itl_w = [], []
-        if self._itl_arrs:
-            arrs = self._itl_arrs
-            flat: list[float] = []      # one list of floats: a fast np.array, where concatenate
-            for a, _ in arrs:           # would convert each (short) list on its own
-                flat += a.tolist() if isinstance(a, np.ndarray) else a
-            ends = np.array(flat, dtype=np.float64)
-            lens = np.array([len(a) for a, _ in arrs])
-            first = np.cumsum(lens) - lens           # where each series starts
-            d = ends.copy()
-            d[1:] -= ends[:-1]
-            d[first] = ends[first]
-            w = np.repeat(np.array([float(wt) for _, wt in arrs]), lens)
-            self._itl.add_many(d * 1000.0, w)
-            self._itl_arrs, self._itl_n = [], 0
+        if self._itl_runs:
+            a: list[float] = []
+            b: list[float] = []
+            n: list[int] = []
+            w: list[float] = []
+            for run, k, wt in self._itl_runs:
+                for alpha, beta, steps in run.pieces(k):
+                    a.append(alpha)
+                    b.append(beta)
+                    n.append(steps)
+                    w.append(wt)
+            lens = np.array(n)
+            first = np.cumsum(lens) - lens           # where each piece starts
+            m = np.arange(int(lens.sum()), dtype=np.float64) - np.repeat(first, lens)
+            t = np.repeat(np.array(a), lens) + np.repeat(np.array(b), lens) * m
+            self._itl.add_many(t * 1000.0, np.repeat(np.array(w, dtype=np.float64), lens))
+            self._itl_runs, self._itl_n = [], 0
 
     def requests_frame(self) -> pd.DataFrame:
         """The recorded rows as a DataFrame (same columns and types as requests.parquet)."""
