@@ -7,10 +7,11 @@ import time
 from collections import deque
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator, Optional
 
 from sim.config import SimConfig
 from sim.core.kernel import Kernel
+from sim.core.records import Request
 from sim.engines.latency import LatencyModel
 from sim.policies.policy import PILOT_REQUESTS, SimContext, build_policy
 from sim.run.metrics import MetricsCollector
@@ -61,13 +62,13 @@ class Run:
         self.arrived = 0
         self.steps = 0                    # SimPy events processed (Kernel.run_until)
         self.last_finish = 0.0
-        self.writer = None
+        self.writer: Optional[RequestsParquetWriter] = None
         self._on_arrival = self._arrive   # one bound method for every arrival event
-        self.max_concurrency = self.workload.max_concurrency
+        self.max_concurrency: Optional[int] = self.workload.max_concurrency   # None: open loop
         self._in_flight = 0
         self._held: deque = deque()       # closed loop: arrived, waiting for a free slot
         self._on_release = self._release
-        self.requests = [] if keep_rows and self.n_total <= keep_rows else None
+        self.requests: Optional[list[Request]] = [] if keep_rows and self.n_total <= keep_rows else None
         pilot = list(itertools.islice(iter(request_source(cfg.workload, cfg.seed, model_override=cfg.model)),
                                       PILOT_REQUESTS))
         self.ctx = SimContext(self.env, cfg, self.lat, self._on_complete, self.metrics.add_itl,
@@ -84,7 +85,9 @@ class Run:
             else:
                 self._release(None)
         if self.writer is not None:
-            self.writer.add_row(self.metrics.record(req))
+            row = self.metrics.record(req)
+            assert row is not None
+            self.writer.add_row(row)
         else:
             self.metrics.record(req, row=False)   # no row dict unless it is kept
         if self.requests is not None:
@@ -94,8 +97,8 @@ class Run:
         """Arrivals as event callbacks, not a SimPy process: the same events at the same times
         in the same order (an urgent start event at time 0, as a process's initialisation, then
         one timeout per arrival later than the clock), without a generator resumed per request."""
-        self._reqs = iter(self.workload)
-        self._pending = None
+        self._reqs: Iterator[Request] = iter(self.workload)
+        self._pending: Optional[Request] = None
         self.env.call_soon(self._arrive)
 
     def _arrive(self, _ev) -> None:
@@ -117,7 +120,7 @@ class Run:
     def _send(self, req, now: float) -> None:
         """Closed loop: send now if a slot is free, else hold it (FIFO, as the client's
         semaphore); its latencies count from the send, as `vllm bench serve` measures them."""
-        if self._in_flight < self.max_concurrency:
+        if self._in_flight < (self.max_concurrency or 0):
             self._in_flight += 1
             self.policy.admit(req, now)
         else:
