@@ -1,9 +1,17 @@
-"""CLI: `python -m profiler {sweep,plan,show,check,e2e} ...`.
+"""CLI: `python -m profiler {import-model,sweep,plan,show,check,e2e,analytic-error} ...`.
+
+    python -m profiler import-model <config.json | model_index.json | folder> [--name NAME]
+writes conf/model/<name>.yaml from public configs and its roofline tables
+(traces/profiles/<gpu>-analytic/<name>.parquet), so the simulator runs the model at once;
+`python -m profiler import-model --help` lists the options.
 
 sweep/plan/e2e take Hydra overrides on conf/profiler/config.yaml (compose API), e.g.
     python -m profiler sweep models=[flux1_dev,sd3_5_medium] backend=diffusers max_minutes=8
     python -m profiler sweep model=qwen2_5_7b backend=vllm grid.decode_batch=[1,8,64]
-`model=X` is shorthand for `models=[X]`.
+`model=X` is shorthand for `models=[X]`; backend=auto (the default) measures LLMs / VLMs with
+vllm and diffusion models with diffusers.
+    python -m profiler analytic-error <model>... [--gpu h100]
+reports the roofline tables' relative error against the measured ones, per stage.
 show/check take table paths: python -m profiler check traces/profiles/h100/*.parquet
 """
 from __future__ import annotations
@@ -33,6 +41,12 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__)
         return 0
     cmd, rest = argv[0], argv[1:]
+    if cmd == "import-model":
+        from profiler.import_cli import main as import_main
+        return import_main(rest)
+    if cmd == "analytic-error":
+        from profiler.analytic_error import main as error_main
+        return error_main(rest)
     if cmd in ("sweep", "plan"):
         cfg = compose(rest + (["dry_run=true"] if cmd == "plan" else []))
         from profiler.sweep import run_sweep
@@ -78,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 print(f"ok   {t}")
         return 1 if bad else 0
-    print(f"unknown command {cmd!r}; allowed: sweep, plan, show, check, e2e", file=sys.stderr)
+    print(f"unknown command {cmd!r}; allowed: import-model, sweep, plan, show, check, e2e, "
+          "analytic-error", file=sys.stderr)
     return 2
 
 

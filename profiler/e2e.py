@@ -41,7 +41,7 @@ def run_flux_e2e(cfg) -> dict:
     dtype = torch_dtype(str(cfg.dtype))
     pipe = build_flux_pipeline(spec, dev, str(cfg.dtype))
     c = spec.components["transformer"]
-    T = int(spec.defaults.get("text_tokens", 512))
+    T = int(spec.request_defaults.get("text_tokens", 512))
     results = []
     cuda = dev.startswith("cuda")
 

@@ -30,7 +30,7 @@ STAGES = (
     "preprocess", "vision_encode", "text_encode", "prefill", "decode", "dit_step",
     "vae_encode", "vae_decode", "postprocess", "transfer",
 )
-ENGINES = ("vllm", "diffusers", "analytic", "synthetic")
+ENGINES = ("vllm", "vllm-omni", "diffusers", "analytic", "synthetic")
 STATUSES = ("ok", "oom", "error")
 
 # column -> pyarrow type. The first block is every table's contract; the second, stage-specific.

@@ -19,6 +19,19 @@ Runs ON THE GPU HOST (vLLM importable, e.g. PYTHONPATH=/tmp/site:$PWD), one engi
 4. After each run: drops `generated_texts`, adds a `provenance` block, writes <out>/<model>__<run>.json
    atomically. A run that does not fit in --max-minutes is shrunk or skipped, a run in flight past
    the deadline is killed, and the server is always stopped; finished runs are already on disk.
+
+Image + text (`--model qwen2_5_vl_7b`): the model dir is a Qwen2.5-VL one (profiler/vlm_model.py:
+Qwen2_5_VLConfig, image processor config, Qwen's special tokens at their ids, Qwen2-VL chat
+template), checked before the start with transformers (images expand to smart_resize tokens) and
+with vLLM's own chat/image path (profiler/mm_preproc.py check); the server gets
+`--limit-mm-per-prompt {"image": 3, "video": 0}`; the runs (VLM_RUN_CATALOG) go through
+profiler/chat_bench.py, our streaming OpenAI-chat client, which records every request's images;
+after the server stops, profiler/mm_preproc.py measures vLLM's API-side image preprocessing by
+image size on this host's CPU if the budget leaves time.
+
+Several servers and a proxy on one host (`--layout 1e1pd|1e1p1d|1p1d|replicas --gpus 0,1`):
+profiler/disagg_bench.py (encoder / prefill / decode instances pinned to GPUs, vLLM's connectors,
+profiler.disagg_proxy in front), the same image + text runs.
 """
 from __future__ import annotations
 
@@ -55,10 +68,16 @@ MODEL_SETTINGS: dict[str, dict[str, Any]] = {
     # 1024+384; the inf and near-saturation runs overrun the KV cache and preempt.
     "llama2_7b": dict(input_len=1024, output_len=384, max_model_len=4096, n_inf=240,
                       assumed_capacity=7.0),
+    # Image + text chat requests (profiler.chat_bench / chat_requests: the simulator's laws), at
+    # most max_images images per request (the server's --limit-mm-per-prompt, videos off).
+    "qwen2_5_vl_7b": dict(kind="vlm", input_len=None, output_len=None, max_model_len=None,
+                          n_inf=300, assumed_capacity=12.0, max_images=3),
 }
 # In priority order: when time runs short the last ones are shrunk, then skipped.
 DEFAULT_RUNS = ("inf", "sat", "bursty_k0.5", "bursty_k0.25", "poisson_low", "sharegpt")
+VLM_DEFAULT_RUNS = ("inf", "sat", "bursty_k0.5", "poisson_low", "mixed_sizes", "probe_img")
 CLIENT_OVERHEAD_S = 18.0   # `vllm bench serve` start (import vllm, tokenizer, sampling) + save
+CHAT_CLIENT_OVERHEAD_S = 8.0   # profiler.chat_bench: start, images (process pool), save
 
 
 @dataclass
@@ -77,6 +96,10 @@ class RunSpec:
     range_ratio: float = 0.5
     max_concurrency: Optional[int] = None
     fixed_prompts: Optional[int] = None  # prompt count independent of the rate
+    # image + text runs (client "chat" = profiler.chat_bench; "vllm" = vllm bench serve)
+    client: str = "vllm"
+    text_frac: float = 0.25            # share of text-only requests
+    image_law: str = "workload"        # workload | mixed | probe (profiler.chat_requests)
 
 
 RUN_CATALOG: dict[str, RunSpec] = {
@@ -118,13 +141,64 @@ for _c in (8, 16, 32, 64, 128):
     RUN_CATALOG[f"lconc{_c}"] = RunSpec(f"lconc{_c}", rate_frac=None, seed=31, input_len=1536,
                                         output_len=128, range_ratio=0.0, max_concurrency=_c,
                                         fixed_prompts=max(24, 3 * _c), num_warmups=8)
+# A run named twice in --runs is repeated on the same server start (same seed, same requests),
+# its files named <run>__s2, ... (e.g. `inf,over,over_bursty_k0.25,inf`: an inf replicate on a
+# warm server); qwen2_5_7b's KV cache is large enough never to preempt at these lengths, and
+# --num-gpu-blocks-override gives its server a smaller one.
+
+# Qwen2.5-VL (image + text) runs, through profiler.chat_bench: the simulator's understanding
+# requests (Pareto image sizes, several aspect ratios, 1-3 images) with text-only ones mixed in.
+# C is the request throughput of this catalog's `inf` run (the same request law).
+VLM_RUN_CATALOG: dict[str, RunSpec] = {
+    "inf": RunSpec("inf", rate_frac=None, seed=41, num_warmups=16, client="chat"),
+    "sat": RunSpec("sat", rate_frac=0.9, seed=42, client="chat"),
+    "poisson_low": RunSpec("poisson_low", rate_frac=0.35, seed=43, client="chat"),
+    "bursty_k0.5": RunSpec("bursty_k0.5", rate_frac=0.6, burstiness=0.5, seed=44, client="chat"),
+    "bursty_k0.25": RunSpec("bursty_k0.25", rate_frac=0.6, burstiness=0.25, seed=45, client="chat"),
+    # 3/4 of the images 448^2 / 896^2 / 1344^2 (256 / 1024 / 2304 tokens), 1/4 the Pareto law;
+    # heavier than the inf run's law, so at 0.5 C it is loaded well above a 0.5 C run of that law
+    "mixed_sizes": RunSpec("mixed_sizes", rate_frac=0.5, seed=46, client="chat", image_law="mixed"),
+    "over": RunSpec("over", rate_frac=1.3, seed=47, client="chat"),
+    # zero load, one image per request cycling 448^2 .. 1792^2, 32 text / 16 output tokens: the
+    # API server's image path + encoder + prefill by image size (client TTFT vs the step log's)
+    "probe_img": RunSpec("probe_img", rate_frac=None, seed=48, client="chat", image_law="probe",
+                         input_len=32, output_len=16, max_concurrency=1, fixed_prompts=24,
+                         num_warmups=4),
+    "probe_text": RunSpec("probe_text", rate_frac=None, seed=49, client="chat", text_frac=1.0,
+                          input_len=32, output_len=16, max_concurrency=1, fixed_prompts=16,
+                          num_warmups=4),
+}
+
+
+def catalog(model: str) -> dict[str, RunSpec]:
+    return VLM_RUN_CATALOG if MODEL_SETTINGS[model].get("kind") == "vlm" else RUN_CATALOG
+
+
+def default_runs(model: str) -> tuple[str, ...]:
+    return VLM_DEFAULT_RUNS if MODEL_SETTINGS[model].get("kind") == "vlm" else DEFAULT_RUNS
+
+
+def run_stems(names: list[str]) -> list[str]:
+    """File-name run parts: the k-th repeat (k >= 2) of a name in one call is `<name>__s<k>`
+    (same server start, same seed; sim.tools.validate groups it with the first as a replicate)."""
+    seen: dict[str, int] = {}
+    out = []
+    for n in names:
+        seen[n] = seen.get(n, 0) + 1
+        out.append(n if seen[n] == 1 else f"{n}__s{seen[n]}")
+    return out
+
+
 # Server-side latency histograms diffed per run (sum, count, cumulative buckets): the engine
 # core's queue / prefill / decode times next to the API server's TTFT and E2E latency.
 HISTOGRAMS = ("vllm:time_to_first_token_seconds", "vllm:e2e_request_latency_seconds",
               "vllm:request_queue_time_seconds", "vllm:request_prefill_time_seconds",
               "vllm:request_decode_time_seconds", "vllm:request_inference_time_seconds",
               "vllm:inter_token_latency_seconds", "vllm:time_per_output_token_seconds",
-              "vllm:request_time_per_output_token_seconds")
+              "vllm:request_time_per_output_token_seconds",
+              # KV hand-offs of a NixlConnector (disaggregated prefill/decode; absent otherwise)
+              "vllm:nixl_xfer_time_seconds", "vllm:nixl_post_time_seconds",
+              "vllm:nixl_bytes_transferred", "vllm:nixl_num_descriptors")
 
 
 # ----------------------------------------------------------------------------- model dir
@@ -248,7 +322,8 @@ def vllm_cli(choice: str = "auto") -> list[str]:
 
 def serve_command(cli: list[str], model_dir: Path, port: int, max_model_len: Optional[int],
                   max_num_seqs: int = 256, max_num_batched_tokens: int = 8192,
-                  gpu_mem: float = 0.9) -> list[str]:
+                  gpu_mem: float = 0.9, max_images: Optional[int] = None,
+                  num_gpu_blocks_override: Optional[int] = None) -> list[str]:
     cmd = cli + ["serve", str(model_dir), "--tokenizer", str(tokenizer_dir(model_dir)),
                  "--load-format", "dummy", "--dtype", "bfloat16",
                  "--no-enable-prefix-caching", "--enable-chunked-prefill",
@@ -257,6 +332,41 @@ def serve_command(cli: list[str], model_dir: Path, port: int, max_model_len: Opt
                  "--host", "127.0.0.1", "--port", str(port), "--seed", "0"]
     if max_model_len:
         cmd += ["--max-model-len", str(max_model_len)]
+    if max_images:        # a VLM: images per prompt (memory profiling sizes the encoder for it)
+        cmd += ["--limit-mm-per-prompt", json.dumps({"image": int(max_images), "video": 0})]
+    if num_gpu_blocks_override:
+        cmd += ["--num-gpu-blocks-override", str(int(num_gpu_blocks_override))]
+    return cmd
+
+
+def preproc_command(what: str, model_dir: Path, model: str, out: Optional[Path] = None,
+                    budget_s: float = 45.0) -> list[str]:
+    """profiler.mm_preproc: vLLM's API-side image path on the CPU (check / measure)."""
+    cmd = [sys.executable, "-m", "profiler.mm_preproc", what, "--model", model, "--model-dir", str(model_dir)]
+    if what == "measure":
+        cmd += ["--out", str(out), "--budget-s", f"{budget_s:.0f}"]
+    return cmd
+
+
+def chat_bench_command(model_dir: Path, port: int, run: RunSpec, result_dir: Path,
+                       result_filename: str, model: str) -> list[str]:
+    """profiler.chat_bench for an image + text run (same python as this driver)."""
+    rate = "inf" if run.request_rate is None else f"{run.request_rate:.3f}"
+    cmd = [sys.executable, "-m", "profiler.chat_bench", "--base-url", f"http://127.0.0.1:{port}",
+           "--model", str(model_dir), "--tokenizer", str(tokenizer_dir(model_dir)),
+           "--model-conf", model, "--num-prompts", str(run.num_prompts), "--request-rate", rate,
+           "--seed", str(run.seed), "--text-frac", str(run.text_frac), "--image-law", run.image_law]
+    if run.request_rate is not None and run.burstiness != 1.0:
+        cmd += ["--burstiness", str(run.burstiness)]
+    if run.input_len is not None:
+        cmd += ["--fixed-text", str(run.input_len)]
+    if run.output_len is not None:
+        cmd += ["--fixed-output", str(run.output_len)]
+    if run.max_concurrency:
+        cmd += ["--max-concurrency", str(run.max_concurrency)]
+    if run.num_warmups:
+        cmd += ["--num-warmups", str(run.num_warmups)]
+    cmd += ["--result-dir", str(result_dir), "--result-filename", result_filename]
     return cmd
 
 
@@ -301,15 +411,18 @@ def size_run(run: RunSpec, capacity: float, n_inf: int, target_s: float,
 
 def est_seconds(run: RunSpec, capacity: float) -> float:
     """Rough wall time of a run: arrivals span N/R, drained at <= capacity, + client start."""
-    if run.max_concurrency == 1:
-        return run.num_prompts * 0.25 + CLIENT_OVERHEAD_S
+    chat = run.client == "chat"
+    over = CHAT_CLIENT_OVERHEAD_S if chat else CLIENT_OVERHEAD_S
+    warm = run.num_warmups if chat else 0     # (the text runs' sizing predates warm-up counting)
+    if run.max_concurrency == 1:      # an image request: API preprocessing + encoder + prefill too
+        return (run.num_prompts + warm) * (0.6 if run.image_law == "probe" else 0.25) + over
     if run.max_concurrency and run.fixed_prompts:     # waves of N: prefill + output steps of ~15 ms
         waves = -(-(run.num_prompts + run.num_warmups) // run.max_concurrency)
-        return waves * (0.5 + 0.015 * (run.output_len or 256)) + CLIENT_OVERHEAD_S
+        return waves * (0.5 + 0.015 * (run.output_len or 256)) + over
     if run.request_rate is None:
-        return run.num_prompts / max(capacity, 0.1) + CLIENT_OVERHEAD_S
+        return (run.num_prompts + warm) / max(capacity, 0.1) + over
     span = run.num_prompts / min(run.request_rate, max(capacity, 0.1))
-    return span * 1.1 + CLIENT_OVERHEAD_S
+    return span * 1.1 + over
 
 
 def cpu_seconds(pid: int) -> Optional[float]:
@@ -370,14 +483,16 @@ def parent_age_s() -> Optional[float]:
 # ----------------------------------------------------------------------------- server side
 
 BENCH_MODULES = ("vllm", "aiohttp", "tqdm", "PIL", "pybase64", "numpy", "transformers", "tokenizers")
+VLM_MODULES = ("torchvision", "yaml")    # the HF image/video processors; the workload laws
 
 
-def preflight(cli: list[str]) -> list[str]:
-    """Modules `vllm serve` / `vllm bench serve` import; a missing one fails fast, before the GPU
-    time of an engine start is spent."""
+def preflight(cli: list[str], vlm: bool = False) -> list[str]:
+    """Modules `vllm serve` / `vllm bench serve` (and, for a VLM, the image processor and our
+    client) import; a missing one fails fast, before the GPU time of an engine start is spent."""
     if cli[-1] != "vllm.entrypoints.cli.main":
         return []                       # a console script or fake CLI: its own environment
-    return [m for m in BENCH_MODULES if importlib.util.find_spec(m) is None]
+    mods = BENCH_MODULES + (VLM_MODULES if vlm else ())
+    return [m for m in mods if importlib.util.find_spec(m) is None]
 
 
 def http_get(url: str, timeout: float = 5.0) -> tuple[int, str]:
@@ -535,11 +650,19 @@ def prepare_sharegpt(dst_dir: Path) -> Path:
 # ----------------------------------------------------------------------------- main
 
 def main(argv: Optional[list[str]] = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if any(x == "--layout" or x.startswith("--layout=") for x in args):
+        # several servers and a proxy (1e1pd, 1e1p1d, 1p1d, replicas): profiler.disagg_bench
+        from profiler import disagg_bench
+        return disagg_bench.main(args)
     ap = argparse.ArgumentParser(prog="python -m profiler.serve_bench", description=__doc__.split("\n")[0])
     ap.add_argument("--model", required=True, choices=sorted(MODEL_SETTINGS))
     ap.add_argument("--out", required=True, help="folder for <model>__<run>.json, logs")
-    ap.add_argument("--runs", default=",".join(DEFAULT_RUNS),
-                    help=f"comma list, in order; known: {','.join(RUN_CATALOG)}")
+    ap.add_argument("--runs", default=None,
+                    help=f"comma list, in order (a name given twice is repeated on the same server "
+                         f"start as <run>__s2); default {','.join(DEFAULT_RUNS)} (text models), "
+                         f"{','.join(VLM_DEFAULT_RUNS)} (qwen2_5_vl_7b); known: text "
+                         f"{','.join(RUN_CATALOG)}; vlm {','.join(VLM_RUN_CATALOG)}")
     ap.add_argument("--max-minutes", type=float, default=9.0,
                     help="hard budget for everything incl. server start and stop")
     ap.add_argument("--since-parent", action="store_true",
@@ -556,6 +679,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--vllm-cli", default="auto", help="auto | module | path to a vllm script")
     ap.add_argument("--health-timeout", type=float, default=360.0)
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    ap.add_argument("--num-gpu-blocks-override", type=int, default=None,
+                    help="vllm serve --num-gpu-blocks-override: a smaller KV cache (KV pressure and "
+                         "preemptions on a model whose cache is large); the replay reads the "
+                         "server's KV capacity from the provenance")
     ap.add_argument("--tag", default="", help="suffix of the result names (<model>__<run>__<tag>.json), "
                     "e.g. r2 for a replicate of the same seeds and rates (pass --capacity to keep the rates)")
     ap.add_argument("--steplog", action="store_true",
@@ -567,6 +694,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--stacklog", action="store_true",
                     help="with --gclog: also sample every thread's Python stack every 5 ms in every "
                          "process while a benchmark runs, to <out>/stacks_<model>[__tag].jsonl.gz")
+    ap.add_argument("--preproc-budget-s", type=float, default=45.0,
+                    help="image models: seconds for `profiler.mm_preproc measure` (vLLM's API-side image "
+                         "preprocessing by image size, on this CPU) after the server stops, if the "
+                         "budget leaves them; 0 = off")
     ap.add_argument("--dry-run", action="store_true", help="print every command, run nothing")
     a = ap.parse_args(argv)
 
@@ -579,6 +710,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if age is not None and age < 300:
             deadline -= age
     st = dict(MODEL_SETTINGS[a.model])
+    vlm = st.get("kind") == "vlm"
     I = a.input_len or st["input_len"]
     O = a.output_len or st["output_len"]
     n_inf = a.num_prompts_inf or st["n_inf"]
@@ -587,26 +719,49 @@ def main(argv: Optional[list[str]] = None) -> int:
     model_dir = Path(a.model_dir or f"/tmp/serve_bench/{a.model}")
     staging = Path(f"/tmp/serve_bench/{a.model}_staging")
     runs = []
-    for r in [x.strip() for x in a.runs.split(",") if x.strip()]:
-        if r not in RUN_CATALOG:
-            ap.error(f"unknown run {r!r}; known: {list(RUN_CATALOG)}")
-        runs.append(RUN_CATALOG[r])
+    cat = catalog(a.model)
+    names = [x.strip() for x in (a.runs or ",".join(default_runs(a.model))).split(",") if x.strip()]
+    for r in names:
+        if r not in cat:
+            ap.error(f"unknown run {r!r} for {a.model}; known: {list(cat)}")
+        runs.append(cat[r])
+    stems = run_stems(names)
     cli = vllm_cli(a.vllm_cli)
     sharegpt_path = staging / "sharegpt_subset.json"
-    srv_cmd = serve_command(cli, model_dir, a.port, max_model_len, gpu_mem=a.gpu_memory_utilization)
+    srv_cmd = serve_command(cli, model_dir, a.port, max_model_len, gpu_mem=a.gpu_memory_utilization,
+                            max_images=st.get("max_images"),
+                            num_gpu_blocks_override=a.num_gpu_blocks_override)
     capacity = a.capacity or st["assumed_capacity"]
     suffix = f"__{a.tag}" if a.tag else ""
 
+    def run_command(rr: RunSpec, fname: str) -> list[str]:
+        if rr.client == "chat":
+            return chat_bench_command(model_dir, a.port, rr, staging, fname, a.model)
+        return bench_command(cli, model_dir, a.port, rr, I, O, staging, fname, sharegpt_path)
+
     if a.dry_run:
-        print(f"# model dir: {model_dir} (config.json from conf/model/{a.model}.yaml + WordLevel tokenizer)")
-        print(f"# sharegpt: gunzip {SHAREGPT_GZ} > {sharegpt_path}")
+        if vlm:
+            print(f"# model dir: {model_dir} (Qwen2_5_VLConfig config.json, preprocessor_config.json, "
+                  f"chat template from conf/model/{a.model}.yaml + WordLevel tokenizer with Qwen's "
+                  f"special tokens; profiler/vlm_model.py); tokenizer and processor checked before the start")
+        else:
+            print(f"# model dir: {model_dir} (config.json from conf/model/{a.model}.yaml + WordLevel tokenizer)")
+            print(f"# sharegpt: gunzip {SHAREGPT_GZ} > {sharegpt_path}")
         print(shlex.join(srv_cmd) + f" > {out}/server_{a.model}{suffix}.log 2>&1 &")
         print(f"# wait for http://127.0.0.1:{a.port}/health (<= {a.health_timeout:.0f} s)")
         print(f"# rates below assume capacity {capacity} req/s; a real run calibrates them from 'inf'")
-        for r in runs:
+        if vlm and cli[-1] == "vllm.entrypoints.cli.main":
+            print(f"# before the start: {shlex.join(preproc_command('check', model_dir, a.model))}")
+        total = 0.0
+        for r, stem in zip(runs, stems):
             rr = size_run(r, capacity, n_inf, a.target_s)
-            print(shlex.join(bench_command(cli, model_dir, a.port, rr, I, O, staging,
-                                           f"{a.model}__{r.name}{suffix}.json", sharegpt_path)))
+            total += est_seconds(rr, capacity)
+            print(shlex.join(run_command(rr, f"{a.model}__{stem}{suffix}.json")))
+        print(f"# estimated run time {total:.0f} s after the server start (~210-300 s on a fresh H100)")
+        if vlm and a.preproc_budget_s > 0:
+            print(f"# after the stop, if {a.preproc_budget_s:.0f} s are left: "
+                  + shlex.join(preproc_command("measure", model_dir, a.model,
+                                               out / f"preproc_{a.model}{suffix}.json", a.preproc_budget_s)))
         return 0
 
     out.mkdir(parents=True, exist_ok=True)
@@ -619,15 +774,33 @@ def main(argv: Optional[list[str]] = None) -> int:
     def log(msg: str) -> None:
         print(f"[serve_bench {time.monotonic() - t0:6.1f}s] {msg}", flush=True)
 
-    missing = preflight(cli)
+    missing = preflight(cli, vlm)
     if missing:
         print(f"[serve_bench] error: modules missing for vllm serve/bench: {missing} "
               f"(PYTHONPATH={os.environ.get('PYTHONPATH')})", file=sys.stderr)
         return 2
     tq = torch_gpu_name_proc()
-    cfg = write_model_dir(a.model, model_dir)
-    check_tokenizer(tokenizer_dir(model_dir), int(cfg["vocab_size"]))
-    log(f"model dir {model_dir}: {cfg.get('architectures')} vocab {cfg['vocab_size']}, tokenizer round trip ok")
+    if vlm:
+        from profiler import vlm_model
+        cfg = vlm_model.write_vlm_model_dir(a.model, model_dir)
+        vocab = int(cfg["text_config"]["vocab_size"])
+        vlm_model.check_vlm_tokenizer(tokenizer_dir(model_dir), vocab)
+        expanded = vlm_model.check_vlm_processor(model_dir, tokenizer_dir(model_dir))
+        cfg = dict(cfg, max_position_embeddings=cfg["text_config"]["max_position_embeddings"])
+        log(f"model dir {model_dir}: {cfg.get('architectures')} vocab {vocab}, tokenizer round trip ok, "
+            f"processor expands images as smart_resize says: {expanded}")
+        if cli[-1] == "vllm.entrypoints.cli.main":       # vLLM's own chat + image path, no engine
+            chk = subprocess.run(preproc_command("check", model_dir, a.model), capture_output=True,
+                                 text=True, timeout=240, cwd=ROOT)
+            tail = (chk.stdout + chk.stderr).strip().splitlines()[-3:]
+            if chk.returncode != 0:
+                print(f"[serve_bench] error: vLLM's image path check failed: {tail}", file=sys.stderr)
+                return 2
+            log(f"vLLM image path check: {tail[-1] if tail else ''}")
+    else:
+        cfg = write_model_dir(a.model, model_dir)
+        check_tokenizer(tokenizer_dir(model_dir), int(cfg["vocab_size"]))
+        log(f"model dir {model_dir}: {cfg.get('architectures')} vocab {cfg['vocab_size']}, tokenizer round trip ok")
     if any(r.dataset == "sharegpt" for r in runs):
         prepare_sharegpt(staging)
     server_log = out / f"server_{a.model}{suffix}.log"
@@ -638,6 +811,17 @@ def main(argv: Optional[list[str]] = None) -> int:
                 random_range_ratio=0.5, max_num_seqs=256, max_num_batched_tokens=8192,
                 enable_prefix_caching=False, load_format="dummy", dtype="bfloat16",
                 max_model_len=max_model_len or int(cfg["max_position_embeddings"]))
+    if a.num_gpu_blocks_override:
+        base["num_gpu_blocks_override"] = a.num_gpu_blocks_override
+    if vlm:
+        from profiler.chat_requests import workload_laws
+        from profiler.vlm_model import vlm_shape
+        laws = workload_laws("mixed_bursty")
+        base.update(random_input_len=None, random_output_len=None, random_range_ratio=None,
+                    client="profiler.chat_bench", limit_mm_per_prompt={"image": st["max_images"], "video": 0},
+                    image_tokenizer=vlm_shape(a.model)["image_tokenizer"],
+                    workload_laws={k: dict(v.__dict__) for k, v in zip(
+                        ("prompt_tokens", "image_prompt_tokens", "output_tokens", "image"), laws)})
     base.update(gpu_info())
     # the torch child must be gone before vLLM profiles GPU memory (another process's CUDA context
     # appearing or vanishing mid-profiling trips vLLM's memory accounting)
@@ -658,6 +842,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         srv_env["MMSIM_STEPLOG"] = str((out / f"steplog_{a.model}{suffix}.jsonl").resolve())
         base["steplog"] = f"steplog_{a.model}{suffix}.jsonl"
     bench_env = dict(os.environ)
+    if vlm:       # profiler.chat_bench runs from this checkout whatever the caller's PYTHONPATH
+        bench_env["PYTHONPATH"] = os.pathsep.join(
+            [str(ROOT)] + [x for x in os.environ.get("PYTHONPATH", "").split(os.pathsep) if x])
     if a.gclog:
         from profiler import gclog
         gc_site = gclog.install(staging / "gclog_site")
@@ -701,22 +888,23 @@ def main(argv: Optional[list[str]] = None) -> int:
         log(f"KV cache: {base.get('kv_cache_tokens')} tokens; gpu {base.get('gpu') or base.get('nvidia_smi_name')}")
 
         calibrated = a.capacity is not None
-        for r in runs:
+        for r, run_stem in zip(runs, stems):
             rr = size_run(r, capacity, n_inf, a.target_s)
             left = deadline - time.monotonic() - 25.0          # 25 s to stop the server
             est = est_seconds(rr, capacity)
             if est > left:                                     # shrink to fit, else skip
-                scale = (left - CLIENT_OVERHEAD_S) / max(est - CLIENT_OVERHEAD_S, 1e-6)
+                over = CHAT_CLIENT_OVERHEAD_S if rr.client == "chat" else CLIENT_OVERHEAD_S
+                scale = (left - over) / max(est - over, 1e-6)
                 rr.num_prompts = int(rr.num_prompts * scale)
-                if rr.num_prompts < 30:
-                    log(f"skip {r.name}: {est:.0f} s estimated, {left:.0f} s left")
-                    summary["skipped"].append(r.name)
+                if rr.num_prompts < (12 if rr.client == "chat" and rr.fixed_prompts else 30):
+                    log(f"skip {run_stem}: {est:.0f} s estimated, {left:.0f} s left")
+                    summary["skipped"].append(run_stem)
                     continue
-                log(f"shrinking {r.name} to {rr.num_prompts} prompts to fit {left:.0f} s")
-            stem = f"{a.model}__{r.name}{suffix}"
+                log(f"shrinking {run_stem} to {rr.num_prompts} prompts to fit {left:.0f} s")
+            stem = f"{a.model}__{run_stem}{suffix}"
             fname = f"{stem}.json"
-            cmd = bench_command(cli, model_dir, a.port, rr, I, O, staging, fname, sharegpt_path)
-            log(f"run {r.name}: " + shlex.join(cmd))
+            cmd = run_command(rr, fname)
+            log(f"run {run_stem}: " + shlex.join(cmd))
             _, m0 = http_get(f"http://127.0.0.1:{a.port}/metrics")
             before = parse_metrics(m0)
             started = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -732,9 +920,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                 bp.wait(timeout=max(5.0, deadline - time.monotonic() - 20.0))
             except subprocess.TimeoutExpired:
                 cpu.stop()
-                log(f"run {r.name} past the deadline: killed, result lost")
+                log(f"run {run_stem} past the deadline: killed, result lost")
                 stop_group(bp, grace=3.0)
-                summary["skipped"].append(r.name)
+                summary["skipped"].append(run_stem)
                 blog.close()
                 break
             blog.close()
@@ -743,8 +931,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                 stk_on.unlink(missing_ok=True)
             src = staging / fname
             if bp.returncode != 0 or not src.exists():
-                log(f"run {r.name} failed (rc {bp.returncode}); see bench_{stem}.log")
-                summary["skipped"].append(r.name)
+                log(f"run {run_stem} failed (rc {bp.returncode}); see bench_{stem}.log")
+                summary["skipped"].append(run_stem)
                 continue
             _, m1 = http_get(f"http://127.0.0.1:{a.port}/metrics")
             after = parse_metrics(m1)
@@ -752,7 +940,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                      for k in after if k.startswith("vllm:") and k in before
                      and not any(k.startswith(h) for h in HISTOGRAMS)}
             delta["histograms"] = histogram_deltas(before, after)
-            prov = dict(base, run=r.name, dataset_name=rr.dataset,
+            prov = dict(base, run=run_stem, dataset_name=rr.dataset if rr.client != "chat" else f"chat_{rr.image_law}",
                         request_rate=rr.request_rate if rr.request_rate is not None else "inf",
                         burstiness=rr.burstiness, num_prompts=rr.num_prompts, seed=rr.seed,
                         calibrated_capacity_rps=round(capacity, 4), bench_command=shlex.join(cmd),
@@ -762,10 +950,14 @@ def main(argv: Optional[list[str]] = None) -> int:
                         wall_span=[round(wall_start, 3), round(time.time(), 3)])
             if rr.dataset == "sharegpt":
                 prov["dataset_path"] = str(SHAREGPT_GZ.relative_to(ROOT))
+            if rr.client == "chat":
+                prov.update(text_frac=rr.text_frac, image_law=rr.image_law,
+                            random_input_len=None, random_output_len=None, random_range_ratio=None)
             obj = finalize_result(src, out / fname, prov)
-            log(f"run {r.name}: {obj.get('completed')} done, {obj.get('request_throughput', 0):.2f} req/s, "
-                f"median TTFT {obj.get('median_ttft_ms', 0):.0f} ms, preemptions {delta.get('num_preemptions_delta')}")
-            summary["runs"].append({"run": r.name, "file": fname,
+            log(f"run {run_stem}: {obj.get('completed')} done, {obj.get('request_throughput', 0):.2f} req/s, "
+                f"median TTFT {obj.get('median_ttft_ms', 0):.0f} ms, preemptions {delta.get('num_preemptions_delta')}"
+                + (f", prompt-token mismatches {obj.get('prompt_tokens_mismatches')}" if rr.client == "chat" else ""))
+            summary["runs"].append({"run": run_stem, "file": fname,
                                     "request_throughput": obj.get("request_throughput"),
                                     "request_rate": prov["request_rate"], "num_prompts": rr.num_prompts,
                                     "preemptions": delta.get("num_preemptions_delta")})
@@ -780,6 +972,17 @@ def main(argv: Optional[list[str]] = None) -> int:
         if srv is not None:
             stop_group(srv)
         logf.close()
+        left = deadline - time.monotonic() - 10.0
+        if vlm and a.preproc_budget_s > 0 and cli[-1] == "vllm.entrypoints.cli.main" and left > 30:
+            pp = out / f"preproc_{a.model}{suffix}.json"
+            budget = min(a.preproc_budget_s, left - 25.0)
+            try:
+                subprocess.run(preproc_command("measure", model_dir, a.model, pp, budget),
+                               capture_output=True, timeout=left, cwd=ROOT)
+                summary["preproc"] = pp.name if pp.exists() else None
+                log(f"image preprocessing by size: {pp if pp.exists() else 'not written'}")
+            except subprocess.TimeoutExpired:
+                log("image preprocessing measurement past the deadline: stopped")
         if a.steplog:      # runs name the .jsonl; readers (vllm_steplog.resolve_steplog) take .gz too
             from profiler.vllm_steplog import gzip_steplog
             gzip_steplog(out / base["steplog"])

@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 
 from profiler import schema
-from profiler.backends import get_backend
+from profiler.backends import backend_for, get_backend
 from profiler.backends.base import RunContext
 from profiler.models import load_model
 
@@ -69,9 +69,47 @@ def done_keys(path: Path) -> set:
     return {schema.point_key(r) for _, r in df.iterrows()}
 
 
-def table_for(cfg, model: str) -> Path:
-    gpu = str(cfg.gpu) if cfg.backend != "analytic" else f"{cfg.gpu_spec}-analytic"
+def table_for(cfg, model: str, backend: str | None = None) -> Path:
+    """<out_dir>/<gpu>/<model>.parquet for a measuring backend (vLLM, diffusers); vLLM-Omni tables
+    sit in <gpu>-vllm-omni/ beside them; the analytic backend writes <gpu_spec>-analytic/
+    (roofline) or <gpu_spec>-est/ (analytic.method=scaled: estimates from a measured table).
+    sim.engines.latency reads measured, estimated, analytic, in that order of preference. A
+    tensor-parallel sweep (tp > 1) of a measuring backend writes its own set <gpu>-tp<N>/, so TP
+    rows never mix with the one-GPU grid the simulator reads."""
+    backend = backend or str(cfg.backend)
+    if backend == "vllm_omni":
+        gpu = f"{cfg.gpu}-vllm-omni"
+    elif backend != "analytic":
+        gpu = str(cfg.gpu)
+    else:
+        method = str((cfg.get("analytic") or {}).get("method", "roofline"))
+        gpu = f"{cfg.gpu_spec}-{'est' if method == 'scaled' else 'analytic'}"
+    tp = int(getattr(cfg, "tp", 1) or 1)
+    if tp > 1 and backend != "analytic":
+        gpu = f"{gpu}-tp{tp}"
     return schema.table_path(cfg.out_dir, gpu, model)
+
+
+def seed_unquantized(spec, path: Path) -> int:
+    """A precision variant's new table starts with the measured rows of its base model's
+    components that the variant does not quantize (a DiT's VAE and text encoders stay bf16):
+    the same modules, so the same latencies; `extra.copied_from` says where they come from, and
+    the sweep then skips those points. Returns the rows copied (0: not a variant, table exists,
+    or no base table beside it)."""
+    from profiler.models import QUANTIZED
+    base = path.parent / f"{spec.base}.parquet"
+    if spec.name == spec.base or path.exists() or not base.exists():
+        return 0
+    df = schema.read_table(base)
+    keep = df[(df["status"] == "ok") & df["component"].notna() & ~df["component"].isin(QUANTIZED)].copy()
+    if keep.empty:
+        return 0
+    keep["model"] = spec.name
+    keep["extra"] = [json.dumps({**(json.loads(e) if isinstance(e, str) and e else {}),
+                                 "copied_from": f"{base.name} (component not quantized)"})
+                     for e in keep["extra"]]
+    schema.write_table(keep, path)
+    return len(keep)
 
 
 def run_sweep(cfg, log: Callable[[str], None] = print,
@@ -81,27 +119,37 @@ def run_sweep(cfg, log: Callable[[str], None] = print,
     t_start = time.monotonic()
     budget = float(cfg.max_minutes or 0) * 60.0
     stop = (lambda: time.monotonic() - t_start > budget) if budget > 0 else (lambda: False)
-    backend = get_backend(str(cfg.backend))
+    backends: dict[str, Any] = {}
     device = str(cfg.device)
     models = list(cfg.models) if not isinstance(cfg.models, str) else [cfg.models]
     stages = set(cfg.stages or [])
     summary: dict[str, Any] = {}
     for name in models:
         spec = spec_loader(name)
+        bname = backend_for(str(cfg.backend), spec.family)
+        if bname not in backends:
+            backends[bname] = get_backend(bname)
+            if hasattr(backends[bname], "configure"):
+                backends[bname].configure(cfg)
+        backend = backends[bname]
         pts = backend.plan(spec, cfg.grid)
         if stages:
             pts = [p for p in pts if p["stage"] in stages]
-        path = table_for(cfg, name)
+        for p in pts:                     # the point key carries the TP size it is measured at
+            p["tp"] = int(getattr(cfg, "tp", 1) or 1)
+        path = table_for(cfg, name, bname)
+        if bname != "analytic" and not cfg.dry_run:
+            seed_unquantized(spec, path)
         have = done_keys(path) if cfg.resume else set()
         todo = [p for p in pts if schema.point_key(p) not in have]
         info = {"path": str(path), "planned": len(pts), "already": len(pts) - len(todo),
                 "measured": 0, "oom": 0, "error": 0, "stopped": False}
         summary[name] = info
-        log(f"[profiler] {name}: backend={cfg.backend} planned={len(pts)} "
+        log(f"[profiler] {name}: backend={bname} planned={len(pts)} "
             f"done={info['already']} todo={len(todo)} -> {path}")
         if cfg.dry_run:
             for p in todo:
-                log("  " + " ".join(f"{k}={v}" for k, v in p.items() if v is not None))
+                log("  " + " ".join(f"{k}={v}" for k, v in p.items() if v is not None and not k.startswith("_")))
             continue
         if not todo:
             continue
@@ -117,7 +165,8 @@ def run_sweep(cfg, log: Callable[[str], None] = print,
             torch_version = "none"
         prov = {"engine": backend.name, "engine_version": backend.engine_version(),
                 "torch_version": torch_version, "gpu": backend.gpu_name(device),
-                "dtype": str(cfg.dtype), "tp": int(cfg.tp), "git_sha": git_sha(cfg.git_sha),
+                # the weights' dtype of a precision variant (activations stay in cfg.dtype)
+                "dtype": spec.quant_dtype or str(cfg.dtype), "tp": int(cfg.tp), "git_sha": git_sha(cfg.git_sha),
                 "command": command_line()}
         ctx = RunContext(cfg=cfg, device=device, should_stop=stop, done_keys=have, log=log,
                          fault_injector=fault_injector)

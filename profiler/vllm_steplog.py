@@ -15,7 +15,8 @@ Line format: {"t": time.time() at record, "m": time.monotonic() at record, "gen"
 "prompt": prompt tokens of requests whose prefill finished, "pre": preempted requests,
 "run"/"wait": scheduler's running / waiting counts, "kv": KV usage, "ttft": [engine TTFTs of
 requests whose first token is in this step, s], "fin": [[prompt, gen, queued, prefill, decode,
-e2e], ...] of requests finished in this step}.
+e2e], ...] of requests finished in this step, "mmq"/"mmh": multimodal-cache queries / hits of the
+API server's processor cache since the last record (image runs; absent when there were none)}.
 """
 from __future__ import annotations
 
@@ -45,11 +46,11 @@ class StepLogger(StatLoggerBase):  # type: ignore[misc,valid-type]
         if self.f is None:
             return
         try:                      # a logging bug must never take the server's output loop down
-            self._record(scheduler_stats, iteration_stats)
+            self._record(scheduler_stats, iteration_stats, mm_cache_stats)
         except Exception:  # noqa: BLE001
             pass
 
-    def _record(self, scheduler_stats, iteration_stats) -> None:
+    def _record(self, scheduler_stats, iteration_stats, mm_cache_stats=None) -> None:
         rec: dict = {"t": time.time(), "m": time.monotonic()}
         if iteration_stats is not None:
             rec["gen"] = iteration_stats.num_generation_tokens
@@ -65,6 +66,8 @@ class StepLogger(StatLoggerBase):  # type: ignore[misc,valid-type]
             rec["run"] = scheduler_stats.num_running_reqs
             rec["wait"] = scheduler_stats.num_waiting_reqs
             rec["kv"] = round(scheduler_stats.kv_cache_usage, 4)
+        if mm_cache_stats is not None and getattr(mm_cache_stats, "queries", 0):
+            rec["mmq"], rec["mmh"] = int(mm_cache_stats.queries), int(mm_cache_stats.hits)
         self.f.write(json.dumps(rec, separators=(",", ":")) + "\n")
 
     def log(self):          # called every few seconds by the server: flush what we have

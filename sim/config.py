@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Optional
 
-from sim.names import EDIT, GENERATE, INPAINT, OUTPAINT, TASKS, TEXT, UNDERSTAND
+from sim.names import EDIT, GENERATE, IMAGE_IN_TASKS, INPAINT, OUTPAINT, TASKS, TEXT, UNDERSTAND
 from sim.policies import DEFAULT_POLICY, POLICIES, REPLICA_ROUTERS
 
 
@@ -32,7 +32,7 @@ class OutOfRange(str, Enum):
 
 
 ARRIVAL_PROCESSES = ("gamma", "mmpp", "trace")
-LENGTH_DISTS = ("constant", "uniform", "lognormal", "pareto", "normal")
+LENGTH_DISTS = ("constant", "uniform", "lognormal", "pareto", "normal", "zipf")
 SERVICE_LAWS = ("constant", "deterministic", "exponential", "lognormal")   # queueing scenario
 SHAPE_COMPAT = ("exact", "bucket", "any")
 TRACE_FORMATS = ("auto", "csv", "jsonl", "parquet", "vllm_json")
@@ -41,7 +41,8 @@ EXPERIMENTS = ("serve", "queueing", "replay", "capacity")
 
 @dataclass
 class LengthDist:
-    """A token-length law: constant | uniform(min,max) | lognormal(mean, cv) | pareto | normal."""
+    """A length (or count) law: constant | uniform(min,max) | lognormal(mean, cv) | pareto | normal |
+    zipf (P(k) ~ k^-alpha on the integers min..max; mean ignored)."""
     dist: str = "lognormal"
     mean: float = 256.0
     cv: float = 1.0            # coefficient of variation (lognormal/normal); pareto uses alpha
@@ -96,6 +97,22 @@ class ImageSizeConfig:
 
 
 @dataclass
+class ImageReuseConfig:
+    """Inputs that refer to an image already seen (multi-turn edits of one picture, popular
+    inputs): each input image is, with probability `prob`, one of `catalog` popular images drawn
+    by Zipf popularity (rank r weighs (r+1)^-alpha), else a new one. A catalog image keeps the
+    size of its first appearance. Its id is in the request (image_ids), so caches can hit."""
+    prob: float = 0.0
+    catalog: int = 1000
+    alpha: float = 1.0
+
+    def check(self) -> None:
+        _check(0 <= self.prob <= 1, "workload.image_reuse.prob", self.prob, "in [0, 1]")
+        _check(self.catalog >= 1, "workload.image_reuse.catalog", self.catalog, ">= 1")
+        _check(self.alpha >= 0, "workload.image_reuse.alpha", self.alpha, ">= 0")
+
+
+@dataclass
 class TraceConfig:
     path: Optional[str] = None
     format: str = "auto"
@@ -121,6 +138,12 @@ class WorkloadConfig:
         EDIT: "qwen_image", INPAINT: "qwen_image", OUTPAINT: "qwen_image"})
     image: ImageSizeConfig = field(default_factory=ImageSizeConfig)
     images_per_request: int = 1
+    # images per request of the multi_image_tasks (a count law, e.g. {dist: zipf, alpha: 2, min: 1,
+    # max: 16}: ModServe's production trace has 0-16 images a request, heavy-tailed); null: every
+    # image-input request has images_per_request images
+    image_count: Optional[LengthDist] = None
+    multi_image_tasks: list[str] = field(default_factory=lambda: [UNDERSTAND, EDIT])
+    image_reuse: ImageReuseConfig = field(default_factory=ImageReuseConfig)
     prompt_tokens: LengthDist = field(default_factory=lambda: LengthDist(dist="lognormal", mean=600, cv=1.2, min=16, max=8192))
     output_tokens: LengthDist = field(default_factory=lambda: LengthDist(dist="lognormal", mean=250, cv=1.0, min=1, max=2048))
     image_prompt_tokens: LengthDist = field(default_factory=lambda: LengthDist(dist="lognormal", mean=60, cv=0.6, min=4, max=512))
@@ -158,6 +181,13 @@ class WorkloadConfig:
             _check(w == 0 or t in self.task_models, f"workload.task_models.{t}", None,
                    "a model name for every task with a positive mix weight")
         _check(self.images_per_request >= 1, "workload.images_per_request", self.images_per_request, ">= 1")
+        if self.image_count is not None:
+            self.image_count.check("workload.image_count")
+            _check(self.image_count.min >= 1, "workload.image_count.min", self.image_count.min,
+                   ">= 1 (a request of an image task has at least one image)")
+        bad = [t for t in self.multi_image_tasks if t not in IMAGE_IN_TASKS]
+        _check(not bad, "workload.multi_image_tasks", bad, f"image-input tasks from {list(IMAGE_IN_TASKS)}")
+        self.image_reuse.check()
         self.prompt_tokens.check("workload.prompt_tokens")
         self.output_tokens.check("workload.output_tokens")
         self.image_prompt_tokens.check("workload.image_prompt_tokens")
@@ -165,6 +195,69 @@ class WorkloadConfig:
         _check(self.max_concurrency is None or self.max_concurrency >= 1, "workload.max_concurrency",
                self.max_concurrency, ">= 1 or null")
         self._checked = True
+
+
+LAYOUT_ROLES = ("replica", "encoder", "llm", "text_encoder", "vae", "dit", "prefill", "decode")
+HANDOFF_KINDS = ("encoder", "kv")      # vision embeddings encoder -> LLM; KV cache prefill -> decode
+
+
+@dataclass
+class HandoffLink:
+    """One hand-off's cost between two pools of a pinned layout: latency_us + bytes / gb_s. A
+    measured connector (vLLM's encoder-cache or KV connector) says what it moved and how long it
+    took; `source` cites the measurement (file, command)."""
+    gb_s: float = 0.0
+    latency_us: float = 0.0
+    source: str = ""
+
+    def check(self, name: str) -> None:
+        _check(self.gb_s > 0, f"{name}.gb_s", self.gb_s, "> 0 GB/s")
+        _check(self.latency_us >= 0, f"{name}.latency_us", self.latency_us, ">= 0")
+
+
+@dataclass
+class LayoutConfig:
+    """A deployment's real layout, pinned: which GPUs (0 .. cluster.num_gpus - 1, node = index //
+    gpus_per_node) hold which pool. Keys are the placement's pool keys: `replica:<model>` for
+    replicas (baseline), `<role>:<model>` for stage pools (encoder, llm, text_encoder, vae, dit;
+    prefill / decode under a prefill-decode split). A GPU listed in several pools holds every
+    one of their engines (separate processes time-sharing one card). Pool sizes and placement
+    come from here, never from offered work, and GPUs never move between pools. `handoff`
+    replaces bytes / NVLink for a hand-off kind with a measured connector's figures."""
+    name: str = ""
+    pools: dict[str, list[int]] = field(default_factory=dict)
+    handoff: dict[str, HandoffLink] = field(default_factory=dict)
+
+    def check(self, num_gpus: int) -> None:
+        f = "cluster.layout"
+        _check(bool(self.pools), f"{f}.pools", dict(self.pools), "at least one pool: {role:model: [gpu, ...]}")
+        used: set[int] = set()
+        for key, ids in self.pools.items():
+            role, _, model = str(key).partition(":")
+            _check(role in LAYOUT_ROLES and bool(model), f"{f}.pools", key,
+                   f"'<role>:<model>' keys, role one of {list(LAYOUT_ROLES)}")
+            ids = list(ids)
+            _check(len(ids) > 0 and all(isinstance(i, int) and 0 <= i < num_gpus for i in ids),
+                   f"{f}.pools.{key}", ids, f"a non-empty list of GPU indices 0..{num_gpus - 1} "
+                   f"(cluster.num_gpus={num_gpus})")
+            _check(len(set(ids)) == len(ids), f"{f}.pools.{key}", ids, "each GPU once per pool")
+            used.update(ids)
+        roles = {str(k).split(":")[0] for k in self.pools}
+        _check(not ("replica" in roles and len(roles) > 1), f"{f}.pools", sorted(self.pools),
+               "either replica:<model> pools (baseline) or stage pools, not both")
+        if "replica" in roles:
+            seen: dict[int, str] = {}
+            for key, ids in self.pools.items():
+                for i in ids:
+                    _check(i not in seen, f"{f}.pools.{key}", list(ids),
+                           f"one replica per GPU (GPU {i} is also in {seen.get(i)})")
+                    seen[i] = key
+        missing = sorted(set(range(num_gpus)) - used)
+        _check(not missing, f"{f}.pools", dict(self.pools),
+               f"every GPU 0..{num_gpus - 1} in some pool (cluster.num_gpus={num_gpus}; unused: {missing})")
+        for k, link in self.handoff.items():
+            _choice(k, f"{f}.handoff", HANDOFF_KINDS)
+            link.check(f"{f}.handoff.{k}")
 
 
 @dataclass
@@ -180,6 +273,8 @@ class ClusterConfig:
     # baseline: replicas per model (empty = split GPUs by offered work); disaggregated: GPUs per pool
     replicas: dict[str, int] = field(default_factory=dict)
     pools: dict[str, int] = field(default_factory=dict)
+    # a deployment's real layout (pool sizes and GPU placement pinned); null: derived from work
+    layout: Optional[LayoutConfig] = None
 
     def check(self) -> None:
         _check(self.num_gpus >= 1, "cluster.num_gpus", self.num_gpus, ">= 1")
@@ -195,6 +290,10 @@ class ClusterConfig:
         used = sum(self.pools.values())
         _check(used <= self.num_gpus, "cluster.pools", dict(self.pools),
                f"at most cluster.num_gpus={self.num_gpus} GPUs in all")
+        if self.layout is not None:
+            _check(not self.replicas and not self.pools, "cluster.layout", self.layout.name or "(pinned)",
+                   "a pinned layout alone: leave cluster.replicas and cluster.pools empty")
+            self.layout.check(self.num_gpus)
 
 
 @dataclass
@@ -207,10 +306,17 @@ class PolicyConfig:
     shape_buckets: list[int] = field(default_factory=lambda: [1024, 4096, 9216, 16384, 36864])
     autoscale_interval_s: float = 30.0
     autoscale: bool = True
+    # stage-pool policies: split each LLM pool into prefill and decode pools (sim/policies/pd.py)
+    pd_split: bool = False
+    # image-feature cache per pool (vision-encoder outputs, VAE latents of input images), GiB per
+    # GPU of the pool, LRU eviction (sim/policies/reuse.py); 0 = off
+    feature_cache_gib: float = 0.0
 
     def check(self) -> None:
         _choice(self.name, "policy.name", tuple(POLICIES))
         _choice(self.router, "policy.router", REPLICA_ROUTERS)
+        _check(self.feature_cache_gib >= 0, "policy.feature_cache_gib", self.feature_cache_gib,
+               ">= 0 GiB per GPU (0 = no feature cache)")
         _check(self.autoscale_interval_s > 0, "policy.autoscale_interval_s",
                self.autoscale_interval_s, "> 0")
         _check(list(self.shape_buckets) == sorted(self.shape_buckets) and len(self.shape_buckets) > 0,
@@ -225,6 +331,12 @@ class EngineConfig:
     block_size: int = 16
     gpu_memory_utilization: float = 0.9
     enable_prefix_caching: bool = False
+    # vLLM 0.26 admits a waiting (or preempted) request only when the free KV blocks hold its
+    # whole known sequence (prompt + tokens generated so far), not just the chunk scheduled now
+    # (SchedulerConfig.scheduler_reserve_full_isl, default True; v1/core/sched/scheduler.py,
+    # allocate_slots(full_sequence_must_fit=...)): a long prompt cut into chunks is not started
+    # until all of it fits.
+    scheduler_reserve_full_isl: bool = True
     kv_capacity_tokens: Optional[int] = None   # None: from the profile's engine_settings or memory model
     max_model_len: Optional[int] = None
     step_overhead_ms: float = 0.0              # extra CPU-side time per engine step, if calibrated
@@ -304,10 +416,22 @@ class DiffusionConfig:
 class LatencyConfig:
     out_of_range: OutOfRange = OutOfRange.error
     tables: Optional[str] = None    # table set under profiles_dir (default: cluster.gpu), e.g. h100-analytic
+    # One rule per (gpu, model), first found wins (sim.engines.latency.LatencyModel.table_sets):
+    # measured <gpu>/, then this estimated set ({gpu} = the table set's GPU; <gpu>-est holds
+    # measured tables scaled by roofline ratios to precision variants and to GPUs not measured
+    # yet, engine = analytic), then the roofline set <gpu>-analytic/. Each model's source
+    # (measured / estimated / analytic) is in the summary (profile_tables, estimated_tables,
+    # analytic_tables, latency_model.tables) and the printed table; null = no estimated set
+    fallback: Optional[str] = "{gpu}-est"
 
     def check(self) -> None:
         _check(self.tables is None or bool(self.tables.strip()), "latency.tables", self.tables,
                "a table-set folder under profiles_dir, or null")
+        _check(self.fallback is None or bool(str(self.fallback).strip()), "latency.fallback",
+               self.fallback, "a table-set folder under profiles_dir ({gpu} = cluster.gpu), or null")
+
+    def fallback_set(self, gpu: str) -> Optional[str]:
+        return None if self.fallback is None else str(self.fallback).replace("{gpu}", gpu)
 
 
 @dataclass
@@ -384,6 +508,12 @@ class CapacityConfig:
     max_probes: int = 40              # per policy and search
     n_jobs: int = 2                   # joblib workers (loky, as hydra's joblib launcher)
     search: list[str] = field(default_factory=lambda: ["min_gpus", "max_qps"])
+    # the fleet plan (sim/studies/fleet.py): any non-empty list searches policies x gpus x
+    # precisions x pd_split for the cheapest fleet meeting the SLO at target_qps (an empty list:
+    # the run's own cluster.gpu / precision / policy.pd_split)
+    gpus: list[str] = field(default_factory=list)
+    precisions: list[str] = field(default_factory=list)
+    pd_split: list[bool] = field(default_factory=list)
 
     def check(self) -> None:
         _check(self.target_qps > 0, "capacity.target_qps", self.target_qps, "> 0 requests/s")
@@ -404,6 +534,11 @@ class CapacityConfig:
         _check(0 < self.qps_rel_tol < 1, "capacity.qps_rel_tol", self.qps_rel_tol, "in (0, 1)")
         _check(self.max_probes >= 2, "capacity.max_probes", self.max_probes, ">= 2")
         _check(self.n_jobs >= 1 or self.n_jobs == -1, "capacity.n_jobs", self.n_jobs, ">= 1 or -1 (all cores)")
+        from profiler.models import PRECISIONS
+        _check(all(p in PRECISIONS for p in self.precisions), "capacity.precisions",
+               list(self.precisions), f"a list from {sorted(PRECISIONS)}")
+        _check(len(set(self.gpus)) == len(self.gpus), "capacity.gpus", list(self.gpus),
+               "GPU kinds without repeats, e.g. [h100, h200]")
         _check(len(self.search) > 0 and all(s in ("min_gpus", "max_qps") for s in self.search),
                "capacity.search", list(self.search), "a non-empty list from ['min_gpus', 'max_qps']")
 
@@ -413,9 +548,14 @@ class OutputConfig:
     progress: str = "auto"          # auto: a bar on long single runs, off in multirun
     write_requests: bool = True
     chunk_rows: int = 100_000
+    # reuse a finished result already in the run folder when code, config and inputs are the
+    # same (sim/run/cache.py); false: always simulate
+    cache: bool = True
+    report: bool = True             # report.html (and timeline.parquet) beside summary.json
 
     def check(self) -> None:
         _choice(self.progress, "output.progress", ("auto", "on", "off"))
+        _check(self.chunk_rows >= 1, "output.chunk_rows", self.chunk_rows, ">= 1")
 
 
 @dataclass
@@ -426,6 +566,10 @@ class SimConfig:
     # single-model runs (replay): overrides task_models. `model=NAME` selects conf/model/NAME.yaml
     # (a Hydra group), so this holds that file's content; check() reduces it to the name.
     model: Any = None
+    # precision variant served (profiler.models.PRECISIONS: bf16 | fp8 | fp8kv): every task model
+    # M (and `model`) becomes M@<precision>, whose tables are <gpu>/M@<precision>.parquet (else
+    # latency.fallback's estimates, reported as not measured). null/bf16: the models as named.
+    precision: Optional[str] = None
     workload: WorkloadConfig = field(default_factory=WorkloadConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
@@ -449,6 +593,14 @@ class SimConfig:
         _check(self.model is None or isinstance(self.model, str), "model", self.model,
                "a model name from conf/model/")
         _choice(self.experiment, "experiment", EXPERIMENTS)
+        _check(self.seed >= 0, "seed", self.seed, "an integer >= 0 (the root of every random stream)")
+        if self.precision is not None:
+            from profiler.models import PRECISIONS, with_precision
+            _choice(self.precision, "precision", tuple(PRECISIONS))
+            self.workload.task_models = {t: with_precision(m, self.precision)
+                                         for t, m in self.workload.task_models.items()}
+            if self.model:
+                self.model = with_precision(self.model, self.precision)
         for part in (self.workload, self.cluster, self.policy, self.engine, self.diffusion,
                      self.latency, self.slo, self.cost, self.queueing, self.capacity, self.output):
             part.check()

@@ -54,4 +54,5 @@ TINY = {
 def tiny_spec(name: str):
     spec = load_model(name)
     comps = {k: dict(v) for k, v in TINY[name].items()}
-    return dataclasses.replace(spec, components=comps, defaults={**spec.defaults, "text_tokens": 8})
+    return dataclasses.replace(spec, components=comps,
+                               request_defaults={**spec.request_defaults, "text_tokens": 8})

@@ -176,7 +176,7 @@ def test_mix_proportions_and_fields():
             assert r.steps == 0 and not r.cfg and r.output_tokens >= 1 and r.output_image is None
             assert r.slo_class == "interactive" and r.model == "qwen2_5_vl_7b"
         else:
-            assert r.steps == qi.defaults["steps"] and r.cfg is True and r.output_tokens == 0
+            assert r.steps == qi.request_defaults["steps"] and r.cfg is True and r.output_tokens == 0
             assert r.image_tokens_out == qi.latent_tokens(*r.output_image)
         assert bool(r.input_images) == (r.task in ("understand", "edit", "inpaint", "outpaint"))
         if r.task in ("edit", "inpaint"):
@@ -264,7 +264,7 @@ def test_model_override():
      "workload.task_models.edit"),
     (lambda c: setattr(c.arrival, "process", "weibull"), "workload.arrival.process"),
     (lambda c: c.mix.update(video=1.0), "workload.mix"),
-    (lambda c: setattr(c.prompt_tokens, "dist", "zipf"), "workload.prompt_tokens.dist"),
+    (lambda c: setattr(c.prompt_tokens, "dist", "weibull"), "workload.prompt_tokens.dist"),
     (lambda c: setattr(c.image, "x_min", 8), "workload.image.x_min"),
     (lambda c: setattr(c, "num_requests", 0), "workload.num_requests"),
 ])

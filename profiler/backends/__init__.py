@@ -13,8 +13,17 @@ from profiler.backends.base import Backend
 BACKENDS: dict[str, str] = {
     "vllm": "profiler.backends.vllm_backend:VllmBackend",
     "diffusers": "profiler.backends.diffusers_backend:DiffusersBackend",
+    "vllm_omni": "profiler.backends.vllm_omni_backend:VllmOmniBackend",
     "analytic": "profiler.backends.analytic:AnalyticBackend",
 }
+
+
+def backend_for(name: str, family: str) -> str:
+    """`auto` -> the engine that serves a model of this family (vllm: llm / vlm; diffusers:
+    dit / ar_dit, whose AR condition encoder is its own registry entry)."""
+    if name != "auto":
+        return name
+    return "vllm" if family in ("llm", "vlm") else "diffusers"
 
 
 def get_backend(name: str) -> Backend:
@@ -24,4 +33,4 @@ def get_backend(name: str) -> Backend:
     return getattr(import_module(mod), cls)()
 
 
-__all__ = ["BACKENDS", "Backend", "get_backend"]
+__all__ = ["BACKENDS", "Backend", "backend_for", "get_backend"]

@@ -16,7 +16,8 @@ from profiler.backends.base import Backend, RunContext, summarize, time_callable
 
 DIT_KINDS = {"qwen_image_mmdit": "QwenImageTransformer2DModel",
              "flux_dit": "FluxTransformer2DModel",
-             "sd3_dit": "SD3Transformer2DModel"}
+             "sd3_dit": "SD3Transformer2DModel",
+             "unet2d_condition": "UNet2DConditionModel"}   # the denoiser of SDXL-style pipelines
 
 
 # dit_step calls shorter than this are timed back to back (cfg.dit_chain): their kernel-launch time
@@ -46,8 +47,9 @@ def default_dtype(dtype):
         torch.set_default_dtype(old)
 
 
-def build_component(spec, comp: str, device: str, dtype_name: str):
-    """Random-weight module for component `comp` of `spec` (eval mode, on `device`)."""
+def build_component(spec, comp: str, device: str, dtype_name: str, fp8_impl: str = "auto"):
+    """Random-weight module for component `comp` of `spec` (eval mode, on `device`); a precision
+    variant's quantized component (spec.weight_dtype(comp) == "fp8") gets FP8 linear layers."""
     import torch
     cfg = dict(spec.components[comp])
     kind = cfg.pop("kind")
@@ -88,7 +90,78 @@ def build_component(spec, comp: str, device: str, dtype_name: str):
             raise ValueError(f"no diffusers builder for component kind {kind!r}")
     m = m.to(device=device, dtype=dtype).eval()
     m.requires_grad_(False)
+    if spec.weight_dtype(comp) == "fp8":
+        m._fp8_impl = quantize_fp8(m, fp8_impl)
     return m
+
+
+FP8_MAX = 448.0             # largest finite float8_e4m3fn
+
+
+def quantize_fp8(m, impl: str = "auto") -> str:
+    """FP8 weights with dynamic per-token activation scales on every nn.Linear of `m` (a DiT's
+    transformer), what diffusers offers on Hopper through torchao's Float8DynamicActivation-
+    Float8Weight (per-row scales). impl: torchao | builtin | auto (torchao when importable, else
+    the builtin Fp8Linear: the same arithmetic on torch._scaled_mm). Returns what was used."""
+    if impl in ("auto", "torchao"):
+        try:
+            import torchao
+            from torchao.quantization import (Float8DynamicActivationFloat8WeightConfig, PerRow,
+                                              quantize_)
+            quantize_(m, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))
+            return f"torchao {torchao.__version__} Float8DynamicActivationFloat8WeightConfig(PerRow)"
+        except ImportError:
+            if impl == "torchao":
+                raise
+    import torch
+    n = 0
+    for name, child in list(m.named_modules()):
+        for cname, sub in list(child.named_children()):
+            if type(sub) is torch.nn.Linear and sub.in_features % 16 == 0 and sub.out_features % 16 == 0:
+                setattr(child, cname, Fp8Linear(sub))
+                n += 1
+    return f"builtin Fp8Linear (torch._scaled_mm, per-row scales) on {n} linear layers"
+
+
+def _fp8_linear_class():
+    import torch
+
+    class Fp8Linear(torch.nn.Module):
+        """y = x W^T + b with W in float8_e4m3fn (one scale per output row) and x quantized per
+        token at run time; torch._scaled_mm on CUDA, the dequantized product elsewhere (tests)."""
+
+        def __init__(self, lin: "torch.nn.Linear"):
+            super().__init__()
+            w = lin.weight.detach()
+            scale = w.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX
+            self.register_buffer("w", (w.float() / scale).to(torch.float8_e4m3fn))   # (out, in)
+            self.register_buffer("w_scale", scale.t().contiguous())                  # (1, out)
+            self.bias = lin.bias
+            self.out_features = lin.out_features
+
+        def forward(self, x):
+            shape = x.shape
+            x2 = x.reshape(-1, shape[-1])
+            xs = x2.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX
+            xq = (x2.float() / xs).to(torch.float8_e4m3fn)
+            if x.is_cuda:
+                y = torch._scaled_mm(xq, self.w.t(), scale_a=xs, scale_b=self.w_scale,
+                                     out_dtype=x.dtype)
+            else:
+                y = ((xq.float() * xs) @ (self.w.float() * self.w_scale.t()).t()).to(x.dtype)
+            if self.bias is not None:
+                y = y + self.bias
+            return y.reshape(*shape[:-1], self.out_features)
+    return Fp8Linear
+
+
+def Fp8Linear(lin):     # noqa: N802 - a class made on first use (torch imported lazily)
+    global _FP8_CLS
+    try:
+        cls = _FP8_CLS
+    except NameError:
+        cls = _FP8_CLS = _fp8_linear_class()
+    return cls(lin)
 
 
 def latent_grid(spec, height: int, width: int) -> tuple[int, int]:
@@ -127,6 +200,15 @@ def dit_inputs(spec, p: dict, device: str, dtype) -> dict[str, Any]:
                     encoder_hidden_states=rnd(B, T, c["joint_attention_dim"]),
                     encoder_hidden_states_mask=torch.ones(B, T, device=device, dtype=torch.long),
                     timestep=ts, img_shapes=[[(1, gh, gw)] * n_img] * B, return_dict=False)
+    if kind == "unet2d_condition":
+        d = spec.latent["downsample"]
+        kw = dict(sample=rnd(B, c["in_channels"], H // d, W // d), timestep=ts * 1000,
+                  encoder_hidden_states=rnd(B, T, c["cross_attention_dim"]), return_dict=False)
+        if c.get("addition_embed_type") == "text_time":
+            # SDXL: pooled text embedding + 6 micro-conditioning ids (sizes, crop)
+            pooled = c["projection_class_embeddings_input_dim"] - 6 * c["addition_time_embed_dim"]
+            kw["added_cond_kwargs"] = {"text_embeds": rnd(B, pooled), "time_ids": rnd(B, 6)}
+        return kw
     if kind == "sd3_dit":
         d = spec.latent["downsample"]
         return dict(hidden_states=rnd(B, c["in_channels"], H // d, W // d),
@@ -156,7 +238,8 @@ class DiffusersBackend(Backend):
         if self._cache and self._cache[:2] == (spec.name, comp):
             return self._cache[2]
         self.release()
-        m = build_component(spec, comp, ctx.device, ctx.cfg.dtype)
+        m = build_component(spec, comp, ctx.device, ctx.cfg.dtype,
+                            str(ctx.cfg.get("dit_fp8", "auto")))
         self._cache = (spec.name, comp, m)
         return m
 
@@ -218,7 +301,9 @@ class DiffusersBackend(Backend):
         row.update(summarize(samples))
         row["status"] = "ok"
         row["peak_mem_bytes"] = int(torch.cuda.max_memory_allocated()) if cuda else None
+        m = self._cache[2] if self._cache else None
         row["engine_settings"] = {"attention": "diffusers default (SDPA)", "compile": False,
+                                  "fp8": getattr(m, "_fp8_impl", None),
                                   "warmup": int(cfg.warmup), "repeats": int(cfg.repeats),
                                   "max_point_seconds": float(cfg.max_point_seconds),
                                   "chain": chain}

@@ -40,6 +40,21 @@ QWEN_SPECIAL = {151643: "<|endoftext|>", 151644: "<|im_start|>", 151645: "<|im_e
 SAFE_TOKEN_MAX = 30000  # random prompt ids stay below every special token
 
 
+# llm kinds beyond the hand-built qwen2 / llama below: transformers config class and the
+# architecture vLLM loads; every field of the registry entry is the config field of that name
+# (profiler.hf_import copies them), so they pass through unchanged
+HF_LLM_CLASSES: dict[str, tuple[str, str, str]] = {
+    "mistral": ("MistralConfig", "MistralForCausalLM", "silu"),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", "silu"),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", "gelu_pytorch_tanh"),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", "gelu_pytorch_tanh"),
+    "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM", "gelu_pytorch_tanh"),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", "silu"),
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", "silu"),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", "silu"),
+}
+
+
 def hf_config(spec):
     """transformers config object for the AR part of `spec` (random-weight engine input)."""
     c = spec.llm
@@ -81,7 +96,16 @@ def hf_config(spec):
         from transformers import LlamaConfig
         return LlamaConfig(**common, architectures=["LlamaForCausalLM"], torch_dtype="bfloat16",
                            bos_token_id=1, eos_token_id=2)
-    raise ValueError(f"vllm backend: no config builder for llm kind {c['kind']!r}")
+    if c["kind"] in HF_LLM_CLASSES:
+        import transformers
+        cls_name, arch, act = HF_LLM_CLASSES[c["kind"]]
+        fields = {k: (list(v) if isinstance(v, (list, tuple)) else v)
+                  for k, v in c.items() if k != "kind"}
+        act_key = "hidden_activation" if c["kind"].startswith("gemma") else "hidden_act"
+        return getattr(transformers, cls_name)(**fields, architectures=[arch],
+                                               torch_dtype="bfloat16", **{act_key: act})
+    raise ValueError(f"vllm backend: no config builder for llm kind {c['kind']!r}; allowed: "
+                     f"qwen2, llama, {', '.join(HF_LLM_CLASSES)}")
 
 
 def write_model_dir(spec, d: str | os.PathLike) -> Path:
@@ -140,18 +164,35 @@ class VllmBackend(Backend):
     # ------------------------------------------------------------------ engine
     def start_engine(self, spec, ctx: RunContext, with_images: bool = True):
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        if int(ctx.cfg.tp) > 1:
+            # TP workers are processes (vLLM's multiproc executor): LLM.apply_model sends the
+            # vision-timing closure to them pickled, which vLLM allows only with this set; NVLink
+            # multicast stays off (the multi-GPU kinds require it)
+            os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+            for k, v in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"),
+                         ("NVSHMEM_DISABLE_NVLS", "1")):
+                os.environ.setdefault(k, v)
         from vllm import LLM
         v = ctx.cfg.vllm
         d = write_model_dir(spec, tempfile.mkdtemp(prefix=f"vllm-{spec.name}-"))
         kw = dict(model=str(d), load_format="dummy", dtype=str(ctx.cfg.dtype), seed=0,
                   tensor_parallel_size=int(ctx.cfg.tp),
-                  max_model_len=int(spec.llm["max_position_embeddings"]),
+                  # vllm.max_model_len caps it (a model whose full context's KV does not fit
+                  # beside its weights, e.g. a 32B at TP 1); null = the config's context
+                  max_model_len=int(getattr(v, "max_model_len", None) or spec.llm["max_position_embeddings"]),
                   max_num_batched_tokens=int(v.max_num_batched_tokens),
                   max_num_seqs=int(v.max_num_seqs), block_size=int(v.block_size),
                   enable_prefix_caching=bool(v.enable_prefix_caching),
                   enable_chunked_prefill=True,
                   gpu_memory_utilization=float(v.gpu_memory_utilization),
                   async_scheduling=bool(v.async_scheduling), disable_log_stats=True)
+        # a precision variant (profiler.models.PRECISIONS): vLLM's dynamic FP8 quantizes the dummy
+        # bf16 weights of every linear layer (LLM and vision tower) after loading; fp8kv adds an
+        # FP8 KV cache
+        if spec.quant_dtype == "fp8":
+            kw["quantization"] = "fp8"
+        if spec.kv_dtype == "fp8":
+            kw["kv_cache_dtype"] = "fp8"
         if spec.family == "vlm":
             kw["skip_tokenizer_init"] = False
             kw["limit_mm_per_prompt"] = ({"image": 4, "video": 0} if with_images
@@ -188,6 +229,8 @@ class VllmBackend(Backend):
             "cudagraph_capture_sizes_max": max(getattr(comp, "cudagraph_capture_sizes", None)
                                                or [0]),
             "attention_backend": os.environ.get("VLLM_ATTENTION_BACKEND", "auto"),
+            "quantization": kw.get("quantization"),
+            "kv_cache_dtype": str(getattr(vc.cache_config, "cache_dtype", kw.get("kv_cache_dtype", "auto"))),
             "startup_s": round(startup, 1), "sampling": "greedy, ignore_eos",
             "timing": "wall clock of LLMEngine.step() (one scheduled batch)",
         }
@@ -394,14 +437,17 @@ class VllmBackend(Backend):
         gh, gw = H // ps, W // ps
         warm, reps = int(ctx.cfg.warmup), int(ctx.cfg.repeats)
 
-        vllm_config = self.eng.vllm_config
+        # (tp > 1: the closure below is pickled to the worker processes, so it must not hold
+        # the engine's config; the workers use their own current config)
+        vllm_config = self.eng.vllm_config if int(ctx.cfg.tp) == 1 else None
 
         def call(visual, pix, grid):
             try:
                 return visual(pix, grid_thw=grid)
             except Exception:  # some attention layers want a forward context
+                from vllm.config import get_current_vllm_config
                 from vllm.forward_context import set_forward_context
-                with set_forward_context(None, vllm_config):
+                with set_forward_context(None, vllm_config or get_current_vllm_config()):
                     return visual(pix, grid_thw=grid)
 
         def fn(model):

@@ -42,6 +42,7 @@ class Request:
     preemptions: int = 0
     image_tokens_in: int = 0     # input-image tokens in the serving model's own tokenization
     image_tokens_out: int = 0    # output-image latent tokens (DiT patches)
+    image_ids: tuple[int, ...] = ()   # one per input image: equal ids = the same picture (caches)
 
     @property
     def text_out(self) -> bool:
@@ -67,19 +68,22 @@ class Job:
     on an engine. The payload fields' meaning depends on the stage."""
     __slots__ = ("req", "stage", "model", "on_done", "tokens", "vision_tokens", "out_tokens",
                  "height", "width", "seq_len", "steps", "weight", "components", "priority",
-                 "record", "server", "work", "enqueued", "out_delay")
+                 "record", "server", "work", "enqueued", "out_delay", "pre_computed",
+                 "pre_generated")
 
     def __init__(self, req: Request, stage: str, model: str,
                  on_done: Optional[Callable[["Job", float], None]] = None, tokens: int = 0,
                  vision_tokens: int = 0, out_tokens: int = 0, height: int = 0, width: int = 0,
                  seq_len: int = 0, steps: int = 0, weight: int = 1, components: tuple = (),
                  priority: int = 1, record: Optional[StageRecord] = None, server: str = "",
-                 work: float = 0.0, enqueued: float = 0.0, out_delay: float = 0.0) -> None:
+                 work: float = 0.0, enqueued: float = 0.0, out_delay: float = 0.0,
+                 pre_computed: int = 0, pre_generated: int = 0) -> None:
         self.req = req
         self.stage = stage              # a hop stage (sim.names.HOP_STAGES)
         self.model = model
         self.on_done = on_done          # called (job, now) when the hop has finished
-        self.tokens = tokens            # AR prompt tokens (text + image); encoder tokens; DiT text tokens
+        self.tokens = tokens            # AR prompt tokens (text + image); encoder tokens; DiT text
+                                        # tokens; VAE encode: which input image (its index)
         self.vision_tokens = vision_tokens  # image tokens encoded in the AR step (fused) / by an encoder
         self.out_tokens = out_tokens    # AR tokens to generate (0 = prefill only, e.g. a condition encoder)
         self.height = height
@@ -94,6 +98,11 @@ class Job:
         self.work = work                # estimated service seconds (load balancing)
         self.enqueued = enqueued
         self.out_delay = out_delay      # from its last output leaving the engine to the client seeing it
+        # AR: prompt tokens whose KV the engine already holds when the job arrives (a prefix-cache
+        # hit, or the KV a prefill GPU sent), and output tokens already generated elsewhere (1:
+        # a prefill/decode split's decode hop, whose first token the prefill GPU produced)
+        self.pre_computed = pre_computed
+        self.pre_generated = pre_generated
 
     def __repr__(self) -> str:
         return f"Job(req={self.req.id}, stage={self.stage!r}, model={self.model!r})"

@@ -55,8 +55,8 @@ class Seq:
         self.eng = eng
         self.prompt = job.tokens
         self.out = job.out_tokens
-        self.generated = 0
-        self.computed = 0
+        self.generated = job.pre_generated      # (0 but for a prefill/decode split's decode hop)
+        self.computed = job.pre_computed        # KV held on arrival (prefix hit, transferred KV)
         self.held = 0           # KV blocks held (while not in the decode aggregate)
         self.encoded = job.vision_tokens == 0
         self.dec_rec: StageRecord | None = None
@@ -105,7 +105,7 @@ class AREngine:
                  step_overhead_s: float = 0.0, priority: bool = False, itl_sink=None,
                  host_s: float = 0.0, host_per_seq_s: float = 0.0, frontend: FrontEnd = FrontEnd(),
                  stream_s_per_token: float = 0.0, async_admit: bool = False,
-                 max_model_len: int | None = None):
+                 max_model_len: int | None = None, reserve_full_isl: bool = False):
         self.model = model
         self.lat: Any = lat     # None only in tests that never plan a step
         self.budget = max_num_batched_tokens
@@ -129,6 +129,9 @@ class AREngine:
         # a sink that takes a whole series of steps at once (MetricsCollector)
         self.itl_steps = getattr(getattr(itl_sink, "__self__", None), "add_itl_steps", None)
         self.max_model_len = max_model_len
+        # admission needs free blocks for the whole known sequence (vLLM 0.26's
+        # scheduler_reserve_full_isl), not only for the chunk scheduled now
+        self.reserve_full = reserve_full_isl
         self.gpu: Any = None            # its GPU, once placed
         self.sched: list[tuple[Seq, int]] = []  # seqs of `pre` (and admitted) in the planned step
         self.jump_unit: Unit | None = None      # the planned multi-step decode unit, if any
@@ -368,7 +371,7 @@ class AREngine:
             return None
         self.sched = sched
         # step composition
-        p_tok = p_ctx = 0
+        p_tok = p_ctx = p_sq = 0
         d_seqs, d_ctx = self.nd, self.dsum0 + self.nd * self.G
         vision = 0
         for s, n in sched:
@@ -378,6 +381,7 @@ class AREngine:
             else:
                 p_tok += n
                 p_ctx += s.computed * n
+                p_sq += n * n
                 if not s.encoded:
                     vision += s.job.vision_tokens
         self.vision_in_step = vision
@@ -387,7 +391,7 @@ class AREngine:
             k = self._jump_len()
             if k > 1:
                 return self._plan_jump(d_seqs, d_mean, k)
-        t = self.lat.ar_step(self.model, p_tok, d_seqs, d_mean, p_mean) + self.overhead
+        t = self.lat.ar_step(self.model, p_tok, d_seqs, d_mean, p_mean, p_sq) + self.overhead
         if vision:
             t += self.lat.vision_encode(self.model, vision)
         if self.host or self.host_seq:
@@ -444,9 +448,13 @@ class AREngine:
             n = s.prompt + s.generated - s.computed
             if n > budget:
                 n = budget
+                if self.reserve_full and self._blocks_for(s.prompt + s.generated) - s.held > self.free_blocks:
+                    break
             if not self._alloc(s, s.computed + n):
                 break
             self.waiting.popleft()
+            if s.computed:                  # KV it arrived with (never after a preemption,
+                self._comp += s.computed    # which resets computed to 0): counted from now on
             if s.job.record is None:
                 start_record(s.job, self.gpu.name, now)
             self.n_admitted += 1
@@ -463,7 +471,8 @@ class AREngine:
         s = self.waiting.head()
         if s.ready_at > self.steps + 1:
             return False
-        return self._blocks_for(s.computed + min(s.need, self.budget)) - s.held <= self.free_blocks
+        full = s.prompt + s.generated if self.reserve_full else s.computed + min(s.need, self.budget)
+        return self._blocks_for(full) - s.held <= self.free_blocks
 
     def _jump_len(self) -> int:
         """Aggregate steps until the first completion, bounded by the KV blocks left (exact)."""

@@ -16,8 +16,8 @@ def pass_time(lat: Any, stage: str, model: str, batch: Sequence[Job]) -> float:
     (jobs of one shape)."""
     j = batch[0]
     n = len(batch)
-    if stage == VISION_ENCODE:
-        return lat.vision_encode(model, sum(x.vision_tokens for x in batch))
+    if stage == VISION_ENCODE:          # (pre_computed: tokens whose features were cached)
+        return lat.vision_encode(model, sum(x.vision_tokens - x.pre_computed for x in batch))
     if stage == TEXT_ENCODE:
         toks = max(x.tokens for x in batch)
         return sum(lat.text_encode(model, c, n, toks) for c in j.components)
@@ -30,13 +30,17 @@ def hop_work(lat: Any, job: Job, token_budget: int) -> float:
     a DiT hop's steps alone, a one-shot stage's pass alone."""
     m, stage = job.model, job.stage
     if stage == AR:
-        full, rest = divmod(max(job.tokens, 1), token_budget)   # chunked prefill
-        t = full * lat.prefill(m, token_budget) + (lat.prefill(m, rest) if rest else 0.0)
+        todo = job.tokens - job.pre_computed          # (KV already held: not computed again)
+        t = 0.0
+        if todo > 0 or not job.pre_computed:
+            full, rest = divmod(max(todo, 1), token_budget)   # chunked prefill
+            t = full * lat.prefill(m, token_budget) + (lat.prefill(m, rest) if rest else 0.0)
         if job.vision_tokens:
             t += lat.vision_encode(m, job.vision_tokens)
-        if job.out_tokens > 1:
+        steps = job.out_tokens - max(job.pre_generated, 1)    # decode steps after the first token
+        if steps > 0:
             b = DECODE_BATCH_FOR_ESTIMATES
-            t += (job.out_tokens - 1) * lat.decode(m, b, job.tokens + job.out_tokens / 2) / b
+            t += steps * lat.decode(m, b, job.tokens + job.out_tokens / 2) / b
         return t
     if stage == DIT_STEP:
         return job.steps * lat.dit_step(m, job.weight, job.seq_len)

@@ -30,6 +30,11 @@ from sim.names import DECODE, DIT_STEP, PREFILL, TEXT_ENCODE, VISION_ENCODE
 
 _MEMO_MAX = 1 << 16      # memoised points per grid (cleared when full: bounded memory)
 
+# where a model's latencies come from (LatencyModel.table_sets): one name per table-set kind
+MEASURED, ESTIMATED, ANALYTIC, MISSING = "measured", "estimated", "analytic", "missing"
+ESTIMATED_SUFFIX, ANALYTIC_SUFFIX = "-est", "-analytic"
+ESTIMATES = "{gpu}" + ESTIMATED_SUFFIX    # the default estimated set of a GPU's tables
+
 
 class OutOfGridError(ValueError):
     """A lookup outside the measured grid while latency.out_of_range=error."""
@@ -212,18 +217,81 @@ def _fill_decode_holes(vals: np.ndarray, axes: list[list[float]]) -> np.ndarray:
     return out
 
 
+# axis columns a lookup interpolates over: (least value, what is allowed), checked on ok rows
+_AXES = {"batch_size": 1, "tp": 1, "num_tokens": 0, "context_len": 0, "height": 1, "width": 1,
+         "seq_len": 0, "num_decode_seqs": 0}
+
+
+def read_profile(path: Path) -> pd.DataFrame:
+    """A profile table, read and checked: a file that cannot be read, or a status=ok row with
+    a latency that is not a positive finite number or an axis out of range, stops the run with
+    one ConfigError naming the file, the row and the field."""
+    from sim.config import ConfigError
+    hint = f"(`python -m profiler check {path}` lists what is wrong)"
+    try:
+        df = read_table(path)
+    except Exception as e:              # pyarrow/pandas errors have no common base
+        msg = (str(e).strip().splitlines() or [""])[0]
+        raise ConfigError(f"profile table {path} cannot be read ({type(e).__name__}: {msg}); "
+                          f"allowed: a parquet table written by `python -m profiler` (measure it again, or "
+                          f"restore it: `git checkout -- {path}` for a shipped one)") from None
+    ok = (df["status"] == "ok").to_numpy()
+    lat = pd.to_numeric(df["latency_ms_median"], errors="coerce").to_numpy(dtype=float)
+    bad = ok & ~(np.isfinite(lat) & (lat > 0))
+    checks = [("latency_ms_median", bad, "a positive, finite number of ms on status=ok rows")]
+    for col, least in _AXES.items():
+        v = pd.to_numeric(df[col], errors="coerce").to_numpy(dtype=float)
+        checks.append((col, ok & ~np.isnan(v) & ~(v >= least), f"a number >= {least} (or null)"))
+    for col, mask, allowed in checks:
+        if mask.any():
+            i = int(np.flatnonzero(mask)[0])
+            r = df.iloc[i]
+            raise ConfigError(f"profile table {path}: row {i} (model={r['model']}, stage="
+                              f"{r['stage']}), field {col!r}: {r[col]!r} is invalid; allowed: "
+                              f"{allowed} {hint}")
+    return df
+
+
+def table_source_line(t: dict[str, Any]) -> str:
+    """One model's entry of LatencyModel.tables() as the summary's `profile_tables` line:
+    '<source> (<what it is>): <path>'."""
+    what = {MEASURED: f"measured ({', '.join(t['engines'])})",
+            ESTIMATED: "estimated (measured tables scaled by roofline ratios, not measured)",
+            ANALYTIC: "analytic (roofline, not measured)"}[t["source"]]
+    return f"{what}: {t['path']}"
+
+
+def _interp_sq(xs: list[float], ss: list[float], n: float) -> float:
+    """ss interpolated at n along xs (piecewise linear; the end segments extended)."""
+    if len(xs) == 1:
+        return ss[0] * (n / xs[0]) ** 2
+    j = bisect_right(xs, n) - 1
+    if j < 0:
+        j = 0
+    elif j > len(xs) - 2:
+        j = len(xs) - 2
+    w = (n - xs[j]) / (xs[j + 1] - xs[j])
+    return ss[j] + w * (ss[j + 1] - ss[j])
+
+
 class LatencyModel:
     """Lookups in seconds for every stage kind; counts points served outside the grid."""
 
-    def __init__(self, profiles_dir: str | Path, gpu: str, out_of_range: OutOfRange | str = "error"):
+    def __init__(self, profiles_dir: str | Path, gpu: str, out_of_range: OutOfRange | str = "error",
+                 fallback: str | None = ESTIMATES):
         self.root = Path(profiles_dir)
         self.gpu = gpu
+        # the estimated set read for models the measured set lacks (ESTIMATES: <gpu>-est;
+        # None: none); see table_sets() for the whole rule
+        self.fallback = None if fallback is None else str(fallback).replace("{gpu}", gpu)
         self.mode = OutOfRange(out_of_range)
         self.outside: Counter[str] = Counter()   # name -> lookups outside the grid
         self.hole_hits: Counter[str] = Counter()
         self._frames: dict[str, pd.DataFrame] = {}
+        self._paths: dict[str, tuple[Path, str]] = {}   # model -> (table read, its source)
         self._grids: dict[tuple, Grid] = {}
         self._mixed_per_seq: dict[str, float] = {}
+        self._attn: dict[str, tuple[float, list[float], list[float]]] = {}  # prefill attention
         self._ar_grids: dict[tuple[str, str], Grid | None] = {}
         self._pre: dict[str, Grid] = {}             # model -> its "prefill" / "decode" grid
         self._dec: dict[str, Grid] = {}             # (the hot lookups: no tuple key)
@@ -233,19 +301,79 @@ class LatencyModel:
         self._vae: dict[str, dict[str, Grid]] = {}  # model -> stage -> grid
 
     # --- tables ---------------------------------------------------------------------------
+    def table_sets(self) -> list[tuple[str, str]]:
+        """The table sets (folders under the profiles root) a model's table is looked up in,
+        first found wins, each with the source it stands for:
+          <gpu>/           measured   (the profiler's vLLM / diffusers sweeps)
+          <gpu>-est/       estimated  (measured tables scaled by roofline ratios to a precision
+                                       variant or another GPU: `profiler sweep backend=analytic
+                                       analytic.method=scaled`; latency.fallback names it)
+          <gpu>-analytic/  analytic   (the roofline from the shapes alone: `profiler
+                                       import-model`, `profiler sweep backend=analytic`)
+        A set named explicitly with its suffix (latency.tables=h100-est / h100-analytic) starts
+        the chain at that source."""
+        g = self.gpu
+        if g.endswith(ANALYTIC_SUFFIX):
+            return [(g, ANALYTIC)]
+        if g.endswith(ESTIMATED_SUFFIX):
+            return [(g, ESTIMATED), (g[:-len(ESTIMATED_SUFFIX)] + ANALYTIC_SUFFIX, ANALYTIC)]
+        sets = [(g, MEASURED)]
+        if self.fallback:
+            sets.append((self.fallback, ESTIMATED))
+        sets.append((g + ANALYTIC_SUFFIX, ANALYTIC))
+        return sets
+
+    def resolve(self, model: str) -> tuple[Path, str]:
+        """(the table <root>/<set>/<model>.parquet, its source) by table_sets(); the measured
+        path with source MISSING when no set has one."""
+        for folder, source in self.table_sets():
+            path = self.root / folder / f"{model}.parquet"
+            if path.exists():
+                return path, source
+        return self.root / self.gpu / f"{model}.parquet", MISSING
+
     def frame(self, model: str) -> pd.DataFrame:
         if model not in self._frames:
-            path = self.root / self.gpu / f"{model}.parquet"
-            if not path.exists():
+            path, source = self.resolve(model)
+            if source == MISSING:
                 have = sorted(p.stem for p in (self.root / self.gpu).glob("*.parquet"))
                 sets = sorted(p.name for p in self.root.glob("*") if p.is_dir())
+                looked = ", ".join(f"{f}/ ({s})" for f, s in self.table_sets())
                 raise MissingProfileError(
-                    f"no profile table for model={model!r} on gpu={self.gpu!r}: {path} is missing; "
-                    f"tables there: {have}; table sets under {self.root}: {sets} "
-                    f"(measure one with `python -m profiler sweep model={model}`)")
-            df = read_table(path)
+                    f"no profile table for model={model!r} on gpu={self.gpu!r}: no {model}.parquet "
+                    f"in {looked}; tables in {self.gpu}/: {have}; table sets under {self.root}: "
+                    f"{sets} (measure one with `python -m profiler sweep model={model}`, or make "
+                    f"roofline ones with `python -m profiler sweep backend=analytic model={model}`)")
+            df = read_profile(path)
             self._frames[model] = df[df["status"] == "ok"]
+            if source == MEASURED and ANALYTIC in self.engines(model):
+                source = ANALYTIC        # rows computed, not measured, whatever folder they are in
+            self._paths[model] = (path, source)
         return self._frames[model]
+
+    def source(self, model: str) -> str:
+        """measured | estimated | analytic: where `model`'s latencies come from."""
+        self.frame(model)
+        return self._paths[model][1]
+
+    def tables(self) -> dict[str, dict[str, Any]]:
+        """Per model read so far: its table, the set it is in, that set's source (measured /
+        estimated / analytic), its engines, and whether it was measured."""
+        out: dict[str, dict[str, Any]] = {}
+        for m in sorted(self._frames):
+            path, source = self._paths[m]
+            out[m] = {"path": str(path), "table_set": path.parent.name, "source": source,
+                      "engines": self.engines(m), "measured": source == MEASURED}
+        return out
+
+    def not_measured(self) -> list[str]:
+        return [m for m, t in self.tables().items() if not t["measured"]]
+
+    def models_from(self, source: str) -> list[str]:
+        return [m for m, t in self.tables().items() if t["source"] == source]
+
+    def analytic_models(self) -> list[str]:
+        return self.models_from(ANALYTIC)
 
     def engine_settings(self, model: str) -> dict:
         df = self.frame(model)
@@ -506,13 +634,23 @@ class LatencyModel:
         return j if hi <= axis[j + 1] and (hi < axis[j + 1] or j == len(axis) - 2) else None
 
     def ar_step(self, model: str, prefill_tokens: int, decode_seqs: int, decode_ctx: float,
-                prefill_ctx: float = 0.0) -> float:
+                prefill_ctx: float = 0.0, prefill_sq: float = -1.0) -> float:
         """One engine step: linear (token) cost of every scheduled token, plus the attention
         cost of decode contexts and of prefill chunks that attend to earlier chunks; a decode
-        sequence that rides along with a prefill chunk costs `mixed_per_seq` more."""
+        sequence that rides along with a prefill chunk costs `mixed_per_seq` more.
+
+        prefill_sq = the sum of the squared chunk lengths of the step's prefill chunks (one per
+        request): a chunk's tokens attend to each other, not to other requests' chunks, so the
+        step's self-attention is that of its chunks, not of one sequence of all its tokens as
+        the table's single-prompt rows measured (`prefill_attention`). -1: one chunk."""
         if prefill_tokens == 0:
             return self.decode(model, decode_seqs, decode_ctx)
-        t = self.prefill(model, prefill_tokens + decode_seqs)
+        n = prefill_tokens + decode_seqs
+        t = self.prefill(model, n)
+        if prefill_sq >= 0.0:
+            c, xs, ss = self._attn.get(model) or self.prefill_attention(model)
+            if c > 0.0:
+                t -= c * (_interp_sq(xs, ss, n) - prefill_sq - decode_seqs)
         if decode_seqs:
             t += max(0.0, self.decode(model, decode_seqs, decode_ctx) - self.decode(model, decode_seqs, self._min_ctx(model)))
             t += self.mixed_per_seq(model) * decode_seqs
@@ -537,11 +675,52 @@ class LatencyModel:
         return max(0.0, with_ctx - self.prefill(model, tokens))
 
     def _mixed_composed(self, model: str, r) -> float:
-        """The composition rule without the mixed term, for a measured mixed-step row."""
+        """The composition rule without the mixed term, for a measured mixed-step row (one
+        prompt chunk of num_tokens beside num_decode_seqs decodes)."""
         d = int(r.num_decode_seqs)
         ctx = _mixed_decode_context(r) or self._min_ctx(model)
-        return self.prefill(model, int(r.num_tokens) + d) + max(
-            0.0, self.decode(model, d, ctx) - self.decode(model, d, self._min_ctx(model)))
+        n = int(r.num_tokens)
+        t = self.prefill(model, n + d)
+        c, xs, ss = self._attn.get(model) or self.prefill_attention(model)
+        if c > 0.0:
+            t -= c * (_interp_sq(xs, ss, n + d) - n * n - d)
+        return t + max(0.0, self.decode(model, d, ctx) - self.decode(model, d, self._min_ctx(model)))
+
+    def prefill_attention(self, model: str) -> tuple[float, list[float], list[float]]:
+        """(c, xs, ss): seconds per token pair of a prefill's self-attention, and the sum of
+        squared sequence lengths the pure-prefill grid's points (xs tokens) were measured with
+        (ss; a row of B prompts of N/B tokens holds N^2/B).
+
+        c is the least-squares fit of the table's own prefill rows: pure rows as
+        t = a + b N + c S (S = N^2 / B: causal self-attention grows with the square of each
+        sequence, the rest with the tokens), rows of a chunk after `context_len` cached tokens as
+        t = a + b N + c (N^2 + 2 N ctx) (each token also attends to the whole context), with c
+        clamped at >= 0. qwen2_5_7b H100: c = 3.2e-10 s, i.e. 21 ms of a single 8,192-token
+        prompt's 198 ms; its context rows alone give 2c within 2-4% at 8,192 tokens. Used to move
+        a step from the grid's single-prompt attention to that of its actual chunks."""
+        if model in self._attn:
+            return self._attn[model]
+        df = self.frame(model)
+        pf = df[df["stage"] == PREFILL]
+        dec = pf["num_decode_seqs"].fillna(0) == 0
+        ctxc = pf["context_len"].fillna(0)
+        pure = pf[dec & (ctxc == 0)]
+        with_ctx = pf[dec & (ctxc > 0)]
+        g = pure.assign(S=pure["num_tokens"].astype(float) ** 2 / pure["batch_size"].clip(lower=1))
+        sq = g.groupby("num_tokens")["S"].median()
+        xs = [float(x) for x in sq.index]
+        ss = [float(v) for v in sq.values]
+        rows = [(1.0, float(r.num_tokens), float(r.S), r.latency_ms_median / 1e3)
+                for r in g.itertuples() if r.num_tokens >= 256]
+        rows += [(1.0, float(r.num_tokens), float(r.num_tokens) ** 2 + 2.0 * r.num_tokens * r.context_len,
+                  r.latency_ms_median / 1e3) for r in with_ctx.itertuples()]
+        c = 0.0
+        if len(rows) >= 4:
+            a = np.array(rows)
+            coef = np.linalg.lstsq(a[:, :3], a[:, 3], rcond=None)[0]
+            c = max(float(coef[2]), 0.0)
+        self._attn[model] = (c, xs, ss)
+        return self._attn[model]
 
     def mixed_per_seq(self, model: str) -> float:
         """Extra seconds per decode sequence in a mixed prefill+decode step: the least-squares
@@ -644,7 +823,8 @@ class LatencyModel:
     def report(self) -> dict:
         return {"out_of_grid_lookups": dict(self.outside), "oom_hole_lookups": dict(self.hole_hits),
                 "out_of_range_policy": self.mode.value,
-                "engines": {m: self.engines(m) for m in self._frames}}
+                "engines": {m: self.engines(m) for m in self._frames},
+                "tables": self.tables(), "not_measured": self.not_measured()}
 
 
 def _floor(starts: list[int], alpha: list[float], beta: list[float], k: int, low: float) -> None:

@@ -21,7 +21,7 @@ class GPUContents:
     parts: tuple[tuple[str, str], ...]
 
     def weights_bytes(self) -> int:
-        return sum(load_model(m).component_params(c) * load_model(m).dtype_bytes for m, c in self.parts)
+        return sum(load_model(m).component_bytes(c) for m, c in self.parts)   # weight dtype per component
 
 
 def kv_capacity_tokens(llm_model: str, placement: GPUContents, gpu_mem_gib: float, util: float,

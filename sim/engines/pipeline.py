@@ -24,7 +24,7 @@ def plan_hops(req: Request, fused: bool) -> list[Job]:
                 vision_tokens=img_in if fused else 0, out_tokens=req.output_tokens))
         return hops
 
-    out_h, out_w = req.output_image or (spec.defaults["height"], spec.defaults["width"])
+    out_h, out_w = req.output_image or (spec.request_defaults["height"], spec.request_defaults["width"])
     seq = spec.latent_tokens(out_h, out_w)
     if spec.family == "ar_dit":
         cond = spec.condition_encoder
@@ -35,18 +35,39 @@ def plan_hops(req: Request, fused: bool) -> list[Job]:
                 vision_tokens=img_in if fused else 0, out_tokens=0))
     else:
         add(Job(req, TEXT_ENCODE, spec.name, priority=prio,
-                tokens=int(spec.defaults.get("text_tokens", req.prompt_tokens)),
+                tokens=int(spec.request_defaults.get("text_tokens", req.prompt_tokens)),
                 components=spec.text_encoders))
-    if req.input_images:
-        in_h, in_w = req.input_images[0]
-        add(Job(req, VAE_ENCODE, spec.name, priority=prio, height=in_h, width=in_w))
+    for i, (in_h, in_w) in enumerate(req.input_images):   # each input image: its own VAE encode
+        add(Job(req, VAE_ENCODE, spec.name, priority=prio, height=in_h, width=in_w, tokens=i))
         if req.task == EDIT:
             seq += spec.latent_tokens(in_h, in_w)     # condition latents join the sequence
     add(Job(req, DIT_STEP, spec.name, priority=prio, seq_len=seq,
-            steps=req.steps or spec.defaults["steps"], weight=2 if req.cfg else 1,
+            steps=req.steps or spec.request_defaults["steps"], weight=2 if req.cfg else 1,
             tokens=req.prompt_tokens))
     add(Job(req, VAE_DECODE, spec.name, priority=prio, height=out_h, width=out_w))
     return hops
+
+
+def split_prefill_decode(hops: list[Job]) -> list[Job]:
+    """Prefill/decode disaggregation (DistServe / Splitwise): an AR hop with more than one output
+    token becomes a prefill hop (the prompt and the first token) and a decode hop that arrives
+    holding the prompt's KV (pre_computed) and the first token (pre_generated)."""
+    out: list[Job] = []
+    for j in hops:
+        if j.stage == AR and j.out_tokens > 1:
+            out.append(j)
+            out.append(Job(j.req, AR, j.model, priority=j.priority, tokens=j.tokens,
+                           out_tokens=j.out_tokens, pre_computed=j.tokens, pre_generated=1))
+            j.out_tokens = 1
+        else:
+            out.append(j)
+    return out
+
+
+def kv_handoff_bytes(job: Job) -> int:
+    """KV-cache bytes a prefill hop hands to its decode hop: every prompt token's K and V in
+    every layer (2 x layers x kv_heads x head_dim x the KV dtype's bytes per token)."""
+    return job.tokens * load_model(job.model).kv_bytes_per_token()
 
 
 # model -> bytes per unit of each stage's hand-off size (vision / prompt tokens, latent

@@ -9,7 +9,7 @@ from typing import Any, Callable, Iterator
 
 from sim.core.mypyc_compat import mypyc_attr
 from sim.core.records import Job, StageRecord
-from sim.names import AR, PREFILL
+from sim.names import AR, DECODE, PREFILL
 
 PRIORITY = {"interactive": 0, "standard": 1, "batch": 2}   # SLO class -> priority level
 QUEUE_ORDERS = ("fifo", "hrrn")     # first come first served | highest response ratio next
@@ -180,7 +180,8 @@ def _free(g) -> bool:
 
 
 def start_record(job: Job, server: str, now: float) -> None:
-    rec = StageRecord(job.stage if job.stage != AR else PREFILL, server, job.enqueued, now)
+    rec = StageRecord(job.stage if job.stage != AR else DECODE if job.pre_generated else PREFILL,
+                      server, job.enqueued, now)
     job.record = rec
     job.server = server
     job.req.stages.append(rec)

@@ -27,6 +27,7 @@ class Parts:
     priority: bool          # priority classes (interactive first) in shared and LLM queues
     batching: str           # BATCHING
     scaling: str            # SCALING
+    reuse: str = "caches"   # REUSE (inert unless policy.feature_cache_gib > 0 or prefix caching)
 
 
 # --- parts: name -> "module:Class" (imported on first use), or the class itself (a plug-in) -------
@@ -34,7 +35,10 @@ PLACEMENTS: dict[str, Any] = {
     "replicas": "sim.policies.placement:Replicas",              # one GPU = one model end to end
     "stage_pools": "sim.policies.placement:StagePools",         # a pool of GPUs per stage
     "colocated_pools": "sim.policies.placement:ColocatedPools",  # light pools ride on heavy ones
+    "pd_pools": "sim.policies.pd:PDPools",                      # stage_pools, LLM split prefill/decode
+    "pd_colocated_pools": "sim.policies.pd:PDColocatedPools",   # colocated_pools, split likewise
 }
+PD_SPLIT = {"stage_pools": "pd_pools", "colocated_pools": "pd_colocated_pools"}   # policy.pd_split
 ROUTERS: dict[str, Any] = {
     "round_robin": "sim.policies.routing:RoundRobin",           # replicas
     "least_loaded": "sim.policies.routing:LeastOutstanding",    # replicas: least queued work
@@ -45,6 +49,9 @@ REPLICA_ROUTERS = ("round_robin", "least_loaded")              # policy.router's
 BATCHING: dict[str, Any] = {
     "same_shape": "sim.policies.batching:SameShape",            # diffusion.shape_compat
     "bucketed_if_faster": "sim.policies.batching:BucketedIfFaster",
+}
+REUSE: dict[str, Any] = {
+    "caches": "sim.policies.reuse:Caches",    # image-feature LRU per pool + vLLM prefix caching
 }
 SCALING: dict[str, Any] = {
     "static": "sim.policies.scaling:Static",
@@ -65,6 +72,17 @@ POLICIES: dict[str, Callable[[Any], Parts]] = {
         "hrrn", p.priority, "bucketed_if_faster", "pressure"),
 }
 DEFAULT_POLICY = next(iter(POLICIES))      # baseline
+
+
+def with_pd_split(parts: Parts) -> Parts:
+    """`parts` with its LLM pools split into prefill and decode pools (policy.pd_split): stage
+    placements only (a replica is one GPU); GPUs stay in their pools (static scaling)."""
+    if parts.placement not in PD_SPLIT:
+        raise ValueError(f"policy.pd_split=true needs a stage-pool placement; this policy places "
+                         f"{parts.placement!r}; allowed: a policy whose placement is one of "
+                         f"{sorted(PD_SPLIT)}")
+    from dataclasses import replace
+    return replace(parts, placement=PD_SPLIT[parts.placement], scaling="static")
 
 
 def load_part(registry: dict[str, Any], name: str) -> Any:

@@ -12,6 +12,7 @@ from sim.core.gpu import GPU
 from sim.core.kernel import Timer
 from sim.core.mypyc_compat import mypyc_attr
 from sim.core.records import Job, Request, StageRecord
+from sim.engines.pipeline import plan_hops
 from sim.names import TRANSFER
 
 
@@ -75,9 +76,15 @@ class Placement:
         """Make the GPUs and their engines (Policy.new_gpu), sized for the pilot requests."""
         raise NotImplementedError
 
+    reuse: Any = None           # the policy's cache part when a cache is on (sim.policies.reuse)
+
     def is_fused(self, req: Request) -> bool:
         """Does the AR engine encode this request's images inside its step?"""
         return self.fused
+
+    def plan_hops(self, req: Request, fused: bool) -> list[Job]:
+        """The hops of a request under this placement (sim.engines.pipeline.plan_hops)."""
+        return plan_hops(req, fused)
 
     def dispatch(self, flow: Flow, job: Job, now: float) -> None:
         """Send a hop to the engine or queue that serves it."""

@@ -29,7 +29,8 @@ class Pressure(Scaling):
         self.lat = pol.lat
         self.interval = pol.cfg.policy.autoscale_interval_s
         self.moves = []
-        if pol.cfg.policy.autoscale and len(self.place.pools) > 1:
+        # a pinned layout (cluster.layout) is the deployment as it ran: its GPUs never move
+        if pol.cfg.policy.autoscale and len(self.place.pools) > 1 and pol.cfg.cluster.layout is None:
             self.env.timer(self.interval, self._tick)
 
     def pressure(self, key: str) -> float:
@@ -85,7 +86,7 @@ class Pressure(Scaling):
         spec = load_model(model)
         comps = {"llm": list(spec.components), "encoder": ["vision"], "text_encoder": list(spec.text_encoders),
                  "vae": ["vae"], "dit": ["transformer"]}[role]
-        nbytes = sum(spec.component_params(c) for c in comps) * spec.dtype_bytes
+        nbytes = sum(spec.component_bytes(c) for c in comps)
         delay = nbytes / (RELOAD_GB_S * 1e9)
         self.moves.append({"t": round(self.env.now, 3), "gpu": g.name, "from": src, "to": dst,
                            "reload_s": round(delay, 2)})

@@ -212,12 +212,16 @@ def meets(s: dict, cap, slo_s: float = math.inf) -> bool:
     return att is not None and att >= cap.min_attainment
 
 
-def run_probe(cfg: SimConfig, policy: str, num_gpus: int, rate: float) -> dict[str, Any]:
-    """One simulation; a compact record (an infeasible layout is an error record, not a crash)."""
+def run_probe(cfg: SimConfig, policy: Any, num_gpus: int, rate: float) -> dict[str, Any]:
+    """One simulation; a compact record (an infeasible layout is an error record, not a crash).
+    `policy`: a policy name, or a sim.studies.fleet.Candidate (policy, GPU, precision, split)."""
     from sim.run.runner import Run
     rec: dict[str, Any] = {"policy": policy, "num_gpus": int(num_gpus), "rate": float(rate)}
     t0 = time.perf_counter()
     try:
+        if not isinstance(policy, str):
+            from sim.studies.fleet import apply
+            cfg, policy = apply(cfg, policy), policy.policy
         pc = probe_config(cfg, policy, num_gpus, rate)
         run = Run(pc, None, keep_rows=pc.workload.num_requests)
         s = run.run()
@@ -227,7 +231,7 @@ def run_probe(cfg: SimConfig, policy: str, num_gpus: int, rate: float) -> dict[s
         half = last_arrival / 2
         n_arr = int(((arr > half) & (arr <= last_arrival)).sum())
         n_fin = int(((fin > half) & (fin <= last_arrival)).sum())
-    except ConfigError as e:
+    except (ConfigError, ValueError) as e:      # (e.g. a request too big for a GPU's KV cache)
         rec.update(error=str(e), wall_s=round(time.perf_counter() - t0, 3))
         return rec
     rec.update({k: s.get(k) for k in (
@@ -241,6 +245,7 @@ def run_probe(cfg: SimConfig, policy: str, num_gpus: int, rate: float) -> dict[s
     rec["layout"] = s.get("layout")
     rec["gpus_per_pool"] = s["utilization"].get("gpus_per_pool")
     rec["per_task_p99_e2el_ms"] = {t: d.get("p99_e2el_ms") for t, d in s["per_task"].items()}
+    rec["not_measured"] = s["latency_model"].get("not_measured", [])
     rec["wall_s"] = round(time.perf_counter() - t0, 3)
     return rec
 
@@ -365,15 +370,27 @@ def _n(x, d: int = 0) -> str:
 
 
 def run_capacity(cfg: SimConfig, outdir: Path | None) -> dict[str, Any]:
-    """Entry point of `experiment: capacity` (sim/cli.py): searches, writes capacity.json, prints
-    the table; returns the result dict."""
-    result = plan(cfg)
+    """Entry point of `experiment: capacity` (sim/cli.py): searches, writes capacity.json (and,
+    for a fleet plan, fleet_plan.csv / .png) and returns the result dict (sim.cli prints it with
+    format_result)."""
+    cap = cfg.capacity
+    if cap.gpus or cap.precisions or cap.pd_split:      # the fleet plan (sim/studies/fleet.py)
+        from sim.studies.fleet import plan_fleet, write_outputs
+        result = plan_fleet(cfg)
+        if outdir is not None:
+            write_outputs(result, Path(outdir))
+    else:
+        result = plan(cfg)
     if outdir is not None:
         from sim.run.output import write_json_atomic
         Path(outdir).mkdir(parents=True, exist_ok=True)
         write_json_atomic(Path(outdir) / "capacity.json", result)
-    print(format_table(result))
-    if outdir is not None:
-        print(f"-> {Path(outdir) / 'capacity.json'}")
     return result
 
+
+def format_result(cfg: SimConfig, result: dict[str, Any]) -> str:
+    """The printed table of run_capacity's result: the fleet plan's or the capacity plan's."""
+    if result.get("plan") == "fleet":
+        from sim.studies.fleet import format_fleet
+        return format_fleet(result)
+    return format_table(result)

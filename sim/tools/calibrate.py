@@ -62,7 +62,11 @@ FRONTEND_OFF = ["engine.frontend_ms=0", "engine.frontend_ms_per_prompt_token=0",
 
 
 def is_probe(obj: dict[str, Any]) -> bool:
-    """A zero-load probe: the client kept at most one request in flight."""
+    """A zero-load probe of the text front end: the client kept at most one request in flight.
+    Image-path probes (profiler.chat_bench results, which carry `images`) measure another front
+    end (chat template, image decode and processing) and are not among them."""
+    if "images" in obj:
+        return False
     return (obj.get("provenance") or {}).get("max_concurrency") == 1 or obj.get("max_concurrency") == 1
 
 

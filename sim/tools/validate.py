@@ -11,6 +11,19 @@ server's measured KV capacity and max_model_len when the provenance has them) an
 Targets on finite-rate runs: request throughput within 3 %, medians within 10 %, p99 within 15 %.
 `--request-rate inf` runs are reported but not held to the targets. Writes validation.csv,
 validation.json and validation_cdfs.png into --out. Exit code 0 unless --strict and a target fails.
+
+Image + text runs (profiler.chat_bench results: per-request `images`) replay as understanding
+requests with their recorded images (sim.workloads.trace). Every row carries `modality` (text | image) and
+`regime` (low | moderate | near_saturation | overload, from rho = offered rate / measured
+capacity: `regime()` is the one definition), and the report gives the error table per modality,
+per regime and per both (`error_tables`; validation.json `by_modality`, `by_regime`,
+`by_modality_regime`).
+
+Runs of several servers behind a proxy (profiler.disagg_bench: provenance.layout) replay with that
+layout pinned (cluster.layout: the pools and GPUs the run used; plain replicas as the baseline with
+the proxy's round-robin, split instances as stage pools) and `modality: disaggregated` for split
+ones; hand-offs cost the links measured on their own by profiler.handoff_bench (--handoff;
+default traces/validation/h100_handoff/handoff.json), never the run's own figures.
 """
 from __future__ import annotations
 
@@ -31,6 +44,8 @@ from sim.names import VAE_DECODE
 
 ROOT = Path(__file__).resolve().parents[2]
 CONF_DIR = ROOT / "conf"
+# the connectors' hand-off measured on its own (profiler.handoff_bench), for disaggregated replays
+DEFAULT_HANDOFF = ROOT / "traces" / "validation" / "h100_handoff" / "handoff.json"
 
 # metric -> tolerance (relative)
 TARGETS: dict[str, float] = {
@@ -39,6 +54,13 @@ TARGETS: dict[str, float] = {
     "p99_ttft_ms": 0.15, "p99_tpot_ms": 0.15, "p99_e2el_ms": 0.15,
 }
 BENCH_KEYS = ("ttfts", "output_lens", "input_lens")
+
+# Load regimes: rho = offered request rate / the capacity C measured for the same model and
+# request law (the request throughput of its `--request-rate inf` run; serve_bench records it in
+# every run's provenance as calibrated_capacity_rps). The one definition used everywhere; see
+# `regime()` and traces/validation/README.md.
+REGIMES = ("low", "moderate", "near_saturation", "overload")
+REGIME_UPPER = (0.5, 0.8, 1.05)      # rho < 0.5 low, < 0.8 moderate, <= 1.05 near_saturation, else overload
 
 
 def known_models() -> list[str]:
@@ -115,8 +137,136 @@ def measured_metrics(obj: dict[str, Any], df: pd.DataFrame) -> dict[str, float]:
     return m
 
 
+def regime(offered_rps: Any, capacity_rps: Optional[float], max_concurrency: Optional[int] = None,
+           measured_rps: Optional[float] = None) -> tuple[str, float]:
+    """(regime, rho) of a measured run, rho = offered rate / capacity C.
+
+    - one request at a time (`max_concurrency` 1, the zero-load probes): `low`, rho 0;
+    - open loop at `--request-rate inf` (every request sent at once, the queue holds the run):
+      `overload`, rho inf;
+    - a closed loop of N > 1 clients offers what it is served: rho = measured throughput / C,
+      and it can never overload (at most `near_saturation`);
+    - otherwise rho = request_rate / C: `low` below 0.5, `moderate` below 0.8, `near_saturation`
+      up to 1.05 (a run at C, e.g. ShareGPT at 1.0 C, whose rate is rounded to 3 decimals),
+      `overload` above;
+    - no capacity known (no provenance, no open-loop inf run of the model): `unknown`, rho NaN.
+    Bursts are not counted: a bursty run at 0.6 C is `moderate` though its bursts overload."""
+    if max_concurrency == 1:
+        return "low", 0.0
+    try:
+        rate = float(offered_rps)
+    except (TypeError, ValueError):
+        rate = math.inf
+    closed = bool(max_concurrency) and max_concurrency > 1
+    if math.isinf(rate) and not closed:
+        return "overload", math.inf
+    if closed:
+        rate = float(measured_rps) if measured_rps is not None else math.nan
+    if not capacity_rps or not np.isfinite(rate) or capacity_rps <= 0:
+        return "unknown", math.nan
+    rho = rate / float(capacity_rps)
+    if closed:
+        rho = min(rho, REGIME_UPPER[2])
+    for name, upper in zip(REGIMES, REGIME_UPPER):
+        if rho < upper or (name == "near_saturation" and rho <= upper):
+            return name, rho
+    return "overload", rho
+
+
+SPLIT_ROLES = ("encoder", "prefill", "decode")     # a layout with one of these is disaggregated
+
+
+def run_layout(obj: dict[str, Any]) -> Optional[dict[str, Any]]:
+    """The deployment layout a run recorded (profiler.disagg_bench's provenance.layout), or None
+    for one server."""
+    lay = (obj.get("provenance") or {}).get("layout")
+    return lay if isinstance(lay, dict) and lay.get("pools") else None
+
+
+def modality(obj: dict[str, Any]) -> str:
+    """`disaggregated` for a run served by split instances (encoder / prefill / decode pools in its
+    provenance.layout), else `image` if any request carried an image (profiler.chat_bench's
+    `images`), else `text`. Plain replicas behind a proxy keep image / text (their `layout`
+    column says how many)."""
+    lay = run_layout(obj)
+    if lay and any(str(k).split(":")[0] in SPLIT_ROLES for k in lay["pools"]):
+        return "disaggregated"
+    return "image" if any(len(x or ()) for x in (obj.get("images") or ())) else "text"
+
+
+def inf_capacities(files: list[Path]) -> dict[tuple[str, str], float]:
+    """(model, modality) -> median request throughput of the open-loop `--request-rate inf` runs
+    among `files`: the capacity of runs whose provenance has none."""
+    caps: dict[tuple[str, str], list[float]] = {}
+    for p in files:
+        try:
+            obj = read_json(p)
+        except (OSError, ValueError, EOFError):
+            continue
+        if not is_bench_json(obj) or not is_inf_rate(obj) or obj.get("max_concurrency"):
+            continue
+        m = infer_model(Path(p), obj)
+        if m and obj.get("request_throughput"):
+            caps.setdefault((m, modality(obj)), []).append(float(obj["request_throughput"]))
+    return {k: float(np.median(v)) for k, v in caps.items()}
+
+
+def run_class(obj: dict[str, Any], model: Optional[str],
+              fallback: Optional[dict[tuple[str, str], float]] = None) -> dict[str, Any]:
+    """modality, regime, rho and where the capacity came from, for one measured run."""
+    prov = obj.get("provenance") or {}
+    mod = modality(obj)
+    cap, src = prov.get("calibrated_capacity_rps"), "provenance"
+    if not cap and fallback and (model, mod) in fallback:
+        cap, src = fallback[(model, mod)], "inf run"
+    offered = "inf" if is_inf_rate(obj) else prov.get("request_rate", obj.get("request_rate"))
+    reg, rho = regime(offered, float(cap) if cap else None, obj.get("max_concurrency"),
+                      obj.get("request_throughput"))
+    lay = run_layout(obj)
+    return {"modality": mod, "regime": reg, "load_ratio": rho,
+            "capacity_rps": float(cap) if cap else None, "capacity_source": src if cap else None,
+            "layout": lay.get("name") if lay else None}
+
+
+def group_errors(rows: list[dict[str, Any]], keys: tuple[str, ...]) -> list[dict[str, Any]]:
+    """Error table per group of runs (e.g. ("modality",), ("regime",)): runs, runs held to the
+    targets, and per metric the mean |relative error|, the largest one and how many runs are
+    within the target (every replayed run counts, held or not)."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in rows:
+        if "error" not in r:
+            groups.setdefault(tuple(r.get(k) for k in keys), []).append(r)
+    order = {g: i for i, g in enumerate(REGIMES + ("unknown",))}
+    out = []
+    for g, rs in sorted(groups.items(), key=lambda kv: tuple(order.get(x, -1) if k == "regime" else str(x)
+                                                            for k, x in zip(keys, kv[0]))):
+        rec: dict[str, Any] = {k: v for k, v in zip(keys, g)}
+        rec.update(runs=len(rs), held_to_targets=sum(bool(r.get("held_to_targets")) for r in rs))
+        for k, tol in TARGETS.items():
+            e = np.array([abs(r[f"err_{k}"]) for r in rs], float)
+            e = e[np.isfinite(e)]
+            rec[f"mean_abs_err_{k}"] = float(e.mean()) if e.size else np.nan
+            rec[f"max_abs_err_{k}"] = float(e.max()) if e.size else np.nan
+            rec[f"within_{k}"] = int((e <= tol).sum())
+        out.append(rec)
+    return out
+
+
+def print_groups(title: str, table: list[dict[str, Any]], keys: tuple[str, ...]) -> None:
+    if not table:
+        return
+    print(f"\n== {title}: mean |error| (runs within target) over every replayed run")
+    name_w = max(18, *(len(" / ".join(str(r[k]) for k in keys)) for r in table))
+    print(f"   {'group':{name_w}s} {'runs':>4s} " + " ".join(f"{_short(k):>14s}" for k in TARGETS))
+    for r in table:
+        cells = [f"{r[f'mean_abs_err_{k}'] * 100:6.1f}% ({r[f'within_{k}']:>2d}/{r['runs']:<2d})"
+                 if np.isfinite(r[f"mean_abs_err_{k}"]) else f"{'-':>14s}" for k in TARGETS]
+        print(f"   {' / '.join(str(r[k]) for k in keys):{name_w}s} {r['runs']:>4d} " + " ".join(cells))
+
+
 def compose_replay(path: Path, model: str, profiles_dir: str, gpu: str,
-                   extra: Optional[list[str]] = None, prov: Optional[dict[str, Any]] = None):
+                   extra: Optional[list[str]] = None, prov: Optional[dict[str, Any]] = None,
+                   handoff: Optional[dict[str, Any]] = None):
     """The SimConfig `python -m sim +experiment=replay_vllm_bench workload.path=... model=...` builds."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -134,15 +284,69 @@ def compose_replay(path: Path, model: str, profiles_dir: str, gpu: str,
     for k in ("max_num_seqs", "max_num_batched_tokens"):
         if prov.get(k):
             ov.append(f"engine.{k}={int(prov[k])}")
+    lay = prov.get("layout") if isinstance(prov.get("layout"), dict) else None
+    if lay and lay.get("pools"):
+        ov += layout_overrides(lay)
     ov += list(extra or [])
     GlobalHydra.instance().clear()
     with initialize_config_dir(version_base=None, config_dir=str(CONF_DIR)):
         cfg = compose(config_name="config", overrides=ov)
-    return to_config(cfg), ov
+    out = to_config(cfg)
+    if lay and lay.get("pools"):
+        pin_layout(out, lay, handoff)
+    return out, ov
+
+
+def layout_overrides(lay: dict[str, Any]) -> list[str]:
+    """The policy and cluster size a recorded layout runs under: plain replicas behind the proxy
+    are the baseline with the proxy's round-robin; split instances are stage pools (a prefill /
+    decode split where the layout has one)."""
+    pools = lay["pools"]
+    n = len({i for ids in pools.values() for i in ids})
+    roles = {str(k).split(":")[0] for k in pools}
+    ov = [f"cluster.num_gpus={n}", f"cluster.name=layout_{lay.get('name', 'pinned')}"]
+    if roles == {"replica"}:
+        ov += ["policy.name=baseline", "policy.router=round_robin"]
+    else:
+        ov += ["policy.name=disaggregated"]
+        from sim.config import PolicyConfig
+        if roles & {"prefill", "decode"} and "pd_split" in PolicyConfig.__dataclass_fields__:
+            ov += ["policy.pd_split=true"]
+    return ov
+
+
+def pin_layout(cfg, lay: dict[str, Any], handoff: Optional[dict[str, Any]] = None) -> None:
+    """cfg.cluster.layout = the recorded layout (pools as the run placed them), with the measured
+    hand-off links of `handoff` ({kind: {gb_s, latency_us, source}}, from a dedicated connector
+    measurement, never from the run replayed)."""
+    from sim.config import HandoffLink, LayoutConfig
+    links = {k: HandoffLink(float(v["gb_s"]), float(v.get("latency_us", 0.0)), str(v.get("source", "")))
+             for k, v in (handoff or {}).items()}
+    cfg.cluster.layout = LayoutConfig(name=str(lay.get("name", "")),
+                                      pools={str(k): [int(i) for i in v] for k, v in lay["pools"].items()},
+                                      handoff=links)
+    cfg.cluster.check()
+
+
+def load_handoff(path: Optional[str | Path]) -> dict[str, Any]:
+    """Measured hand-off links for replays of disaggregated runs: a JSON or YAML file whose
+    `links` (or top level) maps a kind (encoder, kv) to {gb_s, latency_us, source}, e.g.
+    profiler.handoff_bench's output. None / missing file: no links (bytes over NVLink)."""
+    if not path or not Path(path).exists():
+        return {}
+    text = Path(path).read_text()
+    if str(path).endswith((".yaml", ".yml")):
+        import yaml
+        obj = yaml.safe_load(text) or {}
+    else:
+        obj = json.loads(text)
+    links = obj.get("links", obj)
+    return {k: v for k, v in links.items() if k in ("encoder", "kv") and isinstance(v, dict)}
 
 
 def validate_one(path: Path, model: str, profiles_dir: str, gpu: str, outdir: Path,
-                 extra: Optional[list[str]] = None) -> tuple[dict[str, Any], pd.DataFrame, pd.DataFrame]:
+                 extra: Optional[list[str]] = None, handoff: Optional[dict[str, Any]] = None
+                 ) -> tuple[dict[str, Any], pd.DataFrame, pd.DataFrame]:
     from sim.run.runner import Run
     from sim.workloads.trace import load_vllm_bench
     obj = read_json(path)
@@ -150,7 +354,7 @@ def validate_one(path: Path, model: str, profiles_dir: str, gpu: str, outdir: Pa
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         meas_df = load_vllm_bench(path)
-        cfg, ov = compose_replay(path, model, profiles_dir, gpu, extra, prov)
+        cfg, ov = compose_replay(path, model, profiles_dir, gpu, extra, prov, handoff)
         outdir.mkdir(parents=True, exist_ok=True)
         summary = Run(cfg, outdir).run()
     sim_df = pd.read_parquet(outdir / "requests.parquet") if (outdir / "requests.parquet").exists() else pd.DataFrame()
@@ -164,6 +368,12 @@ def validate_one(path: Path, model: str, profiles_dir: str, gpu: str, outdir: Pa
                            "measured_preemptions": (prov.get("server_metrics") or {}).get("num_preemptions_delta"),
                            "sim_preemptions": summary.get("preemptions"),
                            "max_concurrency": summary.get("max_concurrency"), "overrides": " ".join(ov)}
+    if cfg.cluster.layout is not None:
+        lay = cfg.cluster.layout
+        row["layout_pools"] = {k: list(v) for k, v in lay.pools.items()}
+        row["handoff_links"] = {k: {"gb_s": v.gb_s, "latency_us": v.latency_us, "source": v.source}
+                                for k, v in lay.handoff.items()} or "none: bytes / cluster.nvlink_gb_s"
+        row["measured_handoff"] = prov.get("handoff")
     passed = True
     for k, tol in TARGETS.items():
         mv, sv = meas.get(k, np.nan), float(summary.get(k, np.nan))
@@ -329,6 +539,17 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def markdown_groups(table: list[dict[str, Any]], keys: tuple[str, ...]) -> str:
+    """An error table per group (error_tables) as markdown: mean |error| (runs within target)."""
+    head = "| " + " / ".join(keys) + " | runs | " + " | ".join(_short(k) for k in TARGETS) + " |"
+    lines = [head, "|" + "---|" * (len(TARGETS) + 2)]
+    for r in table:
+        cells = [f"{r[f'mean_abs_err_{k}'] * 100:.1f}% ({r[f'within_{k}']}/{r['runs']})"
+                 if np.isfinite(r[f"mean_abs_err_{k}"]) else "-" for k in TARGETS]
+        lines.append(f"| {' / '.join(str(r[k]) for k in keys)} | {r['runs']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def _short(k: str) -> str:
     return (k.replace("request_throughput", "thr").replace("median_", "p50 ").replace("p99_", "p99 ")
             .replace("_ms", ""))
@@ -339,7 +560,8 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         if "error" in r:
             print(f"\n== {r['run']} ({r.get('model')}): {r['error']}")
             continue
-        print(f"\n== {r['run']}  model={r['model']}  rate={r['request_rate']}  burstiness={r['burstiness']}"
+        print(f"\n== {r['run']}  model={r['model']}  {r.get('modality', '?')} / {r.get('regime', '?')}"
+              f"  rate={r['request_rate']}  burstiness={r['burstiness']}"
               f"  completed={r['completed']}  preemptions meas/sim={r['measured_preemptions']}/{r['sim_preemptions']}"
               + (f"  closed loop: {r['max_concurrency']} clients" if r.get("max_concurrency") else "")
               + f"  -> {r['status']}")
@@ -440,7 +662,8 @@ def print_diffusion(rows: list[dict[str, Any]]) -> None:
 
 def run_validation(folder: str | Path, profiles_dir: str = "traces/profiles", gpu: str = "h100",
                    out: Optional[str | Path] = None, model: Optional[str] = None,
-                   extra: Optional[list[str]] = None, files: Optional[list[Path]] = None) -> list[dict[str, Any]]:
+                   extra: Optional[list[str]] = None, files: Optional[list[Path]] = None,
+                   handoff: Optional[str | Path] = None) -> list[dict[str, Any]]:
     folder = Path(folder)
     out = Path(out) if out else (folder / "report" if folder.is_dir() else folder.parent / "report")
     out.mkdir(parents=True, exist_ok=True)
@@ -448,25 +671,33 @@ def run_validation(folder: str | Path, profiles_dir: str = "traces/profiles", gp
         files = [folder] if folder.is_file() else find_bench_files(folder, exclude=out)
     rows: list[dict[str, Any]] = []
     curves = []
+    caps = inf_capacities(find_bench_files(folder, exclude=out) if folder.is_dir() else list(files))
     for p in files:
         obj = read_json(p)
         mdl = model or infer_model(Path(p), obj)
+        cls = run_class(obj, mdl, caps)
         if mdl is None:
-            rows.append({"run": run_name(p), "file": str(p), "model": None,
+            rows.append({"run": run_name(p), "file": str(p), "model": None, **cls,
                          "error": "cannot infer the model (no provenance.model, no model name in the file name)"})
             continue
         table = Path(profiles_dir) / gpu / f"{mdl}.parquet"
         if not table.exists():
-            rows.append({"run": run_name(p), "file": str(p), "model": mdl, "error": f"no profile table {table}"})
+            rows.append({"run": run_name(p), "file": str(p), "model": mdl, **cls, "error": f"no profile table {table}"})
             continue
         try:
-            row, mdf, sdf = validate_one(Path(p), mdl, profiles_dir, gpu, out / "sim" / run_name(p), extra)
+            row, mdf, sdf = validate_one(Path(p), mdl, profiles_dir, gpu, out / "sim" / run_name(p), extra,
+                                         load_handoff(handoff if handoff is not None else DEFAULT_HANDOFF))
         except Exception as e:  # noqa: BLE001 - one bad run must not hide the others
-            rows.append({"run": run_name(p), "file": str(p), "model": mdl, "error": f"{type(e).__name__}: {e}"})
+            rows.append({"run": run_name(p), "file": str(p), "model": mdl, **cls, "error": f"{type(e).__name__}: {e}"})
             continue
+        row.update(cls)
         rows.append(row)
         curves.append((run_name(p), mdf, sdf))
     print_table(rows)
+    tables = error_tables(rows)
+    print_groups("error by modality", tables["by_modality"], ("modality",))
+    print_groups("error by load regime (rho = offered rate / measured capacity)", tables["by_regime"], ("regime",))
+    print_groups("error by modality and regime", tables["by_modality_regime"], ("modality", "regime"))
     diffusion: list[dict[str, Any]] = []
     if Path(folder).is_dir():
         for p in json_files(folder, recursive=True):
@@ -482,6 +713,13 @@ def run_validation(folder: str | Path, profiles_dir: str = "traces/profiles", gp
     pd.DataFrame(rows).to_csv(out / "validation.csv", index=False)
     (out / "validation.json").write_text(json.dumps(
         {"targets": TARGETS, "profiles_dir": str(profiles_dir), "gpu": gpu, "runs": rows,
+         "regimes": {"names": REGIMES, "upper_load_ratio": REGIME_UPPER,
+                     "definition": "rho = offered request rate / capacity C (the request throughput "
+                                   "of the model's --request-rate inf run with the same request law); "
+                                   "low < 0.5 <= moderate < 0.8 <= near_saturation <= 1.05 < overload; "
+                                   "rate inf (open loop) = overload; one client = low; a closed loop "
+                                   "of N > 1 clients: rho = its throughput / C, at most near_saturation"},
+         **tables,
          "diffusion_target": DIFFUSION_TARGET, "diffusion": diffusion, "replicates": reps},
         indent=2, default=lambda x: None if isinstance(x, float) and not np.isfinite(x) else str(x)))
     plot_cdfs(curves, out / "validation_cdfs.png")
@@ -489,6 +727,12 @@ def run_validation(folder: str | Path, profiles_dir: str = "traces/profiles", gp
     print(f"\n{sum(r['pass'] for r in held)}/{len(held)} finite-rate runs within targets; "
           f"{sum('error' in r for r in rows)} not run; report in {out}")
     return rows
+
+
+def error_tables(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """The report's error tables per modality, per regime and per both."""
+    return {"by_modality": group_errors(rows, ("modality",)), "by_regime": group_errors(rows, ("regime",)),
+            "by_modality_regime": group_errors(rows, ("modality", "regime"))}
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -501,11 +745,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--strict", action="store_true",
                     help="exit 1 if a finite-rate run misses a target or could not be run")
     ap.add_argument("--markdown", action="store_true", help="also print the results as a markdown table")
+    ap.add_argument("--handoff", default=None,
+                    help=f"measured hand-off links for disaggregated runs (default {DEFAULT_HANDOFF.relative_to(ROOT)} "
+                         f"when it exists: profiler.handoff_bench's output)")
     ap.add_argument("overrides", nargs="*", help="extra hydra overrides for every replay")
     a = ap.parse_args(argv)
-    rows = run_validation(a.folder, a.profiles_dir, a.gpu, a.out, a.model, a.overrides)
+    rows = run_validation(a.folder, a.profiles_dir, a.gpu, a.out, a.model, a.overrides, handoff=a.handoff)
     if a.markdown:
         print("\n" + markdown_table(rows))
+        tables = error_tables(rows)
+        for name, keys in (("by_modality", ("modality",)), ("by_regime", ("regime",)),
+                           ("by_modality_regime", ("modality", "regime"))):
+            print("\n" + markdown_groups(tables[name], keys))
     if a.strict:
         bad = [r for r in rows if "error" in r or (r.get("held_to_targets") and not r.get("pass"))]
         return 1 if bad or not rows else 0

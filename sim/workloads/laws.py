@@ -160,6 +160,8 @@ def sample_lengths(dist: LengthDist, n: int, rng: np.random.Generator) -> np.nda
         x = rng.lognormal(math.log(dist.mean) - s2 / 2, math.sqrt(s2), size=n)
     elif d == "normal":
         x = dist.mean + dist.cv * dist.mean * rng.standard_normal(n)
+    elif d == "zipf":
+        return zipf_ints(dist.min, dist.max, dist.alpha, rng.random(n))
     elif d == "pareto":
         xm = dist.mean * (dist.alpha - 1) / dist.alpha
         xm = xm if xm >= dist.min else float(dist.min)
@@ -167,6 +169,15 @@ def sample_lengths(dist: LengthDist, n: int, rng: np.random.Generator) -> np.nda
     else:
         raise ConfigError(f"dist={d!r} is invalid; allowed: constant, uniform, lognormal, pareto, normal")
     return np.clip(np.rint(x), dist.min, dist.max).astype(np.int64)
+
+
+def zipf_ints(lo: int, hi: int, alpha: float, u: np.ndarray) -> np.ndarray:
+    """Integers k in [lo, hi] with P(k) proportional to k^-alpha, by inversion of the discrete CDF
+    at the uniforms u (element-wise, so chunked draws concatenate)."""
+    k = np.arange(lo, hi + 1, dtype=float)
+    cdf = np.cumsum(k ** -alpha)
+    cdf /= cdf[-1]
+    return (lo + np.minimum(np.searchsorted(cdf, u, side="right"), hi - lo)).astype(np.int64)
 
 
 def _round_side(v: np.ndarray, r: int, hi: int) -> np.ndarray:

@@ -95,7 +95,8 @@ def build_requests(first_id: int, arrival: list[float], task: list[str], model: 
                    prompt: list[int], output: list[int],
                    inputs: list[tuple[tuple[int, int], ...]], out_img: list[tuple[int, int] | None],
                    steps: list[int], cfgf: list[bool], slo: list[str],
-                   specs: Mapping[str, ModelSpec], cache: TokenCache) -> list[Request]:
+                   specs: Mapping[str, ModelSpec], cache: TokenCache,
+                   image_ids: list[tuple[int, ...]] | None = None) -> list[Request]:
     """Request objects from column lists (shared by synthetic and trace workloads).
 
     The cyclic GC is paused while a chunk is built: tens of thousands of fresh container
@@ -109,7 +110,8 @@ def build_requests(first_id: int, arrival: list[float], task: list[str], model: 
         for i, (a, t, m, ins, oi) in enumerate(zip(arrival, task, model, inputs, out_img)):
             tin, tout = get(specs[m], t, ins, oi) if (ins or oi is not None) else (0, 0)
             append(Request(first_id + i, a, t, m, prompt[i], output[i], ins, oi, steps[i],
-                           cfgf[i], slo[i], image_tokens_in=tin, image_tokens_out=tout))
+                           cfgf[i], slo[i], image_tokens_in=tin, image_tokens_out=tout,
+                           image_ids=image_ids[i] if image_ids is not None else ()))
     finally:
         if was_enabled:
             gc.enable()

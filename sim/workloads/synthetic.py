@@ -61,12 +61,12 @@ class TaskPlan:
         if t in TEXT_OUT_TASKS:
             self.steps[t], self.cfg[t] = 0, False
             return
-        steps = cfg.steps if cfg.steps is not None else spec.defaults.get("steps")
+        steps = cfg.steps if cfg.steps is not None else spec.request_defaults.get("steps")
         if steps is None or int(steps) < 1:
             raise ConfigError(f"workload.steps=None is invalid for {field}={spec.name!r} (no "
-                              f"defaults.steps); allowed: an integer >= 1")
+                              f"request_defaults.steps); allowed: an integer >= 1")
         self.steps[t] = int(steps)
-        self.cfg[t] = bool(cfg.cfg if cfg.cfg is not None else spec.defaults.get("cfg", False))
+        self.cfg[t] = bool(cfg.cfg if cfg.cfg is not None else spec.request_defaults.get("cfg", False))
 
 
 class SyntheticWorkload:
@@ -102,6 +102,12 @@ class SyntheticWorkload:
         r_out, r_iprompt = stream(seed, "lengths.output"), stream(seed, "lengths.image_prompt")
         r_img_in, r_img_out = stream(seed, "images.input"), stream(seed, "images.output")
         plan, cache, k_img = self.plan, TokenCache(), cfg.images_per_request
+        counts_law = cfg.image_count
+        if counts_law is not None:          # a count law: draw sizes for the most images a request
+            k_img = int(counts_law.max)     # can have, keep the first count of them
+            r_count = stream(seed, "images.count")
+            multi = [i for i, t in enumerate(self.tasks) if t in cfg.multi_image_tasks]
+        reuse = ImageIds(cfg.image_reuse, seed) if cfg.image_reuse.prob > 0 else None
         specs = {plan.model[t]: plan.spec[t] for t in self.tasks}
         tnames = np.array(self.tasks, dtype=object)
         idx_text_out = [i for i, t in enumerate(self.tasks) if t in TEXT_OUT_TASKS]
@@ -119,6 +125,9 @@ class SyntheticWorkload:
             ih, iw = sample_image_sizes(cfg.image, k * k_img, r_img_in)
             ih, iw = ih.reshape(k, k_img), iw.reshape(k, k_img)
             gh, gw = sample_image_sizes(cfg.image, k, r_img_out)
+            n_img = None
+            if counts_law is not None:
+                n_img = np.where(np.isin(tidx, multi), sample_lengths(counts_law, k, r_count), 1)
             ph, pw = outpaint_size(ih[:, 0], iw[:, 0], cfg.image)
 
             task_names = tnames[tidx]
@@ -129,9 +138,17 @@ class SyntheticWorkload:
             inputs: list[tuple[tuple[int, int], ...]] = [()] * k
             outs: list[tuple[int, int] | None] = [None] * k
             img_in = np.flatnonzero(np.isin(tidx, idx_img_in)).tolist()
+            ids: list[tuple[int, ...]] | None = None
             if img_in:
                 sel = np.asarray(img_in)
                 in_pairs = _pairs(ih[sel], iw[sel])
+                if n_img is not None:
+                    cnt = n_img[sel].tolist()
+                    in_pairs = [pr[:c] for pr, c in zip(in_pairs, cnt)]
+                if reuse is not None:
+                    ids = [()] * k
+                    for j, i in enumerate(img_in):
+                        ids[i], in_pairs[j] = reuse.assign(in_pairs[j])
                 oph, opw = ph[sel].tolist(), pw[sel].tolist()
                 for j, i in enumerate(img_in):
                     t, pr = tl[i], in_pairs[j]
@@ -143,8 +160,39 @@ class SyntheticWorkload:
             yield build_requests(
                 done, t_arr.tolist(), tl, [plan.model[t] for t in tl], prompt, output, inputs, outs,
                 [plan.steps[t] for t in tl], [plan.cfg[t] for t in tl], [plan.slo[t] for t in tl],
-                specs, cache)
+                specs, cache, ids)
             done += k
+
+
+class ImageIds:
+    """Image identities under an ImageReuseConfig, assigned in request order: each image is, with
+    probability prob, a catalog image (Zipf rank, ids 0..catalog-1, its size fixed at its first
+    appearance), else a new id (catalog, catalog+1, ...). Draws from the named streams
+    "images.reuse" (two uniforms per image), so other draws are unchanged."""
+
+    def __init__(self, cfg, seed: int) -> None:
+        self.p = float(cfg.prob)
+        self.catalog = int(cfg.catalog)
+        ranks = np.arange(1, self.catalog + 1, dtype=float) ** -float(cfg.alpha)
+        self.cdf = np.cumsum(ranks) / ranks.sum()
+        self.rng = stream(seed, "images.reuse")
+        self.sizes: dict[int, tuple[int, int]] = {}
+        self.next_new = self.catalog
+
+    def assign(self, pairs: tuple[tuple[int, int], ...]
+               ) -> tuple[tuple[int, ...], tuple[tuple[int, int], ...]]:
+        u = self.rng.random((len(pairs), 2)).tolist()
+        ids, out = [], []
+        for (reuse, pick), hw in zip(u, pairs):
+            if reuse < self.p:
+                i = min(int(np.searchsorted(self.cdf, pick, side="right")), self.catalog - 1)
+                hw = self.sizes.setdefault(i, hw)
+            else:
+                i = self.next_new
+                self.next_new += 1
+            ids.append(i)
+            out.append(hw)
+        return tuple(ids), tuple(out)
 
 
 def _pairs(h: np.ndarray, w: np.ndarray) -> list[tuple[tuple[int, int], ...]]:
