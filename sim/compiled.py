@@ -11,10 +11,12 @@ modules run the same float operations in the same order (tests/test_compiled.py)
 Python imports an extension module before the .py of the same name, so a compiled module older
 than its source (edited since the build) would silently run the old code. `import sim` checks
 that (a few stat calls): a stale build is set aside for the whole process -- every hot module is
-imported from its source -- and one line on stderr says so."""
+imported from its source -- and one line on stderr says so. MMSERVE_SIM_PURE=1 in the
+environment sets a build aside the same way, silently (to compare the builds, or to debug)."""
 from __future__ import annotations
 
 import importlib.machinery
+import os
 import sys
 from pathlib import Path
 
@@ -30,10 +32,14 @@ HOT = (
     "sim/engines/dit.py",
     "sim/engines/pipeline.py",
     "sim/engines/cost.py",
+    "sim/engines/omni.py",
     "sim/policies/parts.py",
     "sim/policies/policy.py",
     "sim/policies/routing.py",
     "sim/policies/placement.py",
+    "sim/run/metrics.py",
+    "sim/run/runner.py",
+    "sim/run/sketch.py",
 )
 GROUP = "sim.mmsim"     # the mypyc group: its runtime library is sim/mmsim__mypyc.<suffix>
 ROOT = Path(__file__).resolve().parent.parent       # the directory that holds sim/
@@ -86,12 +92,17 @@ _state = "unchecked"
 
 def check(root: Path = ROOT) -> str:
     """At `import sim`: set a stale build aside (once per process). Returns the state:
-    "compiled", "pure", or "stale" (compiled modules set aside)."""
+    "compiled", "pure", "stale" (compiled modules set aside) or "forced" (set aside by
+    MMSERVE_SIM_PURE)."""
     global _state
     if _state != "unchecked":
         return _state
     if not any(True for _ in built_files(root)):
         _state = "pure"
+        return _state
+    if os.environ.get("MMSERVE_SIM_PURE", "") not in ("", "0"):
+        sys.meta_path.insert(0, _Sources(root))
+        _state = "forced"
         return _state
     stale = stale_sources(root)
     if stale:
@@ -106,13 +117,13 @@ def check(root: Path = ROOT) -> str:
 
 def build() -> str:
     """Which build this process runs: "compiled" (every hot module an extension module), "pure",
-    "pure-stale" (a stale compiled build set aside) or "mixed-<n>/<of>"; hot modules are
-    imported to tell."""
+    "pure-stale" (a stale compiled build set aside), "pure-forced" (set aside by
+    MMSERVE_SIM_PURE) or "mixed-<n>/<of>"; hot modules are imported to tell."""
     import importlib
     files = [importlib.import_module(m).__file__ or "" for m in HOT_MODULES]
     n = sum(not f.endswith(".py") for f in files)
     if n == len(files):
         return "compiled"
     if n == 0:
-        return "pure-stale" if _state == "stale" else "pure"
+        return {"stale": "pure-stale", "forced": "pure-forced"}.get(_state, "pure")
     return f"mixed-{n}/{len(files)}"

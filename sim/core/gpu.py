@@ -147,6 +147,10 @@ class GPU:
         self.available = True     # False while being re-provisioned by an autoscaler
         self.committing = False   # engines' state is mid-update: plan nothing until it is done
         self._on_timer = self._timer   # one bound method for every unit-end event
+        # the kernel's heap and event-id counter (SimPy's, the same objects for the run's life):
+        # _schedule pushes onto them without reading them off the environment each time
+        self._queue: list[Any] = env._queue
+        self._eid: Any = env._eid
 
     def add(self, engine) -> None:
         self.engines.append(engine)
@@ -213,8 +217,7 @@ class GPU:
         delay = self.start + u.ends[k - 1] - now
         if delay < 0:
             raise ValueError(f"Negative delay {delay}")
-        q: list[Any] = env._queue
-        heappush(q, (now + delay, NORMAL, next(env._eid), Timer(self._on_timer, self.token)))
+        heappush(self._queue, (now + delay, NORMAL, next(self._eid), Timer(self._on_timer, self.token)))
 
     def _timer(self, ev: Timer) -> None:
         if ev._value == self.token:     # else a cut rescheduled it: stale

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 from profiler.models import load_model
 from sim.core.gpu import EqualSteps, Unit
@@ -140,7 +140,7 @@ class OmniCosts:
         self.kind = spec.components["transformer"]["kind"]
         self.qwen = self.kind == "qwen_image_mmdit"
         self.cond_model = spec.condition_encoder
-        self.omni = omni if omni is not None and _has_model(omni, model) else None
+        self.omni: Any = omni if omni is not None and _has_model(omni, model) else None
         o = self.omni
         self.dit_lat = o if o is not None and _has_stage(o, model, DIT_STEP) else lat
         self.vae_lat = {st: (o if o is not None and _has_stage(o, model, st) else lat)
@@ -150,7 +150,7 @@ class OmniCosts:
         self.omni_enc = {c: o is not None and _has_stage(o, model, TEXT_ENCODE, c)
                          for c in ("text_encoder", "text_encoder_vl")}
         te_from_omni = o is not None and all(_has_stage(o, model, TEXT_ENCODE, c) for c in spec.text_encoders)
-        self.te_lat = o if te_from_omni and spec.text_encoders else lat
+        self.te_lat: Any = o if te_from_omni and spec.text_encoders else lat
         self.cond_spec = load_model(self.cond_model) if self.cond_model else None
 
     # --- per request ------------------------------------------------------------------------
@@ -214,11 +214,11 @@ class OmniCosts:
     def alone(self, j: OmniJob) -> float:
         """Seconds of the whole request run alone (a request batch of one)."""
         b = (j,)
-        return (sum(t for _, t in self.encode(b)) + sum(t for _, t in self.vae_encode(b))
+        return (sum((t for _, t in self.encode(b)), 0.0) + sum((t for _, t in self.vae_encode(b)), 0.0)
                 + j.steps * self.step(b) + self.decode(b)[0][1])
 
     # --- per batch (jobs share a batch key, or run one at a time) ---------------------------
-    def encode(self, jobs) -> list[tuple[str, float]]:
+    def encode(self, jobs: Sequence[OmniJob]) -> list[tuple[str, float]]:
         """(stage, seconds) of the condition encode of a batch: prompt pass, then the negative
         prompt pass with CFG; text prompts of a batch are padded to the longest."""
         j, n = jobs[0], len(jobs)
@@ -255,16 +255,16 @@ class OmniCosts:
         if not comps:
             return []
         toks = max(x.enc_tokens for x in jobs)
-        t = sum(self.te_lat.text_encode(self.model, c, n, toks) for c in comps)
+        t = sum((self.te_lat.text_encode(self.model, c, n, toks) for c in comps), 0.0)
         return [(TEXT_ENCODE, 2 * t if cfg else t)]
 
-    def vae_encode(self, jobs) -> list[tuple[str, float]]:
+    def vae_encode(self, jobs: Sequence[OmniJob]) -> list[tuple[str, float]]:
         j = jobs[0]
         if j.cond is None:
             return []
         return [(VAE_ENCODE, self.vae_lat[VAE_ENCODE].vae(self.model, VAE_ENCODE, len(jobs), *j.cond))]
 
-    def step(self, jobs) -> float:
+    def step(self, jobs: Sequence[OmniJob]) -> float:
         """One denoising step of `jobs` as one transformer batch: `passes` forwards at batch
         len(jobs), one after the other, over the longest sequence and text stream present."""
         seq = max(x.seq for x in jobs)
@@ -275,11 +275,11 @@ class OmniCosts:
              else lat.dit_step(self.model, b, seq))
         return jobs[0].passes * t
 
-    def decode(self, jobs) -> list[tuple[str, float]]:
+    def decode(self, jobs: Sequence[OmniJob]) -> list[tuple[str, float]]:
         j = jobs[0]
         return [(VAE_DECODE, self.vae_lat[VAE_DECODE].vae(self.model, VAE_DECODE, len(jobs), j.height, j.width))]
 
-    def phases(self, jobs) -> list["Phase"]:
+    def phases(self, jobs: Sequence[OmniJob]) -> list["Phase"]:
         """Every stage of a request batch, in the order the pipeline runs them."""
         out = [Phase(st, jobs, t) for st, t in self.encode(jobs) + self.vae_encode(jobs)]
         out.append(Phase(DIT_STEP, jobs, self.step(jobs), jobs[0].steps))
@@ -297,6 +297,7 @@ class OmniCosts:
         m = self.model
         if self.qwen:
             cm = self.cond_model
+            assert cm is not None           # (Qwen-Image always has its condition encoder)
             for comp, what in (("text_encoder", "generate"), ("text_encoder_vl", "edit")):
                 out[f"condition_encode ({what})"] = (
                     where(self.omni, m) if self.omni_enc[comp] else
@@ -335,7 +336,7 @@ class Phase:
     pass of a one-shot stage)."""
     __slots__ = ("stage", "jobs", "t", "k")
 
-    def __init__(self, stage: str, jobs, t: float, k: int = 1) -> None:
+    def __init__(self, stage: str, jobs: Sequence[OmniJob], t: float, k: int = 1) -> None:
         self.stage = stage
         self.jobs = jobs
         self.t = t
@@ -420,7 +421,7 @@ class _OmniEngine:
             j.last_end = now
         self._phase_done(ph, now)
 
-    def _finish(self, jobs, now: float) -> None:
+    def _finish(self, jobs: Sequence[OmniJob], now: float) -> None:
         for j in jobs:
             j.records.clear()
             flow = j.flow
@@ -471,7 +472,7 @@ class OmniRequestEngine(_OmniEngine):
         return bool(self.batch)
 
     def _running_work(self) -> float:
-        return sum(j.work for j in self.batch)
+        return sum((j.work for j in self.batch), 0.0)
 
     def _arrived(self, j: OmniJob, now: float) -> None:
         w = self._wait
@@ -556,7 +557,7 @@ class OmniStepEngine(_OmniEngine):
         return bool(self.running) or self.alone is not None
 
     def _running_work(self) -> float:
-        w = sum(j.work * (j.steps - j.done) / max(j.steps, 1) for j in self.running)
+        w = sum((j.work * (j.steps - j.done) / max(j.steps, 1) for j in self.running), 0.0)
         return w + (self.alone.work if self.alone is not None else 0.0)
 
     def _joinable(self) -> bool:

@@ -78,11 +78,11 @@ class Run:
                               done=lambda: self.completed >= self.n_total, pilot=pilot)
         self.policy = build_policy(cfg.policy.name, self.ctx)
 
-    def _on_complete(self, req) -> None:
+    def _on_complete(self, req: Request) -> None:
         self.completed += 1
-        self.last_finish = self.env.now
+        self.last_finish = now = self.env.now
         if self.max_concurrency:        # the client's slot frees when it has seen the last token
-            wait = req.finish - self.env.now
+            wait = req.finish - now
             if wait > 0:
                 self.env.timer(wait, self._on_release)
             else:
@@ -106,21 +106,22 @@ class Run:
 
     def _arrive(self, _ev) -> None:
         env = self.env
+        now = env.now                   # (the clock does not move inside an event)
         send = self._send if self.max_concurrency else self.policy.admit
         req = self._pending
         if req is not None:             # its timeout fired
             self._pending = None
             self.arrived += 1
-            send(req, env.now)
+            send(req, now)
         for req in self._reqs:
-            if req.arrival > env.now:
+            if req.arrival > now:
                 self._pending = req
-                env.timer(req.arrival - env.now, self._on_arrival)
+                env.timer(req.arrival - now, self._on_arrival)
                 return
             self.arrived += 1
-            send(req, env.now)
+            send(req, now)
 
-    def _send(self, req, now: float) -> None:
+    def _send(self, req: Request, now: float) -> None:
         """Closed loop: send now if a slot is free, else hold it (FIFO, as the client's
         semaphore); its latencies count from the send, as `vllm bench serve` measures them."""
         if self._in_flight < (self.max_concurrency or 0):
