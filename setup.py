@@ -61,21 +61,24 @@ class BuildHotPath(build_ext):
             return
         cwd = os.getcwd()
         os.chdir(ROOT)                  # the extensions' sources are repository-relative
+        # (setuptools' run() clears self.inplace while it builds, and a failure leaves it so)
+        in_place = bool(self.inplace or getattr(self, "editable_mode", False))
         try:
             super().run()
         except (Exception, SystemExit) as e:        # no compiler, no Python headers
-            self._remove_outputs()
+            self._remove_outputs(in_place)
             say(f"compiling the hot path failed ({_last_line(e)}): pure-Python hot path installed")
         finally:
             os.chdir(cwd)
 
-    def _remove_outputs(self) -> None:
-        """A partial build must not leave some modules compiled and others not."""
+    def _remove_outputs(self, in_place: bool) -> None:
+        """A failed build must leave no compiled module, neither some of its own nor those of an
+        earlier build (a mixed or stale set)."""
         for ext in self.extensions:
             p = self.get_ext_fullpath(ext.name)
             if os.path.exists(p):
                 os.remove(p)
-        if self.inplace or getattr(self, "editable_mode", False):
+        if in_place:
             for f in compiled.built_files(ROOT):
                 f.unlink()
         self.extensions = []

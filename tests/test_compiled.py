@@ -44,6 +44,12 @@ def test_hot_modules_are_compiled():
         assert f.endswith(".so"), f"{name} is not compiled ({f}): rebuild with python -m sim.tools.compile"
 
 
+def test_compiled_modules_find_the_repository():
+    """Paths a compiled module derives at import (REPO_ROOT: relative profiles_dir and traces)."""
+    from sim.run.runner import REPO_ROOT
+    assert REPO_ROOT == REPO and (REPO_ROOT / "conf" / "config.yaml").is_file()
+
+
 def _run(root: Path, out: Path, suffix: str) -> None:
     p = subprocess.run([sys.executable, "-c", RUN, str(out), "1500", suffix,
                         str(REPO / "traces" / "profiles")],

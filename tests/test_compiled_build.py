@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import sim.compiled as C
 
 SUFFIX = importlib.machinery.EXTENSION_SUFFIXES[0]      # e.g. .cpython-311-x86_64-linux-gnu.so
@@ -71,3 +73,105 @@ def test_no_built_files_is_the_pure_build(tmp_path):
     p = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
                        env={**os.environ, "PYTHONPATH": str(root)}, timeout=120)
     assert p.returncode == 0 and p.stdout.split() == ["pure", "pure"] and p.stderr == ""
+
+
+# --- the install-time build's fallback (setup.py) ------------------------------------------------
+# setup.py runs here as pip runs it (`setup.py build_ext --inplace`, the editable install's step)
+# on a copy of the sources, with a stand-in `mypyc` package first on the path: its mypycify
+# returns two tiny C extension modules named like hot modules (or refuses, or is missing), so
+# every way the build can fail is exercised in seconds, with the machine's real compiler or none.
+
+_C_OK = """#include <Python.h>
+static struct PyModuleDef m = {PyModuleDef_HEAD_INIT, "%s", NULL, -1, NULL};
+PyMODINIT_FUNC PyInit_%s(void) { return PyModule_Create(&m); }
+"""
+
+_FAKE_BUILD = """import os
+from setuptools import Extension
+def mypycify(paths, **kw):
+    mode = os.environ["FAKE_MYPYC"]
+    if mode == "refuse":
+        raise SystemExit(1)
+    os.makedirs("fake_c", exist_ok=True)
+    for name in ("kernel", "gpu"):
+        src = %r %% (name, name) if (name == "kernel" or mode != "broken") else "#error broken"
+        with open(f"fake_c/{name}.c", "w") as f:
+            f.write(src)
+    return [Extension("sim.core.kernel", ["fake_c/kernel.c"]),
+            Extension("sim.core.gpu", ["fake_c/gpu.c"])]
+""" % _C_OK
+
+
+def _setup_tree(tmp_path: Path, absent: bool = False) -> tuple[Path, Path]:
+    root = _tree(tmp_path)
+    shutil.copy(C.ROOT / "setup.py", root / "setup.py")
+    shutil.copy(C.ROOT / "pyproject.toml", root / "pyproject.toml")
+    fake = tmp_path / "fake" / "mypyc"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('no mypyc here')\n" if absent else "")
+    (fake / "build.py").write_text(_FAKE_BUILD)
+    return root, fake.parent
+
+
+def _build(root: Path, fake: Path, mode: str, cc: str | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(fake), "FAKE_MYPYC": mode}
+    env.pop("MMSERVE_SIM_PURE", None)
+    if cc is not None:
+        env["CC"] = cc
+    return subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=root,
+                          env=env, capture_output=True, text=True, timeout=300)
+
+
+def _says(p: subprocess.CompletedProcess) -> list[str]:
+    return [ln for ln in p.stderr.splitlines() if ln.startswith("mmserve-sim:")]
+
+
+def _have_cc() -> bool:
+    return shutil.which(os.environ.get("CC", "cc")) is not None or shutil.which("gcc") is not None
+
+
+@pytest.mark.parametrize("mode,says", [
+    ("absent", "mypyc is not available: pure-Python hot path installed"),
+    ("refuse", "mypyc could not translate the hot path"),
+])
+def test_install_without_mypyc_or_when_it_refuses_is_pure(tmp_path, mode, says):
+    root, fake = _setup_tree(tmp_path, absent=mode == "absent")
+    p = _build(root, fake, mode)
+    assert p.returncode == 0, p.stderr[-2000:]
+    lines = _says(p)
+    assert len(lines) == 1 and says in lines[0], p.stderr[-2000:]
+    assert C.built_files(root) == []
+
+
+def test_install_without_a_c_compiler_is_pure(tmp_path):
+    root, fake = _setup_tree(tmp_path)
+    p = _build(root, fake, "ok", cc="/bin/false")
+    assert p.returncode == 0, p.stderr[-2000:]
+    lines = _says(p)
+    assert len(lines) == 1 and "compiling the hot path failed" in lines[0], p.stderr[-2000:]
+    assert C.built_files(root) == []
+
+
+@pytest.mark.skipif(not _have_cc(), reason="no C compiler on this machine")
+def test_a_partly_failed_build_leaves_no_compiled_module(tmp_path):
+    """A rebuild where one module compiles and the other does not, over an earlier complete
+    build: no compiled module may stay (a mixed or stale set would run unnoticed)."""
+    root, fake = _setup_tree(tmp_path)
+    assert _build(root, fake, "ok").returncode == 0 and len(C.built_files(root)) == 2
+    p = _build(root, fake, "broken")
+    assert p.returncode == 0, p.stderr[-2000:]
+    lines = _says(p)
+    assert len(lines) == 1 and "compiling the hot path failed" in lines[0], p.stderr[-2000:]
+    assert C.built_files(root) == []
+
+
+@pytest.mark.skipif(not _have_cc(), reason="no C compiler on this machine")
+def test_a_working_compiler_builds_in_place(tmp_path):
+    """The same harness with nothing wrong: both modules are built next to their sources (so
+    the tests above would see a build that should not have happened)."""
+    root, fake = _setup_tree(tmp_path)
+    p = _build(root, fake, "ok")
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert _says(p) == []
+    names = sorted(f.name.split(".")[0] for f in C.built_files(root))
+    assert names == ["gpu", "kernel"]

@@ -252,6 +252,23 @@ def read_profile(path: Path) -> pd.DataFrame:
     return df
 
 
+# the ok rows of each table read in this process, by (path, mtime_ns, size): many runs in one
+# process (capacity probes, sweeps' workers, tests) read the same tables once. Readers treat the
+# frames as read-only (every derived grid works on copies).
+_OK_ROWS: dict[tuple[str, int, int], pd.DataFrame] = {}
+
+
+def ok_rows(path: Path) -> pd.DataFrame:
+    """The status=ok rows of the table at `path` (read_profile), read once per file version."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_mtime_ns, st.st_size)
+    df = _OK_ROWS.get(key)
+    if df is None:
+        full = read_profile(path)
+        df = _OK_ROWS[key] = full[full["status"] == "ok"]
+    return df
+
+
 def table_source_line(t: dict[str, Any]) -> str:
     """One model's entry of LatencyModel.tables() as the summary's `profile_tables` line:
     '<source> (<what it is>): <path>'."""
@@ -345,8 +362,7 @@ class LatencyModel:
                     f"in {looked}; tables in {self.gpu}/: {have}; table sets under {self.root}: "
                     f"{sets} (measure one with `python -m profiler sweep model={model}`, or make "
                     f"roofline ones with `python -m profiler sweep backend=analytic model={model}`)")
-            df = read_profile(path)
-            self._frames[model] = df[df["status"] == "ok"]
+            self._frames[model] = ok_rows(path)
             if source == MEASURED and ANALYTIC in self.engines(model):
                 source = ANALYTIC        # rows computed, not measured, whatever folder they are in
             self._paths[model] = (path, source)

@@ -233,6 +233,18 @@ class MetricsCollector:
             self._itl.add_many(np.asarray(self._itl_v) * 1000.0, self._itl_w)
             self._itl_v, self._itl_w = [], []
 
+    def column(self, name: str) -> np.ndarray:
+        """One per-request column of every recorded request (a copy): the float columns
+        (arrival, finish, ttft_ms, tpot_ms, e2el_ms, queue_ms; NaN where undefined) and the
+        integer ones (prompt_tokens, output_tokens, image_tokens_in, image_tokens_out,
+        preemptions), in completion order."""
+        self._flush_rows()
+        if name in self._f:
+            return np.array(self._f[name], dtype=np.float64)
+        if name in self._i:
+            return np.array(self._i[name], dtype=np.int64)
+        raise KeyError(f"column {name!r} is not recorded; allowed: {list(_FLOAT_COLS + _INT_COLS)}")
+
     def requests_frame(self) -> pd.DataFrame:
         """The recorded rows as a DataFrame (same columns and types as requests.parquet)."""
         if len(self) > len(self._rows):

@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
+from sim.compiled import ROOT
 from sim.config import SimConfig
 from sim.core.kernel import Kernel
 from sim.core.records import Request
@@ -19,7 +20,7 @@ from sim.run.output import RequestsParquetWriter, write_json_atomic
 from sim.run.timeline import UtilizationSampler
 from sim.workloads import request_source
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = ROOT     # (compiled, a module's own __file__ is not its path while it initialises)
 GC_YOUNG_THRESHOLD = 100_000    # allocations between young collections while simulating
 
 
