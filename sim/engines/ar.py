@@ -218,8 +218,17 @@ class AREngine:
         if u is not None:
             g = self.gpu
             if g.cur is u:
-                r -= self.nd * steps_through(u.ends, now - g.start + 1e-12)
+                r -= self.nd * self._steps_run(u, now - g.start + 1e-12)
         return r
+
+    def _steps_run(self, u: Unit, el: float) -> int:
+        """Steps of the planned unit u ended within `el` seconds of its start (bisect_right of
+        its ends; a native call when they are still the jump's own DecodeSteps)."""
+        ends = u.ends
+        j = self.jump_ends
+        if j is not None and ends is j:
+            return j.bisect_right(el)
+        return steps_through(ends, el)
 
     @staticmethod
     def least_loaded(engines: list["AREngine"], now: float) -> "AREngine":
@@ -234,10 +243,12 @@ class AREngine:
                 # not bring the load under the lowest so far (no step count exceeds len(ends))
                 g = e.gpu
                 if g.cur is u and e.nd:
+                    j = e.jump_ends
                     ends = u.ends
-                    if best is not None and r - e.nd * len(ends) >= low:
+                    n_ends = j.k if j is not None and ends is j else len(ends)
+                    if best is not None and r - e.nd * n_ends >= low:
                         continue
-                    r -= e.nd * steps_through(ends, now - g.start + 1e-12)
+                    r -= e.nd * e._steps_run(u, now - g.start + 1e-12)
             if best is None or r < low:
                 best, low = e, r
         if best is None:

@@ -996,21 +996,33 @@ class DecodeSteps(Steps):
     def _search(self, x: float, right: bool) -> int:
         """The first step whose end is >= x (> x when right); k when none is."""
         base, starts, k = self.base, self.starts, self.k
-        p = (bisect_right(base, x) if right else bisect_left(base, x)) - 1   # the piece holding it
+        if len(base) == 1:                   # one piece (base[0] = 0.0): no bisection
+            p = 0 if (x >= base[0] if right else x > base[0]) else -1
+        else:
+            p = (bisect_right(base, x) if right else bisect_left(base, x)) - 1   # the piece holding it
         if p < 0:
             return 0
         s = starts[p]
         e = starts[p + 1] if p + 1 < len(starts) else k
-        a, b, c = self.alpha[p], self.beta[p], base[p] - x
+        bp, a, b = base[p], self.alpha[p], self.beta[p]
+        c = bp - x
         # smallest n >= 1 with c + n a + b n (n - 1) / 2 >= 0 (a root of the quadratic, refined
-        # below on the exact ends)
+        # below on the exact ends: end(i) of this piece, m = i - s + 1, as end() computes it)
         q = a - 0.5 * b
         d = q * q - 2.0 * b * c
         den = q + math.sqrt(d if d > 0.0 else 0.0)
         n = math.ceil(-2.0 * c / den) if den > 0.0 else e - s
         i = s + min(max(n, 1), e - s) - 1
-        while i > s and (self.end(i - 1) > x if right else self.end(i - 1) >= x):
+        while i > s:
+            m = i - s                        # end(i - 1)
+            v = bp + m * a + b * (m * (m - 1) // 2)
+            if not (v > x if right else v >= x):
+                break
             i -= 1
-        while i < e and (self.end(i) <= x if right else self.end(i) < x):
+        while i < e:
+            m = i - s + 1                    # end(i)
+            v = bp + m * a + b * (m * (m - 1) // 2)
+            if not (v <= x if right else v < x):
+                break
             i += 1
         return i
