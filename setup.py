@@ -34,8 +34,17 @@ class BuildHotPath(build_ext):
         self.parallel = self.parallel or os.cpu_count() or 1
 
     def _hot_extensions(self) -> list:
+        # (pip install -e sets editable_mode before this runs; setup.py build_ext --inplace, inplace)
+        in_place = bool(self.inplace or getattr(self, "editable_mode", False))
         if os.environ.get("MMSERVE_SIM_PURE", "") not in ("", "0"):
+            if in_place:
+                for f in compiled.built_files(ROOT):     # an earlier build would still be imported
+                    f.unlink()
             say("MMSERVE_SIM_PURE is set: pure-Python hot path installed")
+            return []
+        if in_place and compiled.up_to_date(ROOT):
+            # a reinstall (pip install -e ".[extra]") over a complete build of these sources
+            say("the compiled hot path in place is up to date: kept")
             return []
         try:
             from mypyc.build import mypycify

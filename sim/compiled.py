@@ -73,6 +73,15 @@ def stale_sources(root: Path = ROOT) -> list[str]:
     return out
 
 
+def up_to_date(root: Path = ROOT) -> bool:
+    """A complete build in place: every HOT module and the group's runtime library compiled,
+    none older than its source."""
+    built = built_files(root)
+    names = {p.relative_to(root).as_posix().split(".")[0] for p in built}
+    return (any(_is_runtime(p) for p in built) and all(m[:-3] in names for m in HOT)
+            and not stale_sources(root))
+
+
 class _Sources:
     """A meta path finder that imports the hot modules from their .py files (ahead of the
     extension modules of the same names)."""

@@ -90,6 +90,7 @@ _FAKE_BUILD = """import os
 from setuptools import Extension
 def mypycify(paths, **kw):
     mode = os.environ["FAKE_MYPYC"]
+    open("mypycify_called", "w").close()
     if mode == "refuse":
         raise SystemExit(1)
     os.makedirs("fake_c", exist_ok=True)
@@ -113,9 +114,12 @@ def _setup_tree(tmp_path: Path, absent: bool = False) -> tuple[Path, Path]:
     return root, fake.parent
 
 
-def _build(root: Path, fake: Path, mode: str, cc: str | None = None) -> subprocess.CompletedProcess:
+def _build(root: Path, fake: Path, mode: str, cc: str | None = None,
+           pure: bool = False) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(fake), "FAKE_MYPYC": mode}
     env.pop("MMSERVE_SIM_PURE", None)
+    if pure:
+        env["MMSERVE_SIM_PURE"] = "1"
     if cc is not None:
         env["CC"] = cc
     return subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=root,
@@ -175,3 +179,44 @@ def test_a_working_compiler_builds_in_place(tmp_path):
     assert _says(p) == []
     names = sorted(f.name.split(".")[0] for f in C.built_files(root))
     assert names == ["gpu", "kernel"]
+
+
+def _complete_fake_build(root: Path, at: float) -> list[Path]:
+    """Empty files named like a complete build of every HOT module and the runtime library."""
+    files = [root / (m[:-3] + SUFFIX) for m in C.HOT] + [root / "sim" / f"mmsim__mypyc{SUFFIX}"]
+    for f in files:
+        f.write_bytes(b"")
+        os.utime(f, (at, at))
+    return files
+
+
+def test_up_to_date_needs_every_module_and_fresh_sources(tmp_path):
+    root = _tree(tmp_path)
+    assert not C.up_to_date(root)
+    files = _complete_fake_build(root, 4_000_000_000)      # (later than any source)
+    assert C.up_to_date(root)
+    files[3].unlink()                                     # one module missing
+    assert not C.up_to_date(root)
+    _complete_fake_build(root, 4_000_000_000)
+    os.utime(root / C.HOT[0], (4_000_000_001, 4_000_000_001))   # a source edited after
+    assert not C.up_to_date(root)
+
+
+def test_a_reinstall_over_an_up_to_date_build_keeps_it(tmp_path):
+    """pip install -e ".[extra]" after the first install: no second translation and compile."""
+    root, fake = _setup_tree(tmp_path)
+    files = _complete_fake_build(root, 4_000_000_000)
+    p = _build(root, fake, "ok")
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert _says(p) == ["mmserve-sim: the compiled hot path in place is up to date: kept"]
+    assert not (root / "mypycify_called").exists()
+    assert sorted(C.built_files(root)) == sorted(files)
+
+
+def test_a_pure_install_removes_an_earlier_build(tmp_path):
+    root, fake = _setup_tree(tmp_path)
+    _complete_fake_build(root, 4_000_000_000)
+    p = _build(root, fake, "ok", pure=True)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert _says(p) == ["mmserve-sim: MMSERVE_SIM_PURE is set: pure-Python hot path installed"]
+    assert C.built_files(root) == [] and not (root / "mypycify_called").exists()
