@@ -31,6 +31,10 @@ class BuildHotPath(build_ext):
     def finalize_options(self) -> None:
         self.distribution.ext_modules = self._hot_extensions()
         super().finalize_options()
+        # always compile what mypyc generated: setuptools skips an extension whose output is not
+        # older than its sources, to the whole second on older setuptools (a rebuild within the
+        # second of the last build would keep the old module)
+        self.force = True
         self.parallel = self.parallel or os.cpu_count() or 1
 
     def _hot_extensions(self) -> list:
