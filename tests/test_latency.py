@@ -348,3 +348,66 @@ def test_decode_hole_fill_predicts_measured_cells(batch, ctx):
     holed[i, j:] = np.nan
     assert abs(_fill_decode_holes(holed, axes)[i, j] / vals[i, j] - 1) < 0.08
     assert _fill_holes(holed, axes)[i, j] / vals[i, j] - 1 > 0.10
+
+
+def test_grids_with_a_single_value_on_an_axis(tmp_path):
+    """A DiT table measured at batch 1 only, and a text encoder at one prompt length: the
+    lookup interpolates along the other axis and takes the single value on that one."""
+    rows = [C._row("one_axis", "dit_step", v, batch_size=1, seq_len=s, num_tokens=64)
+            for s, v in [(256, 10.0), (1024, 40.0)]]
+    rows += [C._row("one_axis", "text_encode", v, batch_size=b, num_tokens=77, component="t5_xxl")
+             for b, v in [(1, 2.0), (4, 5.0)]]
+    root = tiny_table(tmp_path, rows, "one_axis")
+    lat = LatencyModel(root, C.GPU)
+    assert lat.dit_step("one_axis", 1, 640) == pytest.approx(ms(25.0), rel=1e-12)
+    assert lat.dit_step("one_axis", 1, 256) == pytest.approx(ms(10.0), rel=1e-12)
+    assert lat.text_encode("one_axis", "t5_xxl", 2, 77) == pytest.approx(ms(3.0), rel=1e-12)
+    assert lat.text_encode("one_axis", "t5_xxl", 4, 77) == pytest.approx(ms(5.0), rel=1e-12)
+    assert lat.report()["out_of_grid_lookups"] == {}
+
+
+@pytest.fixture
+def three_cells(tmp_path):
+    """Decode at batch [1, 2] x context [100, 200, 400, 800], NOT linear in the context (a
+    series that crosses a cell boundary must change slope there)."""
+    dec = {(1, 100): 10.0, (1, 200): 12.0, (1, 400): 20.0, (1, 800): 21.0,
+           (2, 100): 11.0, (2, 200): 15.0, (2, 400): 23.0, (2, 800): 40.0}
+    rows = [C._row("cells", "decode", v, batch_size=b, num_tokens=b, context_len=c)
+            for (b, c), v in dec.items()]
+    rows += [C._row("cells", "prefill", v, batch_size=1, num_tokens=t, context_len=0,
+                    num_decode_seqs=0) for t, v in [(16, 1.0), (64, 4.0)]]
+    return tiny_table(tmp_path, rows, "cells")
+
+
+@pytest.mark.parametrize("batch, ctx0, k", [(1, 150, 300), (2, 150, 650), (1, 100, 701),
+                                            (2, 399, 3), (1, 190.5, 220), (1, 150.5, 51),
+                                            (2, 350.5, 51)])
+def test_decode_series_across_cells_equals_repeated_decode(three_cells, batch, ctx0, k):
+    lat = LatencyModel(three_cells, C.GPU)
+    ref = [lat.decode("cells", batch, ctx0 + i) for i in range(k)]
+    ends = LatencyModel(three_cells, C.GPU).decode_ends("cells", batch, ctx0, k)
+    series = LatencyModel(three_cells, C.GPU).decode_steps("cells", batch, ctx0, k)
+    assert series == pytest.approx(ref, rel=1e-12)
+    steps = [ends[0]] + [b - a for a, b in zip(ends, ends[1:])]
+    assert steps == pytest.approx(ref, rel=1e-9)
+    # the values change slope at 200 and 400 (a linear extrapolation of one cell would not)
+    assert lat.decode("cells", 1, 300) == pytest.approx(ms(16.0), rel=1e-12)
+
+
+def test_out_of_grid_lookups_on_a_two_row_axis(three_cells):
+    """Extrapolating along the context keeps the bilinear weight along the batch axis."""
+    lat = LatencyModel(three_cells, C.GPU, "extrapolate")
+    # at batch 1.5, context 1200: rows extrapolated to 22.0 and 57.0 ms, mixed half and half
+    assert lat.decode("cells", 1.5, 1200) == pytest.approx(ms((22.0 + 57.0) / 2), rel=1e-12)
+    assert lat.report()["out_of_grid_lookups"] == {"cells/decode": 1}
+    clamp = LatencyModel(three_cells, C.GPU, "clamp")
+    assert clamp.decode("cells", 1.5, 5000) == pytest.approx(ms((21.0 + 40.0) / 2), rel=1e-12)
+
+
+def test_a_clamped_lookup_onto_a_hole_is_counted_once(tiny):
+    lat = LatencyModel(tiny, C.GPU, "clamp")
+    # clamped onto (4, 200), the OOM hole filled as in test_oom_holes_filled_and_counted
+    assert lat.decode("tiny_model", 8, 400) == pytest.approx(ms(13.0 + 0.016 * 4 * 100), rel=1e-12)
+    rep = lat.report()
+    assert rep["oom_hole_lookups"] == {"tiny_model/decode": 1}
+    assert rep["out_of_grid_lookups"] == {"tiny_model/decode": 1}

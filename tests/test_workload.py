@@ -289,3 +289,116 @@ def test_config_dataclass_roundtrip_unchanged():
     before = dataclasses.asdict(cfg)
     list(request_source(cfg, 0))
     assert dataclasses.asdict(cfg) == before
+
+
+# --- settings that must take effect ------------------------------------------------------------
+
+@pytest.mark.parametrize("ratios", [[1.0, 2.0, 0.5], [1.0, 1.0, 2.0], [0.75]])
+def test_aspect_ratios_drawn_uniformly_from_the_list(ratios):
+    """w = h x ratio with ratio uniform over the list (a repeated ratio weighs double)."""
+    cfg = ImageSizeConfig(alpha=2.5, x_min=64, max=100_000, round_to=1, aspect_ratios=ratios)
+    n = 6000
+    h, w = sample_image_sizes(cfg, n, stream(4, "images.output"))
+    got = w / h
+    distinct = sorted(set(ratios))
+    nearest = np.array(distinct)[np.argmin(np.abs(got[:, None] - np.array(distinct)[None, :]), axis=1)]
+    assert np.all(np.abs(got - nearest) <= 1.0 / h + 1e-12)      # rounding of w to an integer
+    for r in distinct:
+        p = ratios.count(r) / len(ratios)
+        frac = float(np.mean(nearest == r))
+        assert frac == pytest.approx(p, abs=4 * math.sqrt(p * (1 - p) / n) + 1e-12), (r, frac)
+
+
+def test_mmpp_starts_in_its_stationary_state():
+    """P(burst at t=0) = mean_burst / (mean_base + mean_burst): with a silent base state and a
+    dense burst state, the first arrival comes at once exactly when the process starts in the
+    burst state (or the base sojourn is very short)."""
+    base, burst, mb, mu, tau = 0.0, 200.0, 4.0, 1.0, 0.05
+    p = mu / (mb + mu)                               # 0.2
+    n = 600
+    soon = sum(mmpp_arrivals(1, base, burst, mb, mu, stream(s, "arrivals"))[0] < tau
+               for s in range(n))
+    # from a burst start: an arrival before tau and before the sojourn ends; from a base start
+    # (silent): at most the chance that its sojourn ends before tau
+    p_burst = burst / (burst + 1 / mu) * (1 - math.exp(-(burst + 1 / mu) * tau))
+    lo, hi = p * p_burst, p * p_burst + (1 - p) * (1 - math.exp(-tau / mb))
+    sd = 0.5 / math.sqrt(n)
+    assert lo - 4 * sd <= soon / n <= hi + 4 * sd
+
+
+def test_mmpp_sojourn_means_and_alternation():
+    """Counts per sojourn follow the state that is on: the share of time spent in the burst
+    state (dense arrivals) is mean_burst / (mean_base + mean_burst)."""
+    t = mmpp_arrivals(400_000, 0.0, 100.0, 3.0, 1.0, stream(8, "arrivals"))
+    gaps = np.diff(t)
+    # gaps inside a burst are ~Exp(100); a gap > 0.2 s is (almost surely) a base sojourn
+    burst_time = gaps[gaps < 0.2].sum()
+    base_time = gaps[gaps >= 0.2].sum()
+    assert burst_time / (burst_time + base_time) == pytest.approx(1.0 / 4.0, abs=0.03)
+    # base sojourns are Exp(3 s): their mean, from the long gaps (each one sojourn, or a few)
+    assert 2.5 < gaps[gaps >= 0.2].mean() < 4.5
+
+
+def test_image_input_task_needs_an_image_tokenizer():
+    from sim.workloads.requests import check_task_model
+    vl = load_model("qwen2_5_vl_7b")
+    check_task_model("understand", vl, "workload.task_models.understand")     # accepted
+    check_task_model("text", vl, "workload.task_models.text")
+    blind = dataclasses.replace(vl, image_tokenizer=None)
+    with pytest.raises(ConfigError, match="no image tokenizer for task 'understand'"):
+        check_task_model("understand", blind, "workload.task_models.understand")
+    check_task_model("text", blind, "workload.task_models.text")              # text is fine
+    qi = load_model("qwen_image")
+    check_task_model("edit", qi, "workload.task_models.edit")                 # via its condition encoder
+    with pytest.raises(ConfigError, match="no latent spec"):
+        check_task_model("generate", dataclasses.replace(qi, latent=None), "workload.task_models.generate")
+    with pytest.raises(ConfigError, match="cannot serve task 'generate'"):
+        check_task_model("generate", vl, "workload.task_models.generate")
+    with pytest.raises(ConfigError, match="task='paint' is invalid"):
+        check_task_model("paint", vl, "workload.task_models.paint")
+
+
+def test_outpaint_canvas_and_condition_copy_sizes():
+    from sim.workloads.laws import outpaint_size
+    from sim.workloads.requests import condition_image_size
+    cfg = ImageSizeConfig(max=2048, round_to=16)
+    h, w = outpaint_size(np.array([512, 768, 640]), np.array([768, 512, 640]), cfg)
+    assert h.tolist() == [768, 768, 960] and w.tolist() == [768, 768, 640]   # short side x1.5
+    h, w = outpaint_size(np.array([1600]), np.array([1024]), cfg)
+    assert (h.tolist(), w.tolist()) == ([1600], [1536])
+    h, w = outpaint_size(np.array([1024]), np.array([1600]), cfg)          # 1536, clipped: no
+    assert (h.tolist(), w.tolist()) == ([1536], [1600])
+    # Qwen-Image-Edit's condition copy: ~target area, ratio kept, sides multiples of 32
+    assert condition_image_size(1024, 768, 1024 * 1024) == (1184, 896)
+    assert condition_image_size(512, 512, 384 * 384) == (384, 384)
+    assert condition_image_size(100, 4000, 1024) == (32, 192)
+
+
+def test_image_tokens_of_several_inputs_add_up():
+    vl, qi = load_model("qwen2_5_vl_7b"), load_model("qwen_image")
+    one = image_tokens(qi, "edit", ((1024, 1024),), (1024, 1024))[0]
+    two = image_tokens(qi, "edit", ((1024, 1024), (1024, 1024)), (1024, 1024))[0]
+    assert (one, two) == (196, 392)
+    assert image_tokens(vl, "understand", ((448, 448), (896, 448)), None) == (256 + 512, 0)
+    assert image_tokens(qi, "generate", (), None) == (0, 0)
+
+
+def test_workload_chunk_size_one_and_mix_weights():
+    cfg = wl(300, mix={"text": 3.0, "understand": 1.0})
+    a = [fields(r) for r in request_source(cfg, 2, chunk_size=1)]
+    assert a == [fields(r) for r in request_source(cfg, 2)]
+    with pytest.raises(ConfigError, match="chunk_size=0"):
+        request_source(cfg, 2, chunk_size=0)
+    text = sum(f[2] == "text" for f in a)
+    assert text / 300 == pytest.approx(0.75, abs=4 * math.sqrt(0.75 * 0.25 / 300))
+    assert request_source(cfg, 2).max_concurrency is None
+    assert request_source(wl(10, max_concurrency=4), 2).max_concurrency == 4
+
+
+def test_uniform_lengths_give_every_integer_of_the_range_equal_weight():
+    dist = LengthDist(dist="uniform", min=1, max=4)
+    n = 20_000
+    x = sample_lengths(dist, n, stream(6, "lengths.prompt"))
+    counts = np.bincount(x, minlength=5)[1:]
+    assert counts.sum() == n and x.min() == 1 and x.max() == 4
+    assert np.all(np.abs(counts / n - 0.25) < 4 * math.sqrt(0.25 * 0.75 / n))
