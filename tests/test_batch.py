@@ -1,16 +1,14 @@
-"""One-shot batching engine (sim/servers/batch.py: vision/text encoders, VAE) on one simulated
+"""One-shot batching engine (sim/engines/batch.py: vision/text encoders, VAE) on one simulated
 GPU with closed-form laws: which queued jobs share a pass (same shape, at most max_batch, at
 most max_batch_tokens image tokens), each pass's duration by stage, and the work figures."""
 from __future__ import annotations
 
 import math
 
-from sim.core.kernel import Kernel
-
 from sim.core.gpu import GPU
-from sim.core.records import Request
+from sim.core.kernel import Kernel
+from sim.core.records import Job, Request
 from sim.engines.batch import BatchEngine
-from sim.core.records import Job
 from sim.engines.queues import StageQueue
 
 

@@ -1,4 +1,4 @@
-"""DiT engine (sim/servers/dit.py) on one simulated GPU with closed-form step laws: which jobs
+"""DiT engine (sim/engines/dit.py) on one simulated GPU with closed-form step laws: which jobs
 share a batch (shape key, bucket, queue head, lookahead, max_batch incl. CFG weight), when
 `efficient_only` joins (a sub-linear law: yes; a linear one: no; exactly the 5% gain: yes),
 padding to the longest sequence present, and the work figures the routers and the autoscaler
@@ -6,12 +6,11 @@ read (has_work, busy_work, load). Completion times are computed by hand from the
 from __future__ import annotations
 
 import pytest
-from sim.core.kernel import Kernel
 
 from sim.core.gpu import GPU
-from sim.core.records import Request
+from sim.core.kernel import Kernel
+from sim.core.records import Job, Request
 from sim.engines.dit import MIN_BATCH_GAIN, DiTEngine
-from sim.core.records import Job
 from sim.engines.queues import StageQueue
 
 
@@ -249,6 +248,21 @@ def test_efficient_only_weighs_padding_and_cfg():
     assert r.batch_ids() == [0, 1]
     done = r.run()
     assert at(done[1], law(3, 4096))
+
+
+def test_efficient_only_passes_over_a_job_that_does_not_pay_and_takes_a_later_one():
+    """A candidate whose padded joint step does not pay is skipped, not the end of the search:
+    the next one in the queue, which pays, still joins (same law as above)."""
+    def law(b, s):
+        return 0.3 + 1e-4 * b * s
+    r = Rig(law, max_batch=8, shape_compat="any", efficient_only=True)
+    r.put(0, 4096, steps=1, weight=2)
+    r.put(1, 256, steps=1, weight=2)        # does not pay: skipped
+    r.put(2, 3584, steps=1, weight=1)       # pays: joins
+    r.start()
+    assert r.batch_ids() == [0, 2] and r.eng.used == 3
+    done = r.run()
+    assert at(done[2], law(3, 4096)) and at(done[1], law(3, 4096) + law(2, 256))
 
 
 # --- work figures (routers, autoscaler) ---------------------------------------------------------

@@ -5,9 +5,9 @@ behaves as the list of step ends it stands for."""
 from __future__ import annotations
 
 import pytest
-from sim.core.kernel import Kernel
 
 from sim.core.gpu import GPU, EqualSteps, Unit
+from sim.core.kernel import Kernel
 
 
 class Scripted:

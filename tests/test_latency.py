@@ -411,3 +411,59 @@ def test_a_clamped_lookup_onto_a_hole_is_counted_once(tiny):
     rep = lat.report()
     assert rep["oom_hole_lookups"] == {"tiny_model/decode": 1}
     assert rep["out_of_grid_lookups"] == {"tiny_model/decode": 1}
+
+
+def test_holes_of_a_one_axis_grid_are_counted_where_they_carry_weight():
+    """_at1 (1-axis grids): the value is linear between the two cells' ends, and a hole is
+    reported when either end of the cell is one (status-ok tables never leave a 1-axis hole;
+    a grid built with one must still say so). A one-point grid is its point."""
+    from sim.engines.latency import Grid, _at1
+    g = Grid("g", [[16.0, 32.0, 64.0, 128.0]], np.array([1.0, 3.0, 7.0, 20.0]),
+             np.array([False, False, True, False]))
+    assert _at1(g, 0, 0.5) == (2.0, False)
+    assert _at1(g, 1, 0.25) == (4.0, True)             # the hole at the cell's right end
+    assert _at1(g, 2, 0.5) == (13.5, True)             # ... at its left end
+    assert _at1(g, 2, 0.0) == (7.0, True)
+    one = Grid("one", [[16.0]], np.array([1e-9]), np.array([False]))
+    assert _at1(one, 0, 0.0) == (1e-9, False)           # its point, not floored to 1e-6
+
+
+def test_kv_token_slope_uses_every_cell_past_the_first_context():
+    from sim.engines.latency import kv_token_slope
+    # one batch row, contexts 100, 101, 102: x = B (c - 100) = 0, 1, 2 and y = t - t(100) = 0, 1, 1
+    # least squares through the origin: (1 x 1 + 2 x 1) / (1 + 4) = 0.6
+    assert kv_token_slope(np.array([[10.0, 11.0, 11.0]]), [[1.0], [100.0, 101.0, 102.0]]) == pytest.approx(0.6)
+    # NaN cells are left out; a grid with one context has no slope
+    assert kv_token_slope(np.array([[10.0, np.nan, 12.0]]), [[1.0], [100.0, 101.0, 102.0]]) == pytest.approx(1.0)
+    assert kv_token_slope(np.array([[10.0], [12.0]]), [[1.0, 2.0], [100.0]]) == 0.0
+
+
+def test_memoised_lookups_count_their_hole_hits_on_every_use(tiny):
+    """A point whose cell carries a hole is memoised once and counted on every lookup (1-axis
+    grids from tables never hold a hole -- the schema refuses an ok row without a latency --
+    so the 1-axis case is checked on a grid made by hand)."""
+    from sim.engines.latency import Grid
+    lat = LatencyModel(tiny, C.GPU)
+    g = Grid("hand/prefill", [[16.0, 32.0, 64.0]], np.array([0.001, 0.003, 0.010]),
+             np.array([False, False, True]))
+    assert lat._lookup1(g, 48.0) == pytest.approx(0.0065) and lat.hole_hits["hand/prefill"] == 1
+    assert lat._lookup1(g, 48.0) == pytest.approx(0.0065) and lat.hole_hits["hand/prefill"] == 2
+    assert lat._lookup1(g, 24.0) == pytest.approx(0.002) and lat.hole_hits["hand/prefill"] == 2
+    for _ in range(2):
+        lat.decode("tiny_model", 3, 150)          # a 2-axis cell that touches the OOM hole
+    assert lat.hole_hits["tiny_model/decode"] == 2
+
+
+def test_a_point_within_1e9_of_the_grid_edge_is_inside():
+    """The in-grid test allows 1e-9 of a cell beyond each end (float noise), not more."""
+    from sim.engines.latency import Grid
+    g2 = Grid("g2", [[0.0, 1.0], [0.0, 1.0]], np.array([[1.0, 2.0], [3.0, 4.0]]),
+              np.zeros((2, 2), bool))
+    g1 = Grid("g1", [[0.0, 1.0]], np.array([1.0, 2.0]), np.zeros(2, bool))
+    edge, out = 1 + 1e-09, 1 + 3e-09
+    for xs in [(edge, 0.5), (0.5, edge), (-1e-09, 0.5), (0.5, -1e-09)]:
+        assert LatencyModel._interp(g2, xs) is not None, xs
+    for xs in [(out, 0.5), (0.5, out), (-3e-09, 0.5), (0.5, -3e-09)]:
+        assert LatencyModel._interp(g2, xs) is None, xs
+    assert LatencyModel._interp(g1, (edge,)) is not None and LatencyModel._interp(g1, (-1e-09,)) is not None
+    assert LatencyModel._interp(g1, (out,)) is None and LatencyModel._interp(g1, (-3e-09,)) is None

@@ -407,3 +407,16 @@ def test_itl_step_series_are_differenced_per_series() -> None:
     assert itl.mean == pytest.approx((2 * (10 + 20 + 30) + 40 + 40 + 4 * 5) / 12)
     assert itl.quantile(0.99) == pytest.approx(40.0, rel=0.01)
     assert itl.quantile(0.0) == pytest.approx(5.0, rel=0.01)
+
+
+def test_the_first_20000_rows_are_kept_by_default() -> None:
+    """keep_rows defaults to 20,000: the rows of a run that size stay for requests_frame(), one
+    more and the frame is refused (requests.parquet has them all)."""
+    c = MetricsCollector(SLO)
+    r = four_requests()[0]
+    for _ in range(20_000):
+        c.record(r, row=False)
+    assert len(c.requests_frame()) == 20_000
+    c.record(r, row=False)
+    with pytest.raises(RuntimeError, match="only the first 20000 of 20001 rows"):
+        c.requests_frame()

@@ -312,12 +312,21 @@ def test_an_image_only_load_keeps_a_light_llm_pool_of_its_own(synthetic_profiles
 def test_light_pools_without_their_host_share_one_gpu(synthetic_profiles):
     """On scripted work: a VAE rides on its model's DiT pool; a vision encoder whose LLM has no
     pool, and text encoders whose DiT has none, share one GPU (SHARED); heavy pools stay."""
-    place = Run(make_cfg(synthetic_profiles, {"policy.name": "modality_aware",
-                                              "workload.num_requests": 10,
-                                              "cluster.num_gpus": 8})).policy.placement
+    r = Run(make_cfg(synthetic_profiles, {"policy.name": "modality_aware",
+                                          "workload.num_requests": 10, "cluster.num_gpus": 8}))
+    place = r.policy.placement
     place.hosted, place.colocated = {}, []
     out = place._colocate({"llm:a": 10.0, "encoder:b": 0.1, "vae:c": 0.1, "dit:c": 10.0,
                            "text_encoder:d": 0.1}, 8)
     assert place.hosted == {SHARED: ["encoder:b", "text_encoder:d"], "dit:c": ["vae:c"]}
     assert out == {"llm:a": 10.0, "dit:c": pytest.approx(10.1), SHARED: pytest.approx(0.2)}
     assert sorted(place.colocated) == ["encoder:b", "text_encoder:d", "vae:c"]
+    # the shared GPU: a new one, holding the engines of every light pool it hosts
+    place.hosted = {SHARED: ["encoder:qwen2_5_vl_7b", "text_encoder:flux1_dev"]}
+    n = len(r.policy.gpus)
+    g = place.provision(SHARED)
+    assert g is r.policy.gpus[n] and g.role == SHARED and place.pools[SHARED][-1] is g
+    assert [(e.stage, e.model) for e in g.engines] == [("vision_encode", "qwen2_5_vl_7b"),
+                                                       ("text_encode", "flux1_dev")]
+    h = place.provision(SHARED, g)                    # a given GPU is reused (the autoscaler's)
+    assert h is g and len(g.engines) == 2 and len(r.policy.gpus) == n + 1

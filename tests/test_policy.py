@@ -125,7 +125,7 @@ def test_host_overhead_settings_on_a_synchronously_timed_table():
     assert slope_ms > 0
     cases = [({}, {"base": 1.15, "per_seq": round(slope_ms, 4)}),
              ({"engine.host_overhead_per_seq_ms": 0.02}, {"base": 1.15, "per_seq": 0.02}),
-             ({"engine.host_overhead_base_ms": 3.0}, {"base": 3.0, "per_seq": round(slope_ms, 4)}),
+             ({"engine.host_overhead_base_ms": 1.23456}, {"base": 1.235, "per_seq": round(slope_ms, 4)}),
              ({"engine.host_overhead_by_model": {"qwen2_5_vl_7b": [2.0, 0.05]}},
               {"base": 2.0, "per_seq": 0.05}),
              ({"engine.host_overhead_by_model": {"qwen2_5_7b": [2.0, 0.05]}},
@@ -156,6 +156,18 @@ def test_kv_capacity_setting_overrides_the_memory_model(synthetic_profiles):
     r = Run(cfg)
     ar = r.policy.placement.replicas["qwen2_5_vl_7b"][0].ar
     assert (ar.total_blocks, ar.bs) == (50, 32)
+
+
+def test_a_context_is_not_done_unless_it_says_so(synthetic_profiles):
+    """SimContext.done defaults to "never done" (the autoscaler of a policy built without it
+    keeps ticking: tests/test_scaling.py); pilot requests default to none."""
+    from sim.policies.policy import SimContext
+    r = Run(make_cfg(synthetic_profiles, {"workload.num_requests": 1}))
+    ctx = SimContext(r.env, r.cfg, r.lat, lambda req: None, lambda d, w: None)
+    assert ctx.done() is False and ctx.pilot == []
+    assert r.ctx.done() is False                # a run's context: not before its requests are done
+    r.run()
+    assert r.ctx.done() is True
 
 
 # --- shared helpers ----------------------------------------------------------------------------------
@@ -222,3 +234,22 @@ def test_utilization_is_busy_time_over_duration(synthetic_profiles):
                               for st, b in busy.items()}
     assert 0 < u["mean_gpu"] < 1
     assert "autoscale_moves" not in u         # static scaling adds nothing
+
+
+def test_utilization_of_a_short_run_and_of_no_time(synthetic_profiles):
+    """Utilization is busy time over the duration however short the run; a zero duration gives
+    zeros, not a division error."""
+    r = Run(make_cfg(synthetic_profiles, lengths({
+        "policy.name": "baseline", "workload.num_requests": 1, "workload.mix": {"text": 1.0},
+        "cluster.num_gpus": 1, "workload.arrival.rate": 1000.0,
+        "workload.prompt_tokens": constant(P), "workload.output_tokens": constant(O)})))
+    s = r.run()
+    g = r.policy.gpus[0]
+    assert 0 < g.busy_time <= s["duration"] < 1.0
+    u = r.policy.utilization(0.5)
+    assert u["per_gpu"] == {"gpu0": pytest.approx(g.busy_time / 0.5)}
+    assert u["per_pool"] == {"replica:qwen2_5_vl_7b": pytest.approx(g.busy_time / 0.5)}
+    assert all(v > 0 for v in u["per_stage"].values())
+    z = r.policy.utilization(0.0)
+    assert z["per_gpu"] == {"gpu0": 0.0} and z["mean_gpu"] == 0.0
+    assert set(z["per_stage"].values()) == {0.0} and z["per_pool"] == {"replica:qwen2_5_vl_7b": 0.0}

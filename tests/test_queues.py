@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import pytest
 
+from sim.core.records import Job, Request
 from sim.engines.pipeline import plan_hops
-from sim.core.records import Request
-from sim.core.records import Job
 from sim.engines.queues import PRIORITY, StageQueue, start_record
 
 

@@ -1,6 +1,7 @@
 """Trace replay: table formats round-trip, aliases, vLLM bench JSON, errors that name the field."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import warnings
 from pathlib import Path
@@ -182,3 +183,116 @@ def test_auto_format_unknown_extension(tmp_path):
     p.write_text("x")
     with pytest.raises(ConfigError, match="workload.trace.format"):
         load_trace(p)
+
+
+# --- vLLM bench results: what the table keeps, warnings, closed-loop ready times --------------------
+
+def bench(path, n: int, **kw):
+    obj = {"input_lens": [10 + i for i in range(n)], "output_lens": [1 + i for i in range(n)],
+           "start_times": [100.0 + 0.5 * i for i in range(n)], "ttfts": [0.1] * n,
+           "itls": [[0.01] * i for i in range(n)], "errors": [""] * n, "request_rate": 2.0}
+    obj.update(kw)
+    path.write_text(json.dumps(obj))
+    return path
+
+
+def test_vllm_bench_table_columns_and_measured_e2el(tmp_path):
+    """measured_e2el = ttft + the sum of the inter-token gaps (none for a 1-token output)."""
+    df = load_vllm_bench(bench(tmp_path / "b.json", 3))
+    assert list(df.columns) == ["arrival", "prompt_tokens", "output_tokens", "measured_ttft_s",
+                                "measured_e2el_s"]
+    assert df["measured_e2el_s"].tolist() == pytest.approx([0.1, 0.11, 0.12], abs=1e-12)
+    assert df["arrival"].tolist() == [0.0, 0.5, 1.0]
+
+
+def test_vllm_bench_warnings_name_the_caller(tmp_path):
+    """Dropped failed requests and kept send times are warned about at the caller's line."""
+    p = bench(tmp_path / "e.json", 3, errors=["", "timeout", ""])
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        df = load_vllm_bench(p)
+    assert len(df) == 2 and list(df.index) == [0, 1]
+    assert [r.filename for r in rec if "dropped 1 failed" in str(r.message)] == [__file__]
+    p = bench(tmp_path / "f.json", 4, max_concurrency=2)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        load_vllm_bench(p)
+    assert [r.filename for r in rec if "ready times" in str(r.message)] == [__file__]
+
+
+@pytest.mark.parametrize("rate", [None, "inf"])
+def test_closed_loop_ready_times_at_an_unbounded_rate(tmp_path, rate):
+    """No request_rate recorded, or "inf": every request past the first wave was ready when the
+    last of the first wave was sent."""
+    p = bench(tmp_path / "r.json", 4, max_concurrency=2, request_rate=rate,
+              start_times=[10.0, 10.2, 11.0, 12.0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")          # no "ready times" warning
+        df = load_vllm_bench(p)
+    assert df["arrival"].tolist() == pytest.approx([0.0, 0.2, 0.2, 0.2])
+
+
+def test_several_input_images_as_a_count_of_one_size(tmp_path):
+    p = tmp_path / "n.csv"
+    pd.DataFrame({"arrival_time": [0.0, 1.0], "prompt_tokens": [5, 6], "task": ["edit", "edit"],
+                  "image_height": [512, 256], "image_width": [768, 256],
+                  "num_images": [2, None]}).to_csv(p, index=False)
+    a, b = list(request_source(trace_cfg(p), 0))
+    assert a.input_images == ((512, 768), (512, 768)) and b.input_images == ((256, 256),)
+    assert a.output_image == (512, 768)
+
+
+def test_output_size_needs_both_sides_and_model_defaults_fill_in(tmp_path):
+    p = tmp_path / "o.csv"
+    pd.DataFrame({"arrival_time": [0.0, 1.0, 2.0], "prompt_tokens": [5, 6, 7],
+                  "task": ["generate", "generate", "edit"], "output_height": [512, 640, 256],
+                  "output_width": [768, None, None], "image_height": [None, None, 96],
+                  "image_width": [None, None, 128]}).to_csv(p, index=False)
+    a, b, c = list(request_source(trace_cfg(p), 0))
+    assert a.output_image == (512, 768)
+    assert b.output_image == (1328, 1328)           # one side only: the model's default
+    assert c.output_image == (96, 128)              # an edit keeps its input's size
+
+
+def test_generate_without_a_size_anywhere_is_1024_square(tmp_path):
+    from profiler.models import load_model
+    p = tmp_path / "g.csv"
+    pd.DataFrame({"arrival_time": [0.0], "prompt_tokens": [5], "task": ["generate"]}).to_csv(p, index=False)
+    w = request_source(trace_cfg(p), 0)
+    spec, steps, cf, slo = w._plans[("generate", "qwen_image")]
+    bare = dataclasses.replace(load_model("qwen_image"), request_defaults={"steps": 3})
+    w._plans[("generate", "qwen_image")] = (bare, steps, cf, slo)
+    (r,) = list(w)
+    assert r.output_image == (1024, 1024)
+
+
+def test_steps_column_one_step_is_valid_and_zero_is_not(tmp_path):
+    p = tmp_path / "s.csv"
+    pd.DataFrame({"arrival_time": [0.0, 1.0], "prompt_tokens": [5, 6], "task": ["generate"] * 2,
+                  "steps": [1, None]}).to_csv(p, index=False)
+    a, b = list(request_source(trace_cfg(p), 0))
+    assert a.steps == 1 and b.steps == 50            # an empty cell: the model's default
+    pd.DataFrame({"arrival_time": [0.0], "prompt_tokens": [5], "task": ["generate"],
+                  "steps": [0]}).to_csv(p, index=False)
+    with pytest.raises(ConfigError, match="row 0 steps=0 is invalid"):
+        list(request_source(trace_cfg(p), 0))
+
+
+def test_missing_steps_are_refused_up_front_without_a_steps_column(tmp_path):
+    """workload.steps=0 (as if the model had no default) and no 'steps' column: refused when
+    the trace is opened, before any request is read."""
+    from sim.workloads.trace import TraceWorkload
+    p = tmp_path / "z.csv"
+    pd.DataFrame({"arrival_time": [0.0], "prompt_tokens": [5], "task": ["generate"]}).to_csv(p, index=False)
+    cfg = trace_cfg(p)
+    cfg.steps = 0
+    with pytest.raises(ConfigError, match="no request_defaults.steps.*'steps' column"):
+        TraceWorkload(cfg, 0)
+
+
+def test_slo_class_column_overrides_the_task_default(tmp_path):
+    p = tmp_path / "c.csv"
+    pd.DataFrame({"arrival_time": [0.0, 1.0], "prompt_tokens": [5, 6], "output_tokens": [2, 2],
+                  "slo_class": ["batch", None]}).to_csv(p, index=False)
+    a, b = list(request_source(trace_cfg(p), 0))
+    assert a.slo_class == "batch" and b.slo_class == "interactive"   # text's default class

@@ -402,3 +402,119 @@ def test_uniform_lengths_give_every_integer_of_the_range_equal_weight():
     counts = np.bincount(x, minlength=5)[1:]
     assert counts.sum() == n and x.min() == 1 and x.max() == 4
     assert np.all(np.abs(counts / n - 0.25) < 4 * math.sqrt(0.25 * 0.75 / n))
+
+
+# --- edges of the laws and the per-task plan -------------------------------------------------
+
+def test_no_requests_no_arrivals():
+    assert gamma_arrivals(0, 5.0, 1.0, stream(1, "g")).shape == (0,)
+    assert gamma_arrivals(-3, 5.0, 1.0, stream(1, "g"), vllm_scaling=True).shape == (0,)
+
+
+class Recording:
+    """A numpy Generator that records the sizes of its exponential draws (the MMPP's sojourns)."""
+
+    def __init__(self, seed: int):
+        self.g = np.random.default_rng(seed)
+        self.sojourns: list[int] = []
+
+    def exponential(self, scale, size):
+        self.sojourns.append(size)
+        return self.g.exponential(scale, size=size)
+
+    def __getattr__(self, name):
+        return getattr(self.g, name)
+
+
+@pytest.mark.parametrize("base, burst, mb, mu, periods", [
+    (100.0, 1000.0, 10.0, 1.0, 66),     # 2000 arrivals a pair of sojourns: 33 pairs ~ 65,536
+    (10.0, 100.0, 2.0, 0.5, 256),       # 70 a pair: capped at 128 pairs
+    (1e4, 1e5, 10.0, 10.0, 2),          # 1.1M a pair: at least one pair
+])
+def test_mmpp_blocks_hold_about_65k_arrivals(base, burst, mb, mu, periods):
+    from sim.workloads.laws import _mmpp_blocks
+    rng = Recording(3)
+    blocks = _mmpp_blocks(base, burst, mb, mu, rng)
+    next(blocks)
+    next(blocks)
+    assert rng.sojourns == [periods, periods]
+
+
+def test_condition_copy_sides_are_at_least_32():
+    from sim.workloads.requests import condition_image_size
+    assert condition_image_size(100, 4000, 1024) == (32, 192)
+    assert condition_image_size(4000, 100, 1024) == (192, 32)
+    assert condition_image_size(10, 10, 16) == (32, 32)
+
+
+def test_a_model_without_default_steps_needs_workload_steps():
+    from sim.workloads.synthetic import TaskPlan
+    qi = load_model("qwen_image")
+    nosteps = dataclasses.replace(qi, request_defaults={"height": 1024, "width": 1024})
+    plan = TaskPlan(wl(10, mix={"text": 1.0}), ["text"], None)
+    with pytest.raises(ConfigError, match="workload.steps=None is invalid for f='qwen_image'"):
+        plan.add("generate", nosteps, wl(10), "f")
+    plan.add("generate", nosteps, wl(10, steps=7), "f")
+    assert plan.steps["generate"] == 7
+    bad = dataclasses.replace(qi, request_defaults={"steps": 0})
+    with pytest.raises(ConfigError, match="workload.steps=None is invalid"):
+        plan.add("generate", bad, wl(10), "f")
+    plan.add("generate", qi, wl(10, cfg=False), "f")
+    assert plan.steps["generate"] == qi.request_defaults["steps"] and plan.cfg["generate"] is False
+
+
+def reuse_cfg(**kw):
+    from sim.config import ImageReuseConfig
+    return ImageReuseConfig(**kw)
+
+
+def test_reused_images_follow_the_zipf_popularity_of_the_catalog():
+    """prob=1: every image is a catalog image; rank r (0-based) weighs (r+1)^-alpha."""
+    from sim.workloads.synthetic import ImageIds
+    ids = ImageIds(reuse_cfg(prob=1.0, catalog=4, alpha=1.0), 5)
+    n = 40_000
+    got, _ = ids.assign(((64, 64),) * n)
+    counts = np.bincount(got, minlength=4)
+    assert counts.sum() == n and len(counts) == 4
+    p = np.array([1, 1 / 2, 1 / 3, 1 / 4]) / (1 + 1 / 2 + 1 / 3 + 1 / 4)
+    assert np.all(np.abs(counts / n - p) < 4 * np.sqrt(p * (1 - p) / n))
+    flat = ImageIds(reuse_cfg(prob=1.0, catalog=4, alpha=0.0), 5).assign(((64, 64),) * n)[0]
+    assert np.all(np.abs(np.bincount(flat, minlength=4) / n - 0.25) < 4 * np.sqrt(0.25 * 0.75 / n))
+
+
+def test_new_images_get_consecutive_ids_after_the_catalog_and_catalog_sizes_stick():
+    from sim.workloads.synthetic import ImageIds
+    ids = ImageIds(reuse_cfg(prob=0.0, catalog=10), 1)
+    assert ids.assign(((64, 64), (32, 32)))[0] == (10, 11)
+    assert ids.assign(((64, 64),))[0] == (12,)
+    always = ImageIds(reuse_cfg(prob=1.0, catalog=1), 1)
+    got, sizes = always.assign(((64, 64), (128, 32), (16, 16)))
+    assert got == (0, 0, 0) and sizes == ((64, 64),) * 3       # the first appearance's size
+
+
+def test_a_catalog_pick_past_the_last_cdf_value_is_the_last_image():
+    """The Zipf CDF's last value may round below 1: a uniform above it still picks an image of
+    the catalog (ids 0..catalog-1), never the first new id."""
+    from sim.workloads.synthetic import ImageIds
+    ids = ImageIds(reuse_cfg(prob=1.0, catalog=2), 1)
+    ids.cdf = np.array([0.5, 0.9])
+
+    class Fixed:
+        def random(self, shape):
+            return np.array([[0.0, 0.95]])
+    ids.rng = Fixed()
+    assert ids.assign(((8, 8),))[0] == (1,) and ids.next_new == 2
+
+
+@pytest.mark.parametrize("dist, want", [
+    (LengthDist(dist="normal", mean=100, cv=0.3, min=1, max=1000), [114, 119, 114, 94, 159, 103]),
+    (LengthDist(dist="lognormal", mean=100, cv=1.0, min=1, max=1000), [105, 119, 104, 60, 364, 77]),
+    (LengthDist(dist="pareto", mean=100, alpha=2.5, min=1, max=1000), [97, 62, 82, 72, 80, 107]),
+    (LengthDist(dist="uniform", min=1, max=1000), [721, 165, 411, 650, 568, 514]),
+    (LengthDist(dist="zipf", min=1, max=1000, alpha=1.2), [34, 1, 4, 19, 10, 7]),
+])
+def test_length_draws_of_a_fixed_seed_are_pinned(dist, want):
+    """Every run's figures follow from these draws (the golden runs use the default laws only);
+    a law whose distribution is unchanged can still change its draws -- the normal law with its
+    sign flipped, say -- and only a pinned draw sees that."""
+    assert sample_lengths(dist, 6, stream(0, "lengths.prompt")).tolist() == want
