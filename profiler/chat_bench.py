@@ -125,14 +125,17 @@ def build_payloads(reqs: list[ChatRequest], model: str, seed: int, vocab_words: 
 
 # ----------------------------------------------------------------------------- one request
 
-async def send_one(session, url: str, body: bytes) -> Outcome:
+async def send_one(session, url: str, body: bytes, request_id: Optional[str] = None) -> Outcome:
     out = Outcome()
     st = time.perf_counter()
     out.start_time = st
     last = st
     text: list[str] = []
+    headers = {"Content-Type": "application/json"}
+    if request_id is not None:          # x-request-id: a proxy's per-hop log names the request
+        headers["x-request-id"] = request_id
     try:
-        async with session.post(url, data=body, headers={"Content-Type": "application/json"}) as resp:
+        async with session.post(url, data=body, headers=headers) as resp:
             if resp.status != 200:
                 out.error = f"HTTP {resp.status}: {(await resp.text())[:500]}"
                 return out
@@ -177,8 +180,8 @@ async def send_one(session, url: str, body: bytes) -> Outcome:
 # ----------------------------------------------------------------------------- the run
 
 async def run_requests(base_url: str, bodies: list[bytes], offsets: list[float],
-                       max_concurrency: Optional[int] = None, timeout_s: float = 3600.0
-                       ) -> tuple[list[Outcome], float, float]:
+                       max_concurrency: Optional[int] = None, timeout_s: float = 3600.0,
+                       request_ids: Optional[list[str]] = None) -> tuple[list[Outcome], float, float]:
     """Send body i at offset i (s from the start; sorted), at most max_concurrency in flight;
     returns the outcomes in send order, the benchmark duration (start to last finish) and the
     perf_counter origin the offsets count from (no request starts before origin + offset)."""
@@ -189,21 +192,22 @@ async def run_requests(base_url: str, bodies: list[bytes], offsets: list[float],
                                 enable_cleanup_closed=True, force_close=False)
     sem = asyncio.Semaphore(max_concurrency) if max_concurrency else None
 
-    async def limited(session, body):
+    async def limited(session, body, rid=None):
         if sem is None:
-            return await send_one(session, url, body)
+            return await send_one(session, url, body, rid)
         async with sem:
-            return await send_one(session, url, body)
+            return await send_one(session, url, body, rid)
 
     async with aiohttp.ClientSession(connector=conn, trust_env=False,
                                      timeout=aiohttp.ClientTimeout(total=timeout_s)) as session:
         t0 = time.perf_counter()
         tasks = []
-        for body, off in zip(bodies, offsets):
+        for i, (body, off) in enumerate(zip(bodies, offsets)):
             wait = off - (time.perf_counter() - t0)
             if wait > 0:
                 await asyncio.sleep(wait)
-            tasks.append(asyncio.create_task(limited(session, body)))
+            rid = request_ids[i] if request_ids is not None else None
+            tasks.append(asyncio.create_task(limited(session, body, rid)))
         outs = await asyncio.gather(*tasks)
         dur = time.perf_counter() - t0
     return list(outs), dur, t0
@@ -351,6 +355,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--timeout-s", type=float, default=3600.0)
     ap.add_argument("--result-dir", required=True)
     ap.add_argument("--result-filename", required=True)
+    ap.add_argument("--request-id-prefix", default=None,
+                    help="send x-request-id <prefix><index> with every measured request (a proxy logs it)")
     a = ap.parse_args(argv)
 
     from profiler.vlm_model import vlm_shape
@@ -376,10 +382,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"[chat_bench] {len(wouts)} warm-up requests, {len(bad)} failed", flush=True)
         if bad:
             print(f"[chat_bench] first warm-up error: {bad[0]}", flush=True)
+    rids = [f"{a.request_id_prefix}{r.index}" for r in reqs] if a.request_id_prefix else None
     outs, dur, origin = asyncio.run(run_requests(a.base_url, bodies, [r.arrival_s for r in reqs],
-                                                 a.max_concurrency, a.timeout_s))
+                                                 a.max_concurrency, a.timeout_s, rids))
     res = build_result(plan, reqs, outs, dur, sizes, tok, a.model, a.tokenizer or a.model,
                        a.max_concurrency, origin)
+    if rids is not None:
+        res["request_ids"] = rids
     out_dir = Path(a.result_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out_dir / a.result_filename, res)

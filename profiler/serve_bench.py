@@ -28,6 +28,10 @@ with vLLM's own chat/image path (profiler/mm_preproc.py check); the server gets
 profiler/chat_bench.py, our streaming OpenAI-chat client, which records every request's images;
 after the server stops, profiler/mm_preproc.py measures vLLM's API-side image preprocessing by
 image size on this host's CPU if the budget leaves time.
+
+Several servers and a proxy on one host (`--layout 1e1pd|1e1p1d|1p1d|replicas --gpus 0,1`):
+profiler/disagg_bench.py (encoder / prefill / decode instances pinned to GPUs, vLLM's connectors,
+profiler.disagg_proxy in front), the same image + text runs.
 """
 from __future__ import annotations
 
@@ -191,7 +195,10 @@ HISTOGRAMS = ("vllm:time_to_first_token_seconds", "vllm:e2e_request_latency_seco
               "vllm:request_queue_time_seconds", "vllm:request_prefill_time_seconds",
               "vllm:request_decode_time_seconds", "vllm:request_inference_time_seconds",
               "vllm:inter_token_latency_seconds", "vllm:time_per_output_token_seconds",
-              "vllm:request_time_per_output_token_seconds")
+              "vllm:request_time_per_output_token_seconds",
+              # KV hand-offs of a NixlConnector (disaggregated prefill/decode; absent otherwise)
+              "vllm:nixl_xfer_time_seconds", "vllm:nixl_post_time_seconds",
+              "vllm:nixl_bytes_transferred", "vllm:nixl_num_descriptors")
 
 
 # ----------------------------------------------------------------------------- model dir
@@ -643,6 +650,11 @@ def prepare_sharegpt(dst_dir: Path) -> Path:
 # ----------------------------------------------------------------------------- main
 
 def main(argv: Optional[list[str]] = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if any(x == "--layout" or x.startswith("--layout=") for x in args):
+        # several servers and a proxy (1e1pd, 1e1p1d, 1p1d, replicas): profiler.disagg_bench
+        from profiler import disagg_bench
+        return disagg_bench.main(args)
     ap = argparse.ArgumentParser(prog="python -m profiler.serve_bench", description=__doc__.split("\n")[0])
     ap.add_argument("--model", required=True, choices=sorted(MODEL_SETTINGS))
     ap.add_argument("--out", required=True, help="folder for <model>__<run>.json, logs")

@@ -73,7 +73,9 @@ def table_for(cfg, model: str, backend: str | None = None) -> Path:
     """<out_dir>/<gpu>/<model>.parquet for a measuring backend (vLLM, diffusers); vLLM-Omni tables
     sit in <gpu>-vllm-omni/ beside them; the analytic backend writes <gpu_spec>-analytic/
     (roofline) or <gpu_spec>-est/ (analytic.method=scaled: estimates from a measured table).
-    sim.engines.latency reads measured, estimated, analytic, in that order of preference."""
+    sim.engines.latency reads measured, estimated, analytic, in that order of preference. A
+    tensor-parallel sweep (tp > 1) of a measuring backend writes its own set <gpu>-tp<N>/, so TP
+    rows never mix with the one-GPU grid the simulator reads."""
     backend = backend or str(cfg.backend)
     if backend == "vllm_omni":
         gpu = f"{cfg.gpu}-vllm-omni"
@@ -82,6 +84,9 @@ def table_for(cfg, model: str, backend: str | None = None) -> Path:
     else:
         method = str((cfg.get("analytic") or {}).get("method", "roofline"))
         gpu = f"{cfg.gpu_spec}-{'est' if method == 'scaled' else 'analytic'}"
+    tp = int(getattr(cfg, "tp", 1) or 1)
+    if tp > 1 and backend != "analytic":
+        gpu = f"{gpu}-tp{tp}"
     return schema.table_path(cfg.out_dir, gpu, model)
 
 
@@ -130,6 +135,8 @@ def run_sweep(cfg, log: Callable[[str], None] = print,
         pts = backend.plan(spec, cfg.grid)
         if stages:
             pts = [p for p in pts if p["stage"] in stages]
+        for p in pts:                     # the point key carries the TP size it is measured at
+            p["tp"] = int(getattr(cfg, "tp", 1) or 1)
         path = table_for(cfg, name, bname)
         if bname != "analytic" and not cfg.dry_run:
             seed_unquantized(spec, path)

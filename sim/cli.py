@@ -1,9 +1,11 @@
 """Hydra entry point: composes conf/, validates it against sim.config's schema, runs the
-selected experiment, writes requests.parquet + summary.json into the Hydra run directory."""
+selected experiment into the Hydra run directory (requests.parquet, timeline.parquet,
+report.html, then summary.json; capacity.json for a capacity plan) and prints its table."""
 from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Callable
 
 import hydra
 from hydra.core.config_store import ConfigStore
@@ -12,9 +14,11 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from sim.config import ConfigError, SimConfig
+from sim.run.folder import register_resolver
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 ConfigStore.instance().store(name="sim_schema", node=SimConfig)
+register_resolver()         # ${unique_dir:...} of conf/config.yaml's run and sweep folders
 
 USER_ERRORS = (ConfigError, FileNotFoundError, KeyError, ValueError)
 
@@ -25,90 +29,98 @@ def to_config(cfg: DictConfig) -> SimConfig:
     return obj.check()
 
 
-CACHE_ENV = "MMSERVE_SIM_NO_CACHE"     # set to 1 to always re-simulate
-
-
-def config_sha(cfg: SimConfig) -> str:
-    """sha256 of the resolved config plus a fingerprint (name, size, mtime) of the profile tables
-    it reads and the simulator's version: equal hashes = the same run."""
-    import dataclasses
-    import hashlib
-    import json
-
-    from sim.run.runner import resolve
-    d = dataclasses.asdict(cfg)
-    d.get("output", {}).pop("progress", None)          # display only
-    from sim.engines.latency import LatencyModel
-    root = resolve(cfg.profiles_dir)
-    tset = cfg.latency.tables or cfg.cluster.gpu
-    sets = LatencyModel(root, tset, fallback=cfg.latency.fallback_set(tset)).table_sets()
-    tables = sorted((d.name, p.name, p.stat().st_size, p.stat().st_mtime_ns)
-                    for d in (root / f for f, _ in sets) if d.is_dir()
-                    for p in d.glob("*.parquet"))     # every set the run may read (measured, estimated, roofline)
-    try:
-        from importlib.metadata import version
-        ver = version("mmserve-sim")
-    except Exception:                                  # not installed (source tree)
-        ver = "src"
-    blob = json.dumps({"config": d, "tables": tables, "version": ver}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()
-
-
-def cached_summary(outdir: Path, sha: str) -> dict | None:
-    """The summary.json in outdir when it was written by a finished run of the same config."""
-    import json
-    import os
-    if os.environ.get(CACHE_ENV, "") not in ("", "0"):
-        return None
-    p = outdir / "summary.json"
-    try:
-        s = json.loads(p.read_text())
-    except (OSError, ValueError):
-        return None
-    return s if isinstance(s, dict) and s.get("config_sha") == sha else None
-
-
 def execute(cfg: SimConfig, outdir: Path, multirun: bool) -> dict:
-    """Run one experiment into outdir. Per-run cache: when outdir already holds a summary.json
-    with the same `config_sha` (a finished run of the same resolved config, e.g. an interrupted
-    sweep re-launched with the same hydra.sweep.dir), it is reused and nothing is simulated."""
+    """Run one experiment into outdir, holding the folder for the run (sim.run.folder). A
+    finished result already there is reused when it is the same computation (same code, config
+    and input files: sim.run.cache); it is shown exactly as a fresh one. Otherwise the previous
+    results are removed first, so the folder never mixes two runs."""
+    from sim.run import cache
+    from sim.run.folder import RunFolder
     from sim.run.output import write_json_atomic
-    sha = config_sha(cfg)
-    hit = cached_summary(outdir, sha)
-    if hit is not None:
-        print(f"cached: {outdir} (config_sha={sha[:12]}): reusing summary.json, not re-simulated")
-        return hit
-    summary = _execute(cfg, outdir, multirun)
-    summary["config_sha"] = sha
-    if (outdir / "summary.json").exists():
-        write_json_atomic(outdir / "summary.json", summary)
-    return summary
+    key, provenance = cache.run_key(cfg)
+    with RunFolder(outdir) as folder:
+        hit = cache.cached_result(cfg, outdir, key)
+        if hit is not None:
+            report = _report(cfg, outdir, hit, only_if_missing=True)
+            if not multirun:
+                print(f"reused: {shown(cache.result_file(cfg, outdir))} was made by the same code, "
+                      f"config and input files (run_key {key[:12]}); output.cache=false re-simulates")
+                show(cfg, hit, outdir, report)
+            return hit
+        folder.clear()
+
+        made: dict[str, Path | None] = {"report": None}
+
+        def finish(result: dict) -> None:       # runs before the result file is written
+            result["run_key"] = key
+            result["provenance"] = provenance
+            made["report"] = _report(cfg, outdir, result)
+
+        result = _execute(cfg, outdir, multirun, finish)
+        if cfg.experiment in ("queueing", "capacity"):  # they wrote theirs: add the key
+            finish(result)
+            write_json_atomic(cache.result_file(cfg, outdir), result)
+    if not multirun:
+        show(cfg, result, outdir, made["report"])
+    return result
 
 
-def _execute(cfg: SimConfig, outdir: Path, multirun: bool) -> dict:
-    from sim.run.output import print_summary
+def _execute(cfg: SimConfig, outdir: Path, multirun: bool, finish: Callable[[dict], None]) -> dict:
     if cfg.experiment == "queueing":
         from sim.studies.queueing import run_queueing
-        summary = run_queueing(cfg, outdir)
-    elif cfg.experiment == "capacity":
+        return run_queueing(cfg, outdir)
+    if cfg.experiment == "capacity":
         from sim.studies.capacity import run_capacity
-        summary = run_capacity(cfg, outdir)
-    else:
-        from sim.run.runner import Run
-        progress = cfg.output.progress == "on" or (
-            cfg.output.progress == "auto" and not multirun and cfg.workload.num_requests >= 50_000)
-        summary = Run(cfg, outdir).run(progress=progress)
-    if multirun:
-        return summary
+        return run_capacity(cfg, outdir)
+    from sim.run.runner import Run
+    progress = cfg.output.progress == "on" or (
+        cfg.output.progress == "auto" and not multirun and cfg.workload.num_requests >= 50_000
+        and sys.stderr.isatty())
+    return Run(cfg, outdir).run(progress=progress, finish=finish)
+
+
+def _report(cfg: SimConfig, outdir: Path, summary: dict, only_if_missing: bool = False
+            ) -> Path | None:
+    """report.html of a serving run (None for the queueing and capacity studies, or when
+    output.report=false)."""
+    if cfg.experiment in ("queueing", "capacity") or not cfg.output.report:
+        return None
+    path = outdir / "report.html"
+    if only_if_missing and path.is_file():
+        return path
+    from sim.run.report import write_report
+    return write_report(outdir, summary, title(cfg, outdir))
+
+
+def shown(path: Path) -> Path:
+    """A path as the user would type it: relative to the working directory when under it."""
+    try:
+        return Path(path).resolve().relative_to(Path.cwd())
+    except ValueError:
+        return Path(path)
+
+
+def title(cfg: SimConfig, outdir: Path) -> str:
+    return f"{cfg.experiment}: policy={cfg.policy.name} -> {shown(outdir)}"
+
+
+def show(cfg: SimConfig, summary: dict, outdir: Path, report: Path | None) -> None:
+    """What a single run prints: the same for a fresh and a reused result."""
     if cfg.experiment == "queueing":
         keys = ("offered_load", "utilization", "request_throughput", "mean_queue_ms", "mean_e2el_ms",
                 "p99_e2el_ms", "time_avg_in_system", "littles_law_rhs")
-        print(f"queueing -> {outdir}")
+        print(f"queueing -> {shown(outdir)}")
         for k in keys:
             print(f"  {k:22s} {summary[k]:.4f}")
-    elif cfg.experiment != "capacity":          # capacity prints its own table
-        print_summary(summary, f"{cfg.experiment}: policy={cfg.policy.name} -> {outdir}")
-    return summary
+    elif cfg.experiment == "capacity":
+        from sim.studies.capacity import format_result
+        print(format_result(cfg, summary))
+        print(f"-> {shown(outdir) / 'capacity.json'}")
+    else:
+        from sim.run.output import print_summary
+        print_summary(summary, title(cfg, outdir))
+    if report is not None:
+        print(f"report: {shown(report)}")
 
 
 @hydra.main(version_base=None, config_path=CONF_DIR, config_name="config")

@@ -197,6 +197,69 @@ class WorkloadConfig:
         self._checked = True
 
 
+LAYOUT_ROLES = ("replica", "encoder", "llm", "text_encoder", "vae", "dit", "prefill", "decode")
+HANDOFF_KINDS = ("encoder", "kv")      # vision embeddings encoder -> LLM; KV cache prefill -> decode
+
+
+@dataclass
+class HandoffLink:
+    """One hand-off's cost between two pools of a pinned layout: latency_us + bytes / gb_s. A
+    measured connector (vLLM's encoder-cache or KV connector) says what it moved and how long it
+    took; `source` cites the measurement (file, command)."""
+    gb_s: float = 0.0
+    latency_us: float = 0.0
+    source: str = ""
+
+    def check(self, name: str) -> None:
+        _check(self.gb_s > 0, f"{name}.gb_s", self.gb_s, "> 0 GB/s")
+        _check(self.latency_us >= 0, f"{name}.latency_us", self.latency_us, ">= 0")
+
+
+@dataclass
+class LayoutConfig:
+    """A deployment's real layout, pinned: which GPUs (0 .. cluster.num_gpus - 1, node = index //
+    gpus_per_node) hold which pool. Keys are the placement's pool keys: `replica:<model>` for
+    replicas (baseline), `<role>:<model>` for stage pools (encoder, llm, text_encoder, vae, dit;
+    prefill / decode under a prefill-decode split). A GPU listed in several pools holds every
+    one of their engines (separate processes time-sharing one card). Pool sizes and placement
+    come from here, never from offered work, and GPUs never move between pools. `handoff`
+    replaces bytes / NVLink for a hand-off kind with a measured connector's figures."""
+    name: str = ""
+    pools: dict[str, list[int]] = field(default_factory=dict)
+    handoff: dict[str, HandoffLink] = field(default_factory=dict)
+
+    def check(self, num_gpus: int) -> None:
+        f = "cluster.layout"
+        _check(bool(self.pools), f"{f}.pools", dict(self.pools), "at least one pool: {role:model: [gpu, ...]}")
+        used: set[int] = set()
+        for key, ids in self.pools.items():
+            role, _, model = str(key).partition(":")
+            _check(role in LAYOUT_ROLES and bool(model), f"{f}.pools", key,
+                   f"'<role>:<model>' keys, role one of {list(LAYOUT_ROLES)}")
+            ids = list(ids)
+            _check(len(ids) > 0 and all(isinstance(i, int) and 0 <= i < num_gpus for i in ids),
+                   f"{f}.pools.{key}", ids, f"a non-empty list of GPU indices 0..{num_gpus - 1} "
+                   f"(cluster.num_gpus={num_gpus})")
+            _check(len(set(ids)) == len(ids), f"{f}.pools.{key}", ids, "each GPU once per pool")
+            used.update(ids)
+        roles = {str(k).split(":")[0] for k in self.pools}
+        _check(not ("replica" in roles and len(roles) > 1), f"{f}.pools", sorted(self.pools),
+               "either replica:<model> pools (baseline) or stage pools, not both")
+        if "replica" in roles:
+            seen: dict[int, str] = {}
+            for key, ids in self.pools.items():
+                for i in ids:
+                    _check(i not in seen, f"{f}.pools.{key}", list(ids),
+                           f"one replica per GPU (GPU {i} is also in {seen.get(i)})")
+                    seen[i] = key
+        missing = sorted(set(range(num_gpus)) - used)
+        _check(not missing, f"{f}.pools", dict(self.pools),
+               f"every GPU 0..{num_gpus - 1} in some pool (cluster.num_gpus={num_gpus}; unused: {missing})")
+        for k, link in self.handoff.items():
+            _choice(k, f"{f}.handoff", HANDOFF_KINDS)
+            link.check(f"{f}.handoff.{k}")
+
+
 @dataclass
 class ClusterConfig:
     name: str = "h100x8"
@@ -210,6 +273,8 @@ class ClusterConfig:
     # baseline: replicas per model (empty = split GPUs by offered work); disaggregated: GPUs per pool
     replicas: dict[str, int] = field(default_factory=dict)
     pools: dict[str, int] = field(default_factory=dict)
+    # a deployment's real layout (pool sizes and GPU placement pinned); null: derived from work
+    layout: Optional[LayoutConfig] = None
 
     def check(self) -> None:
         _check(self.num_gpus >= 1, "cluster.num_gpus", self.num_gpus, ">= 1")
@@ -225,6 +290,10 @@ class ClusterConfig:
         used = sum(self.pools.values())
         _check(used <= self.num_gpus, "cluster.pools", dict(self.pools),
                f"at most cluster.num_gpus={self.num_gpus} GPUs in all")
+        if self.layout is not None:
+            _check(not self.replicas and not self.pools, "cluster.layout", self.layout.name or "(pinned)",
+                   "a pinned layout alone: leave cluster.replicas and cluster.pools empty")
+            self.layout.check(self.num_gpus)
 
 
 @dataclass
@@ -262,6 +331,12 @@ class EngineConfig:
     block_size: int = 16
     gpu_memory_utilization: float = 0.9
     enable_prefix_caching: bool = False
+    # vLLM 0.26 admits a waiting (or preempted) request only when the free KV blocks hold its
+    # whole known sequence (prompt + tokens generated so far), not just the chunk scheduled now
+    # (SchedulerConfig.scheduler_reserve_full_isl, default True; v1/core/sched/scheduler.py,
+    # allocate_slots(full_sequence_must_fit=...)): a long prompt cut into chunks is not started
+    # until all of it fits.
+    scheduler_reserve_full_isl: bool = True
     kv_capacity_tokens: Optional[int] = None   # None: from the profile's engine_settings or memory model
     max_model_len: Optional[int] = None
     step_overhead_ms: float = 0.0              # extra CPU-side time per engine step, if calibrated
@@ -473,9 +548,14 @@ class OutputConfig:
     progress: str = "auto"          # auto: a bar on long single runs, off in multirun
     write_requests: bool = True
     chunk_rows: int = 100_000
+    # reuse a finished result already in the run folder when code, config and inputs are the
+    # same (sim/run/cache.py); false: always simulate
+    cache: bool = True
+    report: bool = True             # report.html (and timeline.parquet) beside summary.json
 
     def check(self) -> None:
         _choice(self.progress, "output.progress", ("auto", "on", "off"))
+        _check(self.chunk_rows >= 1, "output.chunk_rows", self.chunk_rows, ">= 1")
 
 
 @dataclass
@@ -513,6 +593,7 @@ class SimConfig:
         _check(self.model is None or isinstance(self.model, str), "model", self.model,
                "a model name from conf/model/")
         _choice(self.experiment, "experiment", EXPERIMENTS)
+        _check(self.seed >= 0, "seed", self.seed, "an integer >= 0 (the root of every random stream)")
         if self.precision is not None:
             from profiler.models import PRECISIONS, with_precision
             _choice(self.precision, "precision", tuple(PRECISIONS))

@@ -106,6 +106,12 @@ def test_cli_bad_key_and_json(synthetic_profiles, capsys):
     assert A.main(["model=llama2_7b", f"profiles_dir={synthetic_profiles}"]) == 2   # no table
     assert "no profile tables" in capsys.readouterr().err
     assert A.main(["model=qwen_image", "gpu=h100", f"profiles_dir={synthetic_profiles}",
-                   "sim=false"]) == 0
+                   "sim=false", "format=json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["bottleneck_stage"] == "dit_step" and "simulated" not in out
+    assert A.main(["model=qwen_image", "gpu=h100", f"profiles_dir={synthetic_profiles}"]) == 0
+    table = capsys.readouterr().out
+    assert "analytic report: qwen_image" in table and "bound QPS, batched" in table
+    assert "simulated QPS" in table and len(table.splitlines()) < 50
+    assert A.main(["model=qwen_image", "format=yaml"]) == 2
+    assert "format='yaml' is invalid" in capsys.readouterr().err

@@ -88,7 +88,7 @@ def test_capacity_config_validation():
         cfg.check()
 
 
-def test_capacity_end_to_end(cfg_factory, tmp_path, capsys):
+def test_capacity_end_to_end(cfg_factory, tmp_path):
     cfg = cfg_factory()
     cap = cfg.capacity
     cfg.experiment = "capacity"
@@ -97,7 +97,7 @@ def test_capacity_end_to_end(cfg_factory, tmp_path, capsys):
     cap.num_requests, cap.max_gpus, cap.num_gpus = 120, 32, 4
     cap.max_probes, cap.qps_rel_tol, cap.n_jobs = 12, 0.25, 2
     res = C.run_capacity(cfg, tmp_path)
-    out = capsys.readouterr().out
+    out = C.format_table(res)
     assert "min GPUs" in out and "baseline" in out
     saved = json.loads((tmp_path / "capacity.json").read_text())
     assert saved["results"].keys() == {"baseline", "modality_aware"}

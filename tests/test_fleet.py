@@ -9,7 +9,7 @@ import pytest
 from conftest import make_cfg
 from profiler.schema import read_table, write_table
 from sim.studies import fleet as F
-from sim.studies.capacity import ProbeRunner, run_capacity
+from sim.studies.capacity import ProbeRunner, format_result, run_capacity
 
 
 @pytest.fixture(scope="module")
@@ -84,10 +84,10 @@ def test_h200_memory_gives_more_kv(profiles):
     assert k2 - k1 == pytest.approx(60 * 2**30 * 0.9 / load_model("qwen2_5_vl_7b").kv_bytes_per_token(), abs=2)
 
 
-def test_run_capacity_writes_fleet_outputs(profiles, tmp_path, capsys):
+def test_run_capacity_writes_fleet_outputs(profiles, tmp_path):
     cfg = _cfg(profiles, **{"capacity.policies": ["baseline"], "capacity.gpus": ["h100"],
                             "capacity.precisions": ["bf16"]})
     res = run_capacity(cfg, tmp_path)
     assert res["plan"] == "fleet"
     assert json.loads((tmp_path / "capacity.json").read_text())["best"]["label"] == "baseline/h100/bf16"
-    assert (tmp_path / "fleet_plan.png").exists() and "cheapest" in capsys.readouterr().out
+    assert (tmp_path / "fleet_plan.png").exists() and "cheapest" in format_result(cfg, res)

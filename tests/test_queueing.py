@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from scipy.optimize import brentq
 
 from sim.config import SimConfig
 from sim.studies.queueing import run_queueing, sample_service, simulate
@@ -54,7 +53,14 @@ def gamma_m1_sigma(lam: float, mu: float, k: float) -> float:
     """Root in (0,1) of sigma = A*(mu(1-sigma)), A*(s) = (1 + s/(k lam))^(-k) (Gamma arrivals)."""
     def f(s: float) -> float:
         return (1 + mu * (1 - s) / (k * lam)) ** (-k) - s
-    return brentq(f, 1e-12, 1 - 1e-12, xtol=1e-14)
+    lo, hi = 1e-12, 1 - 1e-12        # f(lo) > 0 > f(hi) when lam < mu: bisect to ~1e-16
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if f(mid) > 0:
+            lo = mid
+        else:
+            hi = mid
+    return (lo + hi) / 2
 
 
 # --- replication harness ----------------------------------------------------------------------

@@ -1,5 +1,6 @@
-"""Sweeps: `python -m sim.tools.gather` on a tiny fake multirun dir, and the per-run result cache
-(a second run of the same config into the same directory reuses summary.json)."""
+"""Sweeps: `python -m sim.tools.gather` on a tiny fake multirun dir (parquet and comparison
+table), a sweep that ends with that table, and an interrupted sweep re-launched into the same
+folder that simulates only the runs without a finished result (sim/run/cache.py)."""
 from __future__ import annotations
 
 import json
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from sim.tools.gather import gather, main as gather_main
+from sim.tools.gather import comparison_rows, gather, main as gather_main
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,7 +26,9 @@ def fake_sweep(root: Path) -> Path:
             "mean_ttft_ms": None if i else 5.0,
             "per_task": {"text": {"p99_e2el_ms": 7.0 + i}},
             "utilization": {"mean_gpu": 0.5, "per_gpu": {"gpu0": 0.5, "gpu1": 0.5}},
-            "layout": {"replicas": {"qwen_image": 1}}, "config_sha": f"abc{i}"}))
+            "layout": {"replicas": {"qwen_image": 1}}, "run_key": f"abc{i}",
+            "slo_attainment": 0.5 + 0.25 * i, "median_e2el_ms": 1500.0,
+            "latency_model": {"out_of_grid_lookups": {"qwen_image/dit_step": 7} if i else {}}}))
     (root / "2_unfinished" / ".hydra").mkdir(parents=True)     # no summary.json: skipped
     return root
 
@@ -52,26 +55,29 @@ def sim(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=120)
 
 
-def test_cache_skips_second_run(synthetic_profiles, tmp_path):
-    out = tmp_path / "run"
-    args = [f"profiles_dir={synthetic_profiles}", "workload.num_requests=60",
-            f"hydra.run.dir={out}", "output.progress=off"]
-    p1 = sim(*args)
-    assert p1.returncode == 0, p1.stderr
-    s1 = json.loads((out / "summary.json").read_text())
-    assert len(s1["config_sha"]) == 64 and "cached:" not in p1.stdout
-    m1 = (out / "summary.json").stat().st_mtime_ns
-    m1p = (out / "requests.parquet").stat().st_mtime_ns
-    p2 = sim(*args)                                   # same config, same dir: reused
-    assert p2.returncode == 0, p2.stderr
-    assert "cached:" in p2.stdout and "not re-simulated" in p2.stdout
-    assert (out / "summary.json").stat().st_mtime_ns == m1
-    assert (out / "requests.parquet").stat().st_mtime_ns == m1p
-    p3 = sim(*args[:-1], "output.progress=off", "seed=1")   # another config: simulated again
-    assert p3.returncode == 0, p3.stderr
-    assert "cached:" not in p3.stdout
-    s3 = json.loads((out / "summary.json").read_text())
-    assert s3["config_sha"] != s1["config_sha"] and s3["seed"] == 1
+def test_comparison_table(tmp_path):
+    df = gather(fake_sweep(tmp_path / "sweep"))
+    head, rows = comparison_rows(df)
+    assert head[:3] == ["run", "policy", "workload.arrival.rate"]
+    assert "SLO att." in head and "E2EL p99 s" in head and head[-1] == "latency tables"
+    i, j = head.index("SLO att."), head.index("E2EL p99 s")
+    assert [r[0] for r in rows] == ["0_baseline", "1_modality_aware"]
+    assert [r[i] for r in rows] == ["50.0%", "75.0%"]
+    assert [r[j] for r in rows] == ["0.10", "0.20"]                # ms -> s
+    assert [r[-1] for r in rows] == ["measured grid", "EXTRAPOLATED (7 lookups)"]
+
+
+def test_sweep_ends_with_the_comparison_table(synthetic_profiles, tmp_path):
+    sweep = tmp_path / "sweep"
+    p = sim("--multirun", f"profiles_dir={synthetic_profiles}", "workload.num_requests=40",
+            f"hydra.sweep.dir={sweep}", "+policy=baseline,modality_aware")
+    assert p.returncode == 0, p.stderr
+    out = p.stdout
+    assert f"sweep {sweep}: 2 runs" in out
+    rows = [ln for ln in out.splitlines() if "0_baseline" in ln or "1_modality_aware" in ln]
+    assert len(rows) == 2 and "modality_aware" in rows[1]
+    assert (sweep / "sweep.parquet").is_file()
+    assert len(list(sweep.glob("*/report.html"))) == 2
 
 
 def test_cache_resumes_interrupted_joblib_sweep(synthetic_profiles, tmp_path):
@@ -91,4 +97,4 @@ def test_cache_resumes_interrupted_joblib_sweep(synthetic_profiles, tmp_path):
     assert p2.returncode == 0, p2.stderr
     assert runs[0].stat().st_mtime_ns == m0 and runs[1].exists()
     df = gather(sweep)
-    assert sorted(df["override.seed"]) == ["0", "1"] and df["config_sha"].nunique() == 2
+    assert sorted(df["override.seed"]) == ["0", "1"] and df["run_key"].nunique() == 2

@@ -54,9 +54,15 @@ REACHED = {
 # replayed closed loop, as the client ran them. They calibrated the host and API-CPU constants
 # (sim.tools.calibrate), so this guards the closed loop and the prefill/mixed steps of their waves
 # rather than proving the decode step; open-loop replays of them were off by up to 180%.
-LADDER_REACHED = {"request_throughput": 0.13, "median_ttft_ms": 0.27, "median_tpot_ms": 0.30,
-                  "median_e2el_ms": 0.16, "p99_ttft_ms": 0.12, "p99_tpot_ms": 0.15,
-                  "p99_e2el_ms": 0.25}
+# Since a prefill step costs its chunks' own self-attention (sim.engines.latency.ar_step), the
+# ladders' throughput, TPOT and E2EL bands tightened (max 7.6% -> 3.6%, 28.5% -> 21.5%, 7.8% ->
+# 3.6%, p99 E2EL 22.4% -> 12.6%) and their TTFT bands widened (median 25.9% -> 32.7% on
+# qwen lconc64, p99 11.2% -> 19.3% on qwen conc32): each wave's N requests reach the API server
+# at once, and the model's front end has no queue for simultaneous arrivals; the too-slow
+# prefill steps had hidden that.
+LADDER_REACHED = {"request_throughput": 0.05, "median_ttft_ms": 0.34, "median_tpot_ms": 0.23,
+                  "median_e2el_ms": 0.05, "p99_ttft_ms": 0.20, "p99_tpot_ms": 0.06,
+                  "p99_e2el_ms": 0.14}
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +112,10 @@ def test_engine_ttft_matches_vllm_server_side_ttft(measured_rows):
     """Runs that recorded vLLM's /metrics histograms split the client's TTFT: for llama2_7b the
     simulated server-side TTFT (client/HTTP part and first-token streaming removed) matches vLLM's
     own mean TTFT within 8 ms on every finite-rate run; for qwen2_5_7b (8-24 req/s) the median gap
-    is below 8 ms since the busy-engine front end (13.8 ms without it; one replicate, poisson_low
+    is below 12 ms. The engine's own steps are not where the rest lies: with prefill attention per
+    chunk the isolated prefill steps of qwen2_5_7b__sat__r3 match the server's step log within
+    1.1% (python -m sim.tools.steplog_check), so the remaining ~11 ms median is host time between
+    the API server and the engine core under load that the model does not hold (one replicate, poisson_low
     r2, has a server 22 ms slower than its twin r3 on the same arrivals)."""
     split = [r for r in measured_rows if np.isfinite(r.get("meas_server_mean_ttft_ms", np.nan))]
     assert len(split) >= 8
@@ -125,7 +134,7 @@ def test_engine_ttft_matches_vllm_server_side_ttft(measured_rows):
     # same arrivals while its decode steps match r3's within 2% (sim.tools.steplog_check): the host's CPU
     # path, not the engine; kept in the validation, held apart here
     first = [abs(v) for k, v in qwen.items() if not k.endswith("__g1")]
-    assert len(first) >= 4 and np.median(first) < 8.0, qwen
+    assert len(first) >= 4 and np.median(first) < 12.0, qwen
     assert all(v > 20.0 for k, v in qwen.items() if k.endswith("__g1")), qwen
 
 

@@ -95,7 +95,7 @@ def test_modality_and_run_class():
     assert V.modality(img) == "image" and V.modality(json.loads(EXAMPLE.read_text())) == "text"
     c = V.run_class(img, MODEL)
     assert c == {"modality": "image", "regime": "low", "load_ratio": pytest.approx(0.4),
-                 "capacity_rps": 5.0, "capacity_source": "provenance"}
+                 "capacity_rps": 5.0, "capacity_source": "provenance", "layout": None}
     img["provenance"].pop("calibrated_capacity_rps")
     assert V.run_class(img, MODEL)["regime"] == "unknown"
     c = V.run_class(img, MODEL, {(MODEL, "image"): 2.5})

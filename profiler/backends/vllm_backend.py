@@ -164,12 +164,22 @@ class VllmBackend(Backend):
     # ------------------------------------------------------------------ engine
     def start_engine(self, spec, ctx: RunContext, with_images: bool = True):
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        if int(ctx.cfg.tp) > 1:
+            # TP workers are processes (vLLM's multiproc executor): LLM.apply_model sends the
+            # vision-timing closure to them pickled, which vLLM allows only with this set; NVLink
+            # multicast stays off (the multi-GPU kinds require it)
+            os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+            for k, v in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"),
+                         ("NVSHMEM_DISABLE_NVLS", "1")):
+                os.environ.setdefault(k, v)
         from vllm import LLM
         v = ctx.cfg.vllm
         d = write_model_dir(spec, tempfile.mkdtemp(prefix=f"vllm-{spec.name}-"))
         kw = dict(model=str(d), load_format="dummy", dtype=str(ctx.cfg.dtype), seed=0,
                   tensor_parallel_size=int(ctx.cfg.tp),
-                  max_model_len=int(spec.llm["max_position_embeddings"]),
+                  # vllm.max_model_len caps it (a model whose full context's KV does not fit
+                  # beside its weights, e.g. a 32B at TP 1); null = the config's context
+                  max_model_len=int(getattr(v, "max_model_len", None) or spec.llm["max_position_embeddings"]),
                   max_num_batched_tokens=int(v.max_num_batched_tokens),
                   max_num_seqs=int(v.max_num_seqs), block_size=int(v.block_size),
                   enable_prefix_caching=bool(v.enable_prefix_caching),
@@ -427,14 +437,17 @@ class VllmBackend(Backend):
         gh, gw = H // ps, W // ps
         warm, reps = int(ctx.cfg.warmup), int(ctx.cfg.repeats)
 
-        vllm_config = self.eng.vllm_config
+        # (tp > 1: the closure below is pickled to the worker processes, so it must not hold
+        # the engine's config; the workers use their own current config)
+        vllm_config = self.eng.vllm_config if int(ctx.cfg.tp) == 1 else None
 
         def call(visual, pix, grid):
             try:
                 return visual(pix, grid_thw=grid)
             except Exception:  # some attention layers want a forward context
+                from vllm.config import get_current_vllm_config
                 from vllm.forward_context import set_forward_context
-                with set_forward_context(None, vllm_config):
+                with set_forward_context(None, vllm_config or get_current_vllm_config()):
                     return visual(pix, grid_thw=grid)
 
         def fn(model):

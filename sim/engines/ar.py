@@ -106,7 +106,7 @@ class AREngine:
                  step_overhead_s: float = 0.0, priority: bool = False, itl_sink=None,
                  host_s: float = 0.0, host_per_seq_s: float = 0.0, frontend: FrontEnd = FrontEnd(),
                  stream_s_per_token: float = 0.0, async_admit: bool = False,
-                 max_model_len: int | None = None):
+                 max_model_len: int | None = None, reserve_full_isl: bool = False):
         self.model = model
         self.lat: Any = lat     # None only in tests that never plan a step
         self.budget = max_num_batched_tokens
@@ -130,6 +130,9 @@ class AREngine:
         # a sink that takes a whole series of steps at once (MetricsCollector)
         self.itl_steps = getattr(getattr(itl_sink, "__self__", None), "add_itl_steps", None)
         self.max_model_len = max_model_len
+        # admission needs free blocks for the whole known sequence (vLLM 0.26's
+        # scheduler_reserve_full_isl), not only for the chunk scheduled now
+        self.reserve_full = reserve_full_isl
         self.gpu: Any = None            # its GPU, once placed
         self.sched: list[tuple[Seq, int]] = []  # seqs of `pre` (and admitted) in the planned step
         self.jump_unit: Unit | None = None      # the planned multi-step decode unit, if any
@@ -369,7 +372,7 @@ class AREngine:
             return None
         self.sched = sched
         # step composition
-        p_tok = p_ctx = 0
+        p_tok = p_ctx = p_sq = 0
         d_seqs, d_ctx = self.nd, self.dsum0 + self.nd * self.G
         vision = 0
         for s, n in sched:
@@ -379,6 +382,7 @@ class AREngine:
             else:
                 p_tok += n
                 p_ctx += s.computed * n
+                p_sq += n * n
                 if not s.encoded:
                     vision += s.job.vision_tokens
         self.vision_in_step = vision
@@ -388,7 +392,7 @@ class AREngine:
             k = self._jump_len()
             if k > 1:
                 return self._plan_jump(d_seqs, d_mean, k)
-        t = self.lat.ar_step(self.model, p_tok, d_seqs, d_mean, p_mean) + self.overhead
+        t = self.lat.ar_step(self.model, p_tok, d_seqs, d_mean, p_mean, p_sq) + self.overhead
         if vision:
             t += self.lat.vision_encode(self.model, vision)
         if self.host or self.host_seq:
@@ -445,6 +449,8 @@ class AREngine:
             n = s.prompt + s.generated - s.computed
             if n > budget:
                 n = budget
+                if self.reserve_full and self._blocks_for(s.prompt + s.generated) - s.held > self.free_blocks:
+                    break
             if not self._alloc(s, s.computed + n):
                 break
             self.waiting.popleft()
@@ -466,7 +472,8 @@ class AREngine:
         s = self.waiting.head()
         if s.ready_at > self.steps + 1:
             return False
-        return self._blocks_for(s.computed + min(s.need, self.budget)) - s.held <= self.free_blocks
+        full = s.prompt + s.generated if self.reserve_full else s.computed + min(s.need, self.budget)
+        return self._blocks_for(full) - s.held <= self.free_blocks
 
     def _jump_len(self) -> int:
         """Aggregate steps until the first completion, bounded by the KV blocks left (exact)."""

@@ -212,6 +212,41 @@ def _fill_decode_holes(vals: np.ndarray, axes: list[list[float]]) -> np.ndarray:
     return out
 
 
+# axis columns a lookup interpolates over: (least value, what is allowed), checked on ok rows
+_AXES = {"batch_size": 1, "tp": 1, "num_tokens": 0, "context_len": 0, "height": 1, "width": 1,
+         "seq_len": 0, "num_decode_seqs": 0}
+
+
+def read_profile(path: Path) -> pd.DataFrame:
+    """A profile table, read and checked: a file that cannot be read, or a status=ok row with
+    a latency that is not a positive finite number or an axis out of range, stops the run with
+    one ConfigError naming the file, the row and the field."""
+    from sim.config import ConfigError
+    hint = f"(`python -m profiler check {path}` lists what is wrong)"
+    try:
+        df = read_table(path)
+    except Exception as e:              # pyarrow/pandas errors have no common base
+        msg = (str(e).strip().splitlines() or [""])[0]
+        raise ConfigError(f"profile table {path} cannot be read ({type(e).__name__}: {msg}); "
+                          f"allowed: a parquet table written by `python -m profiler` (measure it again, or "
+                          f"restore it: `git checkout -- {path}` for a shipped one)") from None
+    ok = (df["status"] == "ok").to_numpy()
+    lat = pd.to_numeric(df["latency_ms_median"], errors="coerce").to_numpy(dtype=float)
+    bad = ok & ~(np.isfinite(lat) & (lat > 0))
+    checks = [("latency_ms_median", bad, "a positive, finite number of ms on status=ok rows")]
+    for col, least in _AXES.items():
+        v = pd.to_numeric(df[col], errors="coerce").to_numpy(dtype=float)
+        checks.append((col, ok & ~np.isnan(v) & ~(v >= least), f"a number >= {least} (or null)"))
+    for col, mask, allowed in checks:
+        if mask.any():
+            i = int(np.flatnonzero(mask)[0])
+            r = df.iloc[i]
+            raise ConfigError(f"profile table {path}: row {i} (model={r['model']}, stage="
+                              f"{r['stage']}), field {col!r}: {r[col]!r} is invalid; allowed: "
+                              f"{allowed} {hint}")
+    return df
+
+
 def table_source_line(t: dict[str, Any]) -> str:
     """One model's entry of LatencyModel.tables() as the summary's `profile_tables` line:
     '<source> (<what it is>): <path>'."""
@@ -219,6 +254,19 @@ def table_source_line(t: dict[str, Any]) -> str:
             ESTIMATED: "estimated (measured tables scaled by roofline ratios, not measured)",
             ANALYTIC: "analytic (roofline, not measured)"}[t["source"]]
     return f"{what}: {t['path']}"
+
+
+def _interp_sq(xs: list[float], ss: list[float], n: float) -> float:
+    """ss interpolated at n along xs (piecewise linear; the end segments extended)."""
+    if len(xs) == 1:
+        return ss[0] * (n / xs[0]) ** 2
+    j = bisect_right(xs, n) - 1
+    if j < 0:
+        j = 0
+    elif j > len(xs) - 2:
+        j = len(xs) - 2
+    w = (n - xs[j]) / (xs[j + 1] - xs[j])
+    return ss[j] + w * (ss[j + 1] - ss[j])
 
 
 class LatencyModel:
@@ -238,6 +286,7 @@ class LatencyModel:
         self._paths: dict[str, tuple[Path, str]] = {}   # model -> (table read, its source)
         self._grids: dict[tuple, Grid] = {}
         self._mixed_per_seq: dict[str, float] = {}
+        self._attn: dict[str, tuple[float, list[float], list[float]]] = {}  # prefill attention
         self._ar_grids: dict[tuple[str, str], Grid | None] = {}
         self._pre: dict[str, Grid] = {}             # model -> its "prefill" / "decode" grid
         self._dec: dict[str, Grid] = {}             # (the hot lookups: no tuple key)
@@ -290,7 +339,7 @@ class LatencyModel:
                     f"in {looked}; tables in {self.gpu}/: {have}; table sets under {self.root}: "
                     f"{sets} (measure one with `python -m profiler sweep model={model}`, or make "
                     f"roofline ones with `python -m profiler sweep backend=analytic model={model}`)")
-            df = read_table(path)
+            df = read_profile(path)
             self._frames[model] = df[df["status"] == "ok"]
             if source == MEASURED and ANALYTIC in self.engines(model):
                 source = ANALYTIC        # rows computed, not measured, whatever folder they are in
@@ -570,13 +619,23 @@ class LatencyModel:
         return j if hi <= axis[j + 1] and (hi < axis[j + 1] or j == len(axis) - 2) else None
 
     def ar_step(self, model: str, prefill_tokens: int, decode_seqs: int, decode_ctx: float,
-                prefill_ctx: float = 0.0) -> float:
+                prefill_ctx: float = 0.0, prefill_sq: float = -1.0) -> float:
         """One engine step: linear (token) cost of every scheduled token, plus the attention
         cost of decode contexts and of prefill chunks that attend to earlier chunks; a decode
-        sequence that rides along with a prefill chunk costs `mixed_per_seq` more."""
+        sequence that rides along with a prefill chunk costs `mixed_per_seq` more.
+
+        prefill_sq = the sum of the squared chunk lengths of the step's prefill chunks (one per
+        request): a chunk's tokens attend to each other, not to other requests' chunks, so the
+        step's self-attention is that of its chunks, not of one sequence of all its tokens as
+        the table's single-prompt rows measured (`prefill_attention`). -1: one chunk."""
         if prefill_tokens == 0:
             return self.decode(model, decode_seqs, decode_ctx)
-        t = self.prefill(model, prefill_tokens + decode_seqs)
+        n = prefill_tokens + decode_seqs
+        t = self.prefill(model, n)
+        if prefill_sq >= 0.0:
+            c, xs, ss = self._attn.get(model) or self.prefill_attention(model)
+            if c > 0.0:
+                t -= c * (_interp_sq(xs, ss, n) - prefill_sq - decode_seqs)
         if decode_seqs:
             t += max(0.0, self.decode(model, decode_seqs, decode_ctx) - self.decode(model, decode_seqs, self._min_ctx(model)))
             t += self.mixed_per_seq(model) * decode_seqs
@@ -601,11 +660,52 @@ class LatencyModel:
         return max(0.0, with_ctx - self.prefill(model, tokens))
 
     def _mixed_composed(self, model: str, r) -> float:
-        """The composition rule without the mixed term, for a measured mixed-step row."""
+        """The composition rule without the mixed term, for a measured mixed-step row (one
+        prompt chunk of num_tokens beside num_decode_seqs decodes)."""
         d = int(r.num_decode_seqs)
         ctx = _mixed_decode_context(r) or self._min_ctx(model)
-        return self.prefill(model, int(r.num_tokens) + d) + max(
-            0.0, self.decode(model, d, ctx) - self.decode(model, d, self._min_ctx(model)))
+        n = int(r.num_tokens)
+        t = self.prefill(model, n + d)
+        c, xs, ss = self._attn.get(model) or self.prefill_attention(model)
+        if c > 0.0:
+            t -= c * (_interp_sq(xs, ss, n + d) - n * n - d)
+        return t + max(0.0, self.decode(model, d, ctx) - self.decode(model, d, self._min_ctx(model)))
+
+    def prefill_attention(self, model: str) -> tuple[float, list[float], list[float]]:
+        """(c, xs, ss): seconds per token pair of a prefill's self-attention, and the sum of
+        squared sequence lengths the pure-prefill grid's points (xs tokens) were measured with
+        (ss; a row of B prompts of N/B tokens holds N^2/B).
+
+        c is the least-squares fit of the table's own prefill rows: pure rows as
+        t = a + b N + c S (S = N^2 / B: causal self-attention grows with the square of each
+        sequence, the rest with the tokens), rows of a chunk after `context_len` cached tokens as
+        t = a + b N + c (N^2 + 2 N ctx) (each token also attends to the whole context), with c
+        clamped at >= 0. qwen2_5_7b H100: c = 3.2e-10 s, i.e. 21 ms of a single 8,192-token
+        prompt's 198 ms; its context rows alone give 2c within 2-4% at 8,192 tokens. Used to move
+        a step from the grid's single-prompt attention to that of its actual chunks."""
+        if model in self._attn:
+            return self._attn[model]
+        df = self.frame(model)
+        pf = df[df["stage"] == PREFILL]
+        dec = pf["num_decode_seqs"].fillna(0) == 0
+        ctxc = pf["context_len"].fillna(0)
+        pure = pf[dec & (ctxc == 0)]
+        with_ctx = pf[dec & (ctxc > 0)]
+        g = pure.assign(S=pure["num_tokens"].astype(float) ** 2 / pure["batch_size"].clip(lower=1))
+        sq = g.groupby("num_tokens")["S"].median()
+        xs = [float(x) for x in sq.index]
+        ss = [float(v) for v in sq.values]
+        rows = [(1.0, float(r.num_tokens), float(r.S), r.latency_ms_median / 1e3)
+                for r in g.itertuples() if r.num_tokens >= 256]
+        rows += [(1.0, float(r.num_tokens), float(r.num_tokens) ** 2 + 2.0 * r.num_tokens * r.context_len,
+                  r.latency_ms_median / 1e3) for r in with_ctx.itertuples()]
+        c = 0.0
+        if len(rows) >= 4:
+            a = np.array(rows)
+            coef = np.linalg.lstsq(a[:, :3], a[:, 3], rcond=None)[0]
+            c = max(float(coef[2]), 0.0)
+        self._attn[model] = (c, xs, ss)
+        return self._attn[model]
 
     def mixed_per_seq(self, model: str) -> float:
         """Extra seconds per decode sequence in a mixed prefill+decode step: the least-squares

@@ -82,8 +82,8 @@ class PDPools(StagePools):
 
     def transfer_delay(self, done: Job, nxt: Job) -> float:
         if done.stage == AR and nxt.stage == AR:         # prefill -> decode: the KV cache
-            same_node = self.cfg.cluster.num_gpus <= self.cfg.cluster.gpus_per_node
-            return self.policy.link_delay(kv_handoff_bytes(done), same_node)
+            # (a pinned layout's measured `kv` link when it has one)
+            return self.policy.link_delay(kv_handoff_bytes(done), self.policy.same_node(done, nxt), "kv")
         return super().transfer_delay(done, nxt)
 
 

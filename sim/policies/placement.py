@@ -91,18 +91,26 @@ class Replicas(Placement):
     def build(self) -> None:
         c = self.cfg.cluster
         work = self.policy.pilot_work(_request_model, self.fused)
-        fixed = match_fixed(dict(c.replicas), list(work), "cluster.replicas")
-        counts = size_pools(work, c.num_gpus, fixed, "cluster.replicas")
         self.replicas: dict[str, list[Replica]] = {}
-        for model, n in sorted(counts.items()):
-            self.replicas[model] = [self._replica(model, i) for i in range(n)]
+        if c.layout is not None:                       # pinned: replica:<model> -> GPU indices
+            pinned = pinned_pools(c.layout, list(work), "replica", key_of=lambda m: f"replica:{m}")
+            gpus = self.policy.pinned_gpus()
+            for key, ids in sorted(pinned.items()):
+                model = key.split(":", 1)[1]
+                self.replicas[model] = [self._replica(model, i, gpus[g]) for i, g in enumerate(ids)]
+        else:
+            fixed = match_fixed(dict(c.replicas), list(work), "cluster.replicas")
+            counts = size_pools(work, c.num_gpus, fixed, "cluster.replicas")
+            for model, n in sorted(counts.items()):
+                self.replicas[model] = [self._replica(model, i) for i in range(n)]
         self.notes["replicas"] = {m: len(r) for m, r in self.replicas.items()}
         self.routers: dict[str, Router] = {m: self.policy.router_class(r)
                                            for m, r in self.replicas.items()}
 
-    def _replica(self, model: str, index: int) -> Replica:
+    def _replica(self, model: str, index: int, gpu: Any = None) -> Replica:
         spec = load_model(model)
-        g = self.policy.new_gpu(f"replica:{model}")
+        g = gpu if gpu is not None else self.policy.new_gpu(f"replica:{model}")
+        g.role = f"replica:{model}"
         r = Replica(g, model, index)
         parts = [(model, comp) for comp in spec.components]
         llm_model = model if spec.family in ("llm", "vlm") else spec.condition_encoder
@@ -138,7 +146,7 @@ class Replicas(Placement):
             home.requests += 1
         r = flow.home
         if self.reuse is not None and self.reuse.apply(job, r, 1, r.ar if job.stage == AR else None):
-            job.on_done(job, now)           # served from the replica's caches
+            job.on_done(job, now)           # type: ignore[misc]  # served from the replica's caches
             return
         if job.stage == AR:
             r.ar.submit(job, now)
@@ -155,6 +163,27 @@ class Replicas(Placement):
 
 def _request_model(job: Job) -> str:
     return job.req.model
+
+
+def pinned_pools(layout: Any, needed: list[str], kind: str, key_of=lambda k: k) -> dict[str, list[int]]:
+    """The pools of a pinned layout (cluster.layout) for a placement whose workload needs the
+    pool keys `needed` (key_of maps them to layout keys). Every needed pool must be pinned (a
+    pinned pool the workload does not use stays idle, as in the real deployment), and the keys
+    must be of the placement's kind (`replica:` for replicas), else one line naming both sets."""
+    want = {key_of(k) for k in needed}
+    have = {str(k): list(v) for k, v in layout.pools.items()}
+    if kind == "replica":
+        bad = sorted(k for k in have if not k.startswith("replica:"))
+    else:
+        bad = sorted(k for k in have if k.startswith("replica:"))
+    missing = sorted(want - set(have))
+    if bad or missing:
+        raise ConfigError(
+            f"cluster.layout.pools {sorted(have)} does not fit this policy's placement "
+            f"({'replicas: replica:<model> keys' if kind == 'replica' else 'stage pools: <role>:<model> keys'}); "
+            f"allowed: keys covering {sorted(want)}"
+            + (f" (missing {missing})" if missing else "") + (f" (wrong kind {bad})" if bad else ""))
+    return have
 
 
 # --- stage pools ---------------------------------------------------------------------------------
@@ -179,17 +208,21 @@ class StagePools(Placement):
     def build(self) -> None:
         c = self.cfg.cluster
         work = self.policy.pilot_work(self.key_of, self.fused)
-        fixed = match_fixed(dict(c.pools), list(work), "cluster.pools")
         self.hosted: dict[str, list[str]] = {}     # host pool -> light pools riding on its GPUs
         self._fused_by_model: dict[str, bool] = {}
         self.colocated: list[str] = []
-        if self.colocate_light and not fixed:
-            work = self._colocate(work, c.num_gpus)
-        counts = size_pools(work, c.num_gpus, fixed, "cluster.pools")
         self.pools: dict[str, list] = {}
         self.queues: dict[tuple[str, str], StageQueue] = {}
         self.llm: dict[str, list[AREngine]] = {}
         self._routers: dict[str, Router] = {}
+        self._pinned_fused: dict[str, bool] | None = None     # per model, under a pinned layout
+        if c.layout is not None:
+            self._build_pinned(c.layout, work)
+            return
+        fixed = match_fixed(dict(c.pools), list(work), "cluster.pools")
+        if self.colocate_light and not fixed:
+            work = self._colocate(work, c.num_gpus)
+        counts = size_pools(work, c.num_gpus, fixed, "cluster.pools")
         for key, n in sorted(counts.items()):
             self.pools.setdefault(key, [])
             for _ in range(n):
@@ -201,6 +234,28 @@ class StagePools(Placement):
     def key_of(self, job: Job) -> str:
         """The pool a hop runs in ("role:model")."""
         return pool_key(job)
+
+    def _build_pinned(self, layout: Any, work: dict[str, float]) -> None:
+        """Pools exactly as the layout pins them (`work`: the pilot's pools, to check that every
+        pool the workload needs is pinned). A model whose layout has no encoder pool encodes its
+        images inside its LLM step (vLLM's own path); a GPU in several pools holds every one of
+        their engines."""
+        models = {str(k).split(":", 1)[1] for k in layout.pools}
+        self._pinned_fused = {m: f"encoder:{m}" not in layout.pools for m in models}
+        needed = [k for k in work if not (k.startswith("encoder:")
+                                           and self._pinned_fused.get(k.split(":", 1)[1], True))]
+        pinned = pinned_pools(layout, needed, "stage")
+        gpus = self.policy.pinned_gpus()
+        roles: dict[int, list[str]] = {}
+        for key, ids in sorted(pinned.items()):
+            self.pools.setdefault(key, [])
+            for i in ids:
+                first = i not in roles
+                roles.setdefault(i, []).append(key)
+                g = self.add_gpu(key, gpus[i], reset=first)
+                g.role = "+".join(roles[i])
+        self.notes["pools"] = {k: len(v) for k, v in self.pools.items()}
+        self.notes["layout"] = {"name": layout.name, "pools": {k: list(v) for k, v in pinned.items()}}
 
     def _colocate(self, work: dict[str, float], n: int) -> dict[str, float]:
         """Pools that would need less than LIGHT_SHARE of a GPU ride on the GPUs of a related
@@ -241,8 +296,11 @@ class StagePools(Placement):
         if f is None:       # (per model: `hosted` is set once, in build)
             spec = load_model(req.model)
             vl = spec.condition_encoder or req.model
-            f = self._fused_by_model[req.model] = (
-                f"encoder:{vl}" in self.hosted.get(f"{self.llm_role}:{vl}", ()))
+            if self._pinned_fused is not None:
+                f = self._fused_by_model[req.model] = self._pinned_fused.get(vl, True)
+            else:
+                f = self._fused_by_model[req.model] = (
+                    f"encoder:{vl}" in self.hosted.get(f"{self.llm_role}:{vl}", ()))
         return f
 
     def queue(self, stage: str, model: str) -> StageQueue:
@@ -301,7 +359,7 @@ class StagePools(Placement):
         else:
             q = self.queue(job.stage, job.model)
             if self.reuse is not None and self.reuse.apply(job, q, len(q.engines)):
-                job.on_done(job, now)       # served from the pool's feature cache
+                job.on_done(job, now)       # type: ignore[misc]  # served from the pool's feature cache
                 return
             q.put(job, now)
 

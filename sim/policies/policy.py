@@ -16,6 +16,7 @@ from sim.engines.latency import LatencyModel
 from sim.engines.memory import GPUContents, kv_capacity_tokens
 from sim.engines.pipeline import handoff_bytes, plan_hops
 from sim.engines.queues import QUEUE_ORDERS
+from sim.names import VISION_ENCODE
 from sim.policies import (BATCHING, PLACEMENTS, POLICIES, REUSE, ROUTERS, SCALING, Parts, load_part,
                           with_pd_split)
 from sim.policies.parts import BatchingRule, Flow, Placement, Scaling
@@ -111,15 +112,44 @@ class Policy:
         self.gpus.append(g)
         return g
 
-    def link_delay(self, nbytes: int, same_node: bool) -> float:
+    def pinned_gpus(self) -> list[GPU]:
+        """The GPUs of a pinned layout (cluster.layout), index i = GPU i (node i // gpus_per_node),
+        made once, in index order."""
+        if not self.gpus:
+            for i in range(self.cfg.cluster.num_gpus):
+                self.new_gpu("idle")
+        return self.gpus
+
+    def link_delay(self, nbytes: int, same_node: bool, kind: str | None = None) -> float:
+        """Seconds to move nbytes between two GPUs: a pinned layout's measured connector for this
+        hand-off kind (cluster.layout.handoff: "encoder", "kv") when it has one, else NVLink inside
+        a node / the network across nodes, plus cluster.transfer_latency_us."""
         c = self.cfg.cluster
+        if kind is not None and c.layout is not None:
+            link = c.layout.handoff.get(kind)
+            if link is not None:
+                return nbytes / (link.gb_s * 1e9) + link.latency_us * 1e-6
         bw = (c.nvlink_gb_s if same_node else c.network_gb_s) * 1e9
         return nbytes / bw + c.transfer_latency_us * 1e-6
 
+    def same_node(self, done: Job, nxt: Job) -> bool:
+        """Do two hops' GPUs share a node? Without a pinned layout: when the cluster fits in one;
+        under cluster.layout: when every GPU of the two hops' pools is on one node."""
+        c = self.cfg.cluster
+        if c.layout is None:
+            return c.num_gpus <= c.gpus_per_node
+        key_of = getattr(self.placement, "key_of", None)
+        pools = c.layout.pools
+        ids = [i for j in (done, nxt) for i in (pools.get(key_of(j), ()) if key_of else ())]
+        if not ids:
+            return c.num_gpus <= c.gpus_per_node
+        return len({i // c.gpus_per_node for i in ids}) == 1
+
     def hop_delay(self, done: Job, nxt: Job) -> float:
-        """Transfer between two different GPUs; same node when the cluster fits in one."""
-        same_node = self.cfg.cluster.num_gpus <= self.cfg.cluster.gpus_per_node
-        return self.link_delay(handoff_bytes(done), same_node)
+        """Transfer of a hop's output between two different GPUs (a vision encoder's embeddings
+        are the `encoder` hand-off of a pinned layout's measured links)."""
+        kind = "encoder" if done.stage == VISION_ENCODE else None
+        return self.link_delay(handoff_bytes(done), self.same_node(done, nxt), kind)
 
     def pilot_work(self, key: Callable[[Job], str], fused: bool) -> dict[str, float]:
         """Offered work per key(job) over the pilot requests (for pool sizing)."""
@@ -156,7 +186,8 @@ class Policy:
                         stream_s_per_token=e.stream_ms_per_token / 1e3,
                         max_num_seqs=e.max_num_seqs, block_size=e.block_size,
                         step_overhead_s=e.step_overhead_ms / 1e3, priority=priority,
-                        itl_sink=self.ctx.itl_sink, max_model_len=e.max_model_len)
+                        itl_sink=self.ctx.itl_sink, max_model_len=e.max_model_len,
+                        reserve_full_isl=e.scheduler_reserve_full_isl)
 
     def utilization(self, duration: float) -> dict:
         per_gpu = {g.name: (g.busy_time / duration if duration > 0 else 0.0) for g in self.gpus}

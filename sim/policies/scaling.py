@@ -29,7 +29,8 @@ class Pressure(Scaling):
         self.lat = pol.lat
         self.interval = pol.cfg.policy.autoscale_interval_s
         self.moves = []
-        if pol.cfg.policy.autoscale and len(self.place.pools) > 1:
+        # a pinned layout (cluster.layout) is the deployment as it ran: its GPUs never move
+        if pol.cfg.policy.autoscale and len(self.place.pools) > 1 and pol.cfg.cluster.layout is None:
             self.env.timer(self.interval, self._tick)
 
     def pressure(self, key: str) -> float:

@@ -3,7 +3,8 @@ and a short console summary.
 
 Why atomic: sweeps run many simulations in parallel and get killed; a reader (a notebook, the next
 sweep stage) must never see a half-written ``summary.json`` or ``requests.parquet``. Every writer
-goes to a temp file in the same directory and ``os.replace``-s it into place at the end.
+goes to a temp file in the same directory and ``os.replace``-s it into place at the end. The
+files get the usual permissions (0666 less the umask), not the temp file's owner-only ones.
 """
 from __future__ import annotations
 
@@ -43,6 +44,24 @@ REQUEST_SCHEMA: pa.Schema = pa.schema(
     _BASE_FIELDS + [(f"{s}_{k}", pa.float64()) for s in WIDE_STAGES
                     for k in ("enqueue", "start", "end")])
 REQUEST_COLUMNS: tuple[str, ...] = tuple(REQUEST_SCHEMA.names)
+
+
+def _umask() -> int:
+    m = os.umask(0)
+    os.umask(m)
+    return m
+
+
+_FILE_MODE = 0o666 & ~_umask()
+
+
+def temp_beside(path: Path) -> Path:
+    """A new empty temp file next to `path` (hidden, `.tmp`), with the mode a plain file gets."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, _FILE_MODE)
+    os.close(fd)
+    return Path(tmp)
 
 
 def _num(x: float) -> float | None:
@@ -153,11 +172,7 @@ class RequestsParquetWriter:
         self.chunk_rows = int(chunk_rows)
         self.slo = slo
         self.rows_written = 0
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp",
-                                   dir=self.path.parent)
-        os.close(fd)
-        self._tmp = Path(tmp)
+        self._tmp = temp_beside(self.path)
         self._writer: pq.ParquetWriter | None = pq.ParquetWriter(self._tmp, REQUEST_SCHEMA)
         self._buf: list[dict[str, Any]] = []
 
@@ -211,18 +226,34 @@ class RequestsParquetWriter:
 
 def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> None:
     """Write ``obj`` as JSON (strict: NaN/inf are refused) via a temp file + os.replace."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(obj, indent=2, allow_nan=False, sort_keys=False)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    write_text_atomic(path, text + "\n")
+
+
+def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
+    """Write a text file via a temp file + os.replace (complete or absent, never partial)."""
+    path = Path(path)
+    tmp = temp_beside(path)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text + "\n")
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_parquet_atomic(path: str | os.PathLike[str], table: pa.Table) -> None:
+    """Write an arrow table as parquet via a temp file + os.replace."""
+    path = Path(path)
+    tmp = temp_beside(path)
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -234,15 +265,49 @@ def _fmt(x: Any, unit: str = "", digits: int = 2) -> str:
     return f"{x}{unit}"
 
 
+def latency_model_notes(summary: dict[str, Any]) -> list[tuple[str, str]]:
+    """What a reader of the run's numbers must know about its latency tables, as (short, long)
+    notes: lookups outside the measured grid (extrapolated or clamped) and tables that were not
+    measured (analytic)."""
+    lm = summary.get("latency_model") or {}
+    notes = []
+    out = lm.get("out_of_grid_lookups") or {}
+    if out:
+        n = sum(out.values())
+        top = ", ".join(f"{k} {v:,}" for k, v in sorted(out.items(), key=lambda kv: -kv[1])[:3])
+        verb = {"extrapolate": "EXTRAPOLATED", "clamp": "CLAMPED"}.get(
+            str(lm.get("out_of_range_policy")), "OUT OF GRID")
+        notes.append((f"{verb}: {n:,} lookups outside the measured tables",
+                      f"{verb}: {n:,} latency lookups outside the measured tables ({top}); "
+                      f"latency.out_of_range={lm.get('out_of_range_policy')}"))
+    analytic = summary.get("analytic_tables") or sorted(
+        m for m, engines in (lm.get("engines") or {}).items() if "analytic" in engines)
+    if analytic:
+        notes.append(("ANALYTIC: roofline, not measured",
+                      f"ANALYTIC: {', '.join(analytic)} simulated on roofline tables (engine=analytic, "
+                      f"not measured; an optimistic floor). Measure with `python -m profiler sweep "
+                      f"model={analytic[0]}` on a GPU."))
+    return notes
+
+
 def print_summary(summary: dict[str, Any], title: str = "simulation summary") -> None:
-    """A short rich table of the headline numbers of a summary.json dict."""
+    """A short rich table of the headline numbers of a summary.json dict; what the numbers rest
+    on is in the table itself: lookups outside the measured tables (a row and the caption), the
+    table of each model (ANALYTIC for a roofline one, also said above the table)."""
     from rich.console import Console
     from rich.table import Table
 
     s = summary
-    t = Table(title=title, show_header=True)
+    notes = [n for n in latency_model_notes(s) if not n[0].startswith("ANALYTIC")]   # rows below
+    t = Table(title=title, show_header=True,
+              caption="\n".join(f"[bold red]{long}[/]" for _, long in notes) or None)
     t.add_column("metric")
     t.add_column("value", justify="right")
+    for short, _ in notes:
+        t.add_row("[bold red]latency tables[/]", f"[bold red]{short}[/]")
+    conc = s.get("max_concurrency")
+    t.add_row("client", "open loop (arrivals as scheduled)" if conc is None
+              else f"closed loop: at most {conc} requests in flight")
     t.add_row("completed / duration", f"{s.get('completed')} / {_fmt(s.get('duration'), ' s')}")
     t.add_row("request throughput", _fmt(s.get("request_throughput"), " req/s", 3))
     t.add_row("goodput", _fmt(s.get("goodput"), " req/s", 3))

@@ -7,7 +7,7 @@ import time
 from collections import deque
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from sim.config import SimConfig
 from sim.core.kernel import Kernel
@@ -16,6 +16,7 @@ from sim.policies.policy import PILOT_REQUESTS, SimContext, build_policy
 from sim.run.build_guard import check_fresh
 from sim.run.metrics import MetricsCollector
 from sim.run.output import RequestsParquetWriter, write_json_atomic
+from sim.run.timeline import UtilizationSampler
 from sim.workloads import request_source
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -65,6 +66,7 @@ class Run:
         self.steps = 0                    # SimPy events processed (Kernel.run_until)
         self.last_finish = 0.0
         self.writer = None
+        self.sampler: UtilizationSampler | None = None   # per-pool utilization over time
         self._on_arrival = self._arrive   # one bound method for every arrival event
         self.max_concurrency = self.workload.max_concurrency
         self._in_flight = 0
@@ -134,14 +136,25 @@ class Run:
             self._in_flight += 1
             self.policy.admit(req, now)
 
-    def run(self, progress: bool = False) -> dict:
+    def run(self, progress: bool = False, finish: Callable[[dict], None] | None = None) -> dict:
+        """Simulate; returns the summary (also written to outdir/summary.json, last of the run's
+        files, so its presence means the run finished). `finish(summary)` runs before that
+        write (sim.cli: adds the cache key and writes report.html)."""
         t0 = time.perf_counter()
         if self.outdir is not None and self.cfg.output.write_requests:
             self.outdir.mkdir(parents=True, exist_ok=True)
             self.writer = RequestsParquetWriter(self.outdir / "requests.parquet",
                                                 self.cfg.output.chunk_rows, self.cfg.slo)
+        if self.outdir is not None and self.cfg.output.report:
+            w = self.cfg.workload      # a first interval of ~1/240 of the expected span
+            span = w.num_requests / w.arrival.rate if w.arrival.process == "gamma" else 0.0
+            self.sampler = UtilizationSampler(self.env, self.policy.gpus,
+                                              done=lambda: self.completed >= self.n_total,
+                                              dt=max(1.0, span / 240))
         try:
             self._start_arrivals()
+            if self.sampler is not None:
+                self.sampler.start()
             with gc_tuned_for_simulation():
                 if progress:
                     self._run_with_bar()
@@ -154,17 +167,17 @@ class Run:
                 self.writer.abort()
             raise
         wall = time.perf_counter() - t0
-        return self.summarize(wall)
+        return self.summarize(wall, finish)
 
     def _run_with_bar(self) -> None:
         from tqdm import tqdm
         with tqdm(total=self.n_total, unit="req", desc="simulating", mininterval=0.5) as bar:
             while self.env.peek() != float("inf"):
                 self.steps += self.env.run_until(self.env.peek() + 5.0)
-                bar.set_postfix_str(f"t={self.env.now:,.0f}s sim")
+                bar.set_postfix_str(f"t={self.env.now:,.0f}s sim", refresh=False)
                 bar.update(self.completed - bar.n)
 
-    def summarize(self, wall_s: float) -> dict:
+    def summarize(self, wall_s: float, finish: Callable[[dict], None] | None = None) -> dict:
         cfg = self.cfg
         if self.completed != self.n_total:
             raise RuntimeError(f"simulation ended with {self.n_total - self.completed} of "
@@ -193,6 +206,11 @@ class Run:
         summary = self.metrics.summary(duration, len(self.policy.gpus), cfg.cluster.gpu, price,
                                        cfg.slo, util, extra)
         if self.outdir is not None:
+            if self.sampler is not None:
+                self.sampler.finish(duration)
+                self.sampler.write(self.outdir / "timeline.parquet")
+            if finish is not None:
+                finish(summary)
             write_json_atomic(self.outdir / "summary.json", summary)
         return summary
 

@@ -3,7 +3,8 @@ measurement it can be checked against, with the relative error reported (never h
 
     python -m sim.studies.analytic model=qwen_image gpu=h100 [profiles_dir=traces/profiles] [sim=true]
 
-prints a JSON report. What it computes (the design's "analytic layer"):
+prints the report's headline numbers as a table (`format=json` prints the whole report as
+JSON). What it computes (the design's "analytic layer"):
 
 * serial latency of a *typical request* of the model, stage by stage, from the profile tables
   (the same LatencyModel and pipeline hops the simulator uses): VLM/LLM 600 prompt + 250 output
@@ -58,7 +59,7 @@ TYPICAL = {"prompt_tokens": 600, "output_tokens": 250, "image": (1024, 1024)}
 ACT_TENSORS_LLM = 6              # live hidden-sized tensors per token in one LLM layer step
 ACT_TENSORS_MLP = 2              # live intermediate-sized tensors per token (gate, up)
 USAGE = ("usage: python -m sim.studies.analytic model=<name> gpu=<gpu> [profiles_dir=<dir>] "
-         "[sim=true|false] [num_requests=<n>]")
+         "[sim=true|false] [num_requests=<n>] [format=table|json]")
 
 
 class AnalyticError(ValueError):
@@ -621,7 +622,7 @@ def report(model: str, gpu: str = "h100", profiles_dir: str | Path = "traces/pro
 
 
 def parse_args(argv: list[str]) -> dict[str, str]:
-    allowed = ("model", "gpu", "profiles_dir", "sim", "num_requests")
+    allowed = ("model", "gpu", "profiles_dir", "sim", "num_requests", "format")
     out: dict[str, str] = {}
     for tok in argv:
         if tok in ("-h", "--help"):
@@ -635,6 +636,8 @@ def parse_args(argv: list[str]) -> dict[str, str]:
         out[k] = v
     if "model" not in out:
         raise AnalyticError(f"model= is required; allowed values: {list(available_models())}")
+    if out.get("format", "table") not in ("table", "json"):
+        raise AnalyticError(f"format={out['format']!r} is invalid; allowed: table, json")
     return out
 
 
@@ -653,8 +656,75 @@ def main(argv: list[str] | None = None) -> int:
     except (AnalyticError, ConfigError, UnknownModelError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps(rep, indent=2, default=_json_default))
+    if a.get("format", "table") == "json":
+        print(json.dumps(rep, indent=2, default=_json_default))
+    else:
+        print_report(rep)
     return 0
+
+
+def _ms(x: float) -> str:
+    return f"{x:,.1f} ms" if x < 10_000 else f"{x / 1000:,.2f} s"
+
+
+def print_report(rep: dict[str, Any]) -> None:
+    """The report's headline numbers, each bound next to the check it has (format=json: all)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from sim.run.output import latency_model_notes
+    notes = latency_model_notes({"latency_model": rep.get("latency_model")})
+    if not rep.get("measured"):
+        notes.append(("", f"NOT MEASURED: analytic tables ({rep.get('profiles')})"))
+    where = Path(str(rep.get("profiles")))
+    if where.is_absolute() and where.is_relative_to(Path.cwd()):
+        where = where.relative_to(Path.cwd())
+    t = Table(title=f"analytic report: {rep['model']} on {rep['gpu']} ({where})",
+              caption="\n".join(f"[bold red]{n}[/]" for _, n in notes) or None)
+    t.add_column("quantity")
+    t.add_column("value", justify="right")
+    t.add_column("check / note")
+    req = rep["typical_request"]
+    shape = (f"{req['prompt_tokens']} prompt + {req['output_tokens']} output tokens"
+             + (f", {len(req['input_images'])} image(s) in" if req.get("input_images") else "")
+             + (f", {req['output_image'][0]}x{req['output_image'][1]} out, {req['steps']} steps"
+                f"{' CFG' if req.get('cfg') else ''}" if req.get("output_image") else ""))
+    t.add_row("typical request", req["task"], shape)
+    for st, ms in rep["serial_latency_ms_by_stage"].items():
+        t.add_row(f"  {st}", _ms(ms), f"{100 * rep['stage_share'][st]:.1f}% of serial")
+    t.add_row("serial latency", _ms(rep["serial_latency_ms"]), f"bottleneck {rep['bottleneck_stage']}")
+    t.add_row("bound QPS, serial", f"{rep['bound_qps_serial']:.4g}", "1 / serial latency")
+    t.add_row("bound QPS, batched", f"{rep['bound_qps_batched']:.4g}",
+              f"bottleneck {rep['bottleneck_stage_batched']}; best batch: "
+              + "; ".join(f"{k} " + " ".join(f"{kk}={vv:g}" for kk, vv in v.items())
+                          if isinstance(v, dict) else f"{k} {v}"
+                          for k, v in rep["best_batch_by_stage"].items()))
+    sim = rep.get("simulated")
+    if sim:
+        t.add_row("simulated QPS (1 GPU, saturated)", f"{sim['request_throughput']:.4g}",
+                  f"batched bound error {100 * sim['bound_batched_rel_error']:+.1f}%")
+    for st, g in rep.get("batching_gain", {}).items():
+        t.add_row(f"batching overhead a, {st}", f"{g['overhead']:.3g}",
+                  f"gain {g['gain_measured'][-1]:.3g} at b={g['batch'][-1]}; fit error <= "
+                  f"{100 * g['max_abs_rel_error']:.1f}%")
+    mem = rep["memory"]
+    t.add_row("weights", f"{mem['weights_bytes'] / 1e9:,.1f} GB", "")
+    if mem.get("max_concurrency") is not None:
+        t.add_row("max concurrency", f"{mem['max_concurrency']:,}", mem.get("max_concurrency_note", ""))
+    kv = mem.get("kv_capacity_vs_vllm")
+    if kv and kv.get("estimate_tokens") is not None:
+        t.add_row("KV capacity estimate", f"{kv['estimate_tokens']:,} tokens",
+                  f"vLLM measured {kv['vllm_tokens']:,}: {100 * kv['rel_error']:+.1f}%"
+                  if kv.get("vllm_tokens") else "no vLLM measurement in the table")
+    par = {k: v for k, v in rep.get("parallelism", {}).items() if isinstance(v, dict) and "tp_efficiency" in v}
+    for st, p in par.items():
+        t.add_row(f"TP efficiency, {st}", " / ".join(f"{v:.2f}" for v in p["tp_efficiency"].values()),
+                  "at TP " + " / ".join(map(str, p["tp_efficiency"])))
+    cost = rep["usd_per_1k_requests"]
+    t.add_row("$ / 1k requests", " / ".join(f"{cost[k]:.3g}" for k in cost), " / ".join(cost)
+              + f" (${rep['usd_per_gpu_hour']}/GPU-h)")
+    Console(width=None if sys.stdout.isatty() else 130).print(t)
+    print("all numbers: format=json")
 
 
 def _json_default(o):

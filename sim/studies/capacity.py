@@ -370,24 +370,27 @@ def _n(x, d: int = 0) -> str:
 
 
 def run_capacity(cfg: SimConfig, outdir: Path | None) -> dict[str, Any]:
-    """Entry point of `experiment: capacity` (sim/cli.py): searches, writes capacity.json, prints
-    the table; returns the result dict."""
+    """Entry point of `experiment: capacity` (sim/cli.py): searches, writes capacity.json (and,
+    for a fleet plan, fleet_plan.csv / .png) and returns the result dict (sim.cli prints it with
+    format_result)."""
     cap = cfg.capacity
     if cap.gpus or cap.precisions or cap.pd_split:      # the fleet plan (sim/studies/fleet.py)
-        from sim.studies.fleet import format_fleet, plan_fleet, write_outputs
+        from sim.studies.fleet import plan_fleet, write_outputs
         result = plan_fleet(cfg)
-        table = format_fleet(result)
         if outdir is not None:
             write_outputs(result, Path(outdir))
     else:
         result = plan(cfg)
-        table = format_table(result)
     if outdir is not None:
         from sim.run.output import write_json_atomic
         Path(outdir).mkdir(parents=True, exist_ok=True)
         write_json_atomic(Path(outdir) / "capacity.json", result)
-    print(table)
-    if outdir is not None:
-        print(f"-> {Path(outdir) / 'capacity.json'}")
     return result
 
+
+def format_result(cfg: SimConfig, result: dict[str, Any]) -> str:
+    """The printed table of run_capacity's result: the fleet plan's or the capacity plan's."""
+    if result.get("plan") == "fleet":
+        from sim.studies.fleet import format_fleet
+        return format_fleet(result)
+    return format_table(result)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from sim.config import SimConfig
 from sim.core.gpu import GPU
@@ -17,7 +18,7 @@ from sim.core.records import Job, Request
 from sim.engines.batch import BatchEngine
 from sim.engines.queues import StageQueue
 from sim.rng import stream
-from sim.run.output import write_json_atomic
+from sim.run.output import write_json_atomic, write_parquet_atomic
 from sim.workloads.laws import gamma_arrivals
 from sim.names import TEXT
 
@@ -111,6 +112,6 @@ def run_queueing(cfg: SimConfig, outdir: Path | None) -> dict:
     if outdir is not None:
         outdir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(outdir / "summary.json", summary)
-        pd.DataFrame({"arrival": arrivals, "start": r["start"], "end": r["end"]}).to_parquet(
-            outdir / "requests.parquet")
+        write_parquet_atomic(outdir / "requests.parquet", pa.Table.from_pandas(pd.DataFrame(
+            {"arrival": arrivals, "start": r["start"], "end": r["end"]}), preserve_index=False))
     return summary

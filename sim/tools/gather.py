@@ -9,6 +9,11 @@ Finds every summary.json under the directory (a Hydra multirun dir: one subdir p
   `utilization.per_pool.dit:qwen_image`), except the per-GPU utilization map (one key per GPU;
   it stays in each run's summary.json) and lists (kept as JSON strings).
 Runs without summary.json (unfinished) are skipped and counted on stderr.
+
+It prints a comparison table (one row per run: the overrides that vary, throughput, SLO
+attainment, p50/p99 E2EL, GPU utilization, $/1k requests, and a flag on runs whose latency
+lookups left the measured tables). Every `python -m sim --multirun` ends with it (`SweepTable`,
+a Hydra callback set in conf/config.yaml).
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ from typing import Any
 
 import pandas as pd
 import yaml
+from hydra.experimental.callback import Callback
 
 SKIP = {"utilization.per_gpu"}
 
@@ -79,6 +85,94 @@ def gather(sweep_dir: str | Path) -> pd.DataFrame:
     return df
 
 
+def _run_order(run_dir: str) -> tuple[int, str]:
+    head = run_dir.split("_", 1)[0]
+    return (int(head), run_dir) if head.isdigit() else (1 << 30, run_dir)
+
+
+def _cell(v: Any, fmt: str) -> str:
+    if v is None or (isinstance(v, float) and v != v):
+        return "-"
+    return fmt.format(v)
+
+
+# (header, summary column, format); a column the runs lack is left out
+METRICS: tuple[tuple[str, str, str], ...] = (
+    ("req/s", "request_throughput", "{:,.3f}"),
+    ("goodput", "goodput", "{:,.3f}"),
+    ("SLO att.", "slo_attainment", "{:.1%}"),
+    ("E2EL p50 s", "median_e2el_ms", "{:,.2f}"),
+    ("E2EL p99 s", "p99_e2el_ms", "{:,.2f}"),
+    ("GPU util", "utilization.mean_gpu", "{:.1%}"),
+    ("$/1k", "usd_per_1k_requests", "{:,.3f}"),
+)
+SECONDS = {"median_e2el_ms", "p99_e2el_ms"}
+
+
+def comparison_rows(df: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of the sweep's comparison table: the overrides that vary between runs
+    (all of them when none varies), then the headline metrics; runs in job order."""
+    ov = [c for c in df.columns if c.startswith("override.")]
+    varying = [c for c in ov if df[c].astype(str).nunique() > 1] or ov
+    metrics = [m for m in METRICS if m[1] in df.columns]
+    oog = [c for c in df.columns if c.startswith("latency_model.out_of_grid_lookups.")]
+    head = ["run"] + [c[len("override."):] for c in varying] + [m[0] for m in metrics]
+    if oog:
+        head.append("latency tables")
+    rows = []
+    for _, r in sorted(df.iterrows(), key=lambda kv: _run_order(str(kv[1]["run_dir"]))):
+        row = [str(r["run_dir"])] + [_cell(r[c], "{}") for c in varying]
+        for _, col, fmt in metrics:
+            v = r[col]
+            if col in SECONDS and v is not None and v == v:
+                v = float(v) / 1000.0
+            row.append(_cell(v, fmt))
+        if oog:
+            n = sum(float(r[c]) for c in oog if r[c] is not None and r[c] == r[c])
+            row.append(f"EXTRAPOLATED ({n:,.0f} lookups)" if n else "measured grid")
+        rows.append(row)
+    return head, rows
+
+
+def print_comparison(df: pd.DataFrame, title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+    head, rows = comparison_rows(df)
+    t = Table(title=title)
+    console = Console(width=None if sys.stdout.isatty() else 200)   # a log keeps every column
+    for i, h in enumerate(head):
+        t.add_column(h, justify="left" if i == 0 or not rows or not rows[0][i][:1].isdigit()
+                     else "right")
+    for row in rows:
+        t.add_row(*row)
+    console.print(t)
+
+
+def write_parquet(df: pd.DataFrame, out: Path) -> None:
+    from sim.run.output import write_parquet_atomic
+    import pyarrow as pa
+    write_parquet_atomic(out, pa.Table.from_pandas(df, preserve_index=False))
+
+
+class SweepTable(Callback):
+    """Hydra callback: when a multirun ends, gather its runs into <sweep dir>/sweep.parquet and
+    print the comparison table with where each run's report.html is."""
+
+    def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
+        root = Path(str(config.hydra.sweep.dir))
+        df = gather(root) if root.is_dir() else pd.DataFrame()
+        if df.empty:
+            print(f"sweep {root}: no summary.json written")
+            return
+        out = root / "sweep.parquet"
+        write_parquet(df, out)
+        print_comparison(df, f"sweep {root}: {len(df)} runs")
+        reports = sorted(root.glob("*/report.html"))
+        print(f"table: {out} (python -m sim.tools.gather {root})")
+        if reports:
+            print(f"reports: {root}/<run>/report.html ({len(reports)} runs)")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m sim.tools.gather",
                                  description="Gather every summary.json of a sweep into one parquet.")
@@ -94,10 +188,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: no summary.json under {a.sweep_dir}", file=sys.stderr)
         return 1
     out = Path(a.out) if a.out else Path(a.sweep_dir) / "sweep.parquet"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    df.to_parquet(tmp, index=False)
-    tmp.replace(out)
+    write_parquet(df, out)
+    print_comparison(df, f"sweep {a.sweep_dir}: {len(df)} runs")
     print(f"gathered {len(df)} runs, {len(df.columns)} columns -> {out}")
     return 0
 

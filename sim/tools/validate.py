@@ -18,6 +18,12 @@ requests with their recorded images (sim.workloads.trace). Every row carries `mo
 capacity: `regime()` is the one definition), and the report gives the error table per modality,
 per regime and per both (`error_tables`; validation.json `by_modality`, `by_regime`,
 `by_modality_regime`).
+
+Runs of several servers behind a proxy (profiler.disagg_bench: provenance.layout) replay with that
+layout pinned (cluster.layout: the pools and GPUs the run used; plain replicas as the baseline with
+the proxy's round-robin, split instances as stage pools) and `modality: disaggregated` for split
+ones; hand-offs cost the links measured on their own by profiler.handoff_bench (--handoff;
+default traces/validation/h100_handoff/handoff.json), never the run's own figures.
 """
 from __future__ import annotations
 
@@ -38,6 +44,8 @@ from sim.names import VAE_DECODE
 
 ROOT = Path(__file__).resolve().parents[2]
 CONF_DIR = ROOT / "conf"
+# the connectors' hand-off measured on its own (profiler.handoff_bench), for disaggregated replays
+DEFAULT_HANDOFF = ROOT / "traces" / "validation" / "h100_handoff" / "handoff.json"
 
 # metric -> tolerance (relative)
 TARGETS: dict[str, float] = {
@@ -165,8 +173,24 @@ def regime(offered_rps: Any, capacity_rps: Optional[float], max_concurrency: Opt
     return "overload", rho
 
 
+SPLIT_ROLES = ("encoder", "prefill", "decode")     # a layout with one of these is disaggregated
+
+
+def run_layout(obj: dict[str, Any]) -> Optional[dict[str, Any]]:
+    """The deployment layout a run recorded (profiler.disagg_bench's provenance.layout), or None
+    for one server."""
+    lay = (obj.get("provenance") or {}).get("layout")
+    return lay if isinstance(lay, dict) and lay.get("pools") else None
+
+
 def modality(obj: dict[str, Any]) -> str:
-    """`image` if any request of the run carried an image (profiler.chat_bench's `images`), else `text`."""
+    """`disaggregated` for a run served by split instances (encoder / prefill / decode pools in its
+    provenance.layout), else `image` if any request carried an image (profiler.chat_bench's
+    `images`), else `text`. Plain replicas behind a proxy keep image / text (their `layout`
+    column says how many)."""
+    lay = run_layout(obj)
+    if lay and any(str(k).split(":")[0] in SPLIT_ROLES for k in lay["pools"]):
+        return "disaggregated"
     return "image" if any(len(x or ()) for x in (obj.get("images") or ())) else "text"
 
 
@@ -198,8 +222,10 @@ def run_class(obj: dict[str, Any], model: Optional[str],
     offered = "inf" if is_inf_rate(obj) else prov.get("request_rate", obj.get("request_rate"))
     reg, rho = regime(offered, float(cap) if cap else None, obj.get("max_concurrency"),
                       obj.get("request_throughput"))
+    lay = run_layout(obj)
     return {"modality": mod, "regime": reg, "load_ratio": rho,
-            "capacity_rps": float(cap) if cap else None, "capacity_source": src if cap else None}
+            "capacity_rps": float(cap) if cap else None, "capacity_source": src if cap else None,
+            "layout": lay.get("name") if lay else None}
 
 
 def group_errors(rows: list[dict[str, Any]], keys: tuple[str, ...]) -> list[dict[str, Any]]:
@@ -239,7 +265,8 @@ def print_groups(title: str, table: list[dict[str, Any]], keys: tuple[str, ...])
 
 
 def compose_replay(path: Path, model: str, profiles_dir: str, gpu: str,
-                   extra: Optional[list[str]] = None, prov: Optional[dict[str, Any]] = None):
+                   extra: Optional[list[str]] = None, prov: Optional[dict[str, Any]] = None,
+                   handoff: Optional[dict[str, Any]] = None):
     """The SimConfig `python -m sim +experiment=replay_vllm_bench workload.path=... model=...` builds."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -257,15 +284,69 @@ def compose_replay(path: Path, model: str, profiles_dir: str, gpu: str,
     for k in ("max_num_seqs", "max_num_batched_tokens"):
         if prov.get(k):
             ov.append(f"engine.{k}={int(prov[k])}")
+    lay = prov.get("layout") if isinstance(prov.get("layout"), dict) else None
+    if lay and lay.get("pools"):
+        ov += layout_overrides(lay)
     ov += list(extra or [])
     GlobalHydra.instance().clear()
     with initialize_config_dir(version_base=None, config_dir=str(CONF_DIR)):
         cfg = compose(config_name="config", overrides=ov)
-    return to_config(cfg), ov
+    out = to_config(cfg)
+    if lay and lay.get("pools"):
+        pin_layout(out, lay, handoff)
+    return out, ov
+
+
+def layout_overrides(lay: dict[str, Any]) -> list[str]:
+    """The policy and cluster size a recorded layout runs under: plain replicas behind the proxy
+    are the baseline with the proxy's round-robin; split instances are stage pools (a prefill /
+    decode split where the layout has one)."""
+    pools = lay["pools"]
+    n = len({i for ids in pools.values() for i in ids})
+    roles = {str(k).split(":")[0] for k in pools}
+    ov = [f"cluster.num_gpus={n}", f"cluster.name=layout_{lay.get('name', 'pinned')}"]
+    if roles == {"replica"}:
+        ov += ["policy.name=baseline", "policy.router=round_robin"]
+    else:
+        ov += ["policy.name=disaggregated"]
+        from sim.config import PolicyConfig
+        if roles & {"prefill", "decode"} and "pd_split" in PolicyConfig.__dataclass_fields__:
+            ov += ["policy.pd_split=true"]
+    return ov
+
+
+def pin_layout(cfg, lay: dict[str, Any], handoff: Optional[dict[str, Any]] = None) -> None:
+    """cfg.cluster.layout = the recorded layout (pools as the run placed them), with the measured
+    hand-off links of `handoff` ({kind: {gb_s, latency_us, source}}, from a dedicated connector
+    measurement, never from the run replayed)."""
+    from sim.config import HandoffLink, LayoutConfig
+    links = {k: HandoffLink(float(v["gb_s"]), float(v.get("latency_us", 0.0)), str(v.get("source", "")))
+             for k, v in (handoff or {}).items()}
+    cfg.cluster.layout = LayoutConfig(name=str(lay.get("name", "")),
+                                      pools={str(k): [int(i) for i in v] for k, v in lay["pools"].items()},
+                                      handoff=links)
+    cfg.cluster.check()
+
+
+def load_handoff(path: Optional[str | Path]) -> dict[str, Any]:
+    """Measured hand-off links for replays of disaggregated runs: a JSON or YAML file whose
+    `links` (or top level) maps a kind (encoder, kv) to {gb_s, latency_us, source}, e.g.
+    profiler.handoff_bench's output. None / missing file: no links (bytes over NVLink)."""
+    if not path or not Path(path).exists():
+        return {}
+    text = Path(path).read_text()
+    if str(path).endswith((".yaml", ".yml")):
+        import yaml
+        obj = yaml.safe_load(text) or {}
+    else:
+        obj = json.loads(text)
+    links = obj.get("links", obj)
+    return {k: v for k, v in links.items() if k in ("encoder", "kv") and isinstance(v, dict)}
 
 
 def validate_one(path: Path, model: str, profiles_dir: str, gpu: str, outdir: Path,
-                 extra: Optional[list[str]] = None) -> tuple[dict[str, Any], pd.DataFrame, pd.DataFrame]:
+                 extra: Optional[list[str]] = None, handoff: Optional[dict[str, Any]] = None
+                 ) -> tuple[dict[str, Any], pd.DataFrame, pd.DataFrame]:
     from sim.run.runner import Run
     from sim.workloads.trace import load_vllm_bench
     obj = read_json(path)
@@ -273,7 +354,7 @@ def validate_one(path: Path, model: str, profiles_dir: str, gpu: str, outdir: Pa
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         meas_df = load_vllm_bench(path)
-        cfg, ov = compose_replay(path, model, profiles_dir, gpu, extra, prov)
+        cfg, ov = compose_replay(path, model, profiles_dir, gpu, extra, prov, handoff)
         outdir.mkdir(parents=True, exist_ok=True)
         summary = Run(cfg, outdir).run()
     sim_df = pd.read_parquet(outdir / "requests.parquet") if (outdir / "requests.parquet").exists() else pd.DataFrame()
@@ -287,6 +368,12 @@ def validate_one(path: Path, model: str, profiles_dir: str, gpu: str, outdir: Pa
                            "measured_preemptions": (prov.get("server_metrics") or {}).get("num_preemptions_delta"),
                            "sim_preemptions": summary.get("preemptions"),
                            "max_concurrency": summary.get("max_concurrency"), "overrides": " ".join(ov)}
+    if cfg.cluster.layout is not None:
+        lay = cfg.cluster.layout
+        row["layout_pools"] = {k: list(v) for k, v in lay.pools.items()}
+        row["handoff_links"] = {k: {"gb_s": v.gb_s, "latency_us": v.latency_us, "source": v.source}
+                                for k, v in lay.handoff.items()} or "none: bytes / cluster.nvlink_gb_s"
+        row["measured_handoff"] = prov.get("handoff")
     passed = True
     for k, tol in TARGETS.items():
         mv, sv = meas.get(k, np.nan), float(summary.get(k, np.nan))
@@ -575,7 +662,8 @@ def print_diffusion(rows: list[dict[str, Any]]) -> None:
 
 def run_validation(folder: str | Path, profiles_dir: str = "traces/profiles", gpu: str = "h100",
                    out: Optional[str | Path] = None, model: Optional[str] = None,
-                   extra: Optional[list[str]] = None, files: Optional[list[Path]] = None) -> list[dict[str, Any]]:
+                   extra: Optional[list[str]] = None, files: Optional[list[Path]] = None,
+                   handoff: Optional[str | Path] = None) -> list[dict[str, Any]]:
     folder = Path(folder)
     out = Path(out) if out else (folder / "report" if folder.is_dir() else folder.parent / "report")
     out.mkdir(parents=True, exist_ok=True)
@@ -597,7 +685,8 @@ def run_validation(folder: str | Path, profiles_dir: str = "traces/profiles", gp
             rows.append({"run": run_name(p), "file": str(p), "model": mdl, **cls, "error": f"no profile table {table}"})
             continue
         try:
-            row, mdf, sdf = validate_one(Path(p), mdl, profiles_dir, gpu, out / "sim" / run_name(p), extra)
+            row, mdf, sdf = validate_one(Path(p), mdl, profiles_dir, gpu, out / "sim" / run_name(p), extra,
+                                         load_handoff(handoff if handoff is not None else DEFAULT_HANDOFF))
         except Exception as e:  # noqa: BLE001 - one bad run must not hide the others
             rows.append({"run": run_name(p), "file": str(p), "model": mdl, **cls, "error": f"{type(e).__name__}: {e}"})
             continue
@@ -656,9 +745,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--strict", action="store_true",
                     help="exit 1 if a finite-rate run misses a target or could not be run")
     ap.add_argument("--markdown", action="store_true", help="also print the results as a markdown table")
+    ap.add_argument("--handoff", default=None,
+                    help=f"measured hand-off links for disaggregated runs (default {DEFAULT_HANDOFF.relative_to(ROOT)} "
+                         f"when it exists: profiler.handoff_bench's output)")
     ap.add_argument("overrides", nargs="*", help="extra hydra overrides for every replay")
     a = ap.parse_args(argv)
-    rows = run_validation(a.folder, a.profiles_dir, a.gpu, a.out, a.model, a.overrides)
+    rows = run_validation(a.folder, a.profiles_dir, a.gpu, a.out, a.model, a.overrides, handoff=a.handoff)
     if a.markdown:
         print("\n" + markdown_table(rows))
         tables = error_tables(rows)

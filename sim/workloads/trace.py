@@ -82,50 +82,146 @@ def _missing(path: Any, name: str) -> ConfigError:
                        f"column names: {list(ALIASES[name])}")
 
 
-def _to_seconds(col: pd.Series) -> np.ndarray:
-    """Numbers stay numbers; datetimes / ISO strings become epoch seconds."""
-    if pd.api.types.is_numeric_dtype(col):
-        return col.to_numpy(dtype=float)
-    ts = pd.to_datetime(col, utc=True)
-    return (ts - pd.Timestamp(0, tz="UTC")).dt.total_seconds().to_numpy(dtype=float)
+# canonical numeric column -> (least value, whole number, what is allowed); checked on every row
+NUMERIC: dict[str, tuple[float, bool, str]] = {
+    "prompt_tokens": (0, True, "a whole number of tokens >= 0"),
+    "output_tokens": (0, True, "a whole number of tokens >= 0"),
+    "image_height": (1, True, "a whole number of pixels >= 1"),
+    "image_width": (1, True, "a whole number of pixels >= 1"),
+    "output_height": (1, True, "a whole number of pixels >= 1"),
+    "output_width": (1, True, "a whole number of pixels >= 1"),
+    "steps": (0, True, "a whole number of denoising steps (>= 1 for image outputs; 0 or empty "
+                       "for text outputs)"),
+    "num_images": (0, True, "a whole number of input images (>= 1 for an image-input task)"),
+}
+TRUE_WORDS = ("1", "true", "yes", "y", "t")
+FALSE_WORDS = ("0", "false", "no", "n", "f")
+ROW_COL = "_row"        # the request's row in the file, 1-based (kept through the sort)
+
+
+def where(path: Any, df: pd.DataFrame, i: int) -> str:
+    """'trace <path>: row R (line L)' of row i of a normalised table, as the file numbers it."""
+    r = int(df[ROW_COL].iloc[i]) if ROW_COL in df else i + 1
+    unit = df.attrs.get("rows", "row")
+    if unit == "csv":
+        return f"trace {str(path)!r}: row {r} (line {r + 1})"
+    return f"trace {str(path)!r}: {'line' if unit == 'jsonl' else 'row'} {r}"
+
+
+def _bad_cell(path: Any, df: pd.DataFrame, i: int, canon: str, src: str, value: Any,
+              allowed: str) -> ConfigError:
+    col = f"field {canon!r}" + (f" (column {src!r})" if src != canon else "")
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return ConfigError(f"{where(path, df, i)}, {col}: {value!r} is invalid; allowed: {allowed}")
+
+
+def _to_seconds(col: pd.Series, path: Any, df: pd.DataFrame, src: str) -> np.ndarray:
+    """Numbers stay numbers; datetimes / ISO strings become epoch seconds. A cell that is
+    neither, empty or not finite stops the run with its row."""
+    num = pd.to_numeric(col, errors="coerce")
+    if num.notna().sum() < col.notna().sum():          # not all numbers: times as text?
+        ts = pd.to_datetime(col, utc=True, errors="coerce", format="mixed")
+        if ts.notna().all():
+            return (ts - pd.Timestamp(0, tz="UTC")).dt.total_seconds().to_numpy(dtype=float)
+        bad = int(np.flatnonzero((ts.isna() & num.isna()).to_numpy())[0])
+        raise _bad_cell(path, df, bad, "arrival", src, col.iloc[bad],
+                        "seconds from the trace's start (>= 0), or a date and time")
+    t = num.to_numpy(dtype=float)
+    ok = np.isfinite(t)
+    if not ok.all():
+        bad = int(np.flatnonzero(~ok)[0])
+        raise _bad_cell(path, df, bad, "arrival", src, col.iloc[bad],
+                        "seconds from the trace's start (>= 0) on every row")
+    return t
+
+
+def _check_cells(out: pd.DataFrame, src: dict[str, str], path: Any) -> None:
+    """Every numeric cell a number in range, every cfg cell a yes/no: else one ConfigError
+    naming the file, the row and the field."""
+    for canon, (least, whole, allowed) in NUMERIC.items():
+        if canon not in out:
+            continue
+        col = out[canon]
+        blank = col.isna() | col.map(lambda x: isinstance(x, str) and not x.strip())
+        num = pd.to_numeric(col.where(~blank), errors="coerce").to_numpy(dtype=float)
+        bad = ~blank.to_numpy() & ~(np.isfinite(num) & (num >= least)
+                                    & ((num == np.floor(num)) if whole else True))
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise _bad_cell(path, out, i, canon, src[canon], col.iloc[i], allowed)
+        out[canon] = np.where(blank.to_numpy(), np.nan, num)
+    if "cfg" in out:
+        col = out["cfg"]
+        ok = col.map(lambda x: _val(x) is None or isinstance(x, (bool, np.bool_))
+                     or (isinstance(x, (int, float, np.integer, np.floating)) and x in (0, 1))
+                     or (isinstance(x, str) and x.strip().lower() in TRUE_WORDS + FALSE_WORDS))
+        if not ok.all():
+            i = int(np.flatnonzero(~ok.to_numpy())[0])
+            raise _bad_cell(path, out, i, "cfg", src["cfg"], col.iloc[i],
+                            "true or false (also 1/0, yes/no), or empty for the model's default")
 
 
 def normalise_table(df: pd.DataFrame, path: Any = "<table>", time_scale: float = 1.0) -> pd.DataFrame:
-    """Rename aliases to canonical columns, make arrivals relative if they are epoch times,
-    scale them, and sort by arrival (stable). Requires arrival and prompt_tokens."""
+    """Rename aliases to canonical columns, check every cell, make arrivals relative if they
+    are epoch times, scale them, and sort by arrival (stable). Requires arrival and
+    prompt_tokens. Keeps each request's row in the file (column `_row`) for messages."""
     out = pd.DataFrame(index=range(len(df)))
-    cols = {c.lower(): c for c in df.columns}
+    out.attrs.update(df.attrs)     # a bench result's max_concurrency; how the file numbers rows
+    cols = {str(c).lower(): c for c in df.columns}
+    src: dict[str, str] = {}
     for canon, names in ALIASES.items():
-        src = next((cols[n] for n in names if n in cols), None)
-        if src is not None:
-            out[canon] = df[src].to_numpy()
+        found = next((cols[n] for n in names if n in cols), None)
+        if found is not None:
+            out[canon] = df[found].to_numpy()
+            src[canon] = str(found)
     for req in ("arrival", "prompt_tokens"):
         if req not in out:
             raise _missing(path, req)
-    t = _to_seconds(pd.Series(out["arrival"]))
-    if np.isnan(t).any():
-        raise ConfigError(f"trace {str(path)!r}: field 'arrival' has empty values; allowed: a time "
-                          f"in seconds on every row")
-    if len(t) and np.nanmin(t) > EPOCH_THRESHOLD_S:
+    if not len(df):
+        raise ConfigError(f"trace {str(path)!r} has no request rows; allowed: one row per "
+                          f"request under the header")
+    out[ROW_COL] = df[ROW_COL].to_numpy() if ROW_COL in df else np.arange(1, len(df) + 1)
+    t = _to_seconds(pd.Series(out["arrival"]), path, out, src["arrival"])
+    if np.nanmin(t) > EPOCH_THRESHOLD_S:
         t = t - np.nanmin(t)
+    if (t < 0).any():
+        i = int(np.flatnonzero(t < 0)[0])
+        raise _bad_cell(path, out, i, "arrival", src["arrival"], out["arrival"].iloc[i],
+                        "seconds >= 0 from the trace's start (or epoch times, shifted to start at 0)")
     out["arrival"] = t * time_scale
+    _check_cells(out, src, path)
     for c in df.columns:   # vLLM's measurements ride along for validation
         if str(c).startswith("measured_"):
             out[c] = df[c].to_numpy()
-    out.attrs.update(df.attrs)     # e.g. a bench result's max_concurrency
     return out.sort_values("arrival", kind="stable").reset_index(drop=True)
 
 
 def _read_json_obj(path: Path) -> dict[str, Any]:
-    text = read_text(path)
+    try:
+        text = read_text(path)
+    except (OSError, EOFError, UnicodeDecodeError) as e:      # e.g. a damaged .json.gz
+        raise ConfigError(f"trace {str(path)!r} cannot be read ({_first_line(e)}); allowed: a "
+                          f"`vllm bench serve` result .json (or .json.gz)") from None
     try:
         obj = json.loads(text)
-    except json.JSONDecodeError:   # --append-result: one JSON object per line; take the last
+    except json.JSONDecodeError as e:   # --append-result: one JSON object per line; take the last
         lines = [ln for ln in text.splitlines() if ln.strip()]
-        obj = json.loads(lines[-1])
+        try:
+            obj = json.loads(lines[-1]) if len(lines) > 1 else None
+        except json.JSONDecodeError:
+            obj = None
+        if not isinstance(obj, dict):
+            raise ConfigError(f"trace {str(path)!r}: line {e.lineno} is not valid JSON ({e.msg}, column "
+                              f"{e.colno}); allowed: a `vllm bench serve` result JSON") from None
         warnings.warn(f"{path}: several results appended; replaying the last one", stacklevel=3)
     if isinstance(obj, list):
         return {"__records__": obj}
+    if not isinstance(obj, dict):
+        raise ConfigError(f"trace {str(path)!r} holds a JSON {type(obj).__name__}; allowed: a "
+                          f"`vllm bench serve` result (an object with input_lens, output_lens, ...)")
     return obj
 
 
@@ -143,6 +239,10 @@ def load_vllm_bench(path: str | Path, seed: int = 0) -> pd.DataFrame:
                               f"`vllm bench serve --save-detailed` result has input_lens, "
                               f"output_lens, start_times, ttfts, itls, errors")
     n = len(obj["input_lens"])
+    for key in ("output_lens", "start_times", "ttfts", "itls", "errors"):
+        if obj.get(key) is not None and len(obj[key]) != n:
+            raise ConfigError(f"trace {str(path)!r}: field {key!r} has {len(obj[key])} entries; "
+                              f"allowed: one per request, as input_lens ({n})")
     starts = obj.get("start_times")
     conc = obj.get("max_concurrency")
     if starts:
@@ -242,21 +342,71 @@ def load_trace(path: str | Path, fmt: str = "auto", time_scale: float = 1.0, see
         raise ConfigError("workload.trace.path=None is invalid; allowed: a path to a .csv, .jsonl, "
                           ".parquet or vllm bench .json trace")
     p = Path(path)
-    if not p.exists():
+    if not p.is_file():
         raise ConfigError(f"workload.trace.path={str(path)!r} is invalid; allowed: an existing file")
     f = detect_format(p, fmt)
     if f == "csv":
-        df = pd.read_csv(p)
+        df = _read_csv(p)
     elif f == "jsonl":
-        df = pd.read_json(p, lines=True)
+        df = _read_jsonl(p)
     elif f == "parquet":
-        df = pd.read_parquet(p)
+        try:
+            df = pd.read_parquet(p)
+        except Exception as e:          # pyarrow's errors have no common base
+            raise ConfigError(f"trace {str(p)!r} cannot be read as parquet ({_first_line(e)}); "
+                              f"allowed: a parquet table, one row per request") from None
     elif f == "vllm_json":
         df = load_vllm_bench(p, seed)
     else:
         raise ConfigError(f"workload.trace.format={fmt!r} is invalid; allowed: auto, csv, jsonl, "
                           f"parquet, vllm_json")
     return normalise_table(df, p, time_scale)
+
+
+def _first_line(e: BaseException) -> str:
+    msg = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {msg[0]}" if msg else type(e).__name__
+
+
+def _read_csv(p: Path) -> pd.DataFrame:
+    try:
+        df = pd.read_csv(p, skip_blank_lines=False)
+    except pd.errors.EmptyDataError:
+        raise ConfigError(f"trace {str(p)!r} is empty; allowed: a header line naming the columns "
+                          f"and one row per request") from None
+    except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as e:
+        raise ConfigError(f"trace {str(p)!r} is not a readable CSV ({_first_line(e)}); allowed: "
+                          f"comma-separated values under one header line") from None
+    df = df.dropna(how="all")                       # blank lines: no request
+    df[ROW_COL] = df.index.to_numpy() + 1           # data row r is the file's line r + 1
+    df.attrs["rows"] = "csv"
+    return df.reset_index(drop=True)
+
+
+def _read_jsonl(p: Path) -> pd.DataFrame:
+    """One JSON object per line (blank lines skipped); a line that is not one stops the run."""
+    records, lines = [], []
+    with open(p, encoding="utf-8", errors="replace") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"trace {str(p)!r}: line {n} is not valid JSON ({e.msg}, column "
+                                  f"{e.colno}); allowed: one JSON object per line") from None
+            if not isinstance(obj, dict):
+                raise ConfigError(f"trace {str(p)!r}: line {n} is a JSON {type(obj).__name__}; "
+                                  f"allowed: one JSON object per line") from None
+            records.append(obj)
+            lines.append(n)
+    if not records:
+        raise ConfigError(f"trace {str(p)!r} has no request lines; allowed: one JSON object "
+                          f"per request per line")
+    df = pd.DataFrame.from_records(records)
+    df[ROW_COL] = lines
+    df.attrs["rows"] = "jsonl"
+    return df
 
 
 def _val(x: Any) -> Any:
@@ -288,10 +438,10 @@ class TraceWorkload:
         col = lambda c: df[c].tolist() if c in df else [None] * n   # noqa: E731
         tasks = [(_val(t) or tc.default_task) for t in col("task")]
         models = col("model")
-        bad = sorted({t for t in tasks if t not in TASKS})
-        if bad:
-            raise ConfigError(f"trace {str(self.path)!r}: field 'task' has {bad}; allowed: one of "
-                              f"{list(TASKS)}")
+        for i, t in enumerate(tasks):
+            if t not in TASKS:
+                raise ConfigError(f"{where(self.path, df, i)}, field 'task': {t!r} is invalid; "
+                                  f"allowed: one of {list(TASKS)}")
         if "output_tokens" not in df and any(t in TEXT_OUT_TASKS for t in tasks):
             raise _missing(self.path, "output_tokens")
         self._plans: dict[tuple[str, str], tuple[ModelSpec, int, bool, str]] = {}
@@ -303,7 +453,7 @@ class TraceWorkload:
                                   f"{str(self.path)!r}; allowed: a model name (or a 'model' column)")
             self.models.append(str(m))
             if (t, str(m)) not in self._plans:
-                self._plans[(t, str(m))] = self._plan(t, str(m), cfg)
+                self._plans[(t, str(m))] = self._plan(t, str(m), cfg, where(self.path, df, i))
         self._cols = {c: col(c) for c in ("prompt_tokens", "output_tokens", "image_height",
                                           "image_width", "output_height", "output_width",
                                           "steps", "cfg", "slo_class", "num_images",
@@ -322,16 +472,17 @@ class TraceWorkload:
                         for i, t in enumerate(tasks)]
         for i, t in enumerate(tasks):
             if t in IMAGE_IN_TASKS and not self._images[i][0] and (_val(ih[i]) is None or _val(iw[i]) is None):
-                raise ConfigError(f"trace {str(self.path)!r}: row {i} (task {t!r}) needs an input "
-                                  f"image; required fields 'image_height' and 'image_width' are "
-                                  f"missing; accepted column names: ['image_height'], ['image_width']")
+                raise ConfigError(f"{where(self.path, df, i)}, fields 'image_height', 'image_width': "
+                                  f"empty, and task {t!r} needs an input image; allowed: its size "
+                                  f"in pixels (columns image_height and image_width, or images, "
+                                  f"image_sizes, num_images)")
 
     def _images_of(self, i: int) -> tuple[tuple[tuple[int, int], ...], tuple[int, ...]]:
         """(input image sizes, image ids) of row i. Sizes, first given wins: the `images` column
         ([[h, w], ...] pairs: an image + text run's images, load_vllm_bench), `image_sizes`
         ("HxW;HxW;..."), `num_images` copies of image_height x image_width; () when the row
         gives only image_height and image_width (one image). Ids from `image_ids`."""
-        c, where = self._cols, f"trace {str(self.path)!r}: row {i}"
+        c, at = self._cols, where(self.path, self.df, i)
         sizes: tuple[tuple[int, int], ...] = ()
         v = c["images"][i]
         if v is not None and not (isinstance(v, float) and math.isnan(v)) and not isinstance(v, str):
@@ -342,12 +493,12 @@ class TraceWorkload:
                 sizes = tuple((int(h), int(w)) for h, w in
                               (x.lower().split("x") for x in str(raw).split(";") if x.strip()))
             except ValueError:
-                raise ConfigError(f"{where} field 'image_sizes'={raw!r} is invalid; allowed: "
+                raise ConfigError(f"{at}, field 'image_sizes'={raw!r} is invalid; allowed: "
                                   f"'HxW;HxW;...' (e.g. 512x512;1024x768)") from None
         n = _val(c["num_images"][i])
         if not sizes and n is not None:
             if int(n) < 1:
-                raise ConfigError(f"{where} field 'num_images'={n!r} is invalid; allowed: >= 1 "
+                raise ConfigError(f"{at}, field 'num_images'={n!r} is invalid; allowed: >= 1 "
                                   f"for an image-input task")
             h, w = _val(c["image_height"][i]), _val(c["image_width"][i])
             if h is not None and w is not None:
@@ -358,16 +509,17 @@ class TraceWorkload:
             try:
                 ids = tuple(int(x) for x in str(raw).split(";") if x.strip())
             except ValueError:
-                raise ConfigError(f"{where} field 'image_ids'={raw!r} is invalid; allowed: "
+                raise ConfigError(f"{at}, field 'image_ids'={raw!r} is invalid; allowed: "
                                   f"integers separated by ';'") from None
             k = len(sizes) or 1
             if len(ids) != k:
-                raise ConfigError(f"{where} field 'image_ids' has {len(ids)} ids for {k} images; "
+                raise ConfigError(f"{at}, field 'image_ids' has {len(ids)} ids for {k} images; "
                                   f"allowed: one id per input image")
         return sizes, ids
 
-    def _plan(self, task: str, model: str, cfg: WorkloadConfig) -> tuple[ModelSpec, int, bool, str]:
-        field = f"trace {str(self.path)!r} model"
+    def _plan(self, task: str, model: str, cfg: WorkloadConfig, at: str
+              ) -> tuple[ModelSpec, int, bool, str]:
+        field = f"{at}, field 'model'"
         spec = resolve_model(model, field)
         check_task_model(task, spec, field)
         slo = str(cfg.slo_classes.get(task, "standard"))
@@ -410,8 +562,8 @@ class TraceWorkload:
             if _val(c["cfg"][i]) is not None:
                 cf = _bool(c["cfg"][i])
             if steps < 1:
-                raise ConfigError(f"trace {str(self.path)!r}: row {i} steps={steps} is invalid; "
-                                  f"allowed: >= 1 (a 'steps' column or workload.steps)")
+                raise ConfigError(f"{where(self.path, self.df, i)}, field 'steps': {steps} is "
+                                  f"invalid; allowed: >= 1 (a 'steps' column or workload.steps)")
         if _val(c["slo_class"][i]) is not None:
             slo = str(c["slo_class"][i])
         return prompt, out_tok, ins, out, steps, cf, slo
