@@ -10,7 +10,10 @@ import math
 
 import pytest
 
-from conftest import GPU as GPU_KIND, decode_ms, prefill_ms
+import pandas as pd
+
+from conftest import GPU as GPU_KIND, PREFILL_TOKENS, _row, decode_ms, prefill_ms, qwen_vl_rows
+from profiler.schema import write_table
 from sim.core.gpu import GPU
 from sim.core.kernel import Kernel
 from sim.core.records import Job, Request
@@ -42,9 +45,9 @@ class Rig:
     def _itl(self, d: float, w: int) -> None:
         self.itl.append((d, w))
 
-    def submit(self, i: int, prompt: int, out: int, at: float = 0.0) -> Request:
+    def submit(self, i: int, prompt: int, out: int, at: float = 0.0, priority: int = 1) -> Request:
         req = Request(i, at, "text", M, prompt, out)
-        job = Job(req, "ar", M, on_done=self._done, tokens=prompt, out_tokens=out)
+        job = Job(req, "ar", M, on_done=self._done, tokens=prompt, out_tokens=out, priority=priority)
         self.reqs[i] = req
         if at > self.env.now:
             self.env.run(until=at)
@@ -312,3 +315,94 @@ def test_async_arrival_that_exactly_fits_the_free_blocks(synthetic_profiles, mon
         out[aggregate] = (a.first_token, a.finish, b.first_token, b.finish, b.preemptions)
     assert all(close(x, y) for x, y in zip(out[True][:4], out[False][:4])), out
     assert out[True][4] == out[False][4]
+
+
+# --- a chunk after cached context, priority after preemption, the admission gate, jumps -----------
+
+CTX = [0, 64, 128, 256, 512, 1024]
+
+
+def prefill_ctx_ms(tokens: float, ctx: float) -> float:
+    """A chunk of `tokens` after `ctx` cached tokens (bilinear: exact between grid points)."""
+    return prefill_ms(tokens) + 2e-4 * tokens * ctx
+
+
+@pytest.fixture(scope="module")
+def ctx_profiles(tmp_path_factory):
+    """The synthetic qwen2_5_vl_7b table plus prefill rows after cached context."""
+    root = tmp_path_factory.mktemp("ctx_profiles")
+    rows = qwen_vl_rows() + [_row(M, "prefill", prefill_ctx_ms(t, c), batch_size=1, num_tokens=t,
+                                  context_len=c, num_decode_seqs=0)
+                             for t in PREFILL_TOKENS for c in CTX if c > 0]
+    write_table(pd.DataFrame(rows), root / GPU_KIND / f"{M}.parquet")
+    return root
+
+
+def test_chunks_after_cached_context_cost_their_context(ctx_profiles):
+    """A 160-token prompt under a 64-token budget: chunks of 64 (no context), 64 after 64 and
+    32 after 128 cached tokens, each costing the table's chunk-after-context time."""
+    r = Rig(ctx_profiles, max_num_batched_tokens=64)
+    req = r.submit(0, 160, 2)
+    r.run()
+    first = ms(prefill_ctx_ms(64, 0) + prefill_ctx_ms(64, 64) + prefill_ctx_ms(32, 128))
+    assert close(req.first_token, first)
+    assert close(req.finish, first + ms(decode_ms(1, 160)))
+
+
+def test_a_preempted_request_goes_back_to_its_own_priority_class(synthetic_profiles):
+    """Priority classes: a (standard) and b (batch, class 2) share 13 blocks until both need a
+    7th; b, the latest admitted, is preempted and re-queued at the head of class 2, behind c
+    (standard, waiting since just after the start), so c is admitted at once (3 of the 6 freed
+    blocks) and b, needing 6, waits for a to finish."""
+    r = Rig(synthetic_profiles, kv_tokens=13 * 16, priority=True)
+    r.hold()
+    a = r.submit(0, 90, 12, priority=1)
+    b = r.submit(1, 90, 12, priority=2)
+    r.go()
+    c = r.submit(2, 40, 2, at=0.001, priority=1)
+    r.run()
+    assert (a.preemptions, b.preemptions, c.preemptions) == (0, 1, 0)
+    assert c.first_token < a.finish < b.finish
+    # b's recompute starts only when a's blocks are free: after a's last step
+    assert b.finish > a.finish + ms(prefill_ms(96))
+
+
+def test_full_sequence_gate_on_readmission_counts_the_generated_tokens(synthetic_profiles):
+    """scheduler_reserve_full_isl: a preempted request whose prompt + generated tokens exceed the
+    token budget is re-admitted only when its whole sequence fits the free blocks. a (64 + 100)
+    and b (80 + 100) share 16 blocks until a needs one more; b, preempted with ~48 generated
+    tokens, would get its first chunk's blocks but not its whole sequence's: it waits for a
+    (one preemption). Without the gate it thrashes."""
+    def run(reserve: bool):
+        r = Rig(synthetic_profiles, kv_tokens=16 * 16, max_num_batched_tokens=64,
+                reserve_full_isl=reserve)
+        r.hold()
+        a = r.submit(0, 64, 100)
+        b = r.submit(1, 80, 100)
+        r.go()
+        r.run()
+        return a, b
+    a, b = run(True)
+    assert a.preemptions == 0 and b.preemptions == 1
+    assert b.finish > a.finish + ms(prefill_ms(64))
+    a2, b2 = run(False)
+    assert a2.preemptions == 0 and b2.preemptions > 1
+
+
+def test_a_request_waiting_for_a_seat_does_not_cut_the_decode_jump(synthetic_profiles):
+    """max_num_seqs=1: while a decodes, b waits for its seat and the batch cannot change, so a's
+    decode runs in as few units (GPU events) as when a is alone; b then runs as if alone."""
+    alone = Rig(synthetic_profiles, max_num_seqs=1)
+    alone.submit(0, 100, 60)
+    alone.run()
+    r = Rig(synthetic_profiles, max_num_seqs=1)
+    a = r.submit(0, 100, 60)
+    b = r.submit(1, 50, 30)
+    r.run()
+    assert close(a.finish, alone.reqs[0].finish)
+    assert close(b.first_token, a.finish + ms(prefill_ms(50)))
+    other = Rig(synthetic_profiles, max_num_seqs=1)
+    other.submit(1, 50, 30)
+    other.run()
+    assert alone.gpu.events <= 4
+    assert r.gpu.events == alone.gpu.events + other.gpu.events

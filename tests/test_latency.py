@@ -512,3 +512,64 @@ def test_step_of_several_chunks_costs_their_own_attention():
     from sim.engines.latency import _interp_sq
     assert one - five == pytest.approx(c * (_interp_sq(xs, ss, 7714) - 5 * 1536 ** 2 - 34), rel=1e-9)
     assert 0.165 < five < 0.176 and one > 0.185
+
+
+# --- what the fits and the lookups of a table's special rows give ------------------------------
+
+def test_prefill_attention_coefficient_is_recovered_exactly(tmp_path):
+    """Rows made from t = a + b N + c S (pure rows, S = N^2 / B) and t = a + b N + c (N^2 + 2 N
+    ctx) (chunks after cached context): the least-squares fit returns c, and xs / ss are the pure
+    grid's token points and their median N^2 / B."""
+    a, b, c = 2e-3, 3e-6, 4e-10
+    rows = []
+    for n in [64, 256, 512, 1024, 2048, 4096]:
+        for bs in (1, 2, 4):
+            rows.append(C._row("attn", "prefill", 1e3 * (a + b * n + c * n * n / bs), batch_size=bs,
+                               num_tokens=n, context_len=0, num_decode_seqs=0))
+    for n, ctx in [(512, 1024), (1024, 2048), (2048, 512)]:
+        rows.append(C._row("attn", "prefill", 1e3 * (a + b * n + c * (n * n + 2 * n * ctx)),
+                           batch_size=1, num_tokens=n, context_len=ctx, num_decode_seqs=0))
+    lat = LatencyModel(tiny_table(tmp_path, rows, "attn"), C.GPU)
+    got, xs, ss = lat.prefill_attention("attn")
+    assert got == pytest.approx(c, rel=1e-6, abs=0.0)
+    assert xs == [64.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0]
+    assert ss == [n * n / 2 for n in xs]                     # median over B = 1, 2, 4
+    # a table whose prefill shrinks with the square: the coefficient is clamped at 0
+    neg = [dict(r, latency_ms_median=1e3 * (a + b * r["num_tokens"] - 1e-11 * r["num_tokens"] ** 2))
+           for r in rows[:18]]
+    lat0 = LatencyModel(tiny_table(tmp_path / "neg", neg, "attn"), C.GPU)
+    assert lat0.prefill_attention("attn")[0] == 0.0
+
+
+def test_vision_grid_counts_every_image_of_a_batched_row(tmp_path):
+    """A vision_encode row of B images of N tokens each is the time of B x N tokens."""
+    pts = {(1, 64): 1.0, (1, 128): 2.0, (2, 128): 3.5, (2, 256): 7.0, (4, 256): 15.0}
+    rows = [C._row("vis", "vision_encode", v, batch_size=bs, num_tokens=n) for (bs, n), v in pts.items()]
+    lat = LatencyModel(tiny_table(tmp_path, rows, "vis"), C.GPU)
+    assert lat.vision_encode("vis", 256) == pytest.approx(ms(3.5), rel=1e-12)
+    assert lat.vision_encode("vis", 512) == pytest.approx(ms(7.0), rel=1e-12)
+    assert lat.vision_encode("vis", 1024) == pytest.approx(ms(15.0), rel=1e-12)
+    assert lat.vision_encode("vis", 768) == pytest.approx(ms(11.0), rel=1e-12)
+
+
+def _host_table(root, engine="vllm", asynchronous=False, batches=(1, 2, 4, 8, 16, 32, 64, 128)):
+    import json
+    st = json.dumps({"async_scheduling": asynchronous})
+    rows = [dict(C._row("host", "decode", 8.0 + 0.05 * b + (0.5 if b > 64 else 0.0) + 1e-4 * c,
+                        batch_size=b, num_tokens=b, context_len=c), engine=engine, engine_settings=st)
+            for b in batches for c in (64, 128)]
+    rows += [dict(C._row("host", "prefill", v, batch_size=1, num_tokens=t, context_len=0,
+                         num_decode_seqs=0), engine=engine, engine_settings=st)
+             for t, v in [(16, 1.0), (32, 2.0)]]
+    return LatencyModel(tiny_table(root, rows, "host"), C.GPU)
+
+
+def test_host_per_seq_is_the_decode_slope_of_a_synchronously_timed_vllm_table(tmp_path):
+    """The slope of decode(B, shortest context) over B <= 64 (rows past 64 are left out): 0.05
+    ms per sequence; none for an async-timed table, a table not measured with vLLM, or fewer than
+    two batch sizes <= 64 (two are enough)."""
+    assert _host_table(tmp_path / "a").host_per_seq("host") == pytest.approx(5e-5, rel=1e-9)
+    assert _host_table(tmp_path / "b", asynchronous=True).host_per_seq("host") == 0.0
+    assert _host_table(tmp_path / "c", engine="synthetic").host_per_seq("host") == 0.0
+    assert _host_table(tmp_path / "d", batches=(1, 2, 128)).host_per_seq("host") == pytest.approx(5e-5, rel=1e-9)
+    assert _host_table(tmp_path / "e", batches=(1, 128)).host_per_seq("host") == 0.0

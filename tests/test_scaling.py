@@ -148,6 +148,7 @@ def test_pressure_is_queued_and_running_work_per_gpu(synthetic_profiles):
     (10.0, 2.5, False),     # exactly 4x is not (the code asks > 4x + 1e-9 s; its docstring
                             # says "at least four times")
     (10.0 + 2e-9, 2.5, True),
+    (4 * 2.5 + 1e-9, 2.5, True),    # the rule is pressure >= 4 x the donor's + 1e-9: equal moves
     (2.0, 0.0, True),       # exactly one interval of work per GPU is enough
     (1.999, 0.0, False),    # less is not
 ])

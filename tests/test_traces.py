@@ -274,7 +274,7 @@ def test_steps_column_one_step_is_valid_and_zero_is_not(tmp_path):
     assert a.steps == 1 and b.steps == 50            # an empty cell: the model's default
     pd.DataFrame({"arrival_time": [0.0], "prompt_tokens": [5], "task": ["generate"],
                   "steps": [0]}).to_csv(p, index=False)
-    with pytest.raises(ConfigError, match="row 0 steps=0 is invalid"):
+    with pytest.raises(ConfigError, match=r"row 1 \(line 2\), field .steps.: 0 is invalid"):
         list(request_source(trace_cfg(p), 0))
 
 
@@ -296,3 +296,40 @@ def test_slo_class_column_overrides_the_task_default(tmp_path):
                   "slo_class": ["batch", None]}).to_csv(p, index=False)
     a, b = list(request_source(trace_cfg(p), 0))
     assert a.slo_class == "batch" and b.slo_class == "interactive"   # text's default class
+
+
+def test_vllm_json_without_start_times_warns_at_the_caller(tmp_path):
+    p = tmp_path / "old.json"
+    p.write_text(json.dumps({"request_rate": 4.0, "input_lens": [10] * 3, "output_lens": [5] * 3}))
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        load_vllm_bench(p)
+    assert [r.filename for r in rec if "no start_times" in str(r.message)] == [__file__]
+
+
+def test_image_result_text_prompt_is_at_least_one_token_and_1_pixel_sides_are_valid(tmp_path):
+    """A chat_bench result: text prompt = input_lens - image_tokens, at least 1 (the server's
+    prompt is never all image); a 1-pixel side is a valid image, a 0-pixel one is refused."""
+    p = bench(tmp_path / "i.json", 4, input_lens=[101, 100, 90, 7], images=[[[1, 1]], [[64, 1]], [[1, 64]], []],
+              image_tokens=[100, 100, 100, 0])
+    df = load_vllm_bench(p)
+    assert df["prompt_tokens"].tolist() == [1, 1, 1, 7]
+    assert df["task"].tolist() == ["understand", "understand", "understand", "text"]
+    assert [tuple(x) for x in df["images"]] == [((1, 1),), ((64, 1),), ((1, 64),), ()]
+    for bad in ([[64, 0]], [[0, 64]]):
+        bench(p, 4, images=[bad, [], [], []], image_tokens=[1, 0, 0, 0])
+        with pytest.raises(ConfigError, match=r"row 0 field 'images' .*positive heights and widths"):
+            load_vllm_bench(p)
+
+
+def test_explicit_format_overrides_the_suffix_and_a_json_list_is_a_table(tmp_path):
+    rows = [{"arrival_time": 0.0, "prompt_tokens": 5, "output_tokens": 3},
+            {"arrival_time": 0.5, "prompt_tokens": 6, "output_tokens": 4}]
+    t = tmp_path / "t.txt"
+    pd.DataFrame(rows).to_csv(t, index=False)
+    a, b = list(request_source(trace_cfg(t, format="csv"), 0))
+    assert (a.arrival, a.prompt_tokens, b.arrival, b.output_tokens) == (0.0, 5, 0.5, 4)
+    j = tmp_path / "records.json"
+    j.write_text(json.dumps(rows))
+    df = load_trace(j)
+    assert df["arrival"].tolist() == [0.0, 0.5] and df["prompt_tokens"].tolist() == [5, 6]

@@ -79,9 +79,9 @@ MODULES: dict[str, list[str]] = {
                                   "tests/test_traces.py", G],
     "sim/workloads/synthetic.py": ["tests/test_workload.py", "tests/test_pd_reuse.py", G],
     "sim/workloads/trace.py": ["tests/test_traces.py", "tests/test_vlm_replay.py",
-                               "tests/test_closed_loop.py"],
+                               "tests/test_closed_loop.py", "tests/test_bad_input.py"],
     "sim/run/metrics.py": ["tests/test_metrics.py", G],
-    "sim/engines/ar.py": ["tests/test_ar.py", "tests/test_pd_reuse.py", G,
+    "sim/engines/ar.py": ["tests/test_ar.py", "tests/test_ar_admission.py", "tests/test_pd_reuse.py", G,
                           "tests/test_perf_ar_aggregate.py",
                           P + "test_small_kv_forces_preemptions_and_all_complete", *JUMP],
     "sim/engines/dit.py": ["tests/test_dit.py", "tests/test_batching.py", G,
@@ -97,10 +97,10 @@ MODULES: dict[str, list[str]] = {
     "sim/core/kernel.py": ["tests/test_eventloop.py", G, *JUMP],
     "sim/policies/routing.py": ["tests/test_routing.py", "tests/test_perf_routing.py"],
     "sim/policies/batching.py": ["tests/test_batching.py", G],
-    "sim/policies/placement.py": ["tests/test_placement.py", "tests/test_pd_reuse.py", G,
+    "sim/policies/placement.py": ["tests/test_placement.py", "tests/test_layout.py", "tests/test_pd_reuse.py", G,
                                   "tests/test_perf_routing.py::test_runs_equal_the_scanning_reference"],
     "sim/policies/scaling.py": ["tests/test_scaling.py", G],
-    "sim/policies/policy.py": ["tests/test_policy.py", "tests/test_placement.py", G],
+    "sim/policies/policy.py": ["tests/test_policy.py", "tests/test_placement.py", "tests/test_layout.py", G],
 }
 
 QUICK_PER_MODULE = 20
