@@ -9,7 +9,7 @@ from enum import Enum
 from typing import Any, Optional
 
 from sim.names import EDIT, GENERATE, IMAGE_IN_TASKS, INPAINT, OUTPAINT, TASKS, TEXT, UNDERSTAND
-from sim.policies import DEFAULT_POLICY, POLICIES, REPLICA_ROUTERS
+from sim.policies import DEFAULT_POLICY, DIFFUSION_ENGINES, POLICIES, REPLICA_ROUTERS
 
 
 class ConfigError(ValueError):
@@ -403,11 +403,34 @@ class EngineConfig:
 
 @dataclass
 class DiffusionConfig:
+    # the baseline's diffusion engine (sim.policies.DIFFUSION_ENGINES): vLLM-Omni's request
+    # scheduler (its default), its step scheduler (`--step-execution`), or step-level DiT
+    # batching of identical shapes (the step_level_same_shape part the other policies use)
+    engine: str = "omni_request"
+    max_num_seqs: int = 1            # omni engines: `--max-num-seqs` (vLLM-Omni's default 1)
+    request_batch_max_wait_ms: float = 0.0   # omni_request: `--request-batch-max-wait-ms`
+    # table set of vLLM-Omni's own stage costs under profiles_dir ({gpu}: the run's table set);
+    # read where it holds the model and stage, else the diffusers / vLLM tables; "" = never
+    omni_tables: str = "{gpu}-vllm-omni"
+    # omni engines' work per request: "pipeline" (vLLM-Omni's pipelines: condition encode per
+    # prompt, CFG as two transformer passes, an edit's ~1 MP condition) or "hops" (an ablation:
+    # the work plan_hops gives every policy, so only the scheduling differs)
+    omni_work: str = "pipeline"
+    # step-level DiT batching (step_level_same_shape, bucketed_if_faster)
     max_batch: int = 8               # transformer batch incl. CFG doubling
     shape_compat: str = "exact"      # exact: same sequence; bucket: pad to policy.shape_buckets; any
     step_jump: bool = True           # advance a stable batch's steps in one event (exact)
 
     def check(self) -> None:
+        _choice(self.engine, "diffusion.engine", DIFFUSION_ENGINES)
+        _check(self.max_num_seqs >= 1, "diffusion.max_num_seqs", self.max_num_seqs, ">= 1")
+        _check(self.request_batch_max_wait_ms >= 0, "diffusion.request_batch_max_wait_ms",
+               self.request_batch_max_wait_ms, ">= 0 ms")
+        _check(self.request_batch_max_wait_ms == 0 or self.engine == "omni_request",
+               "diffusion.request_batch_max_wait_ms", self.request_batch_max_wait_ms,
+               f"0 with diffusion.engine={self.engine} (only vLLM-Omni's request scheduler, "
+               "omni_request, waits for a fuller batch)")
+        _choice(self.omni_work, "diffusion.omni_work", ("pipeline", "hops"))
         _check(self.max_batch >= 1, "diffusion.max_batch", self.max_batch, ">= 1")
         _choice(self.shape_compat, "diffusion.shape_compat", SHAPE_COMPAT)
 

@@ -1,4 +1,4 @@
-"""Batching rules (sim/policies/batching.py): `same_shape` makes DiT engines with the config's
+"""Batching rules (sim/policies/batching.py): `step_level_same_shape` makes DiT engines with the config's
 shape compatibility, batch size and buckets and no efficiency test, and one-shot engines with the
 config's batch size; `bucketed_if_faster` pads to policy.shape_buckets and joins only where the
 profile says batching pays. On a run: disaggregated batches DiT work of one shape even where the
@@ -9,15 +9,15 @@ import pytest
 
 from conftest import make_cfg
 from sim.engines.queues import StageQueue
-from sim.policies.batching import BucketedIfFaster, SameShape
+from sim.policies.batching import BucketedIfFaster, StepLevelSameShape
 from sim.run.runner import Run
 
 
 @pytest.mark.parametrize("compat", ["exact", "bucket", "any"])
-def test_same_shape_follows_the_diffusion_config(compat):
+def test_step_level_same_shape_follows_the_diffusion_config(compat):
     cfg = make_cfg(None, {"diffusion.max_batch": 5, "diffusion.shape_compat": compat,
                           "policy.shape_buckets": [256, 1024]})
-    rule = SameShape(cfg)
+    rule = StepLevelSameShape(cfg)
     e = rule.dit_engine("qwen_image", StageQueue("q"), None)
     assert (e.model, e.max_batch, e.compat, e.efficient_only) == ("qwen_image", 5, compat, False)
     assert e.buckets == ([256, 1024] if compat == "bucket" else None)
@@ -51,7 +51,7 @@ def _dit_records(r):
     return [x for q in r.requests for x in q.stages if x.stage == "dit_step"]
 
 
-def test_same_shape_batches_any_work_of_one_shape(synthetic_profiles):
+def test_step_level_same_shape_batches_any_work_of_one_shape(synthetic_profiles):
     """disaggregated batches DiT work without asking whether batching pays (the synthetic law is
     linear: it does not): jobs run together, up to four at a time."""
     r = dit_run(synthetic_profiles, "disaggregated")

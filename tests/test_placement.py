@@ -129,8 +129,11 @@ def test_each_family_runs_its_own_stages_on_one_replica(synthetic_profiles, mode
 
 
 def test_edits_encode_their_input_image_on_the_replica(synthetic_profiles):
+    # (replicas of stage engines: diffusion.engine=step_level_same_shape; the vLLM-Omni engines
+    # are tests/test_omni_engine.py's)
     cfg = make_cfg(synthetic_profiles, {"policy.name": "baseline", "workload.num_requests": 3,
-                                        "workload.mix": {"edit": 1.0}, "cluster.num_gpus": 1})
+                                        "workload.mix": {"edit": 1.0}, "cluster.num_gpus": 1,
+                                        "diffusion.engine": "step_level_same_shape"})
     r = Run(cfg)
     r.run()
     for q in r.requests:
@@ -145,7 +148,8 @@ def test_kv_cache_shares_the_gpu_with_every_model_on_the_replica(synthetic_profi
     what their weights leave; a VLM replica holds only the VLM."""
     from sim.engines.memory import GPUContents, kv_capacity_tokens
     cfg = make_cfg(synthetic_profiles, {"policy.name": "baseline", "workload.num_requests": 4,
-                                        "cluster.num_gpus": 2})
+                                        "cluster.num_gpus": 2,
+                                        "diffusion.engine": "step_level_same_shape"})
     r = Run(cfg)
     vl, qi = load_model("qwen2_5_vl_7b"), load_model("qwen_image")
     own = GPUContents(tuple(("qwen2_5_vl_7b", c) for c in vl.components))

@@ -46,9 +46,9 @@ def run_one(profiles, **over):
 def test_each_policy_is_its_parts():
     cfg = make_cfg()
     assert parts_of("baseline", cfg) == Parts("replicas", "least_loaded", "fifo", False,
-                                              "same_shape", "static")
+                                              "diffusion_engine", "static")
     assert parts_of("disaggregated", cfg) == Parts("stage_pools", "least_requests", "fifo", False,
-                                                   "same_shape", "static")
+                                                   "step_level_same_shape", "static")
     assert parts_of("modality_aware", cfg) == Parts("colocated_pools", "least_tokens", "hrrn", True,
                                                     "bucketed_if_faster", "pressure")
     cfg.policy.router = "round_robin"

@@ -202,8 +202,10 @@ def test_small_kv_forces_preemptions_and_all_complete(synthetic_profiles, policy
 def test_dit_batching_happens_and_respects_max_batch(synthetic_profiles, policy):
     """Image-only burst with max_batch=4: batches above one request form, never above 4 --
     except under modality_aware, which joins a batch only when the profile shows a gain: the
-    synthetic DiT law is linear in batch (no gain), so it must keep running one at a time."""
+    synthetic DiT law is linear in batch (no gain), so it must keep running one at a time.
+    (The baseline on its step-level engine: vLLM-Omni's is tests/test_omni_engine.py's.)"""
     cfg = make_cfg(synthetic_profiles, {
+        "diffusion.engine": "step_level_same_shape",
         "policy.name": policy, "workload.num_requests": 60, "workload.arrival.rate": 40.0,
         "workload.mix": {"generate": 1.0}, "workload.image.aspect_ratios": [1.0],
         "workload.image.x_min": 512, "workload.image.max": 512, "workload.cfg": False,

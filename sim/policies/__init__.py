@@ -47,9 +47,15 @@ ROUTERS: dict[str, Any] = {
 }
 REPLICA_ROUTERS = ("round_robin", "least_loaded")              # policy.router's choices
 BATCHING: dict[str, Any] = {
-    "same_shape": "sim.policies.batching:SameShape",            # diffusion.shape_compat
+    # step-level DiT batching: requests join a running transformer batch between steps
+    "step_level_same_shape": "sim.policies.batching:StepLevelSameShape",  # diffusion.shape_compat
     "bucketed_if_faster": "sim.policies.batching:BucketedIfFaster",
+    # vLLM-Omni's engine: whole requests per replica (sim.engines.omni)
+    "omni_request": "sim.policies.batching:OmniRequest",        # its default request scheduler
+    "omni_step": "sim.policies.batching:OmniStep",              # its --step-execution
+    "diffusion_engine": "sim.policies.batching:diffusion_engine",  # the one diffusion.engine names
 }
+DIFFUSION_ENGINES = ("omni_request", "omni_step", "step_level_same_shape")   # diffusion.engine
 REUSE: dict[str, Any] = {
     "caches": "sim.policies.reuse:Caches",    # image-feature LRU per pool + vLLM prefix caching
 }
@@ -60,11 +66,12 @@ SCALING: dict[str, Any] = {
 
 # --- policies: name -> parts, from the policy.* config ------------------------------------------
 POLICIES: dict[str, Callable[[Any], Parts]] = {
-    # plain vLLM-style serving: replicas per model, each GPU holding every stage of its model
-    "baseline": lambda p: Parts("replicas", p.router, "fifo", False, "same_shape", "static"),
+    # native vLLM serving: replicas per model, each GPU holding every stage of its model; AR
+    # models under vLLM's V1 engine, diffusion models under vLLM-Omni's (diffusion.engine)
+    "baseline": lambda p: Parts("replicas", p.router, "fifo", False, "diffusion_engine", "static"),
     # ModServe-style stage pools sized by offered work, bytes/bandwidth between pools
     "disaggregated": lambda p: Parts("stage_pools", "least_requests", "fifo", False,
-                                     "same_shape", "static"),
+                                     "step_level_same_shape", "static"),
     # disaggregated + image-token-aware LLM routing, interactive-first queues, HRRN DiT and
     # encoder queues, bucketed DiT batching where it pays, co-located light pools, autoscaling
     "modality_aware": lambda p: Parts(

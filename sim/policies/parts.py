@@ -51,6 +51,13 @@ class Flow:
         else:
             place.dispatch(self, nxt, now)
 
+    def finish(self, now: float) -> None:
+        """The request has been served whole by one engine (BatchingRule.whole_engine), which
+        ran every hop itself: no Job -> Flow reference is left, the placement completes it."""
+        self.hops[self.i].on_done = None
+        self.req.finish = now
+        self.placement.complete(self, now)
+
     def _arrived(self, ev: Timer) -> None:
         """A transfer has ended: the next hop (the event's value) starts."""
         self.placement.dispatch(self, ev.value, self.placement.env.now)
@@ -129,6 +136,21 @@ class BatchingRule:
 
     def pass_engine(self, stage: str, model: str, queue: Any, lat: Any) -> Any:
         raise NotImplementedError
+
+    def whole_engine(self, model: str, lat: Any) -> Any:
+        """An engine that serves a diffusion model's requests whole on a replica (every stage,
+        one FIFO queue: submit(flow, now), work(req)), or None: the replica is built from
+        stage engines (an AR engine for the condition encoder, dit_engine, pass_engine)."""
+        return None
+
+    def whole_work(self, req: Any, lat: Any) -> float | None:
+        """Seconds `req` takes alone on the engine whole_engine makes for its model (replica
+        sizing), or None when no such engine serves it."""
+        return None
+
+    def describe(self) -> dict:
+        """What the run's summary should say of this rule's engines (empty: nothing)."""
+        return {}
 
 
 @mypyc_attr(allow_interpreted_subclasses=True)     # (compiled: sim/policies/scaling.py)

@@ -78,6 +78,7 @@ class Replica:
         self.model = model
         self.index = index
         self.ar: AREngine | None = None
+        self.whole: Any = None      # an engine serving the model's requests whole (BatchingRule.whole_engine)
         self.queues: dict[str, StageQueue] = {}
         self.outstanding = 0.0      # work of the requests routed here and not finished (s)
         self.requests = 0
@@ -91,6 +92,7 @@ class Replicas(Placement):
     def build(self) -> None:
         c = self.cfg.cluster
         work = self.policy.pilot_work(_request_model, self.fused)
+        self._whole_work(work)
         self.replicas: dict[str, list[Replica]] = {}
         if c.layout is not None:                       # pinned: replica:<model> -> GPU indices
             pinned = pinned_pools(c.layout, list(work), "replica", key_of=lambda m: f"replica:{m}")
@@ -106,12 +108,31 @@ class Replicas(Placement):
         self.notes["replicas"] = {m: len(r) for m, r in self.replicas.items()}
         self.routers: dict[str, Router] = {m: self.policy.router_class(r)
                                            for m, r in self.replicas.items()}
+        desc = self.policy.batching.describe()
+        if desc:
+            self.notes["diffusion_engine"] = desc
+
+    def _whole_work(self, work: dict[str, float]) -> None:
+        """Offered work of the models whose requests an engine serves whole: that engine's own
+        estimate (each pilot request alone), not the sum of its stage hops."""
+        rule = self.policy.batching
+        whole: dict[str, float] = {}
+        for req in self.policy.ctx.pilot:
+            w = rule.whole_work(req, self.lat)
+            if w is not None:
+                whole[req.model] = whole.get(req.model, 0.0) + w
+        work.update(whole)
 
     def _replica(self, model: str, index: int, gpu: Any = None) -> Replica:
         spec = load_model(model)
         g = gpu if gpu is not None else self.policy.new_gpu(f"replica:{model}")
         g.role = f"replica:{model}"
         r = Replica(g, model, index)
+        if spec.family in ("ar_dit", "dit"):
+            r.whole = self.policy.batching.whole_engine(model, self.lat)
+            if r.whole is not None:
+                g.add(r.whole)
+                return r
         parts = [(model, comp) for comp in spec.components]
         llm_model = model if spec.family in ("llm", "vlm") else spec.condition_encoder
         if llm_model:
@@ -140,11 +161,15 @@ class Replicas(Placement):
     def dispatch(self, flow: Flow, job: Job, now: float) -> None:
         if flow.home is None:
             home = flow.home = self.pick(flow.req.model, now)
-            flow.work = sum(h.work for h in flow.hops)
+            flow.work = (sum(h.work for h in flow.hops) if home.whole is None
+                         else home.whole.work(flow.req))
             home.outstanding += flow.work
             self.routers[home.model].changed(home)
             home.requests += 1
         r = flow.home
+        if r.whole is not None:         # the whole request, at its first hop
+            r.whole.submit(flow, now)
+            return
         if self.reuse is not None and self.reuse.apply(job, r, 1, r.ar if job.stage == AR else None):
             job.on_done(job, now)           # type: ignore[misc]  # served from the replica's caches
             return

@@ -331,6 +331,13 @@ def print_summary(summary: dict[str, Any], title: str = "simulation summary") ->
         t.add_row(f"latency table {m}",
                   "ANALYTIC: roofline, not measured" if m in analytic
                   else "NOT MEASURED: estimated" if m in estimated else how.split(":")[0])
+    de = (s.get("layout") or {}).get("diffusion_engine") or {}
+    for m, src in (de.get("stage_costs") or {}).items():     # the baseline's vLLM-Omni engine
+        by: dict[str, list[str]] = {}
+        for st, where in src.items():
+            by.setdefault(where.split(":")[0], []).append(st.split(" ")[0])
+        t.add_row(f"{m} stage costs ({de.get('engine')})",
+                  "; ".join(f"{eng}: {', '.join(dict.fromkeys(sts))}" for eng, sts in by.items()))
     con = Console()
     if estimated:
         where = ", ".join(sorted({sets.get(m, "?") for m in estimated}))
@@ -342,3 +349,10 @@ def print_summary(summary: dict[str, Any], title: str = "simulation summary") ->
                   "(engine=analytic, not measured; an optimistic floor). Measure with `python -m "
                   f"profiler sweep model={analytic[0]}` on a GPU.[/]")
     con.print(t)
+    for m, src in (de.get("stage_costs") or {}).items():
+        other = sorted(st.split(" ")[0] for st, w in src.items() if not w.startswith("vllm-omni"))
+        if other:
+            con.print(f"[yellow]{m}: {', '.join(dict.fromkeys(other))} costed from tables not measured "
+                      "inside vLLM-Omni (it runs the condition encoder under Hugging Face transformers "
+                      "and the transformer with regional torch.compile); summary.json layout."
+                      "diffusion_engine.stage_costs names each table.[/]")

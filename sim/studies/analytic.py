@@ -518,8 +518,11 @@ def parallel_report(spec: ModelSpec, stages: _Stages, bw_gb_s: float = DEFAULT_N
 
 def saturation_config(spec: ModelSpec, req, root: Path, folder: str, rate: float,
                       num_requests: int, seed: int = 0) -> SimConfig:
-    """One GPU, baseline policy, every request the typical one, arrivals far above capacity."""
+    """One GPU, baseline policy, every request the typical one, arrivals far above capacity.
+    Diffusion models run on the step-level engine (diffusion.engine=step_level_same_shape): the
+    batched bound is that engine's rule (hops at their best batch), not vLLM-Omni's."""
     cfg = SimConfig()
+    cfg.diffusion.engine = "step_level_same_shape"
     cfg.seed = seed
     cfg.profiles_dir = str(root)
     cfg.output.progress = "off"

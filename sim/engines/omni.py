@@ -1,0 +1,650 @@
+"""vLLM-Omni 0.26.0's diffusion engine on one GPU: how `vllm serve <model> --omni` runs image
+requests, as its source shows it (docs/vllm_omni_scheduler.md gives file:line for every rule
+below; docs/omni_baseline.md the costs, their tables and what is left out).
+
+A replica's engine takes whole requests (every stage of the pipeline runs inside it, on its GPU,
+one stage after the other) from one FIFO queue with no bound and no rejection:
+
+- `OmniRequestEngine` (vLLM-Omni's default, RequestScheduler): a request batch is the head of
+  the queue plus the requests right behind it with the same batch key (output size, steps, CFG),
+  up to `max_num_seqs` (default 1: every request alone, in arrival order). The first request
+  that differs ends the batch; it is not skipped over. Pipelines without request batching
+  (every image-input pipeline: Qwen-Image-Edit, FLUX.1-Kontext) never batch. The batch runs
+  alone from its first stage to its last: condition encode (twice with CFG: prompt, then
+  negative prompt), the VAE encode of an edit's condition image, steps x passes of the
+  transformer (CFG: two passes at batch B one after the other, not one at 2B), VAE decode.
+  Nothing joins a running batch. With `request_batch_max_wait_ms` X > 0 an idle engine first
+  waits, before it forms a batch, until max_num_seqs requests wait, or the number waiting has
+  not grown for min(50 ms, X/5), or X ms have passed.
+- `OmniStepEngine` (`--step-execution`, Qwen-Image generate only): one cycle advances every
+  running request by one denoising step. Between steps, waiting requests join from the head of
+  the queue while they share the running requests' step key (size and CFG, not the step count)
+  and fewer than max_num_seqs run; a head that differs blocks the queue until the running
+  requests have drained. A joining request's condition encode runs inside the cycle it joins,
+  before that cycle's step, and a finishing request's VAE decode inside the cycle of its last
+  step; the other running requests wait for both. A request whose pipeline cannot step
+  (an edit) runs alone and whole once the running requests have drained.
+
+CPU work off the GPU loop (an edit's image decode and resize before it is queued; tensor to PIL
+and PNG/base64 encoding after, which overlap the next batch) is not modelled: no measurement of
+it exists in this repository yet (docs/omni_baseline.md).
+
+Costs (`OmniCosts`) come from the profile tables: a vLLM-Omni table set (<gpu>-vllm-omni,
+rows engine = vllm-omni, `python -m profiler sweep backend=vllm_omni`) where it has the stage,
+else the diffusers table of the model and the vLLM table of its condition encoder; `sources()`
+says which table each stage cost comes from, and the run's summary carries it.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+from profiler.models import load_model
+from sim.core.gpu import EqualSteps, Unit
+from sim.core.kernel import Timer
+from sim.core.records import Request, StageRecord
+from sim.engines.pipeline import plan_hops
+from sim.names import AR, DIT_STEP, PREFILL, TEXT_ENCODE, VAE_DECODE, VAE_ENCODE, VISION_ENCODE
+from sim.workloads.requests import condition_image_size
+
+# --- what vLLM-Omni 0.26.0's pipelines do (docs/vllm_omni_scheduler.md, sections 2-5) -----------
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """One vLLM-Omni pipeline class: whether it batches requests (supports_request_batch;
+    without it the server refuses max_num_seqs > 1) and whether it can step-execute."""
+    name: str
+    request_batch: bool
+    step_execution: bool
+
+
+# (transformer kind, takes an input image) -> the pipeline vLLM-Omni serves it with
+PIPELINES: dict[tuple[str, bool], Pipeline] = {
+    ("qwen_image_mmdit", False): Pipeline("QwenImagePipeline", True, True),
+    ("qwen_image_mmdit", True): Pipeline("QwenImageEditPipeline", False, False),
+    ("flux_dit", False): Pipeline("FluxPipeline", True, False),
+    ("flux_dit", True): Pipeline("FluxKontextPipeline", False, False),
+    ("sd3_dit", False): Pipeline("StableDiffusion3Pipeline", True, False),
+    ("sd3_dit", True): Pipeline("(no image-input SD3 pipeline in vLLM-Omni 0.26.0)", False, False),
+    ("unet2d_condition", False): Pipeline("StableDiffusionXLPipeline", False, False),
+    ("unet2d_condition", True): Pipeline("(no image-input SDXL pipeline in vLLM-Omni 0.26.0)", False, False),
+}
+
+# Qwen-Image's condition encoder (Qwen2.5-VL under Hugging Face transformers, inside the pipeline):
+QWEN_TEMPLATE = 34 + 5          # generate: encoder input = template (34 dropped + 5 after) + prompt
+QWEN_TEXT_AFTER = 5             # ... the transformer's text stream = prompt + these 5
+QWEN_EDIT_TEMPLATE = 67 - 1 + 5  # edit: template tokens around the image and prompt (one
+#                                 <|image_pad|> expands to the image's tokens)
+QWEN_EDIT_DROP = 64             # edit: template tokens dropped from the encoder output
+EDIT_CONDITION_PIXELS = 1024 * 1024   # calculate_dimensions(1024 * 1024, ratio), sides % 32
+NEGATIVE_PROMPT_TOKENS = 1      # " ", Qwen's advice and what profiler.omni_bench sends
+
+
+class OmniJob:
+    """One request inside an omni engine: what its pipeline computes, and its progress."""
+    __slots__ = ("flow", "req", "model", "batch_key", "step_ok", "step_key", "steps", "passes",
+                 "weight", "height", "width", "seq", "text", "enc_tokens", "neg_tokens", "vision_tokens",
+                 "cond", "work", "enqueued", "last_end", "done", "records")
+
+    def __init__(self, req: Request, model: str) -> None:
+        self.flow: Any = None
+        self.req = req
+        self.model = model
+        self.batch_key: Optional[tuple] = None   # request batching key; None: never batches
+        self.step_ok = False                     # the step scheduler can run it
+        self.step_key: tuple = ()
+        self.steps = 0
+        self.passes = 1                          # transformer passes per step (2 with CFG)
+        self.weight = 1                          # its share of a pass's batch (work="hops": 2 with CFG)
+        self.height = self.width = 0             # output image
+        self.seq = 0                             # transformer image tokens (+ condition tokens)
+        self.text = 0                            # transformer text-stream tokens
+        self.enc_tokens = 0                      # condition-encoder input tokens (prompt pass)
+        self.neg_tokens = 0                      # ... negative-prompt pass (CFG)
+        self.vision_tokens = 0                   # condition image tokens in the VL encoder
+        self.cond: Optional[tuple[int, int]] = None   # condition image fed to the VAE encoder
+        self.work = 0.0                          # seconds alone (routing, sizing)
+        self.enqueued = 0.0
+        self.last_end = 0.0                      # end of its last stage (next stage's enqueue)
+        self.done = 0                            # denoising steps done (step scheduler)
+        self.records: dict[str, StageRecord] = {}
+
+
+class OmniCosts:
+    """Stage costs of one model's vLLM-Omni pipelines, in seconds, from the profile tables.
+
+    `omni` is the run's vLLM-Omni table set (LatencyModel over <gpu>-vllm-omni) when it holds
+    this model, else None; a stage it has rows for is costed from it, every other stage from
+    `lat` (the diffusers table of the model, the vLLM table of its condition encoder).
+    The transformer is read by joint length: one forward over S image and T text tokens costs
+    what the table's rows at their own text length T0 give at S + T - T0
+    (LatencyModel.dit_step_joint).
+
+    work="hops" (an ablation, not vLLM-Omni): each request's work is what sim.engines.pipeline.
+    plan_hops gives every policy (the condition encode once, CFG as one transformer pass at twice
+    the batch, an edit's condition at the model entry's rule), so only the scheduling differs
+    from the step-level engines of the other policies."""
+
+    WORK_RULES = ("pipeline", "hops")
+
+    def __init__(self, model: str, lat: Any, omni: Any = None, work: str = "pipeline") -> None:
+        spec = load_model(model)
+        if work not in self.WORK_RULES:
+            raise ValueError(f"work={work!r} is invalid; allowed: {list(self.WORK_RULES)}")
+        self.hops = work == "hops"
+        self.model = model
+        self.spec = spec
+        self.lat = lat
+        self.kind = spec.components["transformer"]["kind"]
+        self.qwen = self.kind == "qwen_image_mmdit"
+        self.cond_model = spec.condition_encoder
+        self.omni = omni if omni is not None and _has_model(omni, model) else None
+        o = self.omni
+        self.dit_lat = o if o is not None and _has_stage(o, model, DIT_STEP) else lat
+        self.vae_lat = {st: (o if o is not None and _has_stage(o, model, st) else lat)
+                        for st in (VAE_ENCODE, VAE_DECODE)}
+        # Qwen-Image's condition encoder as vLLM-Omni times it (text_encode rows: component
+        # text_encoder for generate, text_encoder_vl with the condition image for edits)
+        self.omni_enc = {c: o is not None and _has_stage(o, model, TEXT_ENCODE, c)
+                         for c in ("text_encoder", "text_encoder_vl")}
+        te_from_omni = o is not None and all(_has_stage(o, model, TEXT_ENCODE, c) for c in spec.text_encoders)
+        self.te_lat = o if te_from_omni and spec.text_encoders else lat
+        self.cond_spec = load_model(self.cond_model) if self.cond_model else None
+
+    # --- per request ------------------------------------------------------------------------
+    def job(self, req: Request) -> OmniJob:
+        spec = self.spec
+        j = OmniJob(req, self.model)
+        image_in = bool(req.input_images)
+        pipe = PIPELINES.get((self.kind, image_in))
+        if pipe is None:
+            raise ValueError(f"model {self.model}: no vLLM-Omni pipeline is known for transformer "
+                             f"kind {self.kind!r}; known: {sorted({k for k, _ in PIPELINES})}")
+        d = spec.request_defaults
+        j.height, j.width = req.output_image or (d["height"], d["width"])
+        j.steps = req.steps or d["steps"]
+        j.passes = 2 if req.cfg else 1
+        j.seq = spec.latent_tokens(j.height, j.width)
+        if self.hops:
+            self._from_hops(j, req)
+        elif self.qwen:
+            p = req.prompt_tokens
+            if image_in:
+                ih, iw = req.input_images[0]
+                ch, cw = condition_image_size(ih, iw, EDIT_CONDITION_PIXELS)
+                j.cond = (ch, cw)
+                assert self.cond_spec is not None
+                j.vision_tokens = self.cond_spec.image_input_tokens(ch, cw)
+                j.seq += spec.latent_tokens(ch, cw)
+                j.enc_tokens = QWEN_EDIT_TEMPLATE + j.vision_tokens + p
+                j.neg_tokens = QWEN_EDIT_TEMPLATE + j.vision_tokens + NEGATIVE_PROMPT_TOKENS
+                j.text = j.enc_tokens - QWEN_EDIT_DROP
+            else:
+                j.enc_tokens = QWEN_TEMPLATE + p
+                j.neg_tokens = QWEN_TEMPLATE + NEGATIVE_PROMPT_TOKENS
+                j.text = p + QWEN_TEXT_AFTER
+        else:
+            j.enc_tokens = j.neg_tokens = int(d.get("text_tokens", req.prompt_tokens))
+            j.text = -1                          # the table's own text length
+            if image_in:
+                ih, iw = req.input_images[0]
+                j.cond = (ih, iw)
+                j.seq += spec.latent_tokens(ih, iw)
+        if pipe.request_batch:
+            j.batch_key = (j.height, j.width, j.steps, j.passes, j.weight)
+        j.step_ok = pipe.step_execution
+        j.step_key = (j.height, j.width, j.passes, j.weight)
+        j.work = self.alone(j)
+        return j
+
+    def _from_hops(self, j: OmniJob, req: Request) -> None:
+        """work="hops": the request's work as plan_hops plans it for every policy."""
+        for h in plan_hops(req, True):
+            if h.stage == AR or h.stage == TEXT_ENCODE:
+                j.enc_tokens = j.neg_tokens = h.tokens
+                j.vision_tokens = h.vision_tokens
+            elif h.stage == VAE_ENCODE:
+                j.cond = (h.height, h.width)
+            elif h.stage == DIT_STEP:
+                j.seq, j.weight, j.passes = h.seq_len, h.weight, 1
+        j.text = -1
+
+    def alone(self, j: OmniJob) -> float:
+        """Seconds of the whole request run alone (a request batch of one)."""
+        b = (j,)
+        return (sum(t for _, t in self.encode(b)) + sum(t for _, t in self.vae_encode(b))
+                + j.steps * self.step(b) + self.decode(b)[0][1])
+
+    # --- per batch (jobs share a batch key, or run one at a time) ---------------------------
+    def encode(self, jobs) -> list[tuple[str, float]]:
+        """(stage, seconds) of the condition encode of a batch: prompt pass, then the negative
+        prompt pass with CFG; text prompts of a batch are padded to the longest."""
+        j, n = jobs[0], len(jobs)
+        cfg = j.passes == 2
+        if self.hops and self.cond_model:        # the AR hop: vision encode in its step, prefill
+            out = [(VISION_ENCODE, self.lat.vision_encode(self.cond_model, sum(x.vision_tokens for x in jobs)))
+                   ] if j.vision_tokens else []
+            return out + [(PREFILL, self.lat.prefill(self.cond_model, n * max(x.enc_tokens for x in jobs)))]
+        if self.qwen:
+            if j.cond is not None:               # edit (batch of one): VL encoder with the image
+                if self.omni_enc["text_encoder_vl"]:
+                    f = self.omni.text_encode
+                    t = f(self.model, "text_encoder_vl", 1, j.enc_tokens)
+                    if cfg:
+                        t += f(self.model, "text_encoder_vl", 1, j.neg_tokens)
+                    return [(PREFILL, t)]
+                lat, m = self.lat, self.cond_model
+                passes = 2 if cfg else 1
+                vis = passes * lat.vision_encode(m, j.vision_tokens)
+                pre = lat.prefill(m, j.enc_tokens) + (lat.prefill(m, j.neg_tokens) if cfg else 0.0)
+                return [(VISION_ENCODE, vis), (PREFILL, pre)]
+            longest = max(x.enc_tokens for x in jobs)
+            if self.omni_enc["text_encoder"]:
+                f = self.omni.text_encode
+                t = f(self.model, "text_encoder", n, longest)
+                if cfg:
+                    t += f(self.model, "text_encoder", n, j.neg_tokens)
+                return [(PREFILL, t)]
+            pre = self.lat.prefill(self.cond_model, n * longest)
+            if cfg:
+                pre += self.lat.prefill(self.cond_model, n * j.neg_tokens)
+            return [(PREFILL, pre)]
+        comps = self.spec.text_encoders
+        if not comps:
+            return []
+        toks = max(x.enc_tokens for x in jobs)
+        t = sum(self.te_lat.text_encode(self.model, c, n, toks) for c in comps)
+        return [(TEXT_ENCODE, 2 * t if cfg else t)]
+
+    def vae_encode(self, jobs) -> list[tuple[str, float]]:
+        j = jobs[0]
+        if j.cond is None:
+            return []
+        return [(VAE_ENCODE, self.vae_lat[VAE_ENCODE].vae(self.model, VAE_ENCODE, len(jobs), *j.cond))]
+
+    def step(self, jobs) -> float:
+        """One denoising step of `jobs` as one transformer batch: `passes` forwards at batch
+        len(jobs), one after the other, over the longest sequence and text stream present."""
+        seq = max(x.seq for x in jobs)
+        text = max(x.text for x in jobs)
+        lat = self.dit_lat
+        b = len(jobs) * jobs[0].weight
+        t = (lat.dit_step_joint(self.model, b, seq, text) if text >= 0
+             else lat.dit_step(self.model, b, seq))
+        return jobs[0].passes * t
+
+    def decode(self, jobs) -> list[tuple[str, float]]:
+        j = jobs[0]
+        return [(VAE_DECODE, self.vae_lat[VAE_DECODE].vae(self.model, VAE_DECODE, len(jobs), j.height, j.width))]
+
+    def phases(self, jobs) -> list["Phase"]:
+        """Every stage of a request batch, in the order the pipeline runs them."""
+        out = [Phase(st, jobs, t) for st, t in self.encode(jobs) + self.vae_encode(jobs)]
+        out.append(Phase(DIT_STEP, jobs, self.step(jobs), jobs[0].steps))
+        out += [Phase(st, jobs, t) for st, t in self.decode(jobs)]
+        return out
+
+    # --- provenance ---------------------------------------------------------------------------
+    def sources(self) -> dict[str, str]:
+        """Which table (and engine) each stage cost is read from."""
+        def where(lat: Any, model: str) -> str:
+            lat.frame(model)
+            t = lat.tables()[model]
+            return f"{', '.join(t['engines'])}: {t['path']}"
+        out: dict[str, str] = {}
+        m = self.model
+        if self.qwen:
+            cm = self.cond_model
+            for comp, what in (("text_encoder", "generate"), ("text_encoder_vl", "edit")):
+                out[f"condition_encode ({what})"] = (
+                    where(self.omni, m) if self.omni_enc[comp] else
+                    where(self.lat, cm) + " (vLLM's prefill" + (" + vision_encode" if what == "edit" else "")
+                    + "; vLLM-Omni runs Qwen2.5-VL under Hugging Face transformers)")
+        elif self.spec.text_encoders:
+            out["text_encode"] = where(self.te_lat, m)
+        note = "" if self.dit_lat is self.omni else (
+            " (vLLM-Omni runs the transformer with regional torch.compile; this table is not)")
+        out[DIT_STEP] = where(self.dit_lat, m) + note
+        for st in (VAE_ENCODE, VAE_DECODE):
+            out[st] = where(self.vae_lat[st], m)
+        return out
+
+
+def _has_model(lat: Any, model: str) -> bool:
+    try:
+        return not lat.frame(model).empty
+    except FileNotFoundError:           # (MissingProfileError: no table for it in that set)
+        return False
+
+
+def _has_stage(lat: Any, model: str, stage: str, component: Optional[str] = None) -> bool:
+    df = lat.frame(model)
+    sel = df["stage"] == stage
+    if component is not None:
+        sel &= df["component"] == component
+    return bool(sel.any())
+
+
+# --- running stages on the GPU --------------------------------------------------------------------
+
+
+class Phase:
+    """One stage of a batch on the GPU: k equal units of t seconds (k denoising steps, or one
+    pass of a one-shot stage)."""
+    __slots__ = ("stage", "jobs", "t", "k")
+
+    def __init__(self, stage: str, jobs, t: float, k: int = 1) -> None:
+        self.stage = stage
+        self.jobs = jobs
+        self.t = t
+        self.k = k
+
+
+class _OmniEngine:
+    """What both schedulers share: the FIFO queue of whole requests, the phases of the work in
+    hand, stage records, completion. Engine protocol (sim.core.gpu)."""
+
+    def __init__(self, costs: OmniCosts, max_num_seqs: int) -> None:
+        self.model = costs.model
+        self.costs = costs
+        self.max_num_seqs = max_num_seqs
+        self.queue: Any = None          # (Engine protocol: no shared StageQueue)
+        self.waiting: deque[OmniJob] = deque()
+        self.waiting_work = 0.0
+        self.phases: deque[Phase] = deque()
+        self.gpu: Any = None
+        self._cur: Optional[Phase] = None
+        self._last: Optional[OmniJob] = None     # the job work() built, reused by submit()
+
+    # --- Engine protocol ----------------------------------------------------------------------
+    def has_work(self) -> bool:
+        return bool(self.phases) or bool(self.waiting) or self._busy()
+
+    def can_join(self, job: Any) -> bool:
+        return False                    # jobs come through submit(), never a shared queue
+
+    def load(self) -> float:
+        return self.waiting_work + self._running_work()
+
+    # --- requests -----------------------------------------------------------------------------
+    def work(self, req: Request) -> float:
+        """Seconds `req` takes alone here (the router's outstanding-work estimate)."""
+        j = self.costs.job(req)
+        self._last = j
+        return j.work
+
+    def submit(self, flow: Any, now: float) -> None:
+        """A request reaches this replica: it waits at the tail of the queue."""
+        j = self._last if self._last is not None and self._last.req is flow.req else self.costs.job(flow.req)
+        self._last = None
+        j.flow = flow
+        j.enqueued = j.last_end = now
+        self.waiting.append(j)
+        self.waiting_work += j.work
+        self._arrived(j, now)
+
+    def _take(self) -> OmniJob:
+        j = self.waiting.popleft()
+        self.waiting_work -= j.work
+        return j
+
+    # --- phases -------------------------------------------------------------------------------
+    def _unit(self, now: float, k: Optional[int] = None) -> Unit:
+        """The unit of the first phase (at most k of its steps), its records started."""
+        ph = self.phases[0]
+        server = self.gpu.name
+        for j in ph.jobs:
+            rec = j.records.get(ph.stage)
+            if rec is None:
+                rec = StageRecord(ph.stage, server, j.last_end, now)
+                j.records[ph.stage] = rec
+                j.req.stages.append(rec)
+        n = ph.k if k is None else min(k, ph.k)
+        self._cur = ph
+        ends = EqualSteps(ph.t, n) if n > 1 else (ph.t,)
+        return Unit(ends, self._commit, ph.stage, self)
+
+    def _commit(self, k: int, now: float) -> None:
+        ph = self._cur
+        assert ph is not None
+        self._cur = None
+        ph.k -= k
+        self._advanced(ph, k)
+        if ph.k > 0 and not self._ends_early(ph):
+            return                      # cut: the rest of the phase runs next
+        self.phases.popleft()
+        for j in ph.jobs:
+            j.records[ph.stage].end = now
+            j.last_end = now
+        self._phase_done(ph, now)
+
+    def _finish(self, jobs, now: float) -> None:
+        for j in jobs:
+            j.records.clear()
+            flow = j.flow
+            j.flow = None
+            flow.finish(now)
+
+    # --- what the schedulers define -------------------------------------------------------------
+    def plan(self, now: float) -> Unit | None:
+        raise NotImplementedError
+
+    def _arrived(self, j: OmniJob, now: float) -> None:
+        raise NotImplementedError
+
+    def _busy(self) -> bool:
+        return False
+
+    def _running_work(self) -> float:
+        return 0.0
+
+    def _advanced(self, ph: Phase, k: int) -> None:
+        """k units of phase `ph` have run."""
+
+    def _ends_early(self, ph: Phase) -> bool:
+        """Does phase `ph` end after a commit that left some of its units (not a mere cut)?"""
+        return False
+
+    def _phase_done(self, ph: Phase, now: float) -> None:
+        raise NotImplementedError
+
+
+class OmniRequestEngine(_OmniEngine):
+    """vLLM-Omni's default request scheduler (module docstring): FIFO request batches of one
+    key, head-of-line, each run whole and alone; optional admission wait."""
+
+    STABLE_WINDOW_S = 0.05          # min(50 ms, max_wait / 5): diffusion_engine.py:495
+
+    def __init__(self, costs: OmniCosts, max_num_seqs: int = 1, max_wait_s: float = 0.0) -> None:
+        super().__init__(costs, max_num_seqs)
+        self.max_wait_s = max_wait_s
+        self.window_s = min(self.STABLE_WINDOW_S, max_wait_s / 5.0)
+        self.batch: list[OmniJob] = []
+        self._wait: Optional[list[float]] = None     # [deadline, stable_since] while waiting
+        self._released = False
+        self._token = 0
+        self._on_timer = self._timer
+
+    def _busy(self) -> bool:
+        return bool(self.batch)
+
+    def _running_work(self) -> float:
+        return sum(j.work for j in self.batch)
+
+    def _arrived(self, j: OmniJob, now: float) -> None:
+        w = self._wait
+        if w is not None:               # an admission wait: more requests may end it
+            if len(self.waiting) >= self.max_num_seqs:
+                self._release()
+                return
+            w[1] = now                  # the waiting count grew: the stable window restarts
+            self._arm(now)
+            return
+        g = self.gpu
+        if g is not None and g.cur is None and not self.batch:
+            g.kick()                    # idle: start (nothing joins a running batch)
+
+    # admission wait (diffusion_engine.py:467-520): applies when the head's pipeline batches
+    def _must_wait(self, now: float) -> bool:
+        if self._released:
+            self._released = False
+            return False
+        head = self.waiting[0]
+        if (self.max_wait_s <= 0 or head.batch_key is None
+                or len(self.waiting) >= self.max_num_seqs):
+            return False
+        if self._wait is None:
+            self._wait = [now + self.max_wait_s, now]
+            self._arm(now)
+        return True
+
+    def _arm(self, now: float) -> None:
+        w = self._wait
+        assert w is not None
+        self._token += 1
+        at = min(w[0], w[1] + self.window_s)
+        self.gpu.env.timer(max(at - now, 0.0), self._on_timer, self._token)
+
+    def _timer(self, ev: Timer) -> None:
+        if ev.value == self._token and self._wait is not None:
+            self._release()
+
+    def _release(self) -> None:
+        self._wait = None
+        self._token += 1
+        self._released = True
+        g = self.gpu
+        if g.cur is None:
+            g.kick()
+
+    def plan(self, now: float) -> Unit | None:
+        if self.phases:
+            return self._unit(now)
+        if not self.waiting or self._must_wait(now):
+            return None
+        head = self._take()
+        batch = [head]
+        key = head.batch_key
+        if key is not None:
+            w = self.waiting
+            while w and len(batch) < self.max_num_seqs and w[0].batch_key == key:
+                batch.append(self._take())      # the first that differs ends the batch
+        self.batch = batch
+        self.phases.extend(self.costs.phases(batch))
+        return self._unit(now)
+
+    def _phase_done(self, ph: Phase, now: float) -> None:
+        if not self.phases:
+            batch, self.batch = self.batch, []
+            self._finish(batch, now)
+
+
+class OmniStepEngine(_OmniEngine):
+    """vLLM-Omni's step scheduler (`--step-execution`, module docstring): continuous batching
+    at step granularity across requests of one step key."""
+
+    def __init__(self, costs: OmniCosts, max_num_seqs: int = 1) -> None:
+        super().__init__(costs, max_num_seqs)
+        self.running: list[OmniJob] = []
+        self.key: Optional[tuple] = None
+        self.alone: Optional[OmniJob] = None     # a request that cannot step, run whole
+        self.stepping = False                    # this cycle's step is planned or running
+
+    def _busy(self) -> bool:
+        return bool(self.running) or self.alone is not None
+
+    def _running_work(self) -> float:
+        w = sum(j.work * (j.steps - j.done) / max(j.steps, 1) for j in self.running)
+        return w + (self.alone.work if self.alone is not None else 0.0)
+
+    def _joinable(self) -> bool:
+        """Would the head of the queue join at the next cycle?"""
+        if not self.waiting or len(self.running) >= self.max_num_seqs:
+            return False
+        h = self.waiting[0]
+        return h.step_ok and (not self.running or h.step_key == self.key)
+
+    def _arrived(self, j: OmniJob, now: float) -> None:
+        g = self.gpu
+        if g is None:
+            return
+        if g.cur is None:
+            g.kick()
+        elif self.stepping and self._joinable():
+            g.kick()                    # cut the running steps at the next boundary: it joins
+
+    def plan(self, now: float) -> Unit | None:
+        if self.phases:
+            ph = self.phases[0]
+            if self._is_step(ph):
+                # the cycle's step(s): only one when the head waits to join
+                return self._unit(now, 1 if self._joinable() else None)
+            return self._unit(now)
+        # a cycle starts: admit from the head of the queue
+        if not self.running:
+            if not self.waiting:
+                return None
+            if not self.waiting[0].step_ok:      # e.g. an edit: alone, whole, as in request mode
+                j = self.alone = self._take()
+                self.phases.extend(self.costs.phases([j]))
+                return self._unit(now)
+        joined: list[OmniJob] = []
+        while self._joinable():
+            j = self._take()
+            if not self.running:
+                self.key = j.step_key
+            self.running.append(j)
+            joined.append(j)
+        if not self.running:
+            return None
+        c = self.costs
+        for j in joined:                # each joiner's encode runs alone, before the step
+            b = (j,)
+            self.phases.extend(Phase(st, b, t) for st, t in c.encode(b) + c.vae_encode(b))
+        k = min(j.steps - j.done for j in self.running)
+        self.phases.append(Phase(DIT_STEP, self.running, c.step(self.running), k))
+        self.stepping = True
+        return self.plan(now)
+
+    def _is_step(self, ph: Phase) -> bool:
+        return ph.stage == DIT_STEP and ph.jobs is self.running
+
+    def _advanced(self, ph: Phase, k: int) -> None:
+        if self._is_step(ph):
+            for j in self.running:
+                j.done += k
+
+    def _ends_early(self, ph: Phase) -> bool:
+        return self._is_step(ph)        # a cut, or one step for a joiner: the cycle ends here
+
+    def _phase_done(self, ph: Phase, now: float) -> None:
+        if self.alone is not None:
+            if not self.phases:
+                j, self.alone = self.alone, None
+                self._finish((j,), now)
+            return
+        if self._is_step(ph):
+            self._cycle_end()
+        elif ph.stage == VAE_DECODE and not self.phases:
+            done = [j for j in self.running if j.done >= j.steps]
+            self.running = [j for j in self.running if j.done < j.steps]
+            if not self.running:
+                self.key = None
+            self._finish(done, now)
+
+    def _cycle_end(self) -> None:
+        """The cycle's step has run: the finishing requests' decodes close the cycle."""
+        self.stepping = False
+        c = self.costs
+        for j in self.running:
+            if j.done >= j.steps:
+                b = (j,)
+                self.phases.extend(Phase(st, b, t) for st, t in c.decode(b))
+
+
+ENGINES: dict[str, Callable[..., _OmniEngine]] = {
+    "omni_request": OmniRequestEngine,
+    "omni_step": OmniStepEngine,
+}
