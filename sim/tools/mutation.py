@@ -87,6 +87,7 @@ MODULES: dict[str, list[str]] = {
     "sim/engines/dit.py": ["tests/test_dit.py", "tests/test_batching.py", G,
                            P + "test_dit_batching_happens_and_respects_max_batch",
                            P + "test_jump_ahead_exact_image_heavy"],
+    "sim/engines/omni.py": ["tests/test_omni_engine.py", G, P + "test_jump_ahead_exact_image_heavy"],
     "sim/engines/batch.py": ["tests/test_batch.py", G, "tests/test_queueing.py::test_conservation_and_fcfs",
                              "tests/test_queueing.py::test_work_conserving_multi_server",
                              "tests/test_queueing.py::test_littles_law_exact"],
@@ -587,6 +588,7 @@ def _pytest_args(stop_first: bool) -> list[str]:
 
 def _child_setup() -> None:
     os.setpgid(0, 0)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)      # (the parent's handler is inherited)
     import resource
     resource.setrlimit(resource.RLIMIT_AS, (MEM_LIMIT_BYTES, MEM_LIMIT_BYTES))
     devnull = os.open(os.devnull, os.O_WRONLY)
@@ -726,6 +728,19 @@ class Pool:
         out = list(self.done)
         self.done.clear()
         return out + self._reap(block=False)
+
+    def stop(self) -> None:
+        """Kill every running child (its process group: pytest's own children too)."""
+        for pid in list(self.running):
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            try:
+                os.waitpid(pid, 0)
+            except ChildProcessError:
+                pass
+            del self.running[pid]
 
 
 def _classify(r: dict) -> tuple[str, str | None]:
@@ -893,6 +908,61 @@ def _preload() -> None:
     gc.freeze()     # children's collections skip what the parent loaded
 
 
+def _run_all(a: argparse.Namespace, pool: Pool, chosen: dict[str, list[Mutant]],
+             todo: list[tuple[str, Mutant]], outcomes: dict[str, list[Outcome]]
+             ) -> tuple[Baseline | None, list[str]]:
+    """The baseline (or its cache), then every mutant of `todo` on `pool`; outcomes appended
+    per module. (None, failures) when the unmutated tests fail."""
+    # 1. the unmutated tests, with probes: which tests run each statement, and their time
+    bmods = list(chosen)
+    cache = CACHE_DIR / f"mutation-baseline-{_tree_key(bmods)}.json"
+    base = None if a.no_cache else _load(cache)
+    if base is None:
+        print(f"baseline: {len(test_entries(bmods))} test entries of {len(bmods)} modules...",
+              file=sys.stderr, flush=True)
+        base, failed = run_baseline(pool, bmods, a.jobs)
+        if base is None:
+            return None, failed
+        _save(base, cache)
+    print(f"baseline: {len(base.order)} tests, {sum(base.cpu.values()):.0f} CPU-s, "
+          + (f"cached ({cache})" if base.cached else f"{base.seconds:.0f} s"),
+          file=sys.stderr, flush=True)
+    # 2. the mutants, each on the tests that run its statement
+    from tqdm import tqdm
+    bar = tqdm(total=len(todo), desc="mutants", unit="mutant", file=sys.stderr,
+               mininterval=1.0 if sys.stderr.isatty() else 30.0)
+    info: dict[str, tuple[Mutant, int]] = {}
+
+    def collect(results):
+        for key, r in results:
+            m, n = info[key]
+            status, by = _classify(r)
+            if status in ("survived", "error") or not sys.stderr.isatty():
+                bar.write(f"{status}: {m.id}  line {m.line}: {m.before}  ->  {m.after}"
+                          + (f"  [{by}]" if by else ""), file=sys.stderr)
+            outcomes[m.module].append(Outcome(m.id, m.module, status, m.line, m.before, m.after,
+                                              by, round(float(r.get("seconds", 0)), 2), n))
+            bar.update(1)
+
+    collect_limit = CPU_FACTOR * base.collect_cpu + 10.0
+    for mod, m in todo:
+        tests = base.tests_for(m, a.all_tests)
+        if not tests:
+            outcomes[mod].append(Outcome(m.id, mod, "uncovered", m.line, m.before, m.after,
+                                         "no test runs this statement"))
+            bar.write(f"uncovered: {m.id}  line {m.line}: {m.before}  ->  {m.after}", file=sys.stderr)
+            bar.update(1)
+            continue
+        limits = base.limits(tests)
+        info[m.id] = (m, len(tests))
+        pool.submit(m.id, 2.0 * (sum(limits.values()) + collect_limit) + 60.0, _mutant_child,
+                    m, tests, limits, collect_limit)
+        collect(pool.poll())
+    collect(pool.drain())
+    bar.close()
+    return base, []
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m sim.tools.mutation",
                                  description=__doc__.split("\n\n")[0])
@@ -951,6 +1021,10 @@ def main(argv: list[str] | None = None) -> int:
 
     _preload()
     os.chdir(REPO)
+
+    def _terminated(signum, frame):     # SIGTERM: stop the children too (finally below)
+        raise SystemExit(128 + signum)
+    signal.signal(signal.SIGTERM, _terminated)
     outcomes: dict[str, list[Outcome]] = {p: [] for p in chosen}
     todo = [(mod, m) for mod, ms in chosen.items() for m in ms if m.id not in equivalent]
     for mod, ms in chosen.items():
@@ -959,55 +1033,14 @@ def main(argv: list[str] | None = None) -> int:
     t_start, cpu_start = time.monotonic(), _children_cpu()
     with tempfile.TemporaryDirectory(prefix="mutation-") as tmpd:
         pool = Pool(a.jobs, Path(tmpd))
-        # 1. the unmutated tests, with probes: which tests run each statement, and their time
-        bmods = list(chosen)
-        cache = CACHE_DIR / f"mutation-baseline-{_tree_key(bmods)}.json"
-        base = None if a.no_cache else _load(cache)
+        try:
+            base, failed = _run_all(a, pool, chosen, todo, outcomes)
+        finally:
+            pool.stop()
         if base is None:
-            print(f"baseline: {len(test_entries(bmods))} test entries of {len(bmods)} modules...",
-                  file=sys.stderr, flush=True)
-            base, failed = run_baseline(pool, bmods, a.jobs)
-            if base is None:
-                print("the tests fail without any mutant (fix them first): "
-                      + "; ".join(failed[:10]), file=sys.stderr)
-                return 1
-            _save(base, cache)
-        print(f"baseline: {len(base.order)} tests, {sum(base.cpu.values()):.0f} CPU-s, "
-              + (f"cached ({cache})" if base.cached else f"{base.seconds:.0f} s"),
-              file=sys.stderr, flush=True)
-        # 2. the mutants, each on the tests that run its statement
-        from tqdm import tqdm
-        bar = tqdm(total=len(todo), desc="mutants", unit="mutant", file=sys.stderr,
-                   mininterval=1.0 if sys.stderr.isatty() else 30.0)
-        info: dict[str, tuple[Mutant, int]] = {}
-
-        def collect(results):
-            for key, r in results:
-                m, n = info[key]
-                status, by = _classify(r)
-                if status in ("survived", "error") or not sys.stderr.isatty():
-                    bar.write(f"{status}: {m.id}  line {m.line}: {m.before}  ->  {m.after}"
-                              + (f"  [{by}]" if by else ""), file=sys.stderr)
-                outcomes[m.module].append(Outcome(m.id, m.module, status, m.line, m.before, m.after,
-                                                  by, round(float(r.get("seconds", 0)), 2), n))
-                bar.update(1)
-
-        collect_limit = CPU_FACTOR * base.collect_cpu + 10.0
-        for mod, m in todo:
-            tests = base.tests_for(m, a.all_tests)
-            if not tests:
-                outcomes[mod].append(Outcome(m.id, mod, "uncovered", m.line, m.before, m.after,
-                                             "no test runs this statement"))
-                bar.write(f"uncovered: {m.id}  line {m.line}: {m.before}  ->  {m.after}", file=sys.stderr)
-                bar.update(1)
-                continue
-            limits = base.limits(tests)
-            info[m.id] = (m, len(tests))
-            pool.submit(m.id, 2.0 * (sum(limits.values()) + collect_limit) + 60.0, _mutant_child,
-                        m, tests, limits, collect_limit)
-            collect(pool.poll())
-        collect(pool.drain())
-        bar.close()
+            print("the tests fail without any mutant (fix them first): "
+                  + "; ".join(failed[:10]), file=sys.stderr)
+            return 1
     elapsed, cpu = time.monotonic() - t_start, _children_cpu() - cpu_start
 
     report = []
