@@ -573,3 +573,17 @@ def test_host_per_seq_is_the_decode_slope_of_a_synchronously_timed_vllm_table(tm
     assert _host_table(tmp_path / "c", engine="synthetic").host_per_seq("host") == 0.0
     assert _host_table(tmp_path / "d", batches=(1, 2, 128)).host_per_seq("host") == pytest.approx(5e-5, rel=1e-9)
     assert _host_table(tmp_path / "e", batches=(1, 128)).host_per_seq("host") == 0.0
+
+
+def test_joint_grid_interpolates_inside_a_batch_rows_lengths_without_a_hole(tmp_path):
+    """dit_step_joint: batch 2 measured at 256, 1,024 and 8,192 joint tokens, batch 1 also at
+    4,096: (2, 4,096) lies between batch 2's last two lengths, so it is interpolated along them
+    and is no hole; (2, 16,384) lies beyond them: extrapolated and counted as a hole hit."""
+    law = lambda b, j: 10.0 + 0.01 * b * j      # noqa: E731  (ms, linear: exact interpolation)
+    pts = [(1, s) for s in (256, 1024, 4096, 8192, 16384)] + [(2, s) for s in (256, 1024, 8192)]
+    rows = [C._row("jg", "dit_step", law(b, s), batch_size=b, seq_len=s, num_tokens=64) for b, s in pts]
+    lat = LatencyModel(tiny_table(tmp_path, rows, "jg"), C.GPU)
+    assert lat.dit_step_joint("jg", 2, 4096, 64) == pytest.approx(ms(law(2, 4096)), rel=1e-12)
+    assert lat.report()["oom_hole_lookups"] == {}
+    assert lat.dit_step_joint("jg", 2, 16384, 64) == pytest.approx(ms(law(2, 16384)), rel=1e-12)
+    assert lat.report()["oom_hole_lookups"] == {"jg/dit_step/joint": 1}

@@ -446,6 +446,8 @@ def test_vllm_omni_tables_are_read_when_present(tables, tmp_path):
     without = Run(make_cfg(root, diffusion__omni_tables="", **base)).run()
     src0 = without["layout"]["diffusion_engine"]["stage_costs"]["qwen_image"]
     assert src0["dit_step"].startswith("synthetic:") and "regional torch.compile" in src0["dit_step"]
+    assert "omni_latency_model" in with_omni["layout"]["diffusion_engine"]
+    assert "omni_latency_model" not in without["layout"]["diffusion_engine"]
     assert with_omni["mean_e2el_ms"] < without["mean_e2el_ms"]
 
 
@@ -459,6 +461,18 @@ def test_config_refusals(tables):
     with pytest.raises(ConfigError, match="cannot step-execute"):
         Run(make_cfg(REPO / "traces/profiles", diffusion__engine="omni_step",
                      workload__mix={"generate": 1.0}, workload__task_models={"generate": "flux1_dev"}))
+    # Qwen-Image generate step-executes: accepted, served by the step engine
+    r = Run(make_cfg(tables, diffusion__engine="omni_step", workload__num_requests=4,
+                     workload__mix={"generate": 1.0}, cluster__num_gpus=1))
+    assert r.run()["completed"] == 4
+    # the omni rules serve whole requests: a stage-pool placement asking for stage engines is refused
+    from sim.policies.batching import OmniRequest
+    from sim.engines.queues import StageQueue
+    rule = OmniRequest(make_cfg(tables))
+    for ask in (lambda: rule.dit_engine("qwen_image", StageQueue("q"), None),
+                lambda: rule.pass_engine("vae_decode", "qwen_image", StageQueue("q"), None)):
+        with pytest.raises(ConfigError, match="serves whole requests on replicas"):
+            ask()
 
 
 def test_baseline_runs_whole_requests_on_replicas(tables):
@@ -980,3 +994,17 @@ def test_step_scheduler_load_and_an_arrival_during_an_edit_run_alone(tables):
     assert loads == [pytest.approx(te, rel=1e-9)]          # the edit alone, nothing waiting
     assert x.gpu.events == alone(gen0).gpu.events + alone((1, 0.0, 512, 512, 59, 10, True, True)).gpu.events \
         + alone(gen2).gpu.events
+
+
+def test_request_batch_max_wait_is_read_in_milliseconds(tables, tmp_path):
+    """diffusion.request_batch_max_wait_ms=100 on a baseline run: the stable window is 20 ms, so
+    two generates arriving at 0 and 15 ms (a batch of up to 3) start together at 35 ms."""
+    p = tmp_path / "t.csv"
+    p.write_text("arrival,task,prompt_tokens,output_tokens,output_height,output_width,steps,cfg\n"
+                 "0.0,generate,59,0,512,512,10,false\n0.015,generate,59,0,512,512,10,false\n")
+    cfg = make_cfg(tables, {"workload.path": str(p), "latency.fallback": None, "cluster.num_gpus": 1,
+                            "diffusion.max_num_seqs": 3, "diffusion.request_batch_max_wait_ms": 100.0})
+    r = Run(cfg)
+    r.run()
+    assert [min(s.start for s in q.stages) for q in r.requests] == [pytest.approx(0.035, abs=1e-12)] * 2
+

@@ -111,14 +111,18 @@ def test_replica_counts_follow_work_or_the_config(synthetic_profiles):
         r.policy.placement.pick("flux1_dev", 0.0)
 
 
+@pytest.mark.parametrize("engine", ["omni_request", "step_level_same_shape"])
 @pytest.mark.parametrize("model, stages", [
     ("flux1_dev", ["text_encode", "dit_step", "vae_decode"]),
     ("qwen_image", ["prefill", "dit_step", "vae_decode"]),
 ])
-def test_each_family_runs_its_own_stages_on_one_replica(synthetic_profiles, model, stages):
+def test_each_family_runs_its_own_stages_on_one_replica(synthetic_profiles, model, stages, engine):
+    """On the vLLM-Omni engine and on the step-level engines (a DiT-only replica has a text
+    encoder queue, an AR+DiT replica its condition encoder's AR engine instead)."""
     cfg = make_cfg(synthetic_profiles, {"policy.name": "baseline", "workload.num_requests": 3,
                                         "workload.mix": {"generate": 1.0}, "cluster.num_gpus": 1,
-                                        "workload.task_models": {"generate": model}})
+                                        "workload.task_models": {"generate": model},
+                                        "diffusion.engine": engine})
     r = Run(cfg)
     s = r.run()
     assert s["layout"]["replicas"] == {model: 1}
@@ -334,3 +338,20 @@ def test_light_pools_without_their_host_share_one_gpu(synthetic_profiles):
                                                        ("text_encode", "flux1_dev")]
     h = place.provision(SHARED, g)                    # a given GPU is reused (the autoscaler's)
     assert h is g and len(g.engines) == 2 and len(r.policy.gpus) == n + 1
+
+
+def test_replicas_serve_vllm_requests_first_come_first_served(synthetic_profiles, tmp_path):
+    """vLLM's scheduler has no priority classes: on a baseline replica with one seat, a batch-class
+    request that arrived first is served before a later interactive one."""
+    p = tmp_path / "t.csv"
+    p.write_text("arrival,task,prompt_tokens,output_tokens,slo_class\n0.0,text,100,50,standard\n"
+                 "0.001,text,100,50,batch\n0.002,text,100,50,interactive\n")
+    cfg = make_cfg(synthetic_profiles, {"workload.path": str(p), "latency.fallback": None,
+                                        "policy.name": "baseline", "cluster.num_gpus": 1,
+                                        "engine.max_num_seqs": 1})
+    r = Run(cfg)
+    r.run()
+    a, b, c = sorted(r.requests, key=lambda q: q.arrival)
+    assert (b.slo_class, c.slo_class) == ("batch", "interactive")
+    assert a.finish < b.first_token < b.finish < c.first_token
+
