@@ -333,3 +333,158 @@ def test_explicit_format_overrides_the_suffix_and_a_json_list_is_a_table(tmp_pat
     j.write_text(json.dumps(rows))
     df = load_trace(j)
     assert df["arrival"].tolist() == [0.0, 0.5] and df["prompt_tokens"].tolist() == [5, 6]
+
+
+# --- every cell rule of the trace tables (sim/workloads/trace.py NUMERIC, cfg, times, rows) ------
+
+def csv_of(tmp_path, cols: dict, name: str = "c.csv"):
+    p = tmp_path / name
+    pd.DataFrame(cols).to_csv(p, index=False)
+    return p
+
+
+@pytest.mark.parametrize("col, least", [("prompt_tokens", 0), ("output_tokens", 0), ("image_height", 1),
+                                        ("image_width", 1), ("output_height", 1), ("output_width", 1),
+                                        ("steps", 0), ("num_images", 0)])
+def test_numeric_columns_take_whole_numbers_from_their_least_value(tmp_path, col, least):
+    """Each numeric column (the others absent: every present column is checked) accepts its least
+    value, refuses one less and a fraction, naming the row."""
+    base = {"arrival_time": [0.0, 1.0], "prompt_tokens": [5, 6]}
+    ok = load_trace(csv_of(tmp_path, {**base, col: [least, least + 3]}))
+    assert ok[col].tolist() == [least, least + 3]
+    for bad in (least - 1, least + 0.5):
+        with pytest.raises(ConfigError, match=rf"row 2 \(line 3\), field '{col}'"):
+            load_trace(csv_of(tmp_path, {**base, col: [least, bad]}, "bad.csv"))
+
+
+def test_cfg_cells_numbers_and_words(tmp_path):
+    """cfg takes true/false words (any case, also yes/no, y/n, t/f, 1/0 as text) and the numbers
+    1 and 0 (a JSON or parquet column); 2 is refused."""
+    p = tmp_path / "c.jsonl"
+    rows = [{"arrival_time": float(i), "prompt_tokens": 5, "task": "generate", "cfg": v}
+            for i, v in enumerate([1, 0, "yes", "No", "TRUE", "f", True])]
+    p.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert [r.cfg for r in request_source(trace_cfg(p), 0)] == [True, False, True, False, True, False, True]
+    p.write_text(json.dumps({"arrival_time": 0.0, "prompt_tokens": 5, "cfg": 2}) + "\n")
+    with pytest.raises(ConfigError, match="line 1, field 'cfg': 2 is invalid"):
+        load_trace(p)
+
+
+def test_epoch_threshold_is_1e8_seconds(tmp_path):
+    """Arrival times above 1e8 s are absolute clocks (shifted to start at 0); 1e8 itself is not."""
+    kept = load_trace(csv_of(tmp_path, {"arrival_time": [1e8, 1e8 + 2], "prompt_tokens": [5, 6]}))
+    assert kept["arrival"].tolist() == [1e8, 1e8 + 2]
+    moved = load_trace(csv_of(tmp_path, {"arrival_time": [1e8 + 0.5, 1e8 + 2.5], "prompt_tokens": [5, 6]}, "m.csv"))
+    assert moved["arrival"].tolist() == [0.0, 2.0]
+
+
+def test_time_cells_dates_offsets_and_bad_rows(tmp_path):
+    """Dates with different UTC offsets, or none (read as UTC), are one clock; a date before 1973
+    is below the epoch threshold and stays as epoch seconds, exactly; a cell that is neither a
+    number nor a date, or a non-finite number, is refused with its row."""
+    t = load_trace(csv_of(tmp_path, {"timestamp": ["2024-01-01T01:00:00+01:00", "2024-01-01T00:00:01Z",
+                                            "2024-01-01 00:00:03"], "prompt_tokens": [5, 6, 7]}))
+    assert t["arrival"].tolist() == [0.0, 1.0, 3.0]
+    old = load_trace(csv_of(tmp_path, {"timestamp": ["1970-01-01T00:00:10Z", "1970-01-01T00:00:12Z"],
+                                       "prompt_tokens": [5, 6]}, "old.csv"))
+    assert old["arrival"].tolist() == [10.0, 12.0]
+    with pytest.raises(ConfigError, match=r"row 3 \(line 4\), field 'arrival' \(column 'timestamp'\): 'soon'"):
+        load_trace(csv_of(tmp_path, {"timestamp": ["2024-01-01T00:00:00Z", "2024-01-01T00:00:01Z", "soon"],
+                                     "prompt_tokens": [5, 6, 7]}, "bad.csv"))
+    with pytest.raises(ConfigError, match=r"row 2 \(line 3\), field 'arrival'.*on every row"):
+        load_trace(csv_of(tmp_path, {"arrival_time": [0.0, float("inf"), 2.0], "prompt_tokens": [5, 6, 7]}, "inf.csv"))
+    with pytest.raises(ConfigError, match=r"row 3 \(line 4\), field 'arrival'"):
+        load_trace(csv_of(tmp_path, {"arrival_time": [0.0, 1.0, -2.0], "prompt_tokens": [5, 6, 7]}, "neg.csv"))
+
+
+def test_csv_rows_count_blank_lines_and_tables_keep_their_columns(tmp_path):
+    """A blank line is no request but keeps the file's numbering; a column named `index` is
+    carried without harm; the table holds the canonical columns and _row only."""
+    p = tmp_path / "b.csv"
+    p.write_text("arrival_time,prompt_tokens,index\n0.0,5,9\n\n1.0,x,9\n")
+    with pytest.raises(ConfigError, match=r"row 3 \(line 4\), field 'prompt_tokens'"):
+        load_trace(p)
+    p.write_text("arrival_time,prompt_tokens,index\n0.0,5,9\n\n1.0,6,9\n")
+    t = load_trace(p)
+    assert t["prompt_tokens"].tolist() == [5, 6] and t["_row"].tolist() == [1, 3]
+    assert set(t.columns) == {"arrival", "prompt_tokens", "_row"}
+
+
+def test_appended_results_replay_the_last_one(tmp_path):
+    """`vllm bench serve --append-result` writes one JSON object per line: the last is replayed
+    (warned about at the caller's line); two lines as well as three."""
+    objs = [{"input_lens": [k] * 2, "output_lens": [1, 1], "start_times": [0.0, 1.0]} for k in (10, 20, 30)]
+    for n in (2, 3):
+        p = tmp_path / f"a{n}.json"
+        p.write_text("\n".join(json.dumps(o) for o in objs[:n]) + "\n")
+        with warnings.catch_warnings(record=True) as rec:
+            warnings.simplefilter("always")
+            df = load_vllm_bench(p)
+        assert df["prompt_tokens"].tolist() == [10 * n] * 2
+        assert [r.filename for r in rec if "several results" in str(r.message)] == [__file__]
+
+
+def test_regenerated_arrivals_follow_vllms_gamma_law_and_the_seed(tmp_path):
+    """No start_times: arrivals are vLLM's Gamma law at request_rate, burstiness 1 when absent,
+    drawn from the 'arrivals' stream of the seed (0 by default); request_rate Infinity (a float)
+    sends everything at 0; max_concurrency = the number of requests is no closed loop."""
+    from sim.rng import stream
+    from sim.workloads.laws import gamma_arrivals
+    p = tmp_path / "g.json"
+    p.write_text(json.dumps({"request_rate": 4.0, "input_lens": [10] * 30, "output_lens": [5] * 30}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        a, a0, a1 = load_vllm_bench(p), load_vllm_bench(p, 0), load_vllm_bench(p, 1)
+        t = load_trace(p)
+    want = gamma_arrivals(30, 4.0, 1.0, stream(0, "arrivals"), vllm_scaling=True)
+    assert a["arrival"].tolist() == pytest.approx(list(want), rel=1e-12)
+    assert a0["arrival"].tolist() == a["arrival"].tolist() != a1["arrival"].tolist()
+    assert t["arrival"].tolist() == pytest.approx(sorted(want), rel=1e-12)
+    p.write_text(json.dumps({"request_rate": float("inf"), "input_lens": [10] * 3, "output_lens": [5] * 3}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert load_vllm_bench(p)["arrival"].tolist() == [0.0, 0.0, 0.0]
+    q = bench(tmp_path / "c.json", 4, max_concurrency=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")          # no "ready times" warning
+        assert load_vllm_bench(q)["arrival"].tolist() == [0.0, 0.5, 1.0, 1.5]
+
+
+def test_image_columns_of_a_trace(tmp_path):
+    """num_images 1 is one image; an image-input row needs both sides (or images / image_sizes);
+    image_sizes lists several; image_ids need one id per image (one for a plain size)."""
+    base = {"arrival_time": [0.0], "prompt_tokens": [5], "task": ["edit"]}
+    (r,) = list(request_source(trace_cfg(csv_of(tmp_path, {**base, "image_height": [256], "image_width": [512],
+                                                         "num_images": [1]})), 0))
+    assert r.input_images == ((256, 512),)
+    for cols in ({"image_height": [256], "image_width": [None]},
+                 {"image_height": [256], "image_width": [None], "num_images": [2]}):
+        with pytest.raises(ConfigError, match=r"row 1 \(line 2\), fields 'image_height', 'image_width'"):
+            request_source(trace_cfg(csv_of(tmp_path, {**base, **cols}, "h.csv")), 0)
+    (s,) = list(request_source(trace_cfg(csv_of(tmp_path, {**base, "image_sizes": ["512x512;1024X768"],
+                                                         "image_ids": ["3;4"]}, "s.csv")), 0))
+    assert s.input_images == ((512, 512), (1024, 768)) and s.image_ids == (3, 4)
+    (u,) = list(request_source(trace_cfg(csv_of(tmp_path, {**base, "image_height": [64], "image_width": [64],
+                                                         "image_ids": ["7"]}, "u.csv")), 0))
+    assert u.image_ids == (7,)
+    with pytest.raises(ConfigError, match="'image_ids' has 2 ids for 1 images"):
+        request_source(trace_cfg(csv_of(tmp_path, {**base, "image_height": [64], "image_width": [64],
+                                                   "image_ids": ["7;8"]}, "v.csv")), 0)
+
+
+def test_row_defaults_steps_one_and_rows_of_a_given_table(tmp_path):
+    """workload.steps=1 without a steps column is valid (one step); a prompt of 0 tokens is
+    served as 1; an empty output_tokens cell of a text row is 0. A table given directly (no _row
+    column) numbers its rows from 1."""
+    from sim.workloads.trace import TraceWorkload
+    p = csv_of(tmp_path, {"arrival_time": [0.0, 1.0], "prompt_tokens": [0, 6], "task": ["generate", "text"],
+                          "output_tokens": [None, None]})
+    cfg = trace_cfg(p)
+    cfg.steps = 1
+    g, t = list(request_source(cfg, 0))
+    assert (g.steps, g.prompt_tokens) == (1, 1)
+    assert (t.output_tokens, t.prompt_tokens) == (0, 6)
+    table = pd.DataFrame({"arrival": [0.0, 1.0], "prompt_tokens": [5, 6], "task": ["text", "video"],
+                          "output_tokens": [1, 1]})
+    with pytest.raises(ConfigError, match=r"row 2, field 'task': 'video'"):
+        TraceWorkload(trace_cfg(p), 0, table=table)
