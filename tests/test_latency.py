@@ -620,3 +620,14 @@ def test_joint_grid_rows_with_two_lengths_and_extrapolation_below_them(tmp_path)
     lat3 = LatencyModel(tiny_table(tmp_path / "three", rows3, "j3"), C.GPU)
     # extended from the segment 1024-2048 (slope 10 ms / 1024), not 1024-4096
     assert lat3.dit_step_joint("j3", 2, 256, 64) == pytest.approx(ms(30.0 - 10.0 * 768 / 1024), rel=1e-12)
+
+
+def test_decode_series_on_a_table_measured_at_one_batch_size(tmp_path):
+    rows = [C._row("oneb", "decode", v, batch_size=1, num_tokens=1, context_len=c)
+            for c, v in [(100, 10.0), (200, 12.0), (400, 20.0)]]
+    rows += [C._row("oneb", "prefill", v, batch_size=1, num_tokens=t, context_len=0, num_decode_seqs=0)
+             for t, v in [(16, 1.0), (32, 2.0)]]
+    lat = LatencyModel(tiny_table(tmp_path, rows, "oneb"), C.GPU)
+    ref = [lat.decode("oneb", 1, 150 + i) for i in range(100)]
+    assert LatencyModel(tmp_path, C.GPU).decode_steps("oneb", 1, 150, 100) == pytest.approx(ref, rel=1e-12)
+    assert ref[50] == pytest.approx(ms(12.0), rel=1e-12)
