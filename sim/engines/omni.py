@@ -39,7 +39,7 @@ from __future__ import annotations
 import json
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
@@ -192,7 +192,7 @@ class OmniCosts:
         self.kind = spec.components["transformer"]["kind"]
         self.qwen = self.kind == "qwen_image_mmdit"
         self.cond_model = spec.condition_encoder
-        self.omni = omni if omni is not None and _has_model(omni, model) else None
+        self.omni: Any = omni if omni is not None and _has_model(omni, model) else None
         o = self.omni
         self.dit_lat = o if o is not None and _has_stage(o, model, DIT_STEP) else lat
         self.vae_lat = {st: (o if o is not None and _has_stage(o, model, st) else lat)
@@ -202,7 +202,7 @@ class OmniCosts:
         self.omni_enc = {c: o is not None and _has_stage(o, model, TEXT_ENCODE, c)
                          for c in ("text_encoder", "text_encoder_vl")}
         te_from_omni = o is not None and all(_has_stage(o, model, TEXT_ENCODE, c) for c in spec.text_encoders)
-        self.te_lat = o if te_from_omni and spec.text_encoders else lat
+        self.te_lat: Any = o if te_from_omni and spec.text_encoders else lat
         self.cond_spec = load_model(self.cond_model) if self.cond_model else None
         # vLLM-Omni's measured transformer on image x text axes (batch 1), and the largest
         # batch each of its stages has rows for (beyond it: scaled by the other table)
@@ -268,7 +268,7 @@ class OmniCosts:
     def alone(self, j: OmniJob) -> float:
         """Seconds of the whole request run alone (a request batch of one), sizes seen before."""
         b = (j,)
-        return (sum(t for _, t in self.prepare(b)) + j.steps * self.step(b) + self.decode(b)[0][1])
+        return (sum((t for _, t in self.prepare(b)), 0.0) + j.steps * self.step(b) + self.decode(b)[0][1])
 
     # --- around the engine (vLLM-Omni table rows; 0 without them) ------------------------------
     @staticmethod
@@ -288,7 +288,7 @@ class OmniCosts:
         f = self.api_post
         return f(j.height * j.width) if f is not None else 0.0
 
-    def prepare(self, jobs) -> list[tuple[str, float]]:
+    def prepare(self, jobs: Sequence[OmniJob]) -> list[tuple[str, float]]:
         """(stage, seconds) before a batch's first step: the pipeline's own CPU work, the
         condition encode, an edit's VAE encode."""
         f = self.pipeline_s[self._task(jobs[0])]
@@ -296,7 +296,7 @@ class OmniCosts:
         return pre + self.encode(jobs) + self.vae_encode(jobs)
 
     # --- per batch (jobs share a batch key, or run one at a time) ---------------------------
-    def encode(self, jobs) -> list[tuple[str, float]]:
+    def encode(self, jobs: Sequence[OmniJob]) -> list[tuple[str, float]]:
         """(stage, seconds) of the condition encode of a batch: prompt pass, then the negative
         prompt pass with CFG; text prompts of a batch are padded to the longest."""
         j, n = jobs[0], len(jobs)
@@ -339,16 +339,16 @@ class OmniCosts:
         if not comps:
             return []
         toks = max(x.enc_tokens for x in jobs)
-        t = sum(self.te_lat.text_encode(self.model, c, n, toks) for c in comps)
+        t = sum((self.te_lat.text_encode(self.model, c, n, toks) for c in comps), 0.0)
         return [(TEXT_ENCODE, 2 * t if cfg else t)]
 
-    def vae_encode(self, jobs) -> list[tuple[str, float]]:
+    def vae_encode(self, jobs: Sequence[OmniJob]) -> list[tuple[str, float]]:
         j = jobs[0]
         if j.cond is None:
             return []
         return [(VAE_ENCODE, self.vae_lat[VAE_ENCODE].vae(self.model, VAE_ENCODE, len(jobs), *j.cond))]
 
-    def step(self, jobs) -> float:
+    def step(self, jobs: Sequence[OmniJob]) -> float:
         """One denoising step of `jobs` as one transformer batch: `passes` forwards at batch
         len(jobs), one after the other, over the longest sequence and text stream present."""
         seq = max(x.seq for x in jobs)
@@ -373,7 +373,7 @@ class OmniCosts:
             t *= lat.dit_step_joint(m, b, seq, text) / lat.dit_step_joint(m, 1, seq, text)
         return t
 
-    def decode(self, jobs, decoded: Optional[set] = None) -> list[tuple[str, float]]:
+    def decode(self, jobs: Sequence[OmniJob], decoded: Optional[set] = None) -> list[tuple[str, float]]:
         """The batch's VAE decode; with `decoded` (the output sizes this replica has decoded,
         updated here) a size's first decode costs first_use_s more."""
         j = jobs[0]
@@ -390,7 +390,7 @@ class OmniCosts:
                 t += self.first_use_s
         return [(VAE_DECODE, t)]
 
-    def phases(self, jobs, decoded: Optional[set] = None) -> list["Phase"]:
+    def phases(self, jobs: Sequence[OmniJob], decoded: Optional[set] = None) -> list["Phase"]:
         """Every stage of a request batch, in the order the pipeline runs them."""
         out = [Phase(st, jobs, t) for st, t in self.prepare(jobs)]
         out.append(Phase(DIT_STEP, jobs, self.step(jobs), jobs[0].steps))
@@ -408,6 +408,7 @@ class OmniCosts:
         m = self.model
         if self.qwen:
             cm = self.cond_model
+            assert cm is not None           # (Qwen-Image always has its condition encoder)
             for comp, what in (("text_encoder", "generate"), ("text_encoder_vl", "edit")):
                 out[f"condition_encode ({what})"] = (
                     where(self.omni, m) if self.omni_enc[comp] else
@@ -503,7 +504,7 @@ class Phase:
     pass of a one-shot stage)."""
     __slots__ = ("stage", "jobs", "t", "k")
 
-    def __init__(self, stage: str, jobs, t: float, k: int = 1) -> None:
+    def __init__(self, stage: str, jobs: Sequence[OmniJob], t: float, k: int = 1) -> None:
         self.stage = stage
         self.jobs = jobs
         self.t = t
@@ -604,7 +605,7 @@ class _OmniEngine:
             j.last_end = now
         self._phase_done(ph, now)
 
-    def _finish(self, jobs, now: float) -> None:
+    def _finish(self, jobs: Sequence[OmniJob], now: float) -> None:
         """The batch's work is done: each request is answered now (after the API server's
         postprocessing, with api_delays; the engine goes on meanwhile)."""
         for j in jobs:
@@ -665,7 +666,7 @@ class OmniRequestEngine(_OmniEngine):
         return bool(self.batch)
 
     def _running_work(self) -> float:
-        return sum(j.work for j in self.batch)
+        return sum((j.work for j in self.batch), 0.0)
 
     def _arrived(self, j: OmniJob, now: float) -> None:
         w = self._wait
@@ -751,7 +752,7 @@ class OmniStepEngine(_OmniEngine):
         return bool(self.running) or self.alone is not None
 
     def _running_work(self) -> float:
-        w = sum(j.work * (j.steps - j.done) / max(j.steps, 1) for j in self.running)
+        w = sum((j.work * (j.steps - j.done) / max(j.steps, 1) for j in self.running), 0.0)
         return w + (self.alone.work if self.alone is not None else 0.0)
 
     def _joinable(self) -> bool:

@@ -102,11 +102,8 @@ def first_start(req: Request) -> float:
 
 
 def latencies_ms(req: Request, first: float) -> tuple[float, float, float, float]:
-    """(ttft, tpot, e2el, queue) of a completed request in ms, NaN where undefined; queue is from
-    arrival to `first`, its first stage's start. The one definition requests.parquet and
-    summary.json share."""
-    return (req.ttft * 1000.0, req.tpot * 1000.0, (req.finish - req.arrival) * 1000.0,
-            (first - req.arrival) * 1000.0)
+    """(ttft, tpot, e2el, queue) of a completed request in ms (Request.latencies_ms)."""
+    return req.latencies_ms(first)
 
 
 def request_row(req: Request, slo: SLOConfig | None,
