@@ -406,3 +406,61 @@ def test_a_request_waiting_for_a_seat_does_not_cut_the_decode_jump(synthetic_pro
     other.run()
     assert alone.gpu.events <= 4
     assert r.gpu.events == alone.gpu.events + other.gpu.events
+
+
+def test_default_engine_is_first_come_first_served_across_priorities(synthetic_profiles):
+    """Without priority classes (the default, as vLLM), a later interactive request does not
+    pass an earlier batch-class one waiting for the only seat."""
+    r = Rig(synthetic_profiles, max_num_seqs=1)
+    a = r.submit(0, 100, 20, priority=1)
+    b = r.submit(1, 100, 5, at=0.001, priority=2)
+    c = r.submit(2, 100, 5, at=0.002, priority=0)
+    r.run()
+    assert a.finish < b.first_token < b.finish < c.first_token
+
+
+def test_load_after_a_preemption_counts_the_recompute(synthetic_profiles):
+    """load() = outstanding prompt + output tokens minus the computed ones: a preempted request's
+    computed tokens are dropped (it recomputes them), so its whole prompt + output is outstanding
+    again."""
+    r = Rig(synthetic_profiles, kv_tokens=13 * 16)
+    r.hold()
+    r.submit(0, 90, 12)
+    b = r.submit(1, 90, 12)
+    r.go()
+    seen = []
+
+    def probe():
+        if b.preemptions and not seen:
+            seen.append((r.env.now, r.eng.load(), {s.job.req.id: (s.computed, s.generated) for s in r.eng.running}))
+    t = 0.0
+    while not seen and t < 1.0:
+        t += 0.001
+        r.env.run_until(t)
+        probe()
+    assert seen, "b was never preempted"
+    _, load, running = seen[0]
+    a_computed, a_generated = running[0]
+    # a: 90 + 12 outstanding less what it computed; b: all 90 + 12 again
+    assert load == (90 + 12 - a_computed) + (90 + 12)
+    r.run()
+
+
+def test_prefill_chunks_of_several_requests_pay_their_own_attention():
+    """On the measured qwen2_5_vl_7b table (its prefill rows fit a self-attention coefficient
+    c > 0): two 1,000-token prompts prefilled in one step cost the step with the sum of their
+    squared lengths, not that of one 2,000-token sequence."""
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1] / "traces/profiles"
+    if not (root / GPU_KIND / f"{M}.parquet").exists():
+        pytest.skip("no measured qwen2_5_vl_7b table")
+    r = Rig(root)
+    assert r.lat.prefill_attention(M)[0] > 0
+    r.hold()
+    a = r.submit(0, 1000, 1)
+    b = r.submit(1, 1000, 1)
+    r.go()
+    r.run()
+    two = r.lat.ar_step(M, 2000, 0, 0.0, 0.0, 2 * 1000 ** 2)
+    assert close(a.first_token, two) and close(b.first_token, two)
+    assert two < r.lat.ar_step(M, 2000, 0, 0.0, 0.0, 2000 ** 2)

@@ -681,3 +681,36 @@ def test_joint_grid_interpolates_inside_a_batch_rows_lengths_without_a_hole(tmp_
     assert lat.report()["oom_hole_lookups"] == {}
     assert lat.dit_step_joint("jg", 2, 16384, 64) == pytest.approx(ms(law(2, 16384)), rel=1e-12)
     assert lat.report()["oom_hole_lookups"] == {"jg/dit_step/joint": 1}
+
+
+@pytest.mark.parametrize("ctxs", [(100,), (100, 200)])
+def test_decode_series_are_floored_at_a_microsecond_like_single_lookups(tmp_path, ctxs):
+    """A (made-up) decode table of 1e-7 ms steps: every step of a series is 1 us, as decode()
+    gives, with one context point or two."""
+    rows = [C._row("tinyd", "decode", 1e-7, batch_size=b, num_tokens=b, context_len=c)
+            for b in (1, 2) for c in ctxs]
+    rows += [C._row("tinyd", "prefill", v, batch_size=1, num_tokens=t, context_len=0, num_decode_seqs=0)
+             for t, v in [(16, 1.0), (32, 2.0)]]
+    lat = LatencyModel(tiny_table(tmp_path, rows, "tinyd"), C.GPU, "clamp")
+    assert lat.decode("tinyd", 1, 100) == 1e-6
+    assert lat.decode_steps("tinyd", 1, 100, 5) == [1e-6] * 5
+
+
+def test_joint_grid_rows_with_two_lengths_and_extrapolation_below_them(tmp_path):
+    """A batch row measured at two joint lengths is interpolated along them (not filled from the
+    other batches); below a row's first length the first segment is extended (a hole hit)."""
+    law = {1: {256: 10.0, 1024: 20.0, 4096: 80.0, 8192: 200.0}, 2: {1024: 30.0, 4096: 90.0}}
+    rows = [C._row("j2", "dit_step", v, batch_size=b, seq_len=s, num_tokens=64)
+            for b, d in law.items() for s, v in d.items()]
+    lat = LatencyModel(tiny_table(tmp_path, rows, "j2"), C.GPU)
+    assert lat.dit_step_joint("j2", 2, 2048, 64) == pytest.approx(ms(30.0 + 60.0 * 1024 / 3072), rel=1e-12)
+    assert lat.report()["oom_hole_lookups"] == {}
+    # below batch 2's first length: its first segment extended, 256 = 1024 - 768
+    assert lat.dit_step_joint("j2", 2, 256, 64) == pytest.approx(ms(30.0 - 60.0 * 768 / 3072), rel=1e-12)
+    assert lat.report()["oom_hole_lookups"] == {"j2/dit_step/joint": 1}
+    three = {1: {256: 10.0, 1024: 20.0, 2048: 50.0, 4096: 80.0}, 2: {1024: 30.0, 2048: 40.0, 4096: 100.0}}
+    rows3 = [C._row("j3", "dit_step", v, batch_size=b, seq_len=s, num_tokens=64)
+             for b, d in three.items() for s, v in d.items()]
+    lat3 = LatencyModel(tiny_table(tmp_path / "three", rows3, "j3"), C.GPU)
+    # extended from the segment 1024-2048 (slope 10 ms / 1024), not 1024-4096
+    assert lat3.dit_step_joint("j3", 2, 256, 64) == pytest.approx(ms(30.0 - 10.0 * 768 / 1024), rel=1e-12)
