@@ -1,4 +1,4 @@
-"""CLI: `python -m profiler {import-model,sweep,plan,show,check,e2e,analytic-error} ...`.
+"""CLI: `python -m profiler {import-model,sweep,plan,show,check,e2e,analytic-error,omni-table} ...`.
 
     python -m profiler import-model <config.json | model_index.json | folder> [--name NAME]
 writes conf/model/<name>.yaml from public configs and its roofline tables
@@ -12,6 +12,9 @@ sweep/plan/e2e take Hydra overrides on conf/profiler/config.yaml (compose API), 
 vllm and diffusion models with diffusers.
     python -m profiler analytic-error <model>... [--gpu h100]
 reports the roofline tables' relative error against the measured ones, per stage.
+    python -m profiler omni-table traces/validation/h100_omni/ [--runs probe,warmup] [--dry-run]
+writes vLLM-Omni's per-stage table (traces/profiles/<gpu>-vllm-omni/<model>.parquet) from the
+zero-load runs of profiler.omni_bench (never from the validation runs): profiler/omni_table.py.
 show/check take table paths: python -m profiler check traces/profiles/h100/*.parquet
 """
 from __future__ import annotations
@@ -44,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     if cmd == "import-model":
         from profiler.import_cli import main as import_main
         return import_main(rest)
+    if cmd == "omni-table":
+        from profiler.omni_table import main as omni_table_main
+        return omni_table_main(rest)
     if cmd == "analytic-error":
         from profiler.analytic_error import main as error_main
         return error_main(rest)
@@ -93,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"ok   {t}")
         return 1 if bad else 0
     print(f"unknown command {cmd!r}; allowed: import-model, sweep, plan, show, check, e2e, "
-          "analytic-error", file=sys.stderr)
+          "analytic-error, omni-table", file=sys.stderr)
     return 2
 
 

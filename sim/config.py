@@ -416,6 +416,14 @@ class DiffusionConfig:
     # prompt, CFG as two transformer passes, an edit's ~1 MP condition) or "hops" (an ablation:
     # the work plan_hops gives every policy, so only the scheduling differs)
     omni_work: str = "pipeline"
+    # omni engines: the API server's time around the engine (the vLLM-Omni table's preprocess /
+    # postprocess api rows: before the queue, after the batch; not GPU time). On in replays of
+    # served runs (+experiment=replay_omni_bench), off elsewhere, as engine.frontend_ms for text
+    omni_api_delays: bool = False
+    # omni engines: output sizes [height, width] every replica's VAE has decoded at the start
+    # (vLLM-Omni's start-up warm-up decodes one 512 x 512 image); the first decode of another
+    # size pays the vLLM-Omni table's first_use_ms
+    omni_warm_sizes: list[list[int]] = field(default_factory=lambda: [[512, 512]])
     # step-level DiT batching (step_level_same_shape, bucketed_if_faster)
     max_batch: int = 8               # transformer batch incl. CFG doubling
     shape_compat: str = "exact"      # exact: same sequence; bucket: pad to policy.shape_buckets; any
@@ -431,6 +439,9 @@ class DiffusionConfig:
                f"0 with diffusion.engine={self.engine} (only vLLM-Omni's request scheduler, "
                "omni_request, waits for a fuller batch)")
         _choice(self.omni_work, "diffusion.omni_work", ("pipeline", "hops"))
+        _check(all(isinstance(x, (list, tuple)) and len(x) == 2 and all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 16 for v in x) for x in self.omni_warm_sizes),
+               "diffusion.omni_warm_sizes", self.omni_warm_sizes, "a list of [height, width] pairs of integers >= 16")
         _check(self.max_batch >= 1, "diffusion.max_batch", self.max_batch, ">= 1")
         _choice(self.shape_compat, "diffusion.shape_compat", SHAPE_COMPAT)
 

@@ -1,11 +1,12 @@
 """Reference formulations (oracles) of the simulator's fast paths: the plain, vectorised or
-all-at-once arithmetic that a fast path in sim/ must reproduce bit for bit. Tests compare the
-two; nothing in sim/ imports this module.
+all-at-once arithmetic that a fast path in sim/ must reproduce (bit for bit, or to rounding where
+the fast path sums in closed form). Tests compare the two; nothing in sim/ imports this module.
 
 - lookup_ref: a latency-table lookup, every case (in grid, outside under each range policy),
   on the numpy grid values (sim.engines.latency: memoised Python-float lookups).
-- decode_series_ref / ends_ref: a decode jump's step times and end offsets with numpy
-  (sim.engines.latency.LatencyModel.decode_ends: one Python loop).
+- decode_series_ref / ends_ref: a decode jump's step times and end offsets with numpy, one value
+  per step and a running sum (sim.engines.latency.LatencyModel.decode_run: linear pieces and
+  arithmetic series, equal to ~1e-15 relative).
 - gamma_arrivals_ref: Gamma renewal arrivals drawn and summed at once, rescaled as vLLM does
   (sim.workloads.laws: block by block, streamed).
 """

@@ -14,7 +14,7 @@ from profiler.schema import write_table
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LINE = re.compile(r"^scenario=(\S+) policy=(\S+) requests=(\d+) gpus=(\d+) requests_per_s=(\d+) "
-                  r"events_per_s=(\d+) wall_s=([\d.]+) peak_rss_mb=(\d+)$")
+                  r"events_per_s=(\d+) wall_s=([\d.]+) peak_rss_mb=(\d+) build=(compiled|pure|pure-stale)$")
 
 
 def test_bench_quick_smoke(tmp_path):

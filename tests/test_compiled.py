@@ -1,5 +1,5 @@
-"""The opt-in compiled hot path (`python -m sim.tools.compile`, sim/tools/compile.py). Skipped unless it has
-been built: then the hot modules must really be the compiled ones, and fixed-seed runs must
+"""The compiled hot path (sim/compiled.py: built by `pip install`, or `python -m sim.tools.compile`).
+Skipped unless it has been built: then the hot modules must really be the compiled ones, and fixed-seed runs must
 give the pure-Python results bit for bit (the pure run imports a copy of the sources without
 the extension modules, in a subprocess)."""
 from __future__ import annotations
@@ -14,7 +14,8 @@ import pandas as pd
 import pytest
 
 from sim.policies import POLICIES
-from sim.tools.compile import HOT, REPO, compiled_modules
+from sim.compiled import HOT, ROOT as REPO
+from sim.tools.compile import compiled_modules
 
 MODS = compiled_modules()
 pytestmark = pytest.mark.skipif(not any(f.endswith(".so") for f in MODS.values()),
@@ -41,6 +42,12 @@ def test_hot_modules_are_compiled():
     assert set(MODS) == {m[:-3].replace("/", ".") for m in HOT}
     for name, f in MODS.items():
         assert f.endswith(".so"), f"{name} is not compiled ({f}): rebuild with python -m sim.tools.compile"
+
+
+def test_compiled_modules_find_the_repository():
+    """Paths a compiled module derives at import (REPO_ROOT: relative profiles_dir and traces)."""
+    from sim.run.runner import REPO_ROOT
+    assert REPO_ROOT == REPO and (REPO_ROOT / "conf" / "config.yaml").is_file()
 
 
 def _run(root: Path, out: Path, suffix: str) -> None:

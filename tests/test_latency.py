@@ -196,27 +196,46 @@ def test_oom_holes_filled_and_counted(tiny):
     assert g.filled.sum() == 1 and g.filled[2, 1]
 
 
-# --- decode_ends against the numpy reference (tests/reference.py) -------------------------------------
+# --- decode jumps (closed form) against the numpy reference (tests/reference.py) ------------------
+
+def _ends(run) -> list[float]:
+    return [run[i] for i in range(len(run))]
+
 
 @pytest.mark.parametrize("batch,ctx0,k", [(7, 1000, 50), (1, 1, 200), (33, 1020, 10),
                                            (256, 32000, 700), (512, 60000, 3)])
-def test_decode_ends_equal_repeated_decode(synthetic_profiles, batch, ctx0, k):
+def test_decode_run_equals_repeated_decode(synthetic_profiles, batch, ctx0, k):
     lat = LatencyModel(synthetic_profiles, C.GPU)
-    ends = lat.decode_ends(VL, batch, ctx0, k)
-    steps = np.diff([0.0] + ends)
+    run = lat.decode_run(VL, batch, ctx0, k)
+    steps = np.diff([0.0] + _ends(run))
     one = np.array([lat.decode(VL, batch, ctx0 + i) for i in range(k)])
-    assert len(ends) == k
+    assert len(run) == k
     np.testing.assert_allclose(steps, one, rtol=1e-9, atol=0)
+    np.testing.assert_allclose(run.durations(k), one, rtol=1e-12, atol=0)
 
 
-def test_decode_ends_nonlinear_table_and_clamp(tiny):
+def test_decode_run_nonlinear_table_and_clamp(tiny):
     lat = LatencyModel(tiny, C.GPU, "clamp")
-    ends = lat.decode_ends("tiny_model", 3, 150, 120)   # runs past ctx=200: clamped
+    run = lat.decode_run("tiny_model", 3, 150, 120)   # runs past ctx=200: clamped
     one = np.array([lat.decode("tiny_model", 3, 150 + i) for i in range(120)])
-    np.testing.assert_allclose(np.diff([0.0] + ends), one, rtol=1e-9, atol=0)
+    np.testing.assert_allclose(np.diff([0.0] + _ends(run)), one, rtol=1e-9, atol=0)
     err = LatencyModel(tiny, C.GPU, "error")
     with pytest.raises(OutOfGridError):
-        err.decode_ends("tiny_model", 2, 150, 100)         # the last step leaves the grid
+        err.decode_run("tiny_model", 2, 150, 100)         # the last step leaves the grid
+
+
+def _close_to_reference(run, want: np.ndarray, overhead: float, host) -> None:
+    """A jump's step times and end offsets equal the reference's (per-step values and a running
+    sum) to rounding: 1e-12 relative."""
+    k = len(want)
+    ref_steps = want + overhead if overhead else want.copy()
+    if host is not None:
+        ref_steps = np.maximum(ref_steps - host, host)
+    np.testing.assert_allclose(run.durations(k), ref_steps, rtol=1e-12, atol=0)
+    ends = _ends(run)
+    assert all(type(x) is float for x in ends)
+    np.testing.assert_allclose(ends, ends_ref(want, overhead, host), rtol=1e-12, atol=0)
+    assert all(b > a for a, b in zip(ends, ends[1:]))
 
 
 @pytest.mark.parametrize("mode", ["clamp", "extrapolate", "error"])
@@ -224,34 +243,109 @@ def test_decode_ends_nonlinear_table_and_clamp(tiny):
                                            (3, 101.25, 7), (8, 150, 20), (1, 50, 10), (2, 199, 1),
                                            (1, 90.5, 140), (3, 250, 5)])
 @pytest.mark.parametrize("start_lookups", [1, 2])
-@pytest.mark.parametrize("overhead,host", [(0.0, None), (2e-4, None), (0.0, 4e-3), (3e-4, 1.5e-3), (0.0, 6e-3)])
-def test_decode_ends_equal_the_reference(tiny, mode, batch, ctx0, k, start_lookups, overhead, host):
-    """decode_ends (Python floats: step time, overhead, async host time, running sum), which
-    skips its end lookups when those could not count or raise, gives the numpy reference's
-    values bit for bit at every step index, and the same range errors and lookup counts."""
+@pytest.mark.parametrize("overhead,host", [(0.0, None), (2e-4, None), (0.0, 4e-3), (3e-4, 1.5e-3), (0.0, 6e-3),
+                                           (0.0, 5.6e-3)])
+def test_decode_run_equals_the_reference(tiny, mode, batch, ctx0, k, start_lookups, overhead, host):
+    """decode_run (closed form: linear pieces between grid points, split where the 1e-6 floor or
+    the async host time bites), which skips its end lookups when those could not count or raise,
+    gives the numpy reference's step times and ends to rounding, and the same range errors and
+    lookup counts. (host 5.6 ms: the tiny table's 11-12 ms steps cross 2 x host mid-jump.)"""
     ref, got = LatencyModel(tiny, C.GPU, mode), LatencyModel(tiny, C.GPU, mode)
     try:
         want = decode_series_ref(ref, "tiny_model", batch, ctx0, k, start_lookups)
     except OutOfGridError:
         with pytest.raises(OutOfGridError):
-            got.decode_ends("tiny_model", batch, ctx0, k, start_lookups, overhead, host)
+            got.decode_run("tiny_model", batch, ctx0, k, start_lookups, overhead, host)
         return
-    ends = got.decode_ends("tiny_model", batch, ctx0, k, start_lookups, overhead, host)
-    assert all(type(x) is float for x in ends)
-    assert ends == ends_ref(want, overhead, host)
+    run = got.decode_run("tiny_model", batch, ctx0, k, start_lookups, overhead, host)
+    _close_to_reference(run, want, overhead, host)
     assert got.report() == ref.report()
 
 
-def test_decode_ends_single_context_column(tmp_path):
-    """A table with one context point: a constant column, the reference's floats."""
+@pytest.fixture
+def tiny_cells(tmp_path):
+    """Decode steps bent at every context point (100, 130, 200): a jump across cells must switch
+    slopes exactly where the bilinear rule does."""
+    rows = [C._row("tiny_model", "prefill", 1.0, batch_size=1, num_tokens=16, context_len=0,
+                   num_decode_seqs=0)]
+    dec = {(1, 100): 10.0, (1, 130): 13.0, (1, 200): 13.5, (2, 100): 11.0, (2, 130): 11.2,
+           (2, 200): 16.0, (4, 100): 12.0, (4, 130): 15.0, (4, 200): 15.5}
+    rows += [C._row("tiny_model", "decode", v, batch_size=b, num_tokens=b, context_len=c)
+             for (b, c), v in dec.items()]
+    return tiny_table(tmp_path, rows)
+
+
+@pytest.mark.parametrize("mode", ["clamp", "extrapolate"])
+@pytest.mark.parametrize("batch,ctx0,k", [(1, 100, 100), (3, 95.5, 120), (2, 129.25, 3), (4, 60, 200),
+                                           (2, 130, 71), (1, 199.5, 2)])
+@pytest.mark.parametrize("overhead,host", [(0.0, None), (2e-4, 5.6e-3), (0.0, 6.6e-3)])
+def test_decode_run_bent_cells_equal_the_reference(tiny_cells, mode, batch, ctx0, k, overhead, host):
+    ref, got = LatencyModel(tiny_cells, C.GPU, mode), LatencyModel(tiny_cells, C.GPU, mode)
+    want = decode_series_ref(ref, "tiny_model", batch, ctx0, k)
+    _close_to_reference(got.decode_run("tiny_model", batch, ctx0, k, 1, overhead, host), want,
+                        overhead, host)
+    assert got.report() == ref.report()
+
+
+@pytest.mark.parametrize("mode", ["clamp", "extrapolate"])
+@pytest.mark.parametrize("batch,ctx0,k", [(7, 1000.5, 25), (1, 1.0, 300), (33, 1020.25, 60),
+                                           (256, 31900.0, 700), (3, 40_000.0, 90), (12, 0.5, 40)])
+@pytest.mark.parametrize("overhead,host", [(0.0, None), (3e-4, 1.5e-3), (0.0, 0.03)])
+def test_decode_run_across_cells_equals_the_reference(synthetic_profiles, mode, batch, ctx0, k,
+                                                      overhead, host):
+    """The same on the synthetic tables' many context cells, and past the context axis."""
+    ref, got = LatencyModel(synthetic_profiles, C.GPU, mode), LatencyModel(synthetic_profiles, C.GPU, mode)
+    want = decode_series_ref(ref, VL, batch, ctx0, k)
+    _close_to_reference(got.decode_run(VL, batch, ctx0, k, 1, overhead, host), want, overhead, host)
+    assert got.report() == ref.report()
+
+
+def test_decode_run_single_context_column(tmp_path):
+    """A table with one context point: a constant column."""
     rows = [C._row("tiny_model", "prefill", 1.0, batch_size=1, num_tokens=16, context_len=0,
                    num_decode_seqs=0)]
     rows += [C._row("tiny_model", "decode", v, batch_size=b, num_tokens=b, context_len=100)
              for b, v in [(1, 5.0), (4, 9.0)]]
     root = tiny_table(tmp_path, rows)
     ref, got = LatencyModel(root, C.GPU, "clamp"), LatencyModel(root, C.GPU, "clamp")
-    want = ends_ref(decode_series_ref(ref, "tiny_model", 2, 100.0, 6), 1e-4, 2e-3)
-    assert got.decode_ends("tiny_model", 2, 100.0, 6, 1, 1e-4, 2e-3) == want
+    want = decode_series_ref(ref, "tiny_model", 2, 100.0, 6)
+    _close_to_reference(got.decode_run("tiny_model", 2, 100.0, 6, 1, 1e-4, 2e-3), want, 1e-4, 2e-3)
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(pieces=st.lists(st.tuples(st.integers(1, 40), st.floats(1e-4, 0.1), st.floats(-1e-4, 1e-3)),
+                       min_size=1, max_size=4),
+       x=st.floats(-0.5, 40.0), lo=st.integers(-200, 200), hi=st.integers(-200, 200))
+def test_decode_steps_read_as_their_list(pieces, x, lo, hi):
+    """DecodeSteps reads as the list of its ends: items, negative items, slices, len; its
+    closed-form bisection equals bisect on that list; its pieces and durations add up to it."""
+    from bisect import bisect_left, bisect_right
+
+    from sim.engines.latency import DecodeSteps
+    starts, alpha, beta, i = [], [], [], 0
+    for n, a, b in pieces:
+        if a + b * (n - 1) <= 0:
+            b = 0.0
+        starts.append(i)
+        alpha.append(a)
+        beta.append(b)
+        i += n
+    run = DecodeSteps(i, starts, alpha, beta)
+    ends = [run.end(j) for j in range(i)]
+    assert len(run) == i and ends == [run[j] for j in range(i)]
+    assert [run[-j] for j in range(1, i + 1)] == [ends[-j] for j in range(1, i + 1)]
+    assert run[lo:hi] == ends[lo:hi] and run[:1] == ends[:1]
+    xs = [x * ends[-1] / 40.0, *ends[:3], ends[-1], ends[len(ends) // 2]]
+    for v in xs:
+        assert run.bisect_left(v) == bisect_left(ends, v), v
+        assert run.bisect_right(v) == bisect_right(ends, v), v
+    np.testing.assert_allclose(np.cumsum(run.durations(i)), ends, rtol=1e-12)
+    for k in (1, i // 2 + 1, i):
+        got = run.pieces(k)
+        assert sum(n for _, _, n in got) == k
+        assert [a + b * m for a, b, n in got for m in range(n)] == run.durations(k)
+    with pytest.raises(IndexError):
+        run[i]
 
 
 @settings(max_examples=300, deadline=None, database=None)

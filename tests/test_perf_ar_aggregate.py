@@ -95,14 +95,17 @@ def test_extra_blocks_closed_form(bs, g, contexts, j):
        mode=st.sampled_from(["clamp", "extrapolate"]))
 def test_jump_ends_equal_the_numpy_series(synthetic_profiles, batch, ctx, k, start_lookups,
                                           overhead, host, mode):
-    """A jump's step ends (AREngine._decode_ends, Python floats) equal the numpy reference
-    (tests/reference.py) bit for bit across grid cells, overhead and async host time included,
-    with the same lookup counts."""
+    """A jump's step ends (AREngine._decode_run, closed form) equal the numpy reference
+    (tests/reference.py: per-step values, a running sum) to rounding across grid cells,
+    overhead and async host time included, with the same lookup counts."""
+    import numpy as np
+
     from sim.engines.latency import LatencyModel
     lats = [LatencyModel(synthetic_profiles, "h100", mode) for _ in range(2)]
     eng = AREngine("qwen2_5_vl_7b", lats[0], 1 << 20, step_overhead_s=overhead, host_s=host[0],
                    host_per_seq_s=host[1])
     h = host[0] + host[1] * batch if host[0] or host[1] else None
     want = ends_ref(decode_series_ref(lats[1], "qwen2_5_vl_7b", batch, ctx, k, start_lookups), overhead, h)
-    assert eng._decode_ends(batch, ctx, k, start_lookups) == want
+    run = eng._decode_run(batch, ctx, k, start_lookups)
+    np.testing.assert_allclose([run[i] for i in range(k)], want, rtol=1e-12, atol=0)
     assert lats[0].report() == lats[1].report()

@@ -113,3 +113,39 @@ def test_bound_property(values: list[float], alpha: float) -> None:
     _check_bound(sk, np.asarray(values))
     qs = [sk.quantile(q) for q in QS]
     assert qs == sorted(qs)
+
+
+def _one_by_one(a: float, b: float, n: int, w: float, scale: float) -> QuantileSketch:
+    sk = QuantileSketch()
+    for m in range(n):
+        sk.add((a + b * float(m)) * scale, w)
+    return sk
+
+
+@settings(max_examples=300, deadline=None)
+@given(a=st.floats(1e-7, 0.5), b=st.floats(-1e-3, 1e-3), n=st.integers(1, 3000),
+       w=st.integers(1, 300), scale=st.sampled_from([1.0, 1000.0]))
+def test_add_series_equals_adding_each_value(a: float, b: float, n: int, w: int,
+                                             scale: float) -> None:
+    """A decode jump's linear piece folded in at once: the same buckets, count, min and max as
+    adding its n values one by one; mean and std to rounding."""
+    one = _one_by_one(a, b, n, w, scale)
+    sk = QuantileSketch()
+    sk.add_series(a, b, n, w, scale)
+    assert sk._buckets == one._buckets and sk._zero == one._zero
+    assert sk.count == one.count and sk.min == one.min and sk.max == one.max
+    v = (a + b * np.arange(n, dtype=np.float64)) * scale      # (equal weights)
+    assert sk.mean == pytest.approx(v.mean(), rel=1e-12)
+    assert sk.std == pytest.approx(v.std(), rel=1e-6, abs=1e-12 * abs(v.mean()))
+    for q in QS:
+        assert sk.quantile(q) == one.quantile(q)
+
+
+def test_add_series_crosses_many_buckets_and_the_zero_bucket() -> None:
+    # from 2e-12 (zero bucket at min_value=1e-9 after scaling) up across ~1,000 buckets
+    for a, b, n in ((2e-12, 1e-6, 5000), (5e-3, -1e-6, 5000), (1.0, 0.0, 10)):
+        one = _one_by_one(a, b, n, 3.0, 1000.0)
+        sk = QuantileSketch()
+        sk.add_series(a, b, n, 3.0, 1000.0)
+        assert sk._buckets == one._buckets and sk._zero == one._zero and sk.count == one.count
+        assert sk.mean == pytest.approx(one.mean, rel=1e-12)

@@ -91,10 +91,32 @@ def measured_rows(validation_rows):
 
 
 def test_measured_h100_runs_within_reached_bands(measured_rows):
-    assert len(measured_rows) >= 10
-    bad = [(r["run"], k, round(r[f"err_{k}"], 3)) for r in measured_rows for k, tol in REACHED.items()
+    text = [r for r in measured_rows if r["modality"] == "text"]
+    assert len(text) >= 10
+    bad = [(r["run"], k, round(r[f"err_{k}"], 3)) for r in text for k, tol in REACHED.items()
            if not abs(r[f"err_{k}"]) <= tol]
     assert not bad, f"fidelity regressed beyond the reached bands: {bad}"
+
+
+# Qwen2.5-VL-7B serving images (chat_bench, 75% image requests): where the model stands. The
+# throughput holds; the decode-side times do not at a finite rate: the table's vision_encode rows
+# carry a ~40-60 ms size-independent floor (448^2 at batch 1, 2, 4: 53, 44, 43 ms; the large
+# images scale linearly at ~23 us per token) that every image prefill step pays in the model.
+# Replaying qwen2_5_vl_7b__sat with the encoder at its linear compute cost alone gives TPOT -36%,
+# with the table +35%: the served engine lies between, and a zero-load image probe
+# (serve_bench --runs probe_img) is what measures it. These bands pin today's state.
+IMAGE_REACHED = {"request_throughput": 0.05, "median_tpot_ms": 0.40, "median_e2el_ms": 0.40,
+                 "p99_e2el_ms": 0.30, "median_ttft_ms": 0.25}
+
+
+def test_image_runs_replayed_with_their_images(validation_rows):
+    image = [r for r in validation_rows if r["modality"] == "image"]
+    assert {r["run"] for r in image} >= {"qwen2_5_vl_7b__sat", "qwen2_5_vl_7b__inf"}
+    assert all(r["model"] == "qwen2_5_vl_7b" and r["completed"] > 200 for r in image)
+    assert {r["regime"] for r in image} == {"near_saturation", "overload"}
+    bad = [(r["run"], k, round(r[f"err_{k}"], 3)) for r in image for k, tol in IMAGE_REACHED.items()
+           if not abs(r[f"err_{k}"]) <= tol]
+    assert not bad, f"image fidelity regressed beyond the reached bands: {bad}"
 
 
 def test_closed_loop_ladders_within_reached_bands(validation_rows):

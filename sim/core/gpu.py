@@ -9,7 +9,7 @@ replicas, co-located pools): a unit spans several steps only while no other engi
 work."""
 from __future__ import annotations
 
-from bisect import bisect_left
+from bisect import bisect_left, bisect_right
 from heapq import heappush
 from collections import defaultdict
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Optional, Protocol, Sequence
@@ -53,7 +53,21 @@ class Unit:
         self.engine = engine
 
 
-class EqualSteps(Sequence[float]):
+class Steps(Sequence[float]):
+    """A unit's `ends` computed on demand (the list of cumulative end offsets it stands for):
+    items, slices and len as that list, and bisection in closed form."""
+    __slots__ = ()
+
+    def bisect_left(self, x: float) -> int:
+        """bisect.bisect_left(self, x)."""
+        raise NotImplementedError
+
+    def bisect_right(self, x: float) -> int:
+        """bisect.bisect_right(self, x)."""
+        raise NotImplementedError
+
+
+class EqualSteps(Steps):
     """The `ends` of k steps of t seconds each (t * i, i = 1..k: the list it replaces), computed
     on demand: a stable DiT batch plans up to its next completion, dozens of steps, of which the
     GPU reads the last end, and a few more only when it cuts the unit."""
@@ -75,13 +89,9 @@ class EqualSteps(Sequence[float]):
             raise IndexError(i)
         return self.t * (i + 1)
 
-
-def _bisect_ends(ends: Sequence[float], x: float) -> int:
-    """bisect_left(ends, x), its comparisons on EqualSteps' values computed in place (not through
-    the sequence protocol, one __getitem__ call per probe)."""
-    if isinstance(ends, EqualSteps):
-        t = ends.t
-        lo, hi = 0, ends.k
+    def bisect_left(self, x: float) -> int:
+        t, k = self.t, self.k
+        lo, hi = 0, k
         while lo < hi:
             mid = (lo + hi) // 2
             if t * (mid + 1) < x:
@@ -89,7 +99,31 @@ def _bisect_ends(ends: Sequence[float], x: float) -> int:
             else:
                 hi = mid
         return lo
-    return bisect_left(ends, x)
+
+    def bisect_right(self, x: float) -> int:
+        t, k = self.t, self.k
+        lo, hi = 0, k
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if t * (mid + 1) <= x:
+                lo = mid + 1
+            else:
+                hi = mid
+        return lo
+
+
+def steps_before(ends: Any, x: float) -> int:
+    """bisect_left(ends, x) for a list or tuple of ends or a Steps (in closed form there)."""
+    if type(ends) is tuple or type(ends) is list:
+        return bisect_left(ends, x)
+    return ends.bisect_left(x)
+
+
+def steps_through(ends: Any, x: float) -> int:
+    """bisect_right(ends, x) for a list or tuple of ends or a Steps (in closed form there)."""
+    if type(ends) is tuple or type(ends) is list:
+        return bisect_right(ends, x)
+    return ends.bisect_right(x)
 
 
 @mypyc_attr(allow_interpreted_subclasses=True)     # (compiled: tests subclass it)
@@ -113,6 +147,10 @@ class GPU:
         self.available = True     # False while being re-provisioned by an autoscaler
         self.committing = False   # engines' state is mid-update: plan nothing until it is done
         self._on_timer = self._timer   # one bound method for every unit-end event
+        # the kernel's heap and event-id counter (SimPy's, the same objects for the run's life):
+        # _schedule pushes onto them without reading them off the environment each time
+        self._queue: list[Any] = env._queue
+        self._eid: Any = env._eid
 
     def add(self, engine) -> None:
         self.engines.append(engine)
@@ -179,8 +217,7 @@ class GPU:
         delay = self.start + u.ends[k - 1] - now
         if delay < 0:
             raise ValueError(f"Negative delay {delay}")
-        q: list[Any] = env._queue
-        heappush(q, (now + delay, NORMAL, next(env._eid), Timer(self._on_timer, self.token)))
+        heappush(self._queue, (now + delay, NORMAL, next(self._eid), Timer(self._on_timer, self.token)))
 
     def _timer(self, ev: Timer) -> None:
         if ev._value == self.token:     # else a cut rescheduled it: stale
@@ -190,7 +227,7 @@ class GPU:
         u = self.cur
         assert u is not None
         el = self.env._now - self.start
-        k = _bisect_ends(u.ends, el - 1e-12) + 1 + lag  # first step that ends at or after now
+        k = steps_before(u.ends, el - 1e-12) + 1 + lag  # first step that ends at or after now
         if k > len(u.ends):
             k = len(u.ends)
         if k < self.planned:

@@ -78,17 +78,31 @@ class Kernel(Environment):
 
 
 def run_until(env: Any, until: float) -> int:
-    """The event loop of `Kernel.run_until` (a function: compiled, a native loop)."""
+    """The event loop of `Kernel.run_until` (a function: compiled, a native loop). A Timer (the
+    simulator's own events: one callback, never failed) takes the short path."""
     q: list = env._queue
     n = 0
-    while q and q[0][0] < until:
-        now, _, _, ev = heappop(q)
+    while q:
+        entry: tuple[float, int, int, Any] = q[0]
+        now = entry[0]
+        if not now < until:
+            break
+        heappop(q)
         env._now = now
+        ev = entry[3]
+        n += 1
+        if type(ev) is Timer:
+            t: Timer = ev
+            cbs = t.callbacks
+            t.callbacks = None
+            if cbs is not None:
+                for cb in cbs:
+                    cb(t)
+            continue
         callbacks = ev.callbacks
         ev.callbacks = None
         for cb in callbacks:
             cb(ev)
-        n += 1
         if not ev._ok and not hasattr(ev, "_defused"):
             _crash(ev)
     return n

@@ -1,4 +1,4 @@
-"""`mypyc_attr` for the modules `python -m sim.tools.compile` compiles (sim/tools/compile.py): the real
+"""`mypyc_attr` for the modules mypyc compiles (sim/compiled.py): the real
 decorator when mypy is installed (mypyc reads it), else a no-op (pure Python needs nothing)."""
 from __future__ import annotations
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from sim.names import DIT_STEP, TEXT_OUT_TASKS, VAE_DECODE, VAE_ENCODE
@@ -11,38 +10,73 @@ from sim.names import DIT_STEP, TEXT_OUT_TASKS, VAE_DECODE, VAE_ENCODE
 NAN = math.nan
 
 
-@dataclass(slots=True)
 class StageRecord:
-    """One stage a request went through on one server (times in simulated seconds)."""
-    stage: str
-    server: str
-    enqueue: float
-    start: float = NAN
-    end: float = NAN
+    """One stage a request went through on one server (times in simulated seconds). Compared
+    by identity. (Plain classes, not dataclasses, here: compiled, their __init__ is native,
+    where dataclasses would generate an interpreted one.)"""
+    __slots__ = ("stage", "server", "enqueue", "start", "end")
+
+    def __init__(self, stage: str, server: str, enqueue: float, start: float = NAN,
+                 end: float = NAN) -> None:
+        self.stage = stage
+        self.server = server
+        self.enqueue = enqueue
+        self.start = start
+        self.end = end
+
+    def __repr__(self) -> str:
+        return (f"StageRecord(stage={self.stage!r}, server={self.server!r}, "
+                f"enqueue={self.enqueue!r}, start={self.start!r}, end={self.end!r})")
 
 
-@dataclass(slots=True, eq=False)
+# a Request's fields in order (its constructor's parameters)
+REQUEST_FIELDS = ("id", "arrival", "task", "model", "prompt_tokens", "output_tokens",
+                  "input_images", "output_image", "steps", "cfg", "slo_class", "stages",
+                  "first_token", "finish", "preemptions", "image_tokens_in", "image_tokens_out",
+                  "image_ids")
+
+
 class Request:
-    """A request as the workload creates it; the simulator fills in the outcome fields."""
-    id: int
-    arrival: float
-    task: str
-    model: str
-    prompt_tokens: int
-    output_tokens: int = 0
-    input_images: tuple[tuple[int, int], ...] = ()
-    output_image: tuple[int, int] | None = None
-    steps: int = 0
-    cfg: bool = False
-    slo_class: str = "standard"
-    # --- outcome -------------------------------------------------------------------------
-    stages: list[StageRecord] = field(default_factory=list)
-    first_token: float = NAN
-    finish: float = NAN
-    preemptions: int = 0
-    image_tokens_in: int = 0     # input-image tokens in the serving model's own tokenization
-    image_tokens_out: int = 0    # output-image latent tokens (DiT patches)
-    image_ids: tuple[int, ...] = ()   # one per input image: equal ids = the same picture (caches)
+    """A request as the workload creates it; the simulator fills in the outcome fields
+    (stages, first_token, finish, preemptions). Compared by identity."""
+    __slots__ = REQUEST_FIELDS
+
+    def __init__(self, id: int, arrival: float, task: str, model: str, prompt_tokens: int,
+                 output_tokens: int = 0, input_images: tuple[tuple[int, int], ...] = (),
+                 output_image: tuple[int, int] | None = None, steps: int = 0, cfg: bool = False,
+                 slo_class: str = "standard", stages: list[StageRecord] | None = None,
+                 first_token: float = NAN, finish: float = NAN, preemptions: int = 0,
+                 image_tokens_in: int = 0, image_tokens_out: int = 0,
+                 image_ids: tuple[int, ...] = ()) -> None:
+        self.id = id
+        self.arrival = arrival
+        self.task = task
+        self.model = model
+        self.prompt_tokens = prompt_tokens
+        self.output_tokens = output_tokens
+        self.input_images = input_images
+        self.output_image = output_image
+        self.steps = steps
+        self.cfg = cfg
+        self.slo_class = slo_class
+        # --- outcome ---------------------------------------------------------------------
+        self.stages: list[StageRecord] = [] if stages is None else stages
+        self.first_token = first_token
+        self.finish = finish
+        self.preemptions = preemptions
+        self.image_tokens_in = image_tokens_in      # input-image tokens in the serving model's own tokenization
+        self.image_tokens_out = image_tokens_out    # output-image latent tokens (DiT patches)
+        self.image_ids = image_ids      # one per input image: equal ids = the same picture (caches)
+
+    def latencies_ms(self, first: float) -> tuple[float, float, float, float]:
+        """(ttft, tpot, e2el, queue) of the completed request in ms, NaN where undefined; queue
+        is from arrival to `first`, its first stage's start. The one definition requests.parquet
+        and summary.json share (sim.run.output.latencies_ms)."""
+        return (self.ttft * 1000.0, self.tpot * 1000.0, (self.finish - self.arrival) * 1000.0,
+                (first - self.arrival) * 1000.0)
+
+    def __repr__(self) -> str:
+        return "Request(" + ", ".join(f"{f}={getattr(self, f)!r}" for f in REQUEST_FIELDS) + ")"
 
     @property
     def text_out(self) -> bool:

@@ -12,14 +12,13 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import math
-from bisect import bisect_left, bisect_right
 from dataclasses import dataclass
 from heapq import heappop, heappush
 
-from sim.core.gpu import Unit
+from sim.core.gpu import Unit, steps_before, steps_through
 from sim.core.kernel import Timer
 from sim.core.records import Job, StageRecord
-from sim.engines.latency import LatencyModel
+from sim.engines.latency import DecodeSteps, LatencyModel
 from sim.engines.queues import StageQueue, start_record
 from sim.names import DECODE, PREFILL, VISION_ENCODE
 
@@ -136,7 +135,7 @@ class AREngine:
         self.gpu: Any = None            # its GPU, once placed
         self.sched: list[tuple[Seq, int]] = []  # seqs of `pre` (and admitted) in the planned step
         self.jump_unit: Unit | None = None      # the planned multi-step decode unit, if any
-        self.jump_ends: list[float] | None = None
+        self.jump_ends: DecodeSteps | None = None
         self.vision_in_step = 0
         self.peak_blocks_used = 0
         self.steps = 0
@@ -193,7 +192,7 @@ class AREngine:
         g = self.gpu
         if not self.async_admit or g is None or g.cur is None or g.cur.engine is not self:
             return 0
-        k = bisect_left(g.cur.ends, now - g.start - 1e-12) + 1   # steps of the unit up to now
+        k = steps_before(g.cur.ends, now - g.start - 1e-12) + 1  # steps of the unit up to now
         return self.steps + min(k, len(g.cur.ends)) + 1
 
     def has_work(self) -> bool:
@@ -219,8 +218,17 @@ class AREngine:
         if u is not None:
             g = self.gpu
             if g.cur is u:
-                r -= self.nd * bisect_right(u.ends, now - g.start + 1e-12)
+                r -= self.nd * self._steps_run(u, now - g.start + 1e-12)
         return r
+
+    def _steps_run(self, u: Unit, el: float) -> int:
+        """Steps of the planned unit u ended within `el` seconds of its start (bisect_right of
+        its ends; a native call when they are still the jump's own DecodeSteps)."""
+        ends = u.ends
+        j = self.jump_ends
+        if j is not None and ends is j:
+            return j.bisect_right(el)
+        return steps_through(ends, el)
 
     @staticmethod
     def least_loaded(engines: list["AREngine"], now: float) -> "AREngine":
@@ -235,10 +243,12 @@ class AREngine:
                 # not bring the load under the lowest so far (no step count exceeds len(ends))
                 g = e.gpu
                 if g.cur is u and e.nd:
+                    j = e.jump_ends
                     ends = u.ends
-                    if best is not None and r - e.nd * len(ends) >= low:
+                    n_ends = j.k if j is not None and ends is j else len(ends)
+                    if best is not None and r - e.nd * n_ends >= low:
                         continue
-                    r -= e.nd * bisect_right(ends, now - g.start + 1e-12)
+                    r -= e.nd * e._steps_run(u, now - g.start + 1e-12)
             if best is None or r < low:
                 best, low = e, r
         if best is None:
@@ -404,15 +414,15 @@ class AREngine:
         """The aggregate alone, k steps. Its first step's single-step time is not needed, but
         that lookup's side effects are kept (range policy, out-of-grid and hole counts): the
         series looks up its start point once more."""
-        self.jump_ends = ends = self._decode_ends(d_seqs, d_ctx, k, start_lookups=2)
+        self.jump_ends = ends = self._decode_run(d_seqs, d_ctx, k, start_lookups=2)
         self.jump_unit = Unit(ends, self._commit_jump, DECODE, self)
         return self.jump_unit
 
-    def _decode_ends(self, d_seqs: int, d_ctx: float, k: int, start_lookups: int = 1) -> list[float]:
-        """Cumulative end offsets of k decode steps of the aggregate (as k single steps), with
-        the step overhead and async scheduling's host time applied to each step."""
+    def _decode_run(self, d_seqs: int, d_ctx: float, k: int, start_lookups: int = 1) -> DecodeSteps:
+        """k decode steps of the aggregate (as k single steps), with the step overhead and async
+        scheduling's host time applied to each step."""
         h = self.host + self.host_seq * d_seqs if self.host or self.host_seq else None
-        return self.lat.decode_ends(self.model, d_seqs, d_ctx, k, start_lookups, self.overhead, h)
+        return self.lat.decode_run(self.model, d_seqs, d_ctx, k, start_lookups, self.overhead, h)
 
     def _schedule_pre(self, budget: int, now: float) -> tuple[list[tuple[Seq, int]], int, bool]:
         """vLLM's loop over running requests (those of `pre`): each gets min(need, budget)
@@ -539,14 +549,12 @@ class AREngine:
         if k > 1:
             self._take_blocks(self._extra_blocks(k))    # steps 2..k (step 1 allocated in plan)
         self._advance(k)
-        ends: Any = self.jump_ends
+        run: Any = self.jump_ends
         if self.itl_steps is not None:
-            self.itl_steps(ends[:k], self.nd)   # durations e[i] - e[i-1], as the loop below
+            self.itl_steps(run, k, self.nd)     # its first k steps' times, as the loop below
         elif self.itl_sink:
-            prev = 0.0
-            for e in ends[:k]:
-                self.itl_sink(float(e) - prev, self.nd)
-                prev = float(e)
+            for t in run.durations(k):
+                self.itl_sink(t, self.nd)
         produced = self.nd
         self._finish(self._pop_finished(), now, self.stream * produced)
 

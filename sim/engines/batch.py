@@ -12,13 +12,15 @@ from sim.engines.queues import StageQueue, start_record
 
 
 class BatchEngine:
-    def __init__(self, stage: str, model: str, queue: StageQueue, lat: LatencyModel | None, max_batch: int = 8,
+    def __init__(self, stage: str, model: str, queue: StageQueue, lat: Any, max_batch: int = 8,
                  service=None, max_batch_tokens: int = 16384):
         self.stage = stage
         self.model = model
         self.queue = queue
         queue.engines.append(self)
-        self.lat: Any = lat             # None with a synthetic `service` (sim.studies.queueing)
+        # the stage's latency lookups: a LatencyModel, or any object with the same methods (a
+        # test's closed-form law); None with a synthetic `service` (sim.studies.queueing)
+        self.lat: Any = lat
         self.max_batch = max_batch
         self.service = service          # optional callable(jobs) -> seconds (synthetic laws)
         self.max_batch_tokens = max_batch_tokens   # vision encoder: image tokens per pass

@@ -1,14 +1,18 @@
 """Stage latencies from profile tables: interpolation over the measured grid, with an explicit
 policy outside it (error by default; clamp or extrapolate only when configured, and counted).
 
-Lookups bisect Python lists and memoise in-grid points per grid; a decode jump's steps are
-computed on Python floats in one loop (`decode_ends`). tests/reference.py holds the plain
-numpy formulation of both, the oracle tests/test_latency.py compares them with.
+Lookups bisect Python lists and memoise in-grid points per grid. A decode jump is priced in
+closed form (`decode_run`, `DecodeSteps`): its step times are linear in the step index between
+grid points, so its steps are a few linear pieces and their end offsets arithmetic series -- the
+cost of a jump does not grow with its length. tests/reference.py holds the plain numpy
+formulation of both (per-step values, a running sum), the oracle tests/test_latency.py compares
+them with.
 """
 from __future__ import annotations
 
 import json
-from bisect import bisect_right
+import math
+from bisect import bisect_left, bisect_right
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +23,7 @@ import pandas as pd
 
 from profiler.schema import read_table
 from sim.config import OutOfRange
+from sim.core.gpu import Steps
 from sim.core.mypyc_compat import mypyc_attr
 from sim.names import DECODE, DIT_STEP, PREFILL, TEXT_ENCODE, VISION_ENCODE
 
@@ -247,6 +252,23 @@ def read_profile(path: Path) -> pd.DataFrame:
     return df
 
 
+# the ok rows of each table read in this process, by (path, mtime_ns, size): many runs in one
+# process (capacity probes, sweeps' workers, tests) read the same tables once. Readers treat the
+# frames as read-only (every derived grid works on copies).
+_OK_ROWS: dict[tuple[str, int, int], pd.DataFrame] = {}
+
+
+def ok_rows(path: Path) -> pd.DataFrame:
+    """The status=ok rows of the table at `path` (read_profile), read once per file version."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_mtime_ns, st.st_size)
+    df = _OK_ROWS.get(key)
+    if df is None:
+        full = read_profile(path)
+        df = _OK_ROWS[key] = full[full["status"] == "ok"]
+    return df
+
+
 def table_source_line(t: dict[str, Any]) -> str:
     """One model's entry of LatencyModel.tables() as the summary's `profile_tables` line:
     '<source> (<what it is>): <path>'."""
@@ -292,6 +314,7 @@ class LatencyModel:
         self._dec: dict[str, Grid] = {}             # (the hot lookups: no tuple key)
         self._dit: dict[str, Grid] = {}
         self._dit_joint: dict[str, tuple[Grid, float]] = {}   # model -> (grid, its text length)
+        self._dit_text: dict[str, Grid] = {}        # model -> batch-1 (seq_len, num_tokens) grid
         self._te: dict[str, dict[str, Grid]] = {}   # model -> component -> text_encode grid
         self._vis: dict[str, Grid] = {}
         self._vae: dict[str, dict[str, Grid]] = {}  # model -> stage -> grid
@@ -340,8 +363,7 @@ class LatencyModel:
                     f"in {looked}; tables in {self.gpu}/: {have}; table sets under {self.root}: "
                     f"{sets} (measure one with `python -m profiler sweep model={model}`, or make "
                     f"roofline ones with `python -m profiler sweep backend=analytic model={model}`)")
-            df = read_profile(path)
-            self._frames[model] = df[df["status"] == "ok"]
+            self._frames[model] = ok_rows(path)
             if source == MEASURED and ANALYTIC in self.engines(model):
                 source = ANALYTIC        # rows computed, not measured, whatever folder they are in
             self._paths[model] = (path, source)
@@ -549,60 +571,70 @@ class LatencyModel:
             self._lookup2(g, batch, ctx0)
         self._lookup2(g, batch, ctx0 + k - 1)
 
-    def decode_steps(self, model: str, batch: int, ctx0: float, k: int,
-                     start_lookups: int = 1) -> list[float]:
-        """decode(batch, ctx0 + i) for i < k: the step times of k decode steps of `batch`
-        sequences whose contexts start at ctx0. start_lookups: see _end_lookups."""
+    def decode_run(self, model: str, batch: int, ctx0: float, k: int, start_lookups: int = 1,
+                   overhead: float = 0.0, host: float | None = None) -> "DecodeSteps":
+        """k decode steps of `batch` sequences whose contexts start at ctx0 (and grow by one a
+        step): step i takes decode(batch, ctx0 + i) (the bilinear rule, >= 1e-6 s), plus
+        `overhead`, then max(t - host, host) when `host` is not None. The steps' end offsets, in
+        closed form (DecodeSteps). start_lookups: see _end_lookups."""
         g = self._decode_grid(model)
         col = self._decode_col(g, batch)
         self._end_lookups(g, col, batch, ctx0, k, start_lookups)
-        return self._step_values(g, col, ctx0, k)
+        starts, alpha, beta = self._pieces(g, col, ctx0, k)
+        _floor(starts, alpha, beta, k, 1e-6)
+        if overhead:
+            for p in range(len(alpha)):
+                alpha[p] += overhead
+        if host is not None:
+            for p in range(len(alpha)):
+                alpha[p] -= host
+            _floor(starts, alpha, beta, k, host)
+        return DecodeSteps(k, starts, alpha, beta)
 
-    def decode_ends(self, model: str, batch: int, ctx0: float, k: int, start_lookups: int = 1,
-                    overhead: float = 0.0, host: float | None = None) -> list[float]:
-        """Cumulative end offsets of k decode steps of `batch` sequences whose contexts start
-        at ctx0 (and grow by one a step): each step decode(batch, ctx0 + i) (the same bilinear
-        rule), plus `overhead` when nonzero, then max(t - host, host) when `host` is not None,
-        summed in order. start_lookups: see _end_lookups."""
-        ends = []
-        acc = 0.0
-        for t in self.decode_steps(model, batch, ctx0, k, start_lookups):
-            if overhead:
-                t += overhead
-            if host is not None:
-                t -= host
-                if t < host:                # np.maximum(t, host)
-                    t = host
-            acc += t
-            ends.append(acc)
-        return ends
+    def decode_steps(self, model: str, batch: int, ctx0: float, k: int,
+                     start_lookups: int = 1) -> list[float]:
+        """decode(batch, ctx0 + i) for i < k: the step times of k decode steps (decode_run's)."""
+        return self.decode_run(model, batch, ctx0, k, start_lookups).durations(k)
 
-    def _step_values(self, g: Grid, col: _DecodeCol, ctx0: float, k: int) -> list[float]:
-        """decode(batch, ctx0 + i), i < k, on the column at the batch (after the range checks of
-        _end_lookups): clamped to the context axis under out_of_range=clamp, bilinear, >= 1e-6."""
-        c = g.axes[1]
+    def _pieces(self, g: Grid, col: _DecodeCol, ctx0: float, k: int
+                ) -> tuple[list[int], list[float], list[float]]:
+        """The k step values decode(batch, ctx0 + i), i < k, as linear pieces: piece p covers the
+        steps from starts[p] to the next start, step starts[p] + m taking alpha[p] + beta[p] * m.
+        A piece is one context cell (the one bisection picks, within the axis), or the constant
+        edge value where out_of_range=clamp holds the context at the axis's end."""
+        c, vals = g.axes[1], col.vals
         last = len(c) - 2
         if last < 0:                        # one context point: a constant column
-            v = col.vals[0]
-            return [v if v > 1e-6 else 1e-6] * k
+            return [0], [vals[0]], [0.0]
         clamp = self.mode is OutOfRange.clamp
-        lo, hi, vals = c[0], c[-1], col.vals
-        out = []
-        j = -1
-        for i in range(k):
+        starts: list[int] = []
+        alpha: list[float] = []
+        beta: list[float] = []
+        i = 0
+        while i < k:
             x = ctx0 + i
-            if clamp:                       # np.minimum(np.maximum(ctx, c[0]), c[-1])
-                if x < lo:
-                    x = lo
-                if x > hi:
-                    x = hi
-            if j < 0 or x >= c[j + 1] and j < last or x < c[j]:
-                j = bisect_right(c, x) - 1  # searchsorted(side="right") - 1, within the axis
+            if clamp and x < c[0]:          # held at the axis's first point
+                e = min(k, max(i + 1, math.ceil(c[0] - ctx0)))
+                a, b = vals[0], 0.0
+            elif clamp and x > c[-1]:       # held at its last point
+                e = k
+                a, b = vals[-1], 0.0
+            else:
+                j = bisect_right(c, x) - 1
                 j = 0 if j < 0 else last if j > last else j
-            w = (x - c[j]) / (c[j + 1] - c[j])
-            v = (1 - w) * vals[j] + w * vals[j + 1]
-            out.append(v if v > 1e-6 else 1e-6)
-        return out
+                if j < last:                # steps up to the next grid point
+                    e = min(k, max(i + 1, math.ceil(c[j + 1] - ctx0)))
+                elif clamp:                 # the last cell: up to the axis's end
+                    e = min(k, max(i + 1, math.floor(c[-1] - ctx0) + 1))
+                else:
+                    e = k
+                b = (vals[j + 1] - vals[j]) / (c[j + 1] - c[j])
+                a = vals[j] + b * (x - c[j])
+            starts.append(i)
+            alpha.append(a)
+            beta.append(b)
+            i = e
+        return starts, alpha, beta
 
     @staticmethod
     def _cell_has_hole(g: Grid, col: _DecodeCol, j: int) -> bool:
@@ -821,6 +853,17 @@ class LatencyModel:
             filled |= holes
         return Grid(f"{model}/{DIT_STEP}/joint", [b_axis, j_axis], vals, filled), t0
 
+    def dit_step_text(self, model: str, seq_len: float, text_tokens: float) -> float:
+        """One transformer forward at batch 1 over seq_len image and text_tokens text tokens,
+        read on the (seq_len, num_tokens) grid of the table's batch-1 dit_step rows: for a table
+        whose rows span both axes (profiler.omni_table's vLLM-Omni fits, where a text token costs
+        less than an image token), unlike dit_step_joint's single joint-length axis."""
+        g = self._dit_text.get(model)
+        if g is None:
+            g = self._dit_text[model] = self._grid(model, DIT_STEP, ["seq_len", "num_tokens"],
+                                                   lambda d: d["batch_size"] == 1, "text")
+        return self._lookup2(g, seq_len, text_tokens)
+
     def vae(self, model: str, stage: str, batch: float, height: float, width: float) -> float:
         by = self._vae.get(model)
         if by is None:
@@ -864,3 +907,134 @@ class LatencyModel:
                 "out_of_range_policy": self.mode.value,
                 "engines": {m: self.engines(m) for m in self._frames},
                 "tables": self.tables(), "not_measured": self.not_measured()}
+
+
+def _floor(starts: list[int], alpha: list[float], beta: list[float], k: int, low: float) -> None:
+    """max(value, low) on linear pieces (see LatencyModel._pieces), in place: a piece that
+    crosses `low` is split where it does, its part below held at `low`."""
+    p = 0
+    while p < len(starts):
+        a, b = alpha[p], beta[p]
+        n = (starts[p + 1] if p + 1 < len(starts) else k) - starts[p]
+        z = a + b * (n - 1)                  # its last step's value
+        if a >= low and z >= low:
+            p += 1
+            continue
+        if (a < low and z < low) or b == 0.0:
+            alpha[p], beta[p] = low, 0.0
+            p += 1
+            continue
+        if b > 0.0:                          # below `low` up to step m, above from m on
+            m = min(n - 1, max(1, math.ceil((low - a) / b)))
+            starts.insert(p + 1, starts[p] + m)
+            alpha.insert(p + 1, a + b * m)
+            beta.insert(p + 1, b)
+            alpha[p], beta[p] = low, 0.0
+        else:                                # above up to step m, below from m on
+            m = min(n - 1, max(1, math.floor((low - a) / b) + 1))
+            starts.insert(p + 1, starts[p] + m)
+            alpha.insert(p + 1, low)
+            beta.insert(p + 1, 0.0)
+        p += 2
+
+
+class DecodeSteps(Steps):
+    """The end offsets of a decode jump's k steps (LatencyModel.decode_run) in closed form: step
+    starts[p] + m takes alpha[p] + beta[p] * m seconds (p: its linear piece), so the end of step
+    i is base[p] + n * alpha[p] + beta[p] * n (n - 1) / 2 with n = i - starts[p] + 1. Reads as
+    the list of ends (items, slices, len); bisection solves the series' quadratic. It equals the
+    running sum of the per-step values to rounding (~1e-15 relative; tests/test_latency.py)."""
+    __slots__ = ("k", "starts", "alpha", "beta", "base")
+
+    def __init__(self, k: int, starts: list[int], alpha: list[float], beta: list[float]):
+        self.k = k
+        self.starts = starts
+        self.alpha = alpha
+        self.beta = beta
+        base = [0.0]                         # the end offset before each piece
+        for p in range(len(starts) - 1):
+            n = starts[p + 1] - starts[p]
+            base.append(base[p] + n * alpha[p] + beta[p] * (n * (n - 1) // 2))
+        self.base = base
+
+    def __len__(self) -> int:
+        return self.k
+
+    def _piece(self, i: int) -> int:
+        return 0 if len(self.starts) == 1 else bisect_right(self.starts, i) - 1
+
+    def end(self, i: int) -> float:
+        """The end offset of step i (0 <= i < k)."""
+        p = self._piece(i)
+        n = i - self.starts[p] + 1
+        return self.base[p] + n * self.alpha[p] + self.beta[p] * (n * (n - 1) // 2)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self.end(j) for j in range(*i.indices(self.k))]
+        if i < 0:
+            i += self.k
+        if not 0 <= i < self.k:
+            raise IndexError(i)
+        return self.end(i)
+
+    def durations(self, k: int) -> list[float]:
+        """The times of the first k steps."""
+        out: list[float] = []
+        starts, alpha, beta = self.starts, self.alpha, self.beta
+        for p in range(len(starts)):
+            e = starts[p + 1] if p + 1 < len(starts) else self.k
+            a, b = alpha[p], beta[p]
+            for m in range(min(e, k) - starts[p]):
+                out.append(a + b * m)
+        return out
+
+    def pieces(self, k: int) -> list[tuple[float, float, int]]:
+        """(alpha, beta, steps) of the pieces of the first k steps."""
+        starts, out = self.starts, []
+        for p in range(len(starts)):
+            if starts[p] >= k:
+                break
+            e = starts[p + 1] if p + 1 < len(starts) else self.k
+            out.append((self.alpha[p], self.beta[p], min(e, k) - starts[p]))
+        return out
+
+    def bisect_left(self, x: float) -> int:
+        return self._search(x, False)
+
+    def bisect_right(self, x: float) -> int:
+        return self._search(x, True)
+
+    def _search(self, x: float, right: bool) -> int:
+        """The first step whose end is >= x (> x when right); k when none is."""
+        base, starts, k = self.base, self.starts, self.k
+        if len(base) == 1:                   # one piece (base[0] = 0.0): no bisection
+            p = 0 if (x >= base[0] if right else x > base[0]) else -1
+        else:
+            p = (bisect_right(base, x) if right else bisect_left(base, x)) - 1   # the piece holding it
+        if p < 0:
+            return 0
+        s = starts[p]
+        e = starts[p + 1] if p + 1 < len(starts) else k
+        bp, a, b = base[p], self.alpha[p], self.beta[p]
+        c = bp - x
+        # smallest n >= 1 with c + n a + b n (n - 1) / 2 >= 0 (a root of the quadratic, refined
+        # below on the exact ends: end(i) of this piece, m = i - s + 1, as end() computes it)
+        q = a - 0.5 * b
+        d = q * q - 2.0 * b * c
+        den = q + math.sqrt(d if d > 0.0 else 0.0)
+        n = math.ceil(-2.0 * c / den) if den > 0.0 else e - s
+        i = s + min(max(n, 1), e - s) - 1
+        while i > s:
+            m = i - s                        # end(i - 1)
+            v = bp + m * a + b * (m * (m - 1) // 2)
+            if not (v > x if right else v >= x):
+                break
+            i -= 1
+        while i < e:
+            m = i - s + 1                    # end(i)
+            v = bp + m * a + b * (m * (m - 1) // 2)
+            if not (v <= x if right else v < x):
+                break
+            i += 1
+        return i

@@ -36,16 +36,20 @@ says which table each stage cost comes from, and the run's summary carries it.
 """
 from __future__ import annotations
 
+import json
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
 
 from profiler.models import load_model
 from sim.core.gpu import EqualSteps, Unit
 from sim.core.kernel import Timer
 from sim.core.records import Request, StageRecord
 from sim.engines.pipeline import plan_hops
-from sim.names import AR, DIT_STEP, PREFILL, TEXT_ENCODE, VAE_DECODE, VAE_ENCODE, VISION_ENCODE
+from sim.names import (AR, DIT_STEP, POSTPROCESS, PREFILL, PREPROCESS, TEXT_ENCODE, VAE_DECODE,
+                       VAE_ENCODE, VISION_ENCODE)
 from sim.workloads.requests import condition_image_size
 
 # --- what vLLM-Omni 0.26.0's pipelines do (docs/vllm_omni_scheduler.md, sections 2-5) -----------
@@ -82,10 +86,45 @@ EDIT_CONDITION_PIXELS = 1024 * 1024   # calculate_dimensions(1024 * 1024, ratio)
 NEGATIVE_PROMPT_TOKENS = 1      # " ", Qwen's advice and what profiler.omni_bench sends
 
 
+@dataclass(frozen=True)
+class QwenGeometry:
+    """What one Qwen-Image(-Edit) request puts through vLLM-Omni's pipeline (module
+    constants): transformer image tokens `seq` (target + an edit's condition latents), its
+    text stream for the prompt pass (`text`) and the negative-prompt pass (`neg_text`), the
+    condition encoder's input tokens for both passes, the condition image's vision tokens and
+    size (edits; None for generate)."""
+    seq: int
+    text: int
+    neg_text: int
+    enc_tokens: int
+    neg_tokens: int
+    vision_tokens: int
+    cond: Optional[tuple[int, int]]
+
+
+def qwen_geometry(spec: Any, cond_spec: Any, prompt_tokens: int, output: tuple[int, int],
+                  input_image: Optional[tuple[int, int]] = None) -> QwenGeometry:
+    """QwenGeometry of a request (generate without `input_image`, edit with it); `spec` is the
+    qwen_image entry, `cond_spec` its condition encoder's (qwen2_5_vl_7b). One definition for
+    the engine (OmniCosts.job) and the table builder (profiler.omni_table)."""
+    seq = spec.latent_tokens(*output)
+    if input_image is None:
+        enc = QWEN_TEMPLATE + prompt_tokens
+        neg = QWEN_TEMPLATE + NEGATIVE_PROMPT_TOKENS
+        return QwenGeometry(seq, prompt_tokens + QWEN_TEXT_AFTER, NEGATIVE_PROMPT_TOKENS + QWEN_TEXT_AFTER,
+                            enc, neg, 0, None)
+    ch, cw = condition_image_size(input_image[0], input_image[1], EDIT_CONDITION_PIXELS)
+    vis = cond_spec.image_input_tokens(ch, cw)
+    enc = QWEN_EDIT_TEMPLATE + vis + prompt_tokens
+    neg = QWEN_EDIT_TEMPLATE + vis + NEGATIVE_PROMPT_TOKENS
+    return QwenGeometry(seq + spec.latent_tokens(ch, cw), enc - QWEN_EDIT_DROP, neg - QWEN_EDIT_DROP,
+                        enc, neg, vis, (ch, cw))
+
+
 class OmniJob:
     """One request inside an omni engine: what its pipeline computes, and its progress."""
     __slots__ = ("flow", "req", "model", "batch_key", "step_ok", "step_key", "steps", "passes",
-                 "weight", "height", "width", "seq", "text", "enc_tokens", "neg_tokens", "vision_tokens",
+                 "weight", "height", "width", "seq", "text", "neg_text", "enc_tokens", "neg_tokens", "vision_tokens",
                  "cond", "work", "enqueued", "last_end", "done", "records")
 
     def __init__(self, req: Request, model: str) -> None:
@@ -101,6 +140,7 @@ class OmniJob:
         self.height = self.width = 0             # output image
         self.seq = 0                             # transformer image tokens (+ condition tokens)
         self.text = 0                            # transformer text-stream tokens
+        self.neg_text = 0                        # ... of the negative-prompt pass (CFG)
         self.enc_tokens = 0                      # condition-encoder input tokens (prompt pass)
         self.neg_tokens = 0                      # ... negative-prompt pass (CFG)
         self.vision_tokens = 0                   # condition image tokens in the VL encoder
@@ -118,9 +158,21 @@ class OmniCosts:
     `omni` is the run's vLLM-Omni table set (LatencyModel over <gpu>-vllm-omni) when it holds
     this model, else None; a stage it has rows for is costed from it, every other stage from
     `lat` (the diffusers table of the model, the vLLM table of its condition encoder).
-    The transformer is read by joint length: one forward over S image and T text tokens costs
-    what the table's rows at their own text length T0 give at S + T - T0
-    (LatencyModel.dit_step_joint).
+    The transformer: where the vLLM-Omni table's batch-1 rows span image x text tokens
+    (profiler.omni_table) each forward is read on both axes (LatencyModel.dit_step_text), CFG's
+    negative pass over the negative prompt's own text stream; otherwise by joint length: one
+    forward over S image and T text tokens costs what the table's rows at their own text
+    length T0 give at S + T - T0 (LatencyModel.dit_step_joint), both passes at the prompt's T.
+    A batch larger than the vLLM-Omni table's rows (they are batch 1: vLLM-Omni's default
+    max_num_seqs) is its batch-1 cost times the batch ratio of the diffusers / vLLM table.
+
+    Also from the vLLM-Omni table, when it has them (`api_*`, `pipeline_s`, `first_use_s`): the
+    pipeline's CPU work inside a batch (stage preprocess, component pipeline_<task>: a phase
+    before the encode, holding the engine); the API server's time before a request reaches the
+    queue and after its batch (preprocess api_<task>, postprocess api: delays, not GPU work;
+    the engines apply them with api_delays); the extra cost of the first decode of an output
+    size on a replica (vae_decode rows' first_use_ms: the engines track the sizes each replica
+    has decoded).
 
     work="hops" (an ablation, not vLLM-Omni): each request's work is what sim.engines.pipeline.
     plan_hops gives every policy (the condition encode once, CFG as one transformer pass at twice
@@ -140,7 +192,7 @@ class OmniCosts:
         self.kind = spec.components["transformer"]["kind"]
         self.qwen = self.kind == "qwen_image_mmdit"
         self.cond_model = spec.condition_encoder
-        self.omni = omni if omni is not None and _has_model(omni, model) else None
+        self.omni: Any = omni if omni is not None and _has_model(omni, model) else None
         o = self.omni
         self.dit_lat = o if o is not None and _has_stage(o, model, DIT_STEP) else lat
         self.vae_lat = {st: (o if o is not None and _has_stage(o, model, st) else lat)
@@ -150,8 +202,19 @@ class OmniCosts:
         self.omni_enc = {c: o is not None and _has_stage(o, model, TEXT_ENCODE, c)
                          for c in ("text_encoder", "text_encoder_vl")}
         te_from_omni = o is not None and all(_has_stage(o, model, TEXT_ENCODE, c) for c in spec.text_encoders)
-        self.te_lat = o if te_from_omni and spec.text_encoders else lat
+        self.te_lat: Any = o if te_from_omni and spec.text_encoders else lat
         self.cond_spec = load_model(self.cond_model) if self.cond_model else None
+        # vLLM-Omni's measured transformer on image x text axes (batch 1), and the largest
+        # batch each of its stages has rows for (beyond it: scaled by the other table)
+        self.dit_text = self.dit_lat is o and o is not None and _spans_text(o, model)
+        self.text_t0 = int(spec.request_defaults.get("text_tokens", 64))
+        self.omni_batch = {st: (_max_batch(o, model, st) if o is not None else 0)
+                           for st in (DIT_STEP, TEXT_ENCODE, VAE_DECODE, VAE_ENCODE)}
+        frame = o.frame(model) if o is not None else None
+        self.pipeline_s = {t: _row_law(frame, PREPROCESS, f"pipeline_{t}") for t in ("generate", "edit")}
+        self.api_pre = {t: _row_law(frame, PREPROCESS, f"api_{t}") for t in ("generate", "edit")}
+        self.api_post = _row_law(frame, POSTPROCESS, "api")
+        self.first_use_s = (_first_use_s(frame) if self.vae_lat[VAE_DECODE] is o and o is not None else 0.0)
 
     # --- per request ------------------------------------------------------------------------
     def job(self, req: Request) -> OmniJob:
@@ -170,21 +233,12 @@ class OmniCosts:
         if self.hops:
             self._from_hops(j, req)
         elif self.qwen:
-            p = req.prompt_tokens
-            if image_in:
-                ih, iw = req.input_images[0]
-                ch, cw = condition_image_size(ih, iw, EDIT_CONDITION_PIXELS)
-                j.cond = (ch, cw)
-                assert self.cond_spec is not None
-                j.vision_tokens = self.cond_spec.image_input_tokens(ch, cw)
-                j.seq += spec.latent_tokens(ch, cw)
-                j.enc_tokens = QWEN_EDIT_TEMPLATE + j.vision_tokens + p
-                j.neg_tokens = QWEN_EDIT_TEMPLATE + j.vision_tokens + NEGATIVE_PROMPT_TOKENS
-                j.text = j.enc_tokens - QWEN_EDIT_DROP
-            else:
-                j.enc_tokens = QWEN_TEMPLATE + p
-                j.neg_tokens = QWEN_TEMPLATE + NEGATIVE_PROMPT_TOKENS
-                j.text = p + QWEN_TEXT_AFTER
+            assert self.cond_spec is not None
+            g = qwen_geometry(spec, self.cond_spec, req.prompt_tokens, (j.height, j.width),
+                              req.input_images[0] if image_in else None)
+            j.seq, j.text, j.neg_text = g.seq, g.text, g.neg_text
+            j.enc_tokens, j.neg_tokens, j.vision_tokens, j.cond = (g.enc_tokens, g.neg_tokens,
+                                                                   g.vision_tokens, g.cond)
         else:
             j.enc_tokens = j.neg_tokens = int(d.get("text_tokens", req.prompt_tokens))
             j.text = -1                          # the table's own text length
@@ -212,13 +266,37 @@ class OmniCosts:
         j.text = -1
 
     def alone(self, j: OmniJob) -> float:
-        """Seconds of the whole request run alone (a request batch of one)."""
+        """Seconds of the whole request run alone (a request batch of one), sizes seen before."""
         b = (j,)
-        return (sum(t for _, t in self.encode(b)) + sum(t for _, t in self.vae_encode(b))
-                + j.steps * self.step(b) + self.decode(b)[0][1])
+        return (sum((t for _, t in self.prepare(b)), 0.0) + j.steps * self.step(b) + self.decode(b)[0][1])
+
+    # --- around the engine (vLLM-Omni table rows; 0 without them) ------------------------------
+    @staticmethod
+    def _task(j: OmniJob) -> str:
+        return "edit" if j.req.input_images else "generate"
+
+    def api_pre_s(self, j: OmniJob) -> float:
+        """API server + stage process, request sent -> it reaches the engine's queue."""
+        f = self.api_pre[self._task(j)]
+        if f is None:
+            return 0.0
+        ih, iw = j.req.input_images[0] if j.req.input_images else (0, 0)
+        return f(ih * iw)
+
+    def api_post_s(self, j: OmniJob) -> float:
+        """Batch end -> the client has the image (to PIL, PNG, base64, HTTP)."""
+        f = self.api_post
+        return f(j.height * j.width) if f is not None else 0.0
+
+    def prepare(self, jobs: Sequence[OmniJob]) -> list[tuple[str, float]]:
+        """(stage, seconds) before a batch's first step: the pipeline's own CPU work, the
+        condition encode, an edit's VAE encode."""
+        f = self.pipeline_s[self._task(jobs[0])]
+        pre = [(PREPROCESS, f(0))] if f is not None and not self.hops else []
+        return pre + self.encode(jobs) + self.vae_encode(jobs)
 
     # --- per batch (jobs share a batch key, or run one at a time) ---------------------------
-    def encode(self, jobs) -> list[tuple[str, float]]:
+    def encode(self, jobs: Sequence[OmniJob]) -> list[tuple[str, float]]:
         """(stage, seconds) of the condition encode of a batch: prompt pass, then the negative
         prompt pass with CFG; text prompts of a batch are padded to the longest."""
         j, n = jobs[0], len(jobs)
@@ -242,10 +320,16 @@ class OmniCosts:
                 return [(VISION_ENCODE, vis), (PREFILL, pre)]
             longest = max(x.enc_tokens for x in jobs)
             if self.omni_enc["text_encoder"]:
-                f = self.omni.text_encode
-                t = f(self.model, "text_encoder", n, longest)
+                f, m, cm = self.omni.text_encode, self.model, self.cond_model
+                if n > self.omni_batch[TEXT_ENCODE]:     # padded batch: vLLM's batch ratio
+                    def te(x: int) -> float:
+                        return f(m, "text_encoder", 1, x) * self.lat.prefill(cm, n * x) / self.lat.prefill(cm, x)
+                else:
+                    def te(x: int) -> float:
+                        return f(m, "text_encoder", n, x)
+                t = te(longest)
                 if cfg:
-                    t += f(self.model, "text_encoder", n, j.neg_tokens)
+                    t += te(j.neg_tokens)
                 return [(PREFILL, t)]
             pre = self.lat.prefill(self.cond_model, n * longest)
             if cfg:
@@ -255,35 +339,62 @@ class OmniCosts:
         if not comps:
             return []
         toks = max(x.enc_tokens for x in jobs)
-        t = sum(self.te_lat.text_encode(self.model, c, n, toks) for c in comps)
+        t = sum((self.te_lat.text_encode(self.model, c, n, toks) for c in comps), 0.0)
         return [(TEXT_ENCODE, 2 * t if cfg else t)]
 
-    def vae_encode(self, jobs) -> list[tuple[str, float]]:
+    def vae_encode(self, jobs: Sequence[OmniJob]) -> list[tuple[str, float]]:
         j = jobs[0]
         if j.cond is None:
             return []
         return [(VAE_ENCODE, self.vae_lat[VAE_ENCODE].vae(self.model, VAE_ENCODE, len(jobs), *j.cond))]
 
-    def step(self, jobs) -> float:
+    def step(self, jobs: Sequence[OmniJob]) -> float:
         """One denoising step of `jobs` as one transformer batch: `passes` forwards at batch
         len(jobs), one after the other, over the longest sequence and text stream present."""
         seq = max(x.seq for x in jobs)
         text = max(x.text for x in jobs)
         lat = self.dit_lat
         b = len(jobs) * jobs[0].weight
+        if self.dit_text:
+            t = self._forward(b, seq, text if text >= 0 else self.text_t0)
+            if jobs[0].passes == 2:
+                t += self._forward(b, seq, max(x.neg_text for x in jobs) if text >= 0 else self.text_t0)
+            return t
         t = (lat.dit_step_joint(self.model, b, seq, text) if text >= 0
              else lat.dit_step(self.model, b, seq))
         return jobs[0].passes * t
 
-    def decode(self, jobs) -> list[tuple[str, float]]:
-        j = jobs[0]
-        return [(VAE_DECODE, self.vae_lat[VAE_DECODE].vae(self.model, VAE_DECODE, len(jobs), j.height, j.width))]
+    def _forward(self, b: int, seq: int, text: int) -> float:
+        """One forward on the vLLM-Omni table's image x text grid (batch 1), scaled to batch b
+        by the diffusers table's batch ratio at the same joint length."""
+        t = self.dit_lat.dit_step_text(self.model, seq, text)
+        if b > 1:
+            m, lat = self.model, self.lat
+            t *= lat.dit_step_joint(m, b, seq, text) / lat.dit_step_joint(m, 1, seq, text)
+        return t
 
-    def phases(self, jobs) -> list["Phase"]:
+    def decode(self, jobs: Sequence[OmniJob], decoded: Optional[set] = None) -> list[tuple[str, float]]:
+        """The batch's VAE decode; with `decoded` (the output sizes this replica has decoded,
+        updated here) a size's first decode costs first_use_s more."""
+        j = jobs[0]
+        lat, n, m = self.vae_lat[VAE_DECODE], len(jobs), self.model
+        if lat is self.omni and n > self.omni_batch[VAE_DECODE]:
+            t = (lat.vae(m, VAE_DECODE, 1, j.height, j.width) * self.lat.vae(m, VAE_DECODE, n, j.height, j.width)
+                 / self.lat.vae(m, VAE_DECODE, 1, j.height, j.width))
+        else:
+            t = lat.vae(m, VAE_DECODE, n, j.height, j.width)
+        if decoded is not None and self.first_use_s:
+            size = (j.height, j.width)
+            if size not in decoded:
+                decoded.add(size)
+                t += self.first_use_s
+        return [(VAE_DECODE, t)]
+
+    def phases(self, jobs: Sequence[OmniJob], decoded: Optional[set] = None) -> list["Phase"]:
         """Every stage of a request batch, in the order the pipeline runs them."""
-        out = [Phase(st, jobs, t) for st, t in self.encode(jobs) + self.vae_encode(jobs)]
+        out = [Phase(st, jobs, t) for st, t in self.prepare(jobs)]
         out.append(Phase(DIT_STEP, jobs, self.step(jobs), jobs[0].steps))
-        out += [Phase(st, jobs, t) for st, t in self.decode(jobs)]
+        out += [Phase(st, jobs, t) for st, t in self.decode(jobs, decoded)]
         return out
 
     # --- provenance ---------------------------------------------------------------------------
@@ -297,6 +408,7 @@ class OmniCosts:
         m = self.model
         if self.qwen:
             cm = self.cond_model
+            assert cm is not None           # (Qwen-Image always has its condition encoder)
             for comp, what in (("text_encoder", "generate"), ("text_encoder_vl", "edit")):
                 out[f"condition_encode ({what})"] = (
                     where(self.omni, m) if self.omni_enc[comp] else
@@ -308,7 +420,17 @@ class OmniCosts:
             " (vLLM-Omni runs the transformer with regional torch.compile; this table is not)")
         out[DIT_STEP] = where(self.dit_lat, m) + note
         for st in (VAE_ENCODE, VAE_DECODE):
-            out[st] = where(self.vae_lat[st], m)
+            out[st] = where(self.vae_lat[st], m) + (
+                " (vLLM-Omni runs the same eager VAE; at its ~1 MP edit condition this table agrees with "
+                "the vLLM-Omni timer: profiler.omni_table)" if self.omni is not None and self.vae_lat[st] is not self.omni
+                else "")
+        if self.omni is not None:
+            extras = [name for name, on in (("pipeline CPU work", any(self.pipeline_s.values())),
+                                            ("API pre/postprocess", any(self.api_pre.values()) or self.api_post),
+                                            (f"first decode of a size +{self.first_use_s * 1e3:.1f} ms",
+                                             self.first_use_s)) if on]
+            if extras:
+                out["around the stages"] = where(self.omni, m) + f" ({'; '.join(extras)})"
         return out
 
 
@@ -317,6 +439,53 @@ def _has_model(lat: Any, model: str) -> bool:
         return not lat.frame(model).empty
     except FileNotFoundError:           # (MissingProfileError: no table for it in that set)
         return False
+
+
+def _spans_text(lat: Any, model: str) -> bool:
+    """Do the table's batch-1 dit_step rows form a product grid over seq_len x num_tokens with
+    at least two of each (profiler.omni_table's rows; a sweep's rows at one text length do not)?"""
+    df = lat.frame(model)
+    d = df[(df["stage"] == DIT_STEP) & (df["batch_size"] == 1)].dropna(subset=["seq_len", "num_tokens"])
+    s, t = d["seq_len"].nunique(), d["num_tokens"].nunique()
+    return s >= 2 and t >= 2 and len(d.drop_duplicates(["seq_len", "num_tokens"])) == s * t
+
+
+def _max_batch(lat: Any, model: str, stage: str) -> int:
+    df = lat.frame(model)
+    b = df.loc[df["stage"] == stage, "batch_size"].dropna()
+    return int(b.max()) if len(b) else 0
+
+
+def _row_law(df: Any, stage: str, component: str) -> Optional[Callable[[float], float]]:
+    """seconds(pixels) from a vLLM-Omni table's rows of (stage, component): interpolated over
+    height x width (held at the ends), or the row's value when the rows have no size; None
+    when the table has no such rows."""
+    if df is None:
+        return None
+    d = df[(df["stage"] == stage) & (df["component"] == component)]
+    if d.empty:
+        return None
+    ms = d["latency_ms_median"].to_numpy(float)
+    if d["height"].isna().all():
+        v = float(np.median(ms)) / 1e3
+        return lambda _px: v
+    px = (d["height"] * d["width"]).to_numpy(float)
+    order = np.argsort(px)
+    xs, ys = px[order].tolist(), (ms[order] / 1e3).tolist()
+    return lambda p: float(np.interp(p, xs, ys))
+
+
+def _first_use_s(df: Any) -> float:
+    """The first-use cost (s) of an output size's VAE decode, from the vae_decode rows' extra."""
+    d = df[df["stage"] == VAE_DECODE]["extra"].dropna()
+    for e in d:
+        try:
+            v = json.loads(e).get("first_use_ms")
+        except (TypeError, ValueError):
+            continue
+        if v:
+            return float(v) / 1e3
+    return 0.0
 
 
 def _has_stage(lat: Any, model: str, stage: str, component: Optional[str] = None) -> bool:
@@ -335,7 +504,7 @@ class Phase:
     pass of a one-shot stage)."""
     __slots__ = ("stage", "jobs", "t", "k")
 
-    def __init__(self, stage: str, jobs, t: float, k: int = 1) -> None:
+    def __init__(self, stage: str, jobs: Sequence[OmniJob], t: float, k: int = 1) -> None:
         self.stage = stage
         self.jobs = jobs
         self.t = t
@@ -346,10 +515,15 @@ class _OmniEngine:
     """What both schedulers share: the FIFO queue of whole requests, the phases of the work in
     hand, stage records, completion. Engine protocol (sim.core.gpu)."""
 
-    def __init__(self, costs: OmniCosts, max_num_seqs: int) -> None:
+    def __init__(self, costs: OmniCosts, max_num_seqs: int, api_delays: bool = False,
+                 warm_sizes: Any = ()) -> None:
         self.model = costs.model
         self.costs = costs
         self.max_num_seqs = max_num_seqs
+        # the API server's time around the engine (costs.api_pre_s / api_post_s), when on
+        self.api_delays = api_delays
+        # output sizes this replica's VAE has decoded (a first decode costs costs.first_use_s)
+        self.decoded: set[tuple[int, int]] = {(int(h), int(w)) for h, w in warm_sizes}
         self.queue: Any = None          # (Engine protocol: no shared StageQueue)
         self.waiting: deque[OmniJob] = deque()
         self.waiting_work = 0.0
@@ -376,13 +550,24 @@ class _OmniEngine:
         return j.work
 
     def submit(self, flow: Any, now: float) -> None:
-        """A request reaches this replica: it waits at the tail of the queue."""
+        """A request reaches this replica: it waits at the tail of the queue (after the API
+        server's preprocessing, with api_delays)."""
         j = self._last if self._last is not None and self._last.req is flow.req else self.costs.job(flow.req)
         self._last = None
         j.flow = flow
+        self.waiting_work += j.work              # (counted for routing from the submit)
+        pre = self.costs.api_pre_s(j) if self.api_delays else 0.0
+        if pre > 0:
+            self.gpu.env.timer(pre, self._enqueue_later, j)
+        else:
+            self._enqueue(j, now)
+
+    def _enqueue_later(self, ev: Timer) -> None:
+        self._enqueue(ev.value, self.gpu.env.now)
+
+    def _enqueue(self, j: OmniJob, now: float) -> None:
         j.enqueued = j.last_end = now
         self.waiting.append(j)
-        self.waiting_work += j.work
         self._arrived(j, now)
 
     def _take(self) -> OmniJob:
@@ -420,12 +605,21 @@ class _OmniEngine:
             j.last_end = now
         self._phase_done(ph, now)
 
-    def _finish(self, jobs, now: float) -> None:
+    def _finish(self, jobs: Sequence[OmniJob], now: float) -> None:
+        """The batch's work is done: each request is answered now (after the API server's
+        postprocessing, with api_delays; the engine goes on meanwhile)."""
         for j in jobs:
             j.records.clear()
             flow = j.flow
             j.flow = None
-            flow.finish(now)
+            post = self.costs.api_post_s(j) if self.api_delays else 0.0
+            if post > 0:
+                self.gpu.env.timer(post, self._answer, flow)
+            else:
+                flow.finish(now)
+
+    def _answer(self, ev: Timer) -> None:
+        ev.value.finish(self.gpu.env.now)
 
     # --- what the schedulers define -------------------------------------------------------------
     def plan(self, now: float) -> Unit | None:
@@ -457,8 +651,9 @@ class OmniRequestEngine(_OmniEngine):
 
     STABLE_WINDOW_S = 0.05          # min(50 ms, max_wait / 5): diffusion_engine.py:495
 
-    def __init__(self, costs: OmniCosts, max_num_seqs: int = 1, max_wait_s: float = 0.0) -> None:
-        super().__init__(costs, max_num_seqs)
+    def __init__(self, costs: OmniCosts, max_num_seqs: int = 1, max_wait_s: float = 0.0,
+                 api_delays: bool = False, warm_sizes: Any = ()) -> None:
+        super().__init__(costs, max_num_seqs, api_delays, warm_sizes)
         self.max_wait_s = max_wait_s
         self.window_s = min(self.STABLE_WINDOW_S, max_wait_s / 5.0)
         self.batch: list[OmniJob] = []
@@ -471,7 +666,7 @@ class OmniRequestEngine(_OmniEngine):
         return bool(self.batch)
 
     def _running_work(self) -> float:
-        return sum(j.work for j in self.batch)
+        return sum((j.work for j in self.batch), 0.0)
 
     def _arrived(self, j: OmniJob, now: float) -> None:
         w = self._wait
@@ -532,7 +727,7 @@ class OmniRequestEngine(_OmniEngine):
             while w and len(batch) < self.max_num_seqs and w[0].batch_key == key:
                 batch.append(self._take())      # the first that differs ends the batch
         self.batch = batch
-        self.phases.extend(self.costs.phases(batch))
+        self.phases.extend(self.costs.phases(batch, self.decoded))
         return self._unit(now)
 
     def _phase_done(self, ph: Phase, now: float) -> None:
@@ -545,8 +740,9 @@ class OmniStepEngine(_OmniEngine):
     """vLLM-Omni's step scheduler (`--step-execution`, module docstring): continuous batching
     at step granularity across requests of one step key."""
 
-    def __init__(self, costs: OmniCosts, max_num_seqs: int = 1) -> None:
-        super().__init__(costs, max_num_seqs)
+    def __init__(self, costs: OmniCosts, max_num_seqs: int = 1, api_delays: bool = False,
+                 warm_sizes: Any = ()) -> None:
+        super().__init__(costs, max_num_seqs, api_delays, warm_sizes)
         self.running: list[OmniJob] = []
         self.key: Optional[tuple] = None
         self.alone: Optional[OmniJob] = None     # a request that cannot step, run whole
@@ -556,7 +752,7 @@ class OmniStepEngine(_OmniEngine):
         return bool(self.running) or self.alone is not None
 
     def _running_work(self) -> float:
-        w = sum(j.work * (j.steps - j.done) / max(j.steps, 1) for j in self.running)
+        w = sum((j.work * (j.steps - j.done) / max(j.steps, 1) for j in self.running), 0.0)
         return w + (self.alone.work if self.alone is not None else 0.0)
 
     def _joinable(self) -> bool:
@@ -588,7 +784,7 @@ class OmniStepEngine(_OmniEngine):
                 return None
             if not self.waiting[0].step_ok:      # e.g. an edit: alone, whole, as in request mode
                 j = self.alone = self._take()
-                self.phases.extend(self.costs.phases([j]))
+                self.phases.extend(self.costs.phases([j], self.decoded))
                 return self._unit(now)
         joined: list[OmniJob] = []
         while self._joinable():
@@ -602,7 +798,7 @@ class OmniStepEngine(_OmniEngine):
         c = self.costs
         for j in joined:                # each joiner's encode runs alone, before the step
             b = (j,)
-            self.phases.extend(Phase(st, b, t) for st, t in c.encode(b) + c.vae_encode(b))
+            self.phases.extend(Phase(st, b, t) for st, t in c.prepare(b))
         k = min(j.steps - j.done for j in self.running)
         self.phases.append(Phase(DIT_STEP, self.running, c.step(self.running), k))
         self.stepping = True
@@ -641,7 +837,7 @@ class OmniStepEngine(_OmniEngine):
         for j in self.running:
             if j.done >= j.steps:
                 b = (j,)
-                self.phases.extend(Phase(st, b, t) for st, t in c.decode(b))
+                self.phases.extend(Phase(st, b, t) for st, t in c.decode(b, self.decoded))
 
 
 ENGINES: dict[str, Callable[..., _OmniEngine]] = {

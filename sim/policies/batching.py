@@ -54,8 +54,9 @@ class OmniRequest(BatchingRule):
     def whole_engine(self, model: str, lat: Any) -> Any:
         from sim.engines.omni import ENGINES
         d = self.cfg.diffusion
-        kw = {"max_wait_s": d.request_batch_max_wait_ms / 1e3} if self.engine == "omni_request" else {}
-        return ENGINES[self.engine](self.costs_of(model, lat), d.max_num_seqs, **kw)
+        kw: dict[str, Any] = {"max_wait_s": d.request_batch_max_wait_ms / 1e3} if self.engine == "omni_request" else {}
+        return ENGINES[self.engine](self.costs_of(model, lat), d.max_num_seqs, api_delays=d.omni_api_delays,
+                                    warm_sizes=[tuple(x) for x in d.omni_warm_sizes], **kw)
 
     def whole_work(self, req: Any, lat: Any) -> float | None:
         if load_model(req.model).family not in ("ar_dit", "dit"):
@@ -89,7 +90,8 @@ class OmniRequest(BatchingRule):
     def describe(self) -> dict:
         d = self.cfg.diffusion
         out: dict[str, Any] = {"engine": self.engine, "max_num_seqs": d.max_num_seqs,
-                               "work": d.omni_work}
+                               "work": d.omni_work, "api_delays": d.omni_api_delays,
+                               "warm_sizes": [list(x) for x in d.omni_warm_sizes]}
         if self.engine == "omni_request":
             out["request_batch_max_wait_ms"] = d.request_batch_max_wait_ms
         out["stage_costs"] = {m: c.sources() for m, c in sorted(self.costs.items())}

@@ -80,13 +80,16 @@ def git_commit() -> str | None:
 
 def input_files(cfg: SimConfig) -> list[Path]:
     """Every file the run reads besides code and config: the profile tables of every table set
-    the latency model may read (measured, estimated, roofline: LatencyModel.table_sets) and, for
-    a trace replay, the trace."""
+    the latency model may read (measured, estimated, roofline: LatencyModel.table_sets), the
+    vLLM-Omni set of the omni engines (diffusion.omni_tables) and, for a trace replay, the trace."""
     from sim.engines.latency import LatencyModel
     cfg.check()
     root, tset = resolve(cfg.profiles_dir), cfg.latency.tables or cfg.cluster.gpu
-    sets = LatencyModel(root, tset, fallback=cfg.latency.fallback_set(tset)).table_sets()
-    files = sorted(p for d in (root / name for name, _ in sets) if d.is_dir()
+    sets = [name for name, _ in LatencyModel(root, tset, fallback=cfg.latency.fallback_set(tset)).table_sets()]
+    omni = cfg.diffusion.omni_tables.replace("{gpu}", tset)
+    if omni:                                # vLLM-Omni's own stage tables (sim.engines.omni)
+        sets.append(omni)
+    files = sorted(p for d in (root / name for name in sets) if d.is_dir()
                    for p in d.glob("*.parquet"))
     w = cfg.workload
     if w.arrival.process == "trace" and w.trace.path:

@@ -20,7 +20,8 @@ the returned quantile is within relative error ``alpha`` (0.5%: ``|x~ - x| <= 0.
 exact weighted lower quantile; their mean/std/count stay exact (up to float summation order).
 Memory: about 100 bytes per completed request (the columns) plus a few thousand sketch buckets,
 whatever the run length; ITL and stage values are buffered and folded into the sketches in
-vectorised batches of ``_FLUSH`` values (same buckets as adding them one by one).
+vectorised batches of ``_FLUSH`` values, a decode jump's ITLs per linear piece of its step times
+(QuantileSketch.add_series); the buckets are those of adding every value one by one.
 """
 from __future__ import annotations
 
@@ -32,12 +33,13 @@ import numpy as np
 import pandas as pd
 
 from sim.config import SLOConfig
-from sim.run.output import REQUEST_COLUMNS, latencies_ms, meets_slo, request_row, rows_to_table
-from sim.core.records import Request
+from sim.run.output import REQUEST_COLUMNS, meets_slo, request_row, rows_to_table
+from sim.core.records import Request, StageRecord
 from sim.names import TEXT_OUT_TASKS
 from sim.run.sketch import QuantileSketch
 
 _FLUSH = 1 << 16          # buffered sketch values folded in per vectorised add_many
+_ROWS_FLUSH = 1 << 12     # buffered requests folded into the column arrays at once
 
 _FLOAT_COLS = ("arrival", "finish", "ttft_ms", "tpot_ms", "e2el_ms", "queue_ms")
 _INT_COLS = ("prompt_tokens", "output_tokens", "image_tokens_in", "image_tokens_out",
@@ -122,16 +124,31 @@ class MetricsCollector:
         self._task = array("h")
         self._f = {c: array("d") for c in _FLOAT_COLS}
         self._i = {c: array("q") for c in _INT_COLS}
+        # record() appends to plain lists (a compiled list append is cheap, array.append is a
+        # method call that parses its argument), folded into the arrays every _ROWS_FLUSH rows
+        self._bt: list[int] = []
+        self._bf: list[list[float]] = [[] for _ in _FLOAT_COLS]
+        self._bi: list[list[int]] = [[] for _ in _INT_COLS]
         self._rows: list[tuple[Any, ...]] = []
         self._stages: dict[str, _StageStats] = {}
         self._itl = QuantileSketch(alpha=itl_alpha)   # milliseconds
         self._itl_v: list[float] = []                 # buffered single steps (seconds)
         self._itl_w: list[float] = []
-        self._itl_arrs: list[tuple[np.ndarray, float]] = []   # buffered step series (cumulative ends)
-        self._itl_n = 0
 
     def __len__(self) -> int:
-        return len(self._task)
+        return len(self._task) + len(self._bt)
+
+    def _flush_rows(self) -> None:
+        """Fold the buffered per-request values into the column arrays."""
+        if self._bt:
+            self._task.fromlist(self._bt)
+            self._bt = []
+            for c, buf in zip(_FLOAT_COLS, self._bf):
+                self._f[c].fromlist(buf)
+            for c, ibuf in zip(_INT_COLS, self._bi):
+                self._i[c].fromlist(ibuf)
+            self._bf = [[] for _ in _FLOAT_COLS]
+            self._bi = [[] for _ in _INT_COLS]
 
     @property
     def itl(self) -> QuantileSketch:
@@ -147,24 +164,27 @@ class MetricsCollector:
         code = self._task_codes.get(req.task)
         if code is None:
             code = self._task_codes[req.task] = len(self._task_codes)
-        self._task.append(code)
+        bt = self._bt
+        bt.append(code)
         arrival, finish = req.arrival, req.finish
-        lat = latencies_ms(req, self._add_stages(req.stages))
+        lat = req.latencies_ms(self._add_stages(req.stages))
         ttft, tpot, e2el, queue = lat
         inf = math.inf
-        f = self._f
-        f["arrival"].append(arrival)
-        f["finish"].append(finish if -inf < finish < inf else math.nan)
-        f["ttft_ms"].append(ttft if -inf < ttft < inf else math.nan)
-        f["tpot_ms"].append(tpot if -inf < tpot < inf else math.nan)
-        f["e2el_ms"].append(e2el if -inf < e2el < inf else math.nan)
-        f["queue_ms"].append(queue if -inf < queue < inf else math.nan)
-        i = self._i
-        i["prompt_tokens"].append(req.prompt_tokens)
-        i["output_tokens"].append(req.output_tokens)
-        i["image_tokens_in"].append(req.image_tokens_in)
-        i["image_tokens_out"].append(req.image_tokens_out)
-        i["preemptions"].append(req.preemptions)
+        bf = self._bf                   # in _FLOAT_COLS order
+        bf[0].append(arrival)
+        bf[1].append(finish if -inf < finish < inf else math.nan)
+        bf[2].append(ttft if -inf < ttft < inf else math.nan)
+        bf[3].append(tpot if -inf < tpot < inf else math.nan)
+        bf[4].append(e2el if -inf < e2el < inf else math.nan)
+        bf[5].append(queue if -inf < queue < inf else math.nan)
+        bi = self._bi                   # in _INT_COLS order
+        bi[0].append(req.prompt_tokens)
+        bi[1].append(req.output_tokens)
+        bi[2].append(req.image_tokens_in)
+        bi[3].append(req.image_tokens_out)
+        bi[4].append(req.preemptions)
+        if len(bt) >= _ROWS_FLUSH:
+            self._flush_rows()
         keep = len(self._rows) < self.keep_rows
         if not (row or keep):
             return None
@@ -173,7 +193,7 @@ class MetricsCollector:
             self._rows.append(tuple(r[c] for c in REQUEST_COLUMNS))
         return r if row else None
 
-    def _add_stages(self, stages) -> float:
+    def _add_stages(self, stages: list[StageRecord]) -> float:
         """Feed the per-stage statistics; returns the earliest start (NaN if none started)."""
         st_map = self._stages
         first = math.inf
@@ -200,38 +220,35 @@ class MetricsCollector:
         if len(self._itl_v) >= _FLUSH:
             self._flush_itl()
 
-    def add_itl_steps(self, ends_s: np.ndarray, weight: int) -> None:
-        """Consecutive AR engine steps given by their cumulative end offsets (seconds from the
-        start of the first), each giving a decode token to ``weight`` sequences: the same as
-        add_itl per step with duration ends[i] - ends[i-1] (differenced when folded in)."""
-        self._itl_arrs.append((ends_s, weight))
-        self._itl_n += len(ends_s)
-        if self._itl_n >= _FLUSH:
-            self._flush_itl()
+    def add_itl_steps(self, run: Any, k: int, weight: int) -> None:
+        """The first k steps of a decode jump (sim.engines.latency.DecodeSteps), each giving a
+        decode token to ``weight`` sequences: add_itl per step with that step's time, folded in
+        per linear piece of the jump (QuantileSketch.add_series: the same buckets)."""
+        itl = self._itl
+        for alpha, beta, steps in run.pieces(k):
+            itl.add_series(alpha, beta, steps, weight, 1000.0)
 
     def _flush_itl(self) -> None:
         if self._itl_v:
             self._itl.add_many(np.asarray(self._itl_v) * 1000.0, self._itl_w)
             self._itl_v, self._itl_w = [], []
-        if self._itl_arrs:
-            arrs = self._itl_arrs
-            flat: list[float] = []      # one list of floats: a fast np.array, where concatenate
-            for a, _ in arrs:           # would convert each (short) list on its own
-                flat += a.tolist() if isinstance(a, np.ndarray) else a
-            ends = np.array(flat, dtype=np.float64)
-            lens = np.array([len(a) for a, _ in arrs])
-            first = np.cumsum(lens) - lens           # where each series starts
-            d = ends.copy()
-            d[1:] -= ends[:-1]
-            d[first] = ends[first]
-            w = np.repeat(np.array([float(wt) for _, wt in arrs]), lens)
-            self._itl.add_many(d * 1000.0, w)
-            self._itl_arrs, self._itl_n = [], 0
+
+    def column(self, name: str) -> np.ndarray:
+        """One per-request column of every recorded request (a copy): the float columns
+        (arrival, finish, ttft_ms, tpot_ms, e2el_ms, queue_ms; NaN where undefined) and the
+        integer ones (prompt_tokens, output_tokens, image_tokens_in, image_tokens_out,
+        preemptions), in completion order."""
+        self._flush_rows()
+        if name in self._f:
+            return np.array(self._f[name], dtype=np.float64)
+        if name in self._i:
+            return np.array(self._i[name], dtype=np.int64)
+        raise KeyError(f"column {name!r} is not recorded; allowed: {list(_FLOAT_COLS + _INT_COLS)}")
 
     def requests_frame(self) -> pd.DataFrame:
         """The recorded rows as a DataFrame (same columns and types as requests.parquet)."""
-        if len(self._task) > len(self._rows):
-            raise RuntimeError(f"only the first {self.keep_rows} of {len(self._task)} rows were "
+        if len(self) > len(self._rows):
+            raise RuntimeError(f"only the first {self.keep_rows} of {len(self)} rows were "
                                "kept; read requests.parquet or raise keep_rows")
         rows = [dict(zip(REQUEST_COLUMNS, r)) for r in self._rows]
         return rows_to_table(rows).to_pandas()
@@ -252,6 +269,7 @@ class MetricsCollector:
             raise ValueError(f"duration_s={duration_s!r} is invalid; allowed: > 0")
         if not isinstance(utilization, dict):
             raise TypeError(f"utilization must be a dict, got {type(utilization).__name__}")
+        self._flush_rows()
         n = len(self._task)
         task = np.frombuffer(self._task, dtype=np.int16) if n else np.zeros(0, np.int16)
         col = {c: np.frombuffer(a, dtype=np.float64) if n else np.zeros(0)

@@ -102,11 +102,8 @@ def first_start(req: Request) -> float:
 
 
 def latencies_ms(req: Request, first: float) -> tuple[float, float, float, float]:
-    """(ttft, tpot, e2el, queue) of a completed request in ms, NaN where undefined; queue is from
-    arrival to `first`, its first stage's start. The one definition requests.parquet and
-    summary.json share."""
-    return (req.ttft * 1000.0, req.tpot * 1000.0, (req.finish - req.arrival) * 1000.0,
-            (first - req.arrival) * 1000.0)
+    """(ttft, tpot, e2el, queue) of a completed request in ms (Request.latencies_ms)."""
+    return req.latencies_ms(first)
 
 
 def request_row(req: Request, slo: SLOConfig | None,
@@ -352,7 +349,8 @@ def print_summary(summary: dict[str, Any], title: str = "simulation summary") ->
     for m, src in (de.get("stage_costs") or {}).items():
         other = sorted(st.split(" ")[0] for st, w in src.items() if not w.startswith("vllm-omni"))
         if other:
+            why = (" (it runs the condition encoder under Hugging Face transformers and the transformer "
+                   "with regional torch.compile)" if set(other) - {"vae_encode", "vae_decode"} else "")
             con.print(f"[yellow]{m}: {', '.join(dict.fromkeys(other))} costed from tables not measured "
-                      "inside vLLM-Omni (it runs the condition encoder under Hugging Face transformers "
-                      "and the transformer with regional torch.compile); summary.json layout."
-                      "diffusion_engine.stage_costs names each table.[/]")
+                      f"inside vLLM-Omni{why}; summary.json layout.diffusion_engine.stage_costs names "
+                      "each table.[/]")

@@ -7,19 +7,20 @@ import time
 from collections import deque
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional
 
+from sim.compiled import ROOT
 from sim.config import SimConfig
 from sim.core.kernel import Kernel
+from sim.core.records import Request
 from sim.engines.latency import ANALYTIC, ESTIMATED, LatencyModel, table_source_line
 from sim.policies.policy import PILOT_REQUESTS, SimContext, build_policy
-from sim.run.build_guard import check_fresh
 from sim.run.metrics import MetricsCollector
 from sim.run.output import RequestsParquetWriter, write_json_atomic
 from sim.run.timeline import UtilizationSampler
 from sim.workloads import request_source
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = ROOT     # (compiled, a module's own __file__ is not its path while it initialises)
 GC_YOUNG_THRESHOLD = 100_000    # allocations between young collections while simulating
 
 
@@ -50,7 +51,6 @@ class Run:
     """Holds everything of one run so tests can inspect the policy and requests afterwards."""
 
     def __init__(self, cfg: SimConfig, outdir: Path | None = None, keep_rows: int = 20_000):
-        check_fresh()
         cfg.check()
         self.cfg = cfg
         self.outdir = outdir
@@ -65,31 +65,33 @@ class Run:
         self.arrived = 0
         self.steps = 0                    # SimPy events processed (Kernel.run_until)
         self.last_finish = 0.0
-        self.writer = None
+        self.writer: Optional[RequestsParquetWriter] = None
         self.sampler: UtilizationSampler | None = None   # per-pool utilization over time
         self._on_arrival = self._arrive   # one bound method for every arrival event
-        self.max_concurrency = self.workload.max_concurrency
+        self.max_concurrency: Optional[int] = self.workload.max_concurrency   # None: open loop
         self._in_flight = 0
         self._held: deque = deque()       # closed loop: arrived, waiting for a free slot
         self._on_release = self._release
-        self.requests = [] if keep_rows and self.n_total <= keep_rows else None
+        self.requests: Optional[list[Request]] = [] if keep_rows and self.n_total <= keep_rows else None
         pilot = list(itertools.islice(iter(request_source(cfg.workload, cfg.seed, model_override=cfg.model)),
                                       PILOT_REQUESTS))
         self.ctx = SimContext(self.env, cfg, self.lat, self._on_complete, self.metrics.add_itl,
                               done=lambda: self.completed >= self.n_total, pilot=pilot)
         self.policy = build_policy(cfg.policy.name, self.ctx)
 
-    def _on_complete(self, req) -> None:
+    def _on_complete(self, req: Request) -> None:
         self.completed += 1
-        self.last_finish = self.env.now
+        self.last_finish = now = self.env.now
         if self.max_concurrency:        # the client's slot frees when it has seen the last token
-            wait = req.finish - self.env.now
+            wait = req.finish - now
             if wait > 0:
                 self.env.timer(wait, self._on_release)
             else:
                 self._release(None)
         if self.writer is not None:
-            self.writer.add_row(self.metrics.record(req))
+            row = self.metrics.record(req)
+            assert row is not None
+            self.writer.add_row(row)
         else:
             self.metrics.record(req, row=False)   # no row dict unless it is kept
         if self.requests is not None:
@@ -99,30 +101,31 @@ class Run:
         """Arrivals as event callbacks, not a SimPy process: the same events at the same times
         in the same order (an urgent start event at time 0, as a process's initialisation, then
         one timeout per arrival later than the clock), without a generator resumed per request."""
-        self._reqs = iter(self.workload)
-        self._pending = None
+        self._reqs: Iterator[Request] = iter(self.workload)
+        self._pending: Optional[Request] = None
         self.env.call_soon(self._arrive)
 
     def _arrive(self, _ev) -> None:
         env = self.env
+        now = env.now                   # (the clock does not move inside an event)
         send = self._send if self.max_concurrency else self.policy.admit
         req = self._pending
         if req is not None:             # its timeout fired
             self._pending = None
             self.arrived += 1
-            send(req, env.now)
+            send(req, now)
         for req in self._reqs:
-            if req.arrival > env.now:
+            if req.arrival > now:
                 self._pending = req
-                env.timer(req.arrival - env.now, self._on_arrival)
+                env.timer(req.arrival - now, self._on_arrival)
                 return
             self.arrived += 1
-            send(req, env.now)
+            send(req, now)
 
-    def _send(self, req, now: float) -> None:
+    def _send(self, req: Request, now: float) -> None:
         """Closed loop: send now if a slot is free, else hold it (FIFO, as the client's
         semaphore); its latencies count from the send, as `vllm bench serve` measures them."""
-        if self._in_flight < self.max_concurrency:
+        if self._in_flight < (self.max_concurrency or 0):
             self._in_flight += 1
             self.policy.admit(req, now)
         else:

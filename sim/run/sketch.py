@@ -22,6 +22,8 @@ from typing import Iterable
 
 import numpy as np
 
+ZERO_KEY = -(1 << 62)       # `_key` of the values the zero bucket holds (below every real key)
+
 
 class QuantileSketch:
     """Log-bucketed histogram with relative-accuracy quantiles; ``add`` is O(1)."""
@@ -99,6 +101,58 @@ class QuantileSketch:
         self._combine_moments(wb, mb, m2b)
         self._min = min(self._min, float(v.min()))
         self._max = max(self._max, float(v.max()))
+
+    def _key(self, value: float) -> int:
+        """The bucket of a value (ZERO_KEY: the zero bucket), as `add` computes it."""
+        if value > self.min_value:
+            return math.ceil(math.log(value) * self._inv_log_gamma)
+        return ZERO_KEY
+
+    def add_series(self, a: float, b: float, n: int, weight: float = 1.0,
+                   scale: float = 1.0) -> None:
+        """``add((a + b * m) * scale, weight)`` for m = 0, 1, ..., n - 1 (an arithmetic series:
+        a linear piece of a decode jump's step times), in O(buckets crossed x log n) instead of
+        O(n): each value is the same float expression as adding it alone, monotone in m, so each
+        bucket's share is a range of m, found by bisection on that expression. The buckets, count,
+        min and max equal adding the values one by one; mean and std are the series' closed
+        forms (equal up to rounding)."""
+        if weight <= 0 or n <= 0:
+            if weight < 0:
+                raise ValueError(f"weight={weight!r} is invalid; allowed: >= 0")
+            return
+        v0 = (a + b * 0.0) * scale
+        v1 = (a + b * float(n - 1)) * scale
+        k0 = self._key(v0)
+        k1 = self._key(v1)
+        lo = 0
+        while k0 != k1:                 # the first m whose bucket differs from m = lo's
+            l, hi = lo, n - 1
+            while hi - l > 1:
+                mid = (l + hi) // 2
+                if self._key((a + b * float(mid)) * scale) == k0:
+                    l = mid
+                else:
+                    hi = mid
+            self._add_bucket(k0, weight * (hi - lo))
+            lo = hi
+            k0 = self._key((a + b * float(hi)) * scale)
+        self._add_bucket(k1, weight * (n - lo))
+        # moments of the series: mean a + b (n - 1) / 2, n * variance = b^2 n (n^2 - 1) / 12
+        sb = b * scale
+        self._combine_moments(weight * n, (a + b * (n - 1) / 2.0) * scale,
+                              weight * sb * sb * (n * (n * n - 1) / 12.0))
+        lo_v, hi_v = (v0, v1) if v0 <= v1 else (v1, v0)
+        if lo_v < self._min:
+            self._min = lo_v
+        if hi_v > self._max:
+            self._max = hi_v
+
+    def _add_bucket(self, k: int, w: float) -> None:
+        if k == ZERO_KEY:
+            self._zero += w
+        else:
+            b = self._buckets
+            b[k] = b.get(k, 0.0) + w
 
     def merge(self, other: "QuantileSketch") -> None:
         """Fold ``other`` into this sketch (same alpha required): equal to adding its stream."""

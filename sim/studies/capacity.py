@@ -223,10 +223,9 @@ def run_probe(cfg: SimConfig, policy: Any, num_gpus: int, rate: float) -> dict[s
             from sim.studies.fleet import apply
             cfg, policy = apply(cfg, policy), policy.policy
         pc = probe_config(cfg, policy, num_gpus, rate)
-        run = Run(pc, None, keep_rows=pc.workload.num_requests)
+        run = Run(pc, None, keep_rows=0)
         s = run.run()
-        req = run.metrics.requests_frame()
-        arr, fin = req["arrival"].to_numpy(float), req["finish"].to_numpy(float)
+        arr, fin = run.metrics.column("arrival"), run.metrics.column("finish")
         last_arrival = float(arr.max()) if len(arr) else 0.0
         half = last_arrival / 2
         n_arr = int(((arr > half) & (arr <= last_arrival)).sum())

@@ -10,7 +10,8 @@
 
 Per task: mean seconds of the transformer alone and of the whole request under each rule, plus
 the transformer at the step-level sequences run as two passes at batch 1 (what CFG alone
-changes). The default workload's image requests, on the measured tables (docs/omni_baseline.md).
+changes). The default workload's image requests, on the measured tables (docs/omni_baseline.md);
+the omni columns read vLLM-Omni's own table set where it exists, as the baseline does.
 """
 from __future__ import annotations
 
@@ -30,8 +31,13 @@ from sim.workloads import request_source
 COLUMNS = ("step_level_dit", "cfg_two_passes_dit", "omni_dit", "step_level_total", "omni_total")
 
 
-def work_table(cfg: SimConfig, requests: int, seed: int, tables: str) -> tuple[dict, Counter]:
-    lat = LatencyModel(resolve(cfg.profiles_dir), tables)
+def work_table(cfg: SimConfig, requests: int, seed: int, tables: str,
+               omni_tables: str = "") -> tuple[dict, Counter]:
+    """omni_tables: vLLM-Omni's own table set for the omni column, as the baseline reads it
+    (diffusion.omni_tables; "" = the diffusers / vLLM tables only)."""
+    root = resolve(cfg.profiles_dir)
+    lat = LatencyModel(root, tables)
+    omni = LatencyModel(root, omni_tables) if omni_tables and (root / omni_tables).is_dir() else None
     costs: dict[str, OmniCosts] = {}
     sums: dict[str, dict[str, float]] = defaultdict(lambda: dict.fromkeys(COLUMNS, 0.0))
     n: Counter = Counter()
@@ -39,7 +45,7 @@ def work_table(cfg: SimConfig, requests: int, seed: int, tables: str) -> tuple[d
     for r in itertools.islice(iter(request_source(cfg.workload, seed)), requests):
         if r.task not in IMAGE_OUT_TASKS:
             continue
-        c = costs.get(r.model) or costs.setdefault(r.model, OmniCosts(r.model, lat))
+        c = costs.get(r.model) or costs.setdefault(r.model, OmniCosts(r.model, lat, omni))
         hops = plan_hops(r, True)
         dit = next(h for h in hops if h.stage == DIT_STEP)
         j = c.job(r)
@@ -58,11 +64,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--requests", type=int, default=20000, help="first N requests of the workload")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tables", default="h100", help="table set under profiles_dir")
+    ap.add_argument("--omni-tables", default=None,
+                    help="vLLM-Omni's table set for the omni columns (default: diffusion.omni_tables, "
+                         "'{gpu}-vllm-omni', when it exists; '' = the diffusers / vLLM tables)")
     a = ap.parse_args(argv)
     cfg = SimConfig().check()
-    sums, n = work_table(cfg, a.requests, a.seed, a.tables)
+    omni = (cfg.diffusion.omni_tables if a.omni_tables is None else a.omni_tables).replace("{gpu}", a.tables)
+    sums, n = work_table(cfg, a.requests, a.seed, a.tables, omni)
     print(f"mean seconds alone per image request, default workload (first {a.requests:,} requests, "
-          f"seed {a.seed}), tables {a.tables}")
+          f"seed {a.seed}), tables {a.tables}, omni columns {omni or a.tables}")
     print(f"{'task':10s} {'n':>6s} " + " ".join(f"{c:>18s}" for c in COLUMNS))
     total = dict.fromkeys(COLUMNS, 0.0)
     for t in sorted(sums):

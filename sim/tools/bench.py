@@ -8,12 +8,17 @@ scenario):
                 Gamma k=0.5, 4 req/s), 20,000 requests on 8 GPUs (baseline policy)
   mixed_1000gpu 1,000,000 requests of the same mix on 1,000 GPUs, arrival rate 0.25 req/s per
                 GPU (250 req/s: loaded, stable for every policy), once per policy
---quick runs llm_1gpu and mixed_8gpu only. --scale multiplies every request count (tests use
-a tiny one; the figures in docs/BENCH.md are --scale 1).
+  mixed_10000gpu 10,000,000 requests of the same mix on 10,000 GPUs at 0.25 req/s per GPU
+                (2,500 req/s), once per policy
+--quick runs llm_1gpu and mixed_8gpu only; mixed_10000gpu runs only when named (--scenario).
+--scale multiplies every request count (tests use a tiny one; the figures in docs/speed.md are
+--scale 1).
 
 One line per scenario:
   scenario=<name> policy=<p> requests=<n> gpus=<g> requests_per_s=<x> events_per_s=<x>
-  wall_s=<x> peak_rss_mb=<x>
+  wall_s=<x> peak_rss_mb=<x> build=<compiled|pure|pure-stale>
+`build` is the hot path the child ran (sim/compiled.py): compiled by `pip install` when a C
+compiler was there, else pure Python.
 `requests_per_s` = simulated requests / wall seconds of `Run.run()` (workload generation,
 simulation and metrics; not interpreter start-up or profile loading). `events_per_s` counts
 SimPy events processed (counted by the run's event loop, sim.core.kernel.run).
@@ -47,8 +52,10 @@ SCENARIOS = {
     "llm_1gpu": dict(requests=50_000, gpus=1, policies=(DEFAULT_POLICY,)),
     "mixed_8gpu": dict(requests=20_000, gpus=8, policies=(DEFAULT_POLICY,)),
     "mixed_1000gpu": dict(requests=1_000_000, gpus=1000, policies=POLICIES),
+    "mixed_10000gpu": dict(requests=10_000_000, gpus=10_000, policies=POLICIES),
 }
 QUICK = ("llm_1gpu", "mixed_8gpu")
+DEFAULT = ("llm_1gpu", "mixed_8gpu", "mixed_1000gpu")     # mixed_10000gpu: --scenario only
 
 
 def make_config(scenario: str, policy: str, n: int, profiles_dir: str, write: bool = False):
@@ -70,9 +77,10 @@ def make_config(scenario: str, policy: str, n: int, profiles_dir: str, write: bo
         cfg.cluster.name, cfg.cluster.num_gpus = "h100x1", 1
     elif scenario == "mixed_8gpu":
         pass                                   # the defaults = conf/workload/mixed_bursty + h100x8
-    elif scenario == "mixed_1000gpu":
-        cfg.cluster.name, cfg.cluster.num_gpus = "h100x1000", 1000
-        w.arrival.rate = 0.25 * 1000
+    elif scenario in ("mixed_1000gpu", "mixed_10000gpu"):
+        n_gpus = SCENARIOS[scenario]["gpus"]
+        cfg.cluster.name, cfg.cluster.num_gpus = f"h100x{n_gpus}", n_gpus
+        w.arrival.rate = 0.25 * n_gpus
     else:
         raise SystemExit(f"unknown scenario {scenario!r}; allowed: {list(SCENARIOS)}")
     return cfg.check()
@@ -103,6 +111,7 @@ def run_one(scenario: str, policy: str, n: int, profiles_dir: str, write: bool) 
     """Runs in the child: one scenario, returns its figures."""
     import resource
 
+    from sim.compiled import build
     from sim.run.runner import Run
     cfg = make_config(scenario, policy, n, profiles_dir, write)
     outdir = Path(tempfile.mkdtemp(prefix="bench_out_")) if write else None
@@ -118,13 +127,14 @@ def run_one(scenario: str, policy: str, n: int, profiles_dir: str, write: bool) 
             "gpus": cfg.cluster.num_gpus, "requests_per_s": s["completed"] / wall,
             "events_per_s": r.steps / wall, "wall_s": wall, "peak_rss_mb": rss,
             "events": r.steps, "cpu_s": cpu, "sim_duration_s": s["duration"],
-            "mean_gpu_util": s["utilization"]["mean_gpu"], "p99_e2el_ms": s["p99_e2el_ms"]}
+            "mean_gpu_util": s["utilization"]["mean_gpu"], "p99_e2el_ms": s["p99_e2el_ms"],
+            "build": build()}
 
 
 def fmt(r: dict) -> str:
     return (f"scenario={r['scenario']} policy={r['policy']} requests={r['requests']} gpus={r['gpus']} "
             f"requests_per_s={r['requests_per_s']:.0f} events_per_s={r['events_per_s']:.0f} "
-            f"wall_s={r['wall_s']:.2f} peak_rss_mb={r['peak_rss_mb']:.0f}")
+            f"wall_s={r['wall_s']:.2f} peak_rss_mb={r['peak_rss_mb']:.0f} build={r['build']}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -143,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         sc, pol, n = a.child
         print("RESULT " + json.dumps(run_one(sc, pol, int(n), prof, a.write)), flush=True)
         return 0
-    names = a.scenario or (list(QUICK) if a.quick else list(SCENARIOS))
+    names = a.scenario or list(QUICK if a.quick else DEFAULT)
     for sc in names:
         spec = SCENARIOS[sc]
         n = max(1, int(round(spec["requests"] * a.scale)))

@@ -1,91 +1,55 @@
-"""Opt-in compiled hot path: `python -m sim.tools.compile [--clean] [--list]`.
+"""The compiled hot path, rebuilt or removed in place: `python -m sim.tools.compile [--clean] [--list]`.
 
-Compiles the simulator's hot-path modules (HOT below) with mypyc into C extension modules
-placed next to their .py files (`sim/core/gpu.cpython-311-x86_64-linux-gnu.so`, ...) plus one
-shared runtime library `mmsim__mypyc.*.so` at the repository root. Python imports an
-extension module before the .py of the same name, so every later `python -m sim ...` (from
-the repository root, or through the editable install) runs the compiled code; the sources
-are unchanged and stay the reference. `--clean` removes the built files (back to pure
-Python). Needs a C compiler, the Python headers and `pip install "mypy[mypyc]"`; the default
-install never compiles anything (the built files are git-ignored).
-
-Same results bit for bit (tests/test_compiled.py): the compiled modules run the same float
-operations in the same order.
+`pip install [-e] .` already compiles the hot modules (sim/compiled.py: HOT) with mypyc when a C
+compiler is there (setup.py). This rebuilds them in place after a hot module was edited (until
+then `import sim` sets the stale build aside and runs pure Python), by the same setup.py build
+step; `--clean` removes the compiled files (back to pure Python), `--list` shows which module
+this process imports from where. Needs a C compiler, the Python headers and mypyc (`pip install
+mypy`).
 """
 from __future__ import annotations
 
 import argparse
 import os
 import shutil
+import subprocess
 import sys
 import time
 
-from sim.run.build_guard import GROUP, REPO, built_files
-
-# the modules whose functions the profile of a large run spends its time in
-HOT = (
-    "sim/core/kernel.py",
-    "sim/core/gpu.py",
-    "sim/core/records.py",
-    "sim/engines/latency.py",
-    "sim/engines/queues.py",
-    "sim/engines/ar.py",
-    "sim/engines/batch.py",
-    "sim/engines/dit.py",
-    "sim/engines/pipeline.py",
-    "sim/engines/cost.py",
-    "sim/policies/parts.py",
-    "sim/policies/policy.py",
-    "sim/policies/routing.py",
-    "sim/policies/placement.py",
-)
+from sim.compiled import HOT_MODULES, ROOT, built_files, stale_sources
 
 
 def compiled_modules() -> dict[str, str]:
-    """{module: __file__} of the HOT modules as imported now (an .so file when compiled)."""
+    """{module: __file__} of the hot modules as imported now (an extension module when compiled)."""
     import importlib
-    mods = {}
-    for m in HOT:
-        name = m[:-3].replace("/", ".")
-        mods[name] = importlib.import_module(name).__file__ or ""
-    return mods
+    return {m: importlib.import_module(m).__file__ or "" for m in HOT_MODULES}
 
 
 def clean() -> int:
     n = 0
-    for p in built_files():
+    for p in built_files() + sorted(ROOT.glob("mmsim__mypyc.*")):   # (+ the old group's runtime)
         p.unlink()
         n += 1
-    shutil.rmtree(REPO / "build" / "mypyc", ignore_errors=True)   # C sources, objects
+    shutil.rmtree(ROOT / "build" / "mypyc", ignore_errors=True)     # C sources, objects
     print(f"removed {n} compiled module files")
     return 0
 
 
 def build() -> int:
-    try:
-        from mypyc.build import mypycify
-    except ImportError:
-        print('mypyc is missing: python -m pip install "mypy[mypyc]"', file=sys.stderr)
-        return 1
-    from setuptools import Distribution
-    os.chdir(REPO)
     t0 = time.perf_counter()
     for p in built_files():                 # stale modules (one dropped from HOT) must go
         p.unlink()
-    # imported modules that are not compiled (simpy, numpy, pandas, sim.config...) are only
-    # read for their types; untyped third-party ones count as Any
-    flags = ["--ignore-missing-imports", "--follow-imports=silent"]
-    exts = mypycify(flags + list(HOT), opt_level="3", group_name=GROUP, target_dir="build/mypyc")
-    dist = Distribution({"name": "mmsim-compiled", "ext_modules": exts})
-    cmd = dist.get_command_obj("build_ext")
-    cmd.inplace = True
-    cmd.build_temp = "build/mypyc/temp"
-    cmd.build_lib = "build/mypyc/lib"
-    cmd.parallel = os.cpu_count() or 1
-    dist.run_command("build_ext")
-    for p in built_files():                 # the build time, for check_fresh
-        os.utime(p)
-    print(f"compiled {len(HOT)} modules in {time.perf_counter() - t0:.1f} s")
+    p = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=ROOT,
+                       env=dict(os.environ, MMSERVE_SIM_PURE=""))
+    names = {f.name.split(".")[0] for f in built_files()}
+    missing = [m for m in HOT_MODULES if m.rsplit(".", 1)[-1] not in names]
+    if p.returncode or missing:
+        print(f"compiling failed (missing: {missing}): pure Python", file=sys.stderr)
+        return 1
+    for f in built_files():                 # the build time: setuptools may skip unchanged ones
+        os.utime(f)
+    assert not stale_sources()
+    print(f"compiled {len(HOT_MODULES)} modules in {time.perf_counter() - t0:.1f} s")
     return 0
 
 
@@ -98,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         return clean()
     if a.list:
         for name, f in compiled_modules().items():
-            print(f"{name}: {'compiled' if f.endswith('.so') else 'pure'} ({f})")
+            print(f"{name}: {'pure' if f.endswith('.py') else 'compiled'} ({f})")
         return 0
     return build()
 
