@@ -147,11 +147,13 @@ def test_cut_search_on_equal_steps_is_bisect_left_on_their_ends():
     """The GPU finds the step to cut at by bisecting the unit's ends; on EqualSteps it computes
     the ends in place and must agree with bisect_left on the list, ties included."""
     from bisect import bisect_left
-    from sim.core.gpu import _bisect_ends
+    from bisect import bisect_right
+    from sim.core.gpu import steps_before, steps_through
     for t, k in ((0.25, 7), (0.1, 10), (1 / 3, 6), (2.0, 1)):
         e = EqualSteps(t, k)
         ends = list(e)
         probes = ends + [x + t / 2 for x in ends] + [0.0, -1.0, ends[-1] * 2]
         for x in probes:
-            assert _bisect_ends(e, x) == bisect_left(ends, x), (t, k, x)
-        assert _bisect_ends(ends, ends[0]) == 0
+            assert steps_before(e, x) == bisect_left(ends, x), (t, k, x)
+            assert steps_through(e, x) == bisect_right(ends, x), (t, k, x)
+        assert steps_before(ends, ends[0]) == 0 and steps_through(tuple(ends), ends[0]) == 1

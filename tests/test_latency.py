@@ -479,7 +479,7 @@ def three_cells(tmp_path):
 def test_decode_series_across_cells_equals_repeated_decode(three_cells, batch, ctx0, k):
     lat = LatencyModel(three_cells, C.GPU)
     ref = [lat.decode("cells", batch, ctx0 + i) for i in range(k)]
-    ends = LatencyModel(three_cells, C.GPU).decode_ends("cells", batch, ctx0, k)
+    ends = list(LatencyModel(three_cells, C.GPU).decode_run("cells", batch, ctx0, k))
     series = LatencyModel(three_cells, C.GPU).decode_steps("cells", batch, ctx0, k)
     assert series == pytest.approx(ref, rel=1e-12)
     steps = [ends[0]] + [b - a for a, b in zip(ends, ends[1:])]

@@ -397,10 +397,12 @@ def test_record_returns_every_row_past_keep_rows_and_keeps_only_the_first() -> N
 
 
 def test_itl_step_series_are_differenced_per_series() -> None:
-    """add_itl_steps takes cumulative step ends; each series starts from its own zero."""
+    """add_itl_steps takes the first k steps of a decode jump (its linear pieces), each step one
+    ITL value of `weight` tokens; the jump's later steps are not added."""
+    from sim.engines.latency import DecodeSteps
     c = MetricsCollector(SLO)
-    c.add_itl_steps(np.array([0.010, 0.030, 0.060]), 2)      # steps of 10, 20, 30 ms
-    c.add_itl_steps([0.040, 0.080], 1)                        # 40, 40 ms (a list works too)
+    c.add_itl_steps(DecodeSteps(3, [0], [0.010], [0.010]), 3, 2)             # 10, 20, 30 ms
+    c.add_itl_steps(DecodeSteps(5, [0, 2], [0.040, 0.5], [0.0, 0.0]), 2, 1)  # 40, 40 ms (of 5)
     c.add_itl(0.005, 4)
     itl = c.itl
     assert itl.count == pytest.approx(2 * 3 + 2 + 4)
