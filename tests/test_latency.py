@@ -725,3 +725,24 @@ def test_decode_series_on_a_table_measured_at_one_batch_size(tmp_path):
     ref = [lat.decode("oneb", 1, 150 + i) for i in range(100)]
     assert LatencyModel(tmp_path, C.GPU).decode_steps("oneb", 1, 150, 100) == pytest.approx(ref, rel=1e-12)
     assert ref[50] == pytest.approx(ms(12.0), rel=1e-12)
+
+
+def test_a_series_starting_on_the_last_context_point(tiny):
+    lat = LatencyModel(tiny, C.GPU)
+    assert lat.decode_steps("tiny_model", 1, 200, 1) == [lat.decode("tiny_model", 1, 200)] == [ms(12.0)]
+
+
+def test_mixed_step_rows_are_those_with_decodes_an_empty_count_is_none(tmp_path):
+    """mixed_per_seq reads the prefill rows with num_decode_seqs > 0; a pure prefill row whose
+    num_decode_seqs cell is empty is a pure row (the same slope as with 0 written)."""
+    def table(root, pure_count):
+        rows = [C._row("mx", "prefill", C.prefill_ms(t), batch_size=1, num_tokens=t, context_len=0,
+                       num_decode_seqs=pure_count) for t in C.PREFILL_TOKENS]
+        rows += [C._row("mx", "decode", C.decode_ms(b, c), batch_size=b, num_tokens=b, context_len=c)
+                 for b in (1, 2, 4, 8, 16) for c in (1, 64, 128, 256)]
+        rows += [C._row("mx", "prefill", C.prefill_ms(256 + d) + 0.5 * d, batch_size=1, num_tokens=256,
+                        context_len=0, num_decode_seqs=d) for d in (4, 8)]
+        return LatencyModel(tiny_table(root, rows, "mx"), C.GPU)
+    with_zero = table(tmp_path / "a", 0).mixed_per_seq("mx")
+    with_none = table(tmp_path / "b", None).mixed_per_seq("mx")
+    assert with_none == pytest.approx(with_zero, rel=1e-12) and 3e-4 < with_zero < 7e-4
