@@ -51,6 +51,12 @@ class BuildHotPath(build_ext):
         except ImportError:
             say("mypyc is not available: pure-Python hot path installed")
             return []
+        # a compiled class whose base class mypyc cannot import would silently derive from object
+        # (sim.core.kernel.Kernel from simpy.Environment): compile only when every base is there
+        missing = [m for m in compiled.BASE_MODULES if not _importable(m)]
+        if missing:
+            say(f"{', '.join(missing)} not importable at build time: pure-Python hot path installed")
+            return []
         cwd = os.getcwd()
         os.chdir(ROOT)                  # mypycify takes repository-relative paths
         try:
@@ -91,6 +97,14 @@ class BuildHotPath(build_ext):
             for f in compiled.built_files(ROOT):
                 f.unlink()
         self.extensions = []
+
+
+def _importable(module: str) -> bool:
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return False
+    return True
 
 
 def _last_line(e: BaseException) -> str:

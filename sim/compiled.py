@@ -41,6 +41,9 @@ HOT = (
     "sim/run/runner.py",
     "sim/run/sketch.py",
 )
+# third-party modules that compiled classes derive from: the build needs them importable
+# (pyproject's build-system requires), else mypyc takes the base for Any and builds on object
+BASE_MODULES = ("simpy",)
 GROUP = "sim.mmsim"     # the mypyc group: its runtime library is sim/mmsim__mypyc.<suffix>
 ROOT = Path(__file__).resolve().parent.parent       # the directory that holds sim/
 HOT_MODULES = tuple(m[:-3].replace("/", ".") for m in HOT)

@@ -147,6 +147,35 @@ def test_install_without_mypyc_or_when_it_refuses_is_pure(tmp_path, mode, says):
     assert C.built_files(root) == []
 
 
+def test_install_where_a_base_class_module_is_missing_is_pure(tmp_path):
+    """Without simpy at build time mypyc would build the Kernel on object (no SimPy queue): the
+    build must fall back instead (pip's isolated build has only the build requirements)."""
+    root, fake = _setup_tree(tmp_path)
+    (fake / "simpy").mkdir()
+    (fake / "simpy" / "__init__.py").write_text("raise ImportError('no simpy here')\n")
+    p = _build(root, fake, "ok")
+    assert p.returncode == 0, p.stderr[-2000:]
+    lines = _says(p)
+    assert lines == ["mmserve-sim: simpy not importable at build time: pure-Python hot path "
+                     "installed"], p.stderr[-2000:]
+    assert not (root / "mypycify_called").exists() and C.built_files(root) == []
+
+
+def test_the_build_requirements_hold_every_base_class_module():
+    import tomllib
+    reqs = tomllib.loads((C.ROOT / "pyproject.toml").read_text())["build-system"]["requires"]
+    names = {r.split(">")[0].split("=")[0].split("<")[0].strip() for r in reqs}
+    assert set(C.BASE_MODULES) <= names
+
+
+def test_the_kernel_is_a_simpy_environment():
+    """Whichever build runs (compiled or pure), the Kernel is SimPy's Environment."""
+    import simpy
+    from sim.core.kernel import Kernel
+    assert issubclass(Kernel, simpy.Environment)
+    assert isinstance(Kernel()._queue, list)
+
+
 def test_install_without_a_c_compiler_is_pure(tmp_path):
     root, fake = _setup_tree(tmp_path)
     p = _build(root, fake, "ok", cc="/bin/false")
