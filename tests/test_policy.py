@@ -180,8 +180,8 @@ def test_hop_delay_is_bytes_over_the_link_plus_latency(synthetic_profiles, num_g
                                         "cluster.nvlink_gb_s": 450.0, "cluster.network_gb_s": 50.0,
                                         "cluster.transfer_latency_us": 30.0})
     pol = Run(cfg).policy
-    assert pol.link_delay(9e9, True) == pytest.approx(9e9 / 450e9 + 30e-6, rel=1e-12)
-    assert pol.link_delay(9e9, False) == pytest.approx(9e9 / 50e9 + 30e-6, rel=1e-12)
+    assert pol.link_delay(9 * 10**9, True) == pytest.approx(9e9 / 450e9 + 30e-6, rel=1e-12)
+    assert pol.link_delay(9 * 10**9, False) == pytest.approx(9e9 / 50e9 + 30e-6, rel=1e-12)
     req = Request(0, 0.0, "generate", "qwen_image", 77, output_image=(512, 512), steps=4)
     done = Job(req, "dit_step", "qwen_image", height=512, width=512, seq_len=1024)
     from sim.engines.pipeline import handoff_bytes

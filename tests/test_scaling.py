@@ -9,6 +9,7 @@ import pytest
 
 from conftest import make_cfg
 from profiler.models import load_model
+from sim.core.gpu import Unit
 from sim.core.records import Job, Request
 from sim.policies.scaling import RELOAD_GB_S, Pressure, Static
 from sim.run.runner import Run
@@ -186,8 +187,8 @@ def test_the_donor_keeps_its_last_gpu_and_busy_gpus_stay(synthetic_profiles):
     llm = place.pools["llm:qwen2_5_vl_7b"]
     assert [g.name for g in llm] == ["gpu1", "gpu2", "gpu3"]
     busy = llm[1:]
-    for g in busy:
-        g.has_work = lambda: True
+    for g in busy:                  # a unit running far past the horizon: has_work() is True
+        g.cur = Unit([1e9], lambda n, t: None, "busy")
     r.env.run_until(2.5)
     assert [m["gpu"] for m in sc.moves] == ["gpu1"]
     # now every LLM GPU is busy: nothing moves; the VAE pool (one GPU) never donates
