@@ -61,10 +61,41 @@ def run_both(delays: list[float]) -> tuple[list, list, int]:
     return slow, fast, n
 
 
+def simpy_steps(delays: list[float]) -> int:
+    """How many events SimPy processes for the scenario (one env.step() each)."""
+    env, n = simpy.Environment(), 0
+    scenario(env, False, delays, [])
+    while env.peek() < float("inf"):
+        env.step()
+        n += 1
+    return n
+
+
 def test_same_events_same_order():
-    slow, fast, n = run_both([1.0, 1.0, 0.5, 2.0, 0.0, 1.5, 1.0])
+    delays = [1.0, 1.0, 0.5, 2.0, 0.0, 1.5, 1.0]
+    slow, fast, n = run_both(delays)
     assert fast == slow and len(slow) > 20
-    assert n > len(slow)                     # every processed event is counted (process steps too)
+    assert n == simpy_steps(delays)          # every processed event is counted, process steps too
+
+
+def test_run_until_counts_the_events_it_processed():
+    delays = [0.5, 1.0, 0.0, 1.5, 1.0]
+    env, log = Kernel(), []
+    scenario(env, True, delays, log)
+    first = env.run_until(2.0)
+    assert first > 0 and env.run_until(2.0) == 0            # nothing left before 2.0
+    rest = env.run_all()
+    assert first + rest == simpy_steps(delays) and env.run_all() == 0
+
+
+def test_timer_and_call_soon_return_the_event_they_schedule():
+    env, seen = Kernel(), []
+    ev = env.timer(1.5, seen.append, "v")
+    urgent = env.call_soon(seen.append)
+    normal = env.timer(0.0, seen.append, "n")
+    assert ev.value == "v" and urgent.value is None and normal.value == "n"
+    assert env.run_all() == 3
+    assert seen == [urgent, normal, ev] and env.now == 1.5   # urgent before a NORMAL at `now`
 
 
 @settings(max_examples=60, deadline=None)

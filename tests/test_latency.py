@@ -444,6 +444,125 @@ def test_decode_hole_fill_predicts_measured_cells(batch, ctx):
     assert _fill_holes(holed, axes)[i, j] / vals[i, j] - 1 > 0.10
 
 
+def test_grids_with_a_single_value_on_an_axis(tmp_path):
+    """A DiT table measured at batch 1 only, and a text encoder at one prompt length: the
+    lookup interpolates along the other axis and takes the single value on that one."""
+    rows = [C._row("one_axis", "dit_step", v, batch_size=1, seq_len=s, num_tokens=64)
+            for s, v in [(256, 10.0), (1024, 40.0)]]
+    rows += [C._row("one_axis", "text_encode", v, batch_size=b, num_tokens=77, component="t5_xxl")
+             for b, v in [(1, 2.0), (4, 5.0)]]
+    root = tiny_table(tmp_path, rows, "one_axis")
+    lat = LatencyModel(root, C.GPU)
+    assert lat.dit_step("one_axis", 1, 640) == pytest.approx(ms(25.0), rel=1e-12)
+    assert lat.dit_step("one_axis", 1, 256) == pytest.approx(ms(10.0), rel=1e-12)
+    assert lat.text_encode("one_axis", "t5_xxl", 2, 77) == pytest.approx(ms(3.0), rel=1e-12)
+    assert lat.text_encode("one_axis", "t5_xxl", 4, 77) == pytest.approx(ms(5.0), rel=1e-12)
+    assert lat.report()["out_of_grid_lookups"] == {}
+
+
+@pytest.fixture
+def three_cells(tmp_path):
+    """Decode at batch [1, 2] x context [100, 200, 400, 800], NOT linear in the context (a
+    series that crosses a cell boundary must change slope there)."""
+    dec = {(1, 100): 10.0, (1, 200): 12.0, (1, 400): 20.0, (1, 800): 21.0,
+           (2, 100): 11.0, (2, 200): 15.0, (2, 400): 23.0, (2, 800): 40.0}
+    rows = [C._row("cells", "decode", v, batch_size=b, num_tokens=b, context_len=c)
+            for (b, c), v in dec.items()]
+    rows += [C._row("cells", "prefill", v, batch_size=1, num_tokens=t, context_len=0,
+                    num_decode_seqs=0) for t, v in [(16, 1.0), (64, 4.0)]]
+    return tiny_table(tmp_path, rows, "cells")
+
+
+@pytest.mark.parametrize("batch, ctx0, k", [(1, 150, 300), (2, 150, 650), (1, 100, 701),
+                                            (2, 399, 3), (1, 190.5, 220), (1, 150.5, 51),
+                                            (2, 350.5, 51)])
+def test_decode_series_across_cells_equals_repeated_decode(three_cells, batch, ctx0, k):
+    lat = LatencyModel(three_cells, C.GPU)
+    ref = [lat.decode("cells", batch, ctx0 + i) for i in range(k)]
+    ends = list(LatencyModel(three_cells, C.GPU).decode_run("cells", batch, ctx0, k))
+    series = LatencyModel(three_cells, C.GPU).decode_steps("cells", batch, ctx0, k)
+    assert series == pytest.approx(ref, rel=1e-12)
+    steps = [ends[0]] + [b - a for a, b in zip(ends, ends[1:])]
+    assert steps == pytest.approx(ref, rel=1e-9)
+    # the values change slope at 200 and 400 (a linear extrapolation of one cell would not)
+    assert lat.decode("cells", 1, 300) == pytest.approx(ms(16.0), rel=1e-12)
+
+
+def test_out_of_grid_lookups_on_a_two_row_axis(three_cells):
+    """Extrapolating along the context keeps the bilinear weight along the batch axis."""
+    lat = LatencyModel(three_cells, C.GPU, "extrapolate")
+    # at batch 1.5, context 1200: rows extrapolated to 22.0 and 57.0 ms, mixed half and half
+    assert lat.decode("cells", 1.5, 1200) == pytest.approx(ms((22.0 + 57.0) / 2), rel=1e-12)
+    assert lat.report()["out_of_grid_lookups"] == {"cells/decode": 1}
+    clamp = LatencyModel(three_cells, C.GPU, "clamp")
+    assert clamp.decode("cells", 1.5, 5000) == pytest.approx(ms((21.0 + 40.0) / 2), rel=1e-12)
+
+
+def test_a_clamped_lookup_onto_a_hole_is_counted_once(tiny):
+    lat = LatencyModel(tiny, C.GPU, "clamp")
+    # clamped onto (4, 200), the OOM hole filled as in test_oom_holes_filled_and_counted
+    assert lat.decode("tiny_model", 8, 400) == pytest.approx(ms(13.0 + 0.016 * 4 * 100), rel=1e-12)
+    rep = lat.report()
+    assert rep["oom_hole_lookups"] == {"tiny_model/decode": 1}
+    assert rep["out_of_grid_lookups"] == {"tiny_model/decode": 1}
+
+
+def test_holes_of_a_one_axis_grid_are_counted_where_they_carry_weight():
+    """_at1 (1-axis grids): the value is linear between the two cells' ends, and a hole is
+    reported when either end of the cell is one (status-ok tables never leave a 1-axis hole;
+    a grid built with one must still say so). A one-point grid is its point."""
+    from sim.engines.latency import Grid, _at1
+    g = Grid("g", [[16.0, 32.0, 64.0, 128.0]], np.array([1.0, 3.0, 7.0, 20.0]),
+             np.array([False, False, True, False]))
+    assert _at1(g, 0, 0.5) == (2.0, False)
+    assert _at1(g, 1, 0.25) == (4.0, True)             # the hole at the cell's right end
+    assert _at1(g, 2, 0.5) == (13.5, True)             # ... at its left end
+    assert _at1(g, 2, 0.0) == (7.0, True)
+    one = Grid("one", [[16.0]], np.array([1e-9]), np.array([False]))
+    assert _at1(one, 0, 0.0) == (1e-9, False)           # its point, not floored to 1e-6
+
+
+def test_kv_token_slope_uses_every_cell_past_the_first_context():
+    from sim.engines.latency import kv_token_slope
+    # one batch row, contexts 100, 101, 102: x = B (c - 100) = 0, 1, 2 and y = t - t(100) = 0, 1, 1
+    # least squares through the origin: (1 x 1 + 2 x 1) / (1 + 4) = 0.6
+    assert kv_token_slope(np.array([[10.0, 11.0, 11.0]]), [[1.0], [100.0, 101.0, 102.0]]) == pytest.approx(0.6)
+    # NaN cells are left out; a grid with one context has no slope
+    assert kv_token_slope(np.array([[10.0, np.nan, 12.0]]), [[1.0], [100.0, 101.0, 102.0]]) == pytest.approx(1.0)
+    assert kv_token_slope(np.array([[10.0], [12.0]]), [[1.0, 2.0], [100.0]]) == 0.0
+
+
+def test_memoised_lookups_count_their_hole_hits_on_every_use(tiny):
+    """A point whose cell carries a hole is memoised once and counted on every lookup (1-axis
+    grids from tables never hold a hole -- the schema refuses an ok row without a latency --
+    so the 1-axis case is checked on a grid made by hand)."""
+    from sim.engines.latency import Grid
+    lat = LatencyModel(tiny, C.GPU)
+    g = Grid("hand/prefill", [[16.0, 32.0, 64.0]], np.array([0.001, 0.003, 0.010]),
+             np.array([False, False, True]))
+    assert lat._lookup1(g, 48.0) == pytest.approx(0.0065) and lat.hole_hits["hand/prefill"] == 1
+    assert lat._lookup1(g, 48.0) == pytest.approx(0.0065) and lat.hole_hits["hand/prefill"] == 2
+    assert lat._lookup1(g, 24.0) == pytest.approx(0.002) and lat.hole_hits["hand/prefill"] == 2
+    for _ in range(2):
+        lat.decode("tiny_model", 3, 150)          # a 2-axis cell that touches the OOM hole
+    assert lat.hole_hits["tiny_model/decode"] == 2
+
+
+def test_a_point_within_1e9_of_the_grid_edge_is_inside():
+    """The in-grid test allows 1e-9 of a cell beyond each end (float noise), not more."""
+    from sim.engines.latency import Grid
+    g2 = Grid("g2", [[0.0, 1.0], [0.0, 1.0]], np.array([[1.0, 2.0], [3.0, 4.0]]),
+              np.zeros((2, 2), bool))
+    g1 = Grid("g1", [[0.0, 1.0]], np.array([1.0, 2.0]), np.zeros(2, bool))
+    edge, out = 1 + 1e-09, 1 + 3e-09
+    for xs in [(edge, 0.5), (0.5, edge), (-1e-09, 0.5), (0.5, -1e-09)]:
+        assert LatencyModel._interp(g2, xs) is not None, xs
+    for xs in [(out, 0.5), (0.5, out), (-3e-09, 0.5), (0.5, -3e-09)]:
+        assert LatencyModel._interp(g2, xs) is None, xs
+    assert LatencyModel._interp(g1, (edge,)) is not None and LatencyModel._interp(g1, (-1e-09,)) is not None
+    assert LatencyModel._interp(g1, (out,)) is None and LatencyModel._interp(g1, (-3e-09,)) is None
+
+
 # --- prefill attention: a step's chunks attend to themselves, not to each other -------------------
 
 def _measured():
@@ -487,3 +606,143 @@ def test_step_of_several_chunks_costs_their_own_attention():
     from sim.engines.latency import _interp_sq
     assert one - five == pytest.approx(c * (_interp_sq(xs, ss, 7714) - 5 * 1536 ** 2 - 34), rel=1e-9)
     assert 0.165 < five < 0.176 and one > 0.185
+
+
+# --- what the fits and the lookups of a table's special rows give ------------------------------
+
+def test_prefill_attention_coefficient_is_recovered_exactly(tmp_path):
+    """Rows made from t = a + b N + c S (pure rows, S = N^2 / B) and t = a + b N + c (N^2 + 2 N
+    ctx) (chunks after cached context): the least-squares fit returns c, and xs / ss are the pure
+    grid's token points and their median N^2 / B."""
+    a, b, c = 2e-3, 3e-6, 4e-10
+    rows = []
+    for n in [64, 256, 512, 1024, 2048, 4096]:
+        for bs in (1, 2, 4):
+            rows.append(C._row("attn", "prefill", 1e3 * (a + b * n + c * n * n / bs), batch_size=bs,
+                               num_tokens=n, context_len=0, num_decode_seqs=0))
+    for n, ctx in [(512, 1024), (1024, 2048), (2048, 512)]:
+        rows.append(C._row("attn", "prefill", 1e3 * (a + b * n + c * (n * n + 2 * n * ctx)),
+                           batch_size=1, num_tokens=n, context_len=ctx, num_decode_seqs=0))
+    lat = LatencyModel(tiny_table(tmp_path, rows, "attn"), C.GPU)
+    got, xs, ss = lat.prefill_attention("attn")
+    assert got == pytest.approx(c, rel=1e-6, abs=0.0)
+    assert xs == [64.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0]
+    assert ss == [n * n / 2 for n in xs]                     # median over B = 1, 2, 4
+    # a table whose prefill shrinks with the square: the coefficient is clamped at 0
+    neg = [dict(r, latency_ms_median=1e3 * (a + b * r["num_tokens"] - 1e-11 * r["num_tokens"] ** 2))
+           for r in rows[:18]]
+    lat0 = LatencyModel(tiny_table(tmp_path / "neg", neg, "attn"), C.GPU)
+    assert lat0.prefill_attention("attn")[0] == 0.0
+
+
+def test_vision_grid_counts_every_image_of_a_batched_row(tmp_path):
+    """A vision_encode row of B images of N tokens each is the time of B x N tokens."""
+    pts = {(1, 64): 1.0, (1, 128): 2.0, (2, 128): 3.5, (2, 256): 7.0, (4, 256): 15.0}
+    rows = [C._row("vis", "vision_encode", v, batch_size=bs, num_tokens=n) for (bs, n), v in pts.items()]
+    lat = LatencyModel(tiny_table(tmp_path, rows, "vis"), C.GPU)
+    assert lat.vision_encode("vis", 256) == pytest.approx(ms(3.5), rel=1e-12)
+    assert lat.vision_encode("vis", 512) == pytest.approx(ms(7.0), rel=1e-12)
+    assert lat.vision_encode("vis", 1024) == pytest.approx(ms(15.0), rel=1e-12)
+    assert lat.vision_encode("vis", 768) == pytest.approx(ms(11.0), rel=1e-12)
+
+
+def _host_table(root, engine="vllm", asynchronous=False, batches=(1, 2, 4, 8, 16, 32, 64, 128)):
+    import json
+    st = json.dumps({"async_scheduling": asynchronous})
+    rows = [dict(C._row("host", "decode", 8.0 + 0.05 * b + (0.5 if b > 64 else 0.0) + 1e-4 * c,
+                        batch_size=b, num_tokens=b, context_len=c), engine=engine, engine_settings=st)
+            for b in batches for c in (64, 128)]
+    rows += [dict(C._row("host", "prefill", v, batch_size=1, num_tokens=t, context_len=0,
+                         num_decode_seqs=0), engine=engine, engine_settings=st)
+             for t, v in [(16, 1.0), (32, 2.0)]]
+    return LatencyModel(tiny_table(root, rows, "host"), C.GPU)
+
+
+def test_host_per_seq_is_the_decode_slope_of_a_synchronously_timed_vllm_table(tmp_path):
+    """The slope of decode(B, shortest context) over B <= 64 (rows past 64 are left out): 0.05
+    ms per sequence; none for an async-timed table, a table not measured with vLLM, or fewer than
+    two batch sizes <= 64 (two are enough)."""
+    assert _host_table(tmp_path / "a").host_per_seq("host") == pytest.approx(5e-5, rel=1e-9)
+    assert _host_table(tmp_path / "b", asynchronous=True).host_per_seq("host") == 0.0
+    assert _host_table(tmp_path / "c", engine="synthetic").host_per_seq("host") == 0.0
+    assert _host_table(tmp_path / "d", batches=(1, 2, 128)).host_per_seq("host") == pytest.approx(5e-5, rel=1e-9)
+    assert _host_table(tmp_path / "e", batches=(1, 128)).host_per_seq("host") == 0.0
+
+
+def test_joint_grid_interpolates_inside_a_batch_rows_lengths_without_a_hole(tmp_path):
+    """dit_step_joint: batch 2 measured at 256, 1,024 and 8,192 joint tokens, batch 1 also at
+    4,096: (2, 4,096) lies between batch 2's last two lengths, so it is interpolated along them
+    and is no hole; (2, 16,384) lies beyond them: extrapolated and counted as a hole hit."""
+    law = lambda b, j: 10.0 + 0.01 * b * j      # noqa: E731  (ms, linear: exact interpolation)
+    pts = [(1, s) for s in (256, 1024, 4096, 8192, 16384)] + [(2, s) for s in (256, 1024, 8192)]
+    rows = [C._row("jg", "dit_step", law(b, s), batch_size=b, seq_len=s, num_tokens=64) for b, s in pts]
+    lat = LatencyModel(tiny_table(tmp_path, rows, "jg"), C.GPU)
+    assert lat.dit_step_joint("jg", 2, 4096, 64) == pytest.approx(ms(law(2, 4096)), rel=1e-12)
+    assert lat.report()["oom_hole_lookups"] == {}
+    assert lat.dit_step_joint("jg", 2, 16384, 64) == pytest.approx(ms(law(2, 16384)), rel=1e-12)
+    assert lat.report()["oom_hole_lookups"] == {"jg/dit_step/joint": 1}
+
+
+@pytest.mark.parametrize("ctxs", [(100,), (100, 200)])
+def test_decode_series_are_floored_at_a_microsecond_like_single_lookups(tmp_path, ctxs):
+    """A (made-up) decode table of 1e-7 ms steps: every step of a series is 1 us, as decode()
+    gives, with one context point or two."""
+    rows = [C._row("tinyd", "decode", 1e-7, batch_size=b, num_tokens=b, context_len=c)
+            for b in (1, 2) for c in ctxs]
+    rows += [C._row("tinyd", "prefill", v, batch_size=1, num_tokens=t, context_len=0, num_decode_seqs=0)
+             for t, v in [(16, 1.0), (32, 2.0)]]
+    lat = LatencyModel(tiny_table(tmp_path, rows, "tinyd"), C.GPU, "clamp")
+    assert lat.decode("tinyd", 1, 100) == 1e-6
+    assert lat.decode_steps("tinyd", 1, 100, 5) == [1e-6] * 5
+
+
+def test_joint_grid_rows_with_two_lengths_and_extrapolation_below_them(tmp_path):
+    """A batch row measured at two joint lengths is interpolated along them (not filled from the
+    other batches); below a row's first length the first segment is extended (a hole hit)."""
+    law = {1: {256: 10.0, 1024: 20.0, 4096: 80.0, 8192: 200.0}, 2: {1024: 30.0, 4096: 90.0}}
+    rows = [C._row("j2", "dit_step", v, batch_size=b, seq_len=s, num_tokens=64)
+            for b, d in law.items() for s, v in d.items()]
+    lat = LatencyModel(tiny_table(tmp_path, rows, "j2"), C.GPU)
+    assert lat.dit_step_joint("j2", 2, 2048, 64) == pytest.approx(ms(30.0 + 60.0 * 1024 / 3072), rel=1e-12)
+    assert lat.report()["oom_hole_lookups"] == {}
+    # below batch 2's first length: its first segment extended, 256 = 1024 - 768
+    assert lat.dit_step_joint("j2", 2, 256, 64) == pytest.approx(ms(30.0 - 60.0 * 768 / 3072), rel=1e-12)
+    assert lat.report()["oom_hole_lookups"] == {"j2/dit_step/joint": 1}
+    three = {1: {256: 10.0, 1024: 20.0, 2048: 50.0, 4096: 80.0}, 2: {1024: 30.0, 2048: 40.0, 4096: 100.0}}
+    rows3 = [C._row("j3", "dit_step", v, batch_size=b, seq_len=s, num_tokens=64)
+             for b, d in three.items() for s, v in d.items()]
+    lat3 = LatencyModel(tiny_table(tmp_path / "three", rows3, "j3"), C.GPU)
+    # extended from the segment 1024-2048 (slope 10 ms / 1024), not 1024-4096
+    assert lat3.dit_step_joint("j3", 2, 256, 64) == pytest.approx(ms(30.0 - 10.0 * 768 / 1024), rel=1e-12)
+
+
+def test_decode_series_on_a_table_measured_at_one_batch_size(tmp_path):
+    rows = [C._row("oneb", "decode", v, batch_size=1, num_tokens=1, context_len=c)
+            for c, v in [(100, 10.0), (200, 12.0), (400, 20.0)]]
+    rows += [C._row("oneb", "prefill", v, batch_size=1, num_tokens=t, context_len=0, num_decode_seqs=0)
+             for t, v in [(16, 1.0), (32, 2.0)]]
+    lat = LatencyModel(tiny_table(tmp_path, rows, "oneb"), C.GPU)
+    ref = [lat.decode("oneb", 1, 150 + i) for i in range(100)]
+    assert LatencyModel(tmp_path, C.GPU).decode_steps("oneb", 1, 150, 100) == pytest.approx(ref, rel=1e-12)
+    assert ref[50] == pytest.approx(ms(12.0), rel=1e-12)
+
+
+def test_a_series_starting_on_the_last_context_point(tiny):
+    lat = LatencyModel(tiny, C.GPU)
+    assert lat.decode_steps("tiny_model", 1, 200, 1) == [lat.decode("tiny_model", 1, 200)] == [ms(12.0)]
+
+
+def test_mixed_step_rows_are_those_with_decodes_an_empty_count_is_none(tmp_path):
+    """mixed_per_seq reads the prefill rows with num_decode_seqs > 0; a pure prefill row whose
+    num_decode_seqs cell is empty is a pure row (the same slope as with 0 written)."""
+    def table(root, pure_count):
+        rows = [C._row("mx", "prefill", C.prefill_ms(t), batch_size=1, num_tokens=t, context_len=0,
+                       num_decode_seqs=pure_count) for t in C.PREFILL_TOKENS]
+        rows += [C._row("mx", "decode", C.decode_ms(b, c), batch_size=b, num_tokens=b, context_len=c)
+                 for b in (1, 2, 4, 8, 16) for c in (1, 64, 128, 256)]
+        rows += [C._row("mx", "prefill", C.prefill_ms(256 + d) + 0.5 * d, batch_size=1, num_tokens=256,
+                        context_len=0, num_decode_seqs=d) for d in (4, 8)]
+        return LatencyModel(tiny_table(root, rows, "mx"), C.GPU)
+    with_zero = table(tmp_path / "a", 0).mixed_per_seq("mx")
+    with_none = table(tmp_path / "b", None).mixed_per_seq("mx")
+    assert with_none == pytest.approx(with_zero, rel=1e-12) and 3e-4 < with_zero < 7e-4

@@ -190,3 +190,22 @@ def test_layout_must_cover_the_pools_the_workload_needs(cfg_factory):
     mixed.workload.mix = {"text": 0.5, "generate": 0.5}
     with pytest.raises(ConfigError, match=r"missing \['dit:qwen_image'"):
         Run(mixed)
+
+
+@pytest.mark.parametrize("num_gpus, per_node, same", [(2, 2, True), (3, 2, False), (2, 8, True)])
+def test_hops_of_pools_the_layout_does_not_pin_use_the_cluster_size(cfg_factory, num_gpus, per_node, same):
+    """Policy.same_node under a layout, for two hops whose pools are not pinned (no GPU ids to
+    compare): they share a node when the whole cluster fits in one, as without a layout."""
+    from sim.core.records import Job, Request
+    from sim.names import DIT_STEP, VAE_DECODE
+    cfg = vlm_cfg(cfg_factory, {f"encoder:{VL}": [0], f"llm:{VL}": list(range(1, num_gpus))},
+                  num_gpus, gpus_per_node=per_node, n=4)
+    run = Run(cfg)
+    run.run()
+    req = Request(0, 0.0, "generate", "qwen_image", 8, 0)
+    a, b = Job(req, DIT_STEP, "qwen_image"), Job(req, VAE_DECODE, "qwen_image")
+    assert run.policy.same_node(a, b) is same
+    # pinned pools: one node iff every GPU of both pools is on one (here: all of the cluster's)
+    enc = Job(Request(1, 0.0, "understand", VL, 8, 4), VISION_ENCODE, VL)
+    llm = Job(enc.req, "ar", VL)
+    assert run.policy.same_node(enc, llm) is same

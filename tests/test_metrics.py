@@ -260,3 +260,165 @@ def test_summary_properties(specs: list[tuple[str, float, float, float, float, i
         assert 0.0 <= pt["slo_attainment"] <= 1.0
         assert pt["median_e2el_ms"] <= pt["p90_e2el_ms"] + 1e-9 <= pt["p99_e2el_ms"] + 2e-9
     assert sum(pt["completed"] for pt in s["per_task"].values()) == s["completed"]
+
+
+# --- the large-run path: record(row=False) past keep_rows ----------------------------------------
+
+def mixed_requests() -> list[Request]:
+    """Text, 1-token text, understanding, generation and editing requests, some preempted, one
+    with a stage that never started and one whose first start precedes the others' order."""
+    reqs = four_requests()
+    u = Request(id=4, arrival=4.0, task="understand", model="m", prompt_tokens=40,
+                output_tokens=3, input_images=((448, 448),), image_tokens_in=256, preemptions=1)
+    u.stages = [StageRecord("vision_encode", "e0", 4.0, 4.5, 4.6),
+                StageRecord("prefill", "g0", 4.6, 4.4, 4.8),      # starts before the encoder
+                StageRecord("decode", "g0", 4.8, 4.8, 5.6),
+                StageRecord("transfer", "net", 4.8)]              # never started: no statistic
+    u.first_token, u.finish = 4.8, 5.6
+    return reqs + [u, gen_req(5, 5.0, 9.0), gen_req(6, 6.0, 7.5, edit=True)]
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, float) and isinstance(b, float):
+        return a == b or (math.isnan(a) and math.isnan(b))
+    return a == b and type(a) is type(b)
+
+
+@pytest.mark.parametrize("keep_rows", [0, 3])
+def test_fast_path_summary_equals_row_path(keep_rows: int) -> None:
+    """Rows past keep_rows (every row of a keep_rows=0 run) are recorded without building the
+    row (MetricsCollector._record_fast): the summary must be the same, value for value."""
+    rows, fast = MetricsCollector(SLO), MetricsCollector(SLO, keep_rows=keep_rows)
+    for r in mixed_requests():
+        assert rows.record(r) is not None
+        assert fast.record(r, row=False) is None
+    for c in (rows, fast):
+        c.add_itl(0.02, 3)
+    s_rows = rows.summary(12.0, 2, "h100", 2.0, SLO, UTIL)
+    s_fast = fast.summary(12.0, 2, "h100", 2.0, SLO, UTIL)
+    assert _same(s_rows, s_fast), [k for k in s_rows if not _same(s_rows[k], s_fast.get(k))]
+    # and the figures are the hand-computed ones, not merely equal to each other
+    assert s_fast["mean_queue_ms"] == pytest.approx((50 + 100 + 0 + 250 + 400 + 100 + 100) / 7)
+    assert s_fast["per_task"]["understand"]["mean_e2el_ms"] == pytest.approx(1600.0)
+    assert s_fast["per_task"]["understand"]["mean_ttft_ms"] == pytest.approx(800.0)
+    assert s_fast["per_task"]["understand"]["mean_tpot_ms"] == pytest.approx(400.0)
+    assert s_fast["preemptions"] == 3
+    assert s_fast["per_stage"]["prefill"]["visits"] == 5
+    assert s_fast["per_stage"]["transfer"]["visits"] == 0
+    # a visit that started but has no end counts as a visit (its queue time is known)
+    c = MetricsCollector(SLO, keep_rows=keep_rows)
+    r = text_req(0, 0.0, 0.05, 0.1, 1.0, 10)
+    r.stages.append(StageRecord("vae_decode", "g1", 0.2, 0.3))
+    c.record(r, row=False)
+    st = c.summary(12.0, 2, "h100", 2.0, SLO, UTIL)["per_stage"]["vae_decode"]
+    assert st["visits"] == 1 and st["mean_queue_ms"] == pytest.approx(100.0)
+    assert st["mean_service_ms"] is None
+
+
+def test_fast_path_keeps_non_finite_times_out_of_the_statistics() -> None:
+    """A time that is not finite is undefined (NaN) on both paths, never +-inf in a statistic."""
+    def req(i: int, arrival: float, first: float, finish: float, out: int) -> Request:
+        r = Request(id=i, arrival=arrival, task="text", model="m", prompt_tokens=10,
+                    output_tokens=out)
+        r.stages = [StageRecord("prefill", "g0", float(i), i + 0.1, i + 0.2)]
+        r.first_token, r.finish = first, finish
+        return r
+    reqs = [req(0, 0.0, 0.2, 1.2, 6),             # all finite
+            req(1, 1.0, 1.2, math.inf, 6),        # e2el, tpot +inf
+            req(2, 2.0, -math.inf, 3.0, 6),       # ttft -inf, tpot +inf
+            req(3, -math.inf, 3.2, 3.5, 2),       # queue, e2el, ttft +inf
+            req(4, 4.0, math.inf, 4.5, 6)]        # ttft +inf, tpot -inf
+    rows, fast = MetricsCollector(SLO), MetricsCollector(SLO, keep_rows=0)
+    for r in reqs:
+        rows.record(r)
+        fast.record(r, row=False)
+    s_rows = rows.summary(10.0, 1, "h100", 1.0, SLO, UTIL)
+    s_fast = fast.summary(10.0, 1, "h100", 1.0, SLO, UTIL)
+    assert _same(s_rows, s_fast), [k for k in s_rows if not _same(s_rows[k], s_fast.get(k))]
+    assert s_fast["mean_e2el_ms"] == pytest.approx((1200 + 1000 + 500) / 3)
+    assert s_fast["mean_ttft_ms"] == pytest.approx(200.0)
+    assert s_fast["mean_tpot_ms"] == pytest.approx((200 + 300) / 2)
+    assert s_fast["mean_queue_ms"] == pytest.approx(100.0)
+
+
+def test_per_task_rates_and_every_throughput_key() -> None:
+    """Per-task request_throughput and goodput, and every token-throughput key, against figures
+    computed by hand from mixed_requests() over 12 s."""
+    c = MetricsCollector(SLO)
+    for r in mixed_requests():
+        c.record(r)
+    s = c.summary(12.0, 2, "h100", 2.0, SLO, UTIL)
+    d = 12.0
+    # SLO: text 0 met, 1 fails (ttft 300), 2 met, 3 fails (ttft 500, tpot 250); understand and
+    # edit have no targets (met); generate: e2el 4000 <= 5000 met
+    pt = s["per_task"]
+    assert pt["text"]["completed"] == 4 and pt["text"]["request_throughput"] == pytest.approx(4 / d)
+    assert pt["text"]["goodput"] == pytest.approx(2 / d)
+    assert pt["understand"]["request_throughput"] == pytest.approx(1 / d)
+    assert pt["understand"]["goodput"] == pytest.approx(1 / d)
+    assert pt["generate"]["request_throughput"] == pytest.approx(1 / d)
+    assert pt["generate"]["goodput"] == pytest.approx(1 / d)
+    assert pt["edit"]["goodput"] == pytest.approx(1 / d)
+    assert pt["generate"]["slo_attainment"] == 1.0 and pt["text"]["slo_attainment"] == 0.5
+    assert s["request_throughput"] == pytest.approx(7 / d)
+    assert s["goodput"] == pytest.approx(5 / d) and s["request_goodput"] == pytest.approx(5 / d)
+    # tokens: prompts 4x100 + 40 + 2x50; text out 10+11+1+5 (+3 understand); images in 256 + 330;
+    # images out 2 x 3072
+    t_in, t_out, i_in, i_out = 540, 30, 586, 6144
+    assert (s["total_input_tokens"], s["total_output_tokens"]) == (t_in, t_out)
+    assert (s["text_input_tokens"], s["text_output_tokens"]) == (t_in, t_out)
+    assert (s["image_input_tokens"], s["image_output_tokens"]) == (i_in, i_out)
+    assert s["output_throughput"] == pytest.approx(t_out / d)
+    assert s["total_token_throughput"] == pytest.approx((t_in + t_out) / d)
+    assert s["text_input_throughput"] == pytest.approx(t_in / d)
+    assert s["text_output_throughput"] == pytest.approx(t_out / d)
+    assert s["image_input_throughput"] == pytest.approx(i_in / d)
+    assert s["image_output_throughput"] == pytest.approx(i_out / d)
+    assert s["unified_token_throughput"] == pytest.approx((t_in + t_out + i_in + i_out) / d)
+    assert s["num_gpus"] == 2 and s["gpu_hours"] == pytest.approx(2 * d / 3600)
+    assert s["usd_per_1k_requests"] == pytest.approx(1000 * 2 * d / 3600 * 2.0 / 7)
+
+
+def test_record_returns_every_row_past_keep_rows_and_keeps_only_the_first() -> None:
+    """The parquet writer needs every row (record() with row=True), kept or not; row=False
+    keeps the first keep_rows rows for requests_frame() and returns nothing."""
+    c = MetricsCollector(SLO, keep_rows=2)
+    rows = [c.record(r) for r in four_requests()]
+    assert [r["id"] for r in rows] == [0, 1, 2, 3]
+    c = MetricsCollector(SLO, keep_rows=2)
+    assert [c.record(r, row=False) for r in four_requests()[:2]] == [None, None]
+    assert list(c.requests_frame()["id"]) == [0, 1]
+    assert len(c) == 2
+    c.record(four_requests()[2])                  # one past keep_rows: no frame
+    with pytest.raises(RuntimeError, match="only the first 2 of 3 rows"):
+        c.requests_frame()
+
+
+def test_itl_step_series_are_differenced_per_series() -> None:
+    """add_itl_steps takes the first k steps of a decode jump (its linear pieces), each step one
+    ITL value of `weight` tokens; the jump's later steps are not added."""
+    from sim.engines.latency import DecodeSteps
+    c = MetricsCollector(SLO)
+    c.add_itl_steps(DecodeSteps(3, [0], [0.010], [0.010]), 3, 2)             # 10, 20, 30 ms
+    c.add_itl_steps(DecodeSteps(5, [0, 2], [0.040, 0.5], [0.0, 0.0]), 2, 1)  # 40, 40 ms (of 5)
+    c.add_itl(0.005, 4)
+    itl = c.itl
+    assert itl.count == pytest.approx(2 * 3 + 2 + 4)
+    assert itl.mean == pytest.approx((2 * (10 + 20 + 30) + 40 + 40 + 4 * 5) / 12)
+    assert itl.quantile(0.99) == pytest.approx(40.0, rel=0.01)
+    assert itl.quantile(0.0) == pytest.approx(5.0, rel=0.01)
+
+
+def test_the_first_20000_rows_are_kept_by_default() -> None:
+    """keep_rows defaults to 20,000: the rows of a run that size stay for requests_frame(), one
+    more and the frame is refused (requests.parquet has them all)."""
+    c = MetricsCollector(SLO)
+    r = four_requests()[0]
+    for _ in range(20_000):
+        c.record(r, row=False)
+    assert len(c.requests_frame()) == 20_000
+    c.record(r, row=False)
+    with pytest.raises(RuntimeError, match="only the first 20000 of 20001 rows"):
+        c.requests_frame()

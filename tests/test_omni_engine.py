@@ -446,6 +446,8 @@ def test_vllm_omni_tables_are_read_when_present(tables, tmp_path):
     without = Run(make_cfg(root, diffusion__omni_tables="", **base)).run()
     src0 = without["layout"]["diffusion_engine"]["stage_costs"]["qwen_image"]
     assert src0["dit_step"].startswith("synthetic:") and "regional torch.compile" in src0["dit_step"]
+    assert "omni_latency_model" in with_omni["layout"]["diffusion_engine"]
+    assert "omni_latency_model" not in without["layout"]["diffusion_engine"]
     assert with_omni["mean_e2el_ms"] < without["mean_e2el_ms"]
 
 
@@ -459,6 +461,18 @@ def test_config_refusals(tables):
     with pytest.raises(ConfigError, match="cannot step-execute"):
         Run(make_cfg(REPO / "traces/profiles", diffusion__engine="omni_step",
                      workload__mix={"generate": 1.0}, workload__task_models={"generate": "flux1_dev"}))
+    # Qwen-Image generate step-executes: accepted, served by the step engine
+    r = Run(make_cfg(tables, diffusion__engine="omni_step", workload__num_requests=4,
+                     workload__mix={"generate": 1.0}, cluster__num_gpus=1))
+    assert r.run()["completed"] == 4
+    # the omni rules serve whole requests: a stage-pool placement asking for stage engines is refused
+    from sim.policies.batching import OmniRequest
+    from sim.engines.queues import StageQueue
+    rule = OmniRequest(make_cfg(tables))
+    for ask in (lambda: rule.dit_engine("qwen_image", StageQueue("q"), None),
+                lambda: rule.pass_engine("vae_decode", "qwen_image", StageQueue("q"), None)):
+        with pytest.raises(ConfigError, match="serves whole requests on replicas"):
+            ask()
 
 
 def test_baseline_runs_whole_requests_on_replicas(tables):
@@ -528,3 +542,469 @@ def test_hops_work_rule_is_the_step_level_policies_work(tables):
          + vae_ms(1, 512 * 512)) / 1e3, rel=1e-9)
     with pytest.raises(ConfigError, match="omni_work"):
         make_cfg(tables, diffusion__omni_work="fast").check()
+
+
+# --- the router's estimate and arrivals that cannot join ---------------------------------------------
+
+
+def test_submit_reuses_the_estimate_of_the_same_request_only(tables):
+    """placement.dispatch asks the home replica's engine for work(req) and then submits the
+    request: submit takes that job (its costs looked up once: the out-of-grid counts equal a
+    plain submit's); a job estimated for another request is never used."""
+    def run(estimate_first):
+        env = Kernel()
+        lat = LatencyModel(tables, GPU, "clamp")
+        eng = OmniRequestEngine(OmniCosts("qwen_image", lat), 1)
+        gpu = SimGPU(env, 0, 0)
+        gpu.add(eng)
+        big = Request(0, 0.0, "generate", "qwen_image", 59, output_image=(8192, 8192), steps=2)
+        small = Request(1, 0.0, "generate", "qwen_image", 59, output_image=(256, 256), steps=3)
+        done = {}
+
+        class Done:
+            def complete(self, flow, now):
+                done[flow.req.id] = now
+        if estimate_first:
+            assert eng.work(big) > eng.work(small) > 0
+            eng.work(big)                   # a stale estimate: small is submitted next
+        eng.submit(Flow(small, Done()), 0.0)
+        env.run_all()
+        return done[1], dict(lat.report()["out_of_grid_lookups"])
+    t_plain, n_plain = run(False)
+    t_est, n_est = run(True)
+    assert t_est == t_plain == pytest.approx(gen_time(256, 256, 59, 3, False), rel=1e-9)
+    assert n_plain == {}
+    # the big estimates looked their costs up outside the grid; the small run added nothing
+    env = Kernel()
+    lat = LatencyModel(tables, GPU, "clamp")
+    eng = OmniRequestEngine(OmniCosts("qwen_image", lat), 1)
+    g = SimGPU(env, 0, 0)
+    g.add(eng)
+    g.available = False                         # nothing starts: only submit's own lookups count
+    big = Request(0, 0.0, "generate", "qwen_image", 59, output_image=(8192, 8192), steps=2)
+    eng.work(big)
+    once = dict(lat.report()["out_of_grid_lookups"])
+    assert once and all(v >= 1 for v in once.values())
+
+    class Done:
+        def complete(self, flow, now):
+            pass
+    eng.submit(Flow(big, Done()), 0.0)           # the estimate's job: no second lookup
+    assert dict(lat.report()["out_of_grid_lookups"]) == once
+
+
+def test_step_scheduler_arrival_that_cannot_join_does_not_cut_the_steps(tables):
+    """A runs its 10 steps; B (another size) arrives mid-steps and cannot join: A's steps run
+    uncut (GPU units as for A alone), then B runs as if alone."""
+    def harness(*reqs):
+        h = Harness(tables, engine="step", max_num_seqs=2)
+        for r in reqs:
+            h.add(*r)
+        return h, h.run()
+    e, s1, d = gen_parts(512, 512, 59, 10, False)
+    a_alone, done_a = harness((0, 0.0, 512, 512))
+    b_alone, _ = harness((1, 0.0, 256, 256))
+    both, done = harness((0, 0.0, 512, 512), (1, e + 2.5 * s1, 256, 256))
+    assert done[0] == pytest.approx(done_a[0], rel=1e-12)
+    assert done[1] == pytest.approx(done_a[0] + gen_time(256, 256, 59, 10, False), rel=1e-9)
+    assert both.gpu.events == a_alone.gpu.events + b_alone.gpu.events
+
+
+# --- the other pipelines: FLUX.1, SD3.5, SDXL (text encoders, request batching, step execution) ----
+
+TE_BASE = {"clip_l": 0.5, "clip_g": 0.8, "t5_xxl": 2.0}
+
+
+def te_ms(comp, b, t):
+    return TE_BASE[comp] + 1e-3 * b * t
+
+
+@pytest.fixture(scope="module")
+def dit_tables(tmp_path_factory) -> Path:
+    """flux1_dev, sd3_5_medium, sdxl_base: conftest's dit and VAE laws (dit = 20 b s / 4096 ms,
+    vae = 1e-5 p b ms) and text encoders te = base + 1e-3 b t ms per component."""
+    from conftest import dit_rows
+    from profiler.models import load_model
+    root = tmp_path_factory.mktemp("dit_tables")
+    for m in ("flux1_dev", "sd3_5_medium", "sdxl_base"):
+        rows = dit_rows(m)
+        rows += [_row(m, "text_encode", te_ms(c, b, t), batch_size=b, num_tokens=t, component=c)
+                 for c in load_model(m).text_encoders for b in (1, 2, 4, 8)
+                 for t in (1, 64, 77, 128, 256, 333, 512, 1024)]
+        write_table(pd.DataFrame(rows), root / GPU / f"{m}.parquet")
+    return root
+
+
+def dit_alone(model, h, w, steps, cfg, b=1):
+    """Hand-computed request batch of b equal requests on a text-encoder DiT pipeline: every
+    text encoder at the model's text length (twice with CFG), steps x passes transformer
+    forwards at batch b, the VAE decode at batch b."""
+    from conftest import dit_ms as law, vae_ms
+    from profiler.models import load_model
+    spec = load_model(model)
+    t = spec.request_defaults["text_tokens"]
+    enc = sum(te_ms(c, b, t) for c in spec.text_encoders) * (2 if cfg else 1)
+    return (enc + steps * (2 if cfg else 1) * law(b, spec.latent_tokens(h, w)) + vae_ms(b, h * w)) / 1e3
+
+
+@pytest.mark.parametrize("model, batches, steps_ok", [
+    ("flux1_dev", True, False), ("sd3_5_medium", True, False), ("sdxl_base", False, False)])
+def test_text_encoder_pipelines_cost_batch_and_step_as_vllm_omni(dit_tables, model, batches, steps_ok):
+    """vLLM-Omni 0.26.0: FluxPipeline and StableDiffusion3Pipeline batch requests,
+    StableDiffusionXLPipeline does not; none of them step-executes; their image-input
+    pipelines (FLUX.1-Kontext; none for SD3 / SDXL) never batch. Two equal requests within the
+    admission wait run as one batch where the pipeline batches, else one after the other."""
+    lat = LatencyModel(dit_tables, GPU)
+    costs = OmniCosts(model, lat)
+    gen = Request(0, 0.0, "generate", model, 20, output_image=(512, 512), steps=3, cfg=True)
+    j = costs.job(gen)
+    assert (j.batch_key is not None, j.step_ok) == (batches, steps_ok)
+    assert j.work == pytest.approx(dit_alone(model, 512, 512, 3, True), rel=1e-9)
+    ed = Request(1, 0.0, "edit", model, 20, input_images=((512, 512),), output_image=(512, 512),
+                 steps=3, cfg=False)
+    je = costs.job(ed)
+    assert je.batch_key is None and not je.step_ok and je.cond == (512, 512)
+    # two equal requests arriving together (admission wait 10 ms)
+    env = Kernel()
+    eng = OmniRequestEngine(costs, 2, 0.01)
+    SimGPU(env, 0, 0).add(eng)
+    done = {}
+
+    class Done:
+        def complete(self, flow, now):
+            done[flow.req.id] = now
+    for i in range(2):
+        r = Request(i, 0.0, "generate", model, 20, output_image=(512, 512), steps=3, cfg=False)
+        eng.submit(Flow(r, Done()), 0.0)
+    env.run_all()
+    if batches:                         # the second arrival fills max_num_seqs: no wait
+        want = dit_alone(model, 512, 512, 3, False, b=2)
+        assert done == {0: pytest.approx(want, rel=1e-9), 1: pytest.approx(want, rel=1e-9)}
+    else:
+        one = dit_alone(model, 512, 512, 3, False)
+        assert done == {0: pytest.approx(one, rel=1e-9), 1: pytest.approx(2 * one, rel=1e-9)}
+
+
+def test_only_qwen_image_generate_step_executes():
+    from sim.engines.omni import PIPELINES
+    steps = {k for k, p in PIPELINES.items() if p.step_execution}
+    batches = {k for k, p in PIPELINES.items() if p.request_batch}
+    assert steps == {("qwen_image_mmdit", False)}
+    assert batches == {("qwen_image_mmdit", False), ("flux_dit", False), ("sd3_dit", False)}
+    assert set(PIPELINES) == {(k, i) for k in ("qwen_image_mmdit", "flux_dit", "sd3_dit",
+                                               "unet2d_condition") for i in (False, True)}
+
+
+# --- the engine's load figures, its units, the admission window, joins inside a cycle --------------
+
+
+def test_load_is_waiting_plus_running_work(tables):
+    """load() = the work of the requests waiting + that of the batch running (each request's
+    work: its time alone), as routers and the autoscaler read it."""
+    h = Harness(tables, max_num_seqs=1)
+    t = gen_time(512, 512, 59, 10, False)
+    t2 = gen_time(256, 256, 59, 10, False)
+    h.add(0, 0.0)
+    h.add(1, 0.1, 256, 256)
+    h.add(2, 0.2)
+    seen, busy = [], []
+    for at in (0.05, 0.15, 0.25, t + 0.01, t + t2 + 0.01):
+        h.env.timer(at, lambda ev: (seen.append(h.engine.load()), busy.append(h.engine.has_work())))
+    h.run()
+    assert seen == pytest.approx([t, t + t2, 2 * t + t2, t2 + t, t], rel=1e-9)
+    assert busy == [True] * 5
+    assert h.engine.load() == 0.0 and h.engine.has_work() is False
+
+
+@pytest.mark.parametrize("steps", [1, 2, 10])
+def test_each_stage_of_a_request_is_one_gpu_unit(tables, steps):
+    """A request alone: its encode, its denoising steps (all of them) and its decode are one
+    GPU unit each; an arrival that cannot join a running batch cuts nothing."""
+    h = Harness(tables, max_num_seqs=4)
+    h.add(0, 0.0, steps=steps)
+    h.run()
+    assert h.gpu.events == 3
+    h2 = Harness(tables, max_num_seqs=4)
+    h2.add(0, 0.0, steps=steps)
+    h2.add(1, 0.3, steps=steps)       # during 0's transformer steps: waits, nothing is cut
+    h2.run()
+    assert h2.gpu.events == 6
+
+
+def test_admission_stable_window_is_a_fifth_of_the_wait(tables):
+    """X = 100 ms: the window is min(50, 100 / 5) = 20 ms; requests 18 ms apart keep the wait
+    going until the deadline (the first 6 arrive by it); three requests 10 ms apart end it 20 ms
+    after the last one (the batch starts at 40 ms)."""
+    h = Harness(tables, max_num_seqs=16, max_wait_s=0.1)
+    for i in range(8):
+        h.add(i, 0.018 * i)
+    h.run()
+    assert [h.first_start(i) for i in range(6)] == [pytest.approx(0.1)] * 6
+    assert min(h.first_start(i) for i in (6, 7)) > 0.1
+    g = Harness(tables, max_num_seqs=16, max_wait_s=0.1)
+    for i in range(3):
+        g.add(i, 0.01 * i)
+    g.run()
+    assert [g.first_start(i) for i in range(3)] == [pytest.approx(0.04)] * 3
+
+
+def test_step_scheduler_a_second_joiner_waits_one_step_only(tables):
+    """A (10 steps) runs alone; B arrives mid step 3 and joins after it (its encode, then a step
+    at batch 2); C arrives during B's encode: that step is one step only, then C joins (its
+    encode) and the three step at batch 3 until B's last step; B's decode closes that cycle."""
+    e, s1, d = gen_parts(512, 512, 59, 10, False)
+    s2, s3 = dit_ms(2, 1024) / 1e3, dit_ms(3, 1024) / 1e3
+    h = Harness(tables, engine="step", max_num_seqs=3)
+    h.add(0, 0.0, steps=10)
+    h.add(1, e + 2.5 * s1, steps=4)
+    t0 = e + 3 * s1                    # A's third step ends: B's encode starts
+    h.add(2, t0 + 0.5 * e, steps=4)
+    done = h.run()
+    assert h.start(1, "prefill") == pytest.approx(t0)
+    assert h.start(2, "prefill") == pytest.approx(t0 + e + s2)
+    b_end = t0 + e + s2 + e + 3 * s3 + d
+    assert done[1] == pytest.approx(b_end, rel=1e-9)
+    assert done[2] == pytest.approx(b_end + s2 + d, rel=1e-9)
+    assert done[0] == pytest.approx(b_end + s2 + d + 2 * s1 + d, rel=1e-9)
+
+
+def test_edit_condition_copy_is_about_one_megapixel_in_multiples_of_32(tables):
+    """A 640 x 832 input (ratio 1.3): sqrt(1024^2 x 1.3) = 1167.5 -> 1152 wide, 1167.5 / 1.3 =
+    898.1 -> 896 high (diffusers calculate_dimensions)."""
+    c = OmniCosts("qwen_image", LatencyModel(tables, GPU))
+    ed = Request(0, 0.0, "edit", "qwen_image", 59, input_images=((640, 832),), output_image=(640, 832),
+                 steps=2, cfg=False)
+    assert c.job(ed).cond == (896, 1152)
+
+
+def test_edit_without_cfg_encodes_once(tables):
+    """cfg off: one vision pass and one prefill (no negative prompt), one transformer pass."""
+    h = Harness(tables)
+    h.add(0, 0.0, 512, 512, 59, 10, cfg=False, edit=True)
+    assert h.run()[0] == pytest.approx(edit_time(512, 512, 59, 10, False), rel=1e-9)
+
+
+def te_omni_ms(b, t):
+    return 3.0 + 0.002 * b * t
+
+
+def omni_te_root(tmp_path, tables, components):
+    """The synthetic tables plus a <gpu>-vllm-omni set holding Qwen-Image's condition encoder as
+    vLLM-Omni times it (text_encode rows of the given components) and nothing else."""
+    root = tmp_path / "profiles"
+    (root / GPU).mkdir(parents=True)
+    for f in (tables / GPU).glob("*.parquet"):
+        (root / GPU / f.name).write_bytes(f.read_bytes())
+    rows = [dict(_row("qwen_image", "text_encode", te_omni_ms(b, t), batch_size=b, num_tokens=t,
+                      component=c), engine="vllm-omni")
+            for c in components for b in (1, 2, 4) for t in (16, 64, 256, 1024, 4096)]
+    write_table(pd.DataFrame(rows), root / f"{GPU}-vllm-omni" / "qwen_image.parquet")
+    return root
+
+
+def test_condition_encoder_from_the_vllm_omni_table_set(tables, tmp_path):
+    """With text_encode rows for text_encoder (generate) and text_encoder_vl (edit), the
+    condition encode is the table's: prompt pass + negative pass (CFG) at the batch's longest
+    prompt; an edit's at batch 1 with its image tokens in the prompt. Without text_encoder_vl
+    rows an edit falls back to vLLM's vision encode + prefill."""
+    root = omni_te_root(tmp_path, tables, ("text_encoder", "text_encoder_vl"))
+    lat = LatencyModel(root, GPU)
+    c = OmniCosts("qwen_image", lat, LatencyModel(root, f"{GPU}-vllm-omni"))
+    g1 = c.job(Request(0, 0.0, "generate", "qwen_image", 59, output_image=(512, 512), steps=2, cfg=True))
+    g2 = c.job(Request(1, 0.0, "generate", "qwen_image", 100, output_image=(512, 512), steps=2, cfg=True))
+    assert c.encode((g1,)) == [("prefill", pytest.approx((te_omni_ms(1, 39 + 59) + te_omni_ms(1, 40)) / 1e3))]
+    assert c.encode((g1, g2)) == [("prefill", pytest.approx((te_omni_ms(2, 139) + te_omni_ms(2, 40)) / 1e3))]
+    ed = c.job(Request(2, 0.0, "edit", "qwen_image", 59, input_images=((512, 512),),
+                       output_image=(512, 512), steps=2, cfg=True))
+    assert ed.vision_tokens == 1369
+    assert c.encode((ed,)) == [("prefill", pytest.approx(
+        (te_omni_ms(1, 71 + 1369 + 59) + te_omni_ms(1, 71 + 1369 + 1)) / 1e3))]
+    ed1 = c.job(Request(3, 0.0, "edit", "qwen_image", 59, input_images=((512, 512),),
+                        output_image=(512, 512), steps=2, cfg=False))
+    assert c.encode((ed1,)) == [("prefill", pytest.approx(te_omni_ms(1, 71 + 1369 + 59) / 1e3))]
+    # only the generate encoder in the set: edits are costed as vLLM's vision encode + prefill
+    root2 = omni_te_root(tmp_path / "b", tables, ("text_encoder",))
+    c2 = OmniCosts("qwen_image", LatencyModel(root2, GPU), LatencyModel(root2, f"{GPU}-vllm-omni"))
+    ed2 = c2.job(Request(2, 0.0, "edit", "qwen_image", 59, input_images=((512, 512),),
+                         output_image=(512, 512), steps=2, cfg=True))
+    assert c2.encode((ed2,)) == [("vision_encode", pytest.approx(2 * vision_ms(1369) / 1e3)),
+                                 ("prefill", pytest.approx((prefill_ms(71 + 1369 + 59) + prefill_ms(71 + 1369 + 1)) / 1e3))]
+    assert c2.sources()["condition_encode (generate)"].startswith("vllm-omni:")
+    assert c2.sources()["condition_encode (edit)"].startswith("synthetic:")
+
+
+def test_a_model_missing_from_the_vllm_omni_set_uses_its_own_tables(tables, dit_tables, tmp_path):
+    root = omni_te_root(tmp_path, tables, ("text_encoder",))
+    for f in (dit_tables / GPU).glob("*.parquet"):
+        (root / GPU / f.name).write_bytes(f.read_bytes())
+    c = OmniCosts("flux1_dev", LatencyModel(root, GPU), LatencyModel(root, f"{GPU}-vllm-omni"))
+    assert c.omni is None
+    assert all(v.startswith("synthetic:") for v in c.sources().values())
+    gen = Request(0, 0.0, "generate", "flux1_dev", 20, output_image=(512, 512), steps=3, cfg=False)
+    assert c.job(gen).work == pytest.approx(dit_alone("flux1_dev", 512, 512, 3, False), rel=1e-9)
+
+
+def test_a_pipeline_without_text_encoders_has_no_encode_stage(dit_tables):
+    import dataclasses
+    c = OmniCosts("flux1_dev", LatencyModel(dit_tables, GPU))
+    c.spec = dataclasses.replace(c.spec, text_encoders=())
+    j = c.job(Request(0, 0.0, "generate", "flux1_dev", 20, output_image=(512, 512), steps=3, cfg=False))
+    assert c.encode((j,)) == []
+    assert [p.stage for p in c.phases((j,))] == ["dit_step", "vae_decode"]
+
+
+@pytest.mark.parametrize("engine", ["request", "step"])
+def test_defaults_and_the_engine_protocol(tables, engine):
+    """Default max_num_seqs 1 (no batching, no wait): two equal requests at the same instant run
+    one after the other. Jobs come through submit() only (can_join is False); an engine not yet
+    on a GPU keeps what is submitted; has_work and load follow the queue."""
+    costs = OmniCosts("qwen_image", LatencyModel(tables, GPU))
+    eng = OmniRequestEngine(costs) if engine == "request" else OmniStepEngine(costs)
+    r = [Request(i, 0.0, "generate", "qwen_image", 59, output_image=(512, 512), steps=10) for i in range(2)]
+    done = {}
+
+    class Done:
+        def complete(self, flow, now):
+            done[flow.req.id] = now
+    assert not eng.has_work() and eng.can_join(object()) is False
+    for q in r:
+        eng.submit(Flow(q, Done()), 0.0)        # no GPU yet: queued
+    t = gen_time(512, 512, 59, 10, False)
+    assert eng.has_work() and eng.load() == pytest.approx(2 * t, rel=1e-12)
+    env = Kernel()
+    g = SimGPU(env, 0, 0)
+    g.add(eng)
+    g.kick()
+    env.run_all()
+    assert done == {0: pytest.approx(t, rel=1e-9), 1: pytest.approx(2 * t, rel=1e-9)}
+    assert eng.has_work() is False and eng.load() == 0.0
+    if engine == "request":             # no admission wait by default, whatever the batch size
+        done.clear()
+        env = Kernel()
+        eng = OmniRequestEngine(costs, 2)
+        SimGPU(env, 0, 0).add(eng)
+        eng.submit(Flow(r[0], Done()), 0.0)
+        env.run_until(0.001)
+        eng.submit(Flow(r[1], Done()), 0.001)
+        env.run_all()
+        assert done == {0: pytest.approx(t, rel=1e-9), 1: pytest.approx(2 * t, rel=1e-9)}
+
+
+@pytest.fixture(scope="module")
+def fast_tables(tmp_path_factory) -> Path:
+    """Qwen-Image with a 100x faster transformer: a 1-step request batch takes ~15-25 ms, less
+    than the admission wait's 50 ms stable window."""
+    root = tmp_path_factory.mktemp("fast_tables")
+    write_table(pd.DataFrame(qwen_vl_rows()), root / GPU / "qwen2_5_vl_7b.parquet")
+    write_table(pd.DataFrame(qwen_image_rows(scale=0.01)), root / GPU / "qwen_image.parquet")
+    return root
+
+
+def test_admission_waits_in_sequence(fast_tables):
+    """max_num_seqs 2, X = 1 s (window 50 ms). r0 at 0 waits; r1 at 1 ms fills the batch, which
+    runs at once. r2 arrives after that batch, at 40 ms: a new wait, released 50 ms later at 90 ms
+    (the first wait's timer, due at 50 ms, is stale and must not end it). r3 and r4 arrive while
+    r2 runs: at its end two wait, the batch is full, it starts at once."""
+    h = Harness(fast_tables, max_num_seqs=2, max_wait_s=1.0)
+    for i, t in enumerate((0.0, 0.001, 0.04, 0.095, 0.096)):
+        h.add(i, t, steps=1)
+    done = h.run()
+    assert h.first_start(0) == h.first_start(1) == pytest.approx(0.001)
+    assert done[1] < 0.04
+    assert h.first_start(2) == pytest.approx(0.09)
+    assert done[2] > 0.096
+    assert h.first_start(3) == h.first_start(4) == pytest.approx(done[2])
+
+
+def test_no_wait_means_no_batch_of_simultaneous_arrivals(tables):
+    """X = 0: the first of two requests arriving at the same instant starts at once, alone."""
+    h = Harness(tables, max_num_seqs=2, max_wait_s=0.0)
+    h.add(0, 0.0)
+    h.add(1, 0.0)
+    done = h.run()
+    t = gen_time(512, 512, 59, 10, False)
+    assert done == {0: pytest.approx(t, rel=1e-9), 1: pytest.approx(2 * t, rel=1e-9)}
+
+
+def test_step_scheduler_two_requests_finishing_in_one_cycle(tables):
+    """r0 (5 steps) starts alone; r1 (4 steps, same instant) joins after r0's first step; both
+    end in the same cycle: two decodes, and both finish when the cycle's last decode ends."""
+    e, s1, d = gen_parts(512, 512, 59, 10, False)
+    s2 = dit_ms(2, 1024) / 1e3
+    h = Harness(tables, engine="step", max_num_seqs=2)
+    h.add(0, 0.0, steps=5)
+    h.add(1, 0.0, steps=4)
+    done = h.run()
+    end = e + s1 + e + 4 * s2 + 2 * d
+    assert done == {0: pytest.approx(end, rel=1e-9), 1: pytest.approx(end, rel=1e-9)}
+
+
+def test_step_scheduler_a_request_joins_after_another_has_left(tables):
+    """r1 (2 steps) joins r0 (10) after r0's first step and leaves; r2 (r0's size) arriving
+    later still joins r0 at the next step boundary."""
+    e, s1, d = gen_parts(512, 512, 59, 10, False)
+    s2 = dit_ms(2, 1024) / 1e3
+    h = Harness(tables, engine="step", max_num_seqs=3)
+    h.add(0, 0.0, steps=10)
+    h.add(1, 0.0, steps=2)
+    b_end = e + s1 + e + 2 * s2 + d
+    h.add(2, b_end + 2.5 * s1, steps=3)
+    done = h.run()
+    assert done[1] == pytest.approx(b_end, rel=1e-9)
+    assert h.start(2, "prefill") == pytest.approx(b_end + 3 * s1, rel=1e-9)
+
+
+def test_step_scheduler_load_and_an_arrival_during_an_edit_run_alone(tables):
+    """load(): running requests count the share of their steps still to run (committed at the
+    end of a unit or cut), an edit run alone its whole work. A generate arriving while an edit
+    runs alone (after an earlier cycle) cuts nothing: GPU units as for each request alone."""
+    e, s1, d = gen_parts(512, 512, 59, 10, False)
+    wa, wb = gen_time(512, 512, 59, 10, False), gen_time(512, 512, 59, 4, False)
+    h = Harness(tables, engine="step", max_num_seqs=2)
+    h.add(0, 0.0, steps=10)
+    h.add(1, e + 2.5 * s1, steps=4)
+    seen = []
+    for at in (e + 2.6 * s1, e + 3 * s1 + 0.5 * e):
+        h.env.timer(at, lambda ev: seen.append(h.engine.load()))
+    h.run()
+    assert seen == pytest.approx([wa + wb, 0.7 * wa + wb], rel=1e-9)
+    one = Harness(tables, engine="step", max_num_seqs=2)      # a 1-step request: its whole work
+    one.add(0, 0.0, steps=1)
+    got = []
+    one.env.timer(e / 2, lambda ev: got.append(one.engine.load()))
+    one.run()
+    assert got == [pytest.approx(gen_time(512, 512, 59, 1, False), rel=1e-9)]
+
+    def alone(*reqs):
+        x = Harness(tables, engine="step", max_num_seqs=2)
+        for r in reqs:
+            x.add(*r)
+        x.run()
+        return x
+    t0 = gen_time(512, 512, 59, 2, False)
+    te = edit_time(512, 512, 59, 10, True)
+    gen0, edit, gen2 = (0, 0.0, 512, 512, 59, 2), (1, 0.01, 512, 512, 59, 10, True, True), (2, 0.0, 256, 256)
+    x = Harness(tables, engine="step", max_num_seqs=2)
+    x.add(*gen0)
+    x.add(*edit)
+    loads = []
+    x.env.timer(t0 + te / 2, lambda ev: loads.append(x.engine.load()))
+    x.add(2, t0 + 0.9 * te, 256, 256)            # during the edit's transformer steps
+    x.run()
+    assert loads == [pytest.approx(te, rel=1e-9)]          # the edit alone, nothing waiting
+    assert x.gpu.events == alone(gen0).gpu.events + alone((1, 0.0, 512, 512, 59, 10, True, True)).gpu.events \
+        + alone(gen2).gpu.events
+
+
+def test_request_batch_max_wait_is_read_in_milliseconds(tables, tmp_path):
+    """diffusion.request_batch_max_wait_ms=100 on a baseline run: the stable window is 20 ms, so
+    two generates arriving at 0 and 15 ms (a batch of up to 3) start together at 35 ms."""
+    p = tmp_path / "t.csv"
+    p.write_text("arrival,task,prompt_tokens,output_tokens,output_height,output_width,steps,cfg\n"
+                 "0.0,generate,59,0,512,512,10,false\n0.015,generate,59,0,512,512,10,false\n")
+    cfg = make_cfg(tables, {"workload.path": str(p), "latency.fallback": None, "cluster.num_gpus": 1,
+                            "diffusion.max_num_seqs": 3, "diffusion.request_batch_max_wait_ms": 100.0})
+    r = Run(cfg)
+    r.run()
+    assert [min(s.start for s in q.stages) for q in r.requests] == [pytest.approx(0.035, abs=1e-12)] * 2
+

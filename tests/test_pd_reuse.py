@@ -190,3 +190,43 @@ def test_default_workload_draws_unchanged(cfg_factory):
     cfg.check()
     for r in request_source(cfg.workload, 0):
         assert r.image_ids == () and len(r.input_images) <= 1
+
+
+@pytest.mark.parametrize("policy", ["disaggregated", "baseline"])
+def test_feature_cache_of_an_llm_engine_holds_one_gpus_worth(synthetic_profiles, tmp_path, policy):
+    """A pinned layout without an encoder pool (stage pools), or a replica, encodes images inside
+    the LLM step; the engine's (the replica's) feature cache holds feature_cache_gib of one GPU:
+    room for 1.5 images' features, images 7, 8, 7 all miss (8 evicts 7, 7 evicts 8); room for
+    2.5 images, the second 7 hits."""
+    from sim.config import LayoutConfig
+    spec = load_model(VL)
+    tok = spec.image_input_tokens(448, 448)
+    one = tok * spec.components["vision"]["out_hidden_size"] * spec.dtype_bytes / 2 ** 30
+    rows = ["0.0,understand,100,5,448,448,7", "10.0,understand,100,5,448,448,8",
+            "20.0,understand,100,5,448,448,7"]
+    got = {}
+    for room in (1.5, 2.5):
+        cfg = make_cfg(synthetic_profiles, {"workload.path": _trace(tmp_path, rows, f"f{room}.csv"),
+                                            "latency.fallback": None, "policy.name": policy,
+                                            "cluster.num_gpus": 1, "policy.feature_cache_gib": room * one})
+        if policy == "disaggregated":
+            cfg.cluster.layout = LayoutConfig(name="llm_only", pools={f"llm:{VL}": [0]})
+        r = Run(cfg)
+        r.run()
+        st = r.policy.notes["caches"]
+        got[room] = (st["feature_hits"], st["feature_misses"], st["feature_evictions"])
+    assert got == {1.5: (0, 3, 2), 2.5: (1, 2, 0)}
+
+
+def test_replicas_skip_the_vae_encode_of_a_cached_input_image(synthetic_profiles, tmp_path):
+    """Baseline replicas on the step-level engines with a feature cache: the second edit of
+    image 7 takes its condition latents from the cache (no VAE encode), the first does not."""
+    rows = ["0.0,edit,50,0,512,512,7", "30.0,edit,50,0,512,512,7"]
+    r = _run(synthetic_profiles, _trace(tmp_path, rows), **{
+        "policy.name": "baseline", "cluster.num_gpus": 2, "diffusion.engine": "step_level_same_shape",
+        "policy.feature_cache_gib": 1.0, "workload.mix": {"understand": 0.5, "edit": 0.5}})
+    a, b = sorted(r.requests, key=lambda q: q.arrival)
+    assert [s.stage for s in a.stages].count(VAE_ENCODE) == 1
+    assert [s.stage for s in b.stages].count(VAE_ENCODE) == 0
+    assert r.policy.notes["caches"]["skipped_hops"] == 1
+    assert b.finish > b.arrival and a.finish > a.arrival

@@ -1,6 +1,9 @@
 """Golden fixed-seed runs: a 300-request default-mix run per policy on the synthetic profile
 tables (tests/conftest.py), seed 0, compared with tests/golden/golden_summary.json to a relative
-tolerance of 1e-9; plus determinism, seed sensitivity, and common random numbers across policies.
+tolerance of 1e-9 -- every key of summary.json (per task, per stage, utilization, layout,
+autoscaler moves, token rates), not only the headline figures; the same run through the
+large-run recording path (keep_rows=0) must match it too; plus determinism, seed sensitivity,
+and common random numbers across policies.
 
 A golden mismatch means the simulator's numbers changed. If the change is intended (a policy,
 engine or workload change, or a change to the synthetic tables in conftest.py), regenerate the
@@ -26,8 +29,7 @@ from sim.policies import POLICIES as POLICY_CONFIGS
 
 GOLDEN = Path(__file__).resolve().parent / "golden" / "golden_summary.json"
 POLICIES = tuple(POLICY_CONFIGS)
-KEYS = ("completed", "duration", "request_throughput", "mean_e2el_ms", "p99_e2el_ms",
-        "median_ttft_ms")
+VOLATILE = ("sim_wall_s",)      # wall-clock time: not a simulated figure
 N = 300
 REGEN = os.environ.get("REGEN_GOLDEN") == "1"
 
@@ -46,30 +48,69 @@ def golden_runs(synthetic_profiles, tmp_path_factory):
     return out
 
 
-def test_golden_summary(golden_runs):
-    got = {pol: {k: s[k] for k in KEYS} for pol, (s, _) in golden_runs.items()}
+def flat(x, prefix: str = "", root: str | None = None) -> dict:
+    """A summary as {dotted.key: leaf value} (lists by index); `root` (the run's profiles_dir, a
+    temporary folder) is written as <profiles_dir> in the table paths the summary names."""
+    if isinstance(x, dict):
+        out = {}
+        for k, v in x.items():
+            if not prefix and k in VOLATILE:
+                continue
+            out.update(flat(v, f"{prefix}{k}.", root))
+        return out
+    if isinstance(x, list):
+        out = {}
+        for i, v in enumerate(x):
+            out.update(flat(v, f"{prefix}{i}.", root))
+        return out or {prefix[:-1]: []}
+    if root and isinstance(x, str):
+        x = x.replace(root, "<profiles_dir>")
+    return {prefix[:-1]: x}
+
+
+def differences(got: dict, want: dict, label: str) -> list[str]:
+    bad = [f"{label}.{k}: missing (golden {want[k]!r})" for k in want if k not in got]
+    bad += [f"{label}.{k}: not in golden ({got[k]!r})" for k in got if k not in want]
+    for k in sorted(set(got) & set(want)):
+        a, b = got[k], want[k]
+        numbers = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in (a, b))
+        if numbers and not rel_close(float(a), float(b), 1e-9):
+            bad.append(f"{label}.{k}: {a!r} vs golden {b!r} (rel {abs(a - b) / max(abs(b), 1e-300):.2e})")
+        elif not numbers and a != b:
+            bad.append(f"{label}.{k}: {a!r} vs golden {b!r}")
+    return bad
+
+
+def test_golden_summary(golden_runs, synthetic_profiles):
+    got = {pol: flat(s, root=str(synthetic_profiles)) for pol, (s, _) in golden_runs.items()}
     if REGEN:
         GOLDEN.parent.mkdir(parents=True, exist_ok=True)
         doc = {"_about": f"{N}-request default-mix run per policy, seed 0, synthetic profile tables "
-                         "of tests/conftest.py; regenerate: REGEN_GOLDEN=1 python -m pytest -q "
-                         "tests/test_sim_golden.py",
+                         "of tests/conftest.py, every summary key flattened; regenerate: "
+                         "REGEN_GOLDEN=1 python -m pytest -q tests/test_sim_golden.py",
                **got}
-        GOLDEN.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+        GOLDEN.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
         pytest.skip(f"regenerated {GOLDEN}")
     assert GOLDEN.exists(), f"{GOLDEN} missing: run REGEN_GOLDEN=1 python -m pytest -q {__file__}"
     want = json.loads(GOLDEN.read_text())
     bad = []
     for pol in POLICIES:
         assert pol in want, f"golden file lacks policy {pol}"
-        for k in KEYS:
-            a, b = got[pol][k], want[pol][k]
-            if a is None or b is None:
-                if a is not b:
-                    bad.append(f"{pol}.{k}: {a!r} vs golden {b!r}")
-            elif not rel_close(float(a), float(b), 1e-9):
-                bad.append(f"{pol}.{k}: {a!r} vs golden {b!r} (rel {abs(a - b) / abs(b):.2e})")
+        bad += differences(got[pol], want[pol], pol)
     assert not bad, ("simulated numbers changed (if intended, regenerate with REGEN_GOLDEN=1, "
-                     "see the module docstring):\n  " + "\n  ".join(bad))
+                     "see the module docstring):\n  " + "\n  ".join(bad[:40]))
+
+
+@pytest.mark.parametrize("policy", ["modality_aware"])
+def test_large_run_recording_path_matches_golden(synthetic_profiles, golden_runs, policy):
+    """keep_rows=0 (what every run past 20,000 requests does for the rest, and bench runs do for
+    all): requests are recorded without their row (MetricsCollector._record_fast); the summary
+    must be the golden one, key for key."""
+    r = Run(golden_cfg(synthetic_profiles, policy), keep_rows=0)
+    assert r.requests is None
+    s = r.run()
+    bad = differences(flat(s), flat(golden_runs[policy][0]), policy)
+    assert not bad, "\n  ".join(bad[:40])
 
 
 def test_golden_runs_are_complete_and_sane(golden_runs):

@@ -38,6 +38,7 @@ class Limits:
         self.dit_plans = 0
         self.max_running = 0
         self.max_dit_used = 0
+        self.dit_keys: set[str] = set()     # shape_compat modes whose batches were checked
 
     @contextlib.contextmanager
     def installed(self):
@@ -66,6 +67,10 @@ class Limits:
             assert used <= eng.max_batch or len(eng.batch) == 1, (
                 f"DiT batch weight {used} > diffusion.max_batch={eng.max_batch}")
             lim.max_dit_used = max(lim.max_dit_used, used)
+            if eng.batch and eng.compat != "any":   # one shape key: a sequence length or bucket
+                keys = {j.shape(eng.buckets) for j in eng.batch}
+                assert len(keys) == 1, f"DiT batch mixes shapes {keys} ({eng.compat})"
+                lim.dit_keys.add(eng.compat)
             return u
 
         AREngine.plan, DiTEngine.plan = ar_wrapped, dit_wrapped
@@ -210,7 +215,7 @@ def test_dit_batching_happens_and_respects_max_batch(synthetic_profiles, policy)
     if policy == "modality_aware":
         assert lim.max_dit_used == 1
     else:
-        assert 1 < lim.max_dit_used <= 4
+        assert lim.max_dit_used == 4            # a full batch is reached, never more
 
 
 # --- exactness of the jump-ahead -----------------------------------------------------------------

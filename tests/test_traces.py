@@ -1,6 +1,7 @@
 """Trace replay: table formats round-trip, aliases, vLLM bench JSON, errors that name the field."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import warnings
 from pathlib import Path
@@ -182,3 +183,308 @@ def test_auto_format_unknown_extension(tmp_path):
     p.write_text("x")
     with pytest.raises(ConfigError, match="workload.trace.format"):
         load_trace(p)
+
+
+# --- vLLM bench results: what the table keeps, warnings, closed-loop ready times --------------------
+
+def bench(path, n: int, **kw):
+    obj = {"input_lens": [10 + i for i in range(n)], "output_lens": [1 + i for i in range(n)],
+           "start_times": [100.0 + 0.5 * i for i in range(n)], "ttfts": [0.1] * n,
+           "itls": [[0.01] * i for i in range(n)], "errors": [""] * n, "request_rate": 2.0}
+    obj.update(kw)
+    path.write_text(json.dumps(obj))
+    return path
+
+
+def test_vllm_bench_table_columns_and_measured_e2el(tmp_path):
+    """measured_e2el = ttft + the sum of the inter-token gaps (none for a 1-token output)."""
+    df = load_vllm_bench(bench(tmp_path / "b.json", 3))
+    assert list(df.columns) == ["arrival", "prompt_tokens", "output_tokens", "measured_ttft_s",
+                                "measured_e2el_s"]
+    assert df["measured_e2el_s"].tolist() == pytest.approx([0.1, 0.11, 0.12], abs=1e-12)
+    assert df["arrival"].tolist() == [0.0, 0.5, 1.0]
+
+
+def test_vllm_bench_warnings_name_the_caller(tmp_path):
+    """Dropped failed requests and kept send times are warned about at the caller's line."""
+    p = bench(tmp_path / "e.json", 3, errors=["", "timeout", ""])
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        df = load_vllm_bench(p)
+    assert len(df) == 2 and list(df.index) == [0, 1]
+    assert [r.filename for r in rec if "dropped 1 failed" in str(r.message)] == [__file__]
+    p = bench(tmp_path / "f.json", 4, max_concurrency=2)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        load_vllm_bench(p)
+    assert [r.filename for r in rec if "ready times" in str(r.message)] == [__file__]
+
+
+@pytest.mark.parametrize("rate", [None, "inf"])
+def test_closed_loop_ready_times_at_an_unbounded_rate(tmp_path, rate):
+    """No request_rate recorded, or "inf": every request past the first wave was ready when the
+    last of the first wave was sent."""
+    p = bench(tmp_path / "r.json", 4, max_concurrency=2, request_rate=rate,
+              start_times=[10.0, 10.2, 11.0, 12.0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")          # no "ready times" warning
+        df = load_vllm_bench(p)
+    assert df["arrival"].tolist() == pytest.approx([0.0, 0.2, 0.2, 0.2])
+
+
+def test_several_input_images_as_a_count_of_one_size(tmp_path):
+    p = tmp_path / "n.csv"
+    pd.DataFrame({"arrival_time": [0.0, 1.0], "prompt_tokens": [5, 6], "task": ["edit", "edit"],
+                  "image_height": [512, 256], "image_width": [768, 256],
+                  "num_images": [2, None]}).to_csv(p, index=False)
+    a, b = list(request_source(trace_cfg(p), 0))
+    assert a.input_images == ((512, 768), (512, 768)) and b.input_images == ((256, 256),)
+    assert a.output_image == (512, 768)
+
+
+def test_output_size_needs_both_sides_and_model_defaults_fill_in(tmp_path):
+    p = tmp_path / "o.csv"
+    pd.DataFrame({"arrival_time": [0.0, 1.0, 2.0], "prompt_tokens": [5, 6, 7],
+                  "task": ["generate", "generate", "edit"], "output_height": [512, 640, 256],
+                  "output_width": [768, None, None], "image_height": [None, None, 96],
+                  "image_width": [None, None, 128]}).to_csv(p, index=False)
+    a, b, c = list(request_source(trace_cfg(p), 0))
+    assert a.output_image == (512, 768)
+    assert b.output_image == (1328, 1328)           # one side only: the model's default
+    assert c.output_image == (96, 128)              # an edit keeps its input's size
+
+
+def test_generate_without_a_size_anywhere_is_1024_square(tmp_path):
+    from profiler.models import load_model
+    p = tmp_path / "g.csv"
+    pd.DataFrame({"arrival_time": [0.0], "prompt_tokens": [5], "task": ["generate"]}).to_csv(p, index=False)
+    w = request_source(trace_cfg(p), 0)
+    spec, steps, cf, slo = w._plans[("generate", "qwen_image")]
+    bare = dataclasses.replace(load_model("qwen_image"), request_defaults={"steps": 3})
+    w._plans[("generate", "qwen_image")] = (bare, steps, cf, slo)
+    (r,) = list(w)
+    assert r.output_image == (1024, 1024)
+
+
+def test_steps_column_one_step_is_valid_and_zero_is_not(tmp_path):
+    p = tmp_path / "s.csv"
+    pd.DataFrame({"arrival_time": [0.0, 1.0], "prompt_tokens": [5, 6], "task": ["generate"] * 2,
+                  "steps": [1, None]}).to_csv(p, index=False)
+    a, b = list(request_source(trace_cfg(p), 0))
+    assert a.steps == 1 and b.steps == 50            # an empty cell: the model's default
+    pd.DataFrame({"arrival_time": [0.0], "prompt_tokens": [5], "task": ["generate"],
+                  "steps": [0]}).to_csv(p, index=False)
+    with pytest.raises(ConfigError, match=r"row 1 \(line 2\), field .steps.: 0 is invalid"):
+        list(request_source(trace_cfg(p), 0))
+
+
+def test_missing_steps_are_refused_up_front_without_a_steps_column(tmp_path):
+    """workload.steps=0 (as if the model had no default) and no 'steps' column: refused when
+    the trace is opened, before any request is read."""
+    from sim.workloads.trace import TraceWorkload
+    p = tmp_path / "z.csv"
+    pd.DataFrame({"arrival_time": [0.0], "prompt_tokens": [5], "task": ["generate"]}).to_csv(p, index=False)
+    cfg = trace_cfg(p)
+    cfg.steps = 0
+    with pytest.raises(ConfigError, match="no request_defaults.steps.*'steps' column"):
+        TraceWorkload(cfg, 0)
+
+
+def test_slo_class_column_overrides_the_task_default(tmp_path):
+    p = tmp_path / "c.csv"
+    pd.DataFrame({"arrival_time": [0.0, 1.0], "prompt_tokens": [5, 6], "output_tokens": [2, 2],
+                  "slo_class": ["batch", None]}).to_csv(p, index=False)
+    a, b = list(request_source(trace_cfg(p), 0))
+    assert a.slo_class == "batch" and b.slo_class == "interactive"   # text's default class
+
+
+def test_vllm_json_without_start_times_warns_at_the_caller(tmp_path):
+    p = tmp_path / "old.json"
+    p.write_text(json.dumps({"request_rate": 4.0, "input_lens": [10] * 3, "output_lens": [5] * 3}))
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        load_vllm_bench(p)
+    assert [r.filename for r in rec if "no start_times" in str(r.message)] == [__file__]
+
+
+def test_image_result_text_prompt_is_at_least_one_token_and_1_pixel_sides_are_valid(tmp_path):
+    """A chat_bench result: text prompt = input_lens - image_tokens, at least 1 (the server's
+    prompt is never all image); a 1-pixel side is a valid image, a 0-pixel one is refused."""
+    p = bench(tmp_path / "i.json", 4, input_lens=[101, 100, 90, 7], images=[[[1, 1]], [[64, 1]], [[1, 64]], []],
+              image_tokens=[100, 100, 100, 0])
+    df = load_vllm_bench(p)
+    assert df["prompt_tokens"].tolist() == [1, 1, 1, 7]
+    assert df["task"].tolist() == ["understand", "understand", "understand", "text"]
+    assert [tuple(x) for x in df["images"]] == [((1, 1),), ((64, 1),), ((1, 64),), ()]
+    for bad in ([[64, 0]], [[0, 64]]):
+        bench(p, 4, images=[bad, [], [], []], image_tokens=[1, 0, 0, 0])
+        with pytest.raises(ConfigError, match=r"row 0 field 'images' .*positive heights and widths"):
+            load_vllm_bench(p)
+
+
+def test_explicit_format_overrides_the_suffix_and_a_json_list_is_a_table(tmp_path):
+    rows = [{"arrival_time": 0.0, "prompt_tokens": 5, "output_tokens": 3},
+            {"arrival_time": 0.5, "prompt_tokens": 6, "output_tokens": 4}]
+    t = tmp_path / "t.txt"
+    pd.DataFrame(rows).to_csv(t, index=False)
+    a, b = list(request_source(trace_cfg(t, format="csv"), 0))
+    assert (a.arrival, a.prompt_tokens, b.arrival, b.output_tokens) == (0.0, 5, 0.5, 4)
+    j = tmp_path / "records.json"
+    j.write_text(json.dumps(rows))
+    df = load_trace(j)
+    assert df["arrival"].tolist() == [0.0, 0.5] and df["prompt_tokens"].tolist() == [5, 6]
+
+
+# --- every cell rule of the trace tables (sim/workloads/trace.py NUMERIC, cfg, times, rows) ------
+
+def csv_of(tmp_path, cols: dict, name: str = "c.csv"):
+    p = tmp_path / name
+    pd.DataFrame(cols).to_csv(p, index=False)
+    return p
+
+
+@pytest.mark.parametrize("col, least", [("prompt_tokens", 0), ("output_tokens", 0), ("image_height", 1),
+                                        ("image_width", 1), ("output_height", 1), ("output_width", 1),
+                                        ("steps", 0), ("num_images", 0)])
+def test_numeric_columns_take_whole_numbers_from_their_least_value(tmp_path, col, least):
+    """Each numeric column (the others absent: every present column is checked) accepts its least
+    value, refuses one less and a fraction, naming the row."""
+    base = {"arrival_time": [0.0, 1.0], "prompt_tokens": [5, 6]}
+    ok = load_trace(csv_of(tmp_path, {**base, col: [least, least + 3]}))
+    assert ok[col].tolist() == [least, least + 3]
+    for bad in (least - 1, least + 0.5):
+        with pytest.raises(ConfigError, match=rf"row 2 \(line 3\), field '{col}'"):
+            load_trace(csv_of(tmp_path, {**base, col: [least, bad]}, "bad.csv"))
+
+
+def test_cfg_cells_numbers_and_words(tmp_path):
+    """cfg takes true/false words (any case, also yes/no, y/n, t/f, 1/0 as text) and the numbers
+    1 and 0 (a JSON or parquet column); 2 is refused."""
+    p = tmp_path / "c.jsonl"
+    rows = [{"arrival_time": float(i), "prompt_tokens": 5, "task": "generate", "cfg": v}
+            for i, v in enumerate([1, 0, "yes", "No", "TRUE", "f", True])]
+    p.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert [r.cfg for r in request_source(trace_cfg(p), 0)] == [True, False, True, False, True, False, True]
+    p.write_text(json.dumps({"arrival_time": 0.0, "prompt_tokens": 5, "cfg": 2}) + "\n")
+    with pytest.raises(ConfigError, match="line 1, field 'cfg': 2 is invalid"):
+        load_trace(p)
+
+
+def test_epoch_threshold_is_1e8_seconds(tmp_path):
+    """Arrival times above 1e8 s are absolute clocks (shifted to start at 0); 1e8 itself is not."""
+    kept = load_trace(csv_of(tmp_path, {"arrival_time": [1e8, 1e8 + 2], "prompt_tokens": [5, 6]}))
+    assert kept["arrival"].tolist() == [1e8, 1e8 + 2]
+    moved = load_trace(csv_of(tmp_path, {"arrival_time": [1e8 + 0.5, 1e8 + 2.5], "prompt_tokens": [5, 6]}, "m.csv"))
+    assert moved["arrival"].tolist() == [0.0, 2.0]
+
+
+def test_time_cells_dates_offsets_and_bad_rows(tmp_path):
+    """Dates with different UTC offsets, or none (read as UTC), are one clock; a date before 1973
+    is below the epoch threshold and stays as epoch seconds, exactly; a cell that is neither a
+    number nor a date, or a non-finite number, is refused with its row."""
+    t = load_trace(csv_of(tmp_path, {"timestamp": ["2024-01-01T01:00:00+01:00", "2024-01-01T00:00:01Z",
+                                            "2024-01-01 00:00:03"], "prompt_tokens": [5, 6, 7]}))
+    assert t["arrival"].tolist() == [0.0, 1.0, 3.0]
+    old = load_trace(csv_of(tmp_path, {"timestamp": ["1970-01-01T00:00:10Z", "1970-01-01T00:00:12Z"],
+                                       "prompt_tokens": [5, 6]}, "old.csv"))
+    assert old["arrival"].tolist() == [10.0, 12.0]
+    with pytest.raises(ConfigError, match=r"row 3 \(line 4\), field 'arrival' \(column 'timestamp'\): 'soon'"):
+        load_trace(csv_of(tmp_path, {"timestamp": ["2024-01-01T00:00:00Z", "2024-01-01T00:00:01Z", "soon"],
+                                     "prompt_tokens": [5, 6, 7]}, "bad.csv"))
+    with pytest.raises(ConfigError, match=r"row 2 \(line 3\), field 'arrival'.*on every row"):
+        load_trace(csv_of(tmp_path, {"arrival_time": [0.0, float("inf"), 2.0], "prompt_tokens": [5, 6, 7]}, "inf.csv"))
+    with pytest.raises(ConfigError, match=r"row 3 \(line 4\), field 'arrival'"):
+        load_trace(csv_of(tmp_path, {"arrival_time": [0.0, 1.0, -2.0], "prompt_tokens": [5, 6, 7]}, "neg.csv"))
+
+
+def test_csv_rows_count_blank_lines_and_tables_keep_their_columns(tmp_path):
+    """A blank line is no request but keeps the file's numbering; a column named `index` is
+    carried without harm; the table holds the canonical columns and _row only."""
+    p = tmp_path / "b.csv"
+    p.write_text("arrival_time,prompt_tokens,index\n0.0,5,9\n\n1.0,x,9\n")
+    with pytest.raises(ConfigError, match=r"row 3 \(line 4\), field 'prompt_tokens'"):
+        load_trace(p)
+    p.write_text("arrival_time,prompt_tokens,index\n0.0,5,9\n\n1.0,6,9\n")
+    t = load_trace(p)
+    assert t["prompt_tokens"].tolist() == [5, 6] and t["_row"].tolist() == [1, 3]
+    assert set(t.columns) == {"arrival", "prompt_tokens", "_row"}
+
+
+def test_appended_results_replay_the_last_one(tmp_path):
+    """`vllm bench serve --append-result` writes one JSON object per line: the last is replayed
+    (warned about at the caller's line); two lines as well as three."""
+    objs = [{"input_lens": [k] * 2, "output_lens": [1, 1], "start_times": [0.0, 1.0]} for k in (10, 20, 30)]
+    for n in (2, 3):
+        p = tmp_path / f"a{n}.json"
+        p.write_text("\n".join(json.dumps(o) for o in objs[:n]) + "\n")
+        with warnings.catch_warnings(record=True) as rec:
+            warnings.simplefilter("always")
+            df = load_vllm_bench(p)
+        assert df["prompt_tokens"].tolist() == [10 * n] * 2
+        assert [r.filename for r in rec if "several results" in str(r.message)] == [__file__]
+
+
+def test_regenerated_arrivals_follow_vllms_gamma_law_and_the_seed(tmp_path):
+    """No start_times: arrivals are vLLM's Gamma law at request_rate, burstiness 1 when absent,
+    drawn from the 'arrivals' stream of the seed (0 by default); request_rate Infinity (a float)
+    sends everything at 0; max_concurrency = the number of requests is no closed loop."""
+    from sim.rng import stream
+    from sim.workloads.laws import gamma_arrivals
+    p = tmp_path / "g.json"
+    p.write_text(json.dumps({"request_rate": 4.0, "input_lens": [10] * 30, "output_lens": [5] * 30}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        a, a0, a1 = load_vllm_bench(p), load_vllm_bench(p, 0), load_vllm_bench(p, 1)
+        t = load_trace(p)
+    want = gamma_arrivals(30, 4.0, 1.0, stream(0, "arrivals"), vllm_scaling=True)
+    assert a["arrival"].tolist() == pytest.approx(list(want), rel=1e-12)
+    assert a0["arrival"].tolist() == a["arrival"].tolist() != a1["arrival"].tolist()
+    assert t["arrival"].tolist() == pytest.approx(sorted(want), rel=1e-12)
+    p.write_text(json.dumps({"request_rate": float("inf"), "input_lens": [10] * 3, "output_lens": [5] * 3}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert load_vllm_bench(p)["arrival"].tolist() == [0.0, 0.0, 0.0]
+    q = bench(tmp_path / "c.json", 4, max_concurrency=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")          # no "ready times" warning
+        assert load_vllm_bench(q)["arrival"].tolist() == [0.0, 0.5, 1.0, 1.5]
+
+
+def test_image_columns_of_a_trace(tmp_path):
+    """num_images 1 is one image; an image-input row needs both sides (or images / image_sizes);
+    image_sizes lists several; image_ids need one id per image (one for a plain size)."""
+    base = {"arrival_time": [0.0], "prompt_tokens": [5], "task": ["edit"]}
+    (r,) = list(request_source(trace_cfg(csv_of(tmp_path, {**base, "image_height": [256], "image_width": [512],
+                                                         "num_images": [1]})), 0))
+    assert r.input_images == ((256, 512),)
+    for cols in ({"image_height": [256], "image_width": [None]},
+                 {"image_height": [256], "image_width": [None], "num_images": [2]}):
+        with pytest.raises(ConfigError, match=r"row 1 \(line 2\), fields 'image_height', 'image_width'"):
+            request_source(trace_cfg(csv_of(tmp_path, {**base, **cols}, "h.csv")), 0)
+    (s,) = list(request_source(trace_cfg(csv_of(tmp_path, {**base, "image_sizes": ["512x512;1024X768"],
+                                                         "image_ids": ["3;4"]}, "s.csv")), 0))
+    assert s.input_images == ((512, 512), (1024, 768)) and s.image_ids == (3, 4)
+    (u,) = list(request_source(trace_cfg(csv_of(tmp_path, {**base, "image_height": [64], "image_width": [64],
+                                                         "image_ids": ["7"]}, "u.csv")), 0))
+    assert u.image_ids == (7,)
+    with pytest.raises(ConfigError, match="'image_ids' has 2 ids for 1 images"):
+        request_source(trace_cfg(csv_of(tmp_path, {**base, "image_height": [64], "image_width": [64],
+                                                   "image_ids": ["7;8"]}, "v.csv")), 0)
+
+
+def test_row_defaults_steps_one_and_rows_of_a_given_table(tmp_path):
+    """workload.steps=1 without a steps column is valid (one step); a prompt of 0 tokens is
+    served as 1; an empty output_tokens cell of a text row is 0. A table given directly (no _row
+    column) numbers its rows from 1."""
+    from sim.workloads.trace import TraceWorkload
+    p = csv_of(tmp_path, {"arrival_time": [0.0, 1.0], "prompt_tokens": [0, 6], "task": ["generate", "text"],
+                          "output_tokens": [None, None]})
+    cfg = trace_cfg(p)
+    cfg.steps = 1
+    g, t = list(request_source(cfg, 0))
+    assert (g.steps, g.prompt_tokens) == (1, 1)
+    assert (t.output_tokens, t.prompt_tokens) == (0, 6)
+    table = pd.DataFrame({"arrival": [0.0, 1.0], "prompt_tokens": [5, 6], "task": ["text", "video"],
+                          "output_tokens": [1, 1]})
+    with pytest.raises(ConfigError, match=r"row 2, field 'task': 'video'"):
+        TraceWorkload(trace_cfg(p), 0, table=table)

@@ -289,3 +289,232 @@ def test_config_dataclass_roundtrip_unchanged():
     before = dataclasses.asdict(cfg)
     list(request_source(cfg, 0))
     assert dataclasses.asdict(cfg) == before
+
+
+# --- settings that must take effect ------------------------------------------------------------
+
+@pytest.mark.parametrize("ratios", [[1.0, 2.0, 0.5], [1.0, 1.0, 2.0], [0.75]])
+def test_aspect_ratios_drawn_uniformly_from_the_list(ratios):
+    """w = h x ratio with ratio uniform over the list (a repeated ratio weighs double)."""
+    cfg = ImageSizeConfig(alpha=2.5, x_min=64, max=100_000, round_to=1, aspect_ratios=ratios)
+    n = 6000
+    h, w = sample_image_sizes(cfg, n, stream(4, "images.output"))
+    got = w / h
+    distinct = sorted(set(ratios))
+    nearest = np.array(distinct)[np.argmin(np.abs(got[:, None] - np.array(distinct)[None, :]), axis=1)]
+    assert np.all(np.abs(got - nearest) <= 1.0 / h + 1e-12)      # rounding of w to an integer
+    for r in distinct:
+        p = ratios.count(r) / len(ratios)
+        frac = float(np.mean(nearest == r))
+        assert frac == pytest.approx(p, abs=4 * math.sqrt(p * (1 - p) / n) + 1e-12), (r, frac)
+
+
+def test_mmpp_starts_in_its_stationary_state():
+    """P(burst at t=0) = mean_burst / (mean_base + mean_burst): with a silent base state and a
+    dense burst state, the first arrival comes at once exactly when the process starts in the
+    burst state (or the base sojourn is very short)."""
+    base, burst, mb, mu, tau = 0.0, 200.0, 4.0, 1.0, 0.05
+    p = mu / (mb + mu)                               # 0.2
+    n = 600
+    soon = sum(mmpp_arrivals(1, base, burst, mb, mu, stream(s, "arrivals"))[0] < tau
+               for s in range(n))
+    # from a burst start: an arrival before tau and before the sojourn ends; from a base start
+    # (silent): at most the chance that its sojourn ends before tau
+    p_burst = burst / (burst + 1 / mu) * (1 - math.exp(-(burst + 1 / mu) * tau))
+    lo, hi = p * p_burst, p * p_burst + (1 - p) * (1 - math.exp(-tau / mb))
+    sd = 0.5 / math.sqrt(n)
+    assert lo - 4 * sd <= soon / n <= hi + 4 * sd
+
+
+def test_mmpp_sojourn_means_and_alternation():
+    """Counts per sojourn follow the state that is on: the share of time spent in the burst
+    state (dense arrivals) is mean_burst / (mean_base + mean_burst)."""
+    t = mmpp_arrivals(400_000, 0.0, 100.0, 3.0, 1.0, stream(8, "arrivals"))
+    gaps = np.diff(t)
+    # gaps inside a burst are ~Exp(100); a gap > 0.2 s is (almost surely) a base sojourn
+    burst_time = gaps[gaps < 0.2].sum()
+    base_time = gaps[gaps >= 0.2].sum()
+    assert burst_time / (burst_time + base_time) == pytest.approx(1.0 / 4.0, abs=0.03)
+    # base sojourns are Exp(3 s): their mean, from the long gaps (each one sojourn, or a few)
+    assert 2.5 < gaps[gaps >= 0.2].mean() < 4.5
+
+
+def test_image_input_task_needs_an_image_tokenizer():
+    from sim.workloads.requests import check_task_model
+    vl = load_model("qwen2_5_vl_7b")
+    check_task_model("understand", vl, "workload.task_models.understand")     # accepted
+    check_task_model("text", vl, "workload.task_models.text")
+    blind = dataclasses.replace(vl, image_tokenizer=None)
+    with pytest.raises(ConfigError, match="no image tokenizer for task 'understand'"):
+        check_task_model("understand", blind, "workload.task_models.understand")
+    check_task_model("text", blind, "workload.task_models.text")              # text is fine
+    qi = load_model("qwen_image")
+    check_task_model("edit", qi, "workload.task_models.edit")                 # via its condition encoder
+    with pytest.raises(ConfigError, match="no latent spec"):
+        check_task_model("generate", dataclasses.replace(qi, latent=None), "workload.task_models.generate")
+    with pytest.raises(ConfigError, match="cannot serve task 'generate'"):
+        check_task_model("generate", vl, "workload.task_models.generate")
+    with pytest.raises(ConfigError, match="task='paint' is invalid"):
+        check_task_model("paint", vl, "workload.task_models.paint")
+
+
+def test_outpaint_canvas_and_condition_copy_sizes():
+    from sim.workloads.laws import outpaint_size
+    from sim.workloads.requests import condition_image_size
+    cfg = ImageSizeConfig(max=2048, round_to=16)
+    h, w = outpaint_size(np.array([512, 768, 640]), np.array([768, 512, 640]), cfg)
+    assert h.tolist() == [768, 768, 960] and w.tolist() == [768, 768, 640]   # short side x1.5
+    h, w = outpaint_size(np.array([1600]), np.array([1024]), cfg)
+    assert (h.tolist(), w.tolist()) == ([1600], [1536])
+    h, w = outpaint_size(np.array([1024]), np.array([1600]), cfg)          # 1536, clipped: no
+    assert (h.tolist(), w.tolist()) == ([1536], [1600])
+    # Qwen-Image-Edit's condition copy: ~target area, ratio kept, sides multiples of 32
+    assert condition_image_size(1024, 768, 1024 * 1024) == (1184, 896)
+    assert condition_image_size(512, 512, 384 * 384) == (384, 384)
+    assert condition_image_size(100, 4000, 1024) == (32, 192)
+
+
+def test_image_tokens_of_several_inputs_add_up():
+    vl, qi = load_model("qwen2_5_vl_7b"), load_model("qwen_image")
+    one = image_tokens(qi, "edit", ((1024, 1024),), (1024, 1024))[0]
+    two = image_tokens(qi, "edit", ((1024, 1024), (1024, 1024)), (1024, 1024))[0]
+    assert (one, two) == (196, 392)
+    assert image_tokens(vl, "understand", ((448, 448), (896, 448)), None) == (256 + 512, 0)
+    assert image_tokens(qi, "generate", (), None) == (0, 0)
+
+
+def test_workload_chunk_size_one_and_mix_weights():
+    cfg = wl(300, mix={"text": 3.0, "understand": 1.0})
+    a = [fields(r) for r in request_source(cfg, 2, chunk_size=1)]
+    assert a == [fields(r) for r in request_source(cfg, 2)]
+    with pytest.raises(ConfigError, match="chunk_size=0"):
+        request_source(cfg, 2, chunk_size=0)
+    text = sum(f[2] == "text" for f in a)
+    assert text / 300 == pytest.approx(0.75, abs=4 * math.sqrt(0.75 * 0.25 / 300))
+    assert request_source(cfg, 2).max_concurrency is None
+    assert request_source(wl(10, max_concurrency=4), 2).max_concurrency == 4
+
+
+def test_uniform_lengths_give_every_integer_of_the_range_equal_weight():
+    dist = LengthDist(dist="uniform", min=1, max=4)
+    n = 20_000
+    x = sample_lengths(dist, n, stream(6, "lengths.prompt"))
+    counts = np.bincount(x, minlength=5)[1:]
+    assert counts.sum() == n and x.min() == 1 and x.max() == 4
+    assert np.all(np.abs(counts / n - 0.25) < 4 * math.sqrt(0.25 * 0.75 / n))
+
+
+# --- edges of the laws and the per-task plan -------------------------------------------------
+
+def test_no_requests_no_arrivals():
+    assert gamma_arrivals(0, 5.0, 1.0, stream(1, "g")).shape == (0,)
+    assert gamma_arrivals(-3, 5.0, 1.0, stream(1, "g"), vllm_scaling=True).shape == (0,)
+
+
+class Recording:
+    """A numpy Generator that records the sizes of its exponential draws (the MMPP's sojourns)."""
+
+    def __init__(self, seed: int):
+        self.g = np.random.default_rng(seed)
+        self.sojourns: list[int] = []
+
+    def exponential(self, scale, size):
+        self.sojourns.append(size)
+        return self.g.exponential(scale, size=size)
+
+    def __getattr__(self, name):
+        return getattr(self.g, name)
+
+
+@pytest.mark.parametrize("base, burst, mb, mu, periods", [
+    (100.0, 1000.0, 10.0, 1.0, 66),     # 2000 arrivals a pair of sojourns: 33 pairs ~ 65,536
+    (10.0, 100.0, 2.0, 0.5, 256),       # 70 a pair: capped at 128 pairs
+    (1e4, 1e5, 10.0, 10.0, 2),          # 1.1M a pair: at least one pair
+])
+def test_mmpp_blocks_hold_about_65k_arrivals(base, burst, mb, mu, periods):
+    from sim.workloads.laws import _mmpp_blocks
+    rng = Recording(3)
+    blocks = _mmpp_blocks(base, burst, mb, mu, rng)
+    next(blocks)
+    next(blocks)
+    assert rng.sojourns == [periods, periods]
+
+
+def test_condition_copy_sides_are_at_least_32():
+    from sim.workloads.requests import condition_image_size
+    assert condition_image_size(100, 4000, 1024) == (32, 192)
+    assert condition_image_size(4000, 100, 1024) == (192, 32)
+    assert condition_image_size(10, 10, 16) == (32, 32)
+
+
+def test_a_model_without_default_steps_needs_workload_steps():
+    from sim.workloads.synthetic import TaskPlan
+    qi = load_model("qwen_image")
+    nosteps = dataclasses.replace(qi, request_defaults={"height": 1024, "width": 1024})
+    plan = TaskPlan(wl(10, mix={"text": 1.0}), ["text"], None)
+    with pytest.raises(ConfigError, match="workload.steps=None is invalid for f='qwen_image'"):
+        plan.add("generate", nosteps, wl(10), "f")
+    plan.add("generate", nosteps, wl(10, steps=7), "f")
+    assert plan.steps["generate"] == 7
+    bad = dataclasses.replace(qi, request_defaults={"steps": 0})
+    with pytest.raises(ConfigError, match="workload.steps=None is invalid"):
+        plan.add("generate", bad, wl(10), "f")
+    plan.add("generate", qi, wl(10, cfg=False), "f")
+    assert plan.steps["generate"] == qi.request_defaults["steps"] and plan.cfg["generate"] is False
+
+
+def reuse_cfg(**kw):
+    from sim.config import ImageReuseConfig
+    return ImageReuseConfig(**kw)
+
+
+def test_reused_images_follow_the_zipf_popularity_of_the_catalog():
+    """prob=1: every image is a catalog image; rank r (0-based) weighs (r+1)^-alpha."""
+    from sim.workloads.synthetic import ImageIds
+    ids = ImageIds(reuse_cfg(prob=1.0, catalog=4, alpha=1.0), 5)
+    n = 40_000
+    got, _ = ids.assign(((64, 64),) * n)
+    counts = np.bincount(got, minlength=4)
+    assert counts.sum() == n and len(counts) == 4
+    p = np.array([1, 1 / 2, 1 / 3, 1 / 4]) / (1 + 1 / 2 + 1 / 3 + 1 / 4)
+    assert np.all(np.abs(counts / n - p) < 4 * np.sqrt(p * (1 - p) / n))
+    flat = ImageIds(reuse_cfg(prob=1.0, catalog=4, alpha=0.0), 5).assign(((64, 64),) * n)[0]
+    assert np.all(np.abs(np.bincount(flat, minlength=4) / n - 0.25) < 4 * np.sqrt(0.25 * 0.75 / n))
+
+
+def test_new_images_get_consecutive_ids_after_the_catalog_and_catalog_sizes_stick():
+    from sim.workloads.synthetic import ImageIds
+    ids = ImageIds(reuse_cfg(prob=0.0, catalog=10), 1)
+    assert ids.assign(((64, 64), (32, 32)))[0] == (10, 11)
+    assert ids.assign(((64, 64),))[0] == (12,)
+    always = ImageIds(reuse_cfg(prob=1.0, catalog=1), 1)
+    got, sizes = always.assign(((64, 64), (128, 32), (16, 16)))
+    assert got == (0, 0, 0) and sizes == ((64, 64),) * 3       # the first appearance's size
+
+
+def test_a_catalog_pick_past_the_last_cdf_value_is_the_last_image():
+    """The Zipf CDF's last value may round below 1: a uniform above it still picks an image of
+    the catalog (ids 0..catalog-1), never the first new id."""
+    from sim.workloads.synthetic import ImageIds
+    ids = ImageIds(reuse_cfg(prob=1.0, catalog=2), 1)
+    ids.cdf = np.array([0.5, 0.9])
+
+    class Fixed:
+        def random(self, shape):
+            return np.array([[0.0, 0.95]])
+    ids.rng = Fixed()
+    assert ids.assign(((8, 8),))[0] == (1,) and ids.next_new == 2
+
+
+@pytest.mark.parametrize("dist, want", [
+    (LengthDist(dist="normal", mean=100, cv=0.3, min=1, max=1000), [114, 119, 114, 94, 159, 103]),
+    (LengthDist(dist="lognormal", mean=100, cv=1.0, min=1, max=1000), [105, 119, 104, 60, 364, 77]),
+    (LengthDist(dist="pareto", mean=100, alpha=2.5, min=1, max=1000), [97, 62, 82, 72, 80, 107]),
+    (LengthDist(dist="uniform", min=1, max=1000), [721, 165, 411, 650, 568, 514]),
+    (LengthDist(dist="zipf", min=1, max=1000, alpha=1.2), [34, 1, 4, 19, 10, 7]),
+])
+def test_length_draws_of_a_fixed_seed_are_pinned(dist, want):
+    """Every run's figures follow from these draws (the golden runs use the default laws only);
+    a law whose distribution is unchanged can still change its draws -- the normal law with its
+    sign flipped, say -- and only a pinned draw sees that."""
+    assert sample_lengths(dist, 6, stream(0, "lengths.prompt")).tolist() == want

@@ -4,11 +4,10 @@ batch is configurable (exact sequence length, padded to a bucket, or any, padded
 A batch that does not change is advanced to its next completion in one unit (jump-ahead)."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 from sim.core.gpu import EqualSteps, Unit
 from sim.core.records import Job
-from sim.engines.latency import LatencyModel
 from sim.engines.queues import StageQueue, start_record
 from sim.names import DIT_STEP
 
@@ -16,8 +15,15 @@ from sim.names import DIT_STEP
 MIN_BATCH_GAIN = 0.05   # efficient_only: join only if the joint step saves >= 5% over separate steps
 
 
+class DiTStepLaw(Protocol):
+    """What the engine needs of the latency model (sim.engines.latency.LatencyModel in runs; a
+    law given as a function in tests): one transformer step's seconds for a batch."""
+
+    def dit_step(self, model: str, batch: float, seq: float) -> float: ...
+
+
 class DiTEngine:
-    def __init__(self, model: str, queue: StageQueue, lat: LatencyModel, max_batch: int = 8,
+    def __init__(self, model: str, queue: StageQueue, lat: DiTStepLaw, max_batch: int = 8,
                  shape_compat: str = "exact", buckets: list[int] | None = None, lookahead: int = 64,
                  efficient_only: bool = False):
         self.model = model
