@@ -1008,3 +1008,29 @@ def test_request_batch_max_wait_is_read_in_milliseconds(tables, tmp_path):
     r.run()
     assert [min(s.start for s in q.stages) for q in r.requests] == [pytest.approx(0.035, abs=1e-12)] * 2
 
+
+
+@pytest.mark.parametrize("engine", ["request", "step"])
+def test_two_engines_on_one_gpu_jump_ahead_is_exact(tables, engine):
+    """Two vLLM-Omni engines on one GPU share it round-robin at step boundaries: a request
+    arriving at one engine while the other runs many steps in one unit cuts that unit at its
+    next boundary, so the times equal those of one event per step."""
+    arrivals = np.cumsum(np.random.default_rng(11).exponential(0.5, 40)).tolist()
+    out = []
+    for jump in (True, False):
+        h = Harness(tables, engine=engine, max_num_seqs=2, step_jump=jump)
+        costs = OmniCosts("qwen_image", LatencyModel(tables, GPU))
+        other = (OmniRequestEngine(costs, 2, 0.0) if engine == "request"
+                 else OmniStepEngine(costs, 2))
+        h.gpu.add(other)
+        for i, t in enumerate(arrivals):
+            req = Request(i, t, "generate", "qwen_image", 59, output_image=(512, 512),
+                          steps=6 + i % 3, cfg=bool(i % 4 > 1))
+            h.reqs[i] = req
+            e = other if i % 2 else h.engine        # every other request to the second engine
+            h.env.timer(t, lambda ev, r=req, e=e: e.submit(Flow(r, h), h.env.now))
+        out.append(h.run())
+    a, b = out
+    assert a.keys() == b.keys()
+    for i in a:
+        assert a[i] == pytest.approx(b[i], rel=1e-12, abs=1e-9), i

@@ -678,8 +678,11 @@ class OmniRequestEngine(_OmniEngine):
             self._arm(now)
             return
         g = self.gpu
-        if g is not None and g.cur is None and not self.batch:
-            g.kick()                    # idle: start (nothing joins a running batch)
+        if g is None or self.batch:     # nothing joins a running batch
+            return
+        if g.cur is None or g.cur.engine is not self:
+            g.kick()                    # idle: start; another engine's unit: its turn ends at
+                                        # the next step boundary (GPU round robin)
 
     # admission wait (diffusion_engine.py:467-520): applies when the head's pipeline batches
     def _must_wait(self, now: float) -> bool:
@@ -766,8 +769,9 @@ class OmniStepEngine(_OmniEngine):
         g = self.gpu
         if g is None:
             return
-        if g.cur is None:
-            g.kick()
+        if g.cur is None or g.cur.engine is not self:
+            g.kick()                    # idle: start; another engine's unit: cut at its next
+                                        # step boundary (GPU round robin)
         elif self.stepping and self._joinable():
             g.kick()                    # cut the running steps at the next boundary: it joins
 
