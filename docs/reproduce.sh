@@ -28,7 +28,7 @@ python -m sim +experiment=capacity capacity.target_qps=4 capacity.slo_p99_ms=nul
 for m in qwen2_5_vl_7b qwen_image flux1_dev; do python -m sim.studies.analytic model=$m gpu=h100; done
 
 # the figures (analysis/figures/): the notebooks run with analysis/ as working directory
-M=$PWD/$OUT
+M=$(cd "$OUT" && pwd)          # absolute, whether OUT was given relative or absolute
 MMSIM_HEADLINE_DIR=$M/h100x8:$M/load_h100x8:$M/h100x64:$M/load_h100x64:$M/h100x512:$M/load_h100x512 \
 MMSIM_CAPACITY_JSON=$M/capacity_p99/capacity.json \
   python -c "import nbformat, nbclient
