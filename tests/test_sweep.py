@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from sim.tools.gather import comparison_rows, gather, main as gather_main
+from sim.run.sweep import comparison_rows, gather
+from sim.tools.gather import main as gather_main
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
