@@ -157,3 +157,36 @@ def test_cut_search_on_equal_steps_is_bisect_left_on_their_ends():
             assert steps_before(e, x) == bisect_left(ends, x), (t, k, x)
             assert steps_through(e, x) == bisect_right(ends, x), (t, k, x)
         assert steps_before(ends, ends[0]) == 0 and steps_through(tuple(ends), ends[0]) == 1
+
+
+def test_a_two_step_unit_is_cut_for_a_joiner_after_its_first_step():
+    """kick() cuts any unit of two or more steps: a DiT job arriving during the first of its
+    batch's last two steps joins at that boundary, not after both."""
+    from sim.core.records import Job, Request
+    from sim.engines.dit import DiTEngine
+    from sim.engines.queues import StageQueue
+
+    class Linear:
+        def dit_step(self, model, batch, seq):
+            return 1e-4 * batch * seq / 16
+
+    env = Kernel()
+    q = StageQueue("dit_step:m")
+    eng = DiTEngine("m", q, Linear(), max_batch=8)
+    gpu = GPU(env, 0, 0)
+    done = {}
+
+    def put(i):
+        j = Job(Request(i, 0.0, "generate", "m", 10), "dit_step", "m",
+                on_done=lambda job, now: done.__setitem__(job.req.id, now), seq_len=1024, steps=2)
+        q.put(j, env.now)
+
+    put(0)
+    gpu.add(eng)
+    gpu.kick()
+    t1, t2 = Linear().dit_step("m", 1, 1024), Linear().dit_step("m", 2, 1024)
+    env.run(until=0.5 * t1)
+    put(1)
+    env.run()
+    assert done[0] == pytest.approx(t1 + t2, rel=1e-12)
+    assert done[1] == pytest.approx(t1 + t2 + t1, rel=1e-12)

@@ -1034,3 +1034,41 @@ def test_two_engines_on_one_gpu_jump_ahead_is_exact(tables, engine):
     assert a.keys() == b.keys()
     for i in a:
         assert a[i] == pytest.approx(b[i], rel=1e-12, abs=1e-9), i
+
+
+@pytest.mark.parametrize("b", [1, 2])
+def test_cfg_step_on_the_vllm_omni_grid_is_the_prompt_pass_plus_the_negative_pass(b):
+    """On the committed vLLM-Omni table (image x text grid at batch 1): a CFG step is the
+    forward over the prompt's text stream plus the forward over the negative prompt's, each
+    scaled to the batch by the diffusers table's batch ratio; without CFG, the first alone."""
+    lat = LatencyModel(REPO / "traces/profiles", "h100")
+    omni = LatencyModel(REPO / "traces/profiles", "h100-vllm-omni")
+    costs = OmniCosts("qwen_image", lat, omni)
+    assert costs.dit_text
+    jobs = [costs.job(Request(i, 0.0, "generate", "qwen_image", 300, output_image=(1024, 1024),
+                              steps=4, cfg=True)) for i in range(b)]
+    j = jobs[0]
+    assert j.passes == 2 and j.neg_text != j.text
+
+    def fwd(text):
+        t = omni.dit_step_text("qwen_image", j.seq, text)
+        ratio = (lat.dit_step_joint("qwen_image", b, j.seq, text)
+                 / lat.dit_step_joint("qwen_image", 1, j.seq, text))
+        return t * ratio
+
+    assert costs.step(jobs) == pytest.approx(fwd(j.text) + fwd(j.neg_text), rel=1e-12)
+    plain = [costs.job(Request(9, 0.0, "generate", "qwen_image", 300, output_image=(1024, 1024),
+                               steps=4, cfg=False))] * b
+    assert plain[0].passes == 1
+    assert costs.step(plain) == pytest.approx(fwd(plain[0].text), rel=1e-12)
+
+
+def test_first_use_cost_reads_the_vae_decode_rows_extra():
+    """first_use_ms in a vae_decode row's extra (JSON) is the first decode's extra cost; rows
+    without it, or with extra that is not JSON, leave it at 0."""
+    from sim.engines.omni import _first_use_s
+    rows = lambda *ex: pd.DataFrame({"stage": ["vae_decode"] * len(ex), "extra": list(ex)})  # noqa: E731
+    assert _first_use_s(rows(None, '{"other": 1}')) == 0.0
+    assert _first_use_s(rows("not json", '{"first_use_ms": 250}')) == 0.25
+    assert _first_use_s(rows('{"first_use_ms": 0}', '{"first_use_ms": 40}')) == 0.04
+    assert _first_use_s(pd.DataFrame({"stage": ["dit_step"], "extra": ['{"first_use_ms": 9}']})) == 0.0
