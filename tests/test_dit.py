@@ -347,3 +347,40 @@ def test_a_new_queue_head_wakes_the_other_busy_engine_that_can_take_it():
     assert done["x1"] == pytest.approx(0.05 + linear(2, X))
     assert done["y1"] == pytest.approx(0.06 + linear(2, Y))
     assert done["y0"] == pytest.approx(0.06 + linear(2, Y) + 5 * linear(1, Y))
+
+
+def test_the_default_lookahead_is_64_queued_jobs():
+    """Head (shape A), 62 jobs of shape B, then A at positions 63 and 64: the default window of
+    64 jobs (positions 0..63) takes the one at 63, not the one at 64."""
+    r = Rig(linear, max_batch=8)
+    shapes = [1024] + [2048] * 62 + [1024, 1024]
+    for i, s in enumerate(shapes):
+        r.put(i, s, steps=1)
+    r.start()
+    assert r.batch_ids() == [0, 63]
+    r.run()
+    assert len(r.done) == len(shapes)
+
+
+def test_a_new_head_does_not_wake_an_engine_without_a_gpu():
+    """Two engines share a queue, one not placed on a GPU yet: when the placed one takes the head
+    and a job of another shape becomes the head, only engines with a GPU are woken; the placed
+    engine serves both, one after the other."""
+    env = Kernel()
+    q = StageQueue("dit_step:m")
+    placed, unplaced = (DiTEngine("m", q, Law(linear), max_batch=8) for _ in range(2))
+    done: dict[str, float] = {}
+
+    def job(name: str, seq: int, steps: int) -> Job:
+        return Job(Request(len(done), 0.0, "generate", "m", 10), "dit_step", "m",
+                   on_done=lambda j, now: done.__setitem__(name, now), seq_len=seq, steps=steps)
+    q.put(job("x", 1600, 3), 0.0)
+    q.put(job("y", 2400, 2), 0.0)
+    gpu = GPU(env, 0, 0)
+    gpu.add(placed)
+    gpu.kick()                              # takes x; y becomes the head
+    assert [j.seq_len for j in placed.batch] == [1600] and q.head().seq_len == 2400
+    env.run()
+    assert unplaced.gpu is None and not unplaced.batch
+    assert done["x"] == pytest.approx(3 * linear(1, 1600))
+    assert done["y"] == pytest.approx(done["x"] + 2 * linear(1, 2400))

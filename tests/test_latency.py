@@ -746,3 +746,62 @@ def test_mixed_step_rows_are_those_with_decodes_an_empty_count_is_none(tmp_path)
     with_zero = table(tmp_path / "a", 0).mixed_per_seq("mx")
     with_none = table(tmp_path / "b", None).mixed_per_seq("mx")
     assert with_none == pytest.approx(with_zero, rel=1e-12) and 3e-4 < with_zero < 7e-4
+
+
+# --- table sets, sources, profile checks, hole fills (mutation survivors, issue 22) ---------------
+
+def test_an_estimated_set_named_explicitly_falls_back_to_its_analytic_set(tmp_path):
+    """gpu=h100-est starts the chain at the estimated set and falls back to h100-analytic (not
+    to the measured set): each model's source() says which set its latencies come from."""
+    row = lambda m, v: C._row(m, "prefill", v, batch_size=1, num_tokens=16, context_len=0,  # noqa: E731
+                              num_decode_seqs=0)
+    write_table(pd.DataFrame([row("est_only", 2.0)]), tmp_path / f"{C.GPU}-est" / "est_only.parquet")
+    write_table(pd.DataFrame([row("ana_only", 3.0)]), tmp_path / f"{C.GPU}-analytic" / "ana_only.parquet")
+    write_table(pd.DataFrame([row("meas_only", 4.0)]), tmp_path / C.GPU / "meas_only.parquet")
+    est = LatencyModel(tmp_path, f"{C.GPU}-est")
+    assert est.table_sets() == [(f"{C.GPU}-est", "estimated"), (f"{C.GPU}-analytic", "analytic")]
+    assert est.source("est_only") == "estimated" and est.source("ana_only") == "analytic"
+    assert est.prefill("ana_only", 16) == ms(3.0)
+    with pytest.raises(MissingProfileError):
+        est.source("meas_only")
+    default = LatencyModel(tmp_path, C.GPU)         # measured, then <gpu>-est, then analytic
+    assert [default.source(m) for m in ("meas_only", "est_only", "ana_only")] == [
+        "measured", "estimated", "analytic"]
+
+
+def test_profile_rows_may_have_zero_tokens_but_not_negative(tmp_path):
+    """num_tokens (like context_len, seq_len, num_decode_seqs) is allowed to be 0 on an ok row;
+    a negative count stops the run naming the row and field."""
+    from sim.config import ConfigError
+    from sim.engines.latency import read_profile
+    rows = [C._row("z", "vae_decode", 1.0, batch_size=1, num_tokens=0, height=64, width=64)]
+    path = tmp_path / "z.parquet"
+    write_table(pd.DataFrame(rows), path)
+    assert read_profile(path)["num_tokens"].tolist() == [0]
+    rows[0]["num_tokens"] = -1
+    write_table(pd.DataFrame(rows), path)
+    with pytest.raises(ConfigError, match=r"row 0 .*field 'num_tokens'.*allowed: a number >= 0"):
+        read_profile(path)
+
+
+def test_a_hole_below_the_first_measured_context_starts_from_that_cell():
+    """Row B=2 has no cell at c=100 (a hole before any measured one): it is filled from the
+    row's first measured cell (c=200) minus the KV term k B (200 - 100), k the fit of the full
+    row B=1 (t - t(100) = 1, 3 at B(c - 100) = 100, 200: k = 700 / 50000 = 0.014)."""
+    from sim.engines.latency import _fill_decode_holes
+    vals = np.array([[10.0, 11.0, 13.0], [np.nan, 20.0, 26.0]])
+    out = _fill_decode_holes(vals, [[1.0, 2.0], [100.0, 200.0, 300.0]])
+    assert out[1, 0] == pytest.approx(20.0 - 0.014 * 2 * 100, rel=1e-12)      # 17.2
+    assert out[1, 1:].tolist() == [20.0, 26.0] and out[0].tolist() == [10.0, 11.0, 13.0]
+
+
+def test_a_table_without_context_rows_has_no_prefill_context_cost(tiny):
+    """Pure prefill rows only (context_len 0): a chunk after cached tokens costs what the chunk
+    alone costs, and no lookup is made on (or counted against) a context grid."""
+    lat = LatencyModel(tiny, C.GPU)
+    assert lat.prefill_context_cost("tiny_model", 32, 150.0) == 0.0
+    assert lat.ar_step("tiny_model", 32, 0, 0.0, prefill_ctx=150.0) == ms(3.0)
+    assert lat.report()["out_of_grid_lookups"] == {}
+    clamp = LatencyModel(tiny, C.GPU, "clamp")      # a chunk past the grid: one clamped lookup
+    assert clamp.ar_step("tiny_model", 100, 0, 0.0, prefill_ctx=150.0) == ms(10.0)
+    assert clamp.report()["out_of_grid_lookups"] == {"tiny_model/prefill/pure": 1}

@@ -422,3 +422,22 @@ def test_the_first_20000_rows_are_kept_by_default() -> None:
     c.record(r, row=False)
     with pytest.raises(RuntimeError, match="only the first 20000 of 20001 rows"):
         c.requests_frame()
+
+
+def test_non_finite_finish_and_e2el_columns_are_nan() -> None:
+    """column() holds NaN where a time is undefined: a finish of +inf or -inf, and the e2el of
+    -inf it gives, are NaN in the columns and left out of the statistics (both paths)."""
+    def req(i: int, finish: float) -> Request:
+        r = Request(id=i, arrival=float(i), task="generate", model="qi", prompt_tokens=10)
+        r.stages = [StageRecord("dit_step", "g0", float(i), i + 0.1, i + 0.2)]
+        r.finish = finish
+        return r
+    for keep in (20_000, 0):
+        c = MetricsCollector(SLO, keep_rows=keep)
+        for r in (req(0, 0.5), req(1, math.inf), req(2, -math.inf)):
+            c.record(r, row=keep > 0)
+        assert c.column("finish")[0] == 0.5 and np.isnan(c.column("finish")[1:]).all()
+        e2el = c.column("e2el_ms")
+        assert e2el[0] == pytest.approx(500.0) and np.isnan(e2el[1:]).all()
+        s = c.summary(10.0, 1, "h100", 1.0, SLO, UTIL)
+        assert s["mean_e2el_ms"] == pytest.approx(500.0) and s["p99_e2el_ms"] == pytest.approx(500.0)

@@ -1072,3 +1072,40 @@ def test_first_use_cost_reads_the_vae_decode_rows_extra():
     assert _first_use_s(rows("not json", '{"first_use_ms": 250}')) == 0.25
     assert _first_use_s(rows('{"first_use_ms": 0}', '{"first_use_ms": 40}')) == 0.04
     assert _first_use_s(pd.DataFrame({"stage": ["dit_step"], "extra": ['{"first_use_ms": 9}']})) == 0.0
+
+
+def test_vae_decode_reads_the_vllm_omni_rows_up_to_their_largest_batch(tables, tmp_path):
+    """A vLLM-Omni set with vae_decode rows at batch 1 and 2 (a law unlike the diffusers one):
+    batches of 1 and 2 take those rows as measured; a batch of 4 is the batch-1 row scaled by
+    the diffusers table's batch ratio."""
+    omni_ms = lambda b, p: 1.0 + 3e-5 * p * b  # noqa: E731
+    rows = [dict(_row("qwen_image", "vae_decode", omni_ms(b, s * s), batch_size=b, height=s,
+                      width=s), engine="vllm-omni") for b in (1, 2) for s in (256, 512, 1024)]
+    write_table(pd.DataFrame(rows), tmp_path / f"{GPU}-vllm-omni" / "qwen_image.parquet")
+    lat, omni = LatencyModel(tables, GPU), LatencyModel(tmp_path, f"{GPU}-vllm-omni")
+    costs = OmniCosts("qwen_image", lat, omni)
+    assert costs.omni_batch["vae_decode"] == 2
+    jobs = [costs.job(Request(i, 0.0, "generate", "qwen_image", 59, output_image=(512, 512),
+                              steps=4)) for i in range(4)]
+    p = 512 * 512
+    for b in (1, 2):
+        [(stage, t)] = costs.decode(jobs[:b])
+        assert stage == "vae_decode" and t == pytest.approx(omni_ms(b, p) / 1e3, rel=1e-12)
+    [(_, t4)] = costs.decode(jobs)
+    assert t4 == pytest.approx(omni_ms(1, p) * vae_ms(4, p) / vae_ms(1, p) / 1e3, rel=1e-12)
+
+
+def test_a_two_by_two_image_text_grid_spans_the_text_axis(tmp_path):
+    """_spans_text: batch-1 dit_step rows on seq_len x num_tokens with two values of each form
+    the image x text grid; one text length, or a missing corner, does not."""
+    from sim.engines.omni import _spans_text
+    cells = {(256, 64): 10.0, (1024, 64): 30.0, (256, 512): 14.0, (1024, 512): 36.0}
+
+    def lat_of(name, keep):
+        rows = [_row("qwen_image", "dit_step", v, batch_size=1, seq_len=s, num_tokens=t)
+                for (s, t), v in cells.items() if keep(s, t)]
+        write_table(pd.DataFrame(rows), tmp_path / name / "qwen_image.parquet")
+        return LatencyModel(tmp_path, name)
+    assert _spans_text(lat_of("full", lambda s, t: True), "qwen_image")
+    assert not _spans_text(lat_of("one_text", lambda s, t: t == 64), "qwen_image")
+    assert not _spans_text(lat_of("corner", lambda s, t: (s, t) != (1024, 512)), "qwen_image")

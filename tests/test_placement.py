@@ -355,3 +355,19 @@ def test_replicas_serve_vllm_requests_first_come_first_served(synthetic_profiles
     assert (b.slo_class, c.slo_class) == ("batch", "interactive")
     assert a.finish < b.first_token < b.finish < c.first_token
 
+
+
+def test_a_whole_served_models_offered_work_is_the_sum_of_its_pilot_requests_alone(synthetic_profiles):
+    """Replicas size a model served whole (the vLLM-Omni request engine) by that engine's own
+    estimate: the sum over the pilot's requests of each one's work alone, from zero."""
+    from sim.engines.omni import OmniCosts
+    cfg = make_cfg(synthetic_profiles, {"policy.name": "baseline", "workload.num_requests": 40,
+                                        "cluster.num_gpus": 5})
+    r = Run(cfg)
+    place = r.policy.placement
+    costs = OmniCosts("qwen_image", place.lat)
+    pilot = [q for q in r.policy.ctx.pilot if q.model == "qwen_image"]
+    assert pilot
+    work: dict[str, float] = {}
+    place._whole_work(work)
+    assert work == {"qwen_image": pytest.approx(sum(costs.job(q).work for q in pilot), rel=1e-12)}

@@ -101,3 +101,21 @@ def test_start_record_opens_the_stage_on_the_server():
     k = job(4, stage="vae_decode")
     start_record(k, "gpu1", 3.0)
     assert k.req.stages[-1].stage == "vae_decode"
+
+
+def test_free_engines_finds_the_first_free_gpu_of_gpus_that_do_not_report_unit_ends():
+    """GPUs without reports_unit_end: every lookup scans, so a GPU that was busy at one lookup
+    and is free at the next is found again (first in engine order)."""
+    from types import SimpleNamespace as NS
+    from sim.engines.queues import FreeEngines
+    gpus = [NS(cur=None, available=True) for _ in range(2)]
+    engines = [NS(gpu=g) for g in gpus]
+    free = FreeEngines(engines)
+    gpus[0].cur = "a unit"
+    assert free.first() is engines[1]
+    gpus[0].cur = None
+    assert free.first() is engines[0]
+    gpus[0].cur = gpus[1].cur = "a unit"
+    assert free.first() is None
+    gpus[1].cur = None
+    assert free.first() is engines[1]

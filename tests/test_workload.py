@@ -518,3 +518,37 @@ def test_length_draws_of_a_fixed_seed_are_pinned(dist, want):
     a law whose distribution is unchanged can still change its draws -- the normal law with its
     sign flipped, say -- and only a pinned draw sees that."""
     assert sample_lengths(dist, 6, stream(0, "lengths.prompt")).tolist() == want
+
+
+# --- mutation survivors (issue 22) ------------------------------------------------------------------
+
+def test_zipf_ints_stay_in_range_at_both_ends_of_the_unit_interval():
+    """u = 0 gives lo; u = 1 (the CDF's last value, 1 exactly) gives hi, not hi + 1."""
+    from sim.workloads.laws import zipf_ints
+    assert zipf_ints(3, 6, 1.0, np.array([0.0, 1.0])).tolist() == [3, 6]
+    assert zipf_ints(1, 1, 2.0, np.array([0.0, 0.5, 1.0])).tolist() == [1, 1, 1]
+
+
+def test_cfg_defaults_to_off_for_a_model_without_a_cfg_default():
+    from sim.workloads.synthetic import TaskPlan
+    qi = load_model("qwen_image")
+    nocfg = dataclasses.replace(qi, request_defaults={"steps": 4})
+    plan = TaskPlan(wl(10, mix={"text": 1.0}), ["text"], None)
+    plan.add("generate", nocfg, wl(10), "f")
+    assert plan.cfg["generate"] is False and plan.steps["generate"] == 4
+
+
+def test_a_zero_weight_task_needs_no_model_that_serves_it():
+    """With model_override, tasks of weight 0 are not in the workload: a VLM can be run on a mix
+    that lists image tasks at 0."""
+    mix = {"text": 1.0, "understand": 0.0, "generate": 0.0, "edit": 0, "inpaint": 0, "outpaint": 0}
+    reqs = list(request_source(wl(50, mix=mix), 0, model_override="qwen2_5_vl_7b"))
+    assert {r.task for r in reqs} == {"text"} and {r.model for r in reqs} == {"qwen2_5_vl_7b"}
+
+
+def test_without_generate_no_request_gets_a_generated_image():
+    """A mix of text and understand only: no output image anywhere (the generate index must
+    match no task)."""
+    reqs = list(request_source(wl(400, mix={"text": 1.0, "understand": 1.0}), 2))
+    assert {r.task for r in reqs} == {"text", "understand"}
+    assert all(r.output_image is None and r.image_tokens_out == 0 for r in reqs)
