@@ -41,6 +41,18 @@ def _figure(w: float = 7.0, h: float = 3.2, ncols: int = 1) -> tuple[Any, Any]:
     return fig, axes
 
 
+def _plain_log_formatter(**kw: Any) -> Any:
+    """matplotlib's LogFormatter (same choice of which ticks get a label) writing "0.03", "2",
+    "10" rather than "3e-02" (its `_num_to_string` is the one formatting hook it has)."""
+    from matplotlib.ticker import LogFormatter
+
+    class PlainLogFormatter(LogFormatter):
+        def _num_to_string(self, x: float, vmin: float, vmax: float) -> str:
+            return f"{x:g}"
+
+    return PlainLogFormatter(10, **kw)
+
+
 def _tasks(values: Any) -> list[str]:
     present = list(dict.fromkeys(values))
     return [t for t in TASK_ORDER if t in present] + sorted(t for t in present if t not in TASK_ORDER)
@@ -57,6 +69,10 @@ def _cdf(ax: Any, df: pd.DataFrame, col: str, tasks: list[str], label: str) -> N
         ax.plot(np.quantile(v, q), q, label=f"{t} (n={len(v):,})", lw=1.6)
         drawn = True
     ax.set_xscale("log")
+    # plain tick labels ("0.1", "2", "10"): the default scientific ones are mathtext, which
+    # costs a parser run per label (a third of the report's drawing time)
+    ax.xaxis.set_major_formatter(_plain_log_formatter())
+    ax.xaxis.set_minor_formatter(_plain_log_formatter(labelOnlyBase=False))
     ax.set_xlabel(f"{label} (s, log scale)")
     ax.set_ylabel("fraction of requests")
     ax.grid(True, which="both", alpha=0.3)
