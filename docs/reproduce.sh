@@ -29,6 +29,16 @@ for m in qwen2_5_vl_7b qwen_image flux1_dev; do python -m sim.studies.analytic m
 
 # the figures (analysis/figures/): the notebooks run with analysis/ as working directory
 M=$(cd "$OUT" && pwd)          # absolute, whether OUT was given relative or absolute
+
+# README's picture (docs/figures/report.png): the default scenario's report under modality_aware,
+# as a headless chromium shows it; without chromium it says so and leaves the picture as it is
+R=$M/default/2_modality_aware/report.html
+if command -v chromium >/dev/null; then
+    chromium --headless --no-sandbox --disable-gpu --hide-scrollbars --window-size=1200,745 \
+        --screenshot=docs/figures/report.png "file://$R" 2>/dev/null
+else
+    echo "no chromium on PATH: docs/figures/report.png not remade (open $R)"
+fi
 MMSIM_HEADLINE_DIR=$M/h100x8:$M/load_h100x8:$M/h100x64:$M/load_h100x64:$M/h100x512:$M/load_h100x512 \
 MMSIM_CAPACITY_JSON=$M/capacity_p99/capacity.json \
   python -c "import nbformat, nbclient
