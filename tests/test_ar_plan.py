@@ -1,0 +1,146 @@
+"""AR engine (sim/engines/ar.py) edge cases, each against an oracle computed by hand from the
+synthetic closed forms of conftest.py (prefill(t) = 5 + 0.05 t ms, decode(b, c) = 8 + 0.02 b +
+1e-5 b c ms, vision(t) = 1 + 0.01 t ms; no attention or mixed-step term): the engine's
+defaults, the front end's idle test, exact step boundaries (async arrivals, load), the plan
+(decode jumps run to the first completion or exactly to the KV bound; when a waiting request
+cuts them), admissions (token budget, full-sequence gate, none in a step that preempted),
+preemption of an image request, a one-token prompt, prefix-cache hits, stage records and
+per-token streaming."""
+from __future__ import annotations
+
+import pytest
+
+from conftest import decode_ms, prefill_ms
+from sim.core.gpu import GPU
+from sim.core.records import Job, Request
+from sim.engines.ar import AREngine, FrontEnd
+from test_ar import M, Rig, close, decode_steps, ms
+
+
+class RecGPU(GPU):
+    """A GPU that records the steps each of its units committed (the engine's plan as run)."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.units: list[int] = []
+
+    def _done(self, tok: int) -> None:
+        if tok == self.token:
+            self.units.append(self.planned)
+        super()._done(tok)
+
+
+class Rig2(Rig):
+    """Rig on a RecGPU; jobs may carry image tokens and KV held on arrival; finishing order."""
+
+    def __init__(self, profiles, kv_tokens: int = 1 << 20, **kw):
+        super().__init__(profiles, kv_tokens, **kw)
+        self.gpu = RecGPU(self.env, 0, 0)
+        self.gpu.add(self.eng)
+        self.jobs: dict[int, Job] = {}
+        self.done_order: list[int] = []
+
+    @property
+    def units(self) -> list[int]:
+        return self.gpu.units
+
+    def submit(self, i: int, prompt: int, out: int, at: float = 0.0, priority: int = 1,
+               **extra) -> Request:
+        req = Request(i, at, "text", M, prompt, out)
+        job = Job(req, "ar", M, on_done=self._done, tokens=prompt, out_tokens=out,
+                  priority=priority, **extra)
+        self.reqs[i] = req
+        self.jobs[i] = job
+        if at > self.env.now:
+            self.env.run(until=at)
+        self.eng.submit(job, self.env.now)
+        return req
+
+    def _done(self, job: Job, now: float) -> None:
+        self.done_order.append(job.req.id)
+        super()._done(job, now)
+
+
+def mixed_ms(tokens: int, d: int, ctx: float) -> float:
+    """A step of `tokens` prefill tokens beside d decoding sequences of mean context ctx (the
+    latency model's composition on the synthetic table: no mixed or attention term)."""
+    return prefill_ms(tokens + d) + (decode_ms(d, ctx) - decode_ms(d, 1) if d else 0.0)
+
+
+def _job(i: int, prompt: int, out: int) -> Job:
+    return Job(Request(i, 0.0, "text", M, prompt, out), "ar", M, tokens=prompt, out_tokens=out)
+
+
+# --- construction, submission, what routers read ------------------------------------------------
+
+def test_defaults_are_vllm_v1s_and_a_fresh_engine_is_empty():
+    e = AREngine(M, None, 1 << 20)
+    assert (e.budget, e.max_seqs, e.bs, e.reserve_full, e.async_admit) == (8192, 256, 16, False, False)
+    assert e.total_blocks == e.free_blocks == (1 << 20) // 16
+    assert e.peak_blocks_used == 0 and e.load() == 0 and not e.has_work()
+    # a cache smaller than a block still holds one
+    assert [AREngine(M, None, kv).total_blocks for kv in (0, 15, 16, 31, 32)] == [1, 1, 1, 1, 2]
+    # an engine not yet on a GPU takes a job in at once (no front end without a GPU)
+    job = _job(0, 100, 10)
+    e.submit(job, 2.5)
+    assert len(e.waiting) == 1 and job.enqueued == 2.5 and e.load() == 110
+
+
+def test_submit_reserves_a_block_for_one_output_token_at_least():
+    e = AREngine(M, None, 16)                   # one block of 16 tokens
+    e.submit(_job(0, 15, 1), 0.0)               # 15 + 1 tokens: the one block
+    e.submit(_job(1, 15, 0), 0.0)               # prefill only: its prompt + 1 as well
+    for prompt, out in ((16, 0), (16, 1), (15, 2)):
+        with pytest.raises(ValueError, match="needs 2 KV blocks"):
+            e.submit(_job(2, prompt, out), 0.0)
+    assert len(e.waiting) == 2
+
+
+def test_can_join_while_a_seat_is_free(synthetic_profiles):
+    r = Rig2(synthetic_profiles, max_num_seqs=2)
+    assert r.eng.can_join(_job(9, 10, 2))
+    r.submit(0, 100, 5)                         # admitted at once (the GPU was idle)
+    assert len(r.eng.running) == 1 and r.eng.can_join(_job(9, 10, 2))
+    r.submit(1, 100, 5, at=0.001)
+    r.env.run(until=0.02)                       # both running
+    assert len(r.eng.running) == 2 and not r.eng.can_join(_job(9, 10, 2))
+    r.run()
+
+
+def test_front_end_is_busy_when_the_idle_gpu_has_queued_work(synthetic_profiles):
+    """The idle delay is for an engine with nothing to do; a GPU held idle (not available)
+    with a request already queued is busy for the next arrival."""
+    fe = FrontEnd(base=0.001, idle=0.004, busy=0.002)
+    r = Rig2(synthetic_profiles, frontend=fe)
+    r.hold()
+    r.submit(0, 100, 5)
+    r.env.run(until=0.01)
+    r.submit(1, 100, 5, at=0.01)
+    r.env.run(until=0.02)
+    assert close(r.jobs[0].enqueued, 0.001 + 0.004)
+    assert close(r.jobs[1].enqueued, 0.01 + 0.001 + 0.002)
+    r.go()
+    r.run()
+
+
+def test_an_arrival_exactly_at_a_step_end(synthetic_profiles):
+    """Async scheduling, b arriving at the very end of a's 2nd decode step (engine step 3):
+    that step counts as run for load (40 - 2 tokens outstanding) and as the one in flight for
+    the arrival (step 4 is already scheduled), so b joins step 5, as the GPU's cut assumes."""
+    r = Rig2(synthetic_profiles, async_admit=True)
+    a = r.submit(0, 100, 40)
+    t1 = ms(prefill_ms(100))
+    r.env.run(until=t1 + 0.5 * ms(decode_ms(1, 100)))
+    u = r.gpu.cur
+    assert u is r.eng.jump_unit and len(u.ends) == 39          # a's whole decode, one unit
+    t = r.gpu.start + u.ends[1]
+    r.env.run(until=t)
+    eng = r.eng
+    assert eng.load_at(t) == 38 and eng.load() == 38
+    other = AREngine(M, None, 1 << 20)
+    other.submit(_job(9, 30, 9), t)                            # 39 outstanding tokens
+    assert AREngine.least_loaded([other, eng], t) is eng
+    b = r.submit(1, 50, 2, at=t)
+    r.run()
+    assert close(b.first_token, t1 + sum(decode_steps(1, 100, 3)) + ms(mixed_ms(50, 1, 103)))
+    assert close(a.first_token, t1)
