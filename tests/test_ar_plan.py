@@ -14,6 +14,8 @@ from conftest import decode_ms, prefill_ms
 from sim.core.gpu import GPU
 from sim.core.records import Job, Request
 from sim.engines.ar import AREngine, FrontEnd
+from sim.engines.latency import OutOfRange
+from sim.names import DECODE
 from test_ar import M, Rig, close, decode_steps, ms
 
 
@@ -144,3 +146,94 @@ def test_an_arrival_exactly_at_a_step_end(synthetic_profiles):
     r.run()
     assert close(b.first_token, t1 + sum(decode_steps(1, 100, 3)) + ms(mixed_ms(50, 1, 103)))
     assert close(a.first_token, t1)
+
+
+# --- the plan: decode jumps -----------------------------------------------------------------------
+
+def test_a_request_filling_the_cache_decodes_in_one_jump(synthetic_profiles):
+    """100 + 12 tokens in 7 blocks: the prompt fills them (no block free), and every decode
+    step's token fits the 7th: the 11 decode steps are one unit."""
+    r = Rig2(synthetic_profiles, kv_tokens=7 * 16)
+    req = r.submit(0, 100, 12)
+    r.run()
+    assert r.units == [1, 11] and r.eng.peak_blocks_used == 7
+    assert close(req.finish, ms(prefill_ms(100)) + sum(decode_steps(1, 100, 11)))
+
+
+def test_decoders_using_the_whole_token_budget_jump(synthetic_profiles):
+    """Budget 2, two 1-token prompts: then 2 decoders take every token of each step, nothing
+    else runs, and their 9 decode steps to the end are one unit."""
+    r = Rig2(synthetic_profiles, max_num_batched_tokens=2)
+    r.hold()
+    a = r.submit(0, 1, 10)
+    b = r.submit(1, 1, 10)
+    r.go()
+    r.run()
+    assert r.units == [1, 9]
+    t1 = ms(prefill_ms(2))
+    assert close(a.first_token, t1) and close(b.first_token, t1)
+    assert close(a.finish, t1 + sum(decode_steps(2, 1, 9))) and close(b.finish, a.finish)
+
+
+@pytest.mark.parametrize("k", [13, 15])     # steps to a's completion (two bisection paths)
+def test_a_decode_jump_runs_exactly_to_the_kv_bound(synthetic_profiles, k):
+    """14 blocks: after the prefill a (100 tokens) holds 7, b (90) holds 6, 1 is free. b takes
+    it for its 97th token (7th decode step); a needs an 8th block for its 113th (13th step):
+    the jump runs exactly 12 steps. Then a preempts b and ends alone (a jump of its own)."""
+    r = Rig2(synthetic_profiles, kv_tokens=14 * 16)
+    r.hold()
+    a = r.submit(0, 100, k + 1)
+    b = r.submit(1, 90, 60)
+    r.go()
+    r.run()
+    assert r.units[:2] == [1, 12]
+    assert a.preemptions == 0 and b.preemptions == 1
+    t1 = ms(prefill_ms(190))
+    assert close(a.finish, t1 + sum(decode_steps(2, 95, 12)) + sum(decode_steps(1, 112, k - 12)))
+
+
+@pytest.mark.parametrize("reserve", [False, True])
+def test_a_request_waiting_for_kv_blocks_does_not_cut_the_decode_jump(synthetic_profiles, reserve):
+    """b is a decode hop (its 96-token prompt's KV and first token made elsewhere): it needs 7
+    blocks for 97 tokens, but a (100 + 20) leaves 6 of 13 free, so the batch cannot change
+    until a ends: a decodes its 19 steps in one unit, then b decodes its last 3 (from context
+    96) -- with the full-sequence gate or without."""
+    r = Rig2(synthetic_profiles, kv_tokens=13 * 16, reserve_full_isl=reserve)
+    r.hold()
+    a = r.submit(0, 100, 20)
+    b = r.submit(1, 96, 4, pre_computed=96, pre_generated=1)
+    r.go()
+    r.run()
+    assert r.units == [1, 19, 1, 2]
+    ta = ms(prefill_ms(100)) + sum(decode_steps(1, 100, 19))
+    assert close(a.finish, ta) and close(b.finish, ta + sum(decode_steps(1, 96, 3)))
+    assert [x.stage for x in b.stages] == [DECODE]
+
+
+def test_async_arrival_with_a_prefix_hit_joins_the_step_after_next(synthetic_profiles):
+    """Async scheduling: b (128 tokens, 64 of them cached) arrives during a's prefill; it
+    needs 8 blocks (128 tokens), 10 are free, so a decodes one step alone (the step already
+    scheduled) and b's 64 uncached tokens join the next."""
+    r = Rig2(synthetic_profiles, kv_tokens=16 * 16, async_admit=True)
+    a = r.submit(0, 90, 6)
+    t1 = ms(prefill_ms(90))
+    b = r.submit(1, 128, 3, at=0.5 * t1, pre_computed=64)
+    r.run()
+    assert close(a.first_token, t1)
+    tb = t1 + ms(decode_ms(1, 90)) + ms(mixed_ms(64, 1, 91))
+    assert close(b.first_token, tb)
+    assert close(b.finish, tb + sum(decode_steps(2, 110, 2)))   # contexts a 92-93, b 128-129
+    assert close(a.finish, b.finish + ms(decode_ms(1, 94)))
+
+
+@pytest.mark.parametrize("out, lookups", [(2, 1), (3, 3)])
+def test_decode_lookups_outside_the_grid(synthetic_profiles, out, lookups):
+    """A 70,000-token prompt decodes past the table's last context (65,536): a single decode
+    step looks its point up once; a jump (k = 2) its start point twice (the skipped single-step
+    lookup, counted as if made) and its end point once."""
+    r = Rig2(synthetic_profiles)
+    r.lat.mode = OutOfRange.clamp
+    r.submit(0, 70_000, out)
+    r.run()
+    assert r.units == [1] * 9 + [out - 1]      # 9 prefill chunks of at most 8,192 tokens
+    assert dict(r.lat.outside) == {f"{M}/decode": lookups}
