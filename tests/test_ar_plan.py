@@ -15,7 +15,7 @@ from sim.core.gpu import GPU
 from sim.core.records import Job, Request
 from sim.engines.ar import AREngine, FrontEnd
 from sim.engines.latency import OutOfRange
-from sim.names import DECODE
+from sim.names import DECODE, PREFILL
 from test_ar import M, Rig, close, decode_steps, ms
 
 
@@ -237,3 +237,91 @@ def test_decode_lookups_outside_the_grid(synthetic_profiles, out, lookups):
     r.run()
     assert r.units == [1] * 9 + [out - 1]      # 9 prefill chunks of at most 8,192 tokens
     assert dict(r.lat.outside) == {f"{M}/decode": lookups}
+
+
+# --- admissions -------------------------------------------------------------------------------
+
+def test_admissions_share_the_token_budget(synthetic_profiles):
+    """Budget 64, two 50-token prompts: a's 50 and b's first 14 tokens, then b's last 36 beside
+    a's last decode step."""
+    r = Rig2(synthetic_profiles, max_num_batched_tokens=64)
+    r.hold()
+    a = r.submit(0, 50, 2)
+    b = r.submit(1, 50, 2)
+    r.go()
+    r.run()
+    t1, t2 = ms(prefill_ms(64)), ms(mixed_ms(36, 1, 50))
+    assert close(a.first_token, t1) and close(a.finish, t1 + t2)
+    assert close(b.first_token, t1 + t2) and close(b.finish, t1 + t2 + ms(decode_ms(1, 50)))
+
+
+def test_a_waiting_request_starts_when_a_token_of_the_budget_is_free(synthetic_profiles):
+    """Budget 2: a and b (1-token prompts) decode, taking both tokens of every step; c waits
+    and is admitted -- its prefill record starts -- at the first step with a token to spare,
+    right after a's last one."""
+    r = Rig2(synthetic_profiles, max_num_batched_tokens=2)
+    r.hold()
+    a = r.submit(0, 1, 3)
+    r.submit(1, 1, 6)
+    c = r.submit(2, 10, 2)
+    r.go()
+    r.run()
+    assert [x.stage for x in c.stages] == [PREFILL, DECODE]
+    assert c.stages[0].start == a.finish and c.stages[0].enqueue == 0.0
+
+
+def test_a_prefill_chunk_runs_in_the_one_token_left(synthetic_profiles):
+    """Budget 2: a (1-token prompt) decodes; b's 5-token prompt takes the token left beside it
+    at every step (4 steps after its first token in step 1)."""
+    r = Rig2(synthetic_profiles, max_num_batched_tokens=2)
+    r.hold()
+    a = r.submit(0, 1, 10)
+    b = r.submit(1, 5, 2)
+    r.go()
+    r.run()
+    t1 = ms(prefill_ms(2))
+    # step 1 + j (j = 1..4): a at context j, b's (j + 1)-th token after j cached
+    steps = [ms(mixed_ms(1, 1, j)) for j in range(1, 5)]
+    assert close(b.first_token, t1 + sum(steps))
+    assert close(a.first_token, t1)
+
+
+def test_full_sequence_gate_admits_a_prompt_that_fills_the_cache_exactly(synthetic_profiles):
+    """scheduler_reserve_full_isl: 150 + 2 tokens in 10 blocks, all of them: admitted (its
+    whole sequence fits), then prefilled in chunks of 64, 64 and 22 tokens."""
+    r = Rig2(synthetic_profiles, kv_tokens=10 * 16, max_num_batched_tokens=64,
+             reserve_full_isl=True)
+    req = r.submit(0, 150, 2)
+    r.run()
+    first = ms(prefill_ms(64) * 2 + prefill_ms(22))
+    assert close(req.first_token, first)
+    assert close(req.finish, first + ms(decode_ms(1, 150)))
+    assert r.eng.peak_blocks_used == 10
+
+
+def test_kv_held_on_arrival_is_computed_once_admitted(synthetic_profiles):
+    """A prefix-cache hit (64 of 100 prompt tokens): queued, all 110 tokens are outstanding;
+    admitted, 46 (its 36 uncached prompt tokens and 10 outputs); at the end, none. Its prefill
+    runs the 36 tokens."""
+    r = Rig2(synthetic_profiles)
+    r.hold()
+    req = r.submit(0, 100, 10, pre_computed=64)
+    assert r.eng.load() == 110
+    r.go()
+    assert len(r.eng.running) == 1 and r.eng.load() == 46
+    r.run()
+    assert r.eng.load() == 0
+    first = ms(prefill_ms(36))
+    assert close(req.first_token, first)
+    assert close(req.finish, first + sum(decode_steps(1, 100, 9)))
+
+
+def test_requests_ending_in_the_same_step_finish_in_admission_order(synthetic_profiles):
+    r = Rig2(synthetic_profiles)
+    r.hold()
+    for i, p in enumerate((60, 50, 40)):
+        r.submit(i, p, 8)
+    r.go()
+    r.run()
+    assert r.done_order == [0, 1, 2]
+    assert len({q.finish for q in r.reqs.values()}) == 1
