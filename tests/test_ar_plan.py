@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import decode_ms, prefill_ms
+from conftest import decode_ms, prefill_ms, vision_ms
 from sim.core.gpu import GPU
 from sim.core.records import Job, Request
 from sim.engines.ar import AREngine, FrontEnd
 from sim.engines.latency import OutOfRange
-from sim.names import DECODE, PREFILL
+from sim.names import DECODE, PREFILL, VISION_ENCODE
 from test_ar import M, Rig, close, decode_steps, ms
 
 
@@ -325,3 +325,59 @@ def test_requests_ending_in_the_same_step_finish_in_admission_order(synthetic_pr
     r.run()
     assert r.done_order == [0, 1, 2]
     assert len({q.finish for q in r.reqs.values()}) == 1
+
+
+# --- preemption ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("vision", [0, 64])
+def test_a_preempted_request_encodes_its_images_again(synthetic_profiles, vision):
+    """As test_ar.py's one-block-short case (13 blocks; b, the latest, is preempted when both
+    need a 7th), with b's prompt holding `vision` image tokens: its recompute step encodes
+    them again (a second vision-encode record); a text request has none to encode."""
+    r = Rig2(synthetic_profiles, kv_tokens=13 * 16)
+    r.hold()
+    a = r.submit(0, 90, 12)
+    b = r.submit(1, 90, 12, vision_tokens=vision)
+    r.go()
+    r.run()
+    assert a.preemptions == 0 and b.preemptions == 1
+    enc = ms(vision_ms(vision)) if vision else 0.0
+    first = ms(prefill_ms(180)) + enc
+    assert close(a.first_token, first) and close(b.first_token, first)
+    assert close(a.finish, first + sum(decode_steps(2, 90, 6)) + sum(decode_steps(1, 96, 5)))
+    assert close(b.finish, a.finish + ms(prefill_ms(97)) + enc + sum(decode_steps(1, 97, 4)))
+    assert [x.stage for x in b.stages].count(VISION_ENCODE) == (2 if vision else 0)
+    assert VISION_ENCODE not in [x.stage for x in a.stages]
+
+
+def test_no_admission_in_a_step_where_a_request_preempted_itself(synthetic_profiles):
+    """Priority classes, 13 blocks: a (class 1) and b (class 2, admitted last) both need a 7th
+    block at their 7th decode step; one is free: a takes it, b preempts itself. c (class 1, 40
+    tokens, waiting for blocks) is ahead of b in the queue, but, as in vLLM, nothing is
+    admitted in a step that preempted: c's prefill runs in the next step, beside a's decode."""
+    r = Rig2(synthetic_profiles, kv_tokens=13 * 16, priority=True)
+    r.hold()
+    a = r.submit(0, 90, 12, priority=1)
+    b = r.submit(1, 90, 12, priority=2)
+    r.go()
+    c = r.submit(2, 40, 2, at=0.001, priority=1)
+    r.run()
+    assert (a.preemptions, b.preemptions, c.preemptions) == (0, 1, 0)
+    t = ms(prefill_ms(180)) + sum(decode_steps(2, 90, 6)) + ms(decode_ms(1, 96))
+    assert close(c.first_token, t + ms(mixed_ms(40, 1, 97)))
+
+
+def test_no_admission_in_a_step_where_a_request_preempted_another(synthetic_profiles):
+    """Priority classes, 12 blocks: a (95 tokens) and b (90, class 2) fill them; at its 2nd
+    decode step a needs a 7th block and preempts b. c (class 1, waiting for blocks) is admitted
+    only at the next step."""
+    r = Rig2(synthetic_profiles, kv_tokens=12 * 16, priority=True)
+    r.hold()
+    a = r.submit(0, 95, 20, priority=1)
+    b = r.submit(1, 90, 20, priority=2)
+    r.go()
+    c = r.submit(2, 40, 2, at=0.001, priority=1)
+    r.run()
+    assert (a.preemptions, b.preemptions, c.preemptions) == (0, 1, 0)
+    t = ms(prefill_ms(185)) + ms(decode_ms(2, 92.5)) + ms(decode_ms(1, 96))
+    assert close(c.first_token, t + ms(mixed_ms(40, 1, 97)))
