@@ -381,3 +381,55 @@ def test_no_admission_in_a_step_where_a_request_preempted_another(synthetic_prof
     assert (a.preemptions, b.preemptions, c.preemptions) == (0, 1, 0)
     t = ms(prefill_ms(185)) + ms(decode_ms(2, 92.5)) + ms(decode_ms(1, 96))
     assert close(c.first_token, t + ms(mixed_ms(40, 1, 97)))
+
+
+# --- a one-token prompt, stage records, streaming -------------------------------------------------
+
+def test_a_one_token_prompt_is_a_prefill_step(synthetic_profiles):
+    """Its step is a 1-token prefill (not a decode at context 0) and yields no ITL value: the
+    ITL values are those of the 2 decode steps after it."""
+    r = Rig2(synthetic_profiles)
+    req = r.submit(0, 1, 3)
+    r.run()
+    first = ms(prefill_ms(1))
+    want = decode_steps(1, 1, 2)
+    assert close(req.first_token, first) and close(req.finish, first + sum(want))
+    assert [w for _, w in r.itl] == [1, 1]
+    assert all(close(d, t) for (d, _), t in zip(r.itl, want))
+
+
+@pytest.mark.parametrize("out", [1, 2, 3])
+def test_a_decode_stage_record_only_with_tokens_after_the_first(synthetic_profiles, out):
+    r = Rig2(synthetic_profiles)
+    req = r.submit(0, 100, out)
+    r.run()
+    first = ms(prefill_ms(100))
+    got = [(x.stage, x.start, x.end) for x in req.stages]
+    assert got[0][:2] == (PREFILL, 0.0) and close(got[0][2], first)
+    if out == 1:
+        assert len(got) == 1
+    else:
+        assert len(got) == 2 and got[1][0] == DECODE
+        assert close(got[1][1], first) and close(got[1][2], req.finish)
+        assert close(req.finish, first + sum(decode_steps(1, 100, out - 1)))
+
+
+def test_streamed_tokens_reach_the_client_one_after_another(synthetic_profiles):
+    """stream_s_per_token: a token is seen that many seconds per token of its step after the
+    step ends. Step 1 makes 3 first tokens; step 2 a's last with b's and c's (3 tokens); b and
+    c then decode to their end in one jump of 3 steps, 2 tokens each."""
+    st = 0.001
+    r = Rig2(synthetic_profiles, stream_s_per_token=st)
+    r.hold()
+    a = r.submit(0, 40, 2)
+    b = r.submit(1, 40, 5)
+    c = r.submit(2, 40, 5)
+    r.go()
+    r.run()
+    assert r.units == [1, 1, 3]
+    t1, t2 = ms(prefill_ms(120)), ms(decode_ms(3, 40))
+    for q in (a, b, c):
+        assert close(q.first_token, t1 + 3 * st)
+    assert close(a.finish, t1 + t2 + 3 * st)
+    end = t1 + t2 + sum(decode_steps(2, 41, 3))
+    assert close(b.finish, end + 2 * st) and close(c.finish, b.finish)
