@@ -136,7 +136,6 @@ class AREngine:
         self.sched: list[tuple[Seq, int]] = []  # seqs of `pre` (and admitted) in the planned step
         self.jump_unit: Unit | None = None      # the planned multi-step decode unit, if any
         self.jump_ends: DecodeSteps | None = None
-        self.vision_in_step = 0
         self.peak_blocks_used = 0
         self.steps = 0
         self.n_admitted = 0
@@ -395,7 +394,6 @@ class AREngine:
                 p_sq += n * n
                 if not s.encoded:
                     vision += s.job.vision_tokens
-        self.vision_in_step = vision
         d_mean = d_ctx / d_seqs if d_seqs else 0.0          # exact integer sums, one rounding
         p_mean = p_ctx / p_tok if p_tok else 0.0
         if not sched and not preempted and not self._admissible():
@@ -418,7 +416,7 @@ class AREngine:
         self.jump_unit = Unit(ends, self._commit_jump, DECODE, self)
         return self.jump_unit
 
-    def _decode_run(self, d_seqs: int, d_ctx: float, k: int, start_lookups: int = 1) -> DecodeSteps:
+    def _decode_run(self, d_seqs: int, d_ctx: float, k: int, start_lookups: int) -> DecodeSteps:
         """k decode steps of the aggregate (as k single steps), with the step overhead and async
         scheduling's host time applied to each step."""
         h = self.host + self.host_seq * d_seqs if self.host or self.host_seq else None
@@ -568,7 +566,7 @@ class AREngine:
             s.dec_rec = StageRecord(DECODE, self.gpu.name, now, now)
             req.stages.append(s.dec_rec)
 
-    def _finish(self, finished: list[Seq], now: float, out_delay: float = 0.0) -> None:
+    def _finish(self, finished: list[Seq], now: float, out_delay: float) -> None:
         for s in finished:
             if s.g0 is not None:
                 self._leave(s)
