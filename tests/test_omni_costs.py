@@ -1,0 +1,145 @@
+"""OmniCosts (sim/engines/omni.py) read from a vLLM-Omni table set, hand-computed (issue 22).
+
+One synthetic <gpu>-vllm-omni set beside the diffusers tables of tests/test_omni_engine.py,
+with every kind of row profiler.omni_table writes for Qwen-Image (laws in ms, all (bi)linear so
+the latency model reads them exactly):
+
+    dit_step (batch 1, seq_len x num_tokens grid)   50 + 0.01 s + 0.004 t
+    text_encode, component text_encoder (b 1-4)      3 + 0.002 b t
+    vae_decode (b 1-2, extra.first_use_ms = 30)      5 + 1e-5 b p
+    preprocess api_generate, three rows, no size     100, 120, 200      (median 120)
+    preprocess api_edit, by input size               256^2: 60, 1024^2: 90
+    preprocess pipeline_generate / pipeline_edit     8 / 100
+    postprocess api, by output size                  256^2: 10, 1024^2: 70
+
+Between two sized rows a law is linear in pixels: 512 x 512 (262,144 px) lies a fifth of the way
+from 256^2 (65,536) to 1024^2 (1,048,576), so api_edit gives 66 ms there and api 22 ms;
+512 x 1024 lies 7/15 of the way: api 38 ms.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from conftest import GPU, _row, prefill_ms, qwen_vl_rows
+from profiler.schema import write_table
+from sim.core.gpu import GPU as SimGPU
+from sim.core.kernel import Kernel
+from sim.core.records import Request
+from sim.engines.latency import LatencyModel
+from sim.engines.omni import (OmniCosts, OmniRequestEngine, OmniStepEngine, _spans_text,
+                              qwen_geometry)
+from test_omni_engine import qwen_image_rows
+
+OMNI = f"{GPU}-vllm-omni"
+SEQS, TEXTS = (64, 1024, 4096, 8192, 16384), (1, 64, 2048)
+
+
+def omni_dit_ms(s, t):
+    return 50.0 + 0.01 * s + 0.004 * t
+
+
+def te_ms(b, t):
+    return 3.0 + 0.002 * b * t
+
+
+def omni_vae_ms(b, p):
+    return 5.0 + 1e-5 * b * p
+
+
+def vo(stage, ms, **axes):
+    return dict(_row("qwen_image", stage, ms, **axes), engine="vllm-omni")
+
+
+def dit_grid_rows():
+    return [vo("dit_step", omni_dit_ms(s, t), batch_size=1, seq_len=s, num_tokens=t,
+               component="transformer") for s in SEQS for t in TEXTS]
+
+
+def omni_rows():
+    rows = dit_grid_rows()
+    rows += [vo("text_encode", te_ms(b, t), batch_size=b, num_tokens=t, component="text_encoder")
+             for b in (1, 2, 4) for t in (16, 64, 256, 1024, 4096)]
+    rows += [vo("vae_decode", omni_vae_ms(b, s * s), batch_size=b, height=s, width=s, component="vae",
+                extra=json.dumps({"first_use_ms": 30.0})) for b in (1, 2) for s in (256, 512, 1024, 2048)]
+    rows += [vo("preprocess", ms, batch_size=1, component="api_generate") for ms in (100.0, 200.0, 120.0)]
+    rows += [vo("preprocess", ms, batch_size=1, height=s, width=s, component="api_edit")
+             for s, ms in ((1024, 90.0), (256, 60.0))]
+    rows += [vo("preprocess", 8.0, batch_size=1, component="pipeline_generate"),
+             vo("preprocess", 100.0, batch_size=1, component="pipeline_edit")]
+    rows += [vo("postprocess", ms, batch_size=1, height=s, width=s, component="api")
+             for s, ms in ((256, 10.0), (1024, 70.0))]
+    return rows
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    """<root>/h100: diffusers + vLLM tables; h100-vllm-omni: the full set above;
+    h100-pre-only: the dit grid and api_generate rows only; nodit: vLLM + the diffusers VAE rows,
+    no transformer rows."""
+    r = tmp_path_factory.mktemp("omni_costs")
+    vl = pd.DataFrame(qwen_vl_rows())
+    write_table(vl, r / GPU / "qwen2_5_vl_7b.parquet")
+    write_table(pd.DataFrame(qwen_image_rows()), r / GPU / "qwen_image.parquet")
+    write_table(pd.DataFrame(omni_rows()), r / OMNI / "qwen_image.parquet")
+    pre = dit_grid_rows() + [vo("preprocess", 120.0, batch_size=1, component="api_generate")]
+    write_table(pd.DataFrame(pre), r / "h100-pre-only" / "qwen_image.parquet")
+    write_table(vl, r / "nodit" / "qwen2_5_vl_7b.parquet")
+    write_table(pd.DataFrame([x for x in qwen_image_rows() if x["stage"] != "dit_step"]),
+                r / "nodit" / "qwen_image.parquet")
+    return r
+
+
+def costs_of(root, omni=OMNI, gpu=GPU, **kw):
+    return OmniCosts("qwen_image", LatencyModel(root, gpu), LatencyModel(root, omni) if omni else None, **kw)
+
+
+def gen(i=0, h=512, w=512, p=59, steps=2, cfg=True):
+    return Request(i, 0.0, "generate", "qwen_image", p, output_image=(h, w), steps=steps, cfg=cfg)
+
+
+def edit(i=0, ih=256, iw=1024, h=512, w=512, p=59, steps=2, cfg=True):
+    return Request(i, 0.0, "edit", "qwen_image", p, input_images=((ih, iw),), output_image=(h, w),
+                   steps=steps, cfg=cfg)
+
+
+# --- the API server's and the pipeline's laws (_row_law) ----------------------------------------------
+
+
+def test_api_and_pipeline_times_are_the_tables_rows_in_seconds(root):
+    """api_generate: the median of its rows (120 ms; their mean would be 140); api_edit by the
+    input's pixels (height x width, not the output's), api by the output's; pipeline_<task>
+    the prepare phase before the encode. Outside the sized rows the end row holds."""
+    c = costs_of(root)
+    j = c.job(gen())
+    assert c.api_pre_s(j) == pytest.approx(0.120, rel=1e-12)
+    assert c.api_post_s(j) == pytest.approx(0.022, rel=1e-12)            # 512 x 512 out
+    assert c.prepare((j,))[0] == ("preprocess", pytest.approx(0.008, rel=1e-12))
+    assert c.api_post_s(c.job(gen(h=512, w=1024))) == pytest.approx(0.038, rel=1e-12)
+    assert c.api_post_s(c.job(gen(h=2048, w=2048))) == pytest.approx(0.070, rel=1e-12)
+    e = c.job(edit(ih=256, iw=1024, h=1024, w=1024))                     # input 262,144 px
+    assert c.api_pre_s(e) == pytest.approx(0.066, rel=1e-12)
+    assert c.api_post_s(e) == pytest.approx(0.070, rel=1e-12)
+    assert c.prepare((e,))[0] == ("preprocess", pytest.approx(0.100, rel=1e-12))
+    assert c.api_pre_s(c.job(edit(ih=128, iw=128))) == pytest.approx(0.060, rel=1e-12)
+    assert c.api_pre_s(c.job(edit(ih=2048, iw=1024))) == pytest.approx(0.090, rel=1e-12)
+
+
+def test_without_api_rows_the_api_times_are_zero(root):
+    for c in (costs_of(root, omni=None), costs_of(root, omni="h100-pre-only")):
+        e = c.job(edit())
+        assert c.api_pre_s(e) == 0.0 and c.api_post_s(e) == 0.0
+        assert c.prepare((e,))[0][0] != "preprocess"          # no pipeline_edit row: no phase
+    c = costs_of(root, omni="h100-pre-only")
+    j = c.job(gen())
+    assert c.api_pre_s(j) == pytest.approx(0.120, rel=1e-12) and c.api_post_s(j) == 0.0
+
+
+def test_hops_work_has_no_pipeline_phase(root):
+    """work="hops" (the other policies' work) has no vLLM-Omni pipeline CPU phase, even where
+    the table has pipeline_<task> rows."""
+    c = costs_of(root, work="hops")
+    assert all(st != "preprocess" for st, _ in c.prepare((c.job(gen()),)))
