@@ -143,3 +143,69 @@ def test_hops_work_has_no_pipeline_phase(root):
     the table has pipeline_<task> rows."""
     c = costs_of(root, work="hops")
     assert all(st != "preprocess" for st, _ in c.prepare((c.job(gen()),)))
+
+
+# --- the condition encode beyond the table's batches, the transformer, the decode ----------------------
+
+
+def test_text_encode_beyond_the_largest_measured_batch_scales_by_vllms_ratio(root):
+    """text_encoder rows at batch 1, 2, 4: a batch of 4 reads them as measured; a batch of 8 is
+    the batch-1 row times vLLM's prefill(8 x) / prefill(x), per pass (prompt 39 + 59 = 98
+    tokens, negative prompt 40)."""
+    c = costs_of(root)
+    jobs = [c.job(gen(i)) for i in range(8)]
+    assert c.encode(jobs[:4]) == [("prefill", pytest.approx((te_ms(4, 98) + te_ms(4, 40)) / 1e3, rel=1e-12))]
+    want = sum(te_ms(1, x) * prefill_ms(8 * x) / prefill_ms(x) for x in (98, 40)) / 1e3
+    assert c.encode(jobs) == [("prefill", pytest.approx(want, rel=1e-12))]
+
+
+def test_qwen_geometry_of_generate_and_edit(root):
+    """Generate: text stream prompt + 5, negative 1 + 5, no condition image (0 vision tokens).
+    Edit (512 x 512 input -> 1024 x 1024 condition, 1,369 Qwen2.5-VL tokens): the template's 64
+    tokens are dropped from both passes' text streams."""
+    c = costs_of(root)
+    g = qwen_geometry(c.spec, c.cond_spec, 59, (512, 512))
+    assert (g.seq, g.text, g.neg_text, g.enc_tokens, g.neg_tokens, g.vision_tokens, g.cond) == (
+        1024, 64, 6, 98, 40, 0, None)
+    e = qwen_geometry(c.spec, c.cond_spec, 59, (512, 512), (512, 512))
+    assert (e.seq, e.text, e.neg_text, e.enc_tokens, e.neg_tokens, e.vision_tokens, e.cond) == (
+        1024 + 4096, 71 + 1369 + 59 - 64, 71 + 1369 + 1 - 64, 71 + 1369 + 59, 71 + 1369 + 1, 1369, (1024, 1024))
+
+
+def test_edit_cfg_step_on_the_grid_reads_both_text_streams(root):
+    c = costs_of(root)
+    assert c.dit_text
+    j = c.job(edit(ih=512, iw=512))
+    want = omni_dit_ms(5120, 1435) + omni_dit_ms(5120, 1377)
+    assert c.step((j,)) == pytest.approx(want / 1e3, rel=1e-12)
+
+
+def test_a_batch_of_one_reads_only_the_vllm_omni_grid(root):
+    """Batch 1 on the vLLM-Omni grid needs no batch ratio: the diffusers table is not read (here
+    it has no transformer rows at all)."""
+    c = costs_of(root, gpu="nodit")
+    assert c.dit_text
+    j = c.job(gen(cfg=True))
+    assert c.step((j,)) == pytest.approx((omni_dit_ms(1024, 64) + omni_dit_ms(1024, 6)) / 1e3, rel=1e-12)
+
+
+def test_first_decode_of_a_size_costs_first_use_ms_more(root):
+    c = costs_of(root)
+    assert c.first_use_s == pytest.approx(0.030, rel=1e-12)
+    decoded = {(512, 512)}
+    a, b = c.job(gen(0, 512, 512)), c.job(gen(1, 1024, 1024))
+    assert c.decode((a,), decoded) == [("vae_decode", pytest.approx(omni_vae_ms(1, 512 * 512) / 1e3, rel=1e-12))]
+    first = c.decode((b,), decoded)
+    assert first == [("vae_decode", pytest.approx((omni_vae_ms(1, 1024 ** 2) + 30.0) / 1e3, rel=1e-12))]
+    assert decoded == {(512, 512), (1024, 1024)}
+    assert c.decode((b,), decoded) == [("vae_decode", pytest.approx(omni_vae_ms(1, 1024 ** 2) / 1e3, rel=1e-12))]
+    assert costs_of(root, omni="h100-pre-only").first_use_s == 0.0       # no vae_decode rows there
+
+
+def test_spans_text_looks_at_batch_one_transformer_rows_only(tmp_path):
+    """Batch-1 rows at one text length and batch-2 rows at another do not form the image x
+    text grid; nor do other stages' rows."""
+    rows = [_row("qwen_image", "dit_step", 10.0, batch_size=b, seq_len=s, num_tokens=t)
+            for b, t in ((1, 64), (2, 512)) for s in (256, 1024)]
+    write_table(pd.DataFrame(rows), tmp_path / "x" / "qwen_image.parquet")
+    assert not _spans_text(LatencyModel(tmp_path, "x"), "qwen_image")
