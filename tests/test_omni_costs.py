@@ -209,3 +209,20 @@ def test_spans_text_looks_at_batch_one_transformer_rows_only(tmp_path):
             for b, t in ((1, 64), (2, 512)) for s in (256, 1024)]
     write_table(pd.DataFrame(rows), tmp_path / "x" / "qwen_image.parquet")
     assert not _spans_text(LatencyModel(tmp_path, "x"), "qwen_image")
+
+
+# --- provenance -----------------------------------------------------------------------------------
+
+
+def test_sources_name_the_table_of_each_stage_and_the_extras(root):
+    full = costs_of(root).sources()
+    assert full["vae_decode"].startswith("vllm-omni:") and "eager VAE" not in full["vae_decode"]
+    assert "eager VAE" in full["vae_encode"]             # no vae_encode rows: the diffusers table
+    around = full["around the stages"]
+    assert around.startswith("vllm-omni:") and around.endswith(
+        "(pipeline CPU work; API pre/postprocess; first decode of a size +30.0 ms)")
+    pre = costs_of(root, omni="h100-pre-only").sources()
+    assert pre["around the stages"].endswith("(API pre/postprocess)")     # api_generate alone
+    assert pre["vae_decode"].startswith("synthetic:") and "eager VAE" in pre["vae_decode"]
+    none = costs_of(root, omni=None).sources()
+    assert "around the stages" not in none and "eager VAE" not in none["vae_decode"]
