@@ -226,3 +226,72 @@ def test_sources_name_the_table_of_each_stage_and_the_extras(root):
     assert pre["vae_decode"].startswith("synthetic:") and "eager VAE" in pre["vae_decode"]
     none = costs_of(root, omni=None).sources()
     assert "around the stages" not in none and "eager VAE" not in none["vae_decode"]
+
+
+# --- the engines apply the API times as delays (api_delays) ---------------------------------------------
+
+
+class Flow:
+    __slots__ = ("req", "done", "then")
+
+    def __init__(self, req, done, then=None):
+        self.req, self.done, self.then = req, done, then
+
+    def finish(self, now):
+        self.done[self.req.id] = now
+        if self.then is not None:
+            self.then(now)
+
+
+def run(engine, reqs):
+    """Each (t, request) submitted at t; returns (done time by id, engine)."""
+    env = Kernel()
+    SimGPU(env, 0, 0).add(engine)
+    done: dict[int, float] = {}
+    for t, r in reqs:
+        env.timer(t, lambda ev, r=r: engine.submit(Flow(r, done), env.now))
+    env.run_all()
+    return done
+
+
+def lone_gen_ms():
+    """A 512 x 512 generate, prompt 59, 2 steps, CFG, its size decoded before."""
+    return (8.0 + te_ms(1, 98) + te_ms(1, 40) + 2 * (omni_dit_ms(1024, 64) + omni_dit_ms(1024, 6))
+            + omni_vae_ms(1, 512 * 512))
+
+
+@pytest.mark.parametrize("kind", ["request", "step"])
+def test_api_delays_wrap_the_request_and_are_off_by_default(root, kind):
+    """api_delays: the request reaches the queue 120 ms after it is sent (its first stage starts
+    then) and is answered 22 ms after its decode ends; without the flag (the default) neither."""
+    c = costs_of(root)
+    make = OmniRequestEngine if kind == "request" else OmniStepEngine
+    r = gen()
+    done = run(make(c, api_delays=True, warm_sizes=[(512, 512)]), [(0.0, r)])
+    assert r.stages[0].stage == "preprocess" and r.stages[0].start == pytest.approx(0.120, rel=1e-12)
+    assert r.stages[-1].end == pytest.approx(0.120 + lone_gen_ms() / 1e3, rel=1e-12)
+    assert done[0] == pytest.approx(0.120 + lone_gen_ms() / 1e3 + 0.022, rel=1e-12)
+    r2 = gen()
+    done = run(make(c, warm_sizes=[(512, 512)]), [(0.0, r2)])
+    assert r2.stages[0].start == 0.0
+    assert done[0] == pytest.approx(lone_gen_ms() / 1e3, rel=1e-12)
+
+
+@pytest.mark.parametrize("api", [False, True])
+def test_no_api_rows_answer_at_the_batch_end_before_the_next_batch_forms(root, api):
+    """Without api rows api_delays changes nothing: a request is answered at its batch's end,
+    before the engine forms its next batch, so a closed-loop client's next request (sent on
+    the answer) joins the request waiting with its batch key (max_num_seqs 2)."""
+    c = costs_of(root, omni=None)
+    eng = OmniRequestEngine(c, 2, api_delays=api)
+    env = Kernel()
+    SimGPU(env, 0, 0).add(eng)
+    done: dict[int, float] = {}
+    a, b, nxt = gen(0, steps=2), gen(1, steps=2), gen(2, steps=2)
+    env.timer(0.0, lambda ev: eng.submit(Flow(a, done, lambda now: eng.submit(Flow(nxt, done), now)), env.now))
+    env.timer(0.001, lambda ev: eng.submit(Flow(b, done), env.now))
+    env.run_all()
+    pair = sum(ph.t * ph.k for ph in c.phases([c.job(gen(1)), c.job(gen(2))]))
+    assert done[0] == pytest.approx(c.job(gen()).work, rel=1e-12)
+    assert done[1] == done[2] == pytest.approx(done[0] + pair, rel=1e-12)
+    assert [s.start for s in nxt.stages] == [s.start for s in b.stages]
