@@ -211,6 +211,15 @@ def test_spans_text_looks_at_batch_one_transformer_rows_only(tmp_path):
     assert not _spans_text(LatencyModel(tmp_path, "x"), "qwen_image")
 
 
+def test_every_diffusion_model_sets_its_text_length():
+    """OmniCosts.text_t0 falls back to 64 only for a model without request_defaults.text_tokens;
+    every model with a transformer sets it (docs/mutation/equivalent.yaml relies on this)."""
+    from profiler.models import available_models, load_model
+    specs = [load_model(m) for m in available_models()]
+    dit = [s for s in specs if "transformer" in s.components]
+    assert len(dit) >= 5 and all(int(s.request_defaults["text_tokens"]) > 0 for s in dit)
+
+
 # --- provenance -----------------------------------------------------------------------------------
 
 
