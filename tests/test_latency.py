@@ -924,6 +924,13 @@ def test_decode_steps_bisection_of_hand_made_pieces():
     assert [two.bisect_left(x) for x in (6.0, 6.5, 9.0, 14.0, 20.0, 30.0, 31.0)] == [2, 3, 3, 4, 5, 6, 7]
     assert [two.bisect_right(x) for x in (6.0, 6.5, 9.0, 14.0, 20.0, 30.0, 31.0)] == [3, 3, 4, 5, 5, 7, 7]
     assert two.pieces(3) == [(2.0, 0.0, 3)]              # k on the second piece's start
+    # falling pieces after s > 0, searched at each end exactly (a guess one step high must walk
+    # down on this piece's own ends)
+    from bisect import bisect_left, bisect_right
+    run = _steps([(1, 0.7, -0.3), (12, 0.3, 0.1), (11, 1.0, -0.07), (9, 7.5, -0.1)])
+    ends = [run.end(i) for i in range(len(run))]
+    assert [run.bisect_left(x) for x in ends] == [bisect_left(ends, x) for x in ends]
+    assert [run.bisect_right(x) for x in ends] == [bisect_right(ends, x) for x in ends]
 
 
 def test_interp_sq_at_and_between_and_beyond_its_points():
@@ -945,13 +952,13 @@ def test_fill_holes_of_a_column_with_no_measured_cell_along_the_second_axis():
     measured cell of its row (every such hole of the column); a cell with neither is the max."""
     from sim.engines.latency import _fill_holes
     nan = np.nan
-    vals = np.array([[1.0, 2.0, nan], [3.0, 4.0, nan], [5.0, nan, nan]])
+    vals = np.array([[1.0, 3.0, nan], [3.0, 4.0, nan], [5.0, nan, nan]])
     out = _fill_holes(vals, [[1.0, 2.0, 4.0], [10.0, 20.0, 40.0]])
-    # row-major: (0, 2) and (1, 2) along axis 1, (2, 1) along axis 0; (2, 2) then along
-    # axis 0 from the cell just filled above it
-    assert out[:, 2].tolist() == [2.0 * 40 / 20, 4.0 * 40 / 20, 8.0 * 4 / 2]
+    # row-major: (0, 2) along axis 1 from the row's nearest cell (not its first); the rest of
+    # column 2 then along axis 0 from the cells just filled above it; (2, 1) along axis 0
+    assert out[:, 2].tolist() == [3.0 * 40 / 20, 6.0 * 2 / 1, 12.0 * 4 / 2]
     assert out[2, 1] == 4.0 * 4 / 2
-    assert out[:2, :2].tolist() == [[1.0, 2.0], [3.0, 4.0]]
+    assert out[:2, :2].tolist() == [[1.0, 3.0], [3.0, 4.0]]
     # (0, 0) has neither: the max; then (0, 1) and (1, 0) along axis 0
     assert _fill_holes(np.array([[nan, nan], [nan, 7.0]]), [[1.0, 2.0], [1.0, 2.0]]).tolist() == [
         [7.0, 7.0 / 2], [14.0, 7.0]]
