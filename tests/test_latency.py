@@ -1309,12 +1309,11 @@ def test_mixed_rows_that_leave_the_grid_are_skipped_not_the_rest(tmp_path):
     assert lat.mixed_per_seq("tiny_model") == pytest.approx((0.6 * 1 + 0.9 * 2 + 2.1 * 4) / 21 * 1e-3, rel=1e-12)
 
 
-# --- known bugs (found by the mutation work of issue 22; not fixed here) ------------------------
+# --- two bugs the mutation work of issue 22 found (fixed with these tests) ----------------------
 
-@pytest.mark.xfail(strict=True, reason="bug: host_per_seq builds the decode grid under the same cache "
-                   "key as _ar_grid(DECODE) but with the default hole fill (_fill_holes), so a decode "
-                   "lookup after it reads holes filled by batch scaling, not the KV-token rule")
 def test_host_per_seq_first_does_not_change_how_decode_holes_are_filled(tmp_path):
+    """host_per_seq and the decode lookups share one decode grid, holes filled by the KV rule
+    (it built its own under the same cache key with the batch-scaling fill: 16.2 ms, not 8.2)."""
     import json
     sync = json.dumps({"async_scheduling": False})
     a = _host_model(tmp_path / "a", sync, (1, 2, 4), {(4, 128)})
@@ -1324,10 +1323,8 @@ def test_host_per_seq_first_does_not_change_how_decode_holes_are_filled(tmp_path
     assert b.decode("host", 4, 128) == want
 
 
-@pytest.mark.xfail(strict=True, reason="bug: pure prefill rows with an empty context_len next to "
-                   "rows after cached context put NaN on the context grid's context axis (the grid "
-                   "takes the axis from the raw column): the cost reads 0 and counts a hole")
 def test_pure_rows_with_an_empty_context_cell_beside_context_rows(tmp_path):
+    """An empty context_len on a pure prefill row reads as 0 (it put NaN on the context axis)."""
     rows = [_prefill_row("nc", 1.0 + 0.1 * n, num_tokens=n, context_len=None) for n in (16, 32, 64)]
     rows += [_prefill_row("nc", 1.0 + 0.1 * n + 0.01 * n, num_tokens=n, context_len=100) for n in (16, 32, 64)]
     lat = LatencyModel(tiny_table(tmp_path, rows, "nc"), C.GPU)

@@ -265,7 +265,14 @@ def ok_rows(path: Path) -> pd.DataFrame:
     df = _OK_ROWS.get(key)
     if df is None:
         full = read_profile(path)
-        df = _OK_ROWS[key] = full[full["status"] == "ok"]
+        df = full[full["status"] == "ok"]
+        # a prefill row's empty context_len is no cached context (the profiler writes 0); read
+        # as 0, so the chunk-after-context grid's context axis starts at 0, not at NaN
+        empty_ctx = (df["stage"] == PREFILL) & df["context_len"].isna()
+        if empty_ctx.any():
+            df = df.copy()
+            df.loc[empty_ctx, "context_len"] = 0
+        _OK_ROWS[key] = df
     return df
 
 
@@ -403,7 +410,8 @@ class LatencyModel:
 
     def _grid(self, model: str, stage: str, cols: list[str], where=None, tag: str = "",
               fill=None) -> Grid:
-        key = (model, stage, tuple(cols), tag)
+        # the fill rule is part of the grid: a grid built with one is never served for another
+        key = (model, stage, tuple(cols), tag, getattr(fill, "__name__", None))
         g = self._grids.get(key)
         if g is None:
             df = self.frame(model)
@@ -894,7 +902,7 @@ class LatencyModel:
         st = self.engine_settings(model)
         if st.get("async_scheduling", True) or self.engines(model) != ["vllm"]:
             return 0.0
-        g = self._grid(model, DECODE, ["batch_size", "context_len"])
+        g = self._decode_grid(model)         # the filled cells are excluded below
         b = np.asarray(g.axes[0])
         sel = (b <= 64) & ~g.filled[:, 0]
         if sel.sum() < 2:
