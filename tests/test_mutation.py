@@ -158,3 +158,13 @@ def test_equivalent_file_lists_existing_mutants_with_reasons():
     assert not stale, f"docs/mutation/equivalent.yaml lists mutants that no longer exist: {stale}"
     for k, v in eq.items():
         assert len(str(v["why"]).split()) >= 5, k
+
+
+@pytest.mark.parametrize("rc, outcome", [(0, "survived"), (1, "killed"), (2, "killed"), (4, "killed"),
+                                         (98, "killed"), (99, "killed"), ("timeout", "timeout"),
+                                         (3, "error"), (5, "error")])
+def test_a_mutant_is_killed_by_any_red_run_of_its_tests(rc, outcome):
+    # 4: pytest could not import a conftest.py, as when the mutant breaks a module the tests'
+    # conftest imports (latency.py's module constants); 3 (internal error), 5 (no tests): the
+    # tool's fault, reported as errors
+    assert M._classify({"rc": rc})[0] == outcome
