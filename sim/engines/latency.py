@@ -515,11 +515,11 @@ class LatencyModel:
             elif which == PREFILL:
                 g = self._grid(model, PREFILL, ["num_tokens"],
                                lambda d: (d["num_decode_seqs"].fillna(0) == 0)
-                               & (d["context_len"].fillna(0) == 0), "pure")
+                               & (d["context_len"] == 0), "pure")      # no NaN: ok_rows
             else:
                 df = self.frame(model)
                 no_dec = df["num_decode_seqs"].fillna(0) == 0
-                has = ((df["stage"] == PREFILL) & (df["context_len"].fillna(0) > 0) & no_dec).any()
+                has = ((df["stage"] == PREFILL) & (df["context_len"] > 0) & no_dec).any()
                 g = self._grid(model, PREFILL, ["num_tokens", "context_len"],
                                lambda d: (d["num_decode_seqs"].fillna(0) == 0), "ctx") if has else None
             self._ar_grids[(model, which)] = g
@@ -729,7 +729,7 @@ class LatencyModel:
         df = self.frame(model)
         pf = df[df["stage"] == PREFILL]
         dec = pf["num_decode_seqs"].fillna(0) == 0
-        ctxc = pf["context_len"].fillna(0)
+        ctxc = pf["context_len"]             # a prefill row's empty cell reads as 0 (ok_rows)
         pure = pf[dec & (ctxc == 0)]
         with_ctx = pf[dec & (ctxc > 0)]
         g = pure.assign(S=pure["num_tokens"].astype(float) ** 2 / pure["batch_size"].clip(lower=1))
