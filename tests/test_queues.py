@@ -119,3 +119,18 @@ def test_free_engines_finds_the_first_free_gpu_of_gpus_that_do_not_report_unit_e
     assert free.first() is None
     gpus[1].cur = None
     assert free.first() is engines[1]
+
+
+def test_remove_finds_a_job_above_the_last_class_and_takes_one_entry():
+    """remove() looks first in the level put() chose (a priority past the last class sits in the
+    last level) and takes exactly one entry, as deque.remove does: the count and the work sum
+    drop by that one job."""
+    q = StageQueue("q", priority=True)
+    a, b, c = job(0, priority=7), job(1, work=2.0, priority=0), job(2, priority=2)
+    for j in (a, b, c):
+        q.put(j, 0.0)
+    q.remove(a)                                         # level min(7, 2) = 2, not 7 or 4
+    assert ids(q) == [1, 2] and len(q) == 2 and q.work == pytest.approx(3.0)
+    q.put(b, 1.0)                                       # the same job twice in one level
+    q.remove(b)
+    assert ids(q) == [1, 2] and len(q) == 2 and q.work == pytest.approx(3.0)
