@@ -190,3 +190,74 @@ def test_a_two_step_unit_is_cut_for_a_joiner_after_its_first_step():
     env.run()
     assert done[0] == pytest.approx(t1 + t2, rel=1e-12)
     assert done[1] == pytest.approx(t1 + t2 + t1, rel=1e-12)
+
+
+def test_step_jump_is_on_by_default():
+    """GPU(env, gid, node) jumps: a 4-step unit of a lone engine is one event, not four."""
+    env, log = Kernel(), []
+    g = GPU(env, 0, 0)
+    g.add(Scripted("A", [[1.0, 2.0, 3.0, 4.0]], log, "a"))
+    g.kick()
+    env.run()
+    assert log == [("A", 4, 4.0)] and g.events == 1
+
+
+def test_a_lone_engine_leaves_the_round_robin_at_the_first_engine():
+    """While one engine has a GPU, the round robin stays at position 0 (what the loop's
+    (rr + i + 1) % 1 gives): an engine added later is asked after the first one."""
+    env, log = Kernel(), []
+    g = GPU(env, 0, 0, step_jump=True)
+    a = Scripted("A", [[1.0]], log, "a")
+    g.add(a)
+    g.kick()
+    env.run()
+    a.units.append([1.0])
+    g.add(Scripted("B", [[1.0]], log, "b"))
+    g.kick()
+    env.run()
+    assert log == [("A", 1, 1.0), ("A", 1, 2.0), ("B", 1, 3.0)]
+
+
+def test_a_kick_that_cannot_cut_earlier_leaves_the_pending_event_in_place():
+    """A kick whose next step boundary is the unit's planned end reschedules nothing: the unit
+    still ends in its place among the events of that instant (before a unit of another GPU
+    scheduled after it to end at the same time)."""
+    env, log = Kernel(), []
+    g1, g2 = GPU(env, 1, 0, step_jump=True), GPU(env, 2, 0, step_jump=True)
+    g1.add(Scripted("A", [[1.0, 2.0]], log, "a"))
+    g2.add(Scripted("B", [[2.0]], log, "b"))
+    g1.kick()
+    g2.kick()
+    env.timer(1.5, lambda _e: g1.kick())            # next boundary: 2.0, the planned end
+    env.run()
+    assert log == [("A", 2, 2.0), ("B", 1, 2.0)] and g1.events == 1
+
+
+class Kicking(Scripted):
+    """Commits by putting work back and kicking its GPU (as an engine feeding its own queue);
+    notes any plan() made while a commit is under way."""
+    inside = False
+    nested = 0
+
+    def plan(self, now: float):
+        if self.inside:
+            self.nested += 1
+        return super().plan(now)
+
+    def _commit(self, k: int, now: float) -> None:
+        self.inside = True
+        super()._commit(k, now)
+        self.gpu.kick()
+        self.inside = False
+
+
+def test_no_unit_is_planned_while_a_commit_is_under_way():
+    """A kick from inside a commit (engine state mid-update) plans nothing; the GPU plans the
+    next unit once the commit is done."""
+    env, log = Kernel(), []
+    g = GPU(env, 0, 0, step_jump=True)
+    e = Kicking("A", [[1.0], [1.0]], log, "a")
+    g.add(e)
+    g.kick()
+    env.run()
+    assert log == [("A", 1, 1.0), ("A", 1, 2.0)] and e.nested == 0 and g.events == 2

@@ -234,8 +234,7 @@ class GPU:
             self._schedule(k)
 
     def _done(self, tok: int) -> None:
-        if tok != self.token:
-            return
+        # (called only by _timer, and by PoolGPU._done from it, once tok == self.token)
         u, k = self.cur, self.planned
         assert u is not None
         dur = u.ends[k - 1]
