@@ -552,3 +552,111 @@ def test_without_generate_no_request_gets_a_generated_image():
     reqs = list(request_source(wl(400, mix={"text": 1.0, "understand": 1.0}), 2))
     assert {r.task for r in reqs} == {"text", "understand"}
     assert all(r.output_image is None and r.image_tokens_out == 0 for r in reqs)
+
+
+# --- boundaries of the laws and the synthetic source, pinned with hand-made draws --------------
+
+class _Draws:
+    """A numpy Generator stand-in: fixed gamma gaps, an optional fixed scalar uniform, and a
+    record of the sojourn counts (exponential sizes) and Poisson means it is asked for."""
+
+    def __init__(self, gap: float = 0.5, u0=None, seed: int = 0):
+        self.gap, self.u0, self.rng = gap, u0, np.random.default_rng(seed)
+        self.sizes: list = []
+        self.lams: list = []
+
+    def gamma(self, shape, scale, size):
+        return np.full(size, self.gap)
+
+    def random(self, size=None):
+        if size is None and self.u0 is not None:
+            return self.u0
+        return self.rng.random(size)
+
+    def exponential(self, scale, size):
+        self.sizes.append(size)
+        return self.rng.exponential(scale, size)
+
+    def poisson(self, lam):
+        self.lams.append(np.asarray(lam))
+        return self.rng.poisson(lam)
+
+
+def test_vllm_scale_puts_the_last_arrival_at_n_over_rate():
+    from sim.workloads.laws import vllm_scale
+    assert vllm_scale(4, 2.0, 1.0) == 2.0            # last at 1 s, 4 requests at 2/s: x2
+    assert vllm_scale(4, 2.0, 4.0) == 0.5
+    assert vllm_scale(0, 2.0, 0.0) == 1.0            # nothing drawn: no rescale
+
+
+def test_gamma_arrivals_rescale_only_when_asked():
+    """Unscaled by default: the cumulative sums of the gaps; vllm_scaling=True rescales them so
+    the last is at n / rate (gaps of 0.5 s, 4 requests at 1/s: a factor of exactly 2)."""
+    t = gamma_arrivals(5, 1.0, 1.0, np.random.default_rng(3))
+    np.testing.assert_array_equal(t, np.cumsum(np.random.default_rng(3).gamma(1.0, 1.0, 5)))
+    np.testing.assert_array_equal(gamma_arrivals(4, 1.0, 2.0, _Draws(0.5)), [0.5, 1.0, 1.5, 2.0])
+    np.testing.assert_array_equal(gamma_arrivals(4, 1.0, 2.0, _Draws(0.5), vllm_scaling=True),
+                                  [1.0, 2.0, 3.0, 4.0])
+
+
+def test_arrival_stream_applies_the_vllm_scale(monkeypatch):
+    from sim.workloads import laws
+    monkeypatch.setattr(laws, "stream", lambda seed, name: _Draws(0.5))
+    a = ArrivalConfig(rate=1.0, shape=2.0, vllm_scaling=True)
+    s = laws.ArrivalStream(a, 4, 0)
+    np.testing.assert_array_equal(np.concatenate([s.take(3), s.take(1)]), [1.0, 2.0, 3.0, 4.0])
+    a = ArrivalConfig(rate=1.0, shape=2.0)
+    np.testing.assert_array_equal(laws.ArrivalStream(a, 4, 0).take(4), [0.5, 1.0, 1.5, 2.0])
+
+
+def test_mmpp_block_size_and_first_state():
+    """A block holds `periods` sojourns: 2 * clip(round(DEFAULT_CHUNK / per_pair), 1, 128),
+    per_pair = base_rate * mean_base_s + burst_rate * mean_burst_s (the arrivals of one base and
+    one burst sojourn on average). The first state is burst when its uniform u < p_burst."""
+    from sim.workloads.laws import DEFAULT_CHUNK, _mmpp_blocks
+    assert DEFAULT_CHUNK == 65_536
+    # per_pair = 0 * 0.01 + 100 * 0.01 = 1: 65536 pairs, capped at 128; u = p_burst = 0.5: base
+    # first (burst_rate / mean_burst_s = 1e4 would give round(6.55) = 7 pairs)
+    d = _Draws(u0=0.5)
+    next(_mmpp_blocks(0.0, 100.0, 0.01, 0.01, d))
+    assert d.sizes == [256]
+    assert d.lams[0][0] == 0.0 and d.lams[0][1] > 0.0      # base (rate 0), then burst
+    d = _Draws(u0=0.4999)
+    next(_mmpp_blocks(0.0, 100.0, 0.01, 0.01, d))
+    assert d.lams[0][0] > 0.0 and d.lams[0][1] == 0.0      # burst first
+    # per_pair = 26214.43: 65536 / per_pair = 2.4999971 rounds to 2 pairs (65537 would give 3)
+    d = _Draws(u0=0.9)
+    next(_mmpp_blocks(26214.43, 0.0, 1.0, 1.0, d))
+    assert d.sizes == [4]
+
+
+def test_mmpp_arrivals_of_nothing_is_empty():
+    assert mmpp_arrivals(0, 2.0, 12.0, 60.0, 10.0, np.random.default_rng(0)).shape == (0,)
+
+
+def test_zipf_ints_inverts_the_cdf_of_lo_to_hi():
+    """P(1) : P(2) = 1 : 1/2 on [1, 2]: CDF (2/3, 1), so u = 0.6 gives 1 and u = 0.7 gives 2."""
+    from sim.workloads.laws import zipf_ints
+    assert zipf_ints(1, 2, 1.0, np.array([0.0, 0.6, 0.7, 0.999])).tolist() == [1, 1, 2, 2]
+
+
+def test_image_sides_are_clipped_at_16_before_rounding():
+    from sim.workloads.laws import outpaint_size
+    cfg = ImageSizeConfig(round_to=1, max=1024)
+    h, w = outpaint_size(np.array([8, 100]), np.array([10, 40]), cfg)
+    assert h.tolist() == [16, 100] and w.tolist() == [16, 60]
+
+
+def test_one_denoising_step_is_allowed():
+    from sim.workloads.synthetic import TaskPlan
+    plan = TaskPlan(wl(10, mix={"text": 1.0}), ["text"], None)
+    plan.add("generate", load_model("qwen_image"), wl(10, steps=1), "f")
+    assert plan.steps["generate"] == 1
+
+
+def test_an_image_is_a_catalog_image_when_its_uniform_is_below_prob():
+    """u < prob (probability prob for u uniform on [0, 1)): at u == prob the image is new."""
+    from sim.workloads.synthetic import ImageIds
+    ids = ImageIds(reuse_cfg(prob=0.5, catalog=10), 0)
+    ids.rng = type("U", (), {"random": lambda self, size: np.array([[0.5, 0.0], [0.25, 0.0]])})()
+    assert ids.assign(((64, 64), (32, 32))) == ((10, 0), ((64, 64), (32, 32)))

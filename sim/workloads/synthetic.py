@@ -117,8 +117,8 @@ class SyntheticWorkload:
         while done < n:
             k = min(self.chunk_size, n - done)
             t_arr = arr.take(k)
+            # cum[-1] is 1.0, above every uniform: the index is at most len(tasks) - 1
             tidx = np.searchsorted(self.cum, r_task.random(k), side="right")
-            tidx = np.minimum(tidx, len(self.tasks) - 1)
             p_text = sample_lengths(cfg.prompt_tokens, k, r_prompt)
             p_img = sample_lengths(cfg.image_prompt_tokens, k, r_iprompt)
             o_text = sample_lengths(cfg.output_tokens, k, r_out)
