@@ -441,3 +441,64 @@ def test_non_finite_finish_and_e2el_columns_are_nan() -> None:
         assert e2el[0] == pytest.approx(500.0) and np.isnan(e2el[1:]).all()
         s = c.summary(10.0, 1, "h100", 1.0, SLO, UTIL)
         assert s["mean_e2el_ms"] == pytest.approx(500.0) and s["p99_e2el_ms"] == pytest.approx(500.0)
+
+
+def test_column_returns_the_integer_columns_and_refuses_unknown_names() -> None:
+    c = MetricsCollector(SLO)
+    for r in four_requests():
+        c.record(r, row=False)
+    toks = c.column("output_tokens")
+    assert toks.dtype == np.int64 and toks.tolist() == [r.output_tokens for r in four_requests()]
+    assert c.column("preemptions").dtype == np.int64
+    with pytest.raises(KeyError, match="column 'nope' is not recorded"):
+        c.column("nope")
+
+
+def test_a_queue_time_of_minus_inf_is_nan() -> None:
+    """An arrival at +inf gives a queue time of -inf: undefined (NaN), like every non-finite
+    time, in the column and the statistics."""
+    for keep in (20_000, 0):
+        c = MetricsCollector(SLO, keep_rows=keep)
+        for i, arrival in enumerate((0.0, math.inf)):
+            r = Request(id=i, arrival=arrival, task="generate", model="qi", prompt_tokens=10)
+            r.stages = [StageRecord("dit_step", "g0", 0.0, 0.25, 1.0)]
+            r.finish = 1.0
+            c.record(r, row=keep > 0)
+        q = c.column("queue_ms")
+        assert q[0] == pytest.approx(250.0) and np.isnan(q[1])
+        assert c.summary(10.0, 1, "h100", 1.0, SLO, UTIL)["mean_queue_ms"] == pytest.approx(250.0)
+
+
+def test_sketch_values_are_folded_in_batches_of_65536() -> None:
+    """Buffered ITL and stage values reach their sketches in batches of _FLUSH = 65,536 (the
+    rest when read). Counts and quantiles do not depend on the batching, the mean and std do in
+    their last bits (moments are combined per batch): summary.json's figures are those of this
+    batching, bit for bit, so a change of batch size is a visible change of results."""
+    from sim.run.metrics import _FLUSH
+    from sim.run.sketch import QuantileSketch
+    assert _FLUSH == 65_536
+    rng = np.random.default_rng(2)
+    n = _FLUSH + 100
+    v = rng.random(n) * 0.05
+    w = rng.integers(1, 8, n)
+    c = MetricsCollector(SLO)
+    for x, k in zip(v.tolist(), w.tolist()):
+        c.add_itl(x, k)
+    ref = QuantileSketch(alpha=0.005)
+    ref.add_many(v[:_FLUSH] * 1000.0, w[:_FLUSH])
+    ref.add_many(v[_FLUSH:] * 1000.0, w[_FLUSH:])
+    assert c.itl.count == ref.count and (c.itl.mean, c.itl.std) == (ref.mean, ref.std)
+    # a stage's queue times: one request visiting a stage n times
+    r = Request(id=0, arrival=0.0, task="generate", model="qi", prompt_tokens=10)
+    # and service times (end - start) of the same visits
+    ends = [x + 1.0 + x * x for x in v.tolist()]
+    r.stages = [StageRecord("dit_step", "g0", 0.0, x, e) for x, e in zip(v.tolist(), ends)]
+    r.finish = 2.0
+    c = MetricsCollector(SLO, keep_rows=0)
+    c.record(r, row=False)
+    q, s = QuantileSketch(), QuantileSketch()
+    for part in (slice(0, _FLUSH), slice(_FLUSH, n)):
+        q.add_many([x * 1000.0 for x in v[part].tolist()])
+        s.add_many([(e - x) * 1000.0 for x, e in zip(v[part].tolist(), ends[part])])
+    st = c.summary(10.0, 1, "h100", 1.0, SLO, UTIL)["per_stage"]["dit_step"]
+    assert st["visits"] == n and (st["mean_queue_ms"], st["mean_service_ms"]) == (q.mean, s.mean)
