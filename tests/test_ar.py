@@ -350,19 +350,26 @@ def test_chunks_after_cached_context_cost_their_context(ctx_profiles):
     assert close(req.finish, first + ms(decode_ms(1, 160)))
 
 
+def preemption_scene(r: "Rig", a_prompt: int, out: int) -> tuple:
+    """On a priority-class rig with little KV: a (class 1, a_prompt tokens) and b (class 2, 90
+    tokens), both generating `out` tokens, start together; c (class 1, 40 tokens, 2 out) arrives
+    at 1 ms and waits for blocks. b is preempted once, a and c never (asserted)."""
+    r.hold()
+    a = r.submit(0, a_prompt, out, priority=1)
+    b = r.submit(1, 90, out, priority=2)
+    r.go()
+    c = r.submit(2, 40, 2, at=0.001, priority=1)
+    r.run()
+    assert (a.preemptions, b.preemptions, c.preemptions) == (0, 1, 0)
+    return a, b, c
+
+
 def test_a_preempted_request_goes_back_to_its_own_priority_class(synthetic_profiles):
     """Priority classes: a (standard) and b (batch, class 2) share 13 blocks until both need a
     7th; b, the latest admitted, is preempted and re-queued at the head of class 2, behind c
     (standard, waiting since just after the start), so c is admitted at once (3 of the 6 freed
     blocks) and b, needing 6, waits for a to finish."""
-    r = Rig(synthetic_profiles, kv_tokens=13 * 16, priority=True)
-    r.hold()
-    a = r.submit(0, 90, 12, priority=1)
-    b = r.submit(1, 90, 12, priority=2)
-    r.go()
-    c = r.submit(2, 40, 2, at=0.001, priority=1)
-    r.run()
-    assert (a.preemptions, b.preemptions, c.preemptions) == (0, 1, 0)
+    a, b, c = preemption_scene(Rig(synthetic_profiles, kv_tokens=13 * 16, priority=True), 90, 12)
     assert c.first_token < a.finish < b.finish
     # b's recompute starts only when a's blocks are free: after a's last step
     assert b.finish > a.finish + ms(prefill_ms(96))

@@ -16,7 +16,7 @@ from sim.core.records import Job, Request
 from sim.engines.ar import AREngine, FrontEnd
 from sim.engines.latency import OutOfRange
 from sim.names import DECODE, PREFILL, VISION_ENCODE
-from test_ar import M, Rig, close, decode_steps, ms
+from test_ar import M, Rig, close, decode_steps, ms, preemption_scene
 
 
 class RecGPU(GPU):
@@ -350,37 +350,20 @@ def test_a_preempted_request_encodes_its_images_again(synthetic_profiles, vision
     assert VISION_ENCODE not in [x.stage for x in a.stages]
 
 
-def test_no_admission_in_a_step_where_a_request_preempted_itself(synthetic_profiles):
-    """Priority classes, 13 blocks: a (class 1) and b (class 2, admitted last) both need a 7th
-    block at their 7th decode step; one is free: a takes it, b preempts itself. c (class 1, 40
-    tokens, waiting for blocks) is ahead of b in the queue, but, as in vLLM, nothing is
-    admitted in a step that preempted: c's prefill runs in the next step, beside a's decode."""
-    r = Rig2(synthetic_profiles, kv_tokens=13 * 16, priority=True)
-    r.hold()
-    a = r.submit(0, 90, 12, priority=1)
-    b = r.submit(1, 90, 12, priority=2)
-    r.go()
-    c = r.submit(2, 40, 2, at=0.001, priority=1)
-    r.run()
-    assert (a.preemptions, b.preemptions, c.preemptions) == (0, 1, 0)
-    t = ms(prefill_ms(180)) + sum(decode_steps(2, 90, 6)) + ms(decode_ms(1, 96))
-    assert close(c.first_token, t + ms(mixed_ms(40, 1, 97)))
-
-
-def test_no_admission_in_a_step_where_a_request_preempted_another(synthetic_profiles):
-    """Priority classes, 12 blocks: a (95 tokens) and b (90, class 2) fill them; at its 2nd
-    decode step a needs a 7th block and preempts b. c (class 1, waiting for blocks) is admitted
-    only at the next step."""
-    r = Rig2(synthetic_profiles, kv_tokens=12 * 16, priority=True)
-    r.hold()
-    a = r.submit(0, 95, 20, priority=1)
-    b = r.submit(1, 90, 20, priority=2)
-    r.go()
-    c = r.submit(2, 40, 2, at=0.001, priority=1)
-    r.run()
-    assert (a.preemptions, b.preemptions, c.preemptions) == (0, 1, 0)
-    t = ms(prefill_ms(185)) + ms(decode_ms(2, 92.5)) + ms(decode_ms(1, 96))
-    assert close(c.first_token, t + ms(mixed_ms(40, 1, 97)))
+@pytest.mark.parametrize("blocks, a_prompt, out, before_c", [
+    # 13 blocks: a and b both need a 7th block at their 7th decode step; one is free: a takes it,
+    # b preempts itself
+    (13, 90, 12, lambda: ms(prefill_ms(180)) + sum(decode_steps(2, 90, 6)) + ms(decode_ms(1, 96))),
+    # 12 blocks: a (95 tokens) and b fill them; at its 2nd decode step a needs a 7th and preempts b
+    (12, 95, 20, lambda: ms(prefill_ms(185)) + ms(decode_ms(2, 92.5)) + ms(decode_ms(1, 96))),
+], ids=["b_preempts_itself", "a_preempts_b"])
+def test_no_admission_in_a_step_that_preempted(synthetic_profiles, blocks, a_prompt, out, before_c):
+    """c (class 1, waiting for blocks) is ahead of the preempted b in the queue, but, as in
+    vLLM, nothing is admitted in a step that preempted: c's prefill runs in the next step,
+    beside a's decode."""
+    r = Rig2(synthetic_profiles, kv_tokens=blocks * 16, priority=True)
+    a, b, c = preemption_scene(r, a_prompt, out)
+    assert close(c.first_token, before_c() + ms(mixed_ms(40, 1, 97)))
 
 
 # --- a one-token prompt, stage records, streaming -------------------------------------------------
