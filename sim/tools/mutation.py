@@ -754,8 +754,8 @@ def _classify(r: dict) -> tuple[str, str | None]:
         return "survived", None
     if rc in (1, 2):             # a test failed / a collection error (the mutant broke an import)
         return "killed", r.get("failed")
-    if rc == 4:                  # conftest.py could not be imported (the mutant broke an import
-        return "killed", r.get("failed") or "conftest import failed"   # the tests' conftest makes)
+    if rc == 4:                  # a conftest.py could not be imported (the mutant broke a module it imports)
+        return "killed", r.get("failed") or "conftest import failed"
     if rc == 98 or rc == 99:     # crashed (e.g. memory limit) or raised outside pytest
         return "killed", r.get("failed")
     return "error", f"pytest exit code {rc}"
