@@ -142,7 +142,8 @@ def read_table(path: str | os.PathLike) -> pd.DataFrame:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"profile table not found: {path}")
-    return normalize(pq.read_table(path).to_pandas())
+    with pq.ParquetFile(path) as f:         # one file: no need of the dataset API (read_table's)
+        return normalize(f.read().to_pandas())
 
 
 def append_rows(path: str | os.PathLike, rows: list[dict]) -> pd.DataFrame:

@@ -8,6 +8,8 @@ atomic, so the run folder holds no partial file, and a sweep keeps its finished 
 the same command into the same `hydra.sweep.dir` simulates only the others)."""
 from __future__ import annotations
 
+import atexit
+import gc
 import re
 import signal
 import sys
@@ -55,9 +57,19 @@ def main() -> None:
     sys.argv = [sys.argv[0]] + normalize_argv(sys.argv[1:])
     signal.signal(signal.SIGTERM, _on_sigterm)
     signal.signal(signal.SIGINT, signal.default_int_handler)   # also when started with it ignored
+    # The cyclic GC has nothing to collect in two phases of the process. The objects made while
+    # the program is imported (numpy, pandas, pyarrow, Hydra) live as long as the process: the
+    # collector is off meanwhile, and they stay frozen out of it while Hydra composes the config,
+    # until sim.cli.hydra_main unfreezes them for the run (sim.run.runner tunes the GC itself).
+    # At exit every object is frozen, so the interpreter's last collections skip them: their
+    # memory goes back with the process.
+    atexit.register(gc.freeze)
+    gc.disable()
     try:
-        from sim.cli import hydra_main
-        hydra_main()
+        from sim.cli import main as cli_main
+        gc.freeze()
+        gc.enable()
+        cli_main()
     except KeyboardInterrupt as e:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)

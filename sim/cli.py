@@ -3,9 +3,10 @@ selected experiment into the Hydra run directory (requests.parquet, timeline.par
 report.html, then summary.json; capacity.json for a capacity plan) and prints its table."""
 from __future__ import annotations
 
+import gc
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import hydra
 from hydra.core.config_store import ConfigStore
@@ -123,8 +124,46 @@ def show(cfg: SimConfig, summary: dict, outdir: Path, report: Path | None) -> No
         print(f"report: {shown(report)}")
 
 
+# Hydra 1.3 composes the config twice per command: Hydra.get_mode composes it only to read
+# hydra.mode, then Hydra.run (or multirun) composes it for the job. No file under conf/ sets
+# hydra.mode (tests/test_cli.py checks), so on a command line without --multirun, without a
+# config directory or primary config of its own and without an override of hydra, hydra.mode or
+# hydra.searchpath, that first composition can only read None, which Hydra runs in RUN mode:
+# main() answers None there without composing. Any other command line composes as Hydra does.
+MODE_KEYS = ("hydra", "hydra.mode", "hydra.searchpath")
+
+
+def mode_is_unset(argv: list[str]) -> bool:
+    """Whether Hydra's mode-only composition of this command line can only read None."""
+    from hydra._internal.utils import get_args_parser
+    args = get_args_parser().parse_args(argv)     # as hydra.main parses it
+    if args.multirun or args.config_path or args.config_dir or args.config_name:
+        return False
+    return not any(o.split("=", 1)[0].lstrip("~+").split("@", 1)[0].strip() in MODE_KEYS
+                   for o in args.overrides)
+
+
+def main() -> None:
+    """`python -m sim`: hydra_main() without the mode-only composition where it can only read
+    None (mode_is_unset)."""
+    from hydra._internal.hydra import Hydra
+    compose_for_mode = Hydra.get_mode
+
+    def get_mode(self: Hydra, config_name: str | None, overrides: list[str]) -> Any:
+        if mode_is_unset(sys.argv[1:]):
+            return None
+        return compose_for_mode(self, config_name, overrides)
+
+    Hydra.get_mode = get_mode      # type: ignore[method-assign]
+    try:
+        hydra_main()
+    finally:
+        Hydra.get_mode = compose_for_mode      # type: ignore[method-assign]
+
+
 @hydra.main(version_base=None, config_path=CONF_DIR, config_name="config")
 def hydra_main(cfg: DictConfig) -> None:
+    gc.unfreeze()       # what sim.__main__ froze while the program loaded (a no-op otherwise)
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
     outdir = Path(hc.runtime.output_dir)

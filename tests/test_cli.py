@@ -1,16 +1,20 @@
 """The `python -m sim` command line (Hydra), run as a subprocess from the repo root with the
 synthetic profile tables: smoke runs of every policy (both `+policy=` and bare `policy=`),
-multirun sweeps (basic and joblib launchers), and bad input that must end with a non-zero exit
-and one clear message (field + allowed values) on stderr, without a Python traceback."""
+multirun sweeps (basic and joblib launchers), Hydra's mode-only composition skipped only where
+it can only read None (sim.cli.main) and the collector's state at the run's start, and bad input
+that must end with a non-zero exit and one clear message (field + allowed values) on stderr,
+without a Python traceback."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 
 from conftest import make_cfg, rel_close
 from sim.run.runner import Run
@@ -83,6 +87,139 @@ def test_multirun_two_policies(synthetic_profiles, tmp_path, launcher):
     got = {check_run_dir(s.parent, json.loads(s.read_text())["policy"])["policy"]
            for s in summaries}
     assert got == {"baseline", "modality_aware"}
+
+
+# --- Hydra's mode-only composition (sim.cli.main) -------------------------------------------------
+
+def _dotted_keys(node: object, prefix: str):
+    if isinstance(node, dict):
+        for k, v in node.items():
+            key = f"{prefix}.{k}" if prefix else str(k)
+            yield key
+            yield from _dotted_keys(v, key)
+
+
+def test_no_config_sets_hydra_mode():
+    """sim.cli.main answers Hydra.get_mode with None without composing on the premise that no
+    config under conf/ sets hydra.mode (nor the schema has a hydra node): each file's keys, under
+    the package it is merged at, name no hydra.mode."""
+    from sim.config import SimConfig
+    conf = REPO_ROOT / "conf"
+    found = []
+    for p in sorted(conf.rglob("*.yaml")):
+        text = p.read_text()
+        group = "" if p.parent == conf else p.parent.relative_to(conf).as_posix().replace("/", ".")
+        m = re.search(r"^#\s*@package\s+(\S+)", text, re.M)
+        package = m.group(1) if m else "_group_"      # Hydra >= 1.1: a file's group by default
+        package = package.replace("_global_", "").replace("_group_", group).strip(".")
+        keys = _dotted_keys(yaml.safe_load(text), package)
+        found += [f"{p.relative_to(REPO_ROOT)}: {k}" for k in keys if k == "hydra.mode"]
+    assert found == []
+    assert "hydra" not in SimConfig.__dataclass_fields__
+    assert (conf / "experiment" / "capacity.yaml").is_file()    # the scan saw the experiments
+
+
+@pytest.mark.parametrize("argv,unset", [
+    (["+experiment=replay_vllm_bench", "model=m", "hydra.run.dir=/tmp/x", "hydra/launcher=joblib",
+      "hydra.job.chdir=false"], True),
+    (["--run", "seed=1"], True),
+    (["-m", "seed=0,1"], False),
+    (["--multirun", "seed=0,1"], False),
+    (["--multi", "seed=0,1"], False),                 # argparse's abbreviation of --multirun
+    (["seed=1", "hydra.mode=MULTIRUN"], False),
+    (["+hydra.mode=RUN"], False),
+    (["++hydra.mode=RUN"], False),
+    (["~hydra.mode"], False),
+    (["hydra={mode:MULTIRUN}"], False),
+    (["hydra.searchpath=[file:///elsewhere]"], False),
+    (["--config-dir", "/elsewhere"], False),
+    (["-cp", "/elsewhere"], False),
+    (["--config-name", "other"], False),
+])
+def test_mode_is_unset_only_for_a_plain_run(argv, unset):
+    from sim.cli import mode_is_unset
+    assert mode_is_unset(argv) is unset
+
+
+# the sim command with Hydra.get_mode's composition reported on stderr (the one composition that
+# does not validate sweep overrides); with force, sim.cli.main composes it on every command line
+SPY = """
+import sys
+import hydra._internal.hydra as h
+compose = h.Hydra.compose_config
+def spy(self, *a, **k):
+    if k.get("validate_sweep_overrides") is False:
+        print("MODE COMPOSITION", file=sys.stderr)
+    return compose(self, *a, **k)
+h.Hydra.compose_config = spy
+if {force}:
+    import sim.cli
+    sim.cli.mode_is_unset = lambda argv: False
+sys.argv = ["sim"] + {args!r}
+import sim.__main__
+sim.__main__.main()
+"""
+
+
+def spied_sim(*args: str, force: bool = False) -> tuple[subprocess.CompletedProcess, int]:
+    p = subprocess.run([sys.executable, "-c", SPY.format(args=list(args), force=force)],
+                       cwd=REPO_ROOT, capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, p.stderr
+    return p, p.stderr.count("MODE COMPOSITION")
+
+
+@pytest.mark.parametrize("extra,composed", [([], 0), (["hydra.mode=RUN"], 1), (["-m"], 1)],
+                         ids=["plain", "hydra.mode", "multirun"])
+def test_the_mode_composition_is_skipped_only_for_a_plain_run(synthetic_profiles, tmp_path,
+                                                              extra, composed):
+    out, sweep = tmp_path / "run", tmp_path / "sweep"
+    _, n = spied_sim("+policy=baseline", *base_args(synthetic_profiles, out),
+                     f"hydra.sweep.dir={sweep}", *extra)
+    assert n == composed
+    check_run_dir(sweep / "0_baseline" if "-m" in extra else out, "baseline")
+
+
+def test_a_plain_run_writes_what_it_wrote_with_the_mode_composition(synthetic_profiles, tmp_path):
+    """Skipping the composition changes nothing a run writes or prints: Hydra's .hydra/ files,
+    summary.json (less its wall time) and the printed table."""
+    out = tmp_path / "run"
+    made = {}
+    for force in (False, True):
+        p, n = spied_sim("+policy=baseline", *base_args(synthetic_profiles, out), force=force)
+        assert n == int(force)
+        made[force] = (p.stdout, out.rename(tmp_path / f"force_{force}"))
+    (stdout, a), (stdout_forced, b) = made[False], made[True]
+    assert stdout == stdout_forced
+    for name in ("config.yaml", "hydra.yaml", "overrides.yaml"):
+        assert (a / ".hydra" / name).read_text() == (b / ".hydra" / name).read_text(), name
+    assert "mode: RUN" in (a / ".hydra" / "hydra.yaml").read_text()
+
+    def summary(d: Path) -> dict:
+        s = json.loads((d / "summary.json").read_text())
+        return {k: v for k, v in s.items() if k != "sim_wall_s"}
+    assert summary(a) == summary(b)
+    assert sorted(p.name for p in a.iterdir()) == sorted(p.name for p in b.iterdir())
+
+
+def test_a_run_starts_with_nothing_frozen(synthetic_profiles, tmp_path):
+    """sim.__main__ freezes the imported program out of the cyclic GC while Hydra composes the
+    config; hydra_main unfreezes it, so the runner's own GC tuning (sim.run.runner) applies."""
+    code = f"""
+import gc, sys
+import sim.cli
+execute = sim.cli.execute
+def spy(*a, **k):
+    print("FROZEN", gc.get_freeze_count(), gc.isenabled())
+    return execute(*a, **k)
+sim.cli.execute = spy
+sys.argv = ["sim", "+policy=baseline", *{base_args(synthetic_profiles, tmp_path / "run")!r}]
+import sim.__main__
+sim.__main__.main()
+"""
+    p = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True,
+                       timeout=240)
+    assert p.returncode == 0, p.stderr
+    assert "FROZEN 0 True" in p.stdout.splitlines()
 
 
 # --- bad input ----------------------------------------------------------------------------------

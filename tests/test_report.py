@@ -4,6 +4,7 @@ figures, and what a reader must know (extrapolated tables, closed loop) in the p
 and in the report."""
 from __future__ import annotations
 
+import gc
 import json
 import subprocess
 import sys
@@ -56,6 +57,7 @@ def test_report_is_self_contained_with_its_figures(synthetic_profiles, tmp_path)
     cfg = make_cfg(synthetic_profiles, {"workload.num_requests": 300})
     s = Run(cfg, tmp_path).run()
     path = write_report(tmp_path, s, "serve: policy=baseline")
+    assert gc.get_freeze_count() == 0       # the report unfroze what it froze
     text = path.read_text()
     for h in ("Latency CDFs by task", "Throughput and SLO attainment", "GPU utilization per pool",
               "Stage breakdown"):

@@ -9,14 +9,17 @@ when the run wrote them; a figure whose data the run did not write says so inste
 """
 from __future__ import annotations
 
+import gc
 import html
 import io
 import math
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 
 from sim.names import TEXT_OUT_TASKS
 from sim.run.output import latency_model_notes, write_text_atomic
@@ -257,13 +260,35 @@ def render(summary: dict[str, Any], title: str, requests: pd.DataFrame | None,
             + "\n".join(parts) + "</body></html>\n")
 
 
+def _read_parquet(path: Path, columns: list[str] | None = None) -> pd.DataFrame:
+    """pd.read_parquet's frame of one file, read without the dataset API (pyarrow.dataset)."""
+    with pq.ParquetFile(path) as f:
+        return f.read(columns=columns).to_pandas()
+
+
+@contextmanager
+def gc_frozen() -> Iterator[None]:
+    """The objects made before the report (the program, the run's results) frozen out of the
+    cyclic GC while matplotlib builds and draws the figures: its collections scan only the
+    report's own objects."""
+    ours = gc.get_freeze_count() == 0   # leave a caller's own frozen set alone
+    if ours:
+        gc.freeze()
+    try:
+        yield
+    finally:
+        if ours:
+            gc.unfreeze()
+
+
+@gc_frozen()
 def write_report(outdir: Path, summary: dict[str, Any], title: str) -> Path:
     """Write outdir/report.html from the summary and the run's parquet files; returns its path."""
     import matplotlib
     outdir = Path(outdir)
     req_path, tl_path = outdir / "requests.parquet", outdir / "timeline.parquet"
-    requests = pd.read_parquet(req_path, columns=COLUMNS) if req_path.is_file() else None
-    timeline = pd.read_parquet(tl_path) if tl_path.is_file() else None
+    requests = _read_parquet(req_path, COLUMNS) if req_path.is_file() else None
+    timeline = _read_parquet(tl_path) if tl_path.is_file() else None
     with matplotlib.rc_context({"svg.fonttype": "none", "font.size": 9}):
         text = render(summary, title, requests, timeline)
     path = outdir / "report.html"
