@@ -301,6 +301,48 @@ def test_least_loaded_picks_the_engine_with_fewest_outstanding_tokens(synthetic_
         AREngine.least_loaded([], 0.0)
 
 
+@pytest.mark.parametrize("seed", range(12))
+def test_least_loaded_is_the_min_of_load_at_mid_jump(synthetic_profiles, seed):
+    """Engines caught inside decode jumps at random instants: least_loaded (which skips the
+    bisect of an engine whose steps run by now could not beat the lowest load so far) picks
+    what min(load_at(now)) picks, ties to the first."""
+    import random
+    rnd = random.Random(seed)
+    rigs = [Rig(synthetic_profiles) for _ in range(6)]
+    for k, r in enumerate(rigs):
+        if seed % 2:            # the same request, started a little later on each engine: loads
+            r.submit(0, 100, 300, at=rnd.uniform(0.0, 0.3))     # a few tokens apart
+            continue
+        for i, at in enumerate(sorted(rnd.uniform(0.0, 0.3) for _ in range(rnd.randint(0, 3)))):
+            r.submit(i, rnd.randint(20, 400), rnd.randint(20, 400), at=at)
+    engines = [r.eng for r in rigs]
+    for t in sorted(rnd.uniform(0.3, 3.0) for _ in range(15)):
+        for r in rigs:
+            r.env.run(until=t)
+        loads = [e.load_at(t) for e in engines]
+        assert AREngine.least_loaded(engines, t) is engines[loads.index(min(loads))], (t, loads)
+
+
+def test_least_loaded_one_token_apart_inside_jumps(synthetic_profiles):
+    """The same request on two engines, b's started half a decode step before a's: b is one
+    token lighter half of the time. Read after a (the lowest so far), b must not be skipped
+    on a bound of its steps run that is one short (steps are ~ dmin long: the bound is tight)."""
+    half = 0.5 * ms(decode_ms(1, 100))
+    a, b = Rig(synthetic_profiles), Rig(synthetic_profiles)
+    b.submit(0, 100, 300)
+    a.submit(0, 100, 300, at=half)
+    start = ms(prefill_ms(100)) + 2 * half
+    lighter = 0
+    for i in range(400):
+        t = start + i * 0.6 * half                    # through the first ~100 steps
+        for r in (a, b):
+            r.env.run(until=t)
+        la, lb = a.eng.load_at(t), b.eng.load_at(t)
+        assert AREngine.least_loaded([a.eng, b.eng], t) is (b.eng if lb < la else a.eng), (t, la, lb)
+        lighter += lb < la
+    assert 100 < lighter < 300
+
+
 @pytest.mark.parametrize("prompt_b", [127, 128, 129])       # b needs 8 blocks: exactly the free ones
 def test_async_arrival_that_exactly_fits_the_free_blocks(synthetic_profiles, monkeypatch, prompt_b):
     """Under async scheduling a request arriving during a's prefill step joins the step after

@@ -933,6 +933,16 @@ def test_decode_steps_bisection_of_hand_made_pieces():
     assert [run.bisect_right(x) for x in ends] == [bisect_right(ends, x) for x in ends]
 
 
+@pytest.mark.parametrize("pieces", [
+    [(2, 1.0, -0.6)], [(5, 0.5, 1.0)], [(3, 2.0, 0.0), (4, 3.0, 2.0)],
+    [(1, 0.7, -0.3), (12, 0.3, 0.1), (11, 1.0, -0.07), (9, 7.5, -0.1)]])
+def test_decode_steps_dmin_is_the_shortest_step(pieces):
+    """dmin (least_loaded's bound on the steps run by a time) is the shortest step of the run:
+    a rising piece's first, a falling piece's last."""
+    run = _steps(pieces)
+    assert run.dmin == pytest.approx(min(run.durations(len(run))), rel=1e-12)
+
+
 def test_interp_sq_at_and_between_and_beyond_its_points():
     """Squared lengths: one point scales with the square of the length; several points are
     linear between them and extend their end segments below and above."""

@@ -67,6 +67,9 @@ def test_chunked_trace_equals_single(tmp_path, synthetic):
     a = [key(r) for r in request_source(trace_cfg(p), 0, chunk_size=7)]
     b = [key(r) for r in request_source(trace_cfg(p), 0)]
     assert a == b
+    w = request_source(trace_cfg(p), 0)        # re-iterable, fresh requests each time (the
+    first = next(iter(w))                       # run's pilot is a second iteration)
+    assert [key(r) for r in w] == b and next(iter(w)) is not first
 
 
 def test_aliases_epoch_shift_sort_and_scale(tmp_path):

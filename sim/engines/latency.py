@@ -952,7 +952,7 @@ class DecodeSteps(Steps):
     i is base[p] + n * alpha[p] + beta[p] * n (n - 1) / 2 with n = i - starts[p] + 1. Reads as
     the list of ends (items, slices, len); bisection solves the series' quadratic. It equals the
     running sum of the per-step values to rounding (~1e-15 relative; tests/test_latency.py)."""
-    __slots__ = ("k", "starts", "alpha", "beta", "base")
+    __slots__ = ("k", "starts", "alpha", "beta", "base", "dmin")
 
     def __init__(self, k: int, starts: list[int], alpha: list[float], beta: list[float]):
         self.k = k
@@ -960,10 +960,14 @@ class DecodeSteps(Steps):
         self.alpha = alpha
         self.beta = beta
         base = [0.0]                         # the end offset before each piece
-        for p in range(len(starts) - 1):
-            n = starts[p + 1] - starts[p]
-            base.append(base[p] + n * alpha[p] + beta[p] * (n * (n - 1) // 2))
+        dmin = math.inf                      # the shortest step (a piece's first or last)
+        for p in range(len(starts)):
+            n = (starts[p + 1] if p + 1 < len(starts) else k) - starts[p]
+            if p + 1 < len(starts):
+                base.append(base[p] + n * alpha[p] + beta[p] * (n * (n - 1) // 2))
+            dmin = min(dmin, alpha[p], alpha[p] + beta[p] * (n - 1))
         self.base = base
+        self.dmin = dmin
 
     def __len__(self) -> int:
         return self.k

@@ -73,8 +73,9 @@ class Run:
         self._held: deque = deque()       # closed loop: arrived, waiting for a free slot
         self._on_release = self._release
         self.requests: Optional[list[Request]] = [] if keep_rows and self.n_total <= keep_rows else None
-        pilot = list(itertools.islice(iter(request_source(cfg.workload, cfg.seed, model_override=cfg.model)),
-                                      PILOT_REQUESTS))
+        # a source gives the same requests on every iteration (fresh objects): the pilot is
+        # the first of them, without building (for a trace: loading) the source again
+        pilot = list(itertools.islice(iter(self.workload), PILOT_REQUESTS))
         self.ctx = SimContext(self.env, cfg, self.lat, self._on_complete, self.metrics.add_itl,
                               done=lambda: self.completed >= self.n_total, pilot=pilot)
         self.policy = build_policy(cfg.policy.name, self.ctx)
