@@ -245,16 +245,15 @@ class AREngine:
                     j = e.jump_ends
                     ends = u.ends
                     n_ends = j.k if j is not None and ends is j else len(ends)
+                    if best is not None and r - e.nd * n_ends >= low:
+                        continue
                     start: float = g.start
                     el = now - start + 1e-12
-                    if best is not None:
-                        if j is not None and ends is j:
-                            # nor when the steps that can have ended by now could not (none
-                            # is shorter than dmin; a margin for the ends' rounding)
-                            dmin: float = j.dmin
-                            if el < n_ends * dmin:
-                                n_ends = int(el / dmin + 1e-6)
-                        if r - e.nd * n_ends >= low:
+                    if best is not None and j is not None and ends is j:
+                        # nor when the steps that can have ended by now could not (none is
+                        # shorter than dmin; a margin for the ends' rounding)
+                        dmin: float = j.dmin
+                        if el < n_ends * dmin and r - e.nd * int(el / dmin + 1e-6) >= low:
                             continue
                     r -= e.nd * e._steps_run(u, el)
             if best is None or r < low:
