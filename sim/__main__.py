@@ -60,16 +60,18 @@ def main() -> None:
     # The cyclic GC has nothing to collect in two phases of the process. The objects made while
     # the program is imported (numpy, pandas, pyarrow, Hydra) live as long as the process: the
     # collector is off meanwhile, and they stay frozen out of it while Hydra composes the config,
-    # until sim.cli.hydra_main unfreezes them for the run (sim.run.runner tunes the GC itself).
+    # until sim.cli.hydra_main unfreezes them for the run (sim.cli.FROZEN_AT_IMPORT; the run
+    # then tunes the GC itself: sim.run.gc_control).
     # At exit every object is frozen, so the interpreter's last collections skip them: their
     # memory goes back with the process.
     atexit.register(gc.freeze)
     gc.disable()
     try:
-        from sim.cli import main as cli_main
+        from sim import cli
         gc.freeze()
+        cli.FROZEN_AT_IMPORT = True
         gc.enable()
-        cli_main()
+        cli.main()
     except KeyboardInterrupt as e:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)

@@ -161,9 +161,17 @@ def main() -> None:
         Hydra.get_mode = compose_for_mode      # type: ignore[method-assign]
 
 
+# True while the objects made by importing the program are frozen out of the cyclic GC
+# (sim.__main__ freezes them while Hydra composes); the run unfreezes them first
+FROZEN_AT_IMPORT = False
+
+
 @hydra.main(version_base=None, config_path=CONF_DIR, config_name="config")
 def hydra_main(cfg: DictConfig) -> None:
-    gc.unfreeze()       # what sim.__main__ froze while the program loaded (a no-op otherwise)
+    global FROZEN_AT_IMPORT
+    if FROZEN_AT_IMPORT:
+        gc.unfreeze()
+        FROZEN_AT_IMPORT = False
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
     outdir = Path(hc.runtime.output_dir)

@@ -203,7 +203,7 @@ def test_a_plain_run_writes_what_it_wrote_with_the_mode_composition(synthetic_pr
 
 def test_a_run_starts_with_nothing_frozen(synthetic_profiles, tmp_path):
     """sim.__main__ freezes the imported program out of the cyclic GC while Hydra composes the
-    config; hydra_main unfreezes it, so the runner's own GC tuning (sim.run.runner) applies."""
+    config; hydra_main unfreezes it, so the run's own GC tuning (sim.run.gc_control) applies."""
     code = f"""
 import gc, sys
 import sim.cli
@@ -220,6 +220,21 @@ sim.__main__.main()
                        timeout=240)
     assert p.returncode == 0, p.stderr
     assert "FROZEN 0 True" in p.stdout.splitlines()
+
+
+def test_hydra_main_leaves_a_callers_frozen_set_alone():
+    """Only what sim.__main__ froze is unfrozen by the run: a caller's own gc.freeze() stays."""
+    import gc
+    import sim.cli
+    assert sim.cli.FROZEN_AT_IMPORT is False       # (this process did not start as `python -m sim`)
+    gc.freeze()
+    try:
+        n = gc.get_freeze_count()
+        with pytest.raises(BaseException):
+            sim.cli.hydra_main.__wrapped__(None)   # the task function itself, no config: fails
+        assert gc.get_freeze_count() == n > 0
+    finally:
+        gc.unfreeze()
 
 
 # --- bad input ----------------------------------------------------------------------------------

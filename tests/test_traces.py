@@ -72,6 +72,23 @@ def test_chunked_trace_equals_single(tmp_path, synthetic):
     assert [key(r) for r in w] == b and next(iter(w)) is not first
 
 
+def test_a_run_reads_its_trace_once(tmp_path, synthetic, synthetic_profiles, monkeypatch):
+    """The run's pilot requests (pool sizing) are a second iteration of its source, not a
+    second source: the trace file is read once, and the pilot holds the trace's first requests."""
+    import sim.workloads.trace as trace
+    from conftest import make_cfg
+    from sim.run.runner import Run
+    p = tmp_path / "t.csv"
+    table_of(synthetic).to_csv(p, index=False)
+    reads = []
+    monkeypatch.setattr(trace, "load_trace", lambda *a, **k: reads.append(a) or load_trace(*a, **k))
+    cfg = make_cfg(synthetic_profiles)
+    cfg.workload = trace_cfg(p)
+    r = Run(cfg)
+    assert len(reads) == 1
+    assert [key(x) for x in r.ctx.pilot] == [key(x) for x in synthetic[:len(r.ctx.pilot)]]
+
+
 def test_aliases_epoch_shift_sort_and_scale(tmp_path):
     df = pd.DataFrame({"timestamp": [1.7e9 + 5, 1.7e9 + 1, 1.7e9 + 2],
                        "input_len": [10, 20, 30], "output_len": [3, 4, 5]})

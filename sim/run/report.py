@@ -9,19 +9,18 @@ when the run wrote them; a figure whose data the run did not write says so inste
 """
 from __future__ import annotations
 
-import gc
 import html
 import io
 import math
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
 from sim.names import TEXT_OUT_TASKS
+from sim.run.gc_control import gc_frozen
 from sim.run.output import latency_model_notes, write_text_atomic
 
 TASK_ORDER = ("text", "understand", "generate", "edit", "inpaint", "outpaint")
@@ -264,21 +263,6 @@ def _read_parquet(path: Path, columns: list[str] | None = None) -> pd.DataFrame:
     """pd.read_parquet's frame of one file, read without the dataset API (pyarrow.dataset)."""
     with pq.ParquetFile(path) as f:
         return f.read(columns=columns).to_pandas()
-
-
-@contextmanager
-def gc_frozen() -> Iterator[None]:
-    """The objects made before the report (the program, the run's results) frozen out of the
-    cyclic GC while matplotlib builds and draws the figures: its collections scan only the
-    report's own objects."""
-    ours = gc.get_freeze_count() == 0   # leave a caller's own frozen set alone
-    if ours:
-        gc.freeze()
-    try:
-        yield
-    finally:
-        if ours:
-            gc.unfreeze()
 
 
 @gc_frozen()

@@ -1,11 +1,9 @@
 """One simulation run: config -> workload -> policy -> stage servers -> records -> metrics."""
 from __future__ import annotations
 
-import gc
 import itertools
 import time
 from collections import deque
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
@@ -15,31 +13,13 @@ from sim.core.kernel import Kernel
 from sim.core.records import Request
 from sim.engines.latency import ANALYTIC, ESTIMATED, LatencyModel, table_source_line
 from sim.policies.policy import PILOT_REQUESTS, SimContext, build_policy
+from sim.run.gc_control import gc_tuned_for_simulation
 from sim.run.metrics import MetricsCollector
 from sim.run.output import RequestsParquetWriter, write_json_atomic
 from sim.run.timeline import UtilizationSampler
 from sim.workloads import request_source
 
 REPO_ROOT = ROOT     # (compiled, a module's own __file__ is not its path while it initialises)
-GC_YOUNG_THRESHOLD = 100_000    # allocations between young collections while simulating
-
-
-@contextmanager
-def gc_tuned_for_simulation() -> Iterator[None]:
-    """While a run simulates, the objects set up before it (tables, policy, engines) are frozen
-    out of the cyclic GC and young collections are rarer: finished requests die by refcount
-    (no cycles), so collections only re-scan live objects."""
-    threshold = gc.get_threshold()
-    ours = gc.get_freeze_count() == 0   # leave a caller's own frozen set alone
-    if ours:
-        gc.freeze()
-    gc.set_threshold(max(threshold[0], GC_YOUNG_THRESHOLD), *threshold[1:])
-    try:
-        yield
-    finally:
-        gc.set_threshold(*threshold)
-        if ours:
-            gc.unfreeze()
 
 
 def resolve(path: str) -> Path:
