@@ -23,11 +23,13 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
 import yaml
 from hydra.experimental.callback import Callback
+
+if TYPE_CHECKING:       # pandas is imported where a sweep is gathered: Hydra sets the callback
+    import pandas as pd     # up on every run, and a single run needs no pandas
 
 SKIP = {"utilization.per_gpu"}
 
@@ -56,6 +58,7 @@ def read_overrides(run_dir: Path) -> list[str]:
 
 
 def gather(sweep_dir: str | Path) -> pd.DataFrame:
+    import pandas as pd
     root = Path(sweep_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"{root} is not a directory")
@@ -162,8 +165,8 @@ class SweepTable(Callback):
 
     def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
         root = Path(str(config.hydra.sweep.dir))
-        df = gather(root) if root.is_dir() else pd.DataFrame()
-        if df.empty:
+        df = gather(root) if root.is_dir() else None
+        if df is None or df.empty:
             print(f"sweep {root}: no summary.json written")
             return
         out = root / "sweep.parquet"
