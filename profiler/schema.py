@@ -1,7 +1,8 @@
 """The profile-table contract shared by `profiler` (writes) and `sim` (reads).
 
 One parquet per (gpu, model), long format, one row per grid point. Kept dependency-light
-(pandas + pyarrow only) so the simulator can import it without torch.
+(numpy + pyarrow; pandas only inside the functions that take or return a DataFrame) so the
+simulator imports it without torch or pandas and reads tables with `read_columns`.
 
 Axes by stage (unused axes are null):
 - prefill:  num_tokens = tokens in the engine step (chunk), context_len = tokens already cached for
@@ -19,12 +20,18 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING, Iterable
 
-import pandas as pd
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 STAGES = (
     "preprocess", "vision_encode", "text_encode", "prefill", "decode", "dit_step",
@@ -84,20 +91,101 @@ def empty_frame() -> pd.DataFrame:
     return SCHEMA.empty_table().to_pandas()
 
 
-def normalize(df: pd.DataFrame) -> pd.DataFrame:
-    """Adds missing optional columns as nulls and casts to the contract's types."""
-    missing = [c for c in REQUIRED if c not in df.columns]
+def _check_required(names: Iterable[str]) -> None:
+    have = set(names)
+    missing = [c for c in REQUIRED if c not in have]
     if missing:
         raise SchemaError(f"profile table lacks required columns {missing}; "
                           f"required: {list(REQUIRED)}")
-    df = df.copy()
-    for col in COLUMNS:
-        if col not in df.columns:
-            df[col] = None
-    if "status" in df.columns:
-        df["status"] = df["status"].fillna("ok")
-    table = pa.Table.from_pandas(df[list(COLUMNS)], schema=SCHEMA, preserve_index=False)
-    return table.to_pandas()
+
+
+def _string_scalar(s: str) -> pa.Scalar:
+    """`s` as an arrow string scalar, built from its bytes (pa.scalar would import pandas)."""
+    data = s.encode()
+    offsets = pa.py_buffer(np.array([0, len(data)], dtype=np.int32).tobytes())
+    return pa.StringArray.from_buffers(1, offsets, pa.py_buffer(data))[0]
+
+
+def conform(table: pa.Table) -> pa.Table:
+    """The contract's columns in its order and types: the required ones must be there (else
+    SchemaError), a missing optional one is all nulls, a null status reads as ok, columns
+    outside the contract are dropped. Casts are safe (a value that would change raises)."""
+    _check_required(table.column_names)
+    cols = []
+    for name, typ in COLUMNS.items():
+        if name not in table.column_names:
+            col = pa.chunked_array([pa.nulls(table.num_rows, typ)])
+        else:
+            col = table.column(name)
+            if col.type != typ:
+                col = col.cast(typ)
+        if name == "status":
+            col = pc.coalesce(col, _string_scalar("ok"))
+        cols.append(col)
+    return pa.Table.from_arrays(cols, schema=SCHEMA)
+
+
+def normalize(df: pd.DataFrame) -> pd.DataFrame:
+    """Adds missing optional columns as nulls and casts to the contract's types (`conform`)."""
+    _check_required(df.columns)
+    present = [c for c in COLUMNS if c in df.columns]
+    table = pa.Table.from_pandas(df[present], schema=pa.schema([SCHEMA.field(c) for c in present]),
+                                 preserve_index=False)
+    return conform(table).to_pandas()
+
+
+class Columns:
+    """A profile table as numpy columns, without pandas: an integer column without nulls is an
+    int64 array, any other numeric column float64 with NaN for nulls (pandas' dtypes for the
+    same table), a string column an object array with None for nulls. Read-only by contract:
+    `select` and `with_column` return new tables, never views to write through."""
+    __slots__ = ("data", "nrows")
+
+    def __init__(self, data: dict[str, np.ndarray], nrows: int):
+        self.data = data
+        self.nrows = nrows
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.data[name]
+
+    def __len__(self) -> int:
+        return self.nrows
+
+    def select(self, rows: np.ndarray) -> "Columns":
+        """The rows a boolean mask (or an index array) selects, in table order."""
+        data = {k: v[rows] for k, v in self.data.items()}
+        return Columns(data, len(next(iter(data.values()))) if data else 0)
+
+    def with_column(self, name: str, values: np.ndarray) -> "Columns":
+        return Columns({**self.data, name: values}, self.nrows)
+
+    def to_pandas(self) -> pd.DataFrame:
+        import pandas as pd
+        return pd.DataFrame(self.data)
+
+
+def _numpy_column(col: pa.ChunkedArray) -> np.ndarray:
+    # via Python lists: pyarrow's own to_numpy imports pandas
+    values = col.to_pylist()
+    if pa.types.is_string(col.type):
+        out = np.empty(len(values), dtype=object)
+        out[:] = values
+        return out
+    if pa.types.is_integer(col.type) and not col.null_count:
+        return np.array(values, dtype=np.int64)
+    return np.array(values, dtype=np.float64)          # None -> NaN
+
+
+def read_columns(path: str | os.PathLike) -> Columns:
+    """The table at `path` conformed to the contract (`conform`), as numpy columns (`Columns`);
+    the same rows and values `read_table` gives as a DataFrame."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"profile table not found: {path}")
+    with pq.ParquetFile(path) as f:         # one file: no need of the dataset API (read_table's)
+        table = conform(f.read())
+    return Columns({name: _numpy_column(table.column(name)) for name in table.column_names},
+                   table.num_rows)
 
 
 def validate_rows(df: pd.DataFrame) -> list[str]:
@@ -143,11 +231,12 @@ def read_table(path: str | os.PathLike) -> pd.DataFrame:
     if not path.exists():
         raise FileNotFoundError(f"profile table not found: {path}")
     with pq.ParquetFile(path) as f:         # one file: no need of the dataset API (read_table's)
-        return normalize(f.read().to_pandas())
+        return conform(f.read()).to_pandas()
 
 
 def append_rows(path: str | os.PathLike, rows: list[dict]) -> pd.DataFrame:
     """Appends rows to a table (read + atomic rewrite): each point survives a later crash."""
+    import pandas as pd
     path = Path(path)
     old = read_table(path) if path.exists() else empty_frame()
     new = normalize(pd.DataFrame(rows))
@@ -158,10 +247,12 @@ def append_rows(path: str | os.PathLike, rows: list[dict]) -> pd.DataFrame:
 
 def point_key(row: dict | pd.Series) -> tuple:
     """Hashable identity of a grid point (nulls normalised) for resume."""
+    pd = sys.modules.get("pandas")          # (a pandas NA exists only once pandas is loaded)
+    na = pd.NA if pd is not None else None
     out = []
     for c in KEY_COLUMNS:
         v = row.get(c) if isinstance(row, dict) else row[c]
-        if v is None or (isinstance(v, float) and v != v) or v is pd.NA:
+        if v is None or (isinstance(v, float) and v != v) or v is na:
             v = None
         elif c not in ("model", "stage", "component"):
             v = int(v)

@@ -4,6 +4,8 @@ OOM holes (filled and counted), decode jumps == repeated decode(), the fast path
 numpy reference (tests/reference.py), and clear errors for missing tables and stages."""
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -408,12 +410,13 @@ def test_mixed_rule_on_measured_h100_steps(model):
     if not (root / "h100" / f"{model}.parquet").exists():
         pytest.skip("no measured H100 table")
     lat = LatencyModel(root, "h100", "clamp")
-    df = lat.frame(model)
+    df = lat.frame_df(model)
     rows = list(df[(df["stage"] == "prefill") & (df["num_decode_seqs"].fillna(0) > 0)
                    & (df["status"] == "ok")].itertuples())
     assert len(rows) >= 12
     meas = np.array([r.latency_ms_median / 1e3 for r in rows])
-    composed = np.array([lat._mixed_composed(model, r) for r in rows])
+    composed = np.array([lat._mixed_composed(model, int(r.num_tokens), int(r.num_decode_seqs), r.extra)
+                         for r in rows])
     d = np.array([float(r.num_decode_seqs) for r in rows])
     additive = np.abs((composed + lat.mixed_per_seq(model) * d) / meas - 1)
     factor = np.median(meas / composed)            # the rule this replaced
@@ -582,7 +585,7 @@ def test_prefill_attention_coefficient_is_consistent_with_the_context_rows():
     lat = _measured()
     c, xs, ss = lat.prefill_attention("qwen2_5_7b")
     assert 2.5e-10 < c < 4.0e-10
-    f = lat.frame("qwen2_5_7b")
+    f = lat.frame_df("qwen2_5_7b")
     rows = f[(f["stage"] == "prefill") & (f["context_len"].fillna(0) > 0)
              & (f["num_decode_seqs"].fillna(0) == 0) & (f["num_tokens"] == 8192)]
     assert len(rows) == 2
@@ -1340,3 +1343,81 @@ def test_pure_rows_with_an_empty_context_cell_beside_context_rows(tmp_path):
     lat = LatencyModel(tiny_table(tmp_path, rows, "nc"), C.GPU)
     assert lat.prefill_context_cost("nc", 32, 50.0) == pytest.approx(ms(0.16), rel=1e-9)
     assert lat.report()["oom_hole_lookups"] == {}
+
+
+# --- the table layer without pandas ---------------------------------------------------------------
+
+def test_group_medians_of_hand_made_groups():
+    """Rows with a NaN key are left out, NaN values skipped (a group of NaN only: NaN), groups
+    sorted by the first key, then the second; an even count takes the mean of its middle two."""
+    from sim.engines.latency import group_medians
+    a = np.array([2.0, 1.0, np.nan, 1.0, 2.0, 1.0, 3.0, 1.0, 1.0])
+    b = np.array([0, 5, 1, 5, 0, 0, 7, 5, 5])
+    v = np.array([4.0, 1.0, 9.0, 3.0, np.nan, 10.0, np.nan, 0.1, 0.2])
+    (ka, kb), med = group_medians([a, b], v)
+    assert ka.tolist() == [1.0, 1.0, 2.0, 3.0] and kb.tolist() == [0, 5, 0, 7]
+    assert np.array_equal(med, [10.0, (0.2 + 1.0) / 2, 4.0, np.nan], equal_nan=True)
+    (k,), med = group_medians([np.array([3.0, 1.0, 3.0])], np.array([1.0, 2.0, 5.0]))
+    assert k.tolist() == [1.0, 3.0] and med.tolist() == [2.0, 3.0]
+    (k,), med = group_medians([np.array([np.nan, np.nan])], np.array([1.0, 2.0]))
+    assert len(k) == 0 and len(med) == 0
+    (k0, k1), med = group_medians([np.empty(0), np.empty(0, dtype=np.int64)], np.empty(0))
+    assert len(k0) == len(k1) == len(med) == 0
+
+
+_KEY = st.sampled_from([0.0, 1.0, 2.5, 16.0, float("nan")])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(_KEY, st.sampled_from([1, 2, 3]), _KEY,
+                          st.one_of(st.floats(-1e6, 1e6), st.just(float("nan")))), max_size=40))
+def test_group_medians_is_pandas_groupby_median(rows):
+    """group_medians == pandas' groupby(keys)[value].median(), bit for bit, on one to three key
+    columns (float with NaN, int) and values with NaN."""
+    from sim.engines.latency import group_medians
+    df = pd.DataFrame(rows, columns=["a", "b", "c", "v"]).astype({"a": float, "b": "int64", "c": float, "v": float})
+    for cols in (["a"], ["b"], ["a", "b"], ["c", "a", "b"]):
+        want = df.groupby(cols)["v"].median()
+        keys, med = group_medians([df[c].to_numpy() for c in cols], df["v"].to_numpy())
+        got = list(zip(*[k.tolist() for k in keys]))
+        assert got == [k if isinstance(k, tuple) else (k,) for k in want.index.tolist()]
+        assert np.array_equal(med, want.to_numpy(), equal_nan=True)
+
+
+def test_the_table_layer_loads_no_pandas():
+    """A run's table layer -- sim.names, sim.config, the latency model, the vLLM-Omni costs, the
+    metrics -- reads every shipped profile table and builds every grid a run can ask for
+    without loading pandas (in a fresh interpreter). Trace replay's reader
+    (sim.workloads.trace) is outside this check and stood in for."""
+    code = """
+import sys, types
+from pathlib import Path
+sys.modules["sim.workloads.trace"] = types.SimpleNamespace(TraceWorkload=None)
+import sim.names, sim.config, sim.run.metrics
+from sim.engines.latency import LatencyModel, MissingProfileError
+from sim.engines.omni import OmniCosts
+root = Path("traces/profiles")
+for table in sorted(root.glob("*/*.parquet")):
+    lat, m = LatencyModel(root, table.parent.name, "clamp", None), table.stem
+    t = lat.frame(m)
+    comps = {c for s, c in zip(t["stage"], t["component"]) if s == "text_encode"}
+    asks = [lambda: lat.ar_step(m, 512, 4, 1000.0, 100.0, 512.0 ** 2), lambda: lat.host_per_seq(m),
+            lambda: lat.decode_run(m, 4, 100.0, 50), lambda: lat.vision_encode(m, 1024),
+            lambda: lat.dit_step(m, 1, 4096), lambda: lat.dit_step_joint(m, 1, 4096, 64),
+            lambda: lat.dit_step_text(m, 4096, 64), lambda: lat.vae(m, "vae_encode", 1, 512, 512),
+            lambda: lat.vae(m, "vae_decode", 1, 512, 512)]
+    asks += [lambda c=c: lat.text_encode(m, c, 1, 64) for c in comps]
+    for ask in asks:
+        try:
+            ask()
+        except MissingProfileError:
+            pass
+    lat.report()
+OmniCosts("qwen_image", LatencyModel(root, "h100", "clamp"),
+          LatencyModel(root, "h100-vllm-omni", "clamp")).sources()
+print("pandas loaded:", "pandas" in sys.modules)
+"""
+    p = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.strip().splitlines()[-1] == "pandas loaded: False"

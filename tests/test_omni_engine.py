@@ -392,7 +392,7 @@ def test_dit_step_joint_follows_the_measured_text_rows(tmp_path):
     measured, and with the 1,024-text-token row left out the joint-length rule predicts it from
     the rest within 5% (252 ms against 243 ms)."""
     lat = LatencyModel(REPO / "traces/profiles", "h100")
-    df = lat.frame("qwen_image")
+    df = lat.frame_df("qwen_image")
     sel = (df.stage == "dit_step") & (df.seq_len == 4096) & (df.batch_size == 1)
     t1024 = float(df[sel & (df.num_tokens == 1024)]["latency_ms_median"].iloc[0]) / 1e3
     t64 = float(df[sel & (df.num_tokens == 64)]["latency_ms_median"].iloc[0]) / 1e3

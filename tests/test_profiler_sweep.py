@@ -1,14 +1,19 @@
 """Profiler runner on the CPU: grid planning, resume after an interruption, OOM recording,
-the time budget, schema round-trip, and `check` catching broken tables."""
+the time budget, schema round-trip, the simulator's column reader, and `check` catching broken
+tables."""
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+import conftest as C  # noqa: E402
 from profiler_tiny import tiny_spec  # noqa: E402
 
 from profiler import schema  # noqa: E402
@@ -158,6 +163,63 @@ def test_schema_round_trip(tmp_path):
     pd.testing.assert_frame_equal(df, back)
     assert list(back.columns) == list(schema.COLUMNS)
     assert back["engine"].eq("analytic").all() and back["flops"].gt(0).all()
+
+
+def _same_column(a, b) -> bool:
+    """Equal values, nulls in the same places (NaN or None alike)."""
+    a, b = pd.Series(a, dtype=object), pd.Series(b, dtype=object)
+    return a.isna().equals(b.isna()) and a[a.notna()].tolist() == b[b.notna()].tolist()
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "traces" / "profiles").glob("*/*.parquet")),
+                         ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_read_columns_holds_what_read_table_holds(path):
+    """The simulator's pandas-free reader gives every shipped table's rows, values and numeric
+    dtypes as read_table's DataFrame has them (int64 without nulls, else float64 with NaN)."""
+    cols, df = schema.read_columns(path), schema.read_table(path)
+    assert len(cols) == len(df) and list(cols.data) == list(df.columns) == list(schema.COLUMNS)
+    for c in schema.COLUMNS:
+        if pd.api.types.is_numeric_dtype(df[c]):
+            assert cols[c].dtype == df[c].dtype, c
+            assert np.array_equal(cols[c], df[c].to_numpy(), equal_nan=True), c
+        else:
+            assert cols[c].dtype == object and _same_column(cols[c], df[c]), c
+
+
+def test_read_columns_conforms_a_table_to_the_contract(tmp_path):
+    """A table with only the required columns, a null status, nulls in integer and string
+    columns and a column outside the contract reads as the contract's columns: the optional
+    ones all null, the status ok, an integer column with a null as float64 with NaN, a string
+    column as objects with None; a table without a required column is refused."""
+    base = pd.DataFrame([dict(C.PROVENANCE, model="m", stage="decode", batch_size=b, tp=1,
+                              num_tokens=b, context_len=c, height=None, width=None,
+                              latency_ms_median=v, latency_ms_p10=v, latency_ms_p90=v)
+                         for b, c, v in [(1, 16, 1.5), (2, None, 2.5), (4, 64, 3.5)]])
+    base["status"] = ["ok", None, "oom"]
+    base["gpu"] = ["h100", None, "h100"]
+    base["not_in_contract"] = 7
+    path = tmp_path / "t.parquet"
+    pq.write_table(pa.Table.from_pandas(base, preserve_index=False), path)
+    cols = schema.read_columns(path)
+    assert len(cols) == 3 and list(cols.data) == list(schema.COLUMNS)
+    assert cols["status"].tolist() == ["ok", "ok", "oom"]
+    assert cols["gpu"].dtype == object and cols["gpu"].tolist() == ["h100", None, "h100"]
+    assert cols["batch_size"].dtype == np.int64 and cols["batch_size"].tolist() == [1, 2, 4]
+    assert cols["context_len"].dtype == np.float64
+    assert np.array_equal(cols["context_len"], [16.0, np.nan, 64.0], equal_nan=True)
+    assert np.isnan(cols["seq_len"]).all() and cols["seq_len"].dtype == np.float64
+    assert cols["extra"].tolist() == [None] * 3
+    sel = cols.select(cols["batch_size"] > 1)
+    assert len(sel) == 2 and sel["latency_ms_median"].tolist() == [2.5, 3.5]
+    assert len(cols) == 3                                   # (select makes a new table)
+    empty = tmp_path / "empty.parquet"
+    schema.write_table(schema.empty_frame(), empty)
+    e = schema.read_columns(empty)
+    assert len(e) == 0 and all(len(v) == 0 for v in e.data.values())
+    assert e["batch_size"].dtype == np.int64 and e["stage"].dtype == object
+    pq.write_table(pa.Table.from_pandas(base.drop(columns=["latency_ms_median"]), preserve_index=False), path)
+    with pytest.raises(schema.SchemaError, match="lacks required columns.*latency_ms_median"):
+        schema.read_columns(path)
 
 
 def test_check_passes_good_and_catches_bad(tmp_path, capsys):

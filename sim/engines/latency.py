@@ -7,6 +7,10 @@ grid points, so its steps are a few linear pieces and their end offsets arithmet
 cost of a jump does not grow with its length. tests/reference.py holds the plain numpy
 formulation of both (per-step values, a running sum), the oracle tests/test_latency.py compares
 them with.
+
+Tables are read as numpy columns (profiler.schema.read_columns) and grouped with numpy
+(`group_medians`, pandas' groupby median to the bit): a run loads no pandas for its tables.
+`LatencyModel.frame_df` gives a model's rows as a DataFrame to studies and tools.
 """
 from __future__ import annotations
 
@@ -19,9 +23,8 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
-import pandas as pd
 
-from profiler.schema import read_table
+from profiler.schema import Columns, read_columns
 from sim.config import OutOfRange
 from sim.core.gpu import Steps
 from sim.core.mypyc_compat import mypyc_attr
@@ -85,10 +88,9 @@ def _at1(g: "Grid", i: int, w: float) -> tuple[float, bool]:
     return (out if out > 1e-6 else 1e-6), hole
 
 
-def _mixed_decode_context(row) -> float | None:
-    """Decode context of a measured mixed step: the profiler stores it in `extra` (context_len
-    there is the prefill chunk's own context)."""
-    extra = getattr(row, "extra", None)
+def _mixed_decode_context(extra: Any) -> float | None:
+    """Decode context of a measured mixed step from its row's `extra` (the profiler stores it
+    there; context_len is the prefill chunk's own context)."""
     if isinstance(extra, str) and extra:
         e = json.loads(extra)
         v = e.get("measured_mean_context", e.get("decode_context"))
@@ -118,17 +120,12 @@ class Grid:
     filled: np.ndarray          # bool mask of cells that were holes
 
     @classmethod
-    def from_frame(cls, name: str, df: pd.DataFrame, cols: list[str], fill=None) -> "Grid":
-        """`fill(vals, axes)` fills the NaN cells (default `_fill_holes`)."""
-        if df.empty:
+    def from_table(cls, name: str, rows: Columns, cols: list[str], fill=None) -> "Grid":
+        """The grid of the rows' median latency over the columns `cols` (`median_grid`);
+        `fill(vals, axes)` fills the NaN cells (default `_fill_holes`)."""
+        if not len(rows):
             raise MissingProfileError(f"profile has no measured rows for {name}")
-        g = df.groupby(cols)["latency_ms_median"].median() / 1e3
-        axes = [sorted(float(v) for v in df[c].unique()) for c in cols]
-        vals = np.full([len(a) for a in axes], np.nan)
-        idx = [{v: i for i, v in enumerate(a)} for a in axes]
-        for key, v in g.items():
-            key = key if isinstance(key, tuple) else (key,)
-            vals[tuple(idx[d][float(k)] for d, k in enumerate(key))] = v
+        axes, vals = median_grid(rows, cols)
         holes = np.isnan(vals)
         if holes.any():
             vals = (fill or _fill_holes)(vals, axes)
@@ -151,6 +148,52 @@ class Grid:
 
     def lo_hi(self) -> list[tuple[float, float]]:
         return [(a[0], a[-1]) for a in self.axes]
+
+
+def _median(x: np.ndarray) -> float:
+    x = x[~np.isnan(x)]
+    return float(np.median(x)) if len(x) else math.nan
+
+
+def group_medians(keys: list[np.ndarray], values: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
+    """pandas' `groupby(keys)[values].median()` on numpy columns: rows with a NaN key are left
+    out, NaN values are skipped (a group of NaN values only has median NaN), and the groups come
+    in ascending key order, the first key first. Returns each key column's value per group and
+    the groups' medians (numpy's: an even count takes the mean of the two middle values)."""
+    keep = np.ones(len(values), dtype=bool)
+    for k in keys:
+        keep &= ~np.isnan(k)
+    order = np.lexsort([k[keep] for k in keys[::-1]])       # (lexsort's last key sorts first)
+    ks = [k[keep][order] for k in keys]
+    v = values[keep][order]
+    first = np.zeros(len(v), dtype=bool)                     # a group's first row
+    first[:1] = True
+    for k in ks:
+        first[1:] |= k[1:] != k[:-1]
+    starts = np.flatnonzero(first)
+    ends = [*starts[1:].tolist(), len(v)]
+    meds = np.array([_median(v[a:b]) for a, b in zip(starts.tolist(), ends)], dtype=float)
+    return [k[starts] for k in ks], meds
+
+
+def median_grid(rows: Columns, cols: list[str]) -> tuple[list[list[float]], np.ndarray]:
+    """(axes, values): each axis the distinct non-null values of one of `cols`, ascending; a
+    cell the median latency_ms_median / 1e3 (seconds) of the rows at that point
+    (`group_medians`), NaN where no row is."""
+    keys, meds = group_medians([rows[c] for c in cols], rows["latency_ms_median"])
+    axes = []
+    for c in cols:
+        x = rows[c]
+        axes.append(np.unique(x[~np.isnan(x)]).astype(float).tolist())
+    vals = np.full([len(a) for a in axes], np.nan)
+    vals[tuple(np.searchsorted(a, k) for a, k in zip(axes, keys))] = meds / 1e3
+    return axes, vals
+
+
+def _no_decodes(rows: Columns) -> np.ndarray:
+    """Rows with no decode sequence in the step (an empty num_decode_seqs cell reads as 0)."""
+    n = rows["num_decode_seqs"]
+    return np.isnan(n) | (n == 0)
 
 
 def _fill_holes(vals: np.ndarray, axes: list[list[float]]) -> np.ndarray:
@@ -222,58 +265,57 @@ _AXES = {"batch_size": 1, "tp": 1, "num_tokens": 0, "context_len": 0, "height": 
          "seq_len": 0, "num_decode_seqs": 0}
 
 
-def read_profile(path: Path) -> pd.DataFrame:
+def read_profile(path: Path) -> Columns:
     """A profile table, read and checked: a file that cannot be read, or a status=ok row with
     a latency that is not a positive finite number or an axis out of range, stops the run with
     one ConfigError naming the file, the row and the field."""
     from sim.config import ConfigError
     hint = f"(`python -m profiler check {path}` lists what is wrong)"
     try:
-        df = read_table(path)
-    except Exception as e:              # pyarrow/pandas errors have no common base
+        t = read_columns(path)
+    except Exception as e:              # pyarrow errors have no common base
         msg = (str(e).strip().splitlines() or [""])[0]
         raise ConfigError(f"profile table {path} cannot be read ({type(e).__name__}: {msg}); "
                           f"allowed: a parquet table written by `python -m profiler` (measure it again, or "
                           f"restore it: `git checkout -- {path}` for a shipped one)") from None
-    ok = (df["status"] == "ok").to_numpy()
-    lat = pd.to_numeric(df["latency_ms_median"], errors="coerce").to_numpy(dtype=float)
+    ok = t["status"] == "ok"
+    lat = t["latency_ms_median"]
     bad = ok & ~(np.isfinite(lat) & (lat > 0))
     checks = [("latency_ms_median", bad, "a positive, finite number of ms on status=ok rows")]
     for col, least in _AXES.items():
-        v = pd.to_numeric(df[col], errors="coerce").to_numpy(dtype=float)
+        v = t[col]
         checks.append((col, ok & ~np.isnan(v) & ~(v >= least), f"a number >= {least} (or null)"))
     for col, mask, allowed in checks:
         if mask.any():
             i = int(np.flatnonzero(mask)[0])
-            r = df.iloc[i]
-            raise ConfigError(f"profile table {path}: row {i} (model={r['model']}, stage="
-                              f"{r['stage']}), field {col!r}: {r[col]!r} is invalid; allowed: "
-                              f"{allowed} {hint}")
-    return df
+            raise ConfigError(f"profile table {path}: row {i} (model={t['model'][i]}, stage="
+                              f"{t['stage'][i]}), field {col!r}: {t[col][i]!r} is invalid; "
+                              f"allowed: {allowed} {hint}")
+    return t
 
 
 # the ok rows of each table read in this process, by (path, mtime_ns, size): many runs in one
 # process (capacity probes, sweeps' workers, tests) read the same tables once. Readers treat the
-# frames as read-only (every derived grid works on copies).
-_OK_ROWS: dict[tuple[str, int, int], pd.DataFrame] = {}
+# tables as read-only (Columns.select and with_column make new ones).
+_OK_ROWS: dict[tuple[str, int, int], Columns] = {}
 
 
-def ok_rows(path: Path) -> pd.DataFrame:
+def ok_rows(path: Path) -> Columns:
     """The status=ok rows of the table at `path` (read_profile), read once per file version."""
     st = path.stat()
     key = (str(path.resolve()), st.st_mtime_ns, st.st_size)
-    df = _OK_ROWS.get(key)
-    if df is None:
+    t = _OK_ROWS.get(key)
+    if t is None:
         full = read_profile(path)
-        df = full[full["status"] == "ok"]
+        t = full.select(full["status"] == "ok")
         # a prefill row's empty context_len is no cached context (the profiler writes 0); read
         # as 0, so the chunk-after-context grid's context axis starts at 0, not at NaN
-        empty_ctx = (df["stage"] == PREFILL) & df["context_len"].isna()
+        ctx = t["context_len"]
+        empty_ctx = (t["stage"] == PREFILL) & np.isnan(ctx)
         if empty_ctx.any():
-            df = df.copy()
-            df.loc[empty_ctx, "context_len"] = 0
-        _OK_ROWS[key] = df
-    return df
+            t = t.with_column("context_len", np.where(empty_ctx, 0.0, ctx))
+        _OK_ROWS[key] = t
+    return t
 
 
 def table_source_line(t: dict[str, Any]) -> str:
@@ -311,7 +353,7 @@ class LatencyModel:
         self.mode = OutOfRange(out_of_range)
         self.outside: Counter[str] = Counter()   # name -> lookups outside the grid
         self.hole_hits: Counter[str] = Counter()
-        self._frames: dict[str, pd.DataFrame] = {}
+        self._frames: dict[str, Columns] = {}
         self._paths: dict[str, tuple[Path, str]] = {}   # model -> (table read, its source)
         self._grids: dict[tuple, Grid] = {}
         self._mixed_per_seq: dict[str, float] = {}
@@ -358,7 +400,8 @@ class LatencyModel:
                 return path, source
         return self.root / self.gpu / f"{model}.parquet", MISSING
 
-    def frame(self, model: str) -> pd.DataFrame:
+    def frame(self, model: str) -> Columns:
+        """`model`'s status=ok rows (ok_rows) from its table (resolve)."""
         if model not in self._frames:
             path, source = self.resolve(model)
             if source == MISSING:
@@ -375,6 +418,10 @@ class LatencyModel:
                 source = ANALYTIC        # rows computed, not measured, whatever folder they are in
             self._paths[model] = (path, source)
         return self._frames[model]
+
+    def frame_df(self, model: str) -> Any:
+        """frame(model) as a pandas DataFrame (imports pandas: for studies and tools, not runs)."""
+        return self.frame(model).to_pandas()
 
     def source(self, model: str) -> str:
         """measured | estimated | analytic: where `model`'s latencies come from."""
@@ -401,12 +448,11 @@ class LatencyModel:
         return self.models_from(ANALYTIC)
 
     def engine_settings(self, model: str) -> dict:
-        df = self.frame(model)
-        s = df["engine_settings"].dropna()
-        return json.loads(s.iloc[0]) if len(s) else {}
+        s = [x for x in self.frame(model)["engine_settings"].tolist() if x is not None]
+        return json.loads(s[0]) if s else {}
 
     def engines(self, model: str) -> list[str]:
-        return sorted(self.frame(model)["engine"].dropna().unique())
+        return sorted({e for e in self.frame(model)["engine"].tolist() if e is not None})
 
     def _grid(self, model: str, stage: str, cols: list[str], where=None, tag: str = "",
               fill=None) -> Grid:
@@ -414,16 +460,16 @@ class LatencyModel:
         key = (model, stage, tuple(cols), tag, getattr(fill, "__name__", None))
         g = self._grids.get(key)
         if g is None:
-            df = self.frame(model)
-            df = df[df["stage"] == stage]
+            t = self.frame(model)
+            rows = t.select(t["stage"] == stage)
             if where is not None:
-                df = df[where(df)]
-            if df.empty:
+                rows = rows.select(where(rows))
+            if not len(rows):
                 raise MissingProfileError(
                     f"profile table of model={model!r} (gpu={self.gpu!r}) has no status=ok rows "
                     f"for stage={stage!r}{' ' + tag if tag else ''}; stages present: "
-                    f"{sorted(self.frame(model)['stage'].unique())}")
-            g = Grid.from_frame(f"{model}/{stage}{'/' + tag if tag else ''}", df, cols, fill)
+                    f"{sorted({x for x in t['stage'].tolist() if x is not None})}")
+            g = Grid.from_table(f"{model}/{stage}{'/' + tag if tag else ''}", rows, cols, fill)
             self._grids[key] = g
         return g
 
@@ -514,14 +560,11 @@ class LatencyModel:
                 g = self._grid(model, DECODE, ["batch_size", "context_len"], fill=_fill_decode_holes)
             elif which == PREFILL:
                 g = self._grid(model, PREFILL, ["num_tokens"],
-                               lambda d: (d["num_decode_seqs"].fillna(0) == 0)
-                               & (d["context_len"] == 0), "pure")      # no NaN: ok_rows
+                               lambda d: _no_decodes(d) & (d["context_len"] == 0), "pure")  # no NaN: ok_rows
             else:
-                df = self.frame(model)
-                no_dec = df["num_decode_seqs"].fillna(0) == 0
-                has = ((df["stage"] == PREFILL) & (df["context_len"] > 0) & no_dec).any()
-                g = self._grid(model, PREFILL, ["num_tokens", "context_len"],
-                               lambda d: (d["num_decode_seqs"].fillna(0) == 0), "ctx") if has else None
+                t = self.frame(model)
+                has = ((t["stage"] == PREFILL) & (t["context_len"] > 0) & _no_decodes(t)).any()
+                g = self._grid(model, PREFILL, ["num_tokens", "context_len"], _no_decodes, "ctx") if has else None
             self._ar_grids[(model, which)] = g
         return g
 
@@ -700,12 +743,10 @@ class LatencyModel:
             self.mode = saved
         return max(0.0, with_ctx - self.prefill(model, tokens))
 
-    def _mixed_composed(self, model: str, r) -> float:
+    def _mixed_composed(self, model: str, n: int, d: int, extra: Any) -> float:
         """The composition rule without the mixed term, for a measured mixed-step row (one
-        prompt chunk of num_tokens beside num_decode_seqs decodes)."""
-        d = int(r.num_decode_seqs)
-        ctx = _mixed_decode_context(r) or self._min_ctx(model)
-        n = int(r.num_tokens)
+        prompt chunk of n tokens beside d decodes; `extra`: the row's extra)."""
+        ctx = _mixed_decode_context(extra) or self._min_ctx(model)
         t = self.prefill(model, n + d)
         c, xs, ss = self._attn.get(model) or self.prefill_attention(model)
         if c > 0.0:
@@ -726,20 +767,22 @@ class LatencyModel:
         a step from the grid's single-prompt attention to that of its actual chunks."""
         if model in self._attn:
             return self._attn[model]
-        df = self.frame(model)
-        pf = df[df["stage"] == PREFILL]
-        dec = pf["num_decode_seqs"].fillna(0) == 0
+        t = self.frame(model)
+        pf = t.select(t["stage"] == PREFILL)
+        dec = _no_decodes(pf)
         ctxc = pf["context_len"]             # a prefill row's empty cell reads as 0 (ok_rows)
-        pure = pf[dec & (ctxc == 0)]
-        with_ctx = pf[dec & (ctxc > 0)]
-        g = pure.assign(S=pure["num_tokens"].astype(float) ** 2 / pure["batch_size"].clip(lower=1))
-        sq = g.groupby("num_tokens")["S"].median()
-        xs = [float(x) for x in sq.index]
-        ss = [float(v) for v in sq.values]
-        rows = [(1.0, float(r.num_tokens), float(r.S), r.latency_ms_median / 1e3)
-                for r in g.itertuples() if r.num_tokens >= 256]
-        rows += [(1.0, float(r.num_tokens), float(r.num_tokens) ** 2 + 2.0 * r.num_tokens * r.context_len,
-                  r.latency_ms_median / 1e3) for r in with_ctx.itertuples()]
+        pure = pf.select(dec & (ctxc == 0))
+        with_ctx = pf.select(dec & (ctxc > 0))
+        n_pure = pure["num_tokens"]
+        sq_pure = n_pure.astype(float) ** 2 / np.clip(pure["batch_size"], 1, None)
+        keys, meds = group_medians([n_pure], sq_pure)
+        xs = [float(x) for x in keys[0].tolist()]
+        ss = [float(v) for v in meds.tolist()]
+        rows = [(1.0, float(n), float(s), ms / 1e3) for n, s, ms in
+                zip(n_pure.tolist(), sq_pure.tolist(), pure["latency_ms_median"].tolist()) if n >= 256]
+        rows += [(1.0, float(n), float(n) ** 2 + 2.0 * n * c, ms / 1e3) for n, c, ms in
+                 zip(with_ctx["num_tokens"].tolist(), with_ctx["context_len"].tolist(),
+                     with_ctx["latency_ms_median"].tolist())]
         c = 0.0
         if len(rows) >= 4:
             a = np.array(rows)
@@ -758,15 +801,16 @@ class LatencyModel:
         tokens; 64 decodes: +3.2 / +2.6 / +3.1 ms), and a factor (median ratio 1.08) made an
         8,192-token chunk ~15 ms too long against the steps `vllm serve` logged."""
         if model not in self._mixed_per_seq:
-            df = self.frame(model)
-            mixed = df[(df["stage"] == PREFILL) & (df["num_decode_seqs"].fillna(0) > 0)]
+            t = self.frame(model)
+            mixed = t.select((t["stage"] == PREFILL) & (t["num_decode_seqs"] > 0))   # (NaN: not > 0)
             sxy = sxx = 0.0
-            for r in mixed.itertuples():
+            for ms, n, dn, extra in zip(mixed["latency_ms_median"].tolist(), mixed["num_tokens"].tolist(),
+                                        mixed["num_decode_seqs"].tolist(), mixed["extra"].tolist()):
                 try:
-                    resid = r.latency_ms_median / 1e3 - self._mixed_composed(model, r)
+                    resid = ms / 1e3 - self._mixed_composed(model, int(n), int(dn), extra)
                 except (OutOfGridError, MissingProfileError):
                     continue
-                d = float(r.num_decode_seqs)
+                d = float(dn)
                 sxy += resid * d
                 sxx += d * d
             self._mixed_per_seq[model] = sxy / sxx if sxx else 0.0
@@ -781,14 +825,13 @@ class LatencyModel:
         return self._lookup1(g, image_tokens)
 
     def _vision_grid(self, model: str) -> Grid:
-        df = self.frame(model)
+        t = self.frame(model)
         key = (model, VISION_ENCODE, ("total",), "")
         g = self._grids.get(key)
         if g is None:
-            d = df[df["stage"] == VISION_ENCODE].copy()
-            d["total"] = d["num_tokens"] * d["batch_size"]
-            d = d.groupby("total", as_index=False)["latency_ms_median"].median()
-            g = Grid.from_frame(f"{model}/{VISION_ENCODE}", d, ["total"])
+            d = t.select(t["stage"] == VISION_ENCODE)
+            d = d.with_column("total", d["num_tokens"] * d["batch_size"])
+            g = Grid.from_table(f"{model}/{VISION_ENCODE}", d, ["total"])
             self._grids[key] = g
         return g
 
@@ -825,21 +868,15 @@ class LatencyModel:
         return self._lookup2(e[0], batch, seq_len + text_tokens - e[1])
 
     def _joint_grid(self, model: str) -> tuple[Grid, float]:
-        df = self.frame(model)
-        d = df[(df["stage"] == DIT_STEP) & df["num_tokens"].notna()]
-        if d.empty:
+        t = self.frame(model)
+        d = t.select((t["stage"] == DIT_STEP) & ~np.isnan(t["num_tokens"]))
+        if not len(d):
             raise MissingProfileError(f"profile table of model={model!r} has no dit_step rows "
                                       "with num_tokens (the text length)")
-        t0 = float(d["num_tokens"].mode().min())
-        d = d.assign(joint=d["seq_len"] + d["num_tokens"] - t0)
-        med = d.groupby(["batch_size", "joint"])["latency_ms_median"].median() / 1e3
-        b_axis = sorted(float(x) for x in d["batch_size"].unique())
-        j_axis = sorted(float(x) for x in d["joint"].unique())
-        vals = np.full((len(b_axis), len(j_axis)), np.nan)
-        bi = {b: i for i, b in enumerate(b_axis)}
-        ji = {j: i for i, j in enumerate(j_axis)}
-        for (b, j), v in med.items():
-            vals[bi[float(b)], ji[float(j)]] = v
+        texts, counts = np.unique(d["num_tokens"], return_counts=True)
+        t0 = float(texts[np.argmax(counts)])        # the most common length (the least of ties)
+        d = d.with_column("joint", d["seq_len"] + d["num_tokens"] - t0)
+        (b_axis, j_axis), vals = median_grid(d, ["batch_size", "joint"])
         filled = np.zeros(vals.shape, dtype=bool)
         ja = np.asarray(j_axis)
         for i in range(len(b_axis)):
@@ -885,12 +922,12 @@ class LatencyModel:
         key = (model, stage, ("batch_size", "pixels"), "")
         g = self._grids.get(key)
         if g is None:
-            d = self.frame(model)
-            d = d[d["stage"] == stage].copy()
-            if d.empty:
+            t = self.frame(model)
+            d = t.select(t["stage"] == stage)
+            if not len(d):
                 raise MissingProfileError(f"profile table of model={model!r} has no rows for stage={stage!r}")
-            d["pixels"] = d["height"] * d["width"]
-            g = Grid.from_frame(f"{model}/{stage}", d, ["batch_size", "pixels"])
+            d = d.with_column("pixels", d["height"] * d["width"])
+            g = Grid.from_table(f"{model}/{stage}", d, ["batch_size", "pixels"])
             self._grids[key] = g
         return g
 

@@ -436,7 +436,7 @@ class OmniCosts:
 
 def _has_model(lat: Any, model: str) -> bool:
     try:
-        return not lat.frame(model).empty
+        return len(lat.frame(model)) > 0
     except FileNotFoundError:           # (MissingProfileError: no table for it in that set)
         return False
 
@@ -444,41 +444,45 @@ def _has_model(lat: Any, model: str) -> bool:
 def _spans_text(lat: Any, model: str) -> bool:
     """Do the table's batch-1 dit_step rows form a product grid over seq_len x num_tokens with
     at least two of each (profiler.omni_table's rows; a sweep's rows at one text length do not)?"""
-    df = lat.frame(model)
-    d = df[(df["stage"] == DIT_STEP) & (df["batch_size"] == 1)].dropna(subset=["seq_len", "num_tokens"])
-    s, t = d["seq_len"].nunique(), d["num_tokens"].nunique()
-    return s >= 2 and t >= 2 and len(d.drop_duplicates(["seq_len", "num_tokens"])) == s * t
+    t = lat.frame(model)
+    seq, text = t["seq_len"], t["num_tokens"]
+    sel = (t["stage"] == DIT_STEP) & (t["batch_size"] == 1) & ~np.isnan(seq) & ~np.isnan(text)
+    seqs, texts = seq[sel].tolist(), text[sel].tolist()
+    s, n = len(set(seqs)), len(set(texts))
+    return s >= 2 and n >= 2 and len(set(zip(seqs, texts))) == s * n
 
 
 def _max_batch(lat: Any, model: str, stage: str) -> int:
-    df = lat.frame(model)
-    b = df.loc[df["stage"] == stage, "batch_size"].dropna()
+    t = lat.frame(model)
+    b = t["batch_size"][t["stage"] == stage]
+    b = b[~np.isnan(b)]
     return int(b.max()) if len(b) else 0
 
 
-def _row_law(df: Any, stage: str, component: str) -> Optional[Callable[[float], float]]:
-    """seconds(pixels) from a vLLM-Omni table's rows of (stage, component): interpolated over
-    height x width (held at the ends), or the row's value when the rows have no size; None
-    when the table has no such rows."""
-    if df is None:
+def _row_law(rows: Any, stage: str, component: str) -> Optional[Callable[[float], float]]:
+    """seconds(pixels) from a vLLM-Omni table's rows (LatencyModel.frame) of (stage,
+    component): interpolated over height x width (held at the ends), or the rows' median when
+    they have no size; None when the table has no such rows."""
+    if rows is None:
         return None
-    d = df[(df["stage"] == stage) & (df["component"] == component)]
-    if d.empty:
+    d = rows.select((rows["stage"] == stage) & (rows["component"] == component))
+    if not len(d):
         return None
-    ms = d["latency_ms_median"].to_numpy(float)
-    if d["height"].isna().all():
+    ms = d["latency_ms_median"].astype(float)
+    if np.isnan(d["height"]).all():
         v = float(np.median(ms)) / 1e3
         return lambda _px: v
-    px = (d["height"] * d["width"]).to_numpy(float)
+    px = (d["height"] * d["width"]).astype(float)
     order = np.argsort(px)
     xs, ys = px[order].tolist(), (ms[order] / 1e3).tolist()
     return lambda p: float(np.interp(p, xs, ys))
 
 
-def _first_use_s(df: Any) -> float:
+def _first_use_s(rows: Any) -> float:
     """The first-use cost (s) of an output size's VAE decode, from the vae_decode rows' extra."""
-    d = df[df["stage"] == VAE_DECODE]["extra"].dropna()
-    for e in d:
+    for e in rows["extra"][rows["stage"] == VAE_DECODE].tolist():
+        if e is None:
+            continue
         try:
             v = json.loads(e).get("first_use_ms")
         except (TypeError, ValueError):
@@ -489,10 +493,10 @@ def _first_use_s(df: Any) -> float:
 
 
 def _has_stage(lat: Any, model: str, stage: str, component: Optional[str] = None) -> bool:
-    df = lat.frame(model)
-    sel = df["stage"] == stage
+    t = lat.frame(model)
+    sel = t["stage"] == stage
     if component is not None:
-        sel &= df["component"] == component
+        sel = sel & (t["component"] == component)
     return bool(sel.any())
 
 

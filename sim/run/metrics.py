@@ -30,7 +30,6 @@ from array import array
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
 from sim.config import SLOConfig
 from sim.run.output import REQUEST_COLUMNS, meets_slo, request_row, rows_to_table
@@ -245,8 +244,9 @@ class MetricsCollector:
             return np.array(self._i[name], dtype=np.int64)
         raise KeyError(f"column {name!r} is not recorded; allowed: {list(_FLOAT_COLS + _INT_COLS)}")
 
-    def requests_frame(self) -> pd.DataFrame:
-        """The recorded rows as a DataFrame (same columns and types as requests.parquet)."""
+    def requests_frame(self) -> Any:
+        """The recorded rows as a pandas DataFrame (same columns and types as requests.parquet;
+        pyarrow's to_pandas imports pandas)."""
         if len(self) > len(self._rows):
             raise RuntimeError(f"only the first {self.keep_rows} of {len(self)} rows were "
                                "kept; read requests.parquet or raise keep_rows")

@@ -241,7 +241,7 @@ class _Stages:
         self.best_batch[stage] = best
 
     def _rows(self, model: str, stage: str) -> pd.DataFrame:
-        df = self.lat.frame(model)
+        df = self.lat.frame_df(model)
         return df[df["stage"] == stage]
 
     def _vision_encode(self, j) -> None:
@@ -446,7 +446,7 @@ def _est_peak(spec: ModelSpec, row, kv_alloc: int) -> int | None:
 
 def peak_memory_checks(spec: ModelSpec, lat) -> dict[str, Any]:
     """Per stage: median relative error of the estimated peak vs the profiler's peak_mem_bytes."""
-    df = lat.frame(spec.name)
+    df = lat.frame_df(spec.name)
     df = df[df["peak_mem_bytes"].fillna(0) > 0]
     if df.empty:
         return {"note": "no peak_mem_bytes in the table (roofline or unmeasured)"}
