@@ -94,7 +94,7 @@ def test_bench_replay_brings_its_limit_and_ready_times(tmp_path):
     p = bench_json(tmp_path / "c.json", "inf", 2, [10.0, 10.001, 10.5, 10.9, 11.3])
     df = load_vllm_bench(p)
     assert np.allclose(df["arrival"], [0.0, 0.001, 0.001, 0.001, 0.001])
-    assert df.attrs["max_concurrency"] == 2
+    assert df.max_concurrency == 2
     wcfg = WorkloadConfig(arrival=ArrivalConfig(process="trace"), trace=TraceConfig(path=str(p)))
     w = request_source(wcfg, 0)
     assert w.max_concurrency == 2

@@ -3,11 +3,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import re
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from sim.config import ArrivalConfig, ConfigError, TraceConfig, WorkloadConfig
@@ -189,7 +195,7 @@ def test_vllm_json_without_start_times(tmp_path):
                              "output_lens": [5] * 40, "errors": [""] * 40}))
     with pytest.warns(UserWarning, match="start_times"):
         df = load_trace(p)
-    assert df["arrival"].iloc[-1] == pytest.approx(40 / 4.0)
+    assert df["arrival"][-1] == pytest.approx(40 / 4.0)
     p.write_text(json.dumps({"input_lens": [10], "output_lens": [5]}))
     with pytest.raises(ConfigError, match="start_times"):
         load_trace(p)
@@ -231,7 +237,7 @@ def test_vllm_bench_warnings_name_the_caller(tmp_path):
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
         df = load_vllm_bench(p)
-    assert len(df) == 2 and list(df.index) == [0, 1]
+    assert len(df) == 2
     assert [r.filename for r in rec if "dropped 1 failed" in str(r.message)] == [__file__]
     p = bench(tmp_path / "f.json", 4, max_concurrency=2)
     with warnings.catch_warnings(record=True) as rec:
@@ -496,7 +502,7 @@ def test_row_defaults_steps_one_and_rows_of_a_given_table(tmp_path):
     """workload.steps=1 without a steps column is valid (one step); a prompt of 0 tokens is
     served as 1; an empty output_tokens cell of a text row is 0. A table given directly (no _row
     column) numbers its rows from 1."""
-    from sim.workloads.trace import TraceWorkload
+    from sim.workloads.trace import TraceTable, TraceWorkload
     p = csv_of(tmp_path, {"arrival_time": [0.0, 1.0], "prompt_tokens": [0, 6], "task": ["generate", "text"],
                           "output_tokens": [None, None]})
     cfg = trace_cfg(p)
@@ -504,7 +510,260 @@ def test_row_defaults_steps_one_and_rows_of_a_given_table(tmp_path):
     g, t = list(request_source(cfg, 0))
     assert (g.steps, g.prompt_tokens) == (1, 1)
     assert (t.output_tokens, t.prompt_tokens) == (0, 6)
-    table = pd.DataFrame({"arrival": [0.0, 1.0], "prompt_tokens": [5, 6], "task": ["text", "video"],
-                          "output_tokens": [1, 1]})
+    table = TraceTable({"arrival": [0.0, 1.0], "prompt_tokens": [5, 6], "task": ["text", "video"],
+                        "output_tokens": [1, 1]})
     with pytest.raises(ConfigError, match=r"row 2, field 'task': 'video'"):
         TraceWorkload(trace_cfg(p), 0, table=table)
+
+
+# --- the column store: which reader needs pandas, cells of every kind and format ---------------
+
+READ_AND_LIST_PANDAS_IMPORTERS = r"""
+import builtins, json, sys, warnings
+real_import = builtins.__import__
+importers = set()
+
+
+def spy(name, globals=None, locals=None, fromlist=(), level=0):
+    if name.split(".")[0] == "pandas":
+        importers.add((globals or {}).get("__name__", ""))
+    return real_import(name, globals, locals, fromlist, level)
+
+
+builtins.__import__ = spy
+from sim.config import ArrivalConfig, TraceConfig, WorkloadConfig
+from sim.workloads.trace import TraceWorkload
+for path in sys.argv[1:]:
+    cfg = WorkloadConfig(arrival=ArrivalConfig(process="trace"), trace=TraceConfig(path=path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert list(TraceWorkload(cfg, 0))
+print(json.dumps({"loaded": "pandas" in sys.modules,
+                  "importers": sorted(m for m in importers if m.startswith(("sim", "profiler")))}))
+"""
+
+
+def pandas_use(*paths) -> dict:
+    """Replay the traces in a fresh process: whether pandas got loaded, and which of the
+    project's modules ran an `import pandas`."""
+    p = subprocess.run([sys.executable, "-c", READ_AND_LIST_PANDAS_IMPORTERS, *map(str, paths)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def pandas_free_traces(tmp_path_factory):
+    """A vLLM bench result (with images), a JSONL and a parquet trace: numeric arrivals, image
+    tasks, empty cells."""
+    d = tmp_path_factory.mktemp("nopandas")
+    b = bench(d / "img.json", 3, images=[[[64, 64]], [], [[32, 48], [48, 32]]], image_tokens=[4, 0, 8])
+    j = d / "t.jsonl"
+    j.write_text('{"arrival_time": 0.5, "task": "edit", "prompt_tokens": 5, "image_height": 64,'
+                 ' "image_width": 32, "cfg": null}\n'
+                 '{"arrival_time": 0.25, "prompt_tokens": "7", "output_tokens": 3, "slo_class": null}\n')
+    q = d / "t.parquet"
+    pq.write_table(pa.table({"timestamp": [1.7e9 + 1, 1.7e9], "input_len": [5, None],
+                             "output_tokens": pa.array([2, 3], pa.int16()), "task": ["text", None]}), q)
+    return [EXAMPLES / "example_vllm_bench.json", b, j, q]
+
+
+def test_the_json_jsonl_and_parquet_readers_import_no_pandas(pandas_free_traces, tmp_path):
+    """Reading a bench result, a JSONL or a parquet trace runs no `import pandas` in
+    sim.workloads; a CSV trace does (pandas' CSV parser, imported when a CSV is read)."""
+    use = pandas_use(*pandas_free_traces)
+    assert not [m for m in use["importers"] if m.startswith("sim.workloads")], use
+    c = tmp_path / "t.csv"
+    c.write_text("arrival_time,prompt_tokens,output_tokens\n0,5,1\n")
+    assert "sim.workloads.trace" in pandas_use(c)["importers"]
+
+
+@pytest.mark.xfail(strict=False, reason="profiler.schema imports pandas until nopandas-tables lands")
+def test_a_replay_of_json_jsonl_and_parquet_traces_loads_no_pandas(pandas_free_traces):
+    assert pandas_use(*pandas_free_traces)["loaded"] is False
+
+
+@pytest.mark.parametrize("cell, value", [(" 7 ", 7), ("1e2", 100), ("+3", 3), ("8.", 8), (".5e1", 5),
+                                         ("\t12\n", 12), (9.0, 9), (True, 1), ("0", 0)])
+def test_a_number_cell_can_be_text_or_a_bool(tmp_path, cell, value):
+    """A numeric cell is a number, a bool (True is 1) or number text as pandas reads it: decimal
+    notation with surrounding white space."""
+    p = tmp_path / "n.jsonl"
+    p.write_text(json.dumps({"arrival_time": 0, "prompt_tokens": 5, "output_tokens": cell}) + "\n")
+    assert load_trace(p)["output_tokens"].tolist() == [value]
+    (r,) = request_source(trace_cfg(p), 0)
+    assert r.output_tokens == value and type(r.output_tokens) is int
+
+
+@pytest.mark.parametrize("cell", ["1_000", "\u0663", "0x10", "nan", " inf", "inf", "1e", "1 000", [5], {"n": 5}])
+def test_other_cells_are_no_numbers(tmp_path, cell):
+    """Python-only number forms (underscores, other scripts' digits, hex), nan and inf, lists and
+    objects are refused with the line and the cell as written."""
+    p = tmp_path / "n.jsonl"
+    p.write_text('{"arrival_time": 0, "prompt_tokens": 5, "output_tokens": 1}\n\n'
+                 + json.dumps({"arrival_time": 1, "prompt_tokens": 5, "output_tokens": cell}) + "\n")
+    with pytest.raises(ConfigError) as e:
+        load_trace(p)
+    assert str(e.value) == (f"trace {str(p)!r}: line 3, field 'output_tokens': {cell!r} is invalid; "
+                            f"allowed: a whole number of tokens >= 0")
+
+
+def test_number_text_reads_as_pandas_reads_it():
+    """The text a numeric cell may hold is what pandas.to_numeric reads (a CSV column of text
+    went through it), number for number."""
+    from sim.workloads.trace import _numbers
+    cells = [" 1.5 ", "1.5\n", "\t2", "1e-5", "1E+05", "+.5e1", "-0", "00012", "1.", ".", "+", "e5",
+             "1e5.5", "12abc", "", "  ", "0.1e-400", "1e400", "-1e400", "+inf", "-Infinity", "INF",
+             " inf", "inf ", "nan", "NaN", "1_000", "\u0663", "\u00a01", "1,5", "None", None, math.nan,
+             True, False, 7, -3.25, [1], "0.30000000000000004", "123456789012345678901234567890"]
+    col = np.empty(len(cells), dtype=object)
+    for i, c in enumerate(cells):
+        col[i] = c
+    want = pd.to_numeric(pd.Series(col, dtype=object), errors="coerce").to_numpy(dtype=float)
+    np.testing.assert_array_equal(_numbers(col), want)
+
+
+def test_empty_cells_are_the_same_in_every_format(tmp_path):
+    """A missing key, null, "" and white space are empty cells (the default applies) in JSONL;
+    the same rows as CSV (blank cells) and parquet (nulls) replay to the same requests; an
+    empty arrival is refused the same way in each format."""
+    rows = [{"arrival_time": 0.0, "task": "generate", "prompt_tokens": 5, "steps": None, "cfg": "",
+             "slo_class": "  ", "model": None},
+            {"arrival_time": 1.0, "task": " ", "prompt_tokens": 6, "output_tokens": ""},
+            {"arrival_time": 2.0, "task": None, "prompt_tokens": 7, "output_tokens": 4, "model": "qwen2_5_7b"}]
+    j = tmp_path / "e.jsonl"
+    j.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    g, t, m = request_source(trace_cfg(j), 0)
+    assert (g.steps, g.cfg, g.slo_class, g.model) == (50, True, "standard", "qwen_image")
+    assert (t.task, t.output_tokens, t.model) == ("text", 0, "qwen2_5_vl_7b")
+    assert (m.task, m.output_tokens, m.model) == ("text", 4, "qwen2_5_7b")
+    full = pd.DataFrame(rows).replace({"": None, " ": None, "  ": None})
+    c, q = tmp_path / "e.csv", tmp_path / "e.parquet"
+    full.to_csv(c, index=False)
+    pq.write_table(pa.Table.from_pandas(full, preserve_index=False), q)
+    for p in (c, q):
+        assert [key(r) for r in request_source(trace_cfg(p), 0)] == [key(r) for r in (g, t, m)]
+    bad = {"arrival_time": [0.0, None], "prompt_tokens": [5, 6], "output_tokens": [1, 1]}
+    j.write_text('{"arrival_time": 0.0, "prompt_tokens": 5, "output_tokens": 1}\n'
+                 '{"prompt_tokens": 6, "output_tokens": 1}\n')
+    pd.DataFrame(bad).to_csv(c, index=False)
+    pq.write_table(pa.table(bad), q)
+    for p, at in ((j, "line 2"), (c, r"row 2 \(line 3\)"), (q, "row 2")):
+        with pytest.raises(ConfigError) as e:
+            load_trace(p)
+        assert re.fullmatch(rf"trace '.*': {at}, field 'arrival' \(column 'arrival_time'\): nan is invalid; "
+                            r"allowed: seconds from the trace's start \(>= 0\) on every row", str(e.value))
+
+
+def test_a_column_of_mixed_cells(tmp_path):
+    """Cells of one column may differ in type: numbers, number text and bools in a numeric
+    column; bools, 0/1 and words in cfg; a text column's non-text cell is refused as written."""
+    p = tmp_path / "m.jsonl"
+    cells = [(3, True), ("4", 0), (5.0, "no"), (True, "Yes"), (" 6", 1.0)]
+    p.write_text("".join(json.dumps({"arrival_time": i, "task": "generate", "prompt_tokens": 5,
+                                     "steps": s, "cfg": c}) + "\n" for i, (s, c) in enumerate(cells)))
+    assert [(r.steps, r.cfg) for r in request_source(trace_cfg(p), 0)] == [
+        (3, True), (4, False), (5, False), (1, True), (6, True)]
+    p.write_text('{"arrival_time": 0, "prompt_tokens": 5, "output_tokens": 1, "task": "text"}\n'
+                 '{"arrival_time": 1, "prompt_tokens": 5, "output_tokens": 1, "task": 3}\n')
+    with pytest.raises(ConfigError, match=r"line 2, field 'task': 3 is invalid; allowed: one of \['text'"):
+        request_source(trace_cfg(p), 0)
+    p.write_text('{"arrival_time": 0, "prompt_tokens": 5}\n{"arrival_time": "", "prompt_tokens": 5}\n')
+    with pytest.raises(ConfigError, match=r"line 2, field 'arrival' \(column 'arrival_time'\): '' is invalid; "
+                                          r"allowed: seconds from the trace's start \(>= 0\), or a date and time"):
+        load_trace(p)
+
+
+def test_dates_in_jsonl_and_parquet_timestamps_are_epoch_seconds(tmp_path):
+    """ISO dates in a JSONL trace (any UTC offset, or none: UTC) and a parquet timestamp column
+    (any unit, with or without a time zone) are the same arrivals; a missing timestamp is
+    refused with its row."""
+    j = tmp_path / "d.jsonl"
+    j.write_text("".join(json.dumps({"timestamp": s, "prompt_tokens": 5, "output_tokens": 1}) + "\n" for s in
+                         ["2024-01-01T01:00:01.5+01:00", "2024-01-01T00:00:00Z", "2024-01-01 00:00:03"]))
+    assert load_trace(j)["arrival"].tolist() == [0.0, 1.5, 3.0]
+    when = np.array(["2024-01-01T00:00:01.5", "2024-01-01T00:00:00", "2024-01-01T00:00:03"], "M8[ms]")
+    for kind in (pa.timestamp("ns"), pa.timestamp("us", tz="UTC"), pa.timestamp("s", tz="Europe/Paris")):
+        q = tmp_path / "d.parquet"
+        stamps = pa.array(when.astype("M8[ns]"), pa.timestamp("ns")).cast(kind, safe=False)
+        pq.write_table(pa.table({"timestamp": stamps, "prompt_tokens": [5, 6, 7], "output_tokens": [1, 1, 1]}), q)
+        want = [0.0, 1.5, 3.0] if kind.unit != "s" else [0.0, 1.0, 3.0]
+        assert load_trace(q)["arrival"].tolist() == want, kind
+    pq.write_table(pa.table({"timestamp": pa.array([when[0], None], pa.timestamp("ms")),
+                             "prompt_tokens": [5, 6], "output_tokens": [1, 1]}), q)
+    with pytest.raises(ConfigError, match=r"row 2, field 'arrival' \(column 'timestamp'\): nan is invalid"):
+        load_trace(q)
+
+
+def test_rows_of_one_arrival_keep_the_file_order(tmp_path):
+    """The sort by arrival is stable: rows that arrive together keep their order in the file."""
+    p = tmp_path / "s.jsonl"
+    p.write_text("".join(json.dumps({"arrival_time": (7 * i) % 3, "prompt_tokens": i, "output_tokens": 1}) + "\n"
+                         for i in range(60)))
+    t = load_trace(p)
+    assert t["prompt_tokens"].tolist() == sorted(range(60), key=lambda i: ((7 * i) % 3, i))
+    assert t["_row"].tolist() == [i + 1 for i in t["prompt_tokens"].astype(int)]
+
+
+def test_aliases_ignore_case_and_the_first_accepted_name_wins(tmp_path):
+    """Column names match in any case; where a file has two accepted names of one field, the
+    first in ALIASES is read, and a message names the column as the file writes it."""
+    p = tmp_path / "a.jsonl"
+    p.write_text('{"Timestamp": 9, "ARRIVAL_TIME": 1, "Prompt_Len": 3, "INPUT_LEN": 5, "Max_Tokens": 2}\n')
+    t = load_trace(p)
+    assert (t["arrival"].tolist(), t["prompt_tokens"].tolist(), t["output_tokens"].tolist()) == ([1.0], [5.0], [2.0])
+    assert set(t.columns) == {"arrival", "prompt_tokens", "output_tokens", "_row"}
+    p.write_text('{"Timestamp": 9, "ARRIVAL_TIME": 1, "Prompt_Len": 3, "INPUT_LEN": -5, "Max_Tokens": 2}\n')
+    with pytest.raises(ConfigError, match=r"line 1, field 'prompt_tokens' \(column 'INPUT_LEN'\): -5 is invalid"):
+        load_trace(p)
+
+
+def test_parquet_column_types(tmp_path):
+    """Narrow, unsigned, nullable and decimal numbers, dictionary-encoded text, nullable bools
+    and an `images` list column replay as the same requests as their JSONL rows."""
+    import decimal
+    rows = [{"arrival_time": 0.5, "task": "understand", "prompt_tokens": 5, "output_tokens": 3,
+             "images": [[64, 32], [16, 16]], "slo_class": "batch", "image_ids": "1;2"},
+            {"arrival_time": 0.25, "task": "generate", "prompt_tokens": 6, "output_tokens": None,
+             "steps": 4, "cfg": False, "output_height": 512, "output_width": 256},
+            {"arrival_time": 1.0, "task": "edit", "prompt_tokens": 7, "image_height": 96, "image_width": 128,
+             "cfg": None, "steps": 3, "slo_class": "batch"}]
+    j = tmp_path / "t.jsonl"
+    j.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    col = lambda k: [r.get(k) for r in rows]     # noqa: E731
+    q = tmp_path / "t.parquet"
+    pq.write_table(pa.table({
+        "arrival_time": pa.array([decimal.Decimal(str(x)) for x in col("arrival_time")], pa.decimal128(6, 3)),
+        "task": pa.array(col("task")).dictionary_encode(),
+        "prompt_tokens": pa.array(col("prompt_tokens"), pa.uint16()),
+        "output_tokens": pa.array(col("output_tokens"), pa.int8()), "steps": pa.array(col("steps"), pa.float32()),
+        "cfg": pa.array(col("cfg"), pa.bool_()), "images": pa.array(col("images"), pa.list_(pa.list_(pa.int32()))),
+        "slo_class": col("slo_class"), "image_ids": col("image_ids"),
+        "output_height": pa.array(col("output_height"), pa.int64()), "output_width": col("output_width"),
+        "image_height": col("image_height"), "image_width": col("image_width")}), q)
+    want = [key(r) for r in request_source(trace_cfg(j), 0)]
+    assert want[1][:2] == ("understand", "qwen2_5_vl_7b") and want[1][4] == ((64, 32), (16, 16))
+    assert [key(r) for r in request_source(trace_cfg(q), 0)] == want
+    tj, tq = load_trace(j), load_trace(q)
+    for c in ("arrival", "prompt_tokens", "output_tokens", "steps", "output_height", "image_width", "_row"):
+        np.testing.assert_array_equal(tq[c], tj[c], err_msg=c)      # NaN where empty
+    sliced = tmp_path / "s.parquet"          # row groups of 2: the table arrives in chunks
+    pq.write_table(pq.read_table(q), sliced, row_group_size=2)
+    assert [key(r) for r in request_source(trace_cfg(sliced), 0)] == want
+
+
+def test_trace_tables_of_python_values():
+    """A column of ints is int64; one with a missing cell is float64 (NaN); bools, text and
+    lists stay Python values (a list is one cell); rows are taken by mask or order."""
+    from sim.workloads.trace import TraceTable, column
+    assert column([1, 2]).dtype == np.int64
+    assert np.array_equal(column([1, None, 2.5]), [1.0, np.nan, 2.5], equal_nan=True)
+    assert column([True, None]).tolist() == [True, None] and column([True, None]).dtype == object
+    lists = column([[1, 2], [3, 4]])
+    assert lists.shape == (2,) and lists[1] == [3, 4]
+    t = TraceTable({"a": [3, 1, 2], "b": ["x", None, "z"]}, max_concurrency=4)
+    assert len(t) == 3 and t.columns == ["a", "b"] and "b" in t and "c" not in t
+    assert t.take(np.array([1, 2, 0]))["b"].tolist() == [None, "z", "x"]
+    assert t.take(np.array([True, False, True]))["a"].tolist() == [3, 2]
+    df = t.to_pandas()
+    assert df["a"].tolist() == [3, 1, 2] and df.attrs["max_concurrency"] == 4

@@ -359,7 +359,7 @@ def validate_one(path: Path, model: str, profiles_dir: str, gpu: str, outdir: Pa
     prov = obj.get("provenance") or {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        meas_df = load_vllm_bench(path)
+        meas_df = load_vllm_bench(path).to_pandas()
         cfg, ov = compose_replay(path, model, profiles_dir, gpu, extra, prov, handoff)
         outdir.mkdir(parents=True, exist_ok=True)
         summary = Run(cfg, outdir).run()

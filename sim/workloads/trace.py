@@ -16,18 +16,21 @@ they are shifted to start at 0. Lists are in request (send) order. Top-level key
 Older result files without `start_times` get arrivals regenerated with vLLM's own law
 (`gamma_arrivals(..., vllm_scaling=True)` from `request_rate`/`burstiness`; same law, not the
 same draws) and a warning.
+
+Every format is read into a `TraceTable` (columns as numpy arrays); pandas is imported only for
+what needs it: a CSV file (its parser) and arrival times written as dates (its date parser).
 """
 from __future__ import annotations
 
 import json
 import math
+import re
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
-import pandas as pd
 
 from profiler.jsonfiles import read_text
 from profiler.models import TASKS, ModelSpec
@@ -37,6 +40,10 @@ from sim.names import GENERATE, IMAGE_IN_TASKS, OUTPAINT, TEXT_OUT_TASKS
 from sim.rng import stream
 from sim.workloads.laws import DEFAULT_CHUNK, gamma_arrivals, outpaint_size
 from sim.workloads.requests import TokenCache, build_requests, check_task_model, resolve_model
+
+if TYPE_CHECKING:
+    import pandas as pd
+    import pyarrow as pa
 
 # canonical column -> accepted names (first match wins)
 ALIASES: dict[str, tuple[str, ...]] = {
@@ -99,104 +106,212 @@ FALSE_WORDS = ("0", "false", "no", "n", "f")
 ROW_COL = "_row"        # the request's row in the file, 1-based (kept through the sort)
 
 
-def where(path: Any, df: pd.DataFrame, i: int) -> str:
+class TraceTable:
+    """Columns of a trace, all of one length (`len(table)`), each a numpy array: numbers as a
+    numeric array, anything else (text, lists, mixed cells) as an object array in which None is
+    a missing cell. A reader's table keeps the file's column names; `normalise_table`'s has the
+    canonical ones (the ALIASES keys the file has, `_row`, `measured_*`), checked, in arrival
+    order. `rows` says how the file numbers its requests in messages ("csv": data row and line,
+    "jsonl": line, "row": row from 1); `max_concurrency` is a bench result's client limit (None:
+    open loop). Sequences that are not arrays become columns as `column` makes them."""
+
+    def __init__(self, columns: Mapping[str, Any], rows: str = "row",
+                 max_concurrency: Optional[int] = None) -> None:
+        self.data: dict[str, np.ndarray] = {
+            str(k): v if isinstance(v, np.ndarray) else column(list(v)) for k, v in columns.items()}
+        self.rows = rows
+        self.max_concurrency = max_concurrency
+
+    def __len__(self) -> int:
+        return len(next(iter(self.data.values()), ()))
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.data[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.data
+
+    @property
+    def columns(self) -> list[str]:
+        return list(self.data)
+
+    def take(self, rows: np.ndarray) -> TraceTable:
+        """The rows selected by an index array or a boolean mask, in its order."""
+        return TraceTable({k: v[rows] for k, v in self.data.items()}, self.rows, self.max_concurrency)
+
+    def to_pandas(self) -> pd.DataFrame:
+        """The table as a DataFrame (max_concurrency in its attrs), for analysis."""
+        import pandas as pd
+        df = pd.DataFrame(self.data, index=range(len(self)))
+        if self.max_concurrency is not None:
+            df.attrs["max_concurrency"] = self.max_concurrency
+        return df
+
+
+def column(values: Sequence[Any]) -> np.ndarray:
+    """A column of Python values (JSON's, a parquet column's): numbers only (no bools) as int64
+    when all are ints and none is missing (None), else as float64 with NaN for a missing cell;
+    any other cells as an object array, element by element (a list stays one cell)."""
+    present = [v for v in values if v is not None]
+    if present and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in present):
+        if len(present) == len(values) and all(isinstance(v, int) for v in present):
+            try:
+                return np.array(values, dtype=np.int64)
+            except OverflowError:       # beyond int64: kept as Python ints
+                pass
+        else:
+            return np.array([math.nan if v is None else v for v in values], dtype=float)
+    out = np.empty(len(values), dtype=object)
+    for i, v in enumerate(values):
+        out[i] = v
+    return out
+
+
+def where(path: Any, table: TraceTable, i: int) -> str:
     """'trace <path>: row R (line L)' of row i of a normalised table, as the file numbers it."""
-    r = int(df[ROW_COL].iloc[i]) if ROW_COL in df else i + 1
-    unit = df.attrs.get("rows", "row")
-    if unit == "csv":
+    r = int(table[ROW_COL][i]) if ROW_COL in table else i + 1
+    if table.rows == "csv":
         return f"trace {str(path)!r}: row {r} (line {r + 1})"
-    return f"trace {str(path)!r}: {'line' if unit == 'jsonl' else 'row'} {r}"
+    return f"trace {str(path)!r}: {'line' if table.rows == 'jsonl' else 'row'} {r}"
 
 
-def _bad_cell(path: Any, df: pd.DataFrame, i: int, canon: str, src: str, value: Any,
+def _bad_cell(path: Any, table: TraceTable, i: int, canon: str, src: str, value: Any,
               allowed: str) -> ConfigError:
     col = f"field {canon!r}" + (f" (column {src!r})" if src != canon else "")
     if isinstance(value, np.generic):
         value = value.item()
+    if value is None:                   # a missing cell reads nan, in every format
+        value = math.nan
     if isinstance(value, float) and value.is_integer():
         value = int(value)
-    return ConfigError(f"{where(path, df, i)}, {col}: {value!r} is invalid; allowed: {allowed}")
+    return ConfigError(f"{where(path, table, i)}, {col}: {value!r} is invalid; allowed: {allowed}")
 
 
-def _to_seconds(col: pd.Series, path: Any, df: pd.DataFrame, src: str) -> np.ndarray:
+# text that is a number, as pandas.to_numeric reads text: decimal notation with surrounding white
+# space, or inf / infinity (any case, a sign, no white space); other text ("nan" too) is none
+_NUMBER_TEXT = re.compile(r"[ \t\n\r\f\v]*[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?[ \t\n\r\f\v]*"
+                          r"|[+-]?inf(?:inity)?", re.IGNORECASE)
+
+
+def _number(x: Any) -> float:
+    """A cell as a number: numbers and bools (True is 1) as they are, number text (_NUMBER_TEXT)
+    parsed; NaN for anything else (missing, blank, other text, lists)."""
+    if isinstance(x, (int, float, np.integer, np.floating, np.bool_)):
+        return float(x)
+    if isinstance(x, str) and _NUMBER_TEXT.fullmatch(x):
+        return float(x)
+    return math.nan
+
+
+def _numbers(col: np.ndarray) -> np.ndarray:
+    """Every cell of a column as a number (float64, NaN where a cell is none; see _number)."""
+    if col.dtype.kind in "biuf":
+        return col.astype(float)
+    return np.array([_number(x) for x in col.tolist()], dtype=float)
+
+
+def _absent(col: np.ndarray) -> np.ndarray:
+    """Which cells hold nothing: None or NaN (blank text is a value)."""
+    if col.dtype.kind == "f":
+        return np.isnan(col)
+    if col.dtype.kind in "biu":
+        return np.zeros(len(col), dtype=bool)
+    return np.array([x is None or (isinstance(x, float) and math.isnan(x)) for x in col.tolist()], dtype=bool)
+
+
+def _blank(col: np.ndarray) -> np.ndarray:
+    """Which cells are empty (_val): nothing, or text of white space only."""
+    if col.dtype.kind in "biuf":
+        return _absent(col)
+    return np.array([_val(x) is None for x in col.tolist()], dtype=bool)
+
+
+def _to_seconds(col: np.ndarray, path: Any, table: TraceTable, src: str) -> np.ndarray:
     """Numbers stay numbers; datetimes / ISO strings become epoch seconds. A cell that is
     neither, empty or not finite stops the run with its row."""
-    num = pd.to_numeric(col, errors="coerce")
-    if num.notna().sum() < col.notna().sum():          # not all numbers: times as text?
-        ts = pd.to_datetime(col, utc=True, errors="coerce", format="mixed")
-        if ts.notna().all():
-            return (ts - pd.Timestamp(0, tz="UTC")).dt.total_seconds().to_numpy(dtype=float)
-        bad = int(np.flatnonzero((ts.isna() & num.isna()).to_numpy())[0])
-        raise _bad_cell(path, df, bad, "arrival", src, col.iloc[bad],
-                        "seconds from the trace's start (>= 0), or a date and time")
-    t = num.to_numpy(dtype=float)
+    if col.dtype.kind == "M":       # a date-and-time column (parquet): UTC
+        t = (col - np.datetime64(0, "s")) / np.timedelta64(1, "s")
+    else:
+        t = _numbers(col)
+        if np.count_nonzero(~np.isnan(t)) < np.count_nonzero(~_absent(col)):    # times as text?
+            import pandas as pd     # pandas reads dates and times in their many written forms
+            ts = pd.to_datetime(pd.Series(col), utc=True, errors="coerce", format="mixed")
+            if ts.notna().all():
+                return (ts - pd.Timestamp(0, tz="UTC")).dt.total_seconds().to_numpy(dtype=float)
+            bad = int(np.flatnonzero(ts.isna().to_numpy() & np.isnan(t))[0])
+            raise _bad_cell(path, table, bad, "arrival", src, col[bad],
+                            "seconds from the trace's start (>= 0), or a date and time")
     ok = np.isfinite(t)
     if not ok.all():
         bad = int(np.flatnonzero(~ok)[0])
-        raise _bad_cell(path, df, bad, "arrival", src, col.iloc[bad],
+        raise _bad_cell(path, table, bad, "arrival", src, col[bad],
                         "seconds from the trace's start (>= 0) on every row")
     return t
 
 
-def _check_cells(out: pd.DataFrame, src: dict[str, str], path: Any) -> None:
+def _cfg_ok(x: Any) -> bool:
+    """Whether a cfg cell is a yes/no: empty, a bool, the number 1 or 0, or a TRUE / FALSE word."""
+    return (_val(x) is None or isinstance(x, (bool, np.bool_))
+            or (isinstance(x, (int, float, np.integer, np.floating)) and x in (0, 1))
+            or (isinstance(x, str) and x.strip().lower() in TRUE_WORDS + FALSE_WORDS))
+
+
+def _check_cells(out: TraceTable, src: dict[str, str], path: Any) -> None:
     """Every numeric cell a number in range, every cfg cell a yes/no: else one ConfigError
-    naming the file, the row and the field."""
+    naming the file, the row and the field. Numeric columns become float64, NaN where empty."""
     for canon, (least, whole, allowed) in NUMERIC.items():
         if canon not in out:
             continue
         col = out[canon]
-        blank = col.isna() | col.map(lambda x: isinstance(x, str) and not x.strip())
-        num = pd.to_numeric(col.where(~blank), errors="coerce").to_numpy(dtype=float)
-        bad = ~blank.to_numpy() & ~(np.isfinite(num) & (num >= least)
-                                    & ((num == np.floor(num)) if whole else True))
+        blank = _blank(col)
+        num = np.where(blank, np.nan, _numbers(col))
+        bad = ~blank & ~(np.isfinite(num) & (num >= least) & ((num == np.floor(num)) if whole else True))
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
-            raise _bad_cell(path, out, i, canon, src[canon], col.iloc[i], allowed)
-        out[canon] = np.where(blank.to_numpy(), np.nan, num)
+            raise _bad_cell(path, out, i, canon, src[canon], col[i], allowed)
+        out.data[canon] = num
     if "cfg" in out:
         col = out["cfg"]
-        ok = col.map(lambda x: _val(x) is None or isinstance(x, (bool, np.bool_))
-                     or (isinstance(x, (int, float, np.integer, np.floating)) and x in (0, 1))
-                     or (isinstance(x, str) and x.strip().lower() in TRUE_WORDS + FALSE_WORDS))
+        ok = np.array([_cfg_ok(x) for x in col.tolist()], dtype=bool)
         if not ok.all():
-            i = int(np.flatnonzero(~ok.to_numpy())[0])
-            raise _bad_cell(path, out, i, "cfg", src["cfg"], col.iloc[i],
+            i = int(np.flatnonzero(~ok)[0])
+            raise _bad_cell(path, out, i, "cfg", src["cfg"], col[i],
                             "true or false (also 1/0, yes/no), or empty for the model's default")
 
 
-def normalise_table(df: pd.DataFrame, path: Any = "<table>", time_scale: float = 1.0) -> pd.DataFrame:
+def normalise_table(raw: TraceTable, path: Any = "<table>", time_scale: float = 1.0) -> TraceTable:
     """Rename aliases to canonical columns, check every cell, make arrivals relative if they
     are epoch times, scale them, and sort by arrival (stable). Requires arrival and
     prompt_tokens. Keeps each request's row in the file (column `_row`) for messages."""
-    out = pd.DataFrame(index=range(len(df)))
-    out.attrs.update(df.attrs)     # a bench result's max_concurrency; how the file numbers rows
-    cols = {str(c).lower(): c for c in df.columns}
+    names = {c.lower(): c for c in raw.columns}
+    cols: dict[str, np.ndarray] = {}
     src: dict[str, str] = {}
-    for canon, names in ALIASES.items():
-        found = next((cols[n] for n in names if n in cols), None)
+    for canon, accepted in ALIASES.items():
+        found = next((names[n] for n in accepted if n in names), None)
         if found is not None:
-            out[canon] = df[found].to_numpy()
-            src[canon] = str(found)
+            cols[canon] = raw[found]
+            src[canon] = found
     for req in ("arrival", "prompt_tokens"):
-        if req not in out:
+        if req not in cols:
             raise _missing(path, req)
-    if not len(df):
+    if not len(raw):
         raise ConfigError(f"trace {str(path)!r} has no request rows; allowed: one row per "
                           f"request under the header")
-    out[ROW_COL] = df[ROW_COL].to_numpy() if ROW_COL in df else np.arange(1, len(df) + 1)
-    t = _to_seconds(pd.Series(out["arrival"]), path, out, src["arrival"])
+    cols[ROW_COL] = raw[ROW_COL] if ROW_COL in raw else np.arange(1, len(raw) + 1)
+    out = TraceTable(cols, raw.rows, raw.max_concurrency)
+    t = _to_seconds(out["arrival"], path, out, src["arrival"])
     if np.nanmin(t) > EPOCH_THRESHOLD_S:
         t = t - np.nanmin(t)
     if (t < 0).any():
         i = int(np.flatnonzero(t < 0)[0])
-        raise _bad_cell(path, out, i, "arrival", src["arrival"], out["arrival"].iloc[i],
+        raise _bad_cell(path, out, i, "arrival", src["arrival"], out["arrival"][i],
                         "seconds >= 0 from the trace's start (or epoch times, shifted to start at 0)")
-    out["arrival"] = t * time_scale
+    out.data["arrival"] = t * time_scale
     _check_cells(out, src, path)
-    for c in df.columns:   # vLLM's measurements ride along for validation
-        if str(c).startswith("measured_"):
-            out[c] = df[c].to_numpy()
-    return out.sort_values("arrival", kind="stable").reset_index(drop=True)
+    for c in raw.columns:   # vLLM's measurements ride along for validation
+        if c.startswith("measured_"):
+            out.data[c] = raw[c]
+    return out.take(np.argsort(out["arrival"], kind="stable"))
 
 
 def _read_json_obj(path: Path) -> dict[str, Any]:
@@ -225,14 +340,14 @@ def _read_json_obj(path: Path) -> dict[str, Any]:
     return obj
 
 
-def load_vllm_bench(path: str | Path, seed: int = 0) -> pd.DataFrame:
+def load_vllm_bench(path: str | Path, seed: int = 0) -> TraceTable:
     """A `vllm bench serve --save-detailed` result as a table: arrival (s from the first send),
     prompt_tokens, output_tokens, and what vLLM measured (measured_ttft_s, measured_e2el_s =
     ttft + sum(itl), as vLLM's own timeline plot computes it). Failed requests are dropped."""
     path = Path(path)
     obj = _read_json_obj(path)
     if "__records__" in obj:
-        return pd.DataFrame(obj["__records__"])
+        return _records_table(obj["__records__"])
     for key in ("input_lens", "output_lens"):
         if key not in obj:
             raise ConfigError(f"trace {str(path)!r}: required field {key!r} is missing; a "
@@ -268,27 +383,22 @@ def load_vllm_bench(path: str | Path, seed: int = 0) -> pd.DataFrame:
     ttft = np.asarray(obj.get("ttfts") or [np.nan] * n, dtype=float)
     itls = obj.get("itls") or [[] for _ in range(n)]
     e2el = ttft + np.array([sum(x) if x else 0.0 for x in itls])
-    df = pd.DataFrame({"arrival": t, "prompt_tokens": obj["input_lens"],
-                       "output_tokens": obj["output_lens"], "measured_ttft_s": ttft,
-                       "measured_e2el_s": e2el})
+    cols = {"arrival": t, "prompt_tokens": column(obj["input_lens"]),
+            "output_tokens": column(obj["output_lens"]), "measured_ttft_s": ttft, "measured_e2el_s": e2el}
     if "images" in obj:
-        _add_image_columns(df, obj, path)
+        _add_image_columns(cols, n, obj, path)
     dropped = int((~ok).sum())
     if dropped:
         warnings.warn(f"{path}: dropped {dropped} failed requests (non-empty errors)", stacklevel=2)
-    out = df[ok].reset_index(drop=True)
-    if conc:
-        out.attrs["max_concurrency"] = int(conc)
-    return out
+    return TraceTable(cols, max_concurrency=int(conc) if conc else None).take(ok)
 
 
-def _add_image_columns(df: pd.DataFrame, obj: dict[str, Any], path: Path) -> None:
+def _add_image_columns(cols: dict[str, np.ndarray], n: int, obj: dict[str, Any], path: Path) -> None:
     """An image + text result (profiler.chat_bench): per request `images` ([[h, w], ...], empty
     for text-only) and `image_tokens` (their tokens in the served model). A request with images
     becomes an `understand` request with those images and, as text prompt, the server's prompt
     tokens (`input_lens`, usage.prompt_tokens) minus its image tokens, so the replayed prefill
     (text + image tokens) is the served one; the others stay `text`."""
-    n = len(df)
     images, itok = obj["images"], obj.get("image_tokens")
     if len(images) != n or itok is None or len(itok) != n:
         raise ConfigError(f"trace {str(path)!r}: field 'images' has {len(images)} rows and 'image_tokens' "
@@ -304,15 +414,12 @@ def _add_image_columns(df: pd.DataFrame, obj: dict[str, Any], path: Path) -> Non
         if any(h < 1 or w < 1 for h, w in pairs[-1]):
             raise ConfigError(f"trace {str(path)!r}: row {i} field 'images' is {imgs!r}; allowed: "
                               f"positive heights and widths")
-    text = np.asarray(df["prompt_tokens"], dtype=np.int64) - np.asarray(itok, dtype=np.int64)
+    text = np.asarray(cols["prompt_tokens"], dtype=np.int64) - np.asarray(itok, dtype=np.int64)
     has = np.array([bool(p) for p in pairs])
-    df["prompt_tokens"] = np.where(has, np.maximum(text, 1), df["prompt_tokens"])
-    df["task"] = np.where(has, "understand", "text")
-    col = np.empty(n, dtype=object)     # element-wise: tuples of equal length must not become a 3-d array
-    for i, p in enumerate(pairs):
-        col[i] = p
-    df["images"] = col
-    df["measured_image_tokens"] = np.asarray(itok, dtype=np.int64)
+    cols["prompt_tokens"] = np.where(has, np.maximum(text, 1), cols["prompt_tokens"])
+    cols["task"] = np.where(has, "understand", "text").astype(object)
+    cols["images"] = column(pairs)
+    cols["measured_image_tokens"] = np.asarray(itok, dtype=np.int64)
 
 
 def _ready_times(obj: dict[str, Any], sent: np.ndarray, conc: int) -> np.ndarray:
@@ -335,7 +442,7 @@ def _ready_times(obj: dict[str, Any], sent: np.ndarray, conc: int) -> np.ndarray
 
 
 def load_trace(path: str | Path, fmt: str = "auto", time_scale: float = 1.0, seed: int = 0
-               ) -> pd.DataFrame:
+               ) -> TraceTable:
     """Any supported trace as a table with canonical columns (see ALIASES), sorted by arrival,
     arrivals in seconds from the start (epoch clocks shifted) times `time_scale`."""
     if path is None:
@@ -346,21 +453,17 @@ def load_trace(path: str | Path, fmt: str = "auto", time_scale: float = 1.0, see
         raise ConfigError(f"workload.trace.path={str(path)!r} is invalid; allowed: an existing file")
     f = detect_format(p, fmt)
     if f == "csv":
-        df = _read_csv(p)
+        raw = _read_csv(p)
     elif f == "jsonl":
-        df = _read_jsonl(p)
+        raw = _read_jsonl(p)
     elif f == "parquet":
-        try:
-            df = pd.read_parquet(p)
-        except Exception as e:          # pyarrow's errors have no common base
-            raise ConfigError(f"trace {str(p)!r} cannot be read as parquet ({_first_line(e)}); "
-                              f"allowed: a parquet table, one row per request") from None
+        raw = _read_parquet(p)
     elif f == "vllm_json":
-        df = load_vllm_bench(p, seed)
+        raw = load_vllm_bench(p, seed)
     else:
         raise ConfigError(f"workload.trace.format={fmt!r} is invalid; allowed: auto, csv, jsonl, "
                           f"parquet, vllm_json")
-    return normalise_table(df, p, time_scale)
+    return normalise_table(raw, p, time_scale)
 
 
 def _first_line(e: BaseException) -> str:
@@ -368,7 +471,8 @@ def _first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {msg[0]}" if msg else type(e).__name__
 
 
-def _read_csv(p: Path) -> pd.DataFrame:
+def _read_csv(p: Path) -> TraceTable:
+    import pandas as pd     # pandas' CSV parser: quoting, column types, empty cells
     try:
         df = pd.read_csv(p, skip_blank_lines=False)
     except pd.errors.EmptyDataError:
@@ -378,12 +482,50 @@ def _read_csv(p: Path) -> pd.DataFrame:
         raise ConfigError(f"trace {str(p)!r} is not a readable CSV ({_first_line(e)}); allowed: "
                           f"comma-separated values under one header line") from None
     df = df.dropna(how="all")                       # blank lines: no request
-    df[ROW_COL] = df.index.to_numpy() + 1           # data row r is the file's line r + 1
-    df.attrs["rows"] = "csv"
-    return df.reset_index(drop=True)
+    cols = {str(c): df[c].to_numpy() for c in df.columns}
+    cols[ROW_COL] = df.index.to_numpy() + 1         # data row r is the file's line r + 1
+    return TraceTable(cols, rows="csv")
 
 
-def _read_jsonl(p: Path) -> pd.DataFrame:
+def _read_parquet(p: Path) -> TraceTable:
+    import pyarrow.parquet as pq
+    try:
+        with pq.ParquetFile(p) as f:
+            t = f.read()
+    except Exception as e:          # pyarrow's errors have no common base
+        raise ConfigError(f"trace {str(p)!r} cannot be read as parquet ({_first_line(e)}); "
+                          f"allowed: a parquet table, one row per request") from None
+    return TraceTable({name: _arrow_column(t.column(i)) for i, name in enumerate(t.column_names)})
+
+
+def _arrow_column(col: pa.ChunkedArray) -> np.ndarray:
+    """A parquet column as the other readers give columns: numbers as a numeric array of their
+    width (integers as float64 where one is missing, NaN for it), timestamps as datetime64 (NaT
+    where missing), anything else as `column` makes its Python values (None where missing).
+    Numbers are read from the Arrow buffers: pyarrow's to_numpy imports pandas."""
+    import pyarrow as pa
+    kind = col.type
+    if pa.types.is_decimal(kind):
+        col, kind = col.cast(pa.float64()), pa.float64()
+    if pa.types.is_integer(kind) or pa.types.is_floating(kind):
+        code = "f" if pa.types.is_floating(kind) else "u" if pa.types.is_unsigned_integer(kind) else "i"
+        dtype, empty = np.dtype(f"{code}{kind.bit_width // 8}"), np.nan
+    elif pa.types.is_timestamp(kind):
+        dtype, empty = np.dtype(f"M8[{kind.unit}]"), np.datetime64("NaT")
+    else:
+        return column(col.to_pylist())
+    a = col.combine_chunks()
+    n, at = len(a), a.offset
+    values = np.frombuffer(a.buffers()[1], dtype)[at:at + n] if n else np.empty(0, dtype)
+    if not a.null_count:
+        return values.copy()
+    values = values.astype(float) if dtype.kind in "iu" else values.copy()
+    valid = np.unpackbits(np.frombuffer(a.buffers()[0], np.uint8), bitorder="little")[at:at + n]
+    values[valid == 0] = empty
+    return values
+
+
+def _read_jsonl(p: Path) -> TraceTable:
     """One JSON object per line (blank lines skipped); a line that is not one stops the run."""
     records, lines = [], []
     with open(p, encoding="utf-8", errors="replace") as f:
@@ -403,10 +545,17 @@ def _read_jsonl(p: Path) -> pd.DataFrame:
     if not records:
         raise ConfigError(f"trace {str(p)!r} has no request lines; allowed: one JSON object "
                           f"per request per line")
-    df = pd.DataFrame.from_records(records)
-    df[ROW_COL] = lines
-    df.attrs["rows"] = "jsonl"
-    return df
+    cols = _records_table(records).data
+    cols[ROW_COL] = np.array(lines)
+    return TraceTable(cols, rows="jsonl")
+
+
+def _records_table(records: list[Any]) -> TraceTable:
+    """JSON objects as rows: a column per key (in order of first appearance), None where an
+    object lacks it; an item that is no object has no fields."""
+    rows = [r if isinstance(r, dict) else {} for r in records]
+    names = dict.fromkeys(k for r in rows for k in r)
+    return TraceTable({k: column([r.get(k) for r in rows]) for k in names})
 
 
 def _val(x: Any) -> Any:
@@ -428,21 +577,21 @@ class TraceWorkload:
     (sim.workloads)."""
 
     def __init__(self, cfg: WorkloadConfig, seed: int, model_override: Optional[str] = None,
-                 chunk_size: int = DEFAULT_CHUNK, table: Optional[pd.DataFrame] = None) -> None:
+                 chunk_size: int = DEFAULT_CHUNK, table: Optional[TraceTable] = None) -> None:
         tc = cfg.trace
         self.cfg, self.chunk_size = cfg, chunk_size
         self.path = tc.path
-        df = table if table is not None else load_trace(tc.path, tc.format, tc.time_scale, seed)
-        self.df = df
-        n = len(df)
-        col = lambda c: df[c].tolist() if c in df else [None] * n   # noqa: E731
+        tab = table if table is not None else load_trace(tc.path, tc.format, tc.time_scale, seed)
+        self.table = tab
+        n = len(tab)
+        col = lambda c: tab[c].tolist() if c in tab else [None] * n   # noqa: E731
         tasks = [(_val(t) or tc.default_task) for t in col("task")]
         models = col("model")
         for i, t in enumerate(tasks):
             if t not in TASKS:
-                raise ConfigError(f"{where(self.path, df, i)}, field 'task': {t!r} is invalid; "
+                raise ConfigError(f"{where(self.path, tab, i)}, field 'task': {t!r} is invalid; "
                                   f"allowed: one of {list(TASKS)}")
-        if "output_tokens" not in df and any(t in TEXT_OUT_TASKS for t in tasks):
+        if "output_tokens" not in tab and any(t in TEXT_OUT_TASKS for t in tasks):
             raise _missing(self.path, "output_tokens")
         self._plans: dict[tuple[str, str], tuple[ModelSpec, int, bool, str]] = {}
         self.tasks, self.models = tasks, []
@@ -453,14 +602,14 @@ class TraceWorkload:
                                   f"{str(self.path)!r}; allowed: a model name (or a 'model' column)")
             self.models.append(str(m))
             if (t, str(m)) not in self._plans:
-                self._plans[(t, str(m))] = self._plan(t, str(m), cfg, where(self.path, df, i))
+                self._plans[(t, str(m))] = self._plan(t, str(m), cfg, where(self.path, tab, i))
         self._cols = {c: col(c) for c in ("prompt_tokens", "output_tokens", "image_height",
                                           "image_width", "output_height", "output_width",
                                           "steps", "cfg", "slo_class", "num_images",
                                           "images", "image_sizes", "image_ids")}
-        self._arrival = df["arrival"].to_numpy(dtype=float).tolist()
-        self.max_concurrency: Optional[int] = cfg.max_concurrency or df.attrs.get("max_concurrency")
-        if "steps" not in df:
+        self._arrival = np.asarray(tab["arrival"], dtype=float).tolist()
+        self.max_concurrency: Optional[int] = cfg.max_concurrency or tab.max_concurrency
+        if "steps" not in tab:
             for (t, m), (_spec, steps, _cf, _slo) in self._plans.items():
                 if t not in TEXT_OUT_TASKS and steps < 1:
                     raise ConfigError(f"workload.steps=None is invalid for model {m!r} (no "
@@ -472,7 +621,7 @@ class TraceWorkload:
                         for i, t in enumerate(tasks)]
         for i, t in enumerate(tasks):
             if t in IMAGE_IN_TASKS and not self._images[i][0] and (_val(ih[i]) is None or _val(iw[i]) is None):
-                raise ConfigError(f"{where(self.path, df, i)}, fields 'image_height', 'image_width': "
+                raise ConfigError(f"{where(self.path, tab, i)}, fields 'image_height', 'image_width': "
                                   f"empty, and task {t!r} needs an input image; allowed: its size "
                                   f"in pixels (columns image_height and image_width, or images, "
                                   f"image_sizes, num_images)")
@@ -482,7 +631,7 @@ class TraceWorkload:
         ([[h, w], ...] pairs: an image + text run's images, load_vllm_bench), `image_sizes`
         ("HxW;HxW;..."), `num_images` copies of image_height x image_width; () when the row
         gives only image_height and image_width (one image). Ids from `image_ids`."""
-        c, at = self._cols, where(self.path, self.df, i)
+        c, at = self._cols, where(self.path, self.table, i)
         sizes: tuple[tuple[int, int], ...] = ()
         v = c["images"][i]
         if v is not None and not (isinstance(v, float) and math.isnan(v)) and not isinstance(v, str):
@@ -562,7 +711,7 @@ class TraceWorkload:
             if _val(c["cfg"][i]) is not None:
                 cf = _bool(c["cfg"][i])
             if steps < 1:
-                raise ConfigError(f"{where(self.path, self.df, i)}, field 'steps': {steps} is "
+                raise ConfigError(f"{where(self.path, self.table, i)}, field 'steps': {steps} is "
                                   f"invalid; allowed: >= 1 (a 'steps' column or workload.steps)")
         if _val(c["slo_class"][i]) is not None:
             slo = str(c["slo_class"][i])
