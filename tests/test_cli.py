@@ -222,6 +222,28 @@ sim.__main__.main()
     assert "FROZEN 0 True" in p.stdout.splitlines()
 
 
+def test_a_replay_imports_no_pandas(tmp_path):
+    """A single run imports only what it needs: replaying a `vllm bench serve` result -- the
+    trace, the profile tables, the simulation, summary.json and requests.parquet -- loads no
+    pandas (0.3 s of a small run's start-up). (report.html is drawn with pandas and matplotlib.)"""
+    report = "false"
+    code = f"""
+import atexit, sys
+atexit.register(lambda: print("PANDAS", "pandas" in sys.modules))
+sys.argv = ["sim", "+experiment=replay_vllm_bench", "model=qwen2_5_7b",
+            "workload.path=traces/validation/h100/qwen2_5_7b__poisson_low.json.gz",
+            "output.report={report}", "hydra.run.dir={tmp_path / 'run'}"]
+import sim.__main__
+sim.__main__.main()
+"""
+    p = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True,
+                       timeout=240)
+    assert p.returncode == 0, p.stderr
+    assert (tmp_path / "run" / "summary.json").is_file()
+    assert (tmp_path / "run" / "requests.parquet").is_file()
+    assert p.stdout.splitlines()[-1] == "PANDAS False"
+
+
 def test_hydra_main_leaves_a_callers_frozen_set_alone():
     """Only what sim.__main__ froze is unfrozen by the run: a caller's own gc.freeze() stays."""
     import gc

@@ -1387,12 +1387,10 @@ def test_group_medians_is_pandas_groupby_median(rows):
 def test_the_table_layer_loads_no_pandas():
     """A run's table layer -- sim.names, sim.config, the latency model, the vLLM-Omni costs, the
     metrics -- reads every shipped profile table and builds every grid a run can ask for
-    without loading pandas (in a fresh interpreter). Trace replay's reader
-    (sim.workloads.trace) is outside this check and stood in for."""
+    without loading pandas (in a fresh interpreter)."""
     code = """
-import sys, types
+import sys
 from pathlib import Path
-sys.modules["sim.workloads.trace"] = types.SimpleNamespace(TraceWorkload=None)
 import sim.names, sim.config, sim.run.metrics
 from sim.engines.latency import LatencyModel, MissingProfileError
 from sim.engines.omni import OmniCosts

@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 
 from sim.config import SLOConfig
 from sim.run.metrics import MetricsCollector
-from sim.run.output import (REQUEST_COLUMNS, WIDE_STAGES, RequestsParquetWriter, meets_slo,
-                        print_summary, request_row, write_json_atomic)
+from sim.run.output import (REQUEST_COLUMNS, REQUEST_SCHEMA, WIDE_STAGES, RequestsParquetWriter,
+                            arrow_array, meets_slo, print_summary, request_row, write_json_atomic)
 from sim.core.records import Request, StageRecord
 
 UTIL = {"per_stage": {"prefill": 0.5}, "per_gpu": {"0": 0.5}, "mean_gpu": 0.5}
@@ -193,6 +193,39 @@ def test_parquet_round_trip_chunks(tmp_path: Path) -> None:
         for r in reqs:
             w2.add(r)
     pd.testing.assert_frame_equal(pd.read_parquet(p2), df)
+
+
+# a value of each REQUEST_SCHEMA type as request_row writes it, or None
+CELLS = {
+    "int32": st.integers(-2**31, 2**31 - 1), "int64": st.integers(-2**63, 2**63 - 1),
+    "double": st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-2**53, 2**53)),
+    "bool": st.one_of(st.booleans(), st.sampled_from([np.bool_(True), np.bool_(False)])),
+    "string": st.text(),
+}
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_arrow_array_is_pa_array(data) -> None:
+    """arrow_array(values, type) == pa.array(values, type) for every type of REQUEST_SCHEMA:
+    nulls (None) anywhere, NaN kept as a value, extreme ints, unicode text, numpy bools."""
+    import pyarrow as pa
+    typ = data.draw(st.sampled_from(sorted({f.type for f in REQUEST_SCHEMA}, key=str)))
+    values = data.draw(st.lists(st.one_of(st.none(), CELLS[str(typ)]), max_size=40))
+    got, want = arrow_array(values, typ), pa.array(values, typ)
+    assert got.type == want.type and got.null_count == want.null_count
+    assert got.to_pylist() == want.to_pylist() or all(   # NaN != NaN in to_pylist's lists
+        (a is None and b is None) or a == b or (a != a and b != b)
+        for a, b in zip(got.to_pylist(), want.to_pylist()))
+    got.validate(full=True)
+
+
+@pytest.mark.parametrize("typ, value, error", [("int32", 2**31, OverflowError),
+                                               ("int64", 2**63, OverflowError)])
+def test_arrow_array_refuses_what_the_type_cannot_hold(typ, value, error) -> None:
+    import pyarrow as pa
+    with pytest.raises(error):
+        arrow_array([1, value], getattr(pa, typ)())
 
 
 def test_parquet_no_file_after_exception(tmp_path: Path) -> None:

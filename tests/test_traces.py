@@ -578,7 +578,6 @@ def test_the_json_jsonl_and_parquet_readers_import_no_pandas(pandas_free_traces,
     assert "sim.workloads.trace" in pandas_use(c)["importers"]
 
 
-@pytest.mark.xfail(strict=False, reason="profiler.schema imports pandas until nopandas-tables lands")
 def test_a_replay_of_json_jsonl_and_parquet_traces_loads_no_pandas(pandas_free_traces):
     assert pandas_use(*pandas_free_traces)["loaded"] is False
 
