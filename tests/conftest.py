@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,9 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
+# the commands the tests start keep their reusable compositions (sim.run.compose_cache) in a
+# folder of the test session's own, not the user's cache
+os.environ.setdefault("MMSERVE_SIM_CACHE_DIR", tempfile.mkdtemp(prefix="mmserve_sim_cache_"))
 
 from profiler.schema import write_table  # noqa: E402
 from sim.config import SimConfig  # noqa: E402

@@ -128,7 +128,8 @@ def test_every_entry_is_a_hydra_group_option_of_the_simulator(model):
     from omegaconf import OmegaConf
 
     from sim.__main__ import normalize_argv
-    from sim.cli import CONF_DIR as SIM_CONF, to_config
+    from sim.cli import CONF_DIR as SIM_CONF, register_schema, to_config
+    register_schema()
     with initialize_config_dir(config_dir=SIM_CONF, version_base=None):
         cfg = compose(config_name="config", overrides=normalize_argv([f"model={model}"]))
     assert OmegaConf.select(cfg, "model.name") == model

@@ -101,8 +101,9 @@ def compose(path: Path, ds: OmniBenchDataset, profiles_dir: str, gpu: str, extra
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from sim.cli import to_config
+    from sim.cli import register_schema, to_config
     from sim.tools.validate import CONF_DIR
+    register_schema()
     ov = ["+experiment=replay_omni_bench", f"workload.trace.path={path}", f"profiles_dir={profiles_dir}",
           f"cluster.gpu={gpu}", "latency.out_of_range=clamp", *ds.overrides(), *(extra or [])]
     GlobalHydra.instance().clear()

@@ -277,7 +277,8 @@ def compose_replay(path: Path, model: str, profiles_dir: str, gpu: str,
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from sim.cli import to_config  # registers the schema in hydra's ConfigStore
+    from sim.cli import register_schema, to_config
+    register_schema()
     # clamp: ShareGPT prompts shorter than the shortest measured decode context (16) use that
     # point's latency (attention over fewer tokens is no slower); such lookups are counted.
     ov = ["+experiment=replay_vllm_bench", f"workload.path={path}", f"+model={model}",
