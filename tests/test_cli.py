@@ -222,11 +222,12 @@ sim.__main__.main()
     assert "FROZEN 0 True" in p.stdout.splitlines()
 
 
-def test_a_replay_imports_no_pandas(tmp_path):
+@pytest.mark.parametrize("report", ["false", "true"])
+def test_a_replay_imports_no_pandas(tmp_path, report):
     """A single run imports only what it needs: replaying a `vllm bench serve` result -- the
-    trace, the profile tables, the simulation, summary.json and requests.parquet -- loads no
-    pandas (0.3 s of a small run's start-up). (report.html is drawn with pandas and matplotlib.)"""
-    report = "false"
+    trace, the profile tables, the simulation, summary.json and requests.parquet, and with
+    output.report=true timeline.parquet and report.html (matplotlib) -- loads no pandas (0.3 s
+    of a small run's start-up)."""
     code = f"""
 import atexit, sys
 atexit.register(lambda: print("PANDAS", "pandas" in sys.modules))
@@ -241,6 +242,8 @@ sim.__main__.main()
     assert p.returncode == 0, p.stderr
     assert (tmp_path / "run" / "summary.json").is_file()
     assert (tmp_path / "run" / "requests.parquet").is_file()
+    for made in ("timeline.parquet", "report.html"):
+        assert (tmp_path / "run" / made).is_file() == (report == "true"), made
     assert p.stdout.splitlines()[-1] == "PANDAS False"
 
 

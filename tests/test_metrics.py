@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 from sim.config import SLOConfig
 from sim.run.metrics import MetricsCollector
 from sim.run.output import (REQUEST_COLUMNS, REQUEST_SCHEMA, WIDE_STAGES, RequestsParquetWriter,
-                            arrow_array, meets_slo, print_summary, request_row, write_json_atomic)
+                            arrow_array, arrow_table, meets_slo, print_summary, request_row,
+                            write_json_atomic)
 from sim.core.records import Request, StageRecord
 
 UTIL = {"per_stage": {"prefill": 0.5}, "per_gpu": {"0": 0.5}, "mean_gpu": 0.5}
@@ -218,6 +219,26 @@ def test_arrow_array_is_pa_array(data) -> None:
         (a is None and b is None) or a == b or (a != a and b != b)
         for a, b in zip(got.to_pylist(), want.to_pylist()))
     got.validate(full=True)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.data())
+def test_arrow_table_is_pa_table(data) -> None:
+    """arrow_table(columns, schema) writes the parquet bytes pa.table(columns, schema=schema)
+    writes, for timeline.parquet's schema and REQUEST_SCHEMA, nulls anywhere."""
+    import pyarrow as pa
+    from sim.run.timeline import TIMELINE_SCHEMA
+    schema = data.draw(st.sampled_from([TIMELINE_SCHEMA, REQUEST_SCHEMA]))
+    n = data.draw(st.integers(0, 20))
+    columns = {f.name: data.draw(st.lists(st.one_of(st.none(), CELLS[str(f.type)]), min_size=n,
+                                          max_size=n)) for f in schema}
+
+    def parquet(table: pa.Table) -> bytes:
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink)
+        return sink.getvalue().to_pybytes()
+
+    assert parquet(arrow_table(columns, schema)) == parquet(pa.table(columns, schema=schema))
 
 
 @pytest.mark.parametrize("typ, value, error", [("int32", 2**31, OverflowError),

@@ -1,21 +1,29 @@
 """A run's picture: timeline.parquet (per-pool utilization over time) against the summary's own
 utilization, the sampler leaving results unchanged, report.html self-contained with its four
-figures, and what a reader must know (extrapolated tables, closed loop) in the printed table
-and in the report."""
+figures, what a reader must know (extrapolated tables, closed loop) in the printed table and in
+the report, and the report's numpy reading of the parquet files against pandas on random
+tables."""
 from __future__ import annotations
 
 import gc
 import json
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from conftest import make_cfg, rel_close
 from sim.run.output import print_summary
-from sim.run.report import render, write_report
+from sim.run.report import (COLUMNS, TIMELINE_COLUMNS, _pool_lines, _positive_s, _slo_met, _tasks,
+                            read_columns, render, write_report)
 from sim.run.runner import Run
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -118,3 +126,76 @@ def test_extrapolated_run_says_so_in_its_printed_table(synthetic_profiles, tmp_p
     assert sum(s["latency_model"]["out_of_grid_lookups"].values()) > 0
     assert "EXTRAPOLATED" in (out / "report.html").read_text()
     assert f"report: {out / 'report.html'}" in p.stdout
+
+
+# --- the report's numpy reading against the pandas frame pd.read_parquet gives ------------------
+
+FLOATS = st.one_of(st.none(), st.just(float("nan")), st.just(0.0),
+                   st.floats(-1e3, 1e9, allow_nan=False), st.floats(1e-3, 10.0))
+TASKS = st.sampled_from(["text", "understand", "generate", "edit", "zeta", "alpha"])
+
+
+def through_parquet(columns: dict[str, pa.Array]) -> tuple[dict, pd.DataFrame]:
+    """(read_columns, the pandas frame) of one parquet file holding `columns`."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "t.parquet"
+        pq.write_table(pa.table(columns), path)
+        with pq.ParquetFile(path) as f:
+            df = f.read().to_pandas()
+        return read_columns(path, list(columns)), df
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.data())
+def test_request_columns_are_what_pandas_reads(data):
+    """Per task (in the report's order): the positive latencies in seconds the CDFs are drawn
+    from, and slo_met with a null as met, equal to the pandas expressions on the same file."""
+    n = data.draw(st.integers(0, 300))
+    cells = lambda s: data.draw(st.lists(s, min_size=n, max_size=n))   # noqa: E731
+    cols, df = through_parquet({
+        "task": pa.array(cells(TASKS), pa.string()),
+        "arrival": pa.array(cells(FLOATS), pa.float64()),
+        "finish": pa.array(cells(FLOATS), pa.float64()),
+        "e2el_ms": pa.array(cells(FLOATS), pa.float64()),
+        "ttft_ms": pa.array(cells(FLOATS), pa.float64()),
+        "slo_met": pa.array(cells(st.one_of(st.none(), st.booleans())), pa.bool_())})
+    assert list(cols) == COLUMNS
+    for c in ("arrival", "finish"):
+        assert cols[c].dtype == np.float64 and np.array_equal(cols[c], df[c].to_numpy(), equal_nan=True)
+    assert _tasks(cols["task"]) == _tasks(df["task"])
+    for t in _tasks(df["task"]):
+        for c in ("e2el_ms", "ttft_ms"):
+            want = df.loc[df["task"] == t, c].dropna().to_numpy() / 1000.0
+            want = want[want > 0]
+            got = _positive_s(cols, c, t)
+            assert got.dtype == want.dtype and np.array_equal(got, want), (t, c)
+    want = df["slo_met"].fillna(True).to_numpy(dtype=bool)
+    assert np.array_equal(_slo_met(cols["slo_met"]), want)
+
+
+@pytest.mark.filterwarnings("ignore:Mean of empty slice:RuntimeWarning")
+@settings(max_examples=150, deadline=None)
+@given(st.data())
+def test_pool_lines_are_pandas_groupby(data):
+    """The utilization figure's lines equal those of timeline.groupby("pool", sort=True): pools
+    in sorted order, a null pool left out, rows in file order, the mean GPU count to the last bit
+    (NaN skipped; groups long enough for numpy's pairwise summation)."""
+    n = data.draw(st.integers(0, 400))
+    cells = lambda s: data.draw(st.lists(s, min_size=n, max_size=n))   # noqa: E731
+    pools = st.one_of(st.none(), st.sampled_from(["prefill", "decode", "dit", "Dit", "gpu", "é"]))
+    gpus = st.one_of(st.just(float("nan")), st.floats(0.0, 1e12), st.sampled_from([1.0, 2.0, 0.1]))
+    cols, tl = through_parquet({
+        "t_start": pa.array(cells(FLOATS), pa.float64()),
+        "t_end": pa.array(cells(FLOATS), pa.float64()),
+        "pool": pa.array(cells(pools), pa.string()),
+        "gpus": pa.array(cells(gpus), pa.float64()),
+        "utilization": pa.array(cells(FLOATS), pa.float64())})
+    assert list(cols) == TIMELINE_COLUMNS
+    want = [(pool, g["gpus"].mean(), np.c_[g["t_start"], g["t_end"]].ravel(),
+             np.repeat(g["utilization"].to_numpy() * 100, 2))
+            for pool, g in tl.groupby("pool", sort=True)]
+    got = _pool_lines(cols)
+    assert [w[0] for w in want] == [g[0] for g in got]
+    for (pool, gw, xw, yw), (_, gg, xg, yg) in zip(want, got):
+        assert gg == gw or (np.isnan(gg) and np.isnan(gw)), pool
+        assert np.array_equal(xg, xw, equal_nan=True) and np.array_equal(yg, yw, equal_nan=True)

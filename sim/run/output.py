@@ -150,8 +150,12 @@ def request_row(req: Request, slo: SLOConfig | None,
 def rows_to_table(rows: Iterable[dict[str, Any]]) -> pa.Table:
     """Rows (from request_row) -> an arrow table with the fixed REQUEST_SCHEMA."""
     rows = list(rows)
-    return pa.Table.from_arrays([arrow_array([r[f.name] for r in rows], f.type)
-                                 for f in REQUEST_SCHEMA], schema=REQUEST_SCHEMA)
+    return arrow_table({f.name: [r[f.name] for r in rows] for f in REQUEST_SCHEMA}, REQUEST_SCHEMA)
+
+
+def arrow_table(columns: dict[str, list[Any]], schema: pa.Schema) -> pa.Table:
+    """`pa.table(columns, schema=schema)` for a schema of arrow_array's types, without pandas."""
+    return pa.Table.from_arrays([arrow_array(columns[f.name], f.type) for f in schema], schema=schema)
 
 
 _NUMPY_TYPES = {pa.int32(): np.int32, pa.int64(): np.int64, pa.float64(): np.float64}

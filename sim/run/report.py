@@ -5,7 +5,8 @@ What it shows: the headline numbers (and, in red at the top, what a reader must 
 latency tables: extrapolated, clamped or analytic), latency CDFs by task, throughput and SLO
 attainment over time, per-pool GPU utilization over time, and where a request's time goes by
 stage. Inputs: summary.json's dict, requests.parquet and timeline.parquet (sim.run.timeline)
-when the run wrote them; a figure whose data the run did not write says so instead.
+when the run wrote them; a figure whose data the run did not write says so instead. The parquet
+columns are read into numpy arrays without pandas (a single run loads none).
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from sim.names import TEXT_OUT_TASKS
@@ -27,6 +28,11 @@ TASK_ORDER = ("text", "understand", "generate", "edit", "inpaint", "outpaint")
 CDF_POINTS = 300                  # quantiles drawn per CDF (keeps the file small at any size)
 TIME_BINS = 60                    # bins of the throughput/attainment timeline
 COLUMNS = ["task", "arrival", "finish", "e2el_ms", "ttft_ms", "slo_met"]
+TIMELINE_COLUMNS = ["t_start", "t_end", "pool", "gpus", "utilization"]
+
+# a parquet file's columns by name (read_columns): equal-length numpy arrays, float64 with NaN for
+# a null of a floating column, object (None for null) for any other
+Columns = dict[str, np.ndarray]
 
 
 def _svg(fig: Any) -> str:
@@ -60,12 +66,17 @@ def _tasks(values: Any) -> list[str]:
     return [t for t in TASK_ORDER if t in present] + sorted(t for t in present if t not in TASK_ORDER)
 
 
-def _cdf(ax: Any, df: pd.DataFrame, col: str, tasks: list[str], label: str) -> None:
+def _positive_s(df: Columns, col: str, task: str) -> np.ndarray:
+    """The task's positive values of a ms column, in seconds, in row order (NaN dropped)."""
+    v = df[col][df["task"] == task] / 1000.0
+    return v[v > 0]
+
+
+def _cdf(ax: Any, df: Columns, col: str, tasks: list[str], label: str) -> None:
     q = np.linspace(0.0, 1.0, CDF_POINTS)
     drawn = False
     for t in tasks:
-        v = df.loc[df["task"] == t, col].dropna().to_numpy() / 1000.0
-        v = v[v > 0]
+        v = _positive_s(df, col, t)
         if not len(v):
             continue
         ax.plot(np.quantile(v, q), q, label=f"{t} (n={len(v):,})", lw=1.6)
@@ -82,7 +93,7 @@ def _cdf(ax: Any, df: pd.DataFrame, col: str, tasks: list[str], label: str) -> N
         ax.legend(fontsize=8, loc="lower right")
 
 
-def fig_latency_cdfs(df: pd.DataFrame) -> str:
+def fig_latency_cdfs(df: Columns) -> str:
     tasks = _tasks(df["task"])
     text = [t for t in tasks if t in TEXT_OUT_TASKS]
     fig, axes = _figure(11, 3.6, 2 if text else 1)
@@ -95,18 +106,24 @@ def fig_latency_cdfs(df: pd.DataFrame) -> str:
     return _svg(fig)
 
 
-def fig_throughput(df: pd.DataFrame) -> str:
-    end = float(np.nanmax(df["finish"].to_numpy())) if len(df) else 0.0
+def _slo_met(values: np.ndarray) -> np.ndarray:
+    """slo_met as booleans, a null counting as met."""
+    return np.fromiter((True if v is None else bool(v) for v in values), dtype=bool,
+                       count=len(values))
+
+
+def fig_throughput(df: Columns) -> str:
+    fin = df["finish"]
+    end = float(np.nanmax(fin)) if len(fin) else 0.0
     fig, axes = _figure(11, 3.4, 2)
     if not end > 0:
         return _svg(fig)
     edges = np.linspace(0.0, end, TIME_BINS + 1)
     width = edges[1] - edges[0]
     mid = (edges[:-1] + edges[1:]) / 2
-    arr, _ = np.histogram(df["arrival"].to_numpy(), edges)
-    fin = df["finish"].to_numpy()
+    arr, _ = np.histogram(df["arrival"], edges)
     done, _ = np.histogram(fin, edges)
-    met = df["slo_met"].fillna(True).to_numpy(dtype=bool)
+    met = _slo_met(df["slo_met"])
     good, _ = np.histogram(fin[met], edges)
     ax = axes[0]
     ax.plot(mid, arr / width, label="arrivals", lw=1.2, color="0.5")
@@ -119,7 +136,7 @@ def fig_throughput(df: pd.DataFrame) -> str:
     ax.grid(True, alpha=0.3)
     ax = axes[1]
     for t in _tasks(df["task"]):
-        m = (df["task"] == t).to_numpy()
+        m = df["task"] == t
         n_t, _ = np.histogram(fin[m], edges)
         g_t, _ = np.histogram(fin[m & met], edges)
         with np.errstate(invalid="ignore", divide="ignore"):
@@ -134,12 +151,20 @@ def fig_throughput(df: pd.DataFrame) -> str:
     return _svg(fig)
 
 
-def fig_utilization(tl: pd.DataFrame) -> str:
+def _pool_lines(tl: Columns) -> list[tuple[str, float, np.ndarray, np.ndarray]]:
+    """Per pool (sorted by name; a null pool is left out): its mean GPU count (NaN skipped) and
+    its utilization as a step line (x, y in %), flat over each of its intervals, in row order."""
+    out = []
+    for pool in sorted({p for p in tl["pool"] if p is not None}):
+        m = tl["pool"] == pool
+        x = np.c_[tl["t_start"][m], tl["t_end"][m]].ravel()
+        out.append((pool, np.nanmean(tl["gpus"][m]), x, np.repeat(tl["utilization"][m] * 100, 2)))
+    return out
+
+
+def fig_utilization(tl: Columns) -> str:
     fig, ax = _figure(11, 3.4)
-    for pool, g in tl.groupby("pool", sort=True):
-        gpus = g["gpus"].mean()
-        x = np.c_[g["t_start"], g["t_end"]].ravel()           # a step line: flat per interval
-        y = np.repeat(g["utilization"].to_numpy() * 100, 2)
+    for pool, gpus, x, y in _pool_lines(tl):
         n = f"{gpus:g}" if gpus == int(gpus) else f"{gpus:.1f} on average"
         ax.plot(x, y, lw=1.3, label=f"{pool} ({n} GPU{'' if gpus == 1 else 's'})")
     ax.set_ylim(-2, 102)
@@ -231,8 +256,12 @@ padding:8px 12px;margin:10px 0;font-weight:600}.grid{display:flex;gap:24px;flex-
 svg{max-width:100%;height:auto}.missing{color:#888;font-style:italic}"""
 
 
-def render(summary: dict[str, Any], title: str, requests: pd.DataFrame | None,
-           timeline: pd.DataFrame | None) -> str:
+def _n_rows(cols: Columns) -> int:
+    return len(next(iter(cols.values())))
+
+
+def render(summary: dict[str, Any], title: str, requests: Columns | None,
+           timeline: Columns | None) -> str:
     s = summary
     warn = "".join(f'<div class="warn">{html.escape(n)}</div>' for _, n in latency_model_notes(s))
     prov = s.get("provenance") or {}
@@ -246,11 +275,11 @@ def render(summary: dict[str, Any], title: str, requests: pd.DataFrame | None,
              _table(["pool", "GPUs", "mean utilization"], pool_rows(s)), "</div></div>"]
     missing = "<p class='missing'>requests.parquet was not written (output.write_requests=false)</p>"
     parts.append("<h2>Latency CDFs by task</h2>")
-    parts.append(fig_latency_cdfs(requests) if requests is not None and len(requests) else missing)
+    parts.append(fig_latency_cdfs(requests) if requests is not None and _n_rows(requests) else missing)
     parts.append("<h2>Throughput and SLO attainment</h2>")
-    parts.append(fig_throughput(requests) if requests is not None and len(requests) else missing)
+    parts.append(fig_throughput(requests) if requests is not None and _n_rows(requests) else missing)
     parts.append("<h2>GPU utilization per pool</h2>")
-    parts.append(fig_utilization(timeline) if timeline is not None and len(timeline)
+    parts.append(fig_utilization(timeline) if timeline is not None and _n_rows(timeline)
                  else "<p class='missing'>no timeline.parquet in the run folder</p>")
     parts.append("<h2>Stage breakdown</h2>")
     parts.append(fig_stages(s.get("per_stage") or {}))
@@ -259,10 +288,15 @@ def render(summary: dict[str, Any], title: str, requests: pd.DataFrame | None,
             + "\n".join(parts) + "</body></html>\n")
 
 
-def _read_parquet(path: Path, columns: list[str] | None = None) -> pd.DataFrame:
-    """pd.read_parquet's frame of one file, read without the dataset API (pyarrow.dataset)."""
+def read_columns(path: Path, columns: list[str]) -> Columns:
+    """The named columns of one parquet file (Columns), holding the values pd.read_parquet would.
+    Read with ParquetFile (pq.read_table loads pyarrow.dataset) and converted through Python
+    lists (arrow's to_numpy and to_pandas load pandas)."""
     with pq.ParquetFile(path) as f:
-        return f.read(columns=columns).to_pandas()
+        table = f.read(columns=columns)
+    return {c: np.array(table.column(c).to_pylist(),
+                        dtype=np.float64 if pa.types.is_floating(table.schema.field(c).type)
+                        else object) for c in columns}
 
 
 @gc_frozen()
@@ -271,8 +305,8 @@ def write_report(outdir: Path, summary: dict[str, Any], title: str) -> Path:
     import matplotlib
     outdir = Path(outdir)
     req_path, tl_path = outdir / "requests.parquet", outdir / "timeline.parquet"
-    requests = _read_parquet(req_path, COLUMNS) if req_path.is_file() else None
-    timeline = _read_parquet(tl_path) if tl_path.is_file() else None
+    requests = read_columns(req_path, COLUMNS) if req_path.is_file() else None
+    timeline = read_columns(tl_path, TIMELINE_COLUMNS) if tl_path.is_file() else None
     with matplotlib.rc_context({"svg.fonttype": "none", "font.size": 9}):
         text = render(summary, title, requests, timeline)
     path = outdir / "report.html"

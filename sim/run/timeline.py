@@ -15,6 +15,7 @@ from typing import Any, Callable, Sequence
 import pyarrow as pa
 
 from sim.core.gpu import GPU
+from sim.run.output import arrow_table, write_parquet_atomic
 
 TIMELINE_SCHEMA = pa.schema([("t_start", pa.float64()), ("t_end", pa.float64()),
                              ("pool", pa.string()), ("gpus", pa.float64()),
@@ -100,10 +101,9 @@ class UtilizationSampler:
                 rows["busy_gpu_s"].append(busy.get(pool, 0.0))
                 rows["utilization"].append(busy.get(pool, 0.0) / cap[pool])
             start = end
-        return pa.table(rows, schema=TIMELINE_SCHEMA)
+        return arrow_table(rows, TIMELINE_SCHEMA)
 
     def write(self, path: Path) -> None:
-        from sim.run.output import write_parquet_atomic
         write_parquet_atomic(path, self.table())
 
 
