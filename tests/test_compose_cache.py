@@ -190,3 +190,21 @@ def test_the_newest_entries_are_kept(tmp_path, monkeypatch):
     assert len(made) == KEEP + 3
     load(Loader(), "c0", [], "RUN")                                        # dropped
     assert made[-1] == "c0" and len(made) == KEEP + 4
+
+
+def test_a_cache_that_cannot_be_written_only_composes(tmp_path, monkeypatch):
+    """A cache folder that cannot be made (here a file stands in its way) costs the reuse, not
+    the run: every call composes."""
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("MMSERVE_SIM_CACHE_DIR", str(blocker))
+    made = []
+
+    def compose(self, name, *a, **k):
+        made.append(name)
+        return OmegaConf.create({"hydra": {}})
+
+    load = caching(compose, lambda: None)
+    for _ in range(2):
+        assert load(Loader(), "c", [], "RUN") == {"hydra": {}}
+    assert made == ["c", "c"]

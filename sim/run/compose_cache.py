@@ -107,7 +107,7 @@ def _write(path: Path, cfg: Any) -> None:
     that cannot be written (read-only home, full disk) is only not kept."""
     from sim.run.output import temp_beside
     try:
-        tmp = temp_beside(path)
+        tmp = temp_beside(path)                 # (makes the folder)
         try:
             with open(tmp, "wb") as f:
                 pickle.dump(cfg, f, protocol=pickle.HIGHEST_PROTOCOL)
@@ -130,10 +130,13 @@ def caching(load_configuration: Callable[..., Any], before_compose: Callable[[],
     def load(self: Any, config_name: str | None, overrides: list[str], run_mode: Any,
              from_shell: bool = True, validate_sweep_overrides: bool = True) -> Any:
         search_path = [(e.provider, e.path) for e in self.get_search_path().get_path()]
-        key = compose_key(search_path, config_name, overrides, run_mode, from_shell,
-                          validate_sweep_overrides)
-        path = cache_dir() / f"{key}.pkl"
-        cfg = _read(path)
+        try:
+            key = compose_key(search_path, config_name, overrides, run_mode, from_shell,
+                              validate_sweep_overrides)
+            path: Path | None = cache_dir() / f"{key}.pkl"
+        except (OSError, RuntimeError):         # a source or the home folder unreadable
+            path = None
+        cfg = _read(path) if path is not None else None
         if cfg is not None:
             return cfg
         before_compose()
@@ -143,8 +146,7 @@ def caching(load_configuration: Callable[..., Any], before_compose: Callable[[],
                                      validate_sweep_overrides=validate_sweep_overrides)
         for w in caught:                        # shown as Hydra would have shown them
             warnings.showwarning(w.message, w.category, w.filename, w.lineno, w.file, w.line)
-        if not caught and not cfg.hydra.get("searchpath"):
-            path.parent.mkdir(parents=True, exist_ok=True)
+        if path is not None and not caught and not cfg.hydra.get("searchpath"):
             _write(path, cfg)
         return cfg
 
