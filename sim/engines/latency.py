@@ -172,9 +172,10 @@ def group_medians(keys: list[np.ndarray], values: np.ndarray) -> tuple[list[np.n
     if not len(starts):
         return [k[starts] for k in ks], np.zeros(0)
     n = np.add.reduceat((~np.isnan(v)).astype(np.int64), starts)    # values per group
-    lo = v[starts + np.maximum(n - 1, 0) // 2]
-    hi = v[starts + n // 2]                   # (n = 0: masked below)
-    meds = np.where(n == 0, np.nan, np.where(n % 2 == 1, lo, (lo + hi) / 2))
+    lo = v[starts + (n - 1) // 2]             # (n = 0: an index in range, masked below)
+    hi = v[starts + n // 2]
+    with np.errstate(over="ignore"):         # (lo + hi) of an odd count is not used
+        meds = np.where(n == 0, np.nan, np.where(n % 2 == 1, lo, (lo + hi) / 2))
     return [k[starts] for k in ks], meds
 
 
