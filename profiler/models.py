@@ -319,8 +319,9 @@ def load_model(name: str, conf_dir: str | None = None) -> ModelSpec:
     return ModelSpec(
         name=raw["name"], family=raw["family"], tasks=tuple(raw["tasks"]), dtype=raw["dtype"],
         components=raw["components"], hf_id=raw.get("hf_id", ""), edit_hf_id=raw.get("edit_hf_id", ""),
-        image_tokenizer=raw.get("image_tokenizer", {}), latent=raw.get("latent", {}),
-        request_defaults=raw.get("request_defaults", {}), condition_encoder=raw.get("condition_encoder"),
+        # (a key written as null is the empty mapping the field's type says: no tokenizer, ...)
+        image_tokenizer=raw.get("image_tokenizer") or {}, latent=raw.get("latent") or {},
+        request_defaults=raw.get("request_defaults") or {}, condition_encoder=raw.get("condition_encoder"),
         condition_image_pixels=raw.get("condition_image_pixels"),
         text_encoders=tuple(raw.get("text_encoders", ())),
     )

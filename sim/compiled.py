@@ -40,6 +40,8 @@ HOT = (
     "sim/run/metrics.py",
     "sim/run/runner.py",
     "sim/run/sketch.py",
+    "sim/workloads/requests.py",
+    "sim/workloads/synthetic.py",
 )
 # third-party modules that compiled classes derive from: the build needs them importable
 # (pyproject's build-system requires), else mypyc takes the base for Any and builds on object

@@ -134,3 +134,81 @@ def test_a_failed_event_crashes_the_run_as_simpy_does():
 def test_negative_delay_is_refused():
     with pytest.raises(ValueError, match="Negative delay"):
         Kernel().timer(-1.0, lambda e: None)
+
+
+def test_simpys_own_loop_runs_on_the_kernel_as_on_simpy():
+    """env.run() / step() / peek() (SimPy's loop, over the kernel's entries) give what SimPy
+    gives: the same log, the same clock, peek = the next event's time then inf."""
+    delays = [0.5, 0.0, 1.0, 0.25, 1.5]
+    ref, got = [], []
+    a, b = simpy.Environment(), Kernel()
+    scenario(a, False, delays, ref)
+    scenario(b, False, delays, got)
+    assert b.peek() == a.peek() == 0.0
+    while a.peek() < float("inf"):
+        a.step()
+        b.step()
+        assert b.peek() == a.peek() and b.now == a.now
+    assert got == ref and b.peek() == float("inf")
+    with pytest.raises(simpy.core.EmptySchedule):
+        b.step()
+    c, log = Kernel(), []
+    scenario(c, False, delays, log)
+    c.run()
+    assert log == ref
+
+
+def test_run_until_an_event_stops_and_resumes_as_simpy_does():
+    """env.run(until=event) (SimPy's StopSimulation path through step) on the kernel: it stops
+    at the event with its value, and the callbacks added after the stop's run first when the run
+    resumes, before the other events of that instant."""
+    def run(env):
+        log = []
+
+        def waiter(env, ev, wait, name):
+            yield env.timeout(wait)
+            v = yield ev                # waiting from `wait` on: after run(until=ev)'s callback
+            log.append((env.now, name, v))
+
+        ev = env.timeout(2.0, "done")
+        env.process(waiter(env, ev, 0.0, "early"))
+        env.process(waiter(env, ev, 1.0, "late"))
+        env.timeout(2.0).callbacks.append(lambda e: log.append((env.now, "same instant", None)))
+        env.timeout(3.0).callbacks.append(lambda e: log.append((env.now, "later", None)))
+        v = env.run(until=ev)
+        log.append((env.now, "stopped", v))
+        env.run()
+        return log
+
+    assert run(Kernel()) == run(simpy.Environment())
+
+
+def test_a_failed_event_crashes_simpys_own_loop_too():
+    env = Kernel()
+
+    def boom(env):
+        yield env.timeout(1.0)
+        raise KeyError("bad")
+
+    env.process(boom(env))
+    with pytest.raises(KeyError):
+        env.run()
+    defused = Kernel()
+    ev = defused.event()
+    ev.fail(ValueError("handled"))
+    ev.defused = True
+    defused.run()                        # a defused failure does not crash the run
+    assert defused.now == 0
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from([0.0, 0.5, 1.0, float("inf")]), st.sampled_from([-1, 0, 1]),
+                          st.integers(0, 3)), min_size=2, max_size=2))
+def test_entries_order_as_simpys_tuples(pair):
+    """Entry(t, p, id) < Entry(t', p', id') exactly when (t, p, id) < (t', p', id'), equal ids
+    included (an entry is not less than its equal)."""
+    from sim.core.kernel import Entry
+    (t0, p0, e0), (t1, p1, e1) = pair
+    a, b = Entry(t0, p0, e0, None), Entry(t1, p1, e1, None)
+    assert (a < b) == ((t0, p0, e0) < (t1, p1, e1))
+    assert (b < a) == ((t1, p1, e1) < (t0, p0, e0))

@@ -1422,3 +1422,15 @@ print("pandas loaded:", "pandas" in sys.modules)
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr[-2000:]
     assert p.stdout.strip().splitlines()[-1] == "pandas loaded: False"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from([0.0, 1.0, 1.5, 2.0, 8.0, 64.0]), min_size=0, max_size=8),
+       st.sampled_from([-1.0, 0.0, 0.5, 1.0, 1.5, 2.0, 9.0, 64.0, 100.0]))
+def test_native_bisections_are_the_standard_librarys(xs, x):
+    """The latency model's own bisections (compiled: native loops) give bisect's positions."""
+    import bisect
+    from sim.engines.latency import _left_of, _right_of
+    a = sorted(xs)
+    assert _right_of(a, x) == bisect.bisect_right(a, x)
+    assert _left_of(a, x) == bisect.bisect_left(a, x)

@@ -371,3 +371,18 @@ def test_a_whole_served_models_offered_work_is_the_sum_of_its_pilot_requests_alo
     work: dict[str, float] = {}
     place._whole_work(work)
     assert work == {"qwen_image": pytest.approx(sum(costs.job(q).work for q in pilot), rel=1e-12)}
+
+
+def test_requests_served_whole_are_not_costed_hop_by_hop(synthetic_profiles):
+    """A baseline replica of qwen_image runs the vLLM-Omni engine (the whole request): such a
+    request is served whole and its hops are left uncosted (the engine costs it); a text
+    request's hops are costed for the AR engine's queue."""
+    cfg = make_cfg(synthetic_profiles, {"policy.name": "baseline", "workload.num_requests": 40,
+                                        "cluster.num_gpus": 5})
+    r = Run(cfg)
+    place = r.policy.placement
+    image = next(q for q in r.policy.ctx.pilot if q.model == "qwen_image")
+    text = next(q for q in r.policy.ctx.pilot if q.model != "qwen_image")
+    assert place.served_whole(image) is True and place.served_whole(text) is False
+    r.run()
+    assert r.completed == 40

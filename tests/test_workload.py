@@ -344,14 +344,14 @@ def test_image_input_task_needs_an_image_tokenizer():
     vl = load_model("qwen2_5_vl_7b")
     check_task_model("understand", vl, "workload.task_models.understand")     # accepted
     check_task_model("text", vl, "workload.task_models.text")
-    blind = dataclasses.replace(vl, image_tokenizer=None)
+    blind = dataclasses.replace(vl, image_tokenizer={})
     with pytest.raises(ConfigError, match="no image tokenizer for task 'understand'"):
         check_task_model("understand", blind, "workload.task_models.understand")
     check_task_model("text", blind, "workload.task_models.text")              # text is fine
     qi = load_model("qwen_image")
     check_task_model("edit", qi, "workload.task_models.edit")                 # via its condition encoder
     with pytest.raises(ConfigError, match="no latent spec"):
-        check_task_model("generate", dataclasses.replace(qi, latent=None), "workload.task_models.generate")
+        check_task_model("generate", dataclasses.replace(qi, latent={}), "workload.task_models.generate")
     with pytest.raises(ConfigError, match="cannot serve task 'generate'"):
         check_task_model("generate", vl, "workload.task_models.generate")
     with pytest.raises(ConfigError, match="task='paint' is invalid"):

@@ -14,7 +14,7 @@ from heapq import heappush
 from collections import defaultdict
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Optional, Protocol, Sequence
 
-from sim.core.kernel import NORMAL, Timer
+from sim.core.kernel import NORMAL, Entry, Timer
 from sim.core.mypyc_compat import mypyc_attr
 
 if TYPE_CHECKING:
@@ -147,10 +147,10 @@ class GPU:
         self.available = True     # False while being re-provisioned by an autoscaler
         self.committing = False   # engines' state is mid-update: plan nothing until it is done
         self._on_timer = self._timer   # one bound method for every unit-end event
-        # the kernel's heap and event-id counter (SimPy's, the same objects for the run's life):
+        # the kernel's heap and next event id (SimPy's counter: the same objects for the run's life):
         # _schedule pushes onto them without reading them off the environment each time
         self._queue: list[Any] = env._queue
-        self._eid: Any = env._eid
+        self._next_eid: Any = env._eid.__next__      # (Any: the id goes into the heap entry as it is)
 
     def add(self, engine) -> None:
         self.engines.append(engine)
@@ -213,11 +213,11 @@ class GPU:
         # the event's value is its token: a cut reschedules, and the stale event is ignored.
         # NOTE: the following code is inlined from Kernel.timer(delay, self._on_timer, token)
         # for performance reasons (one event per unit).
-        now = env._now
+        now: float = env._now
         delay = self.start + u.ends[k - 1] - now
         if delay < 0:
             raise ValueError(f"Negative delay {delay}")
-        heappush(self._queue, (now + delay, NORMAL, next(self._eid), Timer(self._on_timer, self.token)))
+        heappush(self._queue, Entry(now + delay, NORMAL, self._next_eid(), Timer(self._on_timer, self.token)))
 
     def _timer(self, ev: Timer) -> None:
         if ev._value == self.token:     # else a cut rescheduled it: stale

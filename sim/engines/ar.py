@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from heapq import heappop, heappush
 
 from sim.core.gpu import Unit, steps_before, steps_through
-from sim.core.kernel import Timer
+from sim.core.kernel import Timer, clock
 from sim.core.records import Job, StageRecord
 from sim.engines.latency import DecodeSteps, LatencyModel
 from sim.engines.queues import StageQueue, start_record
@@ -171,7 +171,7 @@ class AREngine:
 
     def _entered(self, ev: Timer) -> None:
         """The front end has handed a submitted job (the event's value) to the engine."""
-        self._enter(ev.value, self.gpu.env.now)
+        self._enter(ev.value, clock(self.gpu.env))
 
     def _enter(self, job: Job, now: float) -> None:
         job.enqueued = now
@@ -207,7 +207,7 @@ class AREngine:
         # incrementally (need + out - generated = prompt + out - computed; queued: computed = 0)
         if self.jump_unit is None:
             return self._po - self._comp
-        return self.load_at(self.gpu.env.now)
+        return self.load_at(clock(self.gpu.env))
 
     def load_at(self, now: float) -> int:
         """load() at the current time `now` (a jumped decode unit commits at its end: count
@@ -358,8 +358,8 @@ class AREngine:
         if m:
             ph = self.phase
             a = (bs - m - self.G) % bs
-            b = a + m
-            tot += sum(ph[a:b]) if b <= bs else sum(ph[a:]) + sum(ph[:b - bs])
+            for i in range(a, a + m):           # (a native loop: no slices, no sum() call)
+                tot += ph[i] if i < bs else ph[i - bs]
         return tot
 
     def _pop_finished(self) -> list[Seq]:
@@ -459,7 +459,7 @@ class AREngine:
     def _admit(self, sched: list[tuple[Seq, int]], budget: int, now: float) -> None:
         """Admit waiting requests in queue order while seats, budget and blocks allow."""
         while len(self.waiting) and len(self.running) < self.max_seqs and budget > 0:
-            s = self.waiting.head()
+            s: Seq = self.waiting.head()
             if s.ready_at > self.steps and (sched or self.nd):
                 break                       # async: the step it arrived in was already planned
             n = s.prompt + s.generated - s.computed
@@ -485,7 +485,7 @@ class AREngine:
         """Could a waiting request join at the next step (so the batch would change)?"""
         if not len(self.waiting) or len(self.running) >= self.max_seqs:
             return False
-        s = self.waiting.head()
+        s: Seq = self.waiting.head()
         if s.ready_at > self.steps + 1:
             return False
         full = s.prompt + s.generated if self.reserve_full else s.computed + min(s.need, self.budget)

@@ -3,12 +3,13 @@
 route and size pools by it). Times come from the latency model (profile tables)."""
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Final, Sequence
 
 from sim.core.records import Job
+from sim.engines.latency import LatencyModel
 from sim.names import AR, DIT_STEP, TEXT_ENCODE, VAE_DECODE, VAE_ENCODE, VISION_ENCODE
 
-DECODE_BATCH_FOR_ESTIMATES = 32     # an AR hop's decode steps are costed at this batch
+DECODE_BATCH_FOR_ESTIMATES: Final = 32     # an AR hop's decode steps are costed at this batch
 
 
 def pass_time(lat: Any, stage: str, model: str, batch: Sequence[Job]) -> float:
@@ -24,7 +25,7 @@ def pass_time(lat: Any, stage: str, model: str, batch: Sequence[Job]) -> float:
     return lat.vae(model, stage, n, j.height, j.width)
 
 
-def hop_work(lat: Any, job: Job, token_budget: int) -> float:
+def hop_work(lat: LatencyModel, job: Job, token_budget: int) -> float:
     """Serial GPU-seconds a hop costs at typical batching: an AR hop's chunked prefill (chunks
     of `token_budget` tokens) plus its decode steps at DECODE_BATCH_FOR_ESTIMATES sequences,
     a DiT hop's steps alone, a one-shot stage's pass alone."""

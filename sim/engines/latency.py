@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import json
 import math
-from bisect import bisect_left, bisect_right
+from bisect import bisect_right
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Final, NamedTuple
 
 import numpy as np
 
@@ -31,7 +31,7 @@ from sim.core.mypyc_compat import mypyc_attr
 from sim.names import DECODE, DIT_STEP, PREFILL, TEXT_ENCODE, VISION_ENCODE
 
 
-_MEMO_MAX = 1 << 16      # memoised points per grid (cleared when full: bounded memory)
+_MEMO_MAX: Final = 1 << 16      # memoised points per grid (cleared when full: bounded memory)
 
 # where a model's latencies come from (LatencyModel.table_sets): one name per table-set kind
 MEASURED, ESTIMATED, ANALYTIC, MISSING = "measured", "estimated", "analytic", "missing"
@@ -48,12 +48,36 @@ class MissingProfileError(FileNotFoundError):
     pass
 
 
+def _right_of(a: list[float], x: float) -> int:
+    """bisect.bisect_right(a, x) on a list of floats (compiled: a native loop, no boxing)."""
+    lo, hi = 0, len(a)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if x < a[mid]:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+def _left_of(a: list[float], x: float) -> int:
+    """bisect.bisect_left(a, x) on a list of floats (as _right_of)."""
+    lo, hi = 0, len(a)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if a[mid] < x:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
 def _axis_pos(axis: list[float], x: float) -> tuple[int, float]:
     """Index i and weight w so that x = (1-w)*axis[i] + w*axis[i+1]; w may be <0 or >1 (outside)."""
     n = len(axis)
     if n == 1:
         return 0, 0.0
-    i = bisect_right(axis, x) - 1
+    i = _right_of(axis, x) - 1
     if i < 0:                   # (conditionals: min/max calls cost more on this hot path)
         i = 0
     elif i > n - 2:
@@ -64,7 +88,8 @@ def _axis_pos(axis: list[float], x: float) -> tuple[int, float]:
 def _at2(g: "Grid", i: int, wi: float, j: int, wj: float) -> tuple[float, bool]:
     """(value, whether a hole carried weight) of a 2-axis grid at the axis positions (i, wi),
     (j, wj) of _axis_pos (weights maybe clamped or outside [0, 1]): bilinear, >= 1e-6 s."""
-    v, f = g.vl, g.fl
+    v: list[list[float]] = g.vl          # (typed: compiled, native float arithmetic)
+    f: list[list[bool]] = g.fl
     n0, n1 = len(v), len(v[0])
     i1 = i + 1 if i + 1 < n0 else n0 - 1
     j1 = j + 1 if j + 1 < n1 else n1 - 1
@@ -72,14 +97,15 @@ def _at2(g: "Grid", i: int, wi: float, j: int, wj: float) -> tuple[float, bool]:
     out = ((1 - wi) * ((1 - wj) * vi[j] + wj * vi[j1])
            + wi * ((1 - wj) * vi1[j] + wj * vi1[j1]))
     fi, fi1 = f[i], f[i1]
-    hole = bool((fi[j] and (1 - wi) * (1 - wj)) or (fi[j1] and (1 - wi) * wj)  # a hole counts
-                or (fi1[j] and wi * (1 - wj)) or (fi1[j1] and wi * wj))  # where it has weight
+    hole = ((fi[j] and (1 - wi) * (1 - wj) != 0) or (fi[j1] and (1 - wi) * wj != 0)  # a hole
+            or (fi1[j] and wi * (1 - wj) != 0) or (fi1[j1] and wi * wj != 0))  # counts where it has weight
     return (out if out > 1e-6 else 1e-6), hole
 
 
 def _at1(g: "Grid", i: int, w: float) -> tuple[float, bool]:
     """_at2 on a 1-axis grid (a one-point grid is its point, not floored)."""
-    v, f = g.vl, g.fl
+    v: list[float] = g.vl
+    f: list[bool] = g.fl
     n = len(v)
     if n == 1:
         return float(v[0]), False
@@ -334,7 +360,7 @@ def _interp_sq(xs: list[float], ss: list[float], n: float) -> float:
     """ss interpolated at n along xs (piecewise linear; the end segments extended)."""
     if len(xs) == 1:
         return ss[0] * (n / xs[0]) ** 2
-    j = bisect_right(xs, n) - 1
+    j = _right_of(xs, n) - 1
     if j < 0:
         j = 0
     elif j > len(xs) - 2:
@@ -674,7 +700,7 @@ class LatencyModel:
                 e = k
                 a, b = vals[-1], 0.0
             else:
-                j = bisect_right(c, x) - 1
+                j = _right_of(c, x) - 1
                 j = 0 if j < 0 else last if j > last else j
                 if j < last:                # steps up to the next grid point
                     e = min(k, max(i + 1, math.ceil(c[j + 1] - ctx0)))
@@ -700,7 +726,7 @@ class LatencyModel:
         """Index of the grid cell holding all of [lo, hi] inside the axis, else None."""
         if lo < axis[0] or hi > axis[-1]:
             return None
-        j = bisect_right(axis, lo) - 1
+        j = _right_of(axis, lo) - 1
         if j > len(axis) - 2:
             j = len(axis) - 2
         return j if hi <= axis[j + 1] and (hi < axis[j + 1] or j == len(axis) - 2) else None
@@ -1063,7 +1089,7 @@ class DecodeSteps(Steps):
         if len(base) == 1:                   # one piece (base[0] = 0.0): no bisection
             p = 0 if (x >= base[0] if right else x > base[0]) else -1
         else:
-            p = (bisect_right(base, x) if right else bisect_left(base, x)) - 1   # the piece holding it
+            p = (_right_of(base, x) if right else _left_of(base, x)) - 1   # the piece holding it
         if p < 0:
             return 0
         s = starts[p]

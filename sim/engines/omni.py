@@ -39,15 +39,15 @@ from __future__ import annotations
 import json
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Final, Optional, Sequence
 
 import numpy as np
 
 from profiler.models import load_model
 from sim.core.gpu import EqualSteps, Unit
-from sim.core.kernel import Timer
+from sim.core.kernel import Timer, clock
 from sim.core.records import Request, StageRecord
-from sim.engines.pipeline import plan_hops
+from sim.engines.pipeline import image_input_tokens, latent_tokens, plan_hops
 from sim.names import (AR, DIT_STEP, POSTPROCESS, PREFILL, PREPROCESS, TEXT_ENCODE, VAE_DECODE,
                        VAE_ENCODE, VISION_ENCODE)
 from sim.workloads.requests import condition_image_size
@@ -65,7 +65,7 @@ class Pipeline:
 
 
 # (transformer kind, takes an input image) -> the pipeline vLLM-Omni serves it with
-PIPELINES: dict[tuple[str, bool], Pipeline] = {
+PIPELINES: Final[dict[tuple[str, bool], Pipeline]] = {
     ("qwen_image_mmdit", False): Pipeline("QwenImagePipeline", True, True),
     ("qwen_image_mmdit", True): Pipeline("QwenImageEditPipeline", False, False),
     ("flux_dit", False): Pipeline("FluxPipeline", True, False),
@@ -86,20 +86,28 @@ EDIT_CONDITION_PIXELS = 1024 * 1024   # calculate_dimensions(1024 * 1024, ratio)
 NEGATIVE_PROMPT_TOKENS = 1      # " ", Qwen's advice and what profiler.omni_bench sends
 
 
-@dataclass(frozen=True)
 class QwenGeometry:
     """What one Qwen-Image(-Edit) request puts through vLLM-Omni's pipeline (module
     constants): transformer image tokens `seq` (target + an edit's condition latents), its
     text stream for the prompt pass (`text`) and the negative-prompt pass (`neg_text`), the
     condition encoder's input tokens for both passes, the condition image's vision tokens and
-    size (edits; None for generate)."""
-    seq: int
-    text: int
-    neg_text: int
-    enc_tokens: int
-    neg_tokens: int
-    vision_tokens: int
-    cond: Optional[tuple[int, int]]
+    size (edits; None for generate). (A plain class: compiled, its __init__ is native.)"""
+    __slots__ = ("seq", "text", "neg_text", "enc_tokens", "neg_tokens", "vision_tokens", "cond")
+
+    def __init__(self, seq: int, text: int, neg_text: int, enc_tokens: int, neg_tokens: int,
+                 vision_tokens: int, cond: Optional[tuple[int, int]]) -> None:
+        self.seq = seq
+        self.text = text
+        self.neg_text = neg_text
+        self.enc_tokens = enc_tokens
+        self.neg_tokens = neg_tokens
+        self.vision_tokens = vision_tokens
+        self.cond = cond
+
+    def __repr__(self) -> str:
+        return (f"QwenGeometry(seq={self.seq}, text={self.text}, neg_text={self.neg_text}, "
+                f"enc_tokens={self.enc_tokens}, neg_tokens={self.neg_tokens}, "
+                f"vision_tokens={self.vision_tokens}, cond={self.cond})")
 
 
 def qwen_geometry(spec: Any, cond_spec: Any, prompt_tokens: int, output: tuple[int, int],
@@ -107,17 +115,17 @@ def qwen_geometry(spec: Any, cond_spec: Any, prompt_tokens: int, output: tuple[i
     """QwenGeometry of a request (generate without `input_image`, edit with it); `spec` is the
     qwen_image entry, `cond_spec` its condition encoder's (qwen2_5_vl_7b). One definition for
     the engine (OmniCosts.job) and the table builder (profiler.omni_table)."""
-    seq = spec.latent_tokens(*output)
+    seq = latent_tokens(spec, output[0], output[1])
     if input_image is None:
         enc = QWEN_TEMPLATE + prompt_tokens
         neg = QWEN_TEMPLATE + NEGATIVE_PROMPT_TOKENS
         return QwenGeometry(seq, prompt_tokens + QWEN_TEXT_AFTER, NEGATIVE_PROMPT_TOKENS + QWEN_TEXT_AFTER,
                             enc, neg, 0, None)
     ch, cw = condition_image_size(input_image[0], input_image[1], EDIT_CONDITION_PIXELS)
-    vis = cond_spec.image_input_tokens(ch, cw)
+    vis = image_input_tokens(cond_spec, ch, cw)
     enc = QWEN_EDIT_TEMPLATE + vis + prompt_tokens
     neg = QWEN_EDIT_TEMPLATE + vis + NEGATIVE_PROMPT_TOKENS
-    return QwenGeometry(seq + spec.latent_tokens(ch, cw), enc - QWEN_EDIT_DROP, neg - QWEN_EDIT_DROP,
+    return QwenGeometry(seq + latent_tokens(spec, ch, cw), enc - QWEN_EDIT_DROP, neg - QWEN_EDIT_DROP,
                         enc, neg, vis, (ch, cw))
 
 
@@ -229,7 +237,7 @@ class OmniCosts:
         j.height, j.width = req.output_image or (d["height"], d["width"])
         j.steps = req.steps or d["steps"]
         j.passes = 2 if req.cfg else 1
-        j.seq = spec.latent_tokens(j.height, j.width)
+        j.seq = latent_tokens(spec, j.height, j.width)
         if self.hops:
             self._from_hops(j, req)
         elif self.qwen:
@@ -245,7 +253,7 @@ class OmniCosts:
             if image_in:
                 ih, iw = req.input_images[0]
                 j.cond = (ih, iw)
-                j.seq += spec.latent_tokens(ih, iw)
+                j.seq += latent_tokens(spec, ih, iw)
         if pipe.request_batch:
             j.batch_key = (j.height, j.width, j.steps, j.passes, j.weight)
         j.step_ok = pipe.step_execution
@@ -567,7 +575,7 @@ class _OmniEngine:
             self._enqueue(j, now)
 
     def _enqueue_later(self, ev: Timer) -> None:
-        self._enqueue(ev.value, self.gpu.env.now)
+        self._enqueue(ev.value, clock(self.gpu.env))
 
     def _enqueue(self, j: OmniJob, now: float) -> None:
         j.enqueued = j.last_end = now
@@ -623,7 +631,7 @@ class _OmniEngine:
                 flow.finish(now)
 
     def _answer(self, ev: Timer) -> None:
-        ev.value.finish(self.gpu.env.now)
+        ev.value.finish(clock(self.gpu.env))
 
     # --- what the schedulers define -------------------------------------------------------------
     def plan(self, now: float) -> Unit | None:

@@ -2,10 +2,44 @@
 each hop hands to the next (for transfer costs between GPUs)."""
 from __future__ import annotations
 
+from typing import Any
+
 from profiler.models import ModelSpec, load_model
 from sim.core.records import Job, Request
 from sim.engines.queues import PRIORITY
 from sim.names import AR, DIT_STEP, EDIT, TEXT_ENCODE, VAE_DECODE, VAE_ENCODE, VISION_ENCODE
+
+
+# model name -> (its spec, (h, w) -> tokens): a spec's image-token counts, read once per size
+_LATENT: dict[str, tuple[Any, dict[tuple[int, int], int]]] = {}
+_IMAGE_IN: dict[str, tuple[Any, dict[tuple[int, int], int]]] = {}
+
+
+def _sized(memo: dict[str, tuple[Any, dict[tuple[int, int], int]]], spec: Any
+           ) -> dict[tuple[int, int], int]:
+    e = memo.get(spec.name)
+    if e is None or e[0] is not spec:       # (a spec made again under its name: its own counts)
+        e = memo[spec.name] = (spec, {})
+    return e[1]
+
+
+def latent_tokens(spec: Any, h: int, w: int) -> int:
+    """spec.latent_tokens(h, w) (profiler.models.ModelSpec), computed once per model and size:
+    the per-request callers are compiled, the spec's method is not."""
+    d = _sized(_LATENT, spec)
+    v = d.get((h, w))
+    if v is None:
+        v = d[(h, w)] = spec.latent_tokens(h, w)
+    return v
+
+
+def image_input_tokens(spec: Any, h: int, w: int) -> int:
+    """spec.image_input_tokens(h, w), computed once per model and size (as latent_tokens)."""
+    d = _sized(_IMAGE_IN, spec)
+    v = d.get((h, w))
+    if v is None:
+        v = d[(h, w)] = spec.image_input_tokens(h, w)
+    return v
 
 
 def plan_hops(req: Request, fused: bool) -> list[Job]:
@@ -25,7 +59,7 @@ def plan_hops(req: Request, fused: bool) -> list[Job]:
         return hops
 
     out_h, out_w = req.output_image or (spec.request_defaults["height"], spec.request_defaults["width"])
-    seq = spec.latent_tokens(out_h, out_w)
+    seq = latent_tokens(spec, out_h, out_w)
     if spec.family == "ar_dit":
         cond = spec.condition_encoder
         assert cond is not None, f"{spec.name}: an ar_dit model names its condition encoder"
@@ -40,7 +74,7 @@ def plan_hops(req: Request, fused: bool) -> list[Job]:
     for i, (in_h, in_w) in enumerate(req.input_images):   # each input image: its own VAE encode
         add(Job(req, VAE_ENCODE, spec.name, priority=prio, height=in_h, width=in_w, tokens=i))
         if req.task == EDIT:
-            seq += spec.latent_tokens(in_h, in_w)     # condition latents join the sequence
+            seq += latent_tokens(spec, in_h, in_w)     # condition latents join the sequence
     add(Job(req, DIT_STEP, spec.name, priority=prio, seq_len=seq,
             steps=req.steps or spec.request_defaults["steps"], weight=2 if req.cfg else 1,
             tokens=req.prompt_tokens))

@@ -5,13 +5,13 @@ from __future__ import annotations
 from collections import deque
 from heapq import heappop, heappush
 from itertools import chain
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Final, Iterator
 
 from sim.core.mypyc_compat import mypyc_attr
 from sim.core.records import Job, StageRecord
 from sim.names import AR, DECODE, PREFILL
 
-PRIORITY = {"interactive": 0, "standard": 1, "batch": 2}   # SLO class -> priority level
+PRIORITY: Final = {"interactive": 0, "standard": 1, "batch": 2}   # SLO class -> priority level
 QUEUE_ORDERS = ("fifo", "hrrn")     # first come first served | highest response ratio next
 FIFO, HRRN = QUEUE_ORDERS
 

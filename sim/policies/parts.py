@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 from sim.core.gpu import GPU
-from sim.core.kernel import Timer
+from sim.core.kernel import Timer, clock
 from sim.core.mypyc_compat import mypyc_attr
 from sim.core.records import Job, Request, StageRecord
 from sim.engines.pipeline import plan_hops
@@ -60,7 +60,7 @@ class Flow:
 
     def _arrived(self, ev: Timer) -> None:
         """A transfer has ended: the next hop (the event's value) starts."""
-        self.placement.dispatch(self, ev.value, self.placement.env.now)
+        self.placement.dispatch(self, ev.value, clock(self.placement.env))
 
 
 @mypyc_attr(allow_interpreted_subclasses=True)     # (compiled: tests add placements)
@@ -92,6 +92,11 @@ class Placement:
     def plan_hops(self, req: Request, fused: bool) -> list[Job]:
         """The hops of a request under this placement (sim.engines.pipeline.plan_hops)."""
         return plan_hops(req, fused)
+
+    def served_whole(self, req: Request) -> bool:
+        """Is the request served whole by one engine (BatchingRule.whole_engine)? Its hops are
+        then not run one by one, and their work is never read."""
+        return False
 
     def dispatch(self, flow: Flow, job: Job, now: float) -> None:
         """Send a hop to the engine or queue that serves it."""

@@ -108,6 +108,8 @@ class Replicas(Placement):
         self.notes["replicas"] = {m: len(r) for m, r in self.replicas.items()}
         self.routers: dict[str, Router] = {m: self.policy.router_class(r)
                                            for m, r in self.replicas.items()}
+        # (a model's replicas are all made by one rule: every one serves it whole, or none)
+        self._whole: set[str] = {m for m, r in self.replicas.items() if r and r[0].whole is not None}
         desc = self.policy.batching.describe()
         if desc:
             self.notes["diffusion_engine"] = desc
@@ -151,6 +153,9 @@ class Replicas(Placement):
                 else:
                     g.add(batching.pass_engine(stage, model, q, lat))
         return r
+
+    def served_whole(self, req: Request) -> bool:
+        return req.model in self._whole
 
     def pick(self, model: str, now: float) -> Replica:
         router = self.routers.get(model)

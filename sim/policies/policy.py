@@ -98,9 +98,10 @@ class Policy:
         """A request reaches the cluster: plan its hops, cost them, start its flow."""
         place = self.placement
         hops = place.plan_hops(req, place.is_fused(req))
-        lat, budget = self.lat, self.cfg.engine.max_num_batched_tokens
-        for j in hops:
-            j.work = hop_work(lat, j, budget)
+        if not place.served_whole(req):     # (served whole: the engine costs it, not its hops)
+            lat, budget = self.lat, self.cfg.engine.max_num_batched_tokens
+            for j in hops:
+                j.work = hop_work(lat, j, budget)
         Flow(req, hops, place).start(now)
 
     # --- helpers the parts share -------------------------------------------------------------

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from array import array
-from typing import Any
+from typing import Any, Final
 
 import numpy as np
 
@@ -37,8 +37,8 @@ from sim.core.records import Request, StageRecord
 from sim.names import TEXT_OUT_TASKS
 from sim.run.sketch import QuantileSketch
 
-_FLUSH = 1 << 16          # buffered sketch values folded in per vectorised add_many
-_ROWS_FLUSH = 1 << 12     # buffered requests folded into the column arrays at once
+_FLUSH: Final = 1 << 16   # buffered sketch values folded in per vectorised add_many
+_ROWS_FLUSH: Final = 1 << 12   # buffered requests folded into the column arrays at once
 
 _FLOAT_COLS = ("arrival", "finish", "ttft_ms", "tpot_ms", "e2el_ms", "queue_ms")
 _INT_COLS = ("prompt_tokens", "output_tokens", "image_tokens_in", "image_tokens_out",

@@ -9,7 +9,7 @@ from typing import Callable, Iterator, Optional
 
 from sim.compiled import ROOT
 from sim.config import SimConfig
-from sim.core.kernel import Kernel
+from sim.core.kernel import Kernel, clock
 from sim.core.records import Request
 from sim.engines.latency import ANALYTIC, ESTIMATED, LatencyModel, table_source_line
 from sim.policies.policy import PILOT_REQUESTS, SimContext, build_policy
@@ -62,7 +62,7 @@ class Run:
 
     def _on_complete(self, req: Request) -> None:
         self.completed += 1
-        self.last_finish = now = self.env.now
+        self.last_finish = now = clock(self.env)
         if self.max_concurrency:        # the client's slot frees when it has seen the last token
             wait = req.finish - now
             if wait > 0:
@@ -88,7 +88,7 @@ class Run:
 
     def _arrive(self, _ev) -> None:
         env = self.env
-        now = env.now                   # (the clock does not move inside an event)
+        now = clock(env)                # (the clock does not move inside an event)
         send = self._send if self.max_concurrency else self.policy.admit
         req = self._pending
         if req is not None:             # its timeout fired
@@ -116,7 +116,7 @@ class Run:
         self._in_flight -= 1
         if self._held:
             req = self._held.popleft()
-            req.arrival = now = self.env.now
+            req.arrival = now = clock(self.env)
             self._in_flight += 1
             self.policy.admit(req, now)
 
