@@ -549,7 +549,12 @@ def test_memoised_lookups_count_their_hole_hits_on_every_use(tiny):
     assert lat._lookup1(g, 24.0) == pytest.approx(0.002) and lat.hole_hits["hand/prefill"] == 2
     for _ in range(2):
         lat.decode("tiny_model", 3, 150)          # a 2-axis cell that touches the OOM hole
-    assert lat.hole_hits["tiny_model/decode"] == 2
+    assert lat.hole_hits["tiny_model/decode"] == 2  # (the decode grid reads without a memo)
+    g2 = Grid("hand/dit", [[1.0, 2.0], [10.0, 20.0]], np.array([[1.0, 2.0], [3.0, 4.0]]),
+              np.array([[False, False], [False, True]]))
+    for n in (1, 2):                              # a memoised 2-axis grid: counted on every use
+        assert lat._lookup2(g2, 1.5, 15.0) == pytest.approx(2.5) and lat.hole_hits["hand/dit"] == n
+    assert lat._lookup2(g2, 1.0, 15.0) == pytest.approx(1.5) and lat.hole_hits["hand/dit"] == 2
 
 
 def test_a_point_within_1e9_of_the_grid_edge_is_inside():

@@ -169,6 +169,7 @@ class Grid:
         self.memo1: dict[float, float] = {}
         self.memo2: dict[float, dict[float, float]] = {}
         self.nmemo = 0
+        self.memoise = True     # False: every lookup interpolates (points that rarely repeat)
         self.cols: dict[int, _DecodeCol] = {}       # decode_series columns by batch, under
         self.cols_mode: Any = None                  # this range policy
 
@@ -527,6 +528,13 @@ class LatencyModel:
 
     def _lookup2(self, g: Grid, x0: float, x1: float) -> float:
         """_lookup1 on a 2-axis grid."""
+        if not g.memoise:
+            hit = self._interp(g, (x0, x1))
+            if hit is None:
+                return self._outside(g, (x0, x1))
+            if hit[1]:
+                self.hole_hits[g.name] += 1
+            return hit[0]
         row = g.memo2.get(x0)
         v = None if row is None else row.get(x1)
         if v is None:
@@ -587,6 +595,7 @@ class LatencyModel:
         if g is False:
             if which == DECODE:
                 g = self._grid(model, DECODE, ["batch_size", "context_len"], fill=_fill_decode_holes)
+                g.memoise = False
             elif which == PREFILL:
                 g = self._grid(model, PREFILL, ["num_tokens"],
                                lambda d: _no_decodes(d) & (d["context_len"] == 0), "pure")  # no NaN: ok_rows
