@@ -27,12 +27,13 @@ class Item:
 
 @settings(max_examples=200, deadline=None)
 @given(n=st.integers(1, 10),
-       ops=st.lists(st.tuples(st.integers(0, 9), st.integers(-3, 3), st.booleans()), max_size=200))
-def test_least_loaded_with_unreported_increases(n, ops):
+       ops=st.lists(st.tuples(st.integers(0, 9), st.integers(-3, 3), st.booleans()), max_size=200),
+       scan_max=st.sampled_from([0, 16]))
+def test_least_loaded_with_unreported_increases(n, ops, scan_max):
     """Decreases are reported, increases only sometimes: picks still equal min() (first index
-    among ties)."""
+    among ties), from the heap (scan_max=0) and from the scan of a few items."""
     items = [Item(0) for _ in range(n)]
-    ll = LeastLoaded(items, lambda x: x.load)
+    ll = LeastLoaded(items, lambda x: x.load, scan_max=scan_max)
     for i, delta, report in ops:
         x = items[i % n]
         x.load += delta

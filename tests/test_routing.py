@@ -65,12 +65,12 @@ def test_least_requests_sees_reported_decreases_and_unreported_increases():
 
 def test_least_loaded_ties_go_to_the_first_position():
     xs = [Item(2), Item(1), Item(1)]
-    ll = LeastLoaded(xs, lambda x: x.n)
+    ll = LeastLoaded(xs, lambda x: x.n, scan_max=0)
     assert ll.pick() is xs[1]
     xs[1].n = 1.5
     ll.changed(xs[1])
     assert ll.pick() is xs[2]
-    ll2 = LeastLoaded(xs, lambda x: x.n, every_change=True)
+    ll2 = LeastLoaded(xs, lambda x: x.n, every_change=True, scan_max=0)
     xs[2].n = 3
     ll2.changed(xs[2])
     assert ll2.pick() is xs[1]
@@ -78,7 +78,7 @@ def test_least_loaded_ties_go_to_the_first_position():
 
 def test_least_loaded_drops_stale_entries_now_and_then():
     xs = [Item(i) for i in range(3)]
-    ll = LeastLoaded(xs, lambda x: x.n)
+    ll = LeastLoaded(xs, lambda x: x.n, scan_max=0)
     for k in range(200):
         xs[k % 3].n = 10 - k % 7
         ll.changed(xs[k % 3])

@@ -13,10 +13,15 @@ from sim.policies.parts import Router
 
 T = TypeVar("T")
 
+# up to this many items a pick scans them (cheaper than keeping the heap: a pick pops the stale
+# entries every change pushed, each a key call and a few tuple comparisons)
+SCAN_MAX = 16
+
 
 class LeastLoaded(Generic[T]):
     """The item with the least key, ties to the lowest position (what min(items, key=key) picks),
-    in O(log n) amortised: a heap of (key, position) entries, checked lazily when they surface.
+    in O(log n) amortised: a heap of (key, position) entries, checked lazily when they surface
+    (up to `scan_max` items: a scan).
 
     Callers report every decrease of an item's key with changed(item); increases may go
     unreported unless `every_change` says they are all reported too. Each item then always has an
@@ -26,12 +31,16 @@ class LeastLoaded(Generic[T]):
     that matches its item is the minimum.
     """
 
-    def __init__(self, items: Sequence[T], key: Callable[[T], float], every_change: bool = False):
+    def __init__(self, items: Sequence[T], key: Callable[[T], float], every_change: bool = False,
+                 scan_max: int = SCAN_MAX):
         self.items = items
         self.key = key
         self.every_change = every_change
+        self.scan = len(items) <= scan_max      # few items: min() itself, no heap to keep
         self.pos = {id(x): i for i, x in enumerate(items)}
-        self._rebuild()
+        self.heap: list[tuple[float, int]] = []
+        if not self.scan:
+            self._rebuild()
 
     def _rebuild(self) -> None:
         key = self.key
@@ -40,6 +49,14 @@ class LeastLoaded(Generic[T]):
 
     def pick(self) -> T:
         heap, items, key = self.heap, self.items, self.key
+        if self.scan:                   # min(items, key=key): the first of the least
+            best = items[0]
+            least = key(best)
+            for k in range(1, len(items)):
+                v = key(items[k])
+                if v < least:
+                    best, least = items[k], v
+            return best
         while True:
             v, i = heap[0]
             cur = key(items[i])
@@ -52,6 +69,8 @@ class LeastLoaded(Generic[T]):
 
     def changed(self, item: T) -> None:
         """`item`'s key changed (items not routed here, e.g. moved away, are ignored)."""
+        if self.scan:
+            return
         i = self.pos.get(id(item))
         if i is None:
             return

@@ -107,9 +107,10 @@ def build_requests(first_id: int, arrival: list[float], task: list[str], model: 
     was_enabled = gc.isenabled()
     gc.disable()
     try:
-        for i, (a, t, m, ins, oi) in enumerate(zip(arrival, task, model, inputs, out_img)):
+        for i in range(len(arrival)):   # (by index: compiled, native list reads)
+            t, m, ins, oi = task[i], model[i], inputs[i], out_img[i]
             tin, tout = get(specs[m], t, ins, oi) if (ins or oi is not None) else (0, 0)
-            append(Request(first_id + i, a, t, m, prompt[i], output[i], ins, oi, steps[i],
+            append(Request(first_id + i, arrival[i], t, m, prompt[i], output[i], ins, oi, steps[i],
                            cfgf[i], slo[i], image_tokens_in=tin, image_tokens_out=tout,
                            image_ids=image_ids[i] if image_ids is not None else ()))
     finally:

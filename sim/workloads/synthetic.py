@@ -197,5 +197,13 @@ class ImageIds:
 
 def _pairs(h: np.ndarray, w: np.ndarray) -> list[tuple[tuple[int, int], ...]]:
     """Rows of (k, m) size arrays as tuples of (h, w) pairs."""
-    hl, wl = h.tolist(), w.tolist()
-    return [tuple(zip(a, b)) for a, b in zip(hl, wl)]
+    hl: list[list[int]] = h.tolist()
+    wl: list[list[int]] = w.tolist()
+    out: list[tuple[tuple[int, int], ...]] = []
+    for r in range(len(hl)):            # (by index: compiled, native list reads)
+        a, b = hl[r], wl[r]
+        if len(a) == 1:                 # one image a request, the common case
+            out.append(((a[0], b[0]),))
+        else:
+            out.append(tuple([(a[m], b[m]) for m in range(len(a))]))
+    return out
