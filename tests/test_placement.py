@@ -373,10 +373,10 @@ def test_a_whole_served_models_offered_work_is_the_sum_of_its_pilot_requests_alo
     assert work == {"qwen_image": pytest.approx(sum(costs.job(q).work for q in pilot), rel=1e-12)}
 
 
-def test_requests_served_whole_are_not_costed_hop_by_hop(synthetic_profiles):
-    """A baseline replica of qwen_image runs the vLLM-Omni engine (the whole request): such a
-    request is served whole and its hops are left uncosted (the engine costs it); a text
-    request's hops are costed for the AR engine's queue."""
+def test_a_request_is_served_whole_where_its_replicas_run_the_request_engine(synthetic_profiles):
+    """A baseline replica of qwen_image runs the vLLM-Omni engine (the whole request): its
+    requests are served whole (Policy.admit then leaves their hops uncosted; the engine costs
+    them), a text request is not (its hops are costed for the AR engine's queue)."""
     cfg = make_cfg(synthetic_profiles, {"policy.name": "baseline", "workload.num_requests": 40,
                                         "cluster.num_gpus": 5})
     r = Run(cfg)
