@@ -173,7 +173,7 @@ def test_the_kernel_is_a_simpy_environment():
     import simpy
     from sim.core.kernel import Kernel
     assert issubclass(Kernel, simpy.Environment)
-    assert isinstance(Kernel()._queue, list)
+    assert isinstance(Kernel().agenda.queue, list)
 
 
 def test_install_without_a_c_compiler_is_pure(tmp_path):

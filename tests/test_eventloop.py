@@ -204,3 +204,50 @@ def test_entries_order_as_simpys_tuples(pair):
     a, b = Entry(t0, p0, e0, None), Entry(t1, p1, e1, None)
     assert (a < b) == ((t0, p0, e0) < (t1, p1, e1))
     assert (b < a) == ((t1, p1, e1) < (t0, p0, e0))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.one_of(st.tuples(st.sampled_from([0.0, 0.5, 1.0, 2.0]), st.sampled_from([-1, 0, 1])),
+                          st.none()), max_size=80))
+def test_the_agendas_heap_is_heapqs(ops):
+    """heap_push / heap_pop build and pop the very heap heapq builds from the same pushes and pops
+    (SimPy's tuples): the same list, item for item, after every operation."""
+    import heapq
+
+    from sim.core.kernel import Entry, heap_pop, heap_push
+    q: list = []
+    ref: list = []
+    for i, op in enumerate(ops):
+        if op is None:                          # a pop (of an empty heap: IndexError in both)
+            if not ref:
+                with pytest.raises(IndexError):
+                    heap_pop(q)
+                continue
+            e, t = heap_pop(q), heapq.heappop(ref)
+            assert (e.time, e.priority, e.eid) == t[:3]
+        else:
+            heap_push(q, Entry(op[0], op[1], i, None))
+            heapq.heappush(ref, (op[0], op[1], i))
+        assert [(e.time, e.priority, e.eid) for e in q] == ref
+
+
+def test_the_heap_holds_simpys_entries():
+    """Scheduled and not yet run, the kernel's heap holds SimPy's own entries, item for item:
+    the same times, priorities and event ids (0, 1, 2, ... in scheduling order, as SimPy's
+    counter), whichever call scheduled them."""
+    slow_env, fast_env = simpy.Environment(), Kernel()
+    for env, fast in ((slow_env, False), (fast_env, True)):
+        scenario(env, fast, [1.0, 0.0, 2.0, 0.5], [])
+    want = [t[:3] for t in slow_env._queue]
+    assert len(want) == 5                        # 3 timers, 2 processes starting
+    assert [(e.time, e.priority, e.eid) for e in fast_env.agenda.queue] == want
+
+
+def test_timers_run_in_simpys_own_loop():
+    """A kernel timer is a succeeded event: SimPy's `run` (through `step`) processes it and does
+    not take it for a failure."""
+    env, log = Kernel(), []
+    env.timer(1.0, lambda ev: log.append((env.now, ev.value)), "a")
+    env.call_soon(lambda ev: log.append((env.now, ev.value)))
+    env.run()
+    assert log == [(0.0, None), (1.0, "a")]

@@ -6,16 +6,16 @@ from __future__ import annotations
 
 import pytest
 
-from sim.core.gpu import GPU, EqualSteps, Unit
+from sim.core.gpu import GPU, Engine, EqualSteps, Unit
 from sim.core.kernel import Kernel
 
 
-class Scripted:
+class Scripted(Engine):
     """An engine that plans the units it is given, in order; log = [(name, k, commit time)]."""
 
     def __init__(self, name: str, units: list, log: list, stage: str = "s"):
+        super().__init__()
         self.name, self.units, self.log, self.stage = name, list(units), log, stage
-        self.gpu = None
 
     def has_work(self) -> bool:
         return bool(self.units)

@@ -501,6 +501,10 @@ UNCHANGED = {
     ("baseline", 0, 8, 2.0): "125ad7ca1ab6b8489e0d94f6d6d01c8354305bfa2a4b7e83ef1d99f427779b40",
     ("baseline", 1, 16, 4.0): "9891cd99869eb16192464f280a330148f129f7d915245c1ff2c69910412c693f",
 }
+# The same code gives this run a second digest on another machine (the Debian 12 VM with
+# glibc 2.36: 659904e's successors 5a9d5b0 and 131e1c5 alike), while the five other runs agree:
+# a last-bit difference in a math library's result changes one decision there. Either is this run.
+ALSO = {("baseline", 1, 16, 4.0): "268787741ba7d53b7a1960540fe8e8f1540dfc2c90dbbef3a0606fb5566c0189"}
 
 
 def run_digest(policy: str, seed: int, gpus: int, rate: float, **over) -> str:
@@ -520,7 +524,7 @@ def run_digest(policy: str, seed: int, gpus: int, rate: float, **over) -> str:
 def test_other_policies_and_step_level_baseline_unchanged(key):
     policy, seed, gpus, rate = key
     over = {"diffusion.engine": "step_level_same_shape"} if policy == "baseline" else {}
-    assert run_digest(policy, seed, gpus, rate, **over) == UNCHANGED[key]
+    assert run_digest(policy, seed, gpus, rate, **over) in (UNCHANGED[key], ALSO.get(key))
 
 
 def test_hops_work_rule_is_the_step_level_policies_work(tables):

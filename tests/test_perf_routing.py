@@ -11,8 +11,9 @@ from hypothesis import strategies as st
 
 from conftest import make_cfg
 from sim import policies
+from sim.core.gpu import Engine, PoolGPU, Unit
+from sim.core.kernel import Kernel
 from sim.core.records import Job, Request
-from sim.engines import queues as jobs
 from sim.engines.ar import AREngine
 from sim.engines.queues import StageQueue
 from sim.policies.parts import Router
@@ -42,18 +43,18 @@ def test_least_loaded_with_unreported_increases(n, ops, scan_max):
         assert ll.pick() is min(items, key=lambda y: y.load)
 
 
-class FakeGPU:
-    def __init__(self):
-        self.cur = None
-        self.available = True
-        self.reports_unit_end = True
+class FakeEngine(Engine):
+    """An engine on a GPU of its own that reports unit ends (a PoolGPU)."""
 
-
-class FakeEngine:
     def __init__(self, queue: StageQueue):
+        super().__init__()
         self.queue = queue
-        self.gpu = FakeGPU()
+        PoolGPU(ENV, len(queue.engines), 0).add(self)
         queue.engines.append(self)
+
+
+ENV = Kernel()
+BUSY = Unit([1.0], lambda k, now: None, "s")
 
 
 def scan(engines):
@@ -79,7 +80,7 @@ def test_free_engines_match_the_scan(n, ops):
             e = q.engines[k % len(q.engines)]
             g = e.gpu
             if op == "busy":
-                g.cur = object()
+                g.cur = BUSY
             elif op == "away":
                 g.available = False
             else:                               # a unit ends / the GPU comes back
@@ -120,7 +121,8 @@ def test_hrrn_order_matches_a_stable_sort(jobs_, now, priority):
 # --- end to end: the same runs with the scans put back ------------------------------------------
 
 def _reference_scans(monkeypatch):
-    monkeypatch.setattr(jobs.FreeEngines, "first", lambda self: scan_placed(self.engines))
+    # GPUs that do not report unit ends: every shared queue's FreeEngines scans its engines
+    monkeypatch.setattr(PoolGPU, "reports_unit_end", False)
     # the scanning routers in place of the indexed ones, by name (a router is a part)
     monkeypatch.setitem(policies.ROUTERS, "least_requests", _ScanRequests)
     monkeypatch.setitem(policies.ROUTERS, "least_tokens", _ScanTokens)
@@ -143,10 +145,6 @@ class _ScanTokens(Router):
     def pick(self, now):
         SCANS[0] += 1
         return min(self.items, key=AREngine.load)
-
-
-def scan_placed(engines):
-    return next((e for e in engines if e.gpu is not None and e.gpu.cur is None and e.gpu.available), None)
 
 
 def _run(cfg_kw):

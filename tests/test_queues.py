@@ -106,16 +106,20 @@ def test_start_record_opens_the_stage_on_the_server():
 def test_free_engines_finds_the_first_free_gpu_of_gpus_that_do_not_report_unit_ends():
     """GPUs without reports_unit_end: every lookup scans, so a GPU that was busy at one lookup
     and is free at the next is found again (first in engine order)."""
-    from types import SimpleNamespace as NS
+    from sim.core.gpu import GPU, Engine, Unit
+    from sim.core.kernel import Kernel
     from sim.engines.queues import FreeEngines
-    gpus = [NS(cur=None, available=True) for _ in range(2)]
-    engines = [NS(gpu=g) for g in gpus]
+    env, busy = Kernel(), Unit([1.0], lambda k, now: None, "s")
+    gpus = [GPU(env, i, 0) for i in range(2)]   # a plain GPU does not report unit ends
+    engines = [Engine() for _ in gpus]
+    for g, e in zip(gpus, engines):
+        g.add(e)
     free = FreeEngines(engines)
-    gpus[0].cur = "a unit"
+    gpus[0].cur = busy
     assert free.first() is engines[1]
     gpus[0].cur = None
     assert free.first() is engines[0]
-    gpus[0].cur = gpus[1].cur = "a unit"
+    gpus[0].cur = gpus[1].cur = busy
     assert free.first() is None
     gpus[1].cur = None
     assert free.first() is engines[1]

@@ -1,6 +1,6 @@
 """Property tests of the serving simulator on small runs with the synthetic profile tables
 (tests/conftest.py): causality and ordering of every request's stage records, conservation,
-engine limits (AR max_num_seqs and KV blocks, DiT max_batch) checked at every plan(), forced
+engine limits (AR max_num_seqs and KV blocks, DiT max_batch) checked after every event, forced
 KV preemptions, and exactness of the GPU executor's jump-ahead (step_jump=True vs False).
 """
 from __future__ import annotations
@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from conftest import make_cfg, rel_close
 from sim.names import TEXT_OUT_TASKS
 from sim.run.runner import Run
+from sim.core.kernel import Kernel
 from sim.engines.ar import AREngine
 from sim.engines.dit import DiTEngine
 from sim.policies import POLICIES as POLICY_CONFIGS
@@ -28,56 +29,69 @@ SETTINGS = dict(max_examples=15, deadline=None, derandomize=True, database=None,
 # --- instrumentation -------------------------------------------------------------------------
 
 class Limits:
-    """Wraps AREngine.plan and DiTEngine.plan (class-wide, for the duration of a run) and checks
-    the engine limits after every plan() call; remembers every engine it saw."""
+    """Checks the engine limits after every event of a run: Kernel.run_all is SimPy's own loop
+    (env.step()) with a check of every engine on the run's GPUs after each step, for the
+    duration of the run. Remembers every engine it saw."""
 
     def __init__(self) -> None:
         self.ar: dict[int, AREngine] = {}
         self.dit: dict[int, DiTEngine] = {}
-        self.ar_plans = 0
-        self.dit_plans = 0
+        self.ar_busy = 0                    # checks that found an AR engine's unit running
+        self.dit_busy = 0                   # checks that found a DiT batch
         self.max_running = 0
         self.max_dit_used = 0
         self.dit_keys: set[str] = set()     # shape_compat modes whose batches were checked
 
     @contextlib.contextmanager
-    def installed(self):
-        ar_plan, dit_plan = AREngine.plan, DiTEngine.plan
-        lim = self
+    def installed(self, gpus):
+        """`gpus()`: the run's GPUs now (an autoscaler may add some)."""
+        lim, loop = self, Kernel.run_all
 
-        def ar_wrapped(eng, now):
-            u = ar_plan(eng, now)
-            lim.ar[id(eng)] = eng
-            lim.ar_plans += 1
-            assert len(eng.running) <= eng.max_seqs, (
-                f"AR engine runs {len(eng.running)} > max_num_seqs={eng.max_seqs}")
-            assert 0 <= eng.free_blocks <= eng.total_blocks
-            held = sum(s.blocks for s in eng.running)
-            assert held == eng.total_blocks - eng.free_blocks, "KV block accounting drifted"
-            assert held <= eng.total_blocks
-            lim.max_running = max(lim.max_running, len(eng.running))
-            return u
+        def run_all(env) -> int:
+            n = 0
+            while env.peek() != math.inf:
+                env.step()
+                n += 1
+                lim.check(gpus())
+            return n
 
-        def dit_wrapped(eng, now):
-            u = dit_plan(eng, now)
-            lim.dit[id(eng)] = eng
-            lim.dit_plans += 1
-            used = sum(j.weight for j in eng.batch)
-            # a single CFG request (weight 2) may run alone when max_batch=1: it cannot be split
-            assert used <= eng.max_batch or len(eng.batch) == 1, (
-                f"DiT batch weight {used} > diffusion.max_batch={eng.max_batch}")
-            lim.max_dit_used = max(lim.max_dit_used, used)
-            if eng.batch and eng.compat != "any":   # one shape key: a sequence length or bucket
-                keys = {j.shape(eng.buckets) for j in eng.batch}
-                assert len(keys) == 1, f"DiT batch mixes shapes {keys} ({eng.compat})"
-                lim.dit_keys.add(eng.compat)
-            return u
-
-        AREngine.plan, DiTEngine.plan = ar_wrapped, dit_wrapped
+        Kernel.run_all = run_all
         try:
             yield self
         finally:
-            AREngine.plan, DiTEngine.plan = ar_plan, dit_plan
+            Kernel.run_all = loop
+
+    def check(self, gpus) -> None:
+        for g in gpus:
+            for eng in g.engines:
+                if isinstance(eng, AREngine):
+                    self._check_ar(eng, g.cur is not None and g.cur.engine is eng)
+                elif isinstance(eng, DiTEngine):
+                    self._check_dit(eng)
+
+    def _check_ar(self, eng: AREngine, running: bool) -> None:
+        self.ar[id(eng)] = eng
+        self.ar_busy += running
+        assert len(eng.running) <= eng.max_seqs, (
+            f"AR engine runs {len(eng.running)} > max_num_seqs={eng.max_seqs}")
+        assert 0 <= eng.free_blocks <= eng.total_blocks
+        held = sum(s.blocks for s in eng.running)
+        assert held == eng.total_blocks - eng.free_blocks, "KV block accounting drifted"
+        assert held <= eng.total_blocks
+        self.max_running = max(self.max_running, len(eng.running))
+
+    def _check_dit(self, eng: DiTEngine) -> None:
+        self.dit[id(eng)] = eng
+        self.dit_busy += bool(eng.batch)
+        used = sum(j.weight for j in eng.batch)
+        # a single CFG request (weight 2) may run alone when max_batch=1: it cannot be split
+        assert used <= eng.max_batch or len(eng.batch) == 1, (
+            f"DiT batch weight {used} > diffusion.max_batch={eng.max_batch}")
+        self.max_dit_used = max(self.max_dit_used, used)
+        if eng.batch and eng.compat != "any":   # one shape key: a sequence length or bucket
+            keys = {j.shape(eng.buckets) for j in eng.batch}
+            assert len(keys) == 1, f"DiT batch mixes shapes {keys} ({eng.compat})"
+            self.dit_keys.add(eng.compat)
 
     def check_after(self) -> None:
         for e in self.ar.values():
@@ -90,8 +104,8 @@ class Limits:
 
 def run_checked(cfg):
     lim = Limits()
-    with lim.installed():
-        r = Run(cfg)
+    r = Run(cfg)
+    with lim.installed(lambda: r.policy.gpus):
         s = r.run()
     lim.check_after()
     return r, s, lim
@@ -166,7 +180,7 @@ def test_invariants_random_scenarios(synthetic_profiles, policy, seed, rate, sha
         "diffusion.shape_compat": shape_compat, "policy.autoscale_interval_s": 5.0})
     r, s, lim = run_checked(cfg)
     check_requests(r, s, n)
-    assert lim.ar_plans > 0
+    assert lim.ar_busy > 0
     assert lim.max_running <= max_num_seqs
 
 

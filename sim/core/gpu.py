@@ -10,36 +10,49 @@ work."""
 from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
-from heapq import heappush
 from collections import defaultdict
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Optional, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Optional, Sequence
 
-from sim.core.kernel import NORMAL, Entry, Timer
+from sim.core.kernel import NORMAL, Agenda, Entry, Timer, heap_push
 from sim.core.mypyc_compat import mypyc_attr
 
 if TYPE_CHECKING:
     from sim.core.kernel import Kernel  # noqa: F401 (annotations)
+    from sim.engines.queues import StageQueue  # noqa: F401 (annotations)
 
 
-class Engine(Protocol):
-    """What the GPU executor and the queues need of an engine (sim/engines/: AREngine, DiTEngine,
-    BatchEngine). `gpu` is set when the engine is placed (GPU.add). `queue` is the shared queue
-    the engine takes work from, or None for an engine with its own (an AR engine's waiting
-    queue): a GPU that reports unit ends (PoolGPU) tells that queue its engine may be free."""
-    gpu: Any
-    queue: Any
+@mypyc_attr(allow_interpreted_subclasses=True)     # (compiled: tests script their own engines)
+class Engine:
+    """What the GPU executor and the queues need of an engine: the base of sim/engines/'s
+    AREngine, DiTEngine, BatchEngine and the vLLM-Omni engines (a class, not a Protocol, so the
+    compiled executor calls `plan` and reads `gpu` natively). `gpu` is set when the engine is
+    placed (GPU.add). `queue` is the shared queue the engine takes work from, or None for an
+    engine with its own (an AR engine's waiting queue): a GPU that reports unit ends (PoolGPU)
+    tells that queue its engine may be free. Each engine also has `load()`, its outstanding work
+    (routers and the autoscaler compare it; an AR engine counts tokens, the others seconds)."""
+
+    def __init__(self) -> None:
+        self.gpu: GPU | None = None
+        self.queue: Any = None          # a StageQueue, or None
+
+    def placed(self) -> "GPU":
+        """Its GPU (an engine plans, commits and times its work only once placed)."""
+        g = self.gpu
+        if g is None:
+            raise RuntimeError(f"{type(self).__name__} is not placed on a GPU")
+        return g
 
     def plan(self, now: float) -> Optional["Unit"]:
         """The next unit to run from `now`, or None when there is nothing runnable."""
+        raise NotImplementedError
 
     def has_work(self) -> bool:
         """Anything queued or running."""
+        raise NotImplementedError
 
     def can_join(self, job: Any) -> bool:
         """Could `job` join the running batch at the next step boundary?"""
-
-    def load(self) -> float:
-        """Outstanding work (routing and autoscaling compare it)."""
+        raise NotImplementedError
 
 
 class Unit:
@@ -147,12 +160,9 @@ class GPU:
         self.available = True     # False while being re-provisioned by an autoscaler
         self.committing = False   # engines' state is mid-update: plan nothing until it is done
         self._on_timer = self._timer   # one bound method for every unit-end event
-        # the kernel's heap and next event id (SimPy's counter: the same objects for the run's life):
-        # _schedule pushes onto them without reading them off the environment each time
-        self._queue: list[Any] = env._queue
-        self._next_eid: Any = env._eid.__next__      # (Any: the id goes into the heap entry as it is)
+        self.agenda: Agenda = env.agenda   # the kernel's clock and heap (native reads)
 
-    def add(self, engine) -> None:
+    def add(self, engine: Engine) -> None:
         self.engines.append(engine)
         engine.gpu = self
 
@@ -174,7 +184,7 @@ class GPU:
     def _start_next(self) -> None:
         engines = self.engines
         n = len(engines)
-        now = self.env._now
+        now = self.agenda.now
         if n == 1:                      # most GPUs of a large cluster: no round robin to keep
             u = engines[0].plan(now)
             if u is None:
@@ -201,23 +211,25 @@ class GPU:
 
     def _run(self, u: Unit, k: int) -> None:
         self.cur = u
-        self.start = self.env._now
+        self.start = self.agenda.now
         self._schedule(k)
 
     def _schedule(self, k: int) -> None:
         self.token += 1
         self.planned = k
-        env = self.env
+        a = self.agenda
         u = self.cur
         assert u is not None
         # the event's value is its token: a cut reschedules, and the stale event is ignored.
-        # NOTE: the following code is inlined from Kernel.timer(delay, self._on_timer, token)
+        # NOTE: the following code is inlined from Agenda.timer(delay, self._on_timer, token)
         # for performance reasons (one event per unit).
-        now: float = env._now
+        now = a.now
         delay = self.start + u.ends[k - 1] - now
         if delay < 0:
             raise ValueError(f"Negative delay {delay}")
-        heappush(self._queue, Entry(now + delay, NORMAL, self._next_eid(), Timer(self._on_timer, self.token)))
+        i = a.next_id
+        a.next_id = i + 1
+        heap_push(a.queue, Entry(now + delay, NORMAL, i, Timer(self._on_timer, self.token)))
 
     def _timer(self, ev: Timer) -> None:
         if ev._value == self.token:     # else a cut rescheduled it: stale
@@ -226,7 +238,7 @@ class GPU:
     def _cut(self, lag: int = 0) -> None:
         u = self.cur
         assert u is not None
-        el = self.env._now - self.start
+        el = self.agenda.now - self.start
         k = steps_before(u.ends, el - 1e-12) + 1 + lag  # first step that ends at or after now
         if k > len(u.ends):
             k = len(u.ends)
@@ -244,7 +256,7 @@ class GPU:
         self.cur = None
         self.committing = True
         try:
-            u.commit(k, self.env._now)
+            u.commit(k, self.agenda.now)
         finally:
             self.committing = False
         if self.available:
@@ -260,7 +272,7 @@ class PoolGPU(GPU):
     def _done(self, tok: int) -> None:
         if tok == self.token:
             for e in self.engines:
-                q = e.queue
-                if q is not None:
+                if e.queue is not None:
+                    q: StageQueue = e.queue
                     q.free.hint(e)
         GPU._done(self, tok)

@@ -1,19 +1,20 @@
 """The simulation kernel: a SimPy `Environment` with a cheaper timer and event loop.
 
-SimPy stays the kernel: its heap, its (time, priority, event id) order and its events. `Kernel`
-adds what the simulator's hot paths need, and is the one place (with the GPU executor in this
-package, which inlines `timer`) that reads or writes SimPy's private fields (`_queue`, `_eid`,
-`_now`, an event's `_value` / `_ok`):
+SimPy stays the kernel: its (time, priority, event id) order and its events. `Kernel` adds what
+the simulator's hot paths need, and is the one place that reads or writes SimPy's private fields
+(an event's `_value` / `_ok`):
 
-- its heap holds `Entry` objects instead of SimPy's (time, priority, event id, event) tuples:
-  the same order, compared natively (the heap's comparisons were a tenth of a large run);
-  `schedule`, `step` and `peek` are SimPy's, for entries, so SimPy's own events and processes
-  run on it unchanged;
-
+- its pending events, clock and event ids live in an `Agenda`, a native object (the compiled
+  hot path reads the time and schedules with attribute loads, not dictionary lookups on the
+  environment): a heap of `Entry` objects ordered as SimPy's (time, priority, event id, event)
+  tuples, compared natively. `Kernel` overrides everything of SimPy's `Environment` that touches
+  its heap and clock (`now`, `schedule`, `step`, `peek`), so SimPy's own events, processes and
+  `run` work on it unchanged; SimPy's `_now`, `_queue` and `_eid` are removed, so nothing can
+  read a second, stale clock;
 - `timer(delay, callback, value)` schedules what `env.timeout(delay, value).callbacks.append(
   callback)` schedules -- an already-triggered event at `now + delay`, priority NORMAL, the next
   event id, so the same heap entry -- as a `Timer`, a minimal event with the attributes
-  `Environment.step` reads;
+  `Environment.step` reads; `Agenda.timer` is the same, for callers that hold the agenda;
 - `call_soon(callback)` schedules `callback` urgently at the current time (as a process's
   initialisation is scheduled);
 - `clock(env)` reads the time as `env.now` does, without SimPy's property call;
@@ -26,7 +27,6 @@ checks the kernel against SimPy itself (same events, same order, same times).
 """
 from __future__ import annotations
 
-from heapq import heappop, heappush
 from typing import Any, Callable, Final
 
 from simpy.core import EmptySchedule, Environment, StopSimulation
@@ -51,11 +51,66 @@ class Entry:
         self.event = event
 
     def __lt__(self, other: "Entry") -> bool:
-        if self.time != other.time:
-            return self.time < other.time
-        if self.priority != other.priority:
-            return self.priority < other.priority
-        return self.eid < other.eid
+        return _before(self, other)
+
+
+def _before(a: Entry, b: Entry) -> bool:
+    """a < b in the kernel's order (SimPy's tuple order)."""
+    if a.time != b.time:
+        return a.time < b.time
+    if a.priority != b.priority:
+        return a.priority < b.priority
+    return a.eid < b.eid
+
+
+# The agenda's heap: heapq's push and pop (the same algorithm, the same heap), on entries, so a
+# comparison is a native call instead of a rich comparison through the interpreter (a large
+# run compares entries some 50 times per request). tests/test_eventloop.py checks them against
+# heapq.
+
+def heap_push(q: list[Entry], e: Entry) -> None:
+    """heapq.heappush(q, e)."""
+    q.append(e)
+    pos = len(q) - 1
+    while pos > 0:
+        parentpos = (pos - 1) >> 1
+        parent = q[parentpos]
+        if _before(e, parent):
+            q[pos] = parent
+            pos = parentpos
+            continue
+        break
+    q[pos] = e
+
+
+def heap_pop(q: list[Entry]) -> Entry:
+    """heapq.heappop(q): the first entry; IndexError when q is empty."""
+    last = q.pop()
+    if not q:
+        return last
+    first = q[0]
+    # heapq's _siftup(q, 0): move the smaller child up until a leaf, put `last` there, then
+    # sift it back up (heapq's _siftdown)
+    end = len(q)
+    pos = 0
+    child = 1
+    while child < end:
+        right = child + 1
+        if right < end and not _before(q[child], q[right]):
+            child = right
+        q[pos] = q[child]
+        pos = child
+        child = 2 * pos + 1
+    while pos > 0:
+        parentpos = (pos - 1) >> 1
+        parent = q[parentpos]
+        if _before(last, parent):
+            q[pos] = parent
+            pos = parentpos
+            continue
+        break
+    q[pos] = last
+    return first
 
 
 class Timer:
@@ -72,48 +127,84 @@ class Timer:
         return self._value
 
 
+class Agenda:
+    """A kernel's pending events (a heap of `Entry`), its clock and its next event id."""
+    __slots__ = ("queue", "now", "next_id")
+
+    def __init__(self, now: float) -> None:
+        self.queue: list[Entry] = []
+        self.now = now
+        self.next_id = 0
+
+    def push(self, delay: float, priority: int, event: Any) -> None:
+        """Schedule `event` `delay` seconds from now (simpy.Environment.schedule)."""
+        i = self.next_id
+        self.next_id = i + 1
+        heap_push(self.queue, Entry(self.now + delay, priority, i, event))
+
+    def timer(self, delay: float, callback: Callable[[Any], None], value: Any = None) -> Timer:
+        """`callback(event)` after `delay` seconds, `event.value` = value (Kernel.timer)."""
+        if delay < 0:
+            raise ValueError(f"Negative delay {delay}")
+        ev = Timer(callback, value)
+        i = self.next_id
+        self.next_id = i + 1
+        heap_push(self.queue, Entry(self.now + delay, NORMAL, i, ev))
+        return ev
+
+
 @mypyc_attr(native_class=False)      # (compiled: a plain class, as a subclass of SimPy's must be)
 class Kernel(Environment):
     """SimPy's environment plus the timer, urgent call and event loop the simulator uses."""
 
+    def __init__(self, initial_time: float = 0) -> None:
+        super().__init__(initial_time)
+        self.agenda = Agenda(initial_time)
+        # SimPy's own heap, clock and counter: unused here (every method of Environment that
+        # reads them is overridden), removed so that nothing reads a second, stale clock
+        del self._now, self._queue, self._eid
+
+    @property
+    def now(self) -> float:
+        """The current simulation time (simpy.Environment.now)."""
+        a: Agenda = self.agenda
+        return a.now
+
     def timer(self, delay: float, callback: Callable[[Any], None], value: Any = None) -> Timer:
         """`callback(event)` after `delay` seconds, `event.value` = value (env.timeout + a
-        callback, cheaper). NOTE: inlined in sim.core.gpu.GPU._schedule for speed."""
-        if delay < 0:
-            raise ValueError(f"Negative delay {delay}")
-        ev = Timer(callback, value)
-        q: Any = self._queue
-        heappush(q, Entry(self._now + delay, NORMAL, next(self._eid), ev))
-        return ev
+        callback, cheaper)."""
+        a: Agenda = self.agenda
+        return a.timer(delay, callback, value)
 
     def call_soon(self, callback: Callable[[Any], None]) -> Timer:
         """`callback(event)` now, before the NORMAL events of this instant (priority URGENT)."""
         ev = Timer(callback, None)
-        q: Any = self._queue
-        heappush(q, Entry(self._now, URGENT, next(self._eid), ev))
+        a: Agenda = self.agenda
+        a.push(0.0, URGENT, ev)
         return ev
 
-    # --- SimPy's own scheduling, on entries -------------------------------------------------
+    # --- SimPy's own scheduling, on the agenda ----------------------------------------------
     def schedule(self, event: Any, priority: int = NORMAL, delay: float = 0) -> None:
         """Schedule an *event* with a given *priority* and a *delay* (simpy.Environment's)."""
-        q: Any = self._queue
-        heappush(q, Entry(self._now + delay, priority, next(self._eid), event))
+        a: Agenda = self.agenda
+        a.push(delay, priority, event)
 
     def peek(self) -> float:
         """The time of the next scheduled event, inf when there is none (simpy.Environment's)."""
-        q: Any = self._queue
+        a: Agenda = self.agenda
+        q = a.queue
         if not q:
             return INF
-        e: Entry = q[0]
-        return e.time
+        return q[0].time
 
     def step(self) -> None:
         """Process the next event; EmptySchedule when there is none (simpy.Environment's)."""
-        q: Any = self._queue
+        a: Agenda = self.agenda
+        q = a.queue
         if not q:
             raise EmptySchedule
-        e: Entry = heappop(q)
-        self._now = e.time
+        e = heap_pop(q)
+        a.now = e.time
         event = e.event
         callbacks, event.callbacks = event.callbacks, None
         try:
@@ -139,23 +230,24 @@ class Kernel(Environment):
 
 def clock(env: Any) -> float:
     """`env.now` without SimPy's property (an interpreted call per read): the current time of a
-    Kernel (or any SimPy environment), for the once-per-request reads of compiled callers."""
-    t: float = env._now
-    return t
+    Kernel, for the once-per-request reads of compiled callers that do not hold its agenda."""
+    a: Agenda = env.agenda
+    return a.now
 
 
 def run_until(env: Any, until: float) -> int:
     """The event loop of `Kernel.run_until` (a function: compiled, a native loop). A Timer (the
     simulator's own events: one callback, never failed) takes the short path."""
-    q: list = env._queue
+    a: Agenda = env.agenda
+    q = a.queue
     n = 0
     while q:
-        entry: Entry = q[0]
+        entry = q[0]
         now = entry.time
         if not now < until:
             break
-        heappop(q)
-        env._now = now
+        heap_pop(q)
+        a.now = now
         ev = entry.event
         n += 1
         if type(ev) is Timer:

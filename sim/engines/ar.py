@@ -15,8 +15,8 @@ import math
 from dataclasses import dataclass
 from heapq import heappop, heappush
 
-from sim.core.gpu import Unit, steps_before, steps_through
-from sim.core.kernel import Timer, clock
+from sim.core.gpu import Engine, Unit, steps_before, steps_through
+from sim.core.kernel import Timer
 from sim.core.records import Job, StageRecord
 from sim.engines.latency import DecodeSteps, LatencyModel
 from sim.engines.queues import StageQueue, start_record
@@ -85,7 +85,7 @@ class Seq:
         return -(-(self.computed + e.G - self.g0 + e.ahead) // e.bs)
 
 
-class AREngine:
+class AREngine(Engine):
     """Running sequences are kept in two parts. Decoding ones (one token per step, every step)
     form the decode aggregate: a step counter `G`, the count `nd`, the sum of their contexts,
     a histogram of their context phases modulo the block size (new KV blocks per step) and a
@@ -98,7 +98,6 @@ class AREngine:
     every step: the plain per-sequence loop, kept as the reference for tests."""
 
     aggregate: ClassVar[bool] = True   # (a ClassVar: tests set it on the class, compiled too)
-    queue: ClassVar[None] = None       # no shared queue: its own waiting queue (Engine protocol)
 
     def __init__(self, model: str, lat: LatencyModel | None, kv_capacity_tokens: int, *,
                  max_num_batched_tokens: int = 8192, max_num_seqs: int = 256, block_size: int = 16,
@@ -106,8 +105,9 @@ class AREngine:
                  host_s: float = 0.0, host_per_seq_s: float = 0.0, frontend: FrontEnd = FrontEnd(),
                  stream_s_per_token: float = 0.0, async_admit: bool = False,
                  max_model_len: int | None = None, reserve_full_isl: bool = False):
+        super().__init__()              # queue None: no shared queue, its own waiting queue
         self.model = model
-        self.lat: Any = lat     # None only in tests that never plan a step
+        self.lat = lat          # None only in tests that never plan a step
         self.budget = max_num_batched_tokens
         self.max_seqs = max_num_seqs
         self.bs = block_size
@@ -132,7 +132,6 @@ class AREngine:
         # admission needs free blocks for the whole known sequence (vLLM 0.26's
         # scheduler_reserve_full_isl), not only for the chunk scheduled now
         self.reserve_full = reserve_full_isl
-        self.gpu: Any = None            # its GPU, once placed
         self.sched: list[tuple[Seq, int]] = []  # seqs of `pre` (and admitted) in the planned step
         self.jump_unit: Unit | None = None      # the planned multi-step decode unit, if any
         self.jump_ends: DecodeSteps | None = None
@@ -161,17 +160,20 @@ class AREngine:
                 f"{need} KV blocks but model {self.model} has {self.total_blocks} on this GPU "
                 f"(engine.kv_capacity_tokens / max_model_len too small for this workload)")
         delay = 0.0
-        if self.gpu is not None:
-            idle = self.gpu.cur is None and not self.has_work()
+        g = self.gpu
+        if g is not None:
+            idle = g.cur is None and not self.has_work()
             delay = self.frontend.delay(job.tokens, idle, len(self.running))
-        if delay > 0:
-            self.gpu.env.timer(delay, self._entered, job)
+        if delay > 0 and g is not None:
+            g.agenda.timer(delay, self._entered, job)
         else:
             self._enter(job, now)
 
     def _entered(self, ev: Timer) -> None:
         """The front end has handed a submitted job (the event's value) to the engine."""
-        self._enter(ev.value, clock(self.gpu.env))
+        g = self.gpu
+        assert g is not None
+        self._enter(ev.value, g.agenda.now)
 
     def _enter(self, job: Job, now: float) -> None:
         job.enqueued = now
@@ -179,20 +181,24 @@ class AREngine:
         seq = Seq(job, self)
         seq.ready_at = self._async_ready_at(now)
         self.waiting.put(seq, now)   # queue items are Seqs (duck-typed: priority, work, enqueued)
-        if self.gpu is not None:
+        g = self.gpu
+        if g is not None:
             # async: it joins the step after next, so our running decode unit may go on one
             # more step (the plain schedule would run that step alone, with the same batch)
-            self.gpu.kick(1 if seq.ready_at else 0)
+            g.kick(1 if seq.ready_at else 0)
 
     def _async_ready_at(self, now: float) -> int:
         """With async scheduling the step after the one in flight is already scheduled when a
         request arrives, so it can join only the step after that (vLLM's AsyncScheduler keeps
         two batches in flight); an idle engine schedules it at once."""
         g = self.gpu
-        if not self.async_admit or g is None or g.cur is None or g.cur.engine is not self:
+        if not self.async_admit or g is None:
             return 0
-        k = steps_before(g.cur.ends, now - g.start - 1e-12) + 1  # steps of the unit up to now
-        return self.steps + min(k, len(g.cur.ends)) + 1
+        u = g.cur
+        if u is None or u.engine is not self:
+            return 0
+        k = steps_before(u.ends, now - g.start - 1e-12) + 1  # steps of the unit up to now
+        return self.steps + min(k, len(u.ends)) + 1
 
     def has_work(self) -> bool:
         return bool(self.running) or len(self.waiting) > 0
@@ -207,7 +213,9 @@ class AREngine:
         # incrementally (need + out - generated = prompt + out - computed; queued: computed = 0)
         if self.jump_unit is None:
             return self._po - self._comp
-        return self.load_at(clock(self.gpu.env))
+        g = self.gpu
+        assert g is not None
+        return self.load_at(g.agenda.now)
 
     def load_at(self, now: float) -> int:
         """load() at the current time `now` (a jumped decode unit commits at its end: count
@@ -216,7 +224,7 @@ class AREngine:
         u = self.jump_unit
         if u is not None:
             g = self.gpu
-            if g.cur is u:
+            if g is not None and g.cur is u:
                 r -= self.nd * self._steps_run(u, now - g.start + 1e-12)
         return r
 
@@ -241,7 +249,7 @@ class AREngine:
                 # = load_at(now); its bisect is skipped when even the whole unit's steps could
                 # not bring the load under the lowest so far (no step count exceeds len(ends))
                 g = e.gpu
-                if g.cur is u and e.nd:
+                if g is not None and g.cur is u and e.nd:
                     j = e.jump_ends
                     ends = u.ends
                     n_ends = j.k if j is not None and ends is j else len(ends)
@@ -408,9 +416,11 @@ class AREngine:
             k = self._jump_len()
             if k > 1:
                 return self._plan_jump(d_seqs, d_mean, k)
-        t = self.lat.ar_step(self.model, p_tok, d_seqs, d_mean, p_mean, p_sq) + self.overhead
+        lat = self.lat
+        assert lat is not None
+        t = lat.ar_step(self.model, p_tok, d_seqs, d_mean, p_mean, p_sq) + self.overhead
         if vision:
-            t += self.lat.vision_encode(self.model, vision)
+            t += lat.vision_encode(self.model, vision)
         if self.host or self.host_seq:
             h = self.host + self.host_seq * (self.nd + len(sched))
             t = max(t - h, h)
@@ -428,7 +438,9 @@ class AREngine:
         """k decode steps of the aggregate (as k single steps), with the step overhead and async
         scheduling's host time applied to each step."""
         h = self.host + self.host_seq * d_seqs if self.host or self.host_seq else None
-        return self.lat.decode_run(self.model, d_seqs, d_ctx, k, start_lookups, self.overhead, h)
+        lat = self.lat
+        assert lat is not None
+        return lat.decode_run(self.model, d_seqs, d_ctx, k, start_lookups, self.overhead, h)
 
     def _schedule_pre(self, budget: int, now: float) -> tuple[list[tuple[Seq, int]], int, bool]:
         """vLLM's loop over running requests (those of `pre`): each gets min(need, budget)
@@ -473,7 +485,7 @@ class AREngine:
             if s.computed:                  # KV it arrived with (never after a preemption,
                 self._comp += s.computed    # which resets computed to 0): counted from now on
             if s.job.record is None:
-                start_record(s.job, self.gpu.name, now)
+                start_record(s.job, self.placed().name, now)
             self.n_admitted += 1
             s.order = self.n_admitted
             self.running[s] = None
@@ -510,7 +522,7 @@ class AREngine:
     # --- commits ------------------------------------------------------------------------------
     def _commit_step(self, k: int, now: float) -> None:
         self.steps += 1
-        dur = now - self.gpu.start
+        dur = now - self.placed().start
         decoded = produced = self.nd
         finished, firsts = [], []
         if self.nd:
@@ -522,8 +534,8 @@ class AREngine:
             if not s.encoded:
                 s.encoded = True
                 req = s.job.req
-                req.stages.append(StageRecord(VISION_ENCODE, self.gpu.name, self.gpu.start,
-                                              self.gpu.start, now))
+                req.stages.append(StageRecord(VISION_ENCODE, self.placed().name, self.placed().start,
+                                              self.placed().start, now))
             s.computed += n
             self._comp += n
             if s.prompt + gen - s.computed > 0:
@@ -571,7 +583,7 @@ class AREngine:
         if s.job.record is not None and math.isnan(s.job.record.end):
             s.job.record.end = now
         if s.out > 1 and s.dec_rec is None:
-            s.dec_rec = StageRecord(DECODE, self.gpu.name, now, now)
+            s.dec_rec = StageRecord(DECODE, self.placed().name, now, now)
             req.stages.append(s.dec_rec)
 
     def _finish(self, finished: list[Seq], now: float, out_delay: float) -> None:

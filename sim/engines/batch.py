@@ -4,16 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from sim.core.gpu import Unit
+from sim.core.gpu import Engine, Unit
 from sim.core.records import Job
 from sim.engines.cost import pass_time
 from sim.engines.latency import LatencyModel
 from sim.engines.queues import StageQueue, start_record
 
 
-class BatchEngine:
+class BatchEngine(Engine):
     def __init__(self, stage: str, model: str, queue: StageQueue, lat: Any, max_batch: int = 8,
                  service=None, max_batch_tokens: int = 16384):
+        super().__init__()
         self.stage = stage
         self.model = model
         self.queue = queue
@@ -24,7 +25,6 @@ class BatchEngine:
         self.max_batch = max_batch
         self.service = service          # optional callable(jobs) -> seconds (synthetic laws)
         self.max_batch_tokens = max_batch_tokens   # vision encoder: image tokens per pass
-        self.gpu: Any = None            # its GPU, once placed
         self.running: list[Job] = []
 
     def has_work(self) -> bool:
@@ -57,7 +57,7 @@ class BatchEngine:
             toks += job.vision_tokens
         for job in batch:
             self.queue.remove(job)
-            start_record(job, self.gpu.name, now)
+            start_record(job, self.placed().name, now)
         self.running = batch
         dur = self.service(batch) if self.service else self.duration(batch)
         return Unit((dur,), self._commit, self.stage, self)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from sim.core.gpu import EqualSteps, Unit
+from sim.core.gpu import Engine, EqualSteps, Unit
 from sim.core.records import Job
 from sim.engines.queues import StageQueue, start_record
 from sim.names import DIT_STEP
@@ -22,10 +22,11 @@ class DiTStepLaw(Protocol):
     def dit_step(self, model: str, batch: float, seq: float) -> float: ...
 
 
-class DiTEngine:
+class DiTEngine(Engine):
     def __init__(self, model: str, queue: StageQueue, lat: DiTStepLaw, max_batch: int = 8,
                  shape_compat: str = "exact", buckets: list[int] | None = None, lookahead: int = 64,
                  efficient_only: bool = False):
+        super().__init__()
         self.model = model
         self.queue = queue
         queue.engines.append(self)
@@ -35,7 +36,6 @@ class DiTEngine:
         self.buckets = buckets if shape_compat == "bucket" else None
         self.lookahead = lookahead
         self.efficient_only = efficient_only   # join a batch only if that beats running alone
-        self.gpu: Any = None            # its GPU, once placed
         self.batch: list[Job] = []
         self.used = 0                   # transformer batch slots the batch takes (sum of weights)
         self.steps_done: dict[int, int] = {}
@@ -85,7 +85,7 @@ class DiTEngine:
             used += job.weight
         for job in taken:
             self.queue.remove(job)
-            start_record(job, self.gpu.name, now)
+            start_record(job, self.placed().name, now)
             self.steps_done[id(job)] = 0
             self.batch.append(job)
         self.used = used

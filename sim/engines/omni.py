@@ -44,8 +44,8 @@ from typing import Any, Callable, Final, Optional, Sequence
 import numpy as np
 
 from profiler.models import load_model
-from sim.core.gpu import EqualSteps, Unit
-from sim.core.kernel import Timer, clock
+from sim.core.gpu import Engine, EqualSteps, Unit
+from sim.core.kernel import Timer
 from sim.core.records import Request, StageRecord
 from sim.engines.pipeline import image_input_tokens, latent_tokens, plan_hops
 from sim.names import (AR, DIT_STEP, POSTPROCESS, PREFILL, PREPROCESS, TEXT_ENCODE, VAE_DECODE,
@@ -523,12 +523,13 @@ class Phase:
         self.k = k
 
 
-class _OmniEngine:
+class _OmniEngine(Engine):
     """What both schedulers share: the FIFO queue of whole requests, the phases of the work in
     hand, stage records, completion. Engine protocol (sim.core.gpu)."""
 
     def __init__(self, costs: OmniCosts, max_num_seqs: int, api_delays: bool = False,
                  warm_sizes: Any = ()) -> None:
+        super().__init__()
         self.model = costs.model
         self.costs = costs
         self.max_num_seqs = max_num_seqs
@@ -536,11 +537,10 @@ class _OmniEngine:
         self.api_delays = api_delays
         # output sizes this replica's VAE has decoded (a first decode costs costs.first_use_s)
         self.decoded: set[tuple[int, int]] = {(int(h), int(w)) for h, w in warm_sizes}
-        self.queue: Any = None          # (Engine protocol: no shared StageQueue)
+        self.queue = None               # (no shared StageQueue)
         self.waiting: deque[OmniJob] = deque()
         self.waiting_work = 0.0
         self.phases: deque[Phase] = deque()
-        self.gpu: Any = None
         self._cur: Optional[Phase] = None
         self._last: Optional[OmniJob] = None     # the job work() built, reused by submit()
 
@@ -570,12 +570,12 @@ class _OmniEngine:
         self.waiting_work += j.work              # (counted for routing from the submit)
         pre = self.costs.api_pre_s(j) if self.api_delays else 0.0
         if pre > 0:
-            self.gpu.env.timer(pre, self._enqueue_later, j)
+            self.placed().agenda.timer(pre, self._enqueue_later, j)
         else:
             self._enqueue(j, now)
 
     def _enqueue_later(self, ev: Timer) -> None:
-        self._enqueue(ev.value, clock(self.gpu.env))
+        self._enqueue(ev.value, self.placed().agenda.now)
 
     def _enqueue(self, j: OmniJob, now: float) -> None:
         j.enqueued = j.last_end = now
@@ -591,7 +591,7 @@ class _OmniEngine:
     def _unit(self, now: float, k: Optional[int] = None) -> Unit:
         """The unit of the first phase (at most k of its steps), its records started."""
         ph = self.phases[0]
-        server = self.gpu.name
+        server = self.placed().name
         for j in ph.jobs:
             rec = j.records.get(ph.stage)
             if rec is None:
@@ -626,12 +626,12 @@ class _OmniEngine:
             j.flow = None
             post = self.costs.api_post_s(j) if self.api_delays else 0.0
             if post > 0:
-                self.gpu.env.timer(post, self._answer, flow)
+                self.placed().agenda.timer(post, self._answer, flow)
             else:
                 flow.finish(now)
 
     def _answer(self, ev: Timer) -> None:
-        ev.value.finish(clock(self.gpu.env))
+        ev.value.finish(self.placed().agenda.now)
 
     # --- what the schedulers define -------------------------------------------------------------
     def plan(self, now: float) -> Unit | None:
@@ -692,7 +692,8 @@ class OmniRequestEngine(_OmniEngine):
         g = self.gpu
         if g is None or self.batch:     # nothing joins a running batch
             return
-        if g.cur is None or g.cur.engine is not self:
+        u = g.cur
+        if u is None or u.engine is not self:
             g.kick()                    # idle: start; another engine's unit: its turn ends at
                                         # the next step boundary (GPU round robin)
 
@@ -715,7 +716,7 @@ class OmniRequestEngine(_OmniEngine):
         assert w is not None
         self._token += 1
         at = min(w[0], w[1] + self.window_s)
-        self.gpu.env.timer(max(at - now, 0.0), self._on_timer, self._token)
+        self.placed().agenda.timer(max(at - now, 0.0), self._on_timer, self._token)
 
     def _timer(self, ev: Timer) -> None:
         if ev.value == self._token and self._wait is not None:
@@ -725,7 +726,7 @@ class OmniRequestEngine(_OmniEngine):
         self._wait = None
         self._token += 1
         self._released = True
-        g = self.gpu
+        g = self.placed()
         if g.cur is None:
             g.kick()
 
@@ -781,7 +782,8 @@ class OmniStepEngine(_OmniEngine):
         g = self.gpu
         if g is None:
             return
-        if g.cur is None or g.cur.engine is not self:
+        u = g.cur
+        if u is None or u.engine is not self:
             g.kick()                    # idle: start; another engine's unit: cut at its next
                                         # step boundary (GPU round robin)
         elif self.stepping and self._joinable():

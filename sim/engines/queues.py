@@ -7,7 +7,7 @@ from heapq import heappop, heappush
 from itertools import chain
 from typing import Any, Callable, Final, Iterator
 
-from sim.core.mypyc_compat import mypyc_attr
+from sim.core.gpu import GPU, Engine
 from sim.core.records import Job, StageRecord
 from sim.names import AR, DECODE, PREFILL
 
@@ -38,7 +38,7 @@ class StageQueue:
         self.clock = clock
         self.levels: list[deque[Queued]] = [deque(), deque(), deque()] if priority else [deque()]
         self.priority = priority
-        self.engines: list = []         # engines that take from this queue (append to add)
+        self.engines: list[Engine] = []   # engines that take from this queue (append to add)
         self.free = FreeEngines(self.engines)
         self.work = 0.0                 # sum of queued job work (seconds)
         self.n = 0
@@ -59,14 +59,16 @@ class StageQueue:
             return
         e = self.free.first()           # an idle GPU first
         if e is not None:
-            e.gpu.kick()
+            e.placed().kick()
             return
         for e in self.engines:          # else cut (at the next step) every busy GPU where it
             g = e.gpu                   # could join the batch or another engine's unit runs
-            if g is not None and g.available and (e.can_join(job) or g.cur.engine is not e):
-                g.kick()
+            if g is not None and g.available:
+                u = g.cur
+                if e.can_join(job) or (u is not None and u.engine is not e):
+                    g.kick()
 
-    def unsubscribe(self, engine) -> None:
+    def unsubscribe(self, engine: Engine) -> None:
         """Take an engine off this queue (its GPU changes pool)."""
         self.engines.remove(engine)
         self.free.stale()
@@ -122,7 +124,6 @@ def _neg_ratio(now: float) -> Callable[[Job], float]:
     return lambda j: -(now - j.enqueued + j.work) / max(j.work, 1e-9)
 
 
-@mypyc_attr(native_class=False)  # (compiled: a plain class; tests put a scan in for `first`)
 class FreeEngines:
     """The first engine, in `engines` order, whose GPU is free (no unit running, available): what
     a scan of the engines finds, from a heap of positions instead of a scan of a large pool.
@@ -132,9 +133,13 @@ class FreeEngines:
     the busy entries it meets on top. Queues whose GPUs do not report are scanned. Membership
     changes (an append to `engines`, or StageQueue.unsubscribe) re-index."""
 
-    def __init__(self, engines: list):
+    def __init__(self, engines: list[Engine]):
         self.engines = engines
         self.known = -1                 # len(engines) when indexed; -1: index at next lookup
+        self.pos: dict[int, int] = {}
+        self.heap: list[int] = []
+        self.queued: list[bool] = []
+        self.hinted = False
 
     def stale(self) -> None:
         self.known = -1
@@ -147,7 +152,7 @@ class FreeEngines:
         self.hinted = all(getattr(e.gpu, "reports_unit_end", False) for e in self.engines)
         self.known = n
 
-    def hint(self, engine) -> None:
+    def hint(self, engine: Engine) -> None:
         """`engine`'s GPU may have become free."""
         if self.known == len(self.engines):
             i = self.pos.get(id(engine))
@@ -155,7 +160,7 @@ class FreeEngines:
                 self.queued[i] = True
                 heappush(self.heap, i)
 
-    def first(self):
+    def first(self) -> Engine | None:
         """The engine to kick, or None when every GPU of the queue is busy."""
         if len(self.engines) != self.known:
             self._index()
@@ -175,7 +180,7 @@ class FreeEngines:
         return None
 
 
-def _free(g) -> bool:
+def _free(g: GPU | None) -> bool:
     return g is not None and g.cur is None and g.available
 
 

@@ -77,6 +77,14 @@ class Policy:
                               f"allowed: {list(QUEUE_ORDERS)}")
         self.queue_order = parts.queue_order
         self.priority = parts.priority
+        # the cluster's links, read on every hop (native fields, not config lookups)
+        c = self.cfg.cluster
+        self._layout: Any = c.layout
+        self._one_node: bool = c.num_gpus <= c.gpus_per_node
+        self._per_node: int = c.gpus_per_node
+        self._nvlink_bps: float = c.nvlink_gb_s * 1e9
+        self._network_bps: float = c.network_gb_s * 1e9
+        self._link_s: float = c.transfer_latency_us * 1e-6
         self.router_class: Any = load_part(ROUTERS, parts.router)
         self.batching: BatchingRule = load_part(BATCHING, parts.batching)(self.cfg)
         self.placement: Placement = load_part(PLACEMENTS, parts.placement)(self)
@@ -125,26 +133,27 @@ class Policy:
         """Seconds to move nbytes between two GPUs: a pinned layout's measured connector for this
         hand-off kind (cluster.layout.handoff: "encoder", "kv") when it has one, else NVLink inside
         a node / the network across nodes, plus cluster.transfer_latency_us."""
-        c = self.cfg.cluster
-        if kind is not None and c.layout is not None:
-            link = c.layout.handoff.get(kind)
+        layout = self._layout
+        if kind is not None and layout is not None:
+            link = layout.handoff.get(kind)
             if link is not None:
                 return nbytes / (link.gb_s * 1e9) + link.latency_us * 1e-6
-        bw = (c.nvlink_gb_s if same_node else c.network_gb_s) * 1e9
-        return nbytes / bw + c.transfer_latency_us * 1e-6
+        bw = self._nvlink_bps if same_node else self._network_bps
+        return nbytes / bw + self._link_s
 
     def same_node(self, done: Job, nxt: Job) -> bool:
         """Do two hops' GPUs share a node? Without a pinned layout: when the cluster fits in one;
         under cluster.layout: when every GPU of the two hops' pools is on one node."""
-        c = self.cfg.cluster
-        if c.layout is None:
-            return c.num_gpus <= c.gpus_per_node
+        layout = self._layout
+        if layout is None:
+            return self._one_node
         key_of = getattr(self.placement, "key_of", None)
-        pools = c.layout.pools
+        pools = layout.pools
         ids = [i for j in (done, nxt) for i in (pools.get(key_of(j), ()) if key_of else ())]
         if not ids:
-            return c.num_gpus <= c.gpus_per_node
-        return len({i // c.gpus_per_node for i in ids}) == 1
+            return self._one_node
+        per_node = self._per_node
+        return len({i // per_node for i in ids}) == 1
 
     def hop_delay(self, done: Job, nxt: Job) -> float:
         """Transfer of a hop's output between two different GPUs (a vision encoder's embeddings
