@@ -343,6 +343,45 @@ def test_least_loaded_one_token_apart_inside_jumps(synthetic_profiles):
     assert 100 < lighter < 300
 
 
+def test_async_scheduling_starts_a_request_on_an_idle_engine_at_once(synthetic_profiles):
+    """Nothing in flight: under async scheduling the first request is scheduled in the very next
+    step, as without it (the same first token and finish)."""
+    out = []
+    for async_admit in (False, True):
+        r = Rig(synthetic_profiles, async_admit=async_admit)
+        req = r.submit(0, 90, 5)
+        r.run()
+        out.append((req.first_token, req.finish))
+    assert out[1] == out[0]
+    assert close(out[0][0], ms(prefill_ms(90)))
+
+
+def test_async_arrival_at_an_engine_sharing_a_busy_gpu_takes_the_next_boundary(synthetic_profiles):
+    """Two engines on one GPU: a request reaching the idle one while the other decodes has no
+    step of its own engine in flight, so async scheduling does not hold it back: the other's
+    unit is cut at its next step boundary, as without async scheduling."""
+    firsts = []
+    for async_admit in (False, True):
+        env = Kernel()
+        lat = LatencyModel(synthetic_profiles, GPU_KIND)
+        engines = [AREngine(M, lat, 1 << 20, async_admit=async_admit) for _ in range(2)]
+        gpu = GPU(env, 0, 0)
+        for e in engines:
+            gpu.add(e)
+        reqs = [Request(i, 0.0, "text", M, 90, 200) for i in range(2)]
+
+        def submit(i: int) -> None:
+            job = Job(reqs[i], "ar", M, on_done=lambda j, now: None, tokens=90, out_tokens=200)
+            engines[i].submit(job, env.now)
+
+        submit(0)
+        env.run(until=ms(prefill_ms(90)) + 2.5 * ms(decode_ms(1, 91)))   # mid-way through a decode step
+        submit(1)
+        env.run()
+        firsts.append(reqs[1].first_token)
+    assert firsts[1] == firsts[0]
+
+
 @pytest.mark.parametrize("prompt_b", [127, 128, 129])       # b needs 8 blocks: exactly the free ones
 def test_async_arrival_that_exactly_fits_the_free_blocks(synthetic_profiles, monkeypatch, prompt_b):
     """Under async scheduling a request arriving during a's prefill step joins the step after

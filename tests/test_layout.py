@@ -60,6 +60,9 @@ def test_measured_handoff_replaces_nvlink_exactly(cfg_factory):
     cfg = vlm_cfg(cfg_factory, {f"encoder:{VL}": [0], f"llm:{VL}": [1]}, 2, handoff={"encoder": link})
     run = Run(cfg)
     run.run()
+    # the link's figures as they are (bytes over GB/s, microseconds), for this hand-off only
+    assert run.policy.link_delay(10**9, True, "encoder") == 10**9 / (1.5 * 1e9) + 2500.0 * 1e-6
+    assert run.policy.link_delay(10**9, True, "kv") == run.policy.link_delay(10**9, True)
     checked = 0
     for r in run.requests:
         if not r.input_images:

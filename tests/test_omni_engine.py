@@ -1065,6 +1065,12 @@ def test_cfg_step_on_the_vllm_omni_grid_is_the_prompt_pass_plus_the_negative_pas
                                steps=4, cfg=False))] * b
     assert plain[0].passes == 1
     assert costs.step(plain) == pytest.approx(fwd(plain[0].text), rel=1e-12)
+    if b == 2:      # prompts of two lengths: each pass runs over the batch's longest text stream
+        k = costs.job(Request(5, 0.0, "generate", "qwen_image", 500, output_image=(1024, 1024),
+                              steps=4, cfg=True))
+        assert k.seq == j.seq and k.text > j.text
+        assert costs.step([j, k]) == pytest.approx(
+            fwd(k.text) + fwd(max(j.neg_text, k.neg_text)), rel=1e-12)
 
 
 def test_first_use_cost_reads_the_vae_decode_rows_extra():

@@ -17,7 +17,7 @@ from sim.core.records import Job, Request
 from sim.engines.ar import AREngine
 from sim.engines.queues import StageQueue
 from sim.policies.parts import Router
-from sim.policies.routing import LeastLoaded
+from sim.policies.routing import LeastLoaded, ReportedLeast
 from sim.run.runner import Run
 
 
@@ -41,6 +41,30 @@ def test_least_loaded_with_unreported_increases(n, ops, scan_max):
         if delta < 0 or report:
             ll.changed(x)
         assert ll.pick() is min(items, key=lambda y: y.load)
+
+
+@settings(max_examples=200, deadline=None)
+@given(n=st.integers(1, 40),
+       ops=st.lists(st.tuples(st.integers(0, 39), st.sampled_from([-2.5, -1.0, 0.0, 0.5, 1.0, 3.0])),
+                    max_size=200),
+       scan_max=st.sampled_from([0, 16]))
+def test_reported_least_is_min_under_reported_changes(n, ops, scan_max):
+    """Every change reported, up or down or none (ties on purpose: keys on a coarse grid): the
+    pick equals min() (first position among ties), and the heap stays a heap of every position."""
+    items = [Item(float(i % 3)) for i in range(n)]
+    rl = ReportedLeast(items, lambda x: x.load, scan_max=scan_max)
+    rl.changed(Item(-1.0))                      # an item not routed here: ignored
+    for i, delta in ops:
+        x = items[i % n]
+        x.load += delta
+        rl.changed(x)
+        assert rl.pick() is min(items, key=lambda y: y.load)
+        if not rl.scan:                         # a heap of every position, by (key, position)
+            h = rl.heap
+            assert all(not rl._before(h[c], h[(c - 1) // 2]) for c in range(1, n))
+    if not rl.scan:
+        assert sorted(rl.heap) == list(range(n))
+        assert all(rl.slot[p] == j for j, p in enumerate(rl.heap))
 
 
 class FakeEngine(Engine):

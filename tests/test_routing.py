@@ -9,7 +9,7 @@ from conftest import make_cfg
 from sim.config import LengthDist
 from sim.policies.placement import Replica
 from sim.policies.routing import (LeastLoaded, LeastOutstanding, LeastRequests, LeastTokens,
-                                  RoundRobin)
+                                  ReportedLeast, RoundRobin)
 from sim.run.runner import Run
 
 
@@ -70,7 +70,7 @@ def test_least_loaded_ties_go_to_the_first_position():
     xs[1].n = 1.5
     ll.changed(xs[1])
     assert ll.pick() is xs[2]
-    ll2 = LeastLoaded(xs, lambda x: x.n, every_change=True, scan_max=0)
+    ll2 = ReportedLeast(xs, lambda x: x.n, scan_max=0)
     xs[2].n = 3
     ll2.changed(xs[2])
     assert ll2.pick() is xs[1]

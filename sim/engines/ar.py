@@ -159,15 +159,14 @@ class AREngine(Engine):
                 f"request {job.req.id}: prompt {job.tokens} + output {job.out_tokens} tokens needs "
                 f"{need} KV blocks but model {self.model} has {self.total_blocks} on this GPU "
                 f"(engine.kv_capacity_tokens / max_model_len too small for this workload)")
-        delay = 0.0
         g = self.gpu
         if g is not None:
             idle = g.cur is None and not self.has_work()
             delay = self.frontend.delay(job.tokens, idle, len(self.running))
-        if delay > 0 and g is not None:
-            g.agenda.timer(delay, self._entered, job)
-        else:
-            self._enter(job, now)
+            if delay > 0:
+                g.agenda.timer(delay, self._entered, job)
+                return
+        self._enter(job, now)
 
     def _entered(self, ev: Timer) -> None:
         """The front end has handed a submitted job (the event's value) to the engine."""
@@ -223,8 +222,8 @@ class AREngine(Engine):
         r = self._po - self._comp
         u = self.jump_unit
         if u is not None:
-            g = self.gpu
-            if g is not None and g.cur is u:
+            g = self.placed()
+            if g.cur is u:
                 r -= self.nd * self._steps_run(u, now - g.start + 1e-12)
         return r
 
@@ -248,8 +247,8 @@ class AREngine(Engine):
             if u is not None:
                 # = load_at(now); its bisect is skipped when even the whole unit's steps could
                 # not bring the load under the lowest so far (no step count exceeds len(ends))
-                g = e.gpu
-                if g is not None and g.cur is u and e.nd:
+                g = e.placed()
+                if g.cur is u and e.nd:
                     j = e.jump_ends
                     ends = u.ends
                     n_ends = j.k if j is not None and ends is j else len(ends)

@@ -47,6 +47,7 @@ from profiler.models import load_model
 from sim.core.gpu import Engine, EqualSteps, Unit
 from sim.core.kernel import Timer
 from sim.core.records import Request, StageRecord
+from sim.engines.latency import LatencyModel
 from sim.engines.pipeline import image_input_tokens, latent_tokens, plan_hops
 from sim.names import (AR, DIT_STEP, POSTPROCESS, PREFILL, PREPROCESS, TEXT_ENCODE, VAE_DECODE,
                        VAE_ENCODE, VISION_ENCODE)
@@ -189,7 +190,7 @@ class OmniCosts:
 
     WORK_RULES = ("pipeline", "hops")
 
-    def __init__(self, model: str, lat: Any, omni: Any = None, work: str = "pipeline") -> None:
+    def __init__(self, model: str, lat: LatencyModel, omni: Any = None, work: str = "pipeline") -> None:
         spec = load_model(model)
         if work not in self.WORK_RULES:
             raise ValueError(f"work={work!r} is invalid; allowed: {list(self.WORK_RULES)}")
@@ -199,18 +200,18 @@ class OmniCosts:
         self.lat = lat
         self.kind = spec.components["transformer"]["kind"]
         self.qwen = self.kind == "qwen_image_mmdit"
-        self.cond_model = spec.condition_encoder
-        self.omni: Any = omni if omni is not None and _has_model(omni, model) else None
+        self.cond_model: Any = spec.condition_encoder      # a model name, or None
+        self.omni: LatencyModel | None = omni if omni is not None and _has_model(omni, model) else None
         o = self.omni
-        self.dit_lat = o if o is not None and _has_stage(o, model, DIT_STEP) else lat
-        self.vae_lat = {st: (o if o is not None and _has_stage(o, model, st) else lat)
-                        for st in (VAE_ENCODE, VAE_DECODE)}
+        self.dit_lat: LatencyModel = o if o is not None and _has_stage(o, model, DIT_STEP) else lat
+        self.vae_lat: dict[str, LatencyModel] = {
+            st: (o if o is not None and _has_stage(o, model, st) else lat) for st in (VAE_ENCODE, VAE_DECODE)}
         # Qwen-Image's condition encoder as vLLM-Omni times it (text_encode rows: component
         # text_encoder for generate, text_encoder_vl with the condition image for edits)
         self.omni_enc = {c: o is not None and _has_stage(o, model, TEXT_ENCODE, c)
                          for c in ("text_encoder", "text_encoder_vl")}
         te_from_omni = o is not None and all(_has_stage(o, model, TEXT_ENCODE, c) for c in spec.text_encoders)
-        self.te_lat: Any = o if te_from_omni and spec.text_encoders else lat
+        self.te_lat: LatencyModel = o if te_from_omni and spec.text_encoders and o is not None else lat
         self.cond_spec = load_model(self.cond_model) if self.cond_model else None
         # vLLM-Omni's measured transformer on image x text axes (batch 1), and the largest
         # batch each of its stages has rows for (beyond it: scaled by the other table)
@@ -315,11 +316,11 @@ class OmniCosts:
             return out + [(PREFILL, self.lat.prefill(self.cond_model, n * max(x.enc_tokens for x in jobs)))]
         if self.qwen:
             if j.cond is not None:               # edit (batch of one): VL encoder with the image
-                if self.omni_enc["text_encoder_vl"]:
-                    f = self.omni.text_encode
-                    t = f(self.model, "text_encoder_vl", 1, j.enc_tokens)
+                o = self.omni
+                if o is not None and self.omni_enc["text_encoder_vl"]:
+                    t = o.text_encode(self.model, "text_encoder_vl", 1, j.enc_tokens)
                     if cfg:
-                        t += f(self.model, "text_encoder_vl", 1, j.neg_tokens)
+                        t += o.text_encode(self.model, "text_encoder_vl", 1, j.neg_tokens)
                     return [(PREFILL, t)]
                 lat, m = self.lat, self.cond_model
                 passes = 2 if cfg else 1
@@ -327,17 +328,11 @@ class OmniCosts:
                 pre = lat.prefill(m, j.enc_tokens) + (lat.prefill(m, j.neg_tokens) if cfg else 0.0)
                 return [(VISION_ENCODE, vis), (PREFILL, pre)]
             longest = max(x.enc_tokens for x in jobs)
-            if self.omni_enc["text_encoder"]:
-                f, m, cm = self.omni.text_encode, self.model, self.cond_model
-                if n > self.omni_batch[TEXT_ENCODE]:     # padded batch: vLLM's batch ratio
-                    def te(x: int) -> float:
-                        return f(m, "text_encoder", 1, x) * self.lat.prefill(cm, n * x) / self.lat.prefill(cm, x)
-                else:
-                    def te(x: int) -> float:
-                        return f(m, "text_encoder", n, x)
-                t = te(longest)
+            o = self.omni
+            if o is not None and self.omni_enc["text_encoder"]:
+                t = self._text_encode(o, n, longest)
                 if cfg:
-                    t += te(j.neg_tokens)
+                    t += self._text_encode(o, n, j.neg_tokens)
                 return [(PREFILL, t)]
             pre = self.lat.prefill(self.cond_model, n * longest)
             if cfg:
@@ -356,17 +351,31 @@ class OmniCosts:
             return []
         return [(VAE_ENCODE, self.vae_lat[VAE_ENCODE].vae(self.model, VAE_ENCODE, len(jobs), *j.cond))]
 
+    def _text_encode(self, o: LatencyModel, n: int, tokens: int) -> float:
+        """vLLM-Omni's text_encoder pass over n prompts of `tokens` tokens; past the batch its
+        rows have: the batch-1 row times vLLM's batch ratio (the prompts padded to one length)."""
+        m = self.model
+        if n > self.omni_batch[TEXT_ENCODE]:
+            cm = self.cond_model
+            return o.text_encode(m, "text_encoder", 1, tokens) * self.lat.prefill(cm, n * tokens) / self.lat.prefill(cm, tokens)
+        return o.text_encode(m, "text_encoder", n, tokens)
+
     def step(self, jobs: Sequence[OmniJob]) -> float:
         """One denoising step of `jobs` as one transformer batch: `passes` forwards at batch
         len(jobs), one after the other, over the longest sequence and text stream present."""
-        seq = max(x.seq for x in jobs)
-        text = max(x.text for x in jobs)
+        j = jobs[0]
+        if len(jobs) == 1:
+            seq, text, neg_text = j.seq, j.text, j.neg_text
+        else:
+            seq = max(x.seq for x in jobs)
+            text = max(x.text for x in jobs)
+            neg_text = max(x.neg_text for x in jobs)
         lat = self.dit_lat
-        b = len(jobs) * jobs[0].weight
+        b = len(jobs) * j.weight
         if self.dit_text:
             t = self._forward(b, seq, text if text >= 0 else self.text_t0)
-            if jobs[0].passes == 2:
-                t += self._forward(b, seq, max(x.neg_text for x in jobs) if text >= 0 else self.text_t0)
+            if j.passes == 2:
+                t += self._forward(b, seq, neg_text if text >= 0 else self.text_t0)
             return t
         t = (lat.dit_step_joint(self.model, b, seq, text) if text >= 0
              else lat.dit_step(self.model, b, seq))

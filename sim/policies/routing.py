@@ -24,18 +24,15 @@ class LeastLoaded(Generic[T]):
     (up to `scan_max` items: a scan).
 
     Callers report every decrease of an item's key with changed(item); increases may go
-    unreported unless `every_change` says they are all reported too. Each item then always has an
-    entry at or below its key (an entry found below its item's key is re-entered at the current
-    key, or just dropped under every_change, where the change pushed a fresh entry; one above it
-    is dropped, since the decrease that made it so pushed a fresh entry), so the first top entry
-    that matches its item is the minimum.
+    unreported. Each item then always has an entry at or below its key (an entry found below its
+    item's key is re-entered at the current key; one above it is dropped, since the decrease that
+    made it so pushed a fresh entry), so the first top entry that matches its item is the minimum.
+    Where every change is reported, `ReportedLeast` keeps no stale entries.
     """
 
-    def __init__(self, items: Sequence[T], key: Callable[[T], float], every_change: bool = False,
-                 scan_max: int = SCAN_MAX):
+    def __init__(self, items: Sequence[T], key: Callable[[T], float], scan_max: int = SCAN_MAX):
         self.items = items
         self.key = key
-        self.every_change = every_change
         self.scan = len(items) <= scan_max      # few items: min() itself, no heap to keep
         self.pos = {id(x): i for i, x in enumerate(items)}
         self.heap: list[tuple[float, int]] = []
@@ -62,7 +59,7 @@ class LeastLoaded(Generic[T]):
             cur = key(items[i])
             if cur == v:
                 return items[i]
-            if cur > v and not self.every_change:
+            if cur > v:
                 heapreplace(heap, (cur, i))
             else:
                 heappop(heap)
@@ -77,6 +74,92 @@ class LeastLoaded(Generic[T]):
         heappush(self.heap, (self.key(item), i))
         if len(self.heap) > 4 * len(self.items) + 64:      # drop stale entries now and then
             self._rebuild()
+
+
+class ReportedLeast(Generic[T]):
+    """The item with the least key, ties to the lowest position (what min(items, key=key) picks),
+    when callers report every change of a key with changed(item): a binary heap of positions
+    ordered by (key, position) that knows each item's slot, so a change moves its item up or down
+    in place (O(log n)) and a pick reads the top. Up to `scan_max` items: a scan."""
+
+    def __init__(self, items: Sequence[T], key: Callable[[T], float], scan_max: int = SCAN_MAX):
+        self.items = items
+        self.key = key
+        self.scan = len(items) <= scan_max
+        self.pos = {id(x): i for i, x in enumerate(items)}
+        self.keys: list[float] = [key(x) for x in items]
+        # a list sorted by (key, position) is a heap
+        self.heap: list[int] = sorted(range(len(items)), key=lambda i: (self.keys[i], i))
+        self.slot: list[int] = [0] * len(items)        # slot[position] = its index in heap
+        for j, i in enumerate(self.heap):
+            self.slot[i] = j
+
+    def pick(self) -> T:
+        items = self.items
+        if self.scan:                   # min(items, key=key): the first of the least
+            key = self.key
+            best = items[0]
+            least = key(best)
+            for k in range(1, len(items)):
+                v = key(items[k])
+                if v < least:
+                    best, least = items[k], v
+            return best
+        return items[self.heap[0]]
+
+    def changed(self, item: T) -> None:
+        """`item`'s key changed (items not routed here, e.g. moved away, are ignored)."""
+        if self.scan:
+            return
+        i = self.pos.get(id(item))
+        if i is None:
+            return
+        k: float = self.key(item)
+        old = self.keys[i]
+        self.keys[i] = k
+        if k < old:
+            self._up(self.slot[i])
+        elif k > old:
+            self._down(self.slot[i])
+
+    def _before(self, a: int, b: int) -> bool:
+        """Position a comes before position b: (key, position) order."""
+        ka, kb = self.keys[a], self.keys[b]
+        return ka < kb or (ka == kb and a < b)
+
+    def _up(self, j: int) -> None:
+        heap, slot = self.heap, self.slot
+        i = heap[j]
+        while j > 0:
+            parent = (j - 1) >> 1
+            p = heap[parent]
+            if not self._before(i, p):
+                break
+            heap[j] = p
+            slot[p] = j
+            j = parent
+        heap[j] = i
+        slot[i] = j
+
+    def _down(self, j: int) -> None:
+        heap, slot = self.heap, self.slot
+        n = len(heap)
+        i = heap[j]
+        while True:
+            child = 2 * j + 1
+            if child >= n:
+                break
+            right = child + 1
+            if right < n and self._before(heap[right], heap[child]):
+                child = right
+            c = heap[child]
+            if not self._before(c, i):
+                break
+            heap[j] = c
+            slot[c] = j
+            j = child
+        heap[j] = i
+        slot[i] = j
 
 
 @mypyc_attr(allow_interpreted_subclasses=True)
@@ -100,7 +183,7 @@ class LeastOutstanding(Router):
 
     def __init__(self, items: list):
         super().__init__(items)
-        self.ll: LeastLoaded[Any] = LeastLoaded(items, attrgetter("outstanding"), every_change=True)
+        self.ll: ReportedLeast[Any] = ReportedLeast(items, attrgetter("outstanding"))
 
     def pick(self, now: float) -> Any:
         return self.ll.pick()
