@@ -534,7 +534,7 @@ class Phase:
 
 class _OmniEngine(Engine):
     """What both schedulers share: the FIFO queue of whole requests, the phases of the work in
-    hand, stage records, completion. Engine protocol (sim.core.gpu)."""
+    hand, stage records, completion (an Engine: sim.core.gpu)."""
 
     def __init__(self, costs: OmniCosts, max_num_seqs: int, api_delays: bool = False,
                  warm_sizes: Any = ()) -> None:
@@ -553,7 +553,7 @@ class _OmniEngine(Engine):
         self._cur: Optional[Phase] = None
         self._last: Optional[OmniJob] = None     # the job work() built, reused by submit()
 
-    # --- Engine protocol ----------------------------------------------------------------------
+    # --- Engine (sim.core.gpu) ----------------------------------------------------------------
     def has_work(self) -> bool:
         return bool(self.phases) or bool(self.waiting) or self._busy()
 
