@@ -251,3 +251,31 @@ def test_timers_run_in_simpys_own_loop():
     env.call_soon(lambda ev: log.append((env.now, ev.value)))
     env.run()
     assert log == [(0.0, None), (1.0, "a")]
+
+
+@pytest.mark.parametrize("loop", ["run_all", "run"])    # the kernel's loop, SimPy's own
+def test_unit_ends_run_in_either_loop(loop):
+    """A GPU's unit end (a Call event) commits the unit at its end in SimPy's own `run` as in
+    the kernel's loop."""
+    from sim.core.gpu import GPU, Engine, Unit
+
+    class Once(Engine):
+        def __init__(self) -> None:
+            super().__init__()
+            self.log: list = []
+            self.left = 1
+
+        def plan(self, now: float):
+            if not self.left:
+                return None
+            self.left = 0
+            return Unit([1.0, 2.5], lambda k, t: self.log.append((k, t)), "s", self)
+
+        def has_work(self) -> bool:
+            return self.left > 0
+
+    env, eng = Kernel(), Once()
+    GPU(env, 0, 0).add(eng)
+    eng.placed().kick()
+    getattr(env, loop)()
+    assert eng.log == [(2, 2.5)]

@@ -13,7 +13,7 @@ from bisect import bisect_left, bisect_right
 from collections import defaultdict
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Optional, Sequence
 
-from sim.core.kernel import NORMAL, Agenda, Entry, Timer, heap_push
+from sim.core.kernel import NORMAL, Agenda, Call, Entry, Target, heap_push
 from sim.core.mypyc_compat import mypyc_attr
 
 if TYPE_CHECKING:
@@ -140,7 +140,7 @@ def steps_through(ends: Any, x: float) -> int:
 
 
 @mypyc_attr(allow_interpreted_subclasses=True)     # (compiled: tests subclass it)
-class GPU:
+class GPU(Target):
     def __init__(self, env: "Kernel", gid: int, node: int, step_jump: bool = True):
         self.env = env
         self.gid = gid
@@ -159,7 +159,6 @@ class GPU:
         self.events = 0
         self.available = True     # False while being re-provisioned by an autoscaler
         self.committing = False   # engines' state is mid-update: plan nothing until it is done
-        self._on_timer = self._timer   # one bound method for every unit-end event
         self.agenda: Agenda = env.agenda   # the kernel's clock and heap (native reads)
 
     def add(self, engine: Engine) -> None:
@@ -221,19 +220,20 @@ class GPU:
         u = self.cur
         assert u is not None
         # the event's value is its token: a cut reschedules, and the stale event is ignored.
-        # NOTE: the following code is inlined from Agenda.timer(delay, self._on_timer, token)
-        # for performance reasons (one event per unit).
+        # NOTE: the following code is inlined from Agenda.push(delay, NORMAL, event) for
+        # performance reasons (one event per unit).
         now = a.now
         delay = self.start + u.ends[k - 1] - now
         if delay < 0:
             raise ValueError(f"Negative delay {delay}")
         i = a.next_id
         a.next_id = i + 1
-        heap_push(a.queue, Entry(now + delay, NORMAL, i, Timer(self._on_timer, self.token)))
+        heap_push(a.queue, Entry(now + delay, NORMAL, i, Call(self, self.token)))
 
-    def _timer(self, ev: Timer) -> None:
-        if ev._value == self.token:     # else a cut rescheduled it: stale
-            self._done(ev._value)
+    def on_call(self, token: int) -> None:
+        """A unit-end event (its value: the token of the schedule that made it)."""
+        if token == self.token:         # else a cut rescheduled it: stale
+            self._done(token)
 
     def _cut(self, lag: int = 0) -> None:
         u = self.cur
@@ -246,7 +246,7 @@ class GPU:
             self._schedule(k)
 
     def _done(self, tok: int) -> None:
-        # (called only by _timer, and by PoolGPU._done from it, once tok == self.token)
+        # (called only by on_call, and by PoolGPU._done from it, once tok == self.token)
         u, k = self.cur, self.planned
         assert u is not None
         dur = u.ends[k - 1]

@@ -15,6 +15,8 @@ the simulator's hot paths need, and is the one place that reads or writes SimPy'
   callback)` schedules -- an already-triggered event at `now + delay`, priority NORMAL, the next
   event id, so the same heap entry -- as a `Timer`, a minimal event with the attributes
   `Environment.step` reads; `Agenda.timer` is the same, for callers that hold the agenda;
+- a `Call` event calls `target.on_call(value)`: a GPU's unit ends, the most frequent event, as
+  one object and a native call (a `Timer` is two objects and a call through the interpreter);
 - `call_soon(callback)` schedules `callback` urgently at the current time (as a process's
   initialisation is scheduled);
 - `clock(env)` reads the time as `env.now` does, without SimPy's property call;
@@ -127,6 +129,25 @@ class Timer:
         return self._value
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)     # (compiled: tests subclass GPU)
+class Target:
+    """What a `Call` calls (sim.core.gpu.GPU: its unit ends)."""
+
+    def on_call(self, value: int) -> None:
+        raise NotImplementedError
+
+
+class Call:
+    """An event that calls `target.on_call(value)` when processed: the simulator's most frequent
+    event (a GPU's unit end) as one object and a native method call, where a Timer is two objects
+    (itself and its callback list) and a call through the interpreter. It never fails."""
+    __slots__ = ("target", "value")
+
+    def __init__(self, target: Target, value: int) -> None:
+        self.target = target
+        self.value = value
+
+
 class Agenda:
     """A kernel's pending events (a heap of `Entry`), its clock and its next event id."""
     __slots__ = ("queue", "now", "next_id")
@@ -206,6 +227,10 @@ class Kernel(Environment):
         e = heap_pop(q)
         a.now = e.time
         event = e.event
+        if type(event) is Call:
+            c: Call = event
+            c.target.on_call(c.value)
+            return
         callbacks, event.callbacks = event.callbacks, None
         try:
             for callback in callbacks:
@@ -250,6 +275,10 @@ def run_until(env: Any, until: float) -> int:
         a.now = now
         ev = entry.event
         n += 1
+        if type(ev) is Call:
+            c: Call = ev
+            c.target.on_call(c.value)
+            continue
         if type(ev) is Timer:
             t: Timer = ev
             cbs = t.callbacks
