@@ -13,7 +13,7 @@ from bisect import bisect_left, bisect_right
 from collections import defaultdict
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Optional, Sequence
 
-from sim.core.kernel import NORMAL, Agenda, Call, Entry, Target, heap_push
+from sim.core.kernel import NORMAL, Agenda, Call, Target
 from sim.core.mypyc_compat import mypyc_attr
 
 if TYPE_CHECKING:
@@ -219,16 +219,11 @@ class GPU(Target):
         a = self.agenda
         u = self.cur
         assert u is not None
-        # the event's value is its token: a cut reschedules, and the stale event is ignored.
-        # NOTE: the following code is inlined from Agenda.push(delay, NORMAL, event) for
-        # performance reasons (one event per unit).
-        now = a.now
-        delay = self.start + u.ends[k - 1] - now
+        # the event's value is its token: a cut reschedules, and the stale event is ignored
+        delay = self.start + u.ends[k - 1] - a.now
         if delay < 0:
             raise ValueError(f"Negative delay {delay}")
-        i = a.next_id
-        a.next_id = i + 1
-        heap_push(a.queue, Entry(now + delay, NORMAL, i, Call(self, self.token)))
+        a.push(delay, NORMAL, Call(self, self.token))
 
     def on_call(self, token: int) -> None:
         """A unit-end event (its value: the token of the schedule that made it)."""

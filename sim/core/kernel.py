@@ -73,7 +73,11 @@ def _before(a: Entry, b: Entry) -> bool:
 def heap_push(q: list[Entry], e: Entry) -> None:
     """heapq.heappush(q, e)."""
     q.append(e)
-    pos = len(q) - 1
+    _sift_up(q, len(q) - 1, e)
+
+
+def _sift_up(q: list[Entry], pos: int, e: Entry) -> None:
+    """Put e at q[pos] or above it, moving the later entries above it down (heapq's _siftdown)."""
     while pos > 0:
         parentpos = (pos - 1) >> 1
         parent = q[parentpos]
@@ -103,15 +107,7 @@ def heap_pop(q: list[Entry]) -> Entry:
         q[pos] = q[child]
         pos = child
         child = 2 * pos + 1
-    while pos > 0:
-        parentpos = (pos - 1) >> 1
-        parent = q[parentpos]
-        if _before(last, parent):
-            q[pos] = parent
-            pos = parentpos
-            continue
-        break
-    q[pos] = last
+    _sift_up(q, pos, last)
     return first
 
 
@@ -168,9 +164,7 @@ class Agenda:
         if delay < 0:
             raise ValueError(f"Negative delay {delay}")
         ev = Timer(callback, value)
-        i = self.next_id
-        self.next_id = i + 1
-        heap_push(self.queue, Entry(self.now + delay, NORMAL, i, ev))
+        self.push(delay, NORMAL, ev)
         return ev
 
 

@@ -18,6 +18,18 @@ T = TypeVar("T")
 SCAN_MAX = 16
 
 
+def first_least(items: Sequence[T], key: Callable[[T], float]) -> T:
+    """min(items, key=key): the first of the least, in one loop (a few items: cheaper than a
+    heap)."""
+    best = items[0]
+    least = key(best)
+    for k in range(1, len(items)):
+        v = key(items[k])
+        if v < least:
+            best, least = items[k], v
+    return best
+
+
 class LeastLoaded(Generic[T]):
     """The item with the least key, ties to the lowest position (what min(items, key=key) picks),
     in O(log n) amortised: a heap of (key, position) entries, checked lazily when they surface
@@ -46,14 +58,8 @@ class LeastLoaded(Generic[T]):
 
     def pick(self) -> T:
         heap, items, key = self.heap, self.items, self.key
-        if self.scan:                   # min(items, key=key): the first of the least
-            best = items[0]
-            least = key(best)
-            for k in range(1, len(items)):
-                v = key(items[k])
-                if v < least:
-                    best, least = items[k], v
-            return best
+        if self.scan:
+            return first_least(items, key)
         while True:
             v, i = heap[0]
             cur = key(items[i])
@@ -87,25 +93,21 @@ class ReportedLeast(Generic[T]):
         self.key = key
         self.scan = len(items) <= scan_max
         self.pos = {id(x): i for i, x in enumerate(items)}
-        self.keys: list[float] = [key(x) for x in items]
-        # a list sorted by (key, position) is a heap
-        self.heap: list[int] = sorted(range(len(items)), key=lambda i: (self.keys[i], i))
-        self.slot: list[int] = [0] * len(items)        # slot[position] = its index in heap
-        for j, i in enumerate(self.heap):
-            self.slot[i] = j
+        self.keys: list[float] = []
+        self.heap: list[int] = []
+        self.slot: list[int] = []       # slot[position] = its index in heap
+        if not self.scan:
+            self.keys = [key(x) for x in items]
+            # a list sorted by (key, position) is a heap
+            self.heap = sorted(range(len(items)), key=lambda i: (self.keys[i], i))
+            self.slot = [0] * len(items)
+            for j, i in enumerate(self.heap):
+                self.slot[i] = j
 
     def pick(self) -> T:
-        items = self.items
-        if self.scan:                   # min(items, key=key): the first of the least
-            key = self.key
-            best = items[0]
-            least = key(best)
-            for k in range(1, len(items)):
-                v = key(items[k])
-                if v < least:
-                    best, least = items[k], v
-            return best
-        return items[self.heap[0]]
+        if self.scan:
+            return first_least(self.items, self.key)
+        return self.items[self.heap[0]]
 
     def changed(self, item: T) -> None:
         """`item`'s key changed (items not routed here, e.g. moved away, are ignored)."""
